@@ -1,0 +1,158 @@
+"""confluent-kafka plumbing shared by every worker: clients, topic creation, dead letters, accounting.
+
+Workers own their loops (they read top to bottom in their own files); this module only gives them
+well-configured clients and the two things every loop needs: sending bad input to its DLQ with the
+original bytes and origin offset, and counting where every message went.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from gpl.metrics import MESSAGES
+from gpl.settings import KafkaSettings
+from schemas.codec import DecodeError, dead_letter, encode
+from schemas.topics import TOPICS
+
+log = logging.getLogger(__name__)
+
+
+def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
+    conf = kafka.client_config() | {
+        "batch.num.messages": kafka.producer_batch_messages,
+        "linger.ms": kafka.linger_ms,
+        "enable.idempotence": False,
+        "acks": "all",
+        "message.max.bytes": kafka.max_message_bytes,
+        "partitioner": "murmur2_random",  # the Java client's partitioner, so faust/aiokafka agree on keys
+    }
+    return Producer(conf | extra)
+
+
+def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
+    conf = kafka.client_config() | {
+        "group.id": f"{kafka.group_prefix}-{group}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 300_000,
+        "fetch.message.max.bytes": kafka.max_message_bytes,
+    }
+    return Consumer(conf | extra)
+
+
+def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[str]:
+    """Create the project's topics with their partition counts; existing ones are left alone.
+
+    Explicit creation matters: auto-created topics get the broker's default count, and Faust refuses a
+    changelog whose count differs from its source.
+    """
+    admin = AdminClient(kafka.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted: list[NewTopic] = []
+    for name in names if names is not None else _all_names():
+        if name in existing:
+            continue
+        base = TOPICS.get(name.removesuffix(".dlq"))
+        parts = kafka.partitions  # one count for all: co-partitioned by user, no repartition hop
+        config = {"cleanup.policy": "compact"} if base and base.compacted and not name.endswith(".dlq") else {}
+        wanted.append(NewTopic(name, num_partitions=parts, replication_factor=kafka.replication_factor, config=config))
+    if not wanted:
+        return []
+    futures = admin.create_topics(wanted, operation_timeout=timeout)
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout)
+            created.append(name)
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # wait until metadata shows them, so consumers see partitions
+        md = admin.list_topics(timeout=timeout).topics
+        if all(n in md and md[n].partitions for n in created):
+            break
+        time.sleep(0.1)
+    return created
+
+
+def _all_names() -> list[str]:
+    from schemas.topics import all_topic_names
+
+    return all_topic_names()
+
+
+class Accounting:
+    """Where every message went, per stage and outcome; mirrored to Prometheus ``gpl_messages_total``.
+
+    Outcomes used across stages: ``in``, ``labeled``, ``sampled_out``, ``deferred``, ``timed_out``,
+    ``dlq:<reason>``, ``emitted``. Thread-safe: the embedded stack runs stages as threads.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self._c: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        if n == 0:
+            return
+        with self._lock:
+            self._c[outcome] += n
+        MESSAGES.labels(stage=self.stage, outcome=outcome).inc(n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+    def __getitem__(self, outcome: str) -> int:
+        with self._lock:
+            return self._c[outcome]
+
+
+class DeadLetters:
+    """Send bad input to ``<topic>.dlq`` with its original bytes, the error and the origin offset."""
+
+    def __init__(self, producer: Producer, stage: str, accounting: Accounting) -> None:
+        self.producer = producer
+        self.stage = stage
+        self.accounting = accounting
+
+    def send(self, msg: Message, err: DecodeError | Exception, reason: str | None = None) -> None:
+        self.send_raw(msg.topic() or "?", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value(), err, reason)
+
+    def send_raw(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        err: DecodeError | Exception,
+        reason: str | None = None,
+    ) -> None:
+        why = reason or (err.reason if isinstance(err, DecodeError) else type(err).__name__)
+        dl = dead_letter(
+            topic=topic, partition=partition, offset=offset, key=key, value=value,
+            error=str(err), reason=why, stage=self.stage,
+        )
+        self.producer.produce(f"{topic}.dlq", encode(dl), key=key)
+        self.producer.poll(0)
+        self.accounting.add(f"dlq:{why}")
+        log.warning("%s: %s[%d]@%d -> dlq (%s): %s", self.stage, topic, partition, offset, why, err)
+
+
+def commit_offsets(c: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+    """Commit next-offsets (last processed + 1), synchronously: called only after the work is durable."""
+    if offsets:
+        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)

