@@ -3,6 +3,10 @@
 Reads top to bottom: poll a batch of item events, dead-letter the bad ones, drop the ones already
 indexed under this encoder (a vector is never recomputed under the same encoder), embed the rest in
 one batch, upsert them with their text as payload, then commit the offsets the batch covered.
+
+Accounting: every consumed message ends in exactly one outcome, so ``in`` equals the sum of
+``indexed``, ``skipped_known`` (already in the collection), ``superseded`` (a later event of the same
+item in the same batch won), ``tombstone`` (a compaction delete marker) and ``dlq:<reason>``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import threading
 
 import numpy as np
+from confluent_kafka import KafkaException, Producer
 from tqdm import tqdm
 
 from gpl.encoder import Encoder
@@ -26,7 +31,10 @@ STAGE = "indexer"
 
 
 class Indexer:
-    def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder, *, progress: bool = True) -> None:
+    """One consumer-group member of the indexer; several may run (items are partitioned by id)."""
+
+    def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder, *,
+                 progress: bool = True) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
@@ -42,10 +50,14 @@ class Indexer:
         dlq = DeadLetters(p, STAGE, self.accounting)
         c.subscribe([ITEMS.name])
         bar = tqdm(desc="index items", unit="item", disable=not self.progress, leave=False)
+        dirty = False  # points added since the last optimize
         try:
             while not stop.is_set():
                 msgs = c.consume(num_messages=batch, timeout=0.5)
                 if not msgs:
+                    if dirty:  # idle: let the engine merge segments / build HNSW (embedded engine only)
+                        self._optimize()
+                        dirty = False
                     continue
                 # items: decode, dead-letter what does not parse
                 items: dict[int, ItemEvent] = {}
@@ -56,22 +68,57 @@ class Indexer:
                         continue
                     offsets[(m.topic() or ITEMS.name, m.partition() or 0)] = (m.offset() or 0) + 1
                     self.accounting.add("in")
+                    if m.value() is None:
+                        # a compaction delete marker, not bad input: the vector stays (labels already
+                        # produced may reference the item; the frozen space never changes under them)
+                        self.accounting.add("tombstone")
+                        continue
                     try:
                         ev = decode(m.value(), ItemEvent)
                     except DecodeError as e:
                         dlq.send(m, e)
                         continue
-                    items[ev.item_id] = ev  # the last event of an id in the batch wins (compaction)
+                    if ev.item_id in items:
+                        self.accounting.add("superseded")  # the last event of an id in the batch wins
+                    items[ev.item_id] = ev
                 # new: never recompute a vector under the same encoder
                 indexed = self.index_items(list(items.values()))
                 self.accounting.add("skipped_known", len(items) - indexed)
-                p.flush(10)
-                commit_offsets(c, offsets)
+                dirty |= indexed > 0
+                # dead letters must be on the broker before the offsets that skip their input move on
+                if not self._flush(p, stop):
+                    break
+                try:
+                    commit_offsets(c, offsets)
+                except KafkaException as e:
+                    # e.g. partitions revoked by a rebalance: the next owner re-reads them, and
+                    # re-indexing is idempotent (known items are skipped), so nothing is lost
+                    log.warning("offset commit failed, the batch will be re-read: %s", e)
                 bar.update(len(msgs))
         finally:
             bar.close()
+            # close both clients now: a log record holding a dead letter's exception can keep this
+            # frame alive, and with it an open producer connection (a broker then waits on it)
             p.flush(10)
+            close = getattr(p, "close", None)  # Producer.close is recent (2.16 here; >=2.6 allowed)
+            if callable(close):
+                close()
             c.close()
+
+    @staticmethod
+    def _flush(p: Producer, stop: threading.Event) -> bool:
+        """Flush until the producer queue is empty; False if stopped before (offsets then stay put)."""
+        while p.flush(5) > 0:
+            log.warning("dead letters still queued; retrying the flush before committing offsets")
+            if stop.is_set():
+                return False
+        return True
+
+    def _optimize(self) -> None:
+        """Run the engine's optimizer if it has one (qdrant-edge never optimises on its own)."""
+        optimize = getattr(self.index, "optimize", None)
+        if callable(optimize):
+            optimize(self.collection)
 
     def index_items(self, items: list[ItemEvent]) -> int:
         """Embed and upsert the items not yet in the collection; returns how many were embedded."""
@@ -84,6 +131,7 @@ class Indexer:
             return 0
         vectors = self.encoder.encode([it.text for it in new])
         payloads = [{"text": it.text, "category": it.category} for it in new]
-        self.index.upsert(self.collection, Points(np.asarray([it.item_id for it in new], np.int64), vectors, payloads))
+        ids = np.asarray([it.item_id for it in new], np.int64)
+        self.index.upsert(self.collection, Points(ids, vectors, payloads))
         self.accounting.add("indexed", len(new))
         return len(new)

@@ -1,0 +1,334 @@
+"""The streams processor (faust-streaming), top to bottom.
+
+    recall ───┐                       ┌──► samples          (real labels of exposed items)
+              ├─ join per request ────┼──► unexposed        (recall − exposure)
+    exposure ─┘  (table `pending`)    └──► interest (table) ──► anchor-requests (cold start, drift, …)
+
+Both inputs are keyed by ``user_id`` with the same partition count, so one agent reads them together
+and a user's requests, interest state and anchors live in one partition: no repartition hop.
+Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
+until its partner arrives or ``join_wait_s`` passes. After a request is joined or expired a small
+marker stays for ``dedup_window_s`` to recognise duplicates and late arrivals.
+
+Every input message ends in exactly one outcome of :attr:`StreamsProcessor.accounting`:
+``joined`` (both sides), ``expired``,
+``exposure_only``, ``late_exposure``, ``late_recall`` or ``dlq:<reason>``; until then it is counted in
+:attr:`StreamsProcessor.waiting`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faust
+import numpy as np
+
+from gpl.kafka import Accounting
+from gpl.metrics import JOIN_PENDING
+from gpl.settings import Settings
+from gpl.vectors import VectorIndex
+from schemas.codec import DecodeError, dead_letter, decode, encode
+from schemas.events import ExposureEvent
+from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED
+from streams.interest import Interest, add_positives, decide, request_anchors, trim
+from streams.join import (
+    DONE,
+    EXPIRED,
+    EXPOSURE as PENDING_EXPOSURE,
+    RECALL as PENDING_RECALL,
+    Pending,
+    decode_recall,
+    encode_unexposed,
+    marker,
+    pending_exposure,
+    pending_recall,
+    real_samples,
+    unexposed,
+)
+
+log = logging.getLogger(__name__)
+STAGE = "streams"
+RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PartitionTable(faust.Table):
+    """A Table that can also be written from a timer, for a partition the caller names.
+
+    Faust picks a changelog partition from the current event; expiry runs from a timer with no event,
+    so the partition (kept inside each record) is given explicitly with :meth:`at_partition`.
+    """
+
+    _forced: int | None = None
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return self._forced if self._forced is not None else super().partition_for_key(key)
+
+    @contextmanager
+    def at_partition(self, partition: int) -> Iterator[None]:
+        self._forced = partition
+        try:
+            yield
+        finally:
+            self._forced = None
+
+
+class Catalog:
+    """Known item ids (sorted int64), refreshed from the vector index only for ids not seen yet."""
+
+    def __init__(self, index: VectorIndex, collection: str) -> None:
+        self.index, self.collection = index, collection
+        self._known = np.zeros(0, np.int64)
+
+    def unknown(self, ids: np.ndarray) -> np.ndarray:
+        missing = ids[~np.isin(ids, self._known, assume_unique=False)]
+        if len(missing):
+            found = self.index.retrieve(self.collection, np.unique(missing)).ids
+            if len(found):
+                self._known = np.union1d(self._known, found)
+                missing = missing[~np.isin(missing, found)]
+        return np.unique(missing)
+
+
+class StreamsProcessor:
+    def __init__(self, settings: Settings, index: VectorIndex) -> None:
+        self.settings = settings
+        self.index = index
+        self.accounting = Accounting(STAGE)
+        self.catalog = Catalog(index, settings.encoder.collection)
+        self.ready = threading.Event()
+        self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
+        self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
+        self.app = self._build()
+
+    # ------------------------------------------------------------------ the app, top to bottom
+    def _build(self) -> faust.App:
+        s, cfg = self.settings, self.settings.streams
+        app = faust.App(
+            cfg.app_id,
+            broker=[f"kafka://{b}" for b in s.kafka.bootstrap_servers.split(",")],
+            store="memory://",
+            topic_partitions=s.kafka.partitions,
+            producer_max_batch_size=s.kafka.producer_batch_messages,
+            broker_rebalance_timeout=5,
+            broker_session_timeout=6,
+            broker_heartbeat_interval=1,
+            web_enabled=False,
+            autodiscover=False,
+            topic_allow_declare=True,
+            stream_wait_empty=False,
+        )
+        # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
+        # reaches its DLQ with the original bytes instead of crashing the agent)
+        events = app.topic(RECALL.name, EXPOSURE.name, **RAW)
+        self.out_samples = app.topic(SAMPLES.name, **RAW)
+        self.out_unexposed = app.topic(UNEXPOSED.name, **RAW)
+        self.out_anchor_requests = app.topic(ANCHOR_REQUESTS.name, **RAW)
+        self.dlq = {t: app.topic(f"{t}.dlq", **RAW) for t in (RECALL.name, EXPOSURE.name)}
+        # state: pending joins by request id; interest by user id (both changelogged)
+        self.pending = app.tables.add(PartitionTable(app, name="pending", partitions=s.kafka.partitions,
+                                                     **RAW_TABLE, beacon=app.tables.beacon,
+                                                     on_recover=self._on_recover))
+        self.interest = app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE)
+
+        @app.agent(events)
+        async def recall_exposure(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                m = event.message
+                try:
+                    if m.topic == RECALL.name:
+                        await self.on_recall(m)
+                    else:
+                        await self.on_exposure(m)
+                except DecodeError as e:
+                    await self.dead_letter(m, e)
+
+        @app.timer(interval=0.5)
+        async def expire() -> None:
+            await self.expire_due()
+
+        @app.task
+        async def started() -> None:
+            self.ready.set()
+
+        return app
+
+    # ------------------------------------------------------------------ recall
+    async def on_recall(self, m: Any) -> None:
+        cfg = self.settings.streams
+        recall = decode_recall(m.value, cfg.max_candidates)
+        self.accounting.add("recall_in")
+        unknown = self.catalog.unknown(recall.item_ids)
+        if len(unknown):
+            raise DecodeError("unknown_items", f"recall {recall.request_id}: {len(unknown)} unknown item ids, "
+                                               f"e.g. {unknown[:5].tolist()}")
+        _, first = np.unique(recall.item_ids, return_index=True)
+        if len(first) < len(recall.item_ids):  # repeated candidates: keep the first, count the rest
+            self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))
+            keep = np.sort(first)
+            recall = type(recall)(recall.request_id, recall.user_id, recall.ts,
+                                  recall.item_ids[keep], recall.scores[keep])
+        key = recall.request_id.encode()
+        prev = self._get(key)
+        if prev is None:
+            self._put(key, pending_recall(recall, now_ms() + int(cfg.join_wait_s * 1000), m.partition))
+            self.waiting += 1
+        elif prev.kind == PENDING_EXPOSURE:
+            assert prev.exposure is not None
+            await self.join(recall.request_id, recall.item_ids, recall.scores, decode(prev.exposure, ExposureEvent),
+                            m.partition)
+        elif prev.kind == EXPIRED:
+            self.accounting.add("late_recall")
+        else:
+            raise DecodeError("duplicate", f"recall {recall.request_id} seen before")
+
+    # ------------------------------------------------------------------ exposure
+    async def on_exposure(self, m: Any) -> None:
+        cfg = self.settings.streams
+        exposure = decode(m.value, ExposureEvent)
+        self.accounting.add("exposure_in")
+        key = exposure.request_id.encode()
+        prev = self._get(key)
+        if prev is None:
+            deadline = now_ms() + int(cfg.join_wait_s * 1000)
+            self._put(key, pending_exposure(exposure, m.value, deadline, m.partition))
+            self.waiting += 1
+        elif prev.kind == PENDING_RECALL:
+            assert prev.item_ids is not None and prev.scores is not None
+            await self.join(exposure.request_id, prev.item_ids, prev.scores, exposure, m.partition)
+        elif prev.kind == EXPIRED:
+            # the recall expired before this exposure came: its clicks are still real labels
+            self.accounting.add("late_exposure")
+            await self.emit_real(exposure)
+        else:
+            raise DecodeError("duplicate", f"exposure {exposure.request_id} seen before")
+
+    # ------------------------------------------------------------------ join → samples, unexposed
+    async def join(self, request_id: str, recall_ids: np.ndarray, recall_scores: np.ndarray,
+                   exposure: ExposureEvent, partition: int) -> None:
+        cfg = self.settings.streams
+        self._put(request_id.encode(),
+                  marker(DONE, exposure.user_id, exposure.ts, now_ms() + int(cfg.dedup_window_s * 1000), partition))
+        self.accounting.add("joined", 2)
+        self.waiting -= 1
+        batch = unexposed(recall_ids, recall_scores, exposure, request_id, exposure.user_id, exposure.ts)
+        await self.emit_real(exposure)
+        if batch is not None:
+            await self.out_unexposed.send(key=exposure.user_id.encode(), value=encode_unexposed(batch))
+            self.accounting.add("unexposed_batches")
+            self.accounting.add("unexposed_candidates", len(batch.item_ids))
+
+    async def emit_real(self, exposure: ExposureEvent) -> None:
+        samples = real_samples(exposure)
+        if samples.samples:
+            await self.out_samples.send(key=exposure.user_id.encode(), value=encode(samples))
+            self.accounting.add("real_samples", len(samples.samples))
+        clicked = [it.item_id for it in exposure.items if it.clicked]
+        if clicked:
+            await self.update_interest(exposure.user_id, np.asarray(clicked, np.int64), exposure.ts)
+
+    # ------------------------------------------------------------------ interest → anchor-requests
+    async def update_interest(self, user_id: str, clicked: np.ndarray, ts: int) -> None:
+        cfg = self.settings.streams
+        col = self.settings.encoder.collection
+        key = user_id.encode()
+        found = self.index.retrieve(col, clicked)
+        if not len(found):
+            return
+        raw = self.interest.get(key)
+        state = Interest.unpack(raw) if raw else Interest.empty(found.vectors.shape[1])
+        state = add_positives(state, found.ids, found.vectors)
+        if len(state.recent) > cfg.recent_positives:
+            kept = self.index.retrieve(col, state.recent[-cfg.recent_positives:])
+            state = trim(state, cfg.recent_positives, {int(i): v for i, v in zip(kept.ids, kept.vectors, strict=True)})
+        reason = decide(state, ts, cfg)
+        if reason is not None:
+            state, req = request_anchors(state, user_id, reason, ts, cfg)
+            await self.out_anchor_requests.send(key=key, value=encode(req))
+            self.accounting.add(f"anchor_requests:{reason}")
+        self.interest[key] = state.pack()
+
+    # ------------------------------------------------------------------ expiry (timer)
+    async def expire_due(self) -> None:
+        now = now_ms()
+        cfg = self.settings.streams
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, key, partition = heapq.heappop(self._deadlines)
+            raw = self.pending.get(key)
+            if raw is None:
+                continue
+            rec = Pending.unpack(raw)
+            if rec.deadline_ms != deadline:
+                continue  # superseded by a newer record of the same request
+            with self.pending.at_partition(partition):
+                if rec.kind in (DONE, EXPIRED):
+                    del self.pending[key]
+                    continue
+                forget = now + int(cfg.dedup_window_s * 1000)
+                self._put(key, marker(EXPIRED, rec.user_id, rec.ts, forget, partition))
+            self.waiting -= 1
+            if rec.kind == PENDING_RECALL:
+                self.accounting.add("expired")
+            else:  # an exposure whose recall never came: real labels all the same
+                self.accounting.add("exposure_only")
+                assert rec.exposure is not None
+                await self.emit_real(decode(rec.exposure, ExposureEvent))
+        JOIN_PENDING.set(self.waiting)
+
+    async def _on_recover(self) -> None:
+        """After a restart the table comes back from its changelog: rebuild the deadline heap."""
+        self._deadlines = []
+        for key, raw in self.pending.items():
+            rec = Pending.unpack(raw)
+            self._deadlines.append((rec.deadline_ms, key, rec.partition))
+            self.waiting += rec.kind in (PENDING_RECALL, PENDING_EXPOSURE)
+        heapq.heapify(self._deadlines)
+        log.info("streams: recovered %d pending records", len(self._deadlines))
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, key: bytes) -> Pending | None:
+        raw = self.pending.get(key)
+        return Pending.unpack(raw) if raw else None
+
+    def _put(self, key: bytes, rec: Pending) -> None:
+        self.pending[key] = rec.pack()
+        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
+
+    async def dead_letter(self, m: Any, e: DecodeError) -> None:
+        dl = dead_letter(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
+                         error=str(e), reason=e.reason, stage=STAGE)
+        await self.dlq[m.topic].send(key=m.key, value=encode(dl))
+        self.accounting.add(f"dlq:{e.reason}")
+        log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, e.reason, e)
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self, stop: threading.Event) -> None:
+        """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            await self.app.start()
+            try:
+                while not stop.is_set() and not self.app.should_stop:
+                    await asyncio.sleep(0.1)
+            finally:
+                await asyncio.wait_for(self.app.stop(), timeout=20)
+
+        try:
+            loop.run_until_complete(main())
+        except TimeoutError:
+            log.warning("streams: faust did not stop within 20 s")
+        finally:
+            loop.close()

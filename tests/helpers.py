@@ -1,0 +1,98 @@
+"""Test helpers: produce contracts to the real broker, drain topics, run a stage in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel
+
+from gpl.encoder import HashEncoder
+from gpl.kafka import consumer, producer
+from gpl.settings import Settings
+from gpl.vectors import MemoryIndex, Points, VectorIndex
+from schemas.codec import encode
+from schemas.events import ItemEvent
+from schemas.topics import spec
+
+
+def produce(settings: Settings, topic: str, msgs: list[BaseModel | bytes], keys: list[str] | None = None) -> None:
+    p = producer(settings.kafka)
+    for i, m in enumerate(msgs):
+        if isinstance(m, bytes):
+            key = (keys[i] if keys else "bad").encode()
+            p.produce(topic, m, key=key)
+        else:
+            k = getattr(m, spec(topic).key)
+            p.produce(topic, encode(m), key=str(k).encode())
+    assert p.flush(10) == 0
+
+
+def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0,
+          settle: float = 1.5) -> list[Any]:
+    """Read a topic from the beginning with a throw-away group until ``expect`` messages (or quiet)."""
+    c = consumer(settings.kafka, f"drain-{topic}-{time.monotonic_ns()}")
+    c.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msgs = c.consume(100, timeout=0.3)
+            for m in msgs:
+                if m.error() is None:
+                    out.append(orjson.loads(m.value()))
+                    last = time.monotonic()
+            if expect is not None and len(out) >= expect and time.monotonic() - last > 0.3:
+                break
+            if expect is None and out and time.monotonic() - last > settle:
+                break
+    finally:
+        c.close()
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str | Callable[[], str] = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+@contextmanager
+def running(stage: Any, name: str = "stage") -> Iterator[threading.Event]:
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            stage.run(stop)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the test below
+            errors.append(e)
+
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        t.join(40)
+    if errors:
+        raise errors[0]
+
+
+def item_index(items: list[ItemEvent], collection: str, encoder: HashEncoder | None = None) -> VectorIndex:
+    enc = encoder or HashEncoder()
+    idx = MemoryIndex()
+    idx.ensure_collection(collection, enc.dim)
+    vecs = enc.encode([it.text for it in items])
+    idx.upsert(collection, Points(np.asarray([it.item_id for it in items], np.int64), vecs,
+                                  [{"text": it.text, "category": it.category} for it in items]))
+    return idx

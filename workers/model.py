@@ -1,0 +1,188 @@
+"""The pre-ranker and its loss: small enough to read in one sitting.
+
+A COLD-style pre-ranker: cheap features of (user, item) go through one small MLP to a click logit.
+
+* user tower input: a hashed user-id embedding, nothing else (the pre-ranker must stay cheap, and the
+  pseudo-labels are what teach it about the unexposed part of the space);
+* item features: a hashed item-id embedding (memorises popular items) and the item's *frozen* content
+  vector from the items collection, projected down (generalises to long-tail and new items, and is the
+  same space the GPL anchors live in);
+* interactions: the user embedding times the projected content and times the item embedding, so the MLP
+  does not have to discover the dot product of a two-tower model on its own.
+
+Ids are hashed with blake2b, never Python's ``hash()``: the bucket of an id must be the same in every
+process and after every restart, or a checkpoint would map users to someone else's row.
+
+The objective is DESIGN.md §2: L = Σ_exposed BCE(f, y) + λ · Σ_unexposed w · BCE(f, ỹ), computed per
+mini-batch and divided by the batch size (not by Σ weights, which would change an exposed sample's
+effective weight with the batch's pseudo share).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpl.settings import TrainerSettings
+
+
+def _bucket(key: bytes, buckets: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % buckets
+
+
+def user_buckets(user_ids: Sequence[str], buckets: int) -> np.ndarray:
+    """Stable hash bucket of each user id (int64): the same in every process and run."""
+    return np.fromiter((_bucket(b"u:" + u.encode(), buckets) for u in user_ids), np.int64, len(user_ids))
+
+
+def item_buckets(item_ids: Sequence[int] | np.ndarray, buckets: int) -> np.ndarray:
+    """Stable hash bucket of each item id (int64)."""
+    ids = np.asarray(item_ids, dtype=np.int64).tolist()
+    return np.fromiter((_bucket(b"i:" + int(i).to_bytes(8, "big"), buckets) for i in ids), np.int64, len(ids))
+
+
+def sample_key(sample_id: str) -> int:
+    """64-bit signed hash of a sample id: what the trainer's seen-set stores (8 bytes, fits int64)."""
+    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    hash_buckets: int
+    id_dim: int
+    hidden: int
+    content_dim: int
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, t: TrainerSettings, content_dim: int) -> ModelConfig:
+        return cls(
+            hash_buckets=t.hash_buckets,
+            id_dim=t.id_dim,
+            hidden=t.hidden,
+            content_dim=content_dim,
+            seed=t.seed,
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**{k: int(d[k]) for k in ("hash_buckets", "id_dim", "hidden", "content_dim", "seed")})
+
+
+class PreRanker(nn.Module):
+    """f(u, i) -> click logit from hashed ids and the frozen content vector."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.id_dim
+        # Same seed, same initial weights, without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.user_emb = nn.Embedding(cfg.hash_buckets, d)
+            self.item_emb = nn.Embedding(cfg.hash_buckets, d)
+            self.content = nn.Linear(cfg.content_dim, d)
+            self.mlp = nn.Sequential(nn.Linear(5 * d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
+            # small id embeddings: an unseen id starts near "no opinion" instead of N(0, 1) noise
+            nn.init.normal_(self.user_emb.weight, std=0.05)
+            nn.init.normal_(self.item_emb.weight, std=0.05)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Logits (n,) from user buckets (n,), item buckets (n,) and content vectors (n, content_dim)."""
+        u = self.user_emb(users)
+        i = self.item_emb(items)
+        c = self.content(vectors)
+        return self.mlp(torch.cat([u, i, c, u * c, u * i], dim=1)).squeeze(1)
+
+    def logits(
+        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray
+    ) -> torch.Tensor:
+        """Hash the raw ids and run the network (with grad; training goes through here too)."""
+        b = self.cfg.hash_buckets
+        return self(
+            torch.from_numpy(user_buckets(user_ids, b)),
+            torch.from_numpy(item_buckets(item_ids, b)),
+            torch.as_tensor(np.asarray(item_vectors, dtype=np.float32)),
+        )
+
+    @torch.no_grad()
+    def score(
+        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray
+    ) -> np.ndarray:
+        """Click probabilities (float32, n) for inference and offline evaluation."""
+        was_training = self.training
+        self.eval()
+        try:
+            if len(user_ids) == 0:
+                return np.zeros(0, np.float32)
+            p = torch.sigmoid(self.logits(user_ids, item_ids, item_vectors))
+            return p.numpy().astype(np.float32)
+        finally:
+            self.train(was_training)
+
+
+def loss_weights(is_pseudo: np.ndarray, weight: np.ndarray, pseudo_lambda: float) -> np.ndarray:
+    """Per-sample weight of the objective: 1 for exposed samples, λ·w for pseudo-labeled ones."""
+    return np.where(np.asarray(is_pseudo, bool), pseudo_lambda * np.asarray(weight, np.float32), 1.0).astype(
+        np.float32
+    )
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·BCE(logit, label) / n: soft labels allowed (ỹ in [0, 1])."""
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (weights * per).sum() / max(int(logits.shape[0]), 1)
+
+
+@dataclass
+class Batch:
+    """One mini-batch as arrays; ``weight`` is the sample's own confidence w (used only for pseudo)."""
+
+    user_ids: list[str]
+    item_ids: np.ndarray  # int64 (n,)
+    vectors: np.ndarray  # float32 (n, content_dim)
+    labels: np.ndarray  # float32 (n,)
+    weight: np.ndarray  # float32 (n,)
+    is_pseudo: np.ndarray  # bool (n,)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def train_step(
+    model: PreRanker, opt: torch.optim.Optimizer, batch: Batch, pseudo_lambda: float
+) -> dict[str, float]:
+    """One Adam step on the GPL objective; returns the loss and its parts for metrics.
+
+    ``exposed`` and ``pseudo`` are the unweighted mean BCE of each part (NaN when a part is absent),
+    ``total`` the optimised objective.
+    """
+    model.train()
+    logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors)
+    labels = torch.from_numpy(np.asarray(batch.labels, np.float32))
+    w = torch.from_numpy(loss_weights(batch.is_pseudo, batch.weight, pseudo_lambda))
+    loss = weighted_bce(logits, labels, w)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        pseudo = torch.from_numpy(np.asarray(batch.is_pseudo, bool))
+        parts = {
+            "total": float(loss),
+            "exposed": float(per[~pseudo].mean()) if bool((~pseudo).any()) else float("nan"),
+            "pseudo": float(per[pseudo].mean()) if bool(pseudo.any()) else float("nan"),
+        }
+    return parts

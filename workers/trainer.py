@@ -1,0 +1,414 @@
+"""Trainer: ``samples`` → incremental pre-ranker → versioned checkpoints.
+
+Reads top to bottom: poll SampleBatches, dead-letter the bad ones, drop samples already seen (a set of
+64-bit hashes of sample ids), look up each item's frozen content vector (cached; an item not in the
+index is counted ``no_vector`` and skipped), and train in mini-batches on the GPL objective. Every
+``checkpoint_every`` samples, on a partition revoke and on a clean stop: train what is buffered, write a
+numbered checkpoint atomically, and only then commit the Kafka offsets.
+
+The checkpoint is the source of truth, not the committed offsets: it holds the model, the optimizer,
+the seen-set, the counts *and* the next offset of every partition, written in one atomic file. On start
+the trainer loads it and, when the group assigns it partitions, seeks to those offsets. So a crash
+between checkpoint and commit re-reads nothing the checkpoint covers, and a crash after training but
+before the checkpoint re-reads (and trains, and counts) those samples exactly once more, because the
+model, seen-set and counts roll back together with the offsets.
+
+One trainer per consumer group: it trains one model, so it must see every partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from tqdm import tqdm
+
+from gpl.kafka import Accounting, DeadLetters, consumer, producer
+from gpl.metrics import CHECKPOINT_VERSION, TRAINER_LOSS
+from gpl.settings import Settings
+from gpl.vectors import VectorIndex
+from schemas.codec import DecodeError, decode
+from schemas.events import SampleBatch
+from schemas.topics import SAMPLES
+from workers.model import Batch, ModelConfig, PreRanker, sample_key, train_step
+
+log = logging.getLogger(__name__)
+STAGE = "trainer"
+FORMAT = "gpl-preranker/1"
+LATEST = "latest"
+CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.pt$")
+VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full
+COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "duplicates", "no_vector", "steps")
+
+
+# --- checkpoint files ------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: the directory entry must reach the disk, not only the file's bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write to a hidden temp file in the same directory, fsync, then rename over ``path``.
+
+    A reader (or a restart after a crash) sees the old file or the new one, never a torn one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def checkpoint_path(directory: Path, version: int) -> Path:
+    return directory / f"ckpt-{version:06d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Numbered checkpoints in ``directory``, oldest first (temp files are never listed)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The file the ``latest`` pointer names, else the highest-numbered one, else None."""
+    pointer = directory / LATEST
+    if pointer.is_file():
+        p = directory / pointer.read_text().strip()
+        if p.is_file():
+            return p
+        log.warning("latest pointer names missing %s; using the highest-numbered checkpoint", p)
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(directory: Path, payload: dict[str, Any], keep: int) -> Path:
+    """Write ``payload`` as ``ckpt-<version>.pt``, then the ``latest`` pointer, then prune old ones.
+
+    Order matters: the pointer only ever names a complete file, and pruning never removes it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, int(payload["version"]))
+    atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_write(directory / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path_or_dir: Path | str) -> dict[str, Any]:
+    """The raw checkpoint dict (tensors and plain values only, so ``weights_only`` loading is safe)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {p}")
+        p = found
+    ckpt: dict[str, Any] = torch.load(p, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{p}: not a {FORMAT} checkpoint (format {ckpt.get('format')!r})")
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def load_checkpoint(path_or_dir: Path | str) -> tuple[PreRanker, dict[str, Any]]:
+    """The model of a checkpoint (file, or directory → its latest) in eval mode, and its metadata.
+
+    The metadata is the checkpoint without the model/optimizer states and the seen-set.
+    """
+    ckpt = read_checkpoint(path_or_dir)
+    if ckpt["model_config"] is None:
+        raise ValueError(f"{ckpt['path']}: written before the first sample was trained; no model yet")
+    model = PreRanker(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model_state"])
+    model.eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer_state", "seen")}
+    meta["seen_count"] = int(ckpt["seen"].numel())
+    return model, meta
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Consume ``samples``, train the pre-ranker incrementally, checkpoint, then commit.
+
+    ``counts`` are cumulative over the model's whole life (restored from the checkpoint);
+    ``accounting`` counts what this process saw (Prometheus ``gpl_messages_total``).
+    ``dim`` is the content-vector size; without it (and without a checkpoint) it is read from the
+    first vectors fetched.
+    """
+
+    def __init__(
+        self, settings: Settings, index: VectorIndex, *, dim: int | None = None, progress: bool = True
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.trainer
+        self.index = index
+        self.collection = settings.encoder.collection
+        self.directory = settings.checkpoints_dir
+        self.accounting = Accounting(STAGE)
+        self.progress = progress
+        self.counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition, as far as consumed
+        self.durable_offsets: dict[tuple[str, int], int] = {}  # as of the last checkpoint
+        self.seen: set[int] = set()
+        self.version = 0
+        self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
+        self._vectors: dict[int, np.ndarray] = {}
+        self._pending: list[tuple[str, int, np.ndarray, float, float, bool]] = []
+        self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
+        self._dirty = False
+        self._consumer: Consumer | None = None
+        self._closing = False
+        self._dlq_producer: Producer | None = None
+        self.model: PreRanker | None = None
+        self.opt: torch.optim.Adam | None = None
+        found = latest_checkpoint(self.directory)
+        if found is not None:
+            self._restore(read_checkpoint(found))
+        elif dim is not None:
+            self._build(ModelConfig.from_settings(self.cfg, dim))
+
+    # model and state ---------------------------------------------------------------------------
+
+    def _build(self, mc: ModelConfig) -> None:
+        self.model = PreRanker(mc)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt["collection"] != self.collection:
+            raise ValueError(
+                f"checkpoint {ckpt['path']} was trained on {ckpt['collection']!r}, settings say "
+                f"{self.collection!r}: a new encoder needs a new model (another data_dir)"
+            )
+        if ckpt["model_config"] is not None:  # None: checkpointed before the first sample trained
+            self._build(ModelConfig.from_dict(ckpt["model_config"]))
+            assert self.model is not None and self.opt is not None
+            self.model.load_state_dict(ckpt["model_state"])
+            self.opt.load_state_dict(ckpt["optimizer_state"])
+            for g in self.opt.param_groups:  # the operator may change lr between runs
+                g["lr"] = self.cfg.lr
+        self.version = int(ckpt["version"])
+        self.counts.update({k: int(v) for k, v in ckpt["counts"].items()})
+        self.offsets = {(str(t), int(p)): int(o) for t, p, o in ckpt["offsets"]}
+        self.durable_offsets = dict(self.offsets)
+        self.seen = set(ckpt["seen"].tolist())
+        CHECKPOINT_VERSION.set(self.version)
+        log.info(
+            "trainer: resumed from %s (version %d, %d samples)",
+            ckpt["path"],
+            self.version,
+            self.counts["samples"],
+        )
+
+    # the loop ----------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, *, poll: int = 256) -> None:
+        kafka = self.settings.kafka
+        c = consumer(kafka, STAGE)
+        p = producer(kafka)
+        self._consumer, self._dlq_producer, self._closing = c, p, False
+        dlq = DeadLetters(p, STAGE, self.accounting)
+        c.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        bar = tqdm(desc="train samples", unit="sample", disable=not self.progress, leave=False)
+        try:
+            while not stop.is_set():
+                msgs = [m for m in c.consume(num_messages=poll, timeout=0.5) if not self._consume_error(m)]
+                parsed: list[SampleBatch | DecodeError] = []
+                for m in msgs:
+                    try:
+                        parsed.append(decode(m.value(), SampleBatch))
+                    except DecodeError as e:
+                        parsed.append(e)
+                # one index round trip per poll, then message by message so a checkpoint can fall
+                # between any two messages and cover exactly the ones before it
+                self._fetch_vectors(
+                    {s.item_id for b in parsed if isinstance(b, SampleBatch) for s in b.samples}
+                )
+                for m, b in zip(msgs, parsed, strict=True):
+                    self.offsets[(m.topic() or SAMPLES.name, m.partition() or 0)] = (m.offset() or 0) + 1
+                    self.counts["messages"] += 1
+                    self._dirty = True
+                    self.accounting.add("in")
+                    if isinstance(b, DecodeError):
+                        dlq.send(m, b)
+                        self.counts["dlq"] += 1
+                        self._since_ckpt += 1
+                    else:
+                        bar.update(self._admit(b))
+                    while len(self._pending) >= self.cfg.batch_size:
+                        self._train(self.cfg.batch_size)
+                    if self._since_ckpt >= self.cfg.checkpoint_every:
+                        self.checkpoint()
+            self.checkpoint()  # clean stop: nothing trained is left behind
+        finally:
+            self._closing = True  # close() revokes: no checkpoint from a failed or finished loop
+            bar.close()
+            p.flush(10)
+            c.close()
+            self._consumer = None
+
+    def _on_assign(self, c: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start every partition the checkpoint knows at the checkpoint's offset, not the committed one."""
+        for tp in partitions:
+            off = self.durable_offsets.get((tp.topic, tp.partition))
+            if off is not None:
+                tp.offset = off
+        c.assign(partitions)
+        log.info("trainer: assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+
+    def _on_revoke(self, c: Consumer, partitions: list[TopicPartition]) -> None:
+        """Make everything read so far durable before another member may read those partitions."""
+        if self._dirty and not self._closing:
+            self.checkpoint()
+
+    @staticmethod
+    def _consume_error(m: Message) -> bool:
+        if m.error():
+            log.error("trainer: consume error: %s", m.error())
+            return True
+        return False
+
+    def _admit(self, b: SampleBatch) -> int:
+        """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
+        for s in b.samples:
+            key = sample_key(s.sample_id)
+            if key in self.seen:
+                self.counts["duplicates"] += 1
+                self.accounting.add("duplicate")
+                continue
+            vec = self._vectors.get(s.item_id)
+            if vec is None:
+                self.counts["no_vector"] += 1
+                self.accounting.add("no_vector")
+                continue
+            self.seen.add(key)
+            pseudo = s.source == "pseudo"
+            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo))
+            self.counts["samples"] += 1
+            self.counts["pseudo" if pseudo else "real"] += 1
+            self.counts["clicks"] += int(s.source == "click")
+        self._since_ckpt += len(b.samples)
+        return len(b.samples)
+
+    def _fetch_vectors(self, item_ids: set[int]) -> None:
+        """Fill the cache with the vectors of ``item_ids`` (never recomputed under one encoder)."""
+        missing = [i for i in item_ids if i not in self._vectors]
+        if not missing:
+            return
+        if len(self._vectors) + len(missing) > VECTOR_CACHE_MAX:  # start over, keeping this poll's items
+            self._vectors.clear()
+            missing = list(item_ids)
+        pts = self.index.retrieve(self.collection, np.asarray(missing, np.int64))
+        for i, v in zip(pts.ids.tolist(), pts.vectors, strict=True):
+            self._vectors[int(i)] = np.asarray(v, np.float32)
+
+    def _train(self, n: int) -> None:
+        """One optimizer step on the first ``n`` buffered samples."""
+        rows, self._pending = self._pending[:n], self._pending[n:]
+        if not rows:
+            return
+        vectors = np.stack([r[2] for r in rows])
+        if self.model is None:
+            self._build(ModelConfig.from_settings(self.cfg, int(vectors.shape[1])))
+        assert self.model is not None and self.opt is not None
+        if vectors.shape[1] != self.model.cfg.content_dim:
+            raise ValueError(
+                f"content vectors have dim {vectors.shape[1]}, the model expects "
+                f"{self.model.cfg.content_dim}: the collection changed under the model"
+            )
+        batch = Batch(
+            user_ids=[r[0] for r in rows],
+            item_ids=np.asarray([r[1] for r in rows], np.int64),
+            vectors=vectors,
+            labels=np.asarray([r[3] for r in rows], np.float32),
+            weight=np.asarray([r[4] for r in rows], np.float32),
+            is_pseudo=np.asarray([r[5] for r in rows], bool),
+        )
+        parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda)
+        self.counts["steps"] += 1
+        for k, v in parts.items():
+            if v == v:  # NaN: that part was absent from the batch
+                TRAINER_LOSS.labels(part=k).set(v)
+
+    # checkpoint + commit -----------------------------------------------------------------------
+
+    def checkpoint(self) -> Path | None:
+        """Train the buffer, write the next version durably, then commit the offsets it covers.
+
+        No-op when nothing was read since the last checkpoint (a restart writes no empty versions).
+        """
+        if not self._dirty and not self._pending:
+            return None
+        if self._dlq_producer is not None:  # dead letters the offsets cover must be durable first
+            self._dlq_producer.flush(30)
+        while self._pending:
+            self._train(self.cfg.batch_size)
+        self.version += 1
+        payload = self._payload()
+        path = save_checkpoint(self.directory, payload, self.cfg.keep_checkpoints)
+        self.durable_offsets = dict(self.offsets)
+        self._since_ckpt = 0
+        self._dirty = False
+        CHECKPOINT_VERSION.set(self.version)
+        self.accounting.add("checkpoints")
+        log.info("trainer: checkpoint %s (%d samples)", path.name, self.counts["samples"])
+        self._commit()
+        self.checkpointed.set()
+        return path
+
+    def _payload(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "wall_time": time.time(),
+            "model_config": m.cfg.to_dict() if m is not None else None,
+            "model_state": m.state_dict() if m is not None else {},
+            "optimizer_state": self.opt.state_dict() if self.opt is not None else {},
+            "trainer_settings": self.cfg.model_dump(mode="json"),
+            "encoder": self.settings.encoder.model,
+            "collection": self.collection,
+            "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
+            "counts": dict(self.counts),
+            "seen": torch.tensor(sorted(self.seen), dtype=torch.int64),
+        }
+
+    def _commit(self) -> None:
+        """Commit the durable offsets of the partitions we hold; a failure is only logged.
+
+        The checkpoint, not the commit, decides where a restart resumes, so a lost commit costs nothing.
+        """
+        c = self._consumer
+        if c is None or not self.durable_offsets:
+            return
+        try:
+            held = {(tp.topic, tp.partition) for tp in c.assignment()}
+            tps = [TopicPartition(t, p, o) for (t, p), o in self.durable_offsets.items() if (t, p) in held]
+            if tps:
+                c.commit(offsets=tps, asynchronous=False)
+        except KafkaException as e:
+            log.warning("trainer: offset commit failed (checkpoint %d is durable): %s", self.version, e)
