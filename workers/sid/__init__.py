@@ -1,0 +1,10 @@
+"""Semantic-ID anchors (DESIGN.md §2, the paper's own route), trained from scratch on CPU.
+
+* :mod:`workers.sid.rqvae` — an RQ-VAE tokenizer: every item vector gets a hierarchical semantic ID
+  (3 residual codes + a collision suffix), and any 3-level code decodes back into the frozen space.
+* :mod:`workers.sid.generator` — a small causal transformer over users' positive SID sequences and a
+  beam search constrained to the SIDs that exist; :class:`~workers.sid.generator.SIDAnchorGenerator`
+  turns a history of item ids into K anchor vectors with their sequence log-probs.
+* :mod:`workers.sid.evaluate` — the held-out next-item hit rate of SID anchors against the
+  "K most recent positives" baseline.
+"""
