@@ -140,9 +140,10 @@ def naive(ctx: Labeling) -> Callable[[bytes], bytes]:
         ]
         batch = SampleBatch(
             request_id=ev.request_id, user_id=ev.user_id, ts=ev.ts, samples=samples,
-            lineage=Lineage(anchor_version=entry.version, anchor_model=entry.model, prompt_hash=entry.prompt_hash,
-                            encoder=entry.encoder, collection=ctx.collection, anchor_age_ms=ev.ts - entry.generated_at,
-                            label_map=ctx.map_text, fallback=entry.fallback),
+            lineage=Lineage(anchor_version=entry.version, anchor_model=entry.model,
+                            prompt_hash=entry.prompt_hash, encoder=entry.encoder, collection=ctx.collection,
+                            anchor_age_ms=ev.ts - entry.generated_at, label_map=ctx.map_text,
+                            fallback=entry.fallback),
             candidates_total=len(ev.item_ids), sampled_out=len(found) - len(samples),
         )
         return encode(batch)

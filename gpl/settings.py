@@ -85,6 +85,22 @@ class AnchorSettings(Section):
     history_items: int = Field(default=8, ge=1, description="recent positives shown to the LLM")
     retries: int = Field(default=1, ge=0, description="re-asks on unparseable output before the fallback")
     seed: int = 0
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads (transformers); 0: default")
+    # backend "openai": any OpenAI-compatible server (vllm serve, transformers serve)
+    base_url: str = Field(default="", description="OpenAI-compatible API root, e.g. http://vllm:8000/v1")
+    api_key: str = ""
+    served_model: str = Field(default="", description="model id sent to the server; empty: ask /models")
+    concurrency: int = Field(default=8, ge=1, description="requests in flight to the server")
+    timeout_s: float = Field(default=60.0, gt=0, description="per HTTP request")
+    http_retries: int = Field(default=3, ge=0, description="re-sends on 429/5xx/timeouts, with backoff")
+    # regeneration policy of the anchors worker
+    debounce_s: float = Field(default=30.0, ge=0,
+                              description="event-time gap below which a user's new request is dropped "
+                                          "(cold start excepted)")
+    max_pending: int = Field(default=1024, ge=1, description="requests read ahead; full: partitions paused")
+    rate_limit: float = Field(default=0.0, ge=0, description="max generations/s; 0: follow measured capacity")
+    cache: bool = Field(default=True, description="replay cache of generated anchors in data_dir")
+    cache_max_entries: int = Field(default=1_000_000, ge=1)
 
 
 class StreamsSettings(Section):
@@ -114,6 +130,9 @@ class LabelerSettings(Section):
     use_generation: bool = True
     use_margin: bool = True
     seed: int = 0
+    item_retry_s: float = Field(
+        default=30.0, ge=0, description="an item id the vector index lacked is not asked for again this soon"
+    )
 
 
 class TrainerSettings(Section):

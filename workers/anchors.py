@@ -1,16 +1,46 @@
 """Anchors: ``anchor-requests`` → LLM interest anchors → frozen encoder → Qdrant ``anchors`` → ``anchors``.
 
-Reads top to bottom: poll a micro-batch of requests (up to ``anchors.batch_size``, waiting at most
-``anchors.batch_wait_ms`` for it to fill: the LLM is far cheaper per user in a batch), dead-letter what
-does not parse, keep only the newest request of each user (an older one in the same batch is
-superseded: its anchors would be replaced at once), look the history items' texts up in the item
-collection, generate, embed the anchor texts with the same frozen encoder as the items, upsert them
-into Qdrant, publish one ``AnchorSet`` per user, flush, and only then commit the offsets.
+Reads top to bottom: read requests ahead into a bounded pending queue (dead-lettering what does not
+parse), pick the most urgent micro-batch (up to ``anchors.batch_size``), answer what the replay cache
+knows, generate the rest, embed the anchor texts with the same frozen encoder as the items, upsert them
+into Qdrant, publish one ``AnchorSet`` per user, flush, and only then commit the offsets the finished
+work covers.
+
+Regeneration policy (why each rule):
+
+* **Newest per user.** A user has at most one pending request: a newer one supersedes the queued one
+  (its anchors would be replaced at once), keeping the more urgent priority of the two (a cold start
+  superseded by a drift request is still a user without anchors).
+* **Priority.** The queue serves the lowest ``AnchorRequest.priority`` first (0 = cold start), then the
+  oldest event time. Because the worker reads ahead up to ``anchors.max_pending`` requests, a cold
+  start behind a backlog of drift refreshes is served before them, not after.
+* **Debounce.** A request (cold start excepted) for a user whose last generation was made for a request
+  less than ``anchors.debounce_s`` earlier *in event time* is dropped (``debounced``). Event time, not
+  wall time, so a replay makes the same decisions; the stream already debounces its own triggers, this
+  guards against re-emitted requests (rebalances, restarts, several producers).
+* **Rate limit.** A token bucket (one token per user) gates dispatch. Its rate follows the worker's
+  measured capacity (users per second of batch processing, an EWMA) with headroom, capped by
+  ``anchors.rate_limit`` when set (a shared server's quota). When the backend slows down, requests wait
+  in the bounded queue instead of piling up as timeouts at the server.
+* **Backpressure.** When the queue holds ``max_pending`` requests the consumer's partitions are
+  ``pause()``d, and ``resume()``d once it has drained to half: the backlog stays in Kafka (as lag, where
+  it is visible and durable), never in this process's memory.
+* **Outages.** A batch whose generation (or storage, or publication) fails as a whole goes back into the
+  queue and is retried after an exponential backoff; the requests are never turned into fallback
+  anchors or skipped, and their offsets stay uncommitted.
+
+Replay cache (:mod:`workers.anchor_cache`): a generation is stored under a key of the exact prompt
+(history texts, k, model, prompt hash); a request whose key is stored is answered without the LLM, so
+replaying a topic reproduces the same anchors.
+
+Offsets: read-ahead and priorities finish requests out of order, so each partition commits up to (not
+including) its oldest request still pending or in flight (:class:`OffsetTracker`).
 
 Counting (``Accounting("anchors")``): every request is ``in`` and ends as exactly one of ``emitted``,
-``superseded`` or ``dlq:<reason>`` (``dlq:unknown_items`` when none of its history items has a text
-yet, ``dlq:no_anchors`` if even the fallback had nothing to offer). ``fallback`` counts, among the
-emitted, the sets whose anchors came from the generator's fallback instead of the LLM.
+``superseded``, ``debounced``, ``revoked`` (its partition went to another worker before it was served;
+that worker reads it again) or ``dlq:<reason>`` (``dlq:unknown_items`` when none of its history items
+has a text yet, ``dlq:no_anchors`` if even the fallback had nothing to offer). ``fallback`` counts,
+among the emitted, the sets whose anchors came from the generator's fallback instead of the LLM.
 
 Point ids of anchors are derived from (user, slot), so a new generation overwrites the previous one in
 place; slots beyond the new set's size are deleted after the upsert (never before: a reader may see a
@@ -20,28 +50,47 @@ moment of old and new slots, told apart by the ``version`` payload, but never a 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from gpl.encoder import Encoder
 from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.metrics import (
+    ANCHOR_BACKEND_ERRORS,
+    ANCHOR_PAUSED,
+    ANCHOR_QUEUED,
+    ANCHOR_RATE,
+    ANCHOR_REQUEST_DELAY,
+    ANCHOR_SET_AGE,
+)
 from gpl.settings import Settings
 from gpl.vectors import Points, VectorIndex
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
+from workers.anchor_cache import AnchorCache, cache_key
 from workers.generators import AnchorGenerator, AnchorPrompt, Generation
 
 log = logging.getLogger(__name__)
 STAGE = "anchors"
 MAX_SLOTS = 32  # AnchorSettings.k is at most 32: slots >= the new size up to this are deleted
+RATE_HEADROOM = 1.25  # the bucket lets dispatch run this much above measured capacity (bursts, growth)
+CAPACITY_ALPHA = 0.3  # EWMA weight of the newest batch's throughput
+BACKOFF_START_S = 0.5  # first wait after a failed batch; doubles up to BACKOFF_MAX_S
+BACKOFF_MAX_S = 30.0
 T = TypeVar("T")
+TP = tuple[str, int]
 
 
 def anchor_point_id(user_id: str, slot: int) -> int:
@@ -67,9 +116,246 @@ def newest_per_user(
     return newest, superseded
 
 
+# ------------------------------------------------------------------------------ regeneration policy
+
+
+@dataclass
+class Pending(Generic[T]):
+    """A request waiting for generation. ``origin`` rides along (the Kafka message, for DLQ and commits);
+    ``priority`` and ``cold`` are merged over the requests it superseded."""
+
+    req: AnchorRequest
+    origin: T
+    priority: int
+    cold: bool
+    seq: int = 0
+
+
+def is_cold(req: AnchorRequest) -> bool:
+    return req.reason == "cold_start"
+
+
+class PendingQueue(Generic[T]):
+    """At most one pending request per user, served by (priority, event time, arrival).
+
+    A heap with lazy deletion: a superseded entry's heap item stays until popped and is skipped then
+    (its ``seq`` no longer matches the user's entry), so push and pop are O(log n).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Pending[T]] = {}
+        self._heap: list[tuple[int, int, int, str]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._entries
+
+    def push(self, req: AnchorRequest, origin: T) -> T | None:
+        """Queue ``req``; the origin of the request this one superseded (or that superseded it), if any.
+
+        The newer request by event time wins (a tie goes to the one pushed last); the kept entry takes
+        the more urgent priority and the cold-start flag of either.
+        """
+        cur = self._entries.get(req.user_id)
+        if cur is None:
+            self._put(Pending(req, origin, req.priority, is_cold(req)))
+            return None
+        priority, cold = min(cur.priority, req.priority), cur.cold or is_cold(req)
+        if req.ts < cur.req.ts:  # the queued one is newer: this request is the superseded one
+            if priority < cur.priority:
+                self._put(Pending(cur.req, cur.origin, priority, cold))
+            else:
+                cur.cold = cold
+            return origin
+        self._put(Pending(req, origin, priority, cold))
+        return cur.origin
+
+    def restore(self, entries: Iterable[Pending[T]]) -> None:
+        """Put popped entries back as they were (a batch that failed as a whole)."""
+        for e in entries:
+            if e.req.user_id not in self._entries:
+                self._put(Pending(e.req, e.origin, e.priority, e.cold))
+
+    def pop(self, n: int) -> list[Pending[T]]:
+        """Up to ``n`` most urgent entries."""
+        out: list[Pending[T]] = []
+        while self._heap and len(out) < n:
+            _, _, seq, user = heapq.heappop(self._heap)
+            e = self._entries.get(user)
+            if e is not None and e.seq == seq:
+                del self._entries[user]
+                out.append(e)
+        return out
+
+    def drop(self, pred: Callable[[T], bool]) -> list[T]:
+        """Remove the entries whose origin matches (their partition was revoked); their origins."""
+        gone = [u for u, e in self._entries.items() if pred(e.origin)]
+        return [self._entries.pop(u).origin for u in gone]
+
+    def _put(self, e: Pending[T]) -> None:
+        e.seq = next(self._seq)
+        self._entries[e.req.user_id] = e
+        heapq.heappush(self._heap, (e.priority, e.req.ts, e.seq, e.req.user_id))
+        if len(self._heap) > 4 * len(self._entries) + 64:  # many stale items: rebuild, bounded memory
+            self._heap = [(x.priority, x.req.ts, x.seq, u) for u, x in self._entries.items()]
+            heapq.heapify(self._heap)
+
+
+class Debouncer:
+    """Remembers, per user, the event time of the request their current anchors answered.
+
+    Entries older than the window can no longer block anything (requests arrive roughly in event-time
+    order) and are pruned, so memory follows the users active within one window, not all users.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_ms = int(window_s * 1000)
+        self._last: dict[str, int] = {}
+        self._high = 0
+        self._prune_at = 10_000
+
+    def blocks(self, req: AnchorRequest, cold: bool) -> bool:
+        if cold or self.window_ms <= 0:
+            return False
+        last = self._last.get(req.user_id)
+        return last is not None and req.ts - last < self.window_ms
+
+    def generated(self, user_id: str, ts: int) -> None:
+        self._last[user_id] = max(ts, self._last.get(user_id, ts))
+        self._high = max(self._high, ts)
+        if len(self._last) > self._prune_at:
+            floor = self._high - self.window_ms
+            self._last = {u: t for u, t in self._last.items() if t >= floor}
+            self._prune_at = max(10_000, 2 * len(self._last))
+
+
+class TokenBucket:
+    """Classic token bucket: ``rate`` tokens per second up to ``burst``; ``inf`` rate never limits."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self.tokens = self.burst
+        self._t = clock()
+
+    def set_rate(self, rate: float) -> None:
+        self._refill()
+        self.rate = rate
+
+    def take(self, n: int) -> int:
+        """Take up to ``n`` whole tokens; how many were taken."""
+        self._refill()
+        got = min(n, int(self.tokens))
+        self.tokens -= got
+        return got
+
+    def wait_s(self, n: int = 1) -> float:
+        """Seconds until ``n`` tokens are there (0 if they are)."""
+        self._refill()
+        missing = min(n, self.burst) - self.tokens
+        if missing <= 0 or math.isinf(self.rate):
+            return 0.0
+        return missing / self.rate if self.rate > 0 else math.inf
+
+    def _refill(self) -> None:
+        now = self.clock()
+        if math.isinf(self.rate):
+            self.tokens = self.burst
+        else:
+            self.tokens = min(self.burst, self.tokens + (now - self._t) * self.rate)
+        self._t = now
+
+
+class CapacityMeter:
+    """Users per second of batch processing (generate + embed + store + publish), as an EWMA.
+
+    Measured on processing time, not on dispatch rate, so a rate limit derived from it cannot talk
+    itself down: a throttled worker still measures what one batch costs.
+    """
+
+    def __init__(self, alpha: float = CAPACITY_ALPHA) -> None:
+        self.alpha = alpha
+        self.rate: float | None = None
+
+    def observe(self, users: int, seconds: float) -> float | None:
+        if users <= 0 or seconds <= 0:
+            return self.rate
+        inst = users / seconds
+        self.rate = inst if self.rate is None else self.alpha * inst + (1 - self.alpha) * self.rate
+        return self.rate
+
+
+def rate_limit(capacity: float | None, cap: float) -> float:
+    """The bucket's rate: measured capacity with headroom (unlimited before the first measurement),
+    never above the configured cap (0: no cap)."""
+    rate = math.inf if capacity is None else capacity * RATE_HEADROOM
+    return min(rate, cap) if cap > 0 else rate
+
+
+class OffsetTracker:
+    """Per partition: offsets read but not finished; commits up to the oldest unfinished one.
+
+    Read-ahead and priorities finish requests out of order; committing "last finished + 1" would skip
+    the unfinished ones on a restart. ``position`` is the smallest open offset, or one past the largest
+    read when nothing is open.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[TP, set[int]] = {}
+        self._next: dict[TP, int] = {}
+        self._dirty: set[TP] = set()
+
+    def read(self, tp: TP, offset: int) -> None:
+        self._open.setdefault(tp, set()).add(offset)
+        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def done(self, tp: TP, offset: int) -> None:
+        self._open.get(tp, set()).discard(offset)
+        self._dirty.add(tp)
+
+    def position(self, tp: TP) -> int:
+        open_ = self._open.get(tp)
+        return min(open_) if open_ else self._next.get(tp, 0)
+
+    def committable(self, tps: Iterable[TP] | None = None) -> dict[TP, int]:
+        """Positions of the partitions with finished work since the last call (or of ``tps``)."""
+        chosen = set(self._dirty if tps is None else tps) & set(self._next)
+        self._dirty -= chosen
+        return {tp: self.position(tp) for tp in chosen}
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self._open.pop(tp, None)
+            self._next.pop(tp, None)
+            self._dirty.discard(tp)
+
+
+@dataclass
+class Origin:
+    """Where a pending request came from: its message (for the DLQ) and its partition/offset."""
+
+    msg: Any
+    tp: TP
+    offset: int
+
+
+@dataclass
+class _LoopState:
+    queue: PendingQueue[Origin] = field(default_factory=PendingQueue)
+    tracker: OffsetTracker = field(default_factory=OffsetTracker)
+    paused: bool = False
+    reassigned: bool = False
+    retry_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+
+
 class AnchorWorker:
     def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder, generator: AnchorGenerator,
-                 *, progress: bool = False) -> None:
+                 *, progress: bool = False, cache: AnchorCache | None = None) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
@@ -78,6 +364,15 @@ class AnchorWorker:
         self.collection = settings.qdrant.anchors_collection
         self.accounting = Accounting(STAGE)
         self.progress = progress
+        cfg = settings.anchors
+        if cache is None and cfg.cache:
+            cache = AnchorCache(settings.data_dir / "anchor-cache", cfg.cache_max_entries)
+        self.cache = cache
+        self.debouncer = Debouncer(cfg.debounce_s)
+        self.capacity = CapacityMeter()
+        self.bucket = TokenBucket(rate_limit(None, cfg.rate_limit), burst=cfg.batch_size)
+        self.max_queued = 0  # high-water mark of the pending queue (tests, logs)
+        self.pauses = 0  # how often backpressure paused the partitions
         self._last_version: dict[str, int] = {}
         # the indexer creates the item collection too: either may start first
         self.index.ensure_collection(self.items, encoder.dim)
@@ -88,49 +383,144 @@ class AnchorWorker:
         c = consumer(kafka, STAGE)
         p = producer(kafka)
         dlq = DeadLetters(p, STAGE, self.accounting)
-        c.subscribe([ANCHOR_REQUESTS.name])
+        st = _LoopState()
+
+        def on_assign(consumer_: Any, parts: list[Any]) -> None:
+            st.reassigned = True  # re-apply a pause to the new assignment once consume() returns
+
+        def on_revoke(consumer_: Any, parts: list[Any]) -> None:
+            tps = {(tp.topic, tp.partition) for tp in parts}
+            self._commit(c, st.tracker.committable(tps))  # what is finished stays finished
+            dropped = st.queue.drop(lambda o: o.tp in tps)
+            self.accounting.add("revoked", len(dropped))
+            st.tracker.forget(tps)
+
+        c.subscribe([ANCHOR_REQUESTS.name], on_assign=on_assign, on_revoke=on_revoke)
         wait_s = max(cfg.batch_wait_ms, 10) / 1000  # 0 would spin: wait at least 10 ms when idle
         bar = tqdm(desc="anchor users", unit="user", disable=not self.progress, leave=False)
         try:
             while not stop.is_set():
-                msgs = c.consume(num_messages=cfg.batch_size, timeout=wait_s)
-                if not msgs:
+                room = cfg.max_pending - len(st.queue)
+                now = time.monotonic()
+                if len(st.queue) == 0:
+                    timeout = wait_s
+                elif now < st.retry_at:
+                    timeout = min(wait_s, st.retry_at - now)
+                else:
+                    timeout = min(wait_s, self.bucket.wait_s(1))
+                # paused: still call consume (callbacks, poll interval); only a fresh assignment can answer
+                msgs = c.consume(num_messages=max(1, room), timeout=timeout)
+                if st.reassigned and st.paused:
+                    c.pause(c.assignment())
+                st.reassigned = False
+                self._admit(msgs, st, dlq)
+                self._backpressure(c, st)
+                if time.monotonic() < st.retry_at or len(st.queue) == 0:
                     continue
-                # requests: decode, dead-letter what does not parse
-                decoded = []
-                offsets: dict[tuple[str, int], int] = {}
-                for m in msgs:
-                    if m.error():
-                        log.error("consume error: %s", m.error())
-                        continue
-                    offsets[(m.topic() or ANCHOR_REQUESTS.name, m.partition() or 0)] = (m.offset() or 0) + 1
-                    self.accounting.add("in")
-                    try:
-                        decoded.append((decode(m.value(), AnchorRequest), m))
-                    except DecodeError as e:
-                        dlq.send(m, e)
-                # newest per user: an older request in the same batch would be overwritten at once
-                newest, superseded = newest_per_user(decoded)
-                self.accounting.add("superseded", superseded)
-                # generate, embed, store in Qdrant; dead-letter the users that got nothing
-                sets, skipped = self._generate([req for req, _ in newest.values()])
-                for user_id, why in skipped.items():
-                    dlq.send(newest[user_id][1], ValueError(why[1]), reason=why[0])
-                # publish, make it durable, then commit what the batch covered
-                for s in sets:
-                    p.produce(ANCHORS.name, encode(s), key=s.user_id.encode())
-                    p.poll(0)
-                left = p.flush(30)
-                if left:
-                    log.error("%d messages not delivered; offsets not committed (redone on restart)", left)
-                    continue
-                self.accounting.add("emitted", len(sets))
-                commit_offsets(c, offsets)
-                bar.update(len(newest))
+                n = self.bucket.take(min(cfg.batch_size, len(st.queue)))
+                if n:
+                    done = self._dispatch(c, p, dlq, st, st.queue.pop(n))
+                    bar.update(done)
+                    self._backpressure(c, st)
         finally:
             bar.close()
+            ANCHOR_QUEUED.set(0)
+            ANCHOR_PAUSED.set(0)
             p.flush(10)
             c.close()
+
+    def _admit(self, msgs: list[Any], st: _LoopState, dlq: DeadLetters) -> None:
+        """Decode, dead-letter, debounce and queue a poll's messages (superseding per user)."""
+        for m in msgs:
+            if m.error():
+                log.error("consume error: %s", m.error())
+                continue
+            origin = Origin(m, (m.topic() or ANCHOR_REQUESTS.name, m.partition() or 0), m.offset() or 0)
+            st.tracker.read(origin.tp, origin.offset)
+            self.accounting.add("in")
+            try:
+                req = decode(m.value(), AnchorRequest)
+            except DecodeError as e:
+                dlq.send(m, e)
+                st.tracker.done(origin.tp, origin.offset)
+                continue
+            if req.user_id not in st.queue and self.debouncer.blocks(req, is_cold(req)):
+                self.accounting.add("debounced")
+                st.tracker.done(origin.tp, origin.offset)
+                continue
+            loser = st.queue.push(req, origin)
+            if loser is not None:
+                self.accounting.add("superseded")
+                st.tracker.done(loser.tp, loser.offset)
+        self.max_queued = max(self.max_queued, len(st.queue))
+        ANCHOR_QUEUED.set(len(st.queue))
+
+    def _backpressure(self, c: Any, st: _LoopState) -> None:
+        """Pause the partitions when the queue is full, resume them when it has drained to half."""
+        cap = self.settings.anchors.max_pending
+        if not st.paused and len(st.queue) >= cap:
+            c.pause(c.assignment())
+            st.paused = True
+            self.pauses += 1
+            ANCHOR_PAUSED.set(1)
+            log.info("anchors: %d requests pending, partitions paused", len(st.queue))
+        elif st.paused and len(st.queue) <= cap // 2:
+            c.resume(c.assignment())
+            st.paused = False
+            ANCHOR_PAUSED.set(0)
+            log.info("anchors: %d requests pending, partitions resumed", len(st.queue))
+        ANCHOR_QUEUED.set(len(st.queue))
+
+    def _dispatch(self, c: Any, p: Any, dlq: DeadLetters, st: _LoopState,
+                  batch: list[Pending[Origin]]) -> int:
+        """Generate, store, publish and commit one micro-batch; on failure put it back and back off."""
+        t0 = time.monotonic()
+        by_user = {e.req.user_id: e for e in batch}
+        try:
+            sets, skipped = self._generate([e.req for e in batch])
+        except Exception:
+            log.exception("anchors: generating %d users failed; re-queued, retry in %.1fs", len(batch),
+                          st.backoff_s)
+            ANCHOR_BACKEND_ERRORS.labels(model=self.generator.model).inc()
+            return self._requeue(st, batch)
+        for user_id, why in skipped.items():
+            dlq.send(by_user[user_id].origin.msg, ValueError(why[1]), reason=why[0])
+        for aset in sets:
+            p.produce(ANCHORS.name, encode(aset), key=aset.user_id.encode())
+            p.poll(0)
+        left = p.flush(30)
+        if left:
+            log.error("anchors: %d messages not delivered; batch re-queued", left)
+            return self._requeue(st, batch)
+        st.backoff_s = BACKOFF_START_S
+        now_s = time.time()
+        self.accounting.add("emitted", len(sets))
+        for aset in sets:
+            req = by_user[aset.user_id].req
+            self.debouncer.generated(aset.user_id, req.ts)
+            ANCHOR_REQUEST_DELAY.observe(max(0.0, now_s - req.ts / 1000))
+        for e in batch:
+            st.tracker.done(e.origin.tp, e.origin.offset)
+        self._commit(c, st.tracker.committable())
+        rate = self.capacity.observe(len(batch), time.monotonic() - t0)
+        self.bucket.set_rate(rate_limit(rate, self.settings.anchors.rate_limit))
+        if rate is not None:
+            ANCHOR_RATE.set(rate)
+        return len(batch)
+
+    def _requeue(self, st: _LoopState, batch: list[Pending[Origin]]) -> int:
+        st.queue.restore(batch)
+        st.retry_at = time.monotonic() + st.backoff_s
+        st.backoff_s = min(BACKOFF_MAX_S, st.backoff_s * 2)
+        ANCHOR_QUEUED.set(len(st.queue))
+        return 0
+
+    @staticmethod
+    def _commit(c: Any, offsets: dict[TP, int]) -> None:
+        try:
+            commit_offsets(c, offsets)
+        except KafkaException as e:  # e.g. a rebalance in progress: the work is redone, never lost
+            log.warning("anchors: commit of %s failed: %s", offsets, e)
 
     def generate_for(self, requests: list[AnchorRequest]) -> list[AnchorSet]:
         """Anchor sets for the requests (one per request that has known history items), stored in Qdrant.
@@ -156,7 +546,7 @@ class AnchorWorker:
             planned.append((req, ids))
         if not prompts:
             return [], skipped
-        gens = self.generator.generate(prompts)
+        gens = self._generate_cached(prompts)
         done: list[tuple[AnchorRequest, list[int], Generation]] = []
         for (req, ids), gen in zip(planned, gens, strict=True):
             if gen.anchors:
@@ -169,6 +559,31 @@ class AnchorWorker:
         sets = self._store(done)
         self.accounting.add("fallback", sum(1 for s in sets if s.fallback))
         return sets, skipped
+
+    def _generate_cached(self, prompts: list[AnchorPrompt]) -> list[Generation]:
+        """Generations of the prompts, from the replay cache where stored, else from the generator.
+
+        Identical prompts in one batch (users with the same recent history) are generated once.
+        Stored under the prompt hash the generator reports *after* generating: an OpenAI-compatible
+        server that refused structured output changes it, and the entry must say how it was made.
+        """
+        if self.cache is None:
+            return self.generator.generate(prompts)
+        model = self.generator.model
+        keys = [cache_key(p.history, p.k, model, self.generator.prompt_hash) for p in prompts]
+        found = self.cache.get_many(keys)
+        todo: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in found:
+                todo.setdefault(key, i)
+        fresh: dict[str, Generation] = {}
+        if todo:
+            gens = self.generator.generate([prompts[i] for i in todo.values()])
+            fresh = dict(zip(todo, gens, strict=True))
+            ph = self.generator.prompt_hash
+            self.cache.put_many([(cache_key(prompts[i].history, prompts[i].k, model, ph), fresh[key])
+                                 for key, i in todo.items()])
+        return [found[k] if k in found else fresh[k] for k in keys]
 
     def history_texts(self, requests: list[AnchorRequest]) -> dict[str, tuple[list[int], list[str]]]:
         """Per user: the recent history ids that have a text in the item collection, and those texts.
@@ -202,7 +617,12 @@ class AnchorWorker:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)  # make sure of the norm
         now = int(time.time() * 1000)
-        versions = self._versions([req.user_id for req, _, _ in done], now)
+        users = [req.user_id for req, _, _ in done]
+        prev = self._previous_versions(users)
+        versions = {u: max(now, prev.get(u, 0) + 1) for u in users}
+        for u in users:
+            if u in prev:  # a version is its generation time in ms: the replaced set's age
+                ANCHOR_SET_AGE.observe(max(0.0, (now - prev[u]) / 1000))
         ids: list[int] = []
         payloads = []
         stale: list[int] = []
@@ -232,14 +652,14 @@ class AnchorWorker:
             self._last_version[s.user_id] = s.version
         return sets
 
-    def _versions(self, users: list[str], now: int) -> dict[str, int]:
-        """Generation time in epoch ms, bumped past the user's previous version so it is monotonic.
+    def _previous_versions(self, users: list[str]) -> dict[str, int]:
+        """The users' current versions (generation times in ms); a new version is bumped past them.
 
-        The previous version comes from this process's memory or, after a restart, from the stored
-        slot-0 point of the user (one retrieve for the batch); a clock that went back cannot reorder.
+        From this process's memory or, after a restart, from the stored slot-0 point of the user (one
+        retrieve for the batch), so versions stay monotonic even if the clock went back.
         """
         unknown = [u for u in users if u not in self._last_version]
-        prev = dict(self._last_version)
+        prev = {u: self._last_version[u] for u in users if u in self._last_version}
         if unknown:
             slot0 = [anchor_point_id(u, 0) for u in unknown]
             pts = self.index.retrieve(self.collection, slot0, with_payload=True)
@@ -247,4 +667,4 @@ class AnchorWorker:
                 u, v = payload.get("user_id"), payload.get("version")
                 if isinstance(u, str) and isinstance(v, int):
                     prev[u] = v
-        return {u: max(now, prev.get(u, 0) + 1) for u in users}
+        return prev

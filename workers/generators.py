@@ -20,9 +20,14 @@ for malformed model output. Everything that does not depend on the backend lives
 Per-anchor log-probs are an approximation (documented in :func:`span_logprobs`): the mean log-prob of
 the generated tokens whose characters overlap the anchor's text in the raw output.
 
-Backends: :class:`TransformersGenerator` (Hugging Face transformers, CPU by default) and
-:class:`MemoryGenerator` (pure Python, deterministic, for tests). ``openai`` and ``vllm`` are named in
-the settings but implemented elsewhere.
+Backends all derive from :class:`RetryingGenerator`, which owns the shared driver (ask, parse, re-ask,
+fall back, count); a backend only implements :meth:`RetryingGenerator.complete` and turns its model's
+answer into a :class:`Completion` (with :func:`completion_from_tokens` when it has token ids, with
+:func:`token_ends` when it has token texts). Here: :class:`TransformersGenerator` (Hugging Face
+transformers, CPU by default) and :class:`MemoryGenerator` (pure Python, deterministic, for tests).
+``workers.generators_openai.OpenAIGenerator`` (any OpenAI-compatible server: ``vllm serve``,
+``transformers serve``) and ``workers.generators_vllm.VLLMGenerator`` (the in-process vLLM engine) live
+in their own modules so that their optional dependencies are imported only when chosen.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpl.metrics import ANCHOR_GENERATIONS, ANCHOR_TOKENS
+from gpl.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
 from gpl.settings import AnchorSettings
 
 if TYPE_CHECKING:
@@ -75,6 +80,15 @@ class Generation:
     parsed_first_try: bool
     attempts: int
     fallback: bool
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The backend cannot answer at all (server down, retries exhausted, refused credentials).
+
+    Unlike malformed output, which is retried and then replaced by the fallback, this says nothing
+    about the user: the caller must keep the requests and try again later, never write fallback
+    anchors for them (a server outage would otherwise overwrite everyone's anchors with the fallback).
+    """
 
 
 class AnchorGenerator(Protocol):
@@ -115,6 +129,13 @@ RETRY_TEMPERATURE = 0.8  # retries sample (another seed) at least this warm: gre
 # every test history where plain greedy gave one; see WordRepetitionPenalty.
 WORD_REPETITION_PENALTY = 1.3
 FALLBACK_LOGPROB = -5.0  # log-prob given to fallback anchors: finite, and low enough to read as weak
+# Log-prob of anchors from a backend that returns no token log-probs (an OpenAI-compatible server that
+# ignores ``logprobs``, e.g. ``transformers serve``). 0 is the labeler's "unknown": its generation
+# confidence term exp(0) = 1 then leaves the weight to the other terms instead of inventing a number.
+NO_LOGPROB = 0.0
+# Servers other than our own transformers loop cannot run WordRepetitionPenalty; OpenAI's and vLLM's
+# presence penalty is the closest standard knob (additive, generated tokens only, not the prompt).
+PRESENCE_PENALTY = 0.5
 
 
 def build_messages(prompt: AnchorPrompt) -> list[dict[str, str]]:
@@ -143,6 +164,46 @@ def generation_budget(k: int, max_new_tokens: int) -> int:
     return max(8, min(max_new_tokens, TOKENS_PER_ANCHOR * k + 16))
 
 
+def render_chat(tokenizer: Any, prompt: AnchorPrompt, *, prefill: bool = True) -> str:
+    """The exact text an in-process backend feeds its model: the chat template with the generation
+    prompt, then (unless structured output constrains the answer from its first character) the pre-fill.
+    """
+    text = tokenizer.apply_chat_template(build_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return str(text) + (PREFILL if prefill else "")
+
+
+def anchor_schema(k: int) -> dict[str, Any]:
+    """JSON schema of the answer for structured output: exactly ``k`` short strings under "interests".
+
+    ``minItems = maxItems = k`` makes a constrained decoder write k items instead of stopping at one;
+    ``maxLength`` keeps one item from eating the token budget. Uniqueness is not in the schema (most
+    grammar engines do not support ``uniqueItems``): clean_anchors drops duplicates.
+    """
+    return {
+        "type": "object",
+        "properties": {
+            "interests": {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_ANCHOR_CHARS},
+                "minItems": k,
+                "maxItems": k,
+            }
+        },
+        "required": ["interests"],
+        "additionalProperties": False,
+    }
+
+
+def attempt_sampling(settings: AnchorSettings, attempt: int) -> tuple[float, int]:
+    """(temperature, seed) of an attempt: as configured first, then warmer with another seed.
+
+    Every backend uses this, so a retry means the same thing whichever model answers.
+    """
+    if attempt == 0:
+        return settings.temperature, settings.seed
+    return max(settings.temperature, RETRY_TEMPERATURE), settings.seed + attempt
+
+
 def prompt_hash(settings: AnchorSettings, backend: str) -> str:
     """Stable id of everything that shapes an anchor besides the history: template and generation params.
 
@@ -167,6 +228,8 @@ def prompt_hash(settings: AnchorSettings, backend: str) -> str:
         "retries": settings.retries,
         "seed": settings.seed,
     }
+    if backend.startswith(("openai", "vllm")):  # only these send it; older hashes stay as they were
+        spec["presence_penalty"] = PRESENCE_PENALTY
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
@@ -360,23 +423,85 @@ class Completion:
 
     ``raw`` is the answer as parsed (pre-fill included); its first ``prefix_len`` characters were not
     generated. ``token_logprobs[j]`` is the log-prob of generated token j and ``token_ends[j]`` the
-    character offset, within the generated part, where that token's text ends.
+    character offset, within the generated part, where that token's text ends. A backend that knows
+    its token count but not the log-probs (a server ignoring ``logprobs``) leaves both lists empty,
+    sets ``has_logprobs=False`` and gives the count in ``n_tokens``.
     """
 
     raw: str
     token_logprobs: list[float]
     token_ends: list[int]
     prefix_len: int = 0
+    n_tokens: int | None = None
+    has_logprobs: bool = True
 
     @property
     def tokens(self) -> int:
-        return len(self.token_logprobs)
+        return self.n_tokens if self.n_tokens is not None else len(self.token_logprobs)
+
+
+def anchor_logprobs(comp: Completion, anchors: Sequence[str]) -> list[float]:
+    """Per-anchor log-probs of a completion: the one mapping every backend uses (see span_logprobs).
+
+    :data:`NO_LOGPROB` for each anchor when the backend gave no token log-probs.
+    """
+    if not comp.has_logprobs:
+        return [NO_LOGPROB] * len(anchors)
+    return span_logprobs(locate(comp.raw, anchors), comp.token_ends, comp.token_logprobs, comp.prefix_len)
+
+
+def finite_logprob(x: float) -> float:
+    """A token log-prob usable in a mean: -inf/NaN (a masked or underflowed token) become -100."""
+    return x if math.isfinite(x) else -100.0
+
+
+def completion_from_tokens(ids: Sequence[int], lps: Sequence[float], decode: Callable[[list[int]], str],
+                           stop_ids: set[int] | frozenset[int], prefill: str) -> Completion:
+    """A :class:`Completion` from generated token ids and their log-probs (backends with a tokenizer).
+
+    Cuts the row at its first stop token (the stop token still cost a step: counted, covering no
+    characters), and gives each text token its character end through *prefix* decodes, not per-token
+    decodes: a byte-level BPE token may hold half a UTF-8 character.
+    """
+    ids = list(ids)
+    stop = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+    text_ids = ids if stop is None else ids[:stop]
+    ends = [len(decode(text_ids[: j + 1])) for j in range(len(text_ids))]
+    text = decode(text_ids)
+    lp = [finite_logprob(x) for x in lps[: len(text_ids)]]
+    if stop is not None and stop < len(lps):
+        lp.append(finite_logprob(lps[stop]))
+        ends.append(ends[-1] if ends else 0)
+    return Completion(prefill + text, lp, ends, len(prefill))
+
+
+def token_ends(pieces: Sequence[str | bytes]) -> list[int]:
+    """Character end of each token given the tokens' texts or bytes (backends without a tokenizer).
+
+    Bytes are preferred when a server sends them: a multi-byte character split over two tokens then
+    ends where its last byte is, like the prefix decodes of :func:`completion_from_tokens`.
+    """
+    ends: list[int] = []
+    if pieces and all(isinstance(p, bytes) for p in pieces):
+        acc = b""
+        for piece in pieces:
+            acc += piece  # type: ignore[operator]
+            ends.append(len(acc.decode("utf-8", errors="ignore")))
+        return ends
+    total = 0
+    for piece in pieces:
+        total += len(piece.decode("utf-8", errors="ignore") if isinstance(piece, bytes) else piece)
+        ends.append(total)
+    return ends
 
 
 class RetryingGenerator:
     """The shared ``generate``: ask, parse, re-ask the failures with sampling, fall back, count.
 
-    Subclasses implement :meth:`complete` (one batched model call at a given attempt number).
+    Subclasses implement :meth:`complete` (one batched model call at a given attempt number, see
+    :func:`attempt_sampling`). :meth:`_complete_batched` cuts the prompts into ``batch_size`` chunks;
+    a backend that schedules its own batches (an engine, a server) overrides it to send all at once.
+    A backend that cannot answer at all raises :class:`GeneratorUnavailable` (never for bad output).
     """
 
     model: str
@@ -405,11 +530,11 @@ class RetryingGenerator:
                 last_raw[i] = comp.raw
                 anchors = parse_anchors(comp.raw, prompts[i].k, prompts[i].history)
                 if not anchors:
+                    ANCHOR_PARSE_FAILURES.labels(model=self.model).inc()
                     still.append(i)
                     continue
-                lps = span_logprobs(locate(comp.raw, anchors), comp.token_ends, comp.token_logprobs,
-                                     comp.prefix_len)
-                results[i] = Generation(anchors, lps, comp.raw, tokens[i], attempt == 0, attempt + 1, False)
+                results[i] = Generation(anchors, anchor_logprobs(comp, anchors), comp.raw, tokens[i],
+                                        attempt == 0, attempt + 1, False)
             pending = still
         for i in pending:
             anchors = fallback_anchors(prompts[i].history, prompts[i].k)
@@ -515,17 +640,14 @@ class TransformersGenerator(RetryingGenerator):
 
     def render(self, prompt: AnchorPrompt) -> str:
         """The exact text fed to the model: chat template with the generation prompt, then the pre-fill."""
-        text = self.tokenizer.apply_chat_template(build_messages(prompt), tokenize=False,
-                                                  add_generation_prompt=True)
-        return str(text) + PREFILL
+        return render_chat(self.tokenizer, prompt)
 
     def complete(self, prompts: list[AnchorPrompt], attempt: int) -> list[Completion]:
         torch = self._torch
         enc = self.tokenizer([self.render(p) for p in prompts], return_tensors="pt", padding=True,
                              add_special_tokens=False).to(self.device)
         budget = generation_budget(max(p.k for p in prompts), self.settings.max_new_tokens)
-        temperature = self.settings.temperature if attempt == 0 else max(self.settings.temperature,
-                                                                          RETRY_TEMPERATURE)
+        temperature, seed = attempt_sampling(self.settings, attempt)
         kwargs: dict[str, Any] = {"max_new_tokens": budget, "return_dict_in_generate": True,
                                   "output_logits": True, "pad_token_id": self.tokenizer.pad_token_id}
         if temperature > 0:
@@ -539,7 +661,7 @@ class TransformersGenerator(RetryingGenerator):
         )
         # fork_rng: the attempt's seed must not disturb (or depend on) anyone else's use of the global RNG
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.seed + attempt)
+            torch.manual_seed(seed)
             out = self.lm.generate(**enc, **kwargs)
         gen = out.sequences[:, enc["input_ids"].shape[1]:]
         steps = len(out.logits)
@@ -550,17 +672,7 @@ class TransformersGenerator(RetryingGenerator):
         return [self._completion(gen[r].tolist(), logprobs[r].tolist()) for r in range(gen.shape[0])]
 
     def _completion(self, ids: list[int], lps: list[float]) -> Completion:
-        """Cut a generated row at its first stop token and give each text token its character end."""
-        stop = next((j for j, t in enumerate(ids) if t in self._stop_ids), None)
-        text_ids = ids if stop is None else ids[:stop]
-        # prefix decodes, not per-token decodes: a byte-level BPE token may hold half a UTF-8 character
-        ends = [len(self._decode(text_ids[: j + 1])) for j in range(len(text_ids))]
-        text = self._decode(text_ids)
-        lp = [x if math.isfinite(x) else -100.0 for x in lps[: len(text_ids)]]
-        if stop is not None:  # the stop token cost a step: count it, though it covers no characters
-            lp.append(lps[stop] if math.isfinite(lps[stop]) else -100.0)
-            ends.append(ends[-1] if ends else 0)
-        return Completion(PREFILL + text, lp, ends, len(PREFILL))
+        return completion_from_tokens(ids, lps, self._decode, self._stop_ids, PREFILL)
 
     def _decode(self, ids: list[int]) -> str:
         # no clean-up: it is meant for WordPiece and would move characters of a byte-level BPE text
@@ -623,17 +735,33 @@ class MemoryGenerator(RetryingGenerator):
 
 
 def make_generator(settings: Settings, *, threads: int | None = None) -> AnchorGenerator:
-    """The generator ``settings.anchors.backend`` names; ``transformers`` fetches/converts the model first."""
-    backend = settings.anchors.backend
+    """The generator ``settings.anchors.backend`` names.
+
+    ``transformers`` fetches/converts the local model first; ``vllm`` does too unless
+    ``anchors.model_dir`` names the model (a directory or a hub id the GPU host can read); ``openai``
+    needs ``anchors.base_url``. ``threads`` (else ``anchors.threads``; 0 = torch's default) applies to
+    the transformers backend.
+    """
+    cfg = settings.anchors
+    backend = cfg.backend
     if backend == "memory":
-        return MemoryGenerator(settings.anchors)
+        return MemoryGenerator(cfg)
     if backend == "transformers":
         from gpl.llm import ensure_llm
 
-        return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=threads)
-    if backend in ("openai", "vllm"):
-        raise NotImplementedError(
-            f"anchors backend {backend!r} is not implemented yet (a separate issue adds the "
-            "OpenAI-compatible client and the vLLM engine); use 'transformers' or 'memory'"
-        )
+        n = threads if threads is not None else (cfg.threads or None)
+        return TransformersGenerator(ensure_llm(settings.llm_dir), cfg, threads=n)
+    if backend == "openai":
+        from workers.generators_openai import OpenAIGenerator
+
+        return OpenAIGenerator(cfg)
+    if backend == "vllm":
+        from workers.generators_vllm import VLLMGenerator, import_vllm
+
+        import_vllm()  # fail with the install hint before fetching a model the engine cannot run
+        if cfg.model_dir:
+            return VLLMGenerator(cfg.model_dir, cfg)
+        from gpl.llm import ensure_llm
+
+        return VLLMGenerator(ensure_llm(settings.llm_dir), cfg)
     raise ValueError(f"unknown anchors backend {backend!r}")

@@ -1,0 +1,271 @@
+"""Interest anchors for the offline comparison, built from TRAINING-period history only.
+
+Three sources, one shape (:class:`AnchorBook`: per user K unit vectors, their log-probs and the
+history they came from), so the labeling code (workers/labeling.py) cannot tell them apart:
+
+* ``text``: an :class:`~workers.generators.AnchorGenerator` (SmolLM2 through transformers, or the
+  deterministic MemoryGenerator) writes K interest phrases from the user's last
+  ``anchors.history_items`` distinct training clicks; the frozen encoder embeds them. LLM answers are
+  cached on disk by (history digest, model, prompt hash, K), so a rerun never asks the LLM twice.
+* ``centroid`` (ablation, no LLM): one anchor, the normalised mean of those same history vectors.
+* ``sid``: semantic-ID anchors from workers/sid when it is importable and trained (see
+  :func:`sid_anchors`).
+
+History = clicks (the only positives the stream sees) in the user's training requests, most recent
+last. A user without a training click has no history and gets no anchors (no pseudo-labels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gpl.eval.dataset import EvalDataset
+from gpl.eval.embed import CachedEncoder
+from gpl.settings import Settings
+from workers.generators import AnchorGenerator, AnchorPrompt, Generation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UserAnchors:
+    vectors: np.ndarray  # (K, dim) float32, unit rows
+    logprobs: np.ndarray  # (K,) float32
+    history: np.ndarray  # dense item indices the anchors were generated from
+    texts: list[str] = field(default_factory=list)
+    fallback: bool = False
+
+
+@dataclass
+class AnchorBook:
+    """Anchors per dense user index, with the lineage the labeler would put in a SampleBatch."""
+
+    kind: str  # "llm", "memory", "centroid", "sid"
+    model: str
+    prompt_hash: str
+    users: dict[int, UserAnchors] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def training_histories(ds: EvalDataset, n: int) -> dict[int, np.ndarray]:
+    """Per user: the last ``n`` distinct items clicked in training requests (dense ids, most recent last)."""
+    rows = np.flatnonzero(ds.exposed & (ds.label == 1) & ~ds.row_test)
+    req = ds.row_request[rows]
+    order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
+    rows, req = rows[order], req[order]
+    users = ds.req_user[req]
+    out: dict[int, np.ndarray] = {}
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for chunk, u_rows in zip(np.split(np.arange(len(rows)), bounds), np.split(users, bounds), strict=True):
+        if not len(chunk):
+            continue
+        items = ds.item[rows[chunk]].tolist()
+        recent = list(dict.fromkeys(reversed(items)))[:n]  # newest first, duplicates dropped
+        out[int(u_rows[0])] = np.asarray(recent[::-1], np.int64)
+    return out
+
+
+def pick_users(ds: EvalDataset, histories: dict[int, np.ndarray], cap: int | None) -> list[int]:
+    """The users that get generated anchors: those with history, in a fixed pseudo-random order, ≤ cap.
+
+    The order is blake2b(user id), not "most active first": a capped subset must look like the whole
+    population, or its metrics would flatter (or punish) the method.
+    """
+    eligible = sorted(histories, key=lambda u: hashlib.blake2b(ds.users[u].encode(), digest_size=8).digest())
+    return eligible if cap is None else eligible[:cap]
+
+
+class GenerationCache:
+    """Append-only JSONL of generations keyed by (history digest, model, prompt hash, K)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._m: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self._m[rec["key"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by an interrupted run: that user is generated again
+
+    @staticmethod
+    def key(history: list[str], model: str, prompt_hash: str, k: int) -> str:
+        h = hashlib.blake2b("\x1e".join(history).encode(), digest_size=8).hexdigest()
+        return f"{h}:{model}:{prompt_hash}:{k}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._m.get(key)
+
+    def put(self, key: str, gen: Generation) -> None:
+        rec = {
+            "key": key,
+            "anchors": gen.anchors,
+            "logprobs": [float(x) for x in gen.logprobs],
+            "fallback": gen.fallback,
+            "tokens": gen.tokens,
+            "attempts": gen.attempts,
+        }
+        self._m[key] = rec
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
+def text_anchors(
+    ds: EvalDataset,
+    histories: dict[int, np.ndarray],
+    users: list[int],
+    generator: AnchorGenerator,
+    encoder: CachedEncoder,
+    cache: GenerationCache,
+    *,
+    k: int,
+    kind: str,
+    batch: int = 8,
+    progress: bool = True,
+) -> AnchorBook:
+    """Generate (or take from the cache) K anchor texts per user and embed them."""
+    prompts: dict[int, tuple[str, AnchorPrompt]] = {}
+    for u in users:
+        texts = [ds.item_text[i] for i in histories[u].tolist()]
+        prompts[u] = (
+            cache.key(texts, generator.model, generator.prompt_hash, k),
+            AnchorPrompt(ds.users[u], texts, k),
+        )
+    todo = [u for u in users if cache.get(prompts[u][0]) is None]
+    hits = len(users) - len(todo)
+    bar = tqdm(
+        total=len(todo), desc=f"anchors ({generator.model})", unit="user", disable=not progress or not todo
+    )
+    for s in range(0, len(todo), batch):
+        part = todo[s : s + batch]
+        gens = generator.generate([prompts[u][1] for u in part])
+        for u, g in zip(part, gens, strict=True):
+            cache.put(prompts[u][0], g)
+        bar.update(len(part))
+    bar.close()
+    book = AnchorBook(kind=kind, model=generator.model, prompt_hash=generator.prompt_hash)
+    recs = {u: cache.get(prompts[u][0]) for u in users}
+    all_texts = [t for r in recs.values() if r for t in r["anchors"]]
+    vecs = encoder.encode(all_texts, desc="embed anchors")
+    row = 0
+    fallback = tokens = 0
+    for u, r in recs.items():
+        if not r or not r["anchors"]:
+            continue
+        n = len(r["anchors"])
+        book.users[u] = UserAnchors(
+            vectors=vecs[row : row + n],
+            logprobs=np.asarray(r["logprobs"], np.float32),
+            history=histories[u],
+            texts=list(r["anchors"]),
+            fallback=bool(r["fallback"]),
+        )
+        row += n
+        fallback += bool(r["fallback"])
+        tokens += int(r.get("tokens", 0))
+    book.info = {
+        "users": len(book.users),
+        "generated_now": len(todo),
+        "cache_hits": hits,
+        "fallback_users": fallback,
+        "tokens": tokens,
+        "mean_anchors": float(np.mean([len(a.texts) for a in book.users.values()])) if book.users else 0.0,
+    }
+    return book
+
+
+def centroid_anchors(
+    histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray
+) -> AnchorBook:
+    """One anchor per user: the normalised centroid of the history vectors (the no-LLM ablation)."""
+    book = AnchorBook(kind="centroid", model="history-centroid", prompt_hash="-")
+    for u in users:
+        c = item_vectors[histories[u]].mean(axis=0)
+        nrm = float(np.linalg.norm(c))
+        if nrm == 0:
+            continue
+        book.users[u] = UserAnchors(
+            vectors=(c / nrm)[None, :].astype(np.float32),
+            logprobs=np.zeros(1, np.float32),
+            history=histories[u],
+            texts=["<centroid>"],
+        )
+    book.info = {"users": len(book.users)}
+    return book
+
+
+def sid_anchors(
+    settings: Settings,
+    ds: EvalDataset,
+    histories: dict[int, np.ndarray],
+    users: list[int],
+    item_vectors: np.ndarray,
+    *,
+    k: int,
+) -> AnchorBook | str:
+    """Semantic-ID anchors from workers/sid, or the reason they are not available (a table cell).
+
+    Looks for ``workers.sid.generator.SIDAnchorGenerator`` and its trained artifacts; anything missing
+    gives a string for the report instead of an exception, so the rest of the comparison still runs.
+    """
+    try:
+        from workers.sid import generator as sid_gen
+    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+        return f"not available (workers.sid.generator not importable: {type(e).__name__}; run gpl anchors train-generator)"
+    load = getattr(sid_gen, "load_anchor_generator", None)
+    if load is None:
+        return "not available (workers.sid.generator has no load_anchor_generator)"
+    try:
+        gen = load(settings)
+    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+        return f"not available ({e}; run gpl anchors train-tokenizer and train-generator)"
+    book = AnchorBook(
+        kind="sid", model=str(getattr(gen, "model", "sid")), prompt_hash=str(getattr(gen, "prompt_hash", "-"))
+    )
+    missing = 0
+    for u in users:
+        hist_ids = ds.item_ids[histories[u]]
+        try:
+            vecs, logprobs = gen.anchors_for(hist_ids, k)
+        except (KeyError, ValueError):
+            missing += 1
+            continue
+        vecs = np.asarray(vecs, np.float32)
+        if vecs.ndim != 2 or not len(vecs):
+            missing += 1
+            continue
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        book.users[u] = UserAnchors(
+            vectors=vecs, logprobs=np.asarray(logprobs, np.float32), history=histories[u]
+        )
+    book.info = {"users": len(book.users), "no_anchors": missing}
+    return book
+
+
+__all__ = [
+    "UserAnchors",
+    "AnchorBook",
+    "training_histories",
+    "pick_users",
+    "GenerationCache",
+    "text_anchors",
+    "centroid_anchors",
+    "sid_anchors",
+]

@@ -1,0 +1,297 @@
+"""Turn the comparison's results into what people read: a table, results.json, results.md and plots.
+
+Tables show mean ± std over seeds (sample std, n-1). A method that could not run shows its reason in
+place of numbers, so a missing row is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+MAIN_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc", "ex_gauc")
+EXTRA_COLS = ("tail_share@10", "tail_hr@10", "coverage@10", "ild@10", "pl_auc", "pl_ece")
+SCOPE_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc")
+BAR_METRICS = (
+    "es_auc",
+    "es_gauc",
+    "es_hr@3",
+    "es_hr@5",
+    "es_hr@10",
+    "es_ndcg@10",
+    "ex_auc",
+    "ex_gauc",
+    "tail_share@10",
+    "tail_hr@10",
+    "coverage@10",
+    "ild@10",
+)
+
+
+def _cell(stat: dict[str, float] | None, digits: int = 4) -> str:
+    if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def table_rows(results: dict[str, Any], cols: tuple[str, ...], scope: str = "all") -> list[list[str]]:
+    """Rows of [method label, cells...] in the configured method order; unavailable methods say why."""
+    rows: list[list[str]] = []
+    summary = results["summary"]
+    for m, label in results["methods"].items():
+        if m in results["unavailable"]:
+            rows.append([label, results["unavailable"][m], *[""] * (len(cols) - 1)])
+            continue
+        stats = summary.get(m, {}).get(scope)
+        if stats is None:
+            continue
+        rows.append([label, *[_cell(stats.get(c)) for c in cols]])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plain_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    )
+
+
+def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table of the report."""
+    out = [
+        (
+            "Entire space (all test requests) and exposed-only",
+            ["method", *MAIN_COLS],
+            table_rows(results, MAIN_COLS),
+        ),
+        (
+            "Long tail, diversity, pseudo-label quality",
+            ["method", *EXTRA_COLS],
+            table_rows(results, EXTRA_COLS),
+        ),
+    ]
+    if "anchored" in results["scopes"]:
+        out.append(
+            (
+                f"Test requests of users with text anchors ({results['scopes']['anchored']} requests)",
+                ["method", *SCOPE_COLS],
+                table_rows(results, SCOPE_COLS, "anchored"),
+            )
+        )
+    return out
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """Print with rich when it is installed (it is an optional nicety), plain text otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for title, header, rows in tables(results):
+            print(f"\n{title}\n{plain_table(header, rows)}")
+        return
+    console = Console(width=max(160, Console().width))
+    for title, header, rows in tables(results):
+        t = Table(title=title, show_lines=False)
+        for h in header:
+            t.add_column(h, overflow="fold")
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    ds = results["dataset"]
+    cfg = results["config"]
+    a = results["anchors"]
+    lines = [
+        f"# GPL offline comparison — {ds['name']}",
+        "",
+        f"Seeds: {cfg['seeds']} (mean ± sample std), epochs: {cfg['epochs']}, methods share the pre-ranker, "
+        f"loss, optimizer steps and seeds (gpl/eval/methods.py). Encoder: `{cfg['encoder']}`.",
+        "",
+        f"Dataset digest `{ds['digest']}`; split: {ds['split'].get('rule', ds['split'])}; "
+        + ", ".join(f"{k} {v:.4g}" for k, v in ds["stats"].items())
+        + ".",
+        "",
+    ]
+    if ds.get("simulated"):
+        lines += [f"What is simulated: {ds['simulated']}.", ""]
+    lines += [
+        f"Anchors: mode `{a['mode']}`; {a['users_with_text_anchors']} of {a['users_total']} users "
+        f"({a['share_of_users_with_text_anchors']:.1%}) have text anchors, covering "
+        f"{a['share_of_test_requests_anchored']:.1%} of test requests. {a['rest']}.",
+        "",
+    ]
+    for title, header, rows in tables(results):
+        lines += [f"## {title}", "", markdown_table(header, rows), ""]
+    if results["label_maps"]:
+        lines += ["## Label maps (fitted on training exposures)", ""]
+        for k, v in results["label_maps"].items():
+            lines.append(
+                f"- {k}: {v.get('map')} (fitted: {v.get('fitted')}, rows {v.get('fit_rows')}, "
+                f"clicks {v.get('fit_clicks')}{', ' + v['reason'] if 'reason' in v else ''})"
+            )
+        lines.append("")
+    if results.get("closed_loop_calibration"):
+        lines += ["## Closed-loop calibration (GPL pseudo-labels met later by a real label)", ""]
+        for m, snap in results["closed_loop_calibration"].items():
+            for g in snap["groups"]:
+                lines.append(
+                    f"- {m} [{g['model']}, fallback={g['fallback']}]: joined {g['joined']}, label ECE "
+                    f"{g['label_ece']:.4f}, weight ECE {g['weight_ece']:.4f}, mean p {g['mean_p']:.3f} vs "
+                    f"observed {g['observed_rate']:.3f}"
+                )
+            if not snap["groups"]:
+                lines.append(f"- {m}: no pseudo-labeled pair was exposed later ({snap['counts']})")
+        lines.append("")
+    t = results["timing_s"]
+    lines += ["## Runtime", "", ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, float)), ""]
+    lines += ["Metric definitions: docs/eval.md. Plots: metrics.png, hr_curves.png, reliability.png.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    methods = [m for m in results["methods"] if m in results["summary"]]
+    labels = [results["methods"][m] for m in methods]
+    colors = plt.get_cmap("tab10")
+
+    # 1. metric bars with error bars
+    n = len(BAR_METRICS)
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(n / cols)))
+    for ax, metric in zip(axes.ravel(), BAR_METRICS, strict=False):
+        means = [results["summary"][m]["all"].get(metric, {}).get("mean", float("nan")) for m in methods]
+        stds = [results["summary"][m]["all"].get(metric, {}).get("std", 0.0) for m in methods]
+        ax.bar(
+            range(len(methods)),
+            means,
+            yerr=stds,
+            color=[colors(i % 10) for i in range(len(methods))],
+            capsize=3,
+        )
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([m for m in methods], rotation=45, ha="right", fontsize=7)
+        finite = [x for x in means if x == x]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = (hi - lo) * 0.5 + 1e-3
+            ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{results['dataset']['name']}: mean ± std over {results['config']['seeds']} seeds")
+    fig.tight_layout()
+    p = out / "metrics.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    # 2. HR@K curves
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (m, lab) in enumerate(zip(methods, labels, strict=True)):
+        s = results["summary"][m]["all"]
+        ks = [k for k in range(1, 21) if f"curve_hr@{k}" in s]
+        mean = [s[f"curve_hr@{k}"]["mean"] for k in ks]
+        std = [s[f"curve_hr@{k}"]["std"] for k in ks]
+        ax.plot(ks, mean, label=lab, color=colors(i % 10))
+        ax.fill_between(
+            ks,
+            [a - b for a, b in zip(mean, std, strict=True)],
+            [a + b for a, b in zip(mean, std, strict=True)],
+            color=colors(i % 10),
+            alpha=0.15,
+        )
+    ax.set_xlabel("K")
+    ax.set_ylabel("HR@K (entire space)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    p = out / "hr_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    # 3. reliability of soft labels vs truth (seed 0), plus the closed loop
+    pl = results.get("pseudo_labels", {})
+    closed = results.get("closed_loop_calibration", {})
+    if pl or closed:
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+        for i, (m, q) in enumerate(pl.items()):
+            rel = q["reliability"]
+            xs = [x for x, c in zip(rel["predicted"], rel["count"], strict=True) if x is not None and c > 0]
+            ys = [y for y, c in zip(rel["observed"], rel["count"], strict=True) if y is not None and c > 0]
+            ax.plot(
+                xs,
+                ys,
+                "o-",
+                color=colors(i % 10),
+                label=f"{results['methods'].get(m, m)} vs truth (ECE {q['pl_ece']:.3f})",
+            )
+        for m, snap in closed.items():
+            for g in snap["groups"]:
+                rel = g["reliability"]
+                pts = [
+                    (x, y)
+                    for x, y, c in zip(rel["predicted"], rel["observed"], rel["count"], strict=True)
+                    if x is not None and y is not None and c > 0
+                ]
+                if pts:
+                    ax.plot(
+                        [a for a, _ in pts],
+                        [b for _, b in pts],
+                        "s:",
+                        color="black",
+                        label=f"{m} closed loop (ECE {g['label_ece']:.3f}, n={g['joined']})",
+                    )
+        ax.set_xlabel("pseudo-label (mean per bin)")
+        ax.set_ylabel("observed positive rate")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title("Reliability of soft labels on unexposed training candidates")
+        fig.tight_layout()
+        p = out / "reliability.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_report(results: dict[str, Any], out: Path | str, *, plots: bool = True) -> list[Path]:
+    """results.json, results.md and (optionally) the PNG plots in ``out``; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "results.json", out / "results.md"]
+    files[0].write_text(json.dumps(results, indent=1, default=_json_default, allow_nan=True))
+    files[1].write_text(markdown(results))
+    if plots:
+        files += plot(results, out)
+    return files
+
+
+__all__ = ["write_report", "print_tables", "markdown", "tables", "plot"]

@@ -1,0 +1,503 @@
+"""The offline comparison: every method, several seeds, one dataset, one table (docs/eval.md).
+
+Order of work: load the dataset; embed the catalogue (cached); build anchors from TRAINING history
+(LLM answers cached); then per seed: draw the shared uniform unexposed sample, train the teacher
+(if KD/UKD run), and per method build its added rows, train the pre-ranker with the shared loop
+(gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py).
+Nothing is fitted or chosen on the test period: the label maps are fitted on training exposures, the
+head/tail split on training exposures, and all settings come from :class:`gpl.settings.Settings`.
+
+Evaluation scopes
+    ``all``: every test request. ``anchored``: the test requests of users that had text anchors (when
+    the LLM covers only a capped subset of users, this is where GPL can act at all).
+
+Metrics (names in results.json)
+    ``es_*`` entire space: ranking over the whole recall set of each test request, positives = clicks
+    and truth-positive unexposed candidates, unknown labels count as non-positive; ``es_auc`` /
+    ``es_gauc`` over the labeled candidates only (exposed + truth-known). ``ex_*``: the same over the
+    exposed items only (the classic biased evaluation). ``tail_*``: long tail = items outside the 20%
+    most-exposed in training. ``coverage@10`` / ``ild@10``: diversity of the entire-space top 10.
+    ``pl_auc`` / ``pl_ece``: the method's soft labels on unexposed training candidates vs the truth,
+    where the truth is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gpl.encoder import Encoder, open_encoder
+from gpl.eval import metrics as M
+from gpl.eval.anchors import (
+    AnchorBook,
+    GenerationCache,
+    centroid_anchors,
+    pick_users,
+    sid_anchors,
+    text_anchors,
+    training_histories,
+)
+from gpl.eval.dataset import EvalDataset, load_dataset
+from gpl.eval.embed import CachedEncoder
+from gpl.eval.methods import (
+    MC_PASSES,
+    Context,
+    Rows,
+    StudentNet,
+    TeacherNet,
+    fit,
+    kd_rows,
+    negatives_rows,
+    predict,
+    ukd_rows,
+    uniform_unexposed,
+)
+from gpl.eval.pseudo import PseudoLabels, fit_map, gpl_labels
+from gpl.settings import Settings
+from workers.calibration import CalibrationBook
+from workers.generators import AnchorGenerator, MemoryGenerator
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exposed", "negatives", "kd", "ukd", "gpl", "gpl-sid", "gpl-noconf", "gpl-centroid")
+TEACHER = "teacher"
+LABELS = {
+    "exposed": "Exposed only",
+    "negatives": "Unexposed as negatives",
+    "kd": "KD (ranker teacher)",
+    "ukd": "UKD (uncertainty-weighted KD)",
+    "gpl": "GPL text anchors",
+    "gpl-sid": "GPL SID anchors",
+    "gpl-noconf": "GPL w/o confidence (w=1)",
+    "gpl-centroid": "GPL history centroid (no LLM)",
+    TEACHER: "(ref) KD teacher: ranker + history",
+}
+HR_KS = (3, 5, 10)
+CURVE_KS = tuple(range(1, 21))
+HEAD_FRACTION = 0.2
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: int = 3
+    epochs: int = 2
+    anchors: str = "llm"  # "llm" or "memory"
+    max_llm_users: int | None = 150
+    out: Path = Path("eval-results")
+    cache_dir: Path | None = None
+    progress: bool = True
+    llm_threads: int | None = None
+    torch_threads: int | None = (
+        1  # training threads; 1 is fastest for these small steps on a shared 2-core CPU
+    )
+    plots: bool = True
+
+
+def _nanstats(vals: list[float]) -> dict[str, float]:
+    a = np.asarray([v for v in vals if v == v], np.float64)
+    if not len(a):
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+class Evaluator:
+    """Test-side bookkeeping shared by every method: scopes, popularity, categories, vectors."""
+
+    def __init__(
+        self, ds: EvalDataset, ctx: Context, item_vectors: np.ndarray, anchored_users: set[int]
+    ) -> None:
+        self.ds, self.ctx, self.vectors = ds, ctx, item_vectors
+        train_ex = ds.exposed & ~ctx.row_test
+        pop = np.bincount(ds.item[train_ex], minlength=ds.n_items)
+        order = np.lexsort((np.arange(ds.n_items), -pop))
+        self.is_tail = np.ones(ds.n_items, bool)
+        self.is_tail[order[: math.ceil(HEAD_FRACTION * ds.n_items)]] = False
+        self.scopes: dict[str, np.ndarray] = {"all": np.flatnonzero(ds.is_test)}
+        anchored = np.flatnonzero(ds.is_test & np.isin(ds.req_user, list(anchored_users)))
+        if 0 < len(anchored) < len(self.scopes["all"]):
+            self.scopes["anchored"] = anchored
+        # test row index -> position in ctx.test_rows (scores are computed once for all test rows)
+        self.test_pos = np.full(len(ds.item), -1, np.int64)
+        self.test_pos[ctx.test_rows] = np.arange(len(ctx.test_rows))
+
+    def _rows(self, reqs: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Flat rows of ``reqs`` (optionally only where ``mask``) and their CSR offsets."""
+        ptr = self.ds.ptr
+        rows = (
+            np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in reqs])
+            if len(reqs)
+            else np.zeros(0, np.int64)
+        )
+        sizes = np.diff(ptr)[reqs]
+        if mask is not None:
+            keep = mask[rows]
+            seg = np.repeat(np.arange(len(reqs)), sizes)
+            sizes = np.bincount(seg[keep], minlength=len(reqs))
+            rows = rows[keep]
+        return rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def metrics(self, test_scores: np.ndarray, scope: str) -> dict[str, float]:
+        ds = self.ds
+        reqs = self.scopes[scope]
+        out: dict[str, float] = {}
+        rows, ptr = self._rows(reqs)
+        s = test_scores[self.test_pos[rows]].astype(np.float64)
+        lab = ds.label[rows]
+        rel = lab == 1
+        known = lab >= 0
+        users = ds.req_user[ds.row_request[rows]]
+        out["es_auc"] = M.auc(s[known], lab[known])
+        out["es_gauc"] = M.gauc(s[known], lab[known], users[known])
+        ranks = M.segment_ranks(s, ptr)
+        for k in HR_KS:
+            out[f"es_hr@{k}"] = M.hit_rate(s, rel, ptr, k, ranks)
+        out["es_ndcg@10"] = M.ndcg(s, rel, ptr, 10, ranks)
+        for k in CURVE_KS:
+            out[f"curve_hr@{k}"] = M.hit_rate(s, rel, ptr, k, ranks)
+        items = ds.item[rows]
+        top = M.topk(s, ptr, 10)
+        top_items = np.where(top >= 0, items[np.maximum(top, 0)], -1)
+        out["tail_share@10"] = M.tail_share(top_items, self.is_tail)
+        out["tail_hr@10"] = M.hit_rate(s, rel & self.is_tail[items], ptr, 10, ranks)
+        out["coverage@10"] = M.category_coverage(top_items, ds.item_category)
+        out["ild@10"] = M.intra_list_distance(top_items, self.vectors)
+        erows, eptr = self._rows(reqs, ds.exposed)
+        es = test_scores[self.test_pos[erows]].astype(np.float64)
+        elab = ds.label[erows]
+        eusers = ds.req_user[ds.row_request[erows]]
+        out["ex_auc"] = M.auc(es, elab)
+        out["ex_gauc"] = M.gauc(es, elab, eusers)
+        eranks = M.segment_ranks(es, eptr)
+        for k in (3, 5):
+            out[f"ex_hr@{k}"] = M.hit_rate(es, elab == 1, eptr, k, eranks)
+        out["ex_ndcg@10"] = M.ndcg(es, elab == 1, eptr, 10, eranks)
+        return out
+
+
+def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """AUC and ECE of soft labels against the truth where it is known, plus the reliability curve."""
+    lab = ds.label[rows]
+    known = lab >= 0
+    y, q = lab[known].astype(np.float64), np.asarray(p, np.float64)[known]
+    mp, my, cnt = M.reliability(q, y, 10)
+    return {
+        "pl_auc": M.auc(q, y),
+        "pl_ece": M.ece(q, y, 10),
+        "pl_known": int(known.sum()),
+        "pl_rows": int(len(rows)),
+        "reliability": {
+            "predicted": [None if not np.isfinite(v) else float(v) for v in mp],
+            "observed": [None if not np.isfinite(v) else float(v) for v in my],
+            "count": cnt.tolist(),
+        },
+    }
+
+
+def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: AnchorBook) -> dict[str, Any]:
+    """Replay the dataset through :class:`CalibrationBook`: GPL's training pseudo-labels, joined with
+    the real labels the same (user, item) got in any later request (training or test)."""
+    cal = CalibrationBook(capacity=10_000_000)
+    req_of_pl = ds.row_request[labels.rows]
+    order = np.argsort(req_of_pl, kind="stable")
+    pl_rows, pl_req = labels.rows[order], req_of_pl[order]
+    pl_bounds = np.searchsorted(pl_req, np.arange(ds.n_requests + 1))
+    ex_rows = np.flatnonzero(ds.exposed)
+    ex_req = ds.row_request[ex_rows]
+    ex_bounds = np.searchsorted(ex_req, np.arange(ds.n_requests + 1))
+    p_sorted, w_sorted = labels.p[order], labels.w[order]
+    for r in range(ds.n_requests):  # requests are in time order
+        user = ds.users[int(ds.req_user[r])]
+        ea, eb = ex_bounds[r], ex_bounds[r + 1]
+        if eb > ea:
+            er = ex_rows[ea:eb]
+            cal.join([user] * len(er), ds.item_ids[ds.item[er]].tolist(), ds.label[er].tolist())
+        pa, pb = pl_bounds[r], pl_bounds[r + 1]
+        if pb > pa:
+            pr = pl_rows[pa:pb]
+            fb = bool(book_meta.users[int(ds.req_user[r])].fallback)
+            cal.remember(
+                [user] * len(pr),
+                ds.item_ids[ds.item[pr]].tolist(),
+                p_sorted[pa:pb].tolist(),
+                w_sorted[pa:pb].tolist(),
+                (book_meta.model, book_meta.prompt_hash, fb),
+                [1] * len(pr),
+            )
+    return cal.snapshot()
+
+
+def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
+    if cfg.anchors == "memory":
+        return MemoryGenerator(settings.anchors)
+    from gpl.llm import ensure_llm
+    from workers.generators import TransformersGenerator
+
+    return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=cfg.llm_threads)
+
+
+def run_eval(
+    dataset: Path | EvalDataset,
+    settings: Settings,
+    cfg: EvalConfig,
+    *,
+    encoder: Encoder | None = None,
+    generator: AnchorGenerator | None = None,
+) -> dict[str, Any]:
+    """Run the comparison, write results.json / results.md / plots into ``cfg.out``; returns the results."""
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if cfg.anchors not in ("llm", "memory"):
+        raise ValueError("anchors must be 'llm' or 'memory'")
+    cache_dir = cfg.cache_dir if cfg.cache_dir is not None else settings.data_dir / "eval" / "cache"
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(dataset, settings, cfg, cache_dir, encoder, generator, t_start, timing)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(
+    dataset: Path | EvalDataset,
+    settings: Settings,
+    cfg: EvalConfig,
+    cache_dir: Path,
+    encoder: Encoder | None,
+    generator: AnchorGenerator | None,
+    t_start: float,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    t = time.perf_counter()
+    ds = dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset)
+    timing["load"] = time.perf_counter() - t
+    if not ds.is_test.any() or ds.is_test.all():
+        raise ValueError(
+            f"{ds.name}: the split leaves no {'test' if not ds.is_test.any() else 'training'} requests"
+        )
+
+    t = time.perf_counter()
+    enc = CachedEncoder(encoder or open_encoder(settings.encoder), cache_dir, progress=cfg.progress)
+    item_vectors = enc.encode(ds.item_text, desc="embed items")
+    timing["embed_items"] = time.perf_counter() - t
+
+    ctx = Context(ds, item_vectors, settings, epochs=cfg.epochs)
+    histories = training_histories(ds, settings.anchors.history_items)
+    gpl_methods = [m for m in cfg.methods if m.startswith("gpl")]
+    text_needed = any(m in ("gpl", "gpl-noconf", "gpl-centroid") for m in gpl_methods)
+
+    # anchors (training history only)
+    t = time.perf_counter()
+    books: dict[str, AnchorBook] = {}
+    unavailable: dict[str, str] = {}
+    anchor_users: list[int] = []
+    if text_needed:
+        cap = cfg.max_llm_users if cfg.anchors == "llm" else None
+        anchor_users = pick_users(ds, histories, cap)
+        gen = generator or _generator(settings, cfg)
+        cache = GenerationCache(cache_dir / "anchors.jsonl")
+        books["text"] = text_anchors(
+            ds,
+            histories,
+            anchor_users,
+            gen,
+            enc,
+            cache,
+            k=settings.anchors.k,
+            kind=cfg.anchors,
+            batch=settings.anchors.batch_size,
+            progress=cfg.progress,
+        )
+        books["centroid"] = centroid_anchors(histories, list(books["text"].users), item_vectors)
+    if "gpl-sid" in cfg.methods:
+        sid = sid_anchors(
+            settings,
+            ds,
+            histories,
+            anchor_users or pick_users(ds, histories, None),
+            item_vectors,
+            k=settings.anchors.k,
+        )
+        if isinstance(sid, str):
+            unavailable["gpl-sid"] = sid
+        else:
+            books["sid"] = sid
+    timing["anchors"] = time.perf_counter() - t
+    anchored = set(books["text"].users) if "text" in books else set()
+    ev = Evaluator(ds, ctx, item_vectors, anchored)
+
+    # label maps: fitted on training exposures, once per anchor source (not per seed: no randomness)
+    maps: dict[str, Any] = {}
+    map_info: dict[str, Any] = {}
+    for name, book in books.items():
+        maps[name], map_info[name] = fit_map(ds, item_vectors, book, settings.labeler)
+    noconf_cfg = settings.labeler.model_copy(
+        update={
+            "use_coherence": False,
+            "use_consistency": False,
+            "use_generation": False,
+            "use_margin": False,
+        }
+    )
+    method_book = {"gpl": "text", "gpl-noconf": "text", "gpl-centroid": "centroid", "gpl-sid": "sid"}
+
+    runs: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    pl: dict[str, dict[str, Any]] = {}
+    extra_info: dict[str, Any] = {}
+    closed: dict[str, Any] = {}
+    run_methods = [m for m in cfg.methods if m not in unavailable]
+    need_teacher = any(m in ("kd", "ukd") for m in run_methods)
+    if cfg.torch_threads:
+        # measured on the 2-core box: 2 threads made an Adam step 5-20x slower than 1 (spin-waiting
+        # OpenMP workers on a core another process holds); the LLM has its own llm_threads
+        torch.set_num_threads(cfg.torch_threads)
+    train_time: dict[str, float] = {}
+    seeds = list(range(cfg.seeds))
+    outer = tqdm(
+        total=len(seeds) * (len(run_methods) + need_teacher),
+        desc="eval runs",
+        unit="run",
+        disable=not cfg.progress,
+    )
+    for seed in seeds:
+        drawn = uniform_unexposed(ctx, settings.labeler.cap, seed)
+        t_p: np.ndarray | None = None
+        t_sd: np.ndarray | None = None
+        if need_teacher:
+            t = time.perf_counter()
+            teacher = TeacherNet(ctx, seed)
+            fit(teacher, ctx, Rows.empty(), seed, desc=f"teacher s{seed}", progress=cfg.progress)
+            d_user, d_item, d_req = ctx.row_user[drawn], ds.item[drawn], ctx.row_request[drawn]
+            t_p, t_sd = predict(
+                teacher, ctx, d_user, d_item, d_req, mc=MC_PASSES if "ukd" in run_methods else 0
+            )
+            tr = ctx.test_rows
+            scores, _ = predict(teacher, ctx, ctx.row_user[tr], ds.item[tr], ctx.row_request[tr])
+            runs.setdefault(TEACHER, {})[str(seed)] = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
+            train_time[TEACHER] = train_time.get(TEACHER, 0.0) + time.perf_counter() - t
+            outer.update(1)
+        for method in run_methods:
+            t = time.perf_counter()
+            extra = Rows.empty()
+            soft: tuple[np.ndarray, np.ndarray] | None = None
+            if method == "negatives":
+                extra = negatives_rows(ctx, drawn)
+                soft = (drawn, np.zeros(len(drawn)))
+            elif method == "kd" and t_p is not None:
+                extra = kd_rows(ctx, drawn, t_p)
+                soft = (drawn, t_p)
+            elif method == "ukd" and t_p is not None and t_sd is not None:
+                extra = ukd_rows(ctx, drawn, t_p, t_sd)
+                soft = (drawn, t_p)
+                extra_info.setdefault(
+                    "ukd",
+                    {
+                        "mean_weight": float(extra.weight.mean()) if len(extra) else 0.0,
+                        "mean_mc_std": float(t_sd.mean()) if len(t_sd) else 0.0,
+                    },
+                )
+            elif method in method_book:
+                bname = method_book[method]
+                lab_cfg = noconf_cfg if method == "gpl-noconf" else settings.labeler
+                labels = gpl_labels(ds, item_vectors, books[bname], lab_cfg, maps[bname], seed)
+                extra = ctx.rows_of(labels.rows, labels.p, labels.w, pseudo=True)
+                soft = (labels.rows, labels.p)
+                if seed == 0:
+                    extra_info[method] = labels.info
+                    if method == "gpl":
+                        closed[method] = closed_loop(ds, labels, books[bname])
+            student = StudentNet(ctx, seed)
+            fit(student, ctx, extra, seed, desc=f"{method} s{seed}", progress=cfg.progress)
+            tr = ctx.test_rows
+            scores, _ = predict(student, ctx, ctx.row_user[tr], ds.item[tr], ctx.row_request[tr])
+            res = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
+            if soft is not None:
+                q = pseudo_quality(ds, soft[0], soft[1])
+                res["all"] |= {"pl_auc": q["pl_auc"], "pl_ece": q["pl_ece"]}
+                if seed == 0:
+                    pl[method] = q
+            runs.setdefault(method, {})[str(seed)] = res
+            train_time[method] = train_time.get(method, 0.0) + time.perf_counter() - t
+            outer.update(1)
+    outer.close()
+
+    summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for method, per_seed in runs.items():
+        for scope in ev.scopes:
+            keys = sorted({k for r in per_seed.values() for k in r.get(scope, {})})
+            summary.setdefault(method, {})[scope] = {
+                k: _nanstats([r[scope].get(k, float("nan")) for r in per_seed.values() if scope in r])
+                for k in keys
+            }
+
+    n_hist = len(histories)
+    anchors_report: dict[str, Any] = {
+        "mode": cfg.anchors,
+        "max_llm_users": cfg.max_llm_users if cfg.anchors == "llm" else None,
+        "users_total": len(ds.users),
+        "users_with_training_clicks": n_hist,
+        "users_with_text_anchors": len(anchored),
+        "share_of_users_with_text_anchors": len(anchored) / max(len(ds.users), 1),
+        "share_of_test_requests_anchored": (
+            float(np.isin(ds.req_user[ds.is_test], list(anchored)).mean()) if anchored else 0.0
+        ),
+        "rest": (
+            "users without text anchors get no pseudo-labels in the GPL rows (exposed rows only), as in "
+            "the stream before a user's first anchor set; the 'anchored' scope isolates the users GPL "
+            "could act on"
+        ),
+        "books": {
+            k: {"kind": b.kind, "model": b.model, "prompt_hash": b.prompt_hash, **b.info}
+            for k, b in books.items()
+        },
+        "examples": {ds.users[u]: books["text"].users[u].texts for u in list(books["text"].users)[:5]}
+        if "text" in books
+        else {},
+    }
+    timing["train_eval"] = sum(train_time.values())
+    timing["total"] = time.perf_counter() - t_start
+    results: dict[str, Any] = {
+        "dataset": {
+            "name": ds.name,
+            "digest": ds.digest,
+            "split": {k: v for k, v in ds.split.items() if k != "user_test_start_ms"},
+            "per_user_split": bool(ds.split.get("user_test_start_ms")),
+            "stats": ds.stats(),
+            "simulated": ds.meta.get("simulated", ""),
+        },
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "trainer": settings.trainer.model_dump(),
+            "labeler": settings.labeler.model_dump(),
+            "anchors": settings.anchors.model_dump(),
+            "encoder": settings.encoder.model,
+        },
+        "methods": {m: LABELS[m] for m in [*cfg.methods, *([TEACHER] if need_teacher else [])]},
+        "unavailable": unavailable,
+        "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
+        "anchors": anchors_report,
+        "label_maps": map_info,
+        "pseudo_labels": {m: {k: v for k, v in q.items()} for m, q in pl.items()},
+        "method_info": extra_info,
+        "closed_loop_calibration": closed,
+        "runs": runs,
+        "summary": summary,
+        "timing_s": {**timing, "per_method": train_time},
+    }
+    from gpl.eval.report import write_report
+
+    write_report(results, cfg.out, plots=cfg.plots)
+    return results
+
+
+__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "pseudo_quality", "closed_loop"]

@@ -1,0 +1,192 @@
+"""``gpl eval`` end to end on a tiny MovieLens dataset (MemoryGenerator, HashEncoder), and the format rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpl.commands import eval as eval_cmd
+from gpl.eval.anchors import training_histories
+from gpl.eval.dataset import UNKNOWN, load_dataset
+from gpl.eval.movielens import build_movielens
+from gpl.eval.run import METHODS, EvalConfig, run_eval
+from gpl.settings import Settings, load
+from schemas.events import ExposureEvent, ItemEvent, RecallEvent
+from schemas.jsonl import write_events
+
+TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
+
+
+def tiny_settings(tmp_path: Path) -> Settings:
+    return load(
+        env={},
+        data_dir=str(tmp_path / "data"),
+        encoder={"model": "hash-bow-64"},
+        trainer=TINY_TRAINER,
+        anchors={"backend": "memory"},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ds") / "ml-tiny"
+    return build_movielens(out, users=15, max_requests_per_user=8, candidates=60)
+
+
+def _write(
+    tmp_path: Path, events: list[tuple[str, object]], split: dict[str, object], truth: list[dict[str, object]]
+) -> Path:
+    d = tmp_path / "hand"
+    d.mkdir()
+    with open(d / "events.jsonl", "wb") as f:
+        write_events(f, events)  # type: ignore[arg-type]
+    (d / "split.json").write_text(json.dumps(split))
+    (d / "truth.jsonl").write_text("\n".join(json.dumps(t) for t in truth) + "\n")
+    return d
+
+
+def test_dataset_rules(tmp_path: Path) -> None:
+    """Join in any order, exposed-but-not-recalled items, labels from clicks then truth, per-user split."""
+    items = [ItemEvent(item_id=i, text=f"movie {i}", category="A" if i % 2 else "B") for i in range(1, 7)]
+    rec = lambda rid, u, ts, ids: RecallEvent(  # noqa: E731
+        request_id=rid, user_id=u, ts=ts, candidates=[{"item_id": i, "score": 1.0 / i} for i in ids]
+    )  # type: ignore[misc]
+    exp = lambda rid, u, ts, shown: ExposureEvent(  # noqa: E731
+        request_id=rid,
+        user_id=u,
+        ts=ts,
+        items=[{"item_id": i, "position": p, "clicked": c} for p, (i, c) in enumerate(shown)],
+    )  # type: ignore[misc]
+    events = [("items", it) for it in items] + [
+        ("exposure", exp("r1", "a", 1005, [(1, True), (6, False)])),  # before its recall; 6 not recalled
+        ("recall", rec("r1", "a", 1000, [1, 2, 3])),
+        ("recall", rec("r2", "a", 2000, [2, 4, 5])),  # no exposure: all unexposed
+        ("exposure", exp("r3", "b", 1500, [(3, False)])),  # exposure only
+        ("recall", rec("r4", "b", 3000, [1, 2])),
+    ]
+    truth = [
+        {"user_id": "a", "item_id": 2, "label": 1},
+        {"user_id": "a", "item_id": 1, "label": 0},
+        {"user_id": "b", "item_id": 2, "label": 0},
+    ]
+    ds = load_dataset(
+        _write(tmp_path, events, {"test_start_ms": 2500, "user_test_start_ms": {"a": 2000}}, truth)
+    )
+    assert ds.request_ids == ["r1", "r3", "r2", "r4"]  # by time
+    r1 = slice(ds.ptr[0], ds.ptr[1])
+    assert ds.item_ids[ds.item[r1]].tolist() == [1, 2, 3, 6]
+    assert ds.exposed[r1].tolist() == [True, False, False, True]
+    assert ds.label[r1].tolist() == [1, 1, UNKNOWN, 0]  # click wins over truth for item 1; truth for 2
+    assert np.isnan(ds.recall_score[r1][3]) and ds.position[r1].tolist() == [0, -1, -1, 1]
+    r3 = slice(ds.ptr[1], ds.ptr[2])
+    assert ds.item_ids[ds.item[r3]].tolist() == [3] and ds.exposed[r3].all()
+    assert ds.is_test.tolist() == [False, False, True, True]  # a: own cut 2000; b: global 2500
+    r4 = slice(ds.ptr[3], ds.ptr[4])
+    assert ds.label[r4].tolist() == [UNKNOWN, 0]
+    assert [ds.categories[c] for c in ds.item_category[ds.item[r1]]] == ["A", "B", "A", "B"]
+
+
+def test_movielens_split_and_histories_use_training_only(tiny_dataset: Path) -> None:
+    ds = load_dataset(tiny_dataset)
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    assert "simulated" in meta and ds.stats()["test_requests"] > 0
+    for u in range(len(ds.users)):  # per-user split: every multi-request user has >= 1 test request
+        req = np.flatnonzero(ds.req_user == u)
+        if len(req) >= 2:
+            assert ds.is_test[req].any() and not ds.is_test[req].all()
+            assert ds.req_ts[req[~ds.is_test[req]]].max() <= ds.req_ts[req[ds.is_test[req]]].min()
+    hist = training_histories(ds, 8)
+    test_clicks = ds.exposed & (ds.label == 1) & ds.row_test
+    train_clicks = ds.exposed & (ds.label == 1) & ~ds.row_test
+    for u, items in hist.items():
+        mine = ds.row_user == u
+        assert set(items.tolist()) <= set(ds.item[mine & train_clicks].tolist())
+        only_test = set(ds.item[mine & test_clicks].tolist()) - set(ds.item[mine & train_clicks].tolist())
+        assert not only_test & set(items.tolist())
+
+
+def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path)
+    parser = argparse.ArgumentParser()
+    eval_cmd.register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        [
+            "eval",
+            str(tiny_dataset),
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--anchors",
+            "memory",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert args.run(args, settings) == 0
+    res = json.loads((out / "results.json").read_text())
+    for f in ("results.md", "metrics.png", "hr_curves.png", "reliability.png"):
+        assert (out / f).stat().st_size > 0
+    ran = set(res["summary"])
+    assert ran | set(res["unavailable"]) == {*METHODS, "teacher"}
+    for m in ran:
+        s = res["summary"][m]["all"]
+        for k in (
+            "es_auc",
+            "es_gauc",
+            "es_hr@3",
+            "es_hr@5",
+            "es_hr@10",
+            "es_ndcg@10",
+            "ex_auc",
+            "ex_gauc",
+            "tail_share@10",
+            "tail_hr@10",
+            "coverage@10",
+            "ild@10",
+        ):
+            assert s[k]["n"] == 2 and 0.0 <= s[k]["mean"] <= (10.0 if k == "coverage@10" else 1.0), (m, k)
+    assert res["summary"]["negatives"]["all"]["pl_auc"]["mean"] == pytest.approx(0.5)
+    assert res["summary"]["gpl"]["all"]["pl_auc"]["n"] >= 1
+    if "gpl-sid" in res["unavailable"]:
+        assert res["unavailable"]["gpl-sid"].startswith("not available")
+        assert "not available" in (out / "results.md").read_text()
+    a = res["anchors"]
+    assert a["mode"] == "memory" and a["users_with_text_anchors"] > 0
+    assert res["label_maps"]["text"]["fit_rows"] > 0
+    assert res["anchors"]["books"]["text"]["generated_now"] == a["users_with_text_anchors"]
+    # seeds differ, results are not all identical
+    runs = res["runs"]["exposed"]
+    assert runs["0"]["all"]["es_auc"] != runs["1"]["all"]["es_auc"]
+
+
+def test_rerun_is_deterministic_and_uses_the_anchor_cache(tiny_dataset: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path)
+    from gpl.encoder import HashEncoder
+
+    cfg = EvalConfig(
+        methods=["exposed", "gpl"],
+        seeds=1,
+        epochs=1,
+        anchors="memory",
+        out=tmp_path / "a",
+        progress=False,
+        plots=False,
+    )
+    first = run_eval(tiny_dataset, settings, cfg, encoder=HashEncoder())
+    cfg.out = tmp_path / "b"
+    second = run_eval(tiny_dataset, settings, cfg, encoder=HashEncoder())
+    assert second["anchors"]["books"]["text"]["generated_now"] == 0
+    assert second["anchors"]["books"]["text"]["cache_hits"] == first["anchors"]["books"]["text"]["users"]
+    assert first["runs"] == second["runs"]
+
+
+def test_unknown_method_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_eval(tiny_dataset, tiny_settings(tmp_path), EvalConfig(methods=["magic"], out=tmp_path))

@@ -1,0 +1,398 @@
+"""Labeler: ``unexposed`` + ``anchors`` → match in the frozen space → ``samples`` (pseudo-labels).
+
+Reads top to bottom: one consumer subscribes to both topics (co-partitioned by user, range
+assignment, so a user's batches and anchors come to the same member); the item matrix is loaded from
+the vector index once at start. Then, per polled batch of messages:
+
+* an ``anchors`` message updates the user's anchor set in the cache (bad → ``anchors.dlq``; a set
+  from another encoder → ``anchors.dlq`` with reason ``encoder_mismatch``, counted
+  ``anchors_refused``) and releases that user's deferred batches, which are labeled at once;
+* an ``unexposed`` message is decoded (bad → ``unexposed.dlq``) and labeled (workers/labeling.py:
+  score, pseudo-label, weigh, sample, one SampleBatch to ``samples`` keyed by user) when its user has
+  anchors; otherwise it is *deferred*: it waits at most ``labeler.wait_for_anchors_s`` for them and is
+  then dropped and counted ``timed_out``;
+* expired deferrals are dropped, paused partitions resumed once the deferred queue has room, the
+  producer flushed, and only then offsets committed.
+
+Bounded memory: at most ``labeler.max_deferred`` batches wait. A batch that would exceed the bound is
+not taken: its partition is paused and rewound to it (``seek``), and resumed when the queue has room
+(timeouts and arriving anchors drain it). Batches of other partitions keep flowing.
+
+Offsets: ``unexposed`` commits stop at the oldest batch still deferred on each partition, so a crash
+re-reads deferred work (sample ids are deterministic, the trainer drops repeats). ``anchors`` is a
+compacted table, not a queue: it is read from the beginning on every assignment and never committed,
+so a restarted labeler rebuilds its cache.
+
+Accounting. ``accounting`` counts unexposed batches and their candidates; for batches
+``in = labeled + timed_out + dlq:<reason> + deferred (still waiting) + deferred_at_stop + released``
+(``released``: deferred batches handed back on a rebalance; the new owner re-reads them). For
+candidates of decoded batches ``candidates = pseudo + sampled_out + duplicate + no_vector +
+candidates_timed_out + candidates_dlq + candidates_deferred_at_stop + candidates_released +
+(waiting)``. :meth:`Labeler.balance` checks both. ``anchor_accounting`` counts anchor sets:
+``in = accepted + stale + tombstone + dlq:<reason>``; ``anchors_refused`` counts the refusals among
+the dead letters (``dlq:encoder_mismatch``, ``dlq:dim_mismatch``, ``dlq:bad_vectors``). Passages, not
+outcomes: ``deferred`` (batches that had to wait) and ``paused`` (times a partition was paused).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from tqdm import tqdm
+
+from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.metrics import ANCHOR_AGE, DEFERRED, LATENCY
+from gpl.settings import Settings
+from gpl.vectors import VectorIndex
+from schemas.codec import DecodeError, decode
+from schemas.events import AnchorSet
+from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
+from workers.labeling import (
+    AnchorCache,
+    ItemMatrix,
+    Labeling,
+    LabelStats,
+    Unexposed,
+    decode_unexposed,
+    label_decoded,
+)
+
+log = logging.getLogger(__name__)
+STAGE = "labeler"
+_DROPPED = Unexposed("", "", 0, np.zeros(0, np.int64))  # the payload of a batch that stopped waiting
+
+
+@dataclass
+class Deferred:
+    """A decoded batch waiting for its user's anchors (raw bytes kept for a dead letter).
+
+    When it stops waiting (``done``), the payload is dropped: the entry may linger, payload-free, in the
+    partition and deadline queues (they are cleared from the head) behind an older batch still waiting.
+    """
+
+    batch: Unexposed
+    key: bytes | None
+    raw: bytes
+    partition: int
+    offset: int
+    deadline: float  # time.monotonic()
+    user_id: str = ""
+    candidates: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.user_id = self.batch.user_id
+        self.candidates = int(self.batch.item_ids.shape[0])
+
+
+class Labeler:
+    """One consumer-group member of the labeler; several may run (both topics are keyed by user)."""
+
+    def __init__(self, settings: Settings, index: VectorIndex, *, progress: bool = False) -> None:
+        self.settings = settings
+        self.cfg = settings.labeler
+        self.items = ItemMatrix(index, settings.encoder.collection, settings.encoder.model,
+                                retry_s=self.cfg.item_retry_s)
+        self.cache = AnchorCache(settings.encoder.model, self.items)
+        self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
+        self.accounting = Accounting(STAGE)
+        self.anchor_accounting = Accounting(f"{STAGE}-anchors")
+        self.progress = progress
+        # deferred batches, three views of the same entries (removal is lazy: ``done``)
+        self._by_user: dict[str, deque[Deferred]] = {}  # released when the user's anchors arrive
+        self._by_partition: dict[int, deque[Deferred]] = {}  # offset order: the commit bound
+        self._by_deadline: deque[Deferred] = deque()  # arrival order = deadline order: expiry
+        self._deferred = 0
+        self._deferred_candidates = 0
+        self._next: dict[int, int] = {}  # unexposed partition -> next offset to handle
+        self._committed: dict[int, int] = {}
+        self._paused: set[int] = set()
+        self._stopping = False
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event, *, batch: int = 256) -> None:
+        kafka = self.settings.kafka
+        c = consumer(kafka, STAGE, **{"partition.assignment.strategy": "range"})
+        p = producer(kafka)
+        dlq = DeadLetters(p, STAGE, self.accounting)
+        anchor_dlq = DeadLetters(p, STAGE, self.anchor_accounting)
+        loaded = self.items.load()
+        log.info("labeler: %d item vectors loaded from %s", loaded, self.items.collection)
+        c.subscribe([UNEXPOSED.name, ANCHORS.name], on_assign=self._on_assign,
+                    on_revoke=lambda cons, parts: self._on_revoke(cons, parts, p))
+        bar = tqdm(desc="label requests", unit="req", disable=not self.progress, leave=False)
+        try:
+            while not stop.is_set():
+                msgs = c.consume(num_messages=batch, timeout=0.2)
+                rewound: set[int] = set()  # partitions paused mid-batch: skip the rest of their messages
+                for m in msgs:
+                    if m.error():
+                        log.error("consume error: %s", m.error())
+                        continue
+                    if m.topic() == ANCHORS.name:
+                        self._on_anchors(m, p, dlq, anchor_dlq)
+                    elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m, p, dlq):
+                        self._pause_at(c, part, m.offset() or 0)  # deferred queue full: re-read it later
+                        rewound.add(part)
+                self._expire(time.monotonic())
+                self._resume_if_room(c)
+                DEFERRED.set(self._deferred)
+                if not self._flush(p, stop):
+                    break
+                self._commit(c)
+                bar.update(len(msgs))
+        finally:
+            bar.close()
+            # before close: close() revokes the partitions, and what still waits is counted here, once
+            self._stopping = True
+            if p.flush(10) == 0:
+                self._commit(c)
+            self._drop_all("deferred_at_stop")
+            close = getattr(p, "close", None)  # Producer.close is recent (2.16 here; >=2.6 allowed)
+            if callable(close):
+                close()
+            c.close()
+
+    # ------------------------------------------------------------------------------------- anchors
+
+    def _on_anchors(self, m: Message, p: Producer, dlq: DeadLetters, anchor_dlq: DeadLetters) -> None:
+        """Take a user's new anchor set (or refuse it), then label that user's waiting batches."""
+        acc = self.anchor_accounting
+        acc.add("in")
+        if m.value() is None:  # compaction tombstone: the user's anchors are withdrawn
+            key = m.key()
+            if key is not None:
+                self.cache.drop(key.decode("utf-8", "replace"))
+            acc.add("tombstone")
+            return
+        try:
+            aset = decode(m.value(), AnchorSet)
+        except DecodeError as e:
+            anchor_dlq.send(m, e)
+            return
+        outcome = self.cache.put(aset)
+        if outcome == AnchorCache.ACCEPTED:
+            acc.add("accepted")
+            self._release(aset.user_id, p, dlq)
+        elif outcome == AnchorCache.STALE:
+            acc.add("stale")
+        else:  # another encoder's space (or unusable vectors): never score against it
+            acc.add("anchors_refused")
+            why = (f"anchor set v{aset.version} of {aset.user_id}: encoder {aset.encoder!r}, items use "
+                   f"{self.cache.encoder!r}" if outcome == "encoder_mismatch" else f"refused: {outcome}")
+            anchor_dlq.send(m, ValueError(why), reason=outcome)  # counted dlq:<outcome> there
+
+    def _release(self, user_id: str, p: Producer, dlq: DeadLetters) -> None:
+        waiting = self._by_user.pop(user_id, None)
+        for d in waiting or ():
+            if not d.done:
+                batch, raw = d.batch, d.raw
+                self._undefer(d)
+                self._label(batch, d.key, raw, d.partition, d.offset, p, dlq)
+
+    # ----------------------------------------------------------------------------------- unexposed
+
+    def _on_unexposed(self, m: Message, p: Producer, dlq: DeadLetters) -> bool:
+        """Handle one batch; False (nothing done, not counted) when it must wait but the queue is full."""
+        part, off, raw = m.partition() or 0, m.offset() or 0, m.value()
+        try:
+            b = decode_unexposed(raw)
+        except DecodeError as e:
+            self.accounting.add("in")
+            dlq.send(m, e)
+            self._next[part] = off + 1
+            return True
+        if self.cache.get(b.user_id) is None:
+            if self._deferred >= self.cfg.max_deferred:
+                return False
+            self._count_in(b)
+            self._defer(Deferred(b, m.key(), raw or b"", part, off,
+                                 time.monotonic() + self.cfg.wait_for_anchors_s))
+        else:
+            self._count_in(b)
+            self._label(b, m.key(), raw or b"", part, off, p, dlq)
+        self._next[part] = off + 1
+        return True
+
+    def _count_in(self, b: Unexposed) -> None:
+        self.accounting.add("in")
+        self.accounting.add("candidates", int(b.item_ids.shape[0]))
+
+    def _label(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int, p: Producer,
+               dlq: DeadLetters) -> None:
+        try:
+            out, st = label_decoded(b, self.ctx)
+        except Exception as e:  # a bug must not stop the stream: the batch goes to the DLQ, counted
+            log.exception("labeling %s failed", b.request_id)
+            dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
+            self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
+            return
+        p.produce(SAMPLES.name, out, key=b.user_id.encode())
+        p.poll(0)
+        self._count_labeled(st)
+
+    def _count_labeled(self, st: LabelStats) -> None:
+        acc = self.accounting
+        acc.add("labeled")
+        acc.add("pseudo", st.labeled)
+        acc.add("sampled_out", st.sampled_out)
+        acc.add("duplicate", st.duplicate)
+        acc.add("no_vector", st.no_vector)
+        ANCHOR_AGE.observe(max(0, st.anchor_age_ms) / 1000)
+        # event time to emission: meaningful when the batch's ts is recent (live traffic, not replay)
+        LATENCY.labels(source="pseudo").observe(max(0.0, time.time() - st.ts / 1000))
+
+    # ------------------------------------------------------------------------------------ deferral
+
+    def _defer(self, d: Deferred) -> None:
+        self._by_user.setdefault(d.user_id, deque()).append(d)
+        self._by_partition.setdefault(d.partition, deque()).append(d)
+        self._by_deadline.append(d)
+        self._deferred += 1
+        self._deferred_candidates += d.candidates
+        self.accounting.add("deferred")  # a passage, not an end: every deferral ends in another outcome
+        DEFERRED.set(self._deferred)
+
+    def _undefer(self, d: Deferred) -> None:
+        d.done = True
+        d.batch, d.raw = _DROPPED, b""
+        self._deferred -= 1
+        self._deferred_candidates -= d.candidates
+
+    def _expire(self, now: float) -> None:
+        """Drop deferred batches past their deadline, oldest first, counting them and their candidates."""
+        q = self._by_deadline
+        while q and (q[0].done or q[0].deadline <= now):
+            d = q.popleft()
+            if d.done:
+                continue
+            log.info("batch %s of %s timed out waiting for anchors", d.batch.request_id, d.user_id)
+            self._undefer(d)
+            self.accounting.add("timed_out")
+            self.accounting.add("candidates_timed_out", d.candidates)
+            waiting = self._by_user.get(d.user_id)
+            while waiting and waiting[0].done:  # per-user order is deadline order too
+                waiting.popleft()
+            if waiting is not None and not waiting:
+                del self._by_user[d.user_id]
+
+    def _drop_all(self, outcome: str, partitions: set[int] | None = None) -> None:
+        """Give up on deferred batches (all, or those of ``partitions``): counted, not committed past."""
+        for d in self._by_deadline:
+            if not d.done and (partitions is None or d.partition in partitions):
+                self._undefer(d)
+                self.accounting.add(outcome)
+                self.accounting.add(f"candidates_{outcome}", d.candidates)
+        self._by_deadline = deque(d for d in self._by_deadline if not d.done)
+        by_user = ((u, deque(d for d in q if not d.done)) for u, q in self._by_user.items())
+        self._by_user = {u: q for u, q in by_user if q}
+        for part in list(self._by_partition):
+            if partitions is None or part in partitions:
+                del self._by_partition[part]
+        DEFERRED.set(self._deferred)
+
+    # ------------------------------------------------------------------------------- backpressure
+
+    def _pause_at(self, c: Consumer, part: int, offset: int) -> None:
+        """Stop fetching a partition and rewind it to the batch that did not fit."""
+        tp = TopicPartition(UNEXPOSED.name, part, offset)
+        c.pause([tp])
+        c.seek(tp)
+        if part not in self._paused:
+            log.info("deferred queue full (%d): partition %d paused at offset %d", self._deferred, part,
+                     offset)
+        self._paused.add(part)
+        self.accounting.add("paused")
+
+    def _resume_if_room(self, c: Consumer) -> None:
+        if self._paused and self._deferred < self.cfg.max_deferred:
+            c.resume([TopicPartition(UNEXPOSED.name, part) for part in sorted(self._paused)])
+            log.info("deferred queue has room (%d): partitions %s resumed", self._deferred,
+                     sorted(self._paused))
+            self._paused.clear()
+
+    # ---------------------------------------------------------------------------- offsets, rebalance
+
+    @staticmethod
+    def _flush(p: Producer, stop: threading.Event) -> bool:
+        """Flush until the producer queue is empty; False if stopped before (offsets then stay put)."""
+        while p.flush(5) > 0:
+            log.warning("samples still queued; retrying the flush before committing offsets")
+            if stop.is_set():
+                return False
+        return True
+
+    def _commit_point(self, part: int) -> int | None:
+        waiting = self._by_partition.get(part)
+        while waiting and waiting[0].done:
+            waiting.popleft()
+        if waiting:
+            return waiting[0].offset  # re-read from the oldest batch still waiting
+        return self._next.get(part)
+
+    def _commit(self, c: Consumer) -> None:
+        offsets: dict[tuple[str, int], int] = {}
+        for part in list(self._next):
+            at = self._commit_point(part)
+            if at is not None and at > self._committed.get(part, -1):
+                offsets[(UNEXPOSED.name, part)] = at
+        if not offsets:
+            return
+        try:
+            commit_offsets(c, offsets)
+        except KafkaException as e:  # e.g. revoked meanwhile: the next owner re-reads, labels are idempotent
+            log.warning("offset commit failed, batches will be re-read: %s", e)
+            return
+        for (_, part), at in offsets.items():
+            self._committed[part] = at
+
+    def _on_assign(self, c: Consumer, partitions: list[TopicPartition]) -> None:
+        """``anchors`` is state: read it whole on every assignment (its offsets are never committed)."""
+        for tp in partitions:
+            if tp.topic == ANCHORS.name:
+                tp.offset = OFFSET_BEGINNING
+        c.assign(partitions)
+
+    def _on_revoke(self, c: Consumer, partitions: list[TopicPartition], p: Producer) -> None:
+        """Hand partitions back: commit what is done, forget what waits (the next owner re-reads it)."""
+        if self._stopping:
+            return
+        lost = {tp.partition for tp in partitions if tp.topic == UNEXPOSED.name}
+        if not lost:
+            return
+        if p.flush(10) == 0:
+            self._commit(c)
+        self._drop_all("released", lost)
+        for part in lost:
+            self._next.pop(part, None)
+            self._committed.pop(part, None)
+            self._paused.discard(part)
+
+    # ----------------------------------------------------------------------------------- reporting
+
+    @property
+    def deferred(self) -> int:
+        """Batches waiting for anchors right now."""
+        return self._deferred
+
+    def balance(self) -> dict[str, int]:
+        """What the accounting identities leave over (all zero when every count is somewhere)."""
+        a = self.accounting.snapshot()
+        dlq = sum(v for k, v in a.items() if k.startswith("dlq:"))
+        batches = a.get("in", 0) - (a.get("labeled", 0) + a.get("timed_out", 0) + dlq + self._deferred
+                                    + a.get("deferred_at_stop", 0) + a.get("released", 0))
+        cand_out = ("pseudo", "sampled_out", "duplicate", "no_vector", "candidates_timed_out",
+                    "candidates_dlq", "candidates_deferred_at_stop", "candidates_released")
+        candidates = a.get("candidates", 0) - sum(a.get(k, 0) for k in cand_out) - self._deferred_candidates
+        b = self.anchor_accounting.snapshot()
+        anchor_dlq = sum(v for k, v in b.items() if k.startswith("dlq:"))
+        anchors = b.get("in", 0) - (b.get("accepted", 0) + b.get("stale", 0) + b.get("tombstone", 0)
+                                    + anchor_dlq)
+        return {"batches": batches, "candidates": candidates, "anchors": anchors}
