@@ -133,9 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in PLUGINS:
         try:
-            importlib.import_module(mod).register(sub)
+            register = getattr(importlib.import_module(mod), "register", None)
         except ImportError as e:
             logging.getLogger(__name__).debug("plugin %s not available: %s", mod, e)
+            continue
+        if register is not None:
+            register(sub)
     return p
 
 

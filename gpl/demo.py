@@ -101,7 +101,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
                   cfg.timeout_s, "items indexed", progress)
             counts.update(replay_jsonl(s, events_file, topics={"recall", "exposure"}, progress=progress))
             phases.update()
-            quiet = _wait_quiescent(stages, counts, cfg.timeout_s - (time.monotonic() - t0), progress)
+            quiet = _wait_quiescent(s, stages, counts, cfg.timeout_s - (time.monotonic() - t0), progress)
         phases.update()
         accounting = stages.accounting()
         errors = {k: repr(v) for k, v in stages.errors.items()}
@@ -109,6 +109,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         # 6. evaluate -----------------------------------------------------------------------------
         phases.set_postfix_str("evaluate")
         metric = evaluate(s, stack, test, sim.truth, train)
+        metric["samples_topic"] = sample_stats(s)
     phases.update()
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
@@ -139,9 +140,16 @@ def _wait(cond: Any, timeout: float, what: str, progress: bool) -> bool:
     return False
 
 
-def _wait_quiescent(stages: Stages, produced: dict[str, int], timeout: float, progress: bool) -> bool:
+def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int], timeout: float,
+                    progress: bool) -> bool:
     """Wait until every input is accounted for by every stage, with a live progress bar."""
+    from confluent_kafka import TopicPartition
+
+    from gpl.kafka import consumer
+
     st = stages.stages
+    probe = consumer(settings.kafka, "demo-probe")
+    samples_parts = [TopicPartition("samples", p) for p in range(settings.kafka.partitions)]
     total_in = produced.get("recall", 0) + produced.get("exposure", 0)
     bar = tqdm(total=total_in, desc="pipeline", unit="event", disable=not progress, position=1)
     deadline = time.monotonic() + timeout
@@ -155,7 +163,7 @@ def _wait_quiescent(stages: Stages, produced: dict[str, int], timeout: float, pr
         bar.n = done_in
         lab = a["labeler"]
         bar.set_postfix(anchors=a["anchors"].get("emitted", 0), labeled=lab.get("labeled", 0),
-                        deferred=getattr(st["labeler"], "deferred_count", 0),
+                        deferred=getattr(st["labeler"], "deferred", 0),
                         trained=getattr(st["trainer"], "counts", {}).get("samples", 0))
         bar.refresh()
         requests = _sum_prefix(streams, "anchor_requests:")
@@ -164,16 +172,18 @@ def _wait_quiescent(stages: Stages, produced: dict[str, int], timeout: float, pr
         batches = streams.get("unexposed_batches", 0)
         lab_done = lab.get("labeled", 0) + lab.get("timed_out", 0) + _sum_prefix(lab, "dlq:")
         trained = getattr(st["trainer"], "counts", {}).get("messages", 0)
-        outputs = lab.get("emitted", lab.get("labeled", 0)) + streams.get("real_batches", 0)
+        outputs = sum(probe.get_watermark_offsets(tp, timeout=5)[1] for tp in samples_parts)
         snapshot = (done_in, anchors_done, lab_done, trained)
         complete = done_in >= total_in and anchors_done >= requests and lab_done >= batches
         stable = stable + 1 if complete and snapshot == last else 0
         last = snapshot
         if stable >= 6 and trained >= outputs:  # 3 s without movement after everything arrived
             bar.close()
+            probe.close()
             return True
         time.sleep(0.5)
     bar.close()
+    probe.close()
     log.warning("demo: pipeline not quiescent after %.0f s; the summary shows where work was left", timeout)
     return False
 
@@ -238,6 +248,36 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
     }
 
 
+def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
+    """Read ``samples`` to its end once: counts per source and the mean pseudo-label and weight."""
+    from confluent_kafka import TopicPartition
+
+    from gpl.kafka import consumer
+
+    c = consumer(settings.kafka, f"demo-stats-{time.monotonic_ns()}")
+    parts = [TopicPartition("samples", p, 0) for p in range(settings.kafka.partitions)]
+    ends = {p.partition: c.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+    c.assign(parts)
+    pos = {p: 0 for p in ends}
+    n: Counter[str] = Counter()
+    label_sum = weight_sum = 0.0
+    deadline = time.monotonic() + timeout
+    while any(pos[p] < ends[p] for p in ends) and time.monotonic() < deadline:
+        for m in c.consume(1000, timeout=0.5):
+            if m.error() is not None:
+                continue
+            pos[m.partition()] = m.offset() + 1
+            for x in orjson.loads(m.value())["samples"]:
+                n[x["source"]] += 1
+                if x["source"] == "pseudo":
+                    label_sum += x["label"]
+                    weight_sum += x["weight"]
+    c.close()
+    pseudo = n["pseudo"]
+    return {"by_source": dict(n), "pseudo_label_mean": round(label_sum / pseudo, 4) if pseudo else None,
+            "pseudo_weight_mean": round(weight_sum / pseudo, 4) if pseudo else None}
+
+
 def _auc(scores: np.ndarray, y: np.ndarray) -> float | None:
     """Mann–Whitney AUC with average ranks for ties; None when one class is missing."""
     pos = int(y.sum())
@@ -270,9 +310,10 @@ def _summary(counts: dict[str, int], acc: dict[str, dict[str, int]], metric: dic
         "anchor_requests": {k.split(":", 1)[1]: v for k, v in st.items() if k.startswith("anchor_requests:")},
         "anchor_sets_generated": anc.get("emitted", 0),
         "anchor_fallbacks": anc.get("fallback", 0),
-        "pseudo_labels": lab.get("pseudo_samples", 0),
-        "pseudo_label_mean": lab.get("label_mean_x1e6", 0) / 1e6 if "label_mean_x1e6" in lab else None,
-        "pseudo_weight_mean": lab.get("weight_mean_x1e6", 0) / 1e6 if "weight_mean_x1e6" in lab else None,
+        "pseudo_labels": lab.get("pseudo", 0),
+        "pseudo_label_mean": metric.get("samples_topic", {}).get("pseudo_label_mean"),
+        "pseudo_weight_mean": metric.get("samples_topic", {}).get("pseudo_weight_mean"),
+        "sampled_out": lab.get("sampled_out", 0),
         "labeler": lab,
         "dlq": dlq,
         "checkpoints": sorted(p.name for p in s.checkpoints_dir.glob("ckpt-*.pt")),
@@ -296,7 +337,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  anchor requests      {summary['anchor_requests']}",
         f"  anchor sets          {summary['anchor_sets_generated']}  (fallbacks {summary['anchor_fallbacks']})",
         f"  pseudo-labels        {summary['pseudo_labels']}  mean label {summary['pseudo_label_mean']}"
-        f"  mean weight {summary['pseudo_weight_mean']}",
+        f"  mean weight {summary['pseudo_weight_mean']}  (sampled out {summary['sampled_out']})",
         f"  dead letters         {summary['dlq'] or 0}",
         f"  checkpoints          {len(summary['checkpoints'])} {summary['checkpoints'][-1:] }",
         f"  pre-ranker AUC       entire space {m.get('auc_entire_space')}  exposed {m.get('auc_exposed')}"

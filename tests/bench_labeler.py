@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from gpl.bench import fast, naive, single_thread, synthetic
+from gpl.bench import fast, naive, same_samples, single_thread, synthetic
 from schemas.events import SampleBatch
 from workers.labeling import Labeling
 
@@ -40,6 +40,7 @@ def test_bench_label_batch(benchmark: BenchmarkFixture, data: tuple[Labeling, li
     ctx, raws = data
     fn = fast(ctx) if impl == "fast" else naive(ctx)
     SampleBatch.model_validate_json(fn(raws[0]))  # what is timed is a valid SampleBatch
+    assert same_samples(fast(ctx)(raws[1]), naive(ctx)(raws[1]))  # and both paths give the same samples
     benchmark.group = "label_batch (1,000 candidates x 16 requests, K=8, dim=384)"
     benchmark.extra_info["candidates_per_round"] = CANDIDATES * len(raws)
     with single_thread():

@@ -76,15 +76,17 @@ def _batch(
         user_id=user,
         ts=1_700_000_000_000,
         samples=[
-            Sample(
-                sample_id=sample_id(rid, i, version if src == "pseudo" else 0),
-                item_id=i,
-                label=lab,
-                weight=w,
-                source=src,
+            Sample.model_validate(
+                {
+                    "sample_id": sample_id(rid, i, version if src == "pseudo" else 0),
+                    "item_id": i,
+                    "label": lab,
+                    "weight": w,
+                    "source": src,
+                }
             )
             for i, lab, w, src in samples
-        ],  # type: ignore[arg-type]
+        ],
         lineage=lineage if any(s[3] == "pseudo" for s in samples) else None,
     )
 

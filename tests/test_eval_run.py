@@ -1,4 +1,4 @@
-"""``gpl eval`` end to end on a tiny MovieLens dataset (MemoryGenerator, HashEncoder), and the format rules."""
+"""``gpl eval`` end to end on a tiny MovieLens dataset (MemoryGenerator, HashEncoder); the format rules."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from gpl.commands import eval as eval_cmd
 from gpl.eval.anchors import training_histories
@@ -15,7 +16,7 @@ from gpl.eval.dataset import UNKNOWN, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.run import METHODS, EvalConfig, run_eval
 from gpl.settings import Settings, load
-from schemas.events import ExposureEvent, ItemEvent, RecallEvent
+from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from schemas.jsonl import write_events
 
 TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
@@ -38,12 +39,15 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _write(
-    tmp_path: Path, events: list[tuple[str, object]], split: dict[str, object], truth: list[dict[str, object]]
+    tmp_path: Path,
+    events: list[tuple[str, BaseModel]],
+    split: dict[str, object],
+    truth: list[dict[str, object]],
 ) -> Path:
     d = tmp_path / "hand"
     d.mkdir()
     with open(d / "events.jsonl", "wb") as f:
-        write_events(f, events)  # type: ignore[arg-type]
+        write_events(f, events)
     (d / "split.json").write_text(json.dumps(split))
     (d / "truth.jsonl").write_text("\n".join(json.dumps(t) for t in truth) + "\n")
     return d
@@ -52,16 +56,22 @@ def _write(
 def test_dataset_rules(tmp_path: Path) -> None:
     """Join in any order, exposed-but-not-recalled items, labels from clicks then truth, per-user split."""
     items = [ItemEvent(item_id=i, text=f"movie {i}", category="A" if i % 2 else "B") for i in range(1, 7)]
-    rec = lambda rid, u, ts, ids: RecallEvent(  # noqa: E731
-        request_id=rid, user_id=u, ts=ts, candidates=[{"item_id": i, "score": 1.0 / i} for i in ids]
-    )  # type: ignore[misc]
-    exp = lambda rid, u, ts, shown: ExposureEvent(  # noqa: E731
-        request_id=rid,
-        user_id=u,
-        ts=ts,
-        items=[{"item_id": i, "position": p, "clicked": c} for p, (i, c) in enumerate(shown)],
-    )  # type: ignore[misc]
-    events = [("items", it) for it in items] + [
+
+    def rec(rid: str, u: str, ts: int, ids: list[int]) -> RecallEvent:
+        return RecallEvent(
+            request_id=rid, user_id=u, ts=ts, candidates=[Candidate(item_id=i, score=1 / i) for i in ids]
+        )
+
+    def exp(rid: str, u: str, ts: int, shown: list[tuple[int, bool]]) -> ExposureEvent:
+        return ExposureEvent(
+            request_id=rid,
+            user_id=u,
+            ts=ts,
+            items=[ExposedItem(item_id=i, position=p, clicked=c) for p, (i, c) in enumerate(shown)],
+        )
+
+    events: list[tuple[str, BaseModel]] = [("items", it) for it in items]
+    events += [
         ("exposure", exp("r1", "a", 1005, [(1, True), (6, False)])),  # before its recall; 6 not recalled
         ("recall", rec("r1", "a", 1000, [1, 2, 3])),
         ("recall", rec("r2", "a", 2000, [2, 4, 5])),  # no exposure: all unexposed
@@ -190,3 +200,27 @@ def test_rerun_is_deterministic_and_uses_the_anchor_cache(tiny_dataset: Path, tm
 def test_unknown_method_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown methods"):
         run_eval(tiny_dataset, tiny_settings(tmp_path), EvalConfig(methods=["magic"], out=tmp_path))
+
+
+def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Path) -> None:
+    """With a SID tokenizer present, gpl-sid runs; its generator is retrained on training clicks and cached."""
+    from gpl.commands.sid import sid_dir
+    from gpl.encoder import HashEncoder
+    from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
+
+    settings = tiny_settings(tmp_path)
+    ds = load_dataset(tiny_dataset)
+    enc = HashEncoder()
+    vecs = enc.encode(ds.item_text)
+    model, _ = train_rqvae(vecs, RQVAEConfig(in_dim=enc.dim, hidden=(32,), latent_dim=8, levels=2, codebook_size=8,
+                                             kmeans_iters=3), epochs=3, batch_size=256)
+    build_tokenizer(model, ds.item_ids, vecs, enc.id).save(sid_dir(settings))
+    cfg = EvalConfig(methods=["exposed", "gpl-sid"], seeds=1, epochs=1, anchors="memory", out=tmp_path / "o",
+                     progress=False, plots=False, sid_epochs=1)
+    res = run_eval(tiny_dataset, settings, cfg, encoder=enc)
+    assert "gpl-sid" not in res["unavailable"], res["unavailable"]
+    assert res["anchors"]["books"]["sid"]["users"] > 0
+    assert res["summary"]["gpl-sid"]["all"]["es_auc"]["n"] == 1
+    again = run_eval(tiny_dataset, settings, cfg, encoder=enc)
+    assert "cached" in again["anchors"]["books"]["sid"]["generator"]
+    assert again["runs"] == res["runs"]

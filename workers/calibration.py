@@ -198,7 +198,7 @@ class CalibrationBook:
         return joined
 
     def observe(self, batch: SampleBatch) -> tuple[int, int, int]:
-        """(pseudo, real, joined) of one SampleBatch: real samples are joined first, then pseudo remembered."""
+        """(pseudo, real, joined) of a SampleBatch: real samples are joined first, then pseudo remembered."""
         real = [s for s in batch.samples if s.source != "pseudo"]
         pseudo = [s for s in batch.samples if s.source == "pseudo"]
         joined = self.join([batch.user_id] * len(real), [s.item_id for s in real], [s.label for s in real])

@@ -409,14 +409,27 @@ class AnchorCache:
 
 # -------------------------------------------------------------------------------- scoring and labels
 
+def _row_max(s: np.ndarray) -> np.ndarray:
+    """Max of each row of an (m, K) array with K small: K-1 vectorised column maximums.
+
+    numpy's ``max(axis=1)`` pays a per-row setup on a short contiguous axis (~45 µs for 1,000 x 8);
+    this is ~10 µs. It is also why the hot path multiplies (m, dim) x (dim, K): BLAS does that shape
+    ~15% faster than (K, dim) x (dim, m), which would allow a contiguous reduction instead.
+    """
+    out = s[:, 0].copy()
+    for k in range(1, s.shape[1]):
+        np.maximum(out, s[:, k], out=out)
+    return out
+
+
 def score(anchors: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sim, matched): max cosine of each vector over the anchors and the index of that anchor.
 
-    Both inputs normalised: (K, dim) and (N, dim). One (K, N) matmul; reducing over K on a (K, N)
-    array is contiguous and ~20x faster than over the short axis of (N, K).
+    Both inputs normalised: (K, dim) and (N, dim). The same arithmetic as the hot path of
+    :func:`label_decoded` (one (N, K) matmul, see :func:`_row_max`), so its values match the labels'.
     """
-    s = anchors @ vectors.T
-    return s.max(axis=0), s.argmax(axis=0)
+    s = vectors @ anchors.T
+    return _row_max(s), s.argmax(axis=1)
 
 
 @dataclass(frozen=True)
@@ -675,8 +688,8 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     duplicate = 0
     kept = 0
     if m:
-        s_all = entry.vectors @ items.gather(rows).T  # (K, m)
-        sim = s_all.max(axis=0)
+        s_all = items.gather(rows) @ entry.vectors.T  # (m, K)
+        sim = _row_max(s_all)
         rng = np.random.Generator(np.random.PCG64(request_seed(cfg.seed, b.request_id)))
         sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, rng)
         kept = int(sel.shape[0])
@@ -687,7 +700,7 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
             sel = sel[keep_pos]
             sel_items = found_ids[sel].tolist()
             duplicate = kept - len(sel_items)
-        matched = s_all[:, sel].argmax(axis=0)
+        matched = s_all[sel].argmax(axis=1)
         s = sim[sel].astype(np.float64)
         p = ctx.label(s)
         consistency = ctx.cache.consistency(entry) if cfg.use_consistency else 1.0

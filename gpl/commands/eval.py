@@ -16,7 +16,7 @@ from gpl.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     from gpl.eval.run import METHODS
 
     p = sub.add_parser(
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=150,
         help="users that get LLM anchors (a fixed pseudo-random subset); 0 = all",
     )
-    p.add_argument("--llm-threads", type=int, default=None, help="torch threads while the LLM generates")
+    p.add_argument("--llm-threads", type=int, default=1, help="torch threads while the LLM generates (1: fastest on 2 shared cores)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads while training (1 is fastest on 2 cores)"
     )
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     a = results["anchors"]
     print(
         f"\ntext anchors: {a['users_with_text_anchors']}/{a['users_total']} users "
-        f"({a['share_of_users_with_text_anchors']:.1%}), {a['share_of_test_requests_anchored']:.1%} of test requests"
+        f"({a['share_of_users_with_text_anchors']:.1%}), "
+        f"{a['share_of_test_requests_anchored']:.1%} of test requests"
     )
     print(f"runtime: {results['timing_s']['total']:.0f} s; results in {cfg.out}")
     return 0

@@ -18,6 +18,7 @@ last. A user without a training click has no history and gets no anchors (no pse
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -211,51 +212,83 @@ def centroid_anchors(
     return book
 
 
+def training_click_sequences(ds: EvalDataset) -> dict[int, list[int]]:
+    """Per user all clicked item ids (dataset ids, not dense) of training requests, oldest first."""
+    rows = np.flatnonzero(ds.exposed & (ds.label == 1) & ~ds.row_test)
+    req = ds.row_request[rows]
+    order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
+    out: dict[int, list[int]] = {}
+    for u, i in zip(ds.req_user[req[order]].tolist(), ds.item_ids[ds.item[rows[order]]].tolist(), strict=True):
+        out.setdefault(int(u), []).append(int(i))
+    return out
+
+
 def sid_anchors(
     settings: Settings,
     ds: EvalDataset,
     histories: dict[int, np.ndarray],
     users: list[int],
-    item_vectors: np.ndarray,
     *,
     k: int,
+    cache_dir: Path | None,
+    epochs: int = 8,
+    progress: bool = True,
 ) -> AnchorBook | str:
-    """Semantic-ID anchors from workers/sid, or the reason they are not available (a table cell).
+    """Semantic-ID anchors (workers/sid), or why they are not available (a string for the table).
 
-    Looks for ``workers.sid.generator.SIDAnchorGenerator`` and its trained artifacts; anything missing
-    gives a string for the report instead of an exception, so the rest of the comparison still runs.
+    The SID *tokenizer* (RQ-VAE over item vectors, no user data) is taken from ``gpl anchors
+    train-tokenizer``'s artifacts. The SID *generator* is retrained here on TRAINING-period click
+    sequences: the artifact of ``gpl anchors train-generator`` learned from every MovieLens rating but
+    each user's last, i.e. from the test period too, and anchors from it would leak the answers. The
+    retrained generator is cached by (tokenizer fingerprint, sequences, epochs). Each user's anchors
+    come from beam search over their training clicks (the generator reads the most recent ones).
     """
     try:
-        from workers.sid import generator as sid_gen
+        gen_mod = importlib.import_module("workers.sid.generator")
+        rq = importlib.import_module("workers.sid.rqvae")
+        sid_cmd = importlib.import_module("gpl.commands.sid")
     except Exception as e:  # noqa: BLE001 - any import problem means "not available"
-        return f"not available (workers.sid.generator not importable: {type(e).__name__}; run gpl anchors train-generator)"
-    load = getattr(sid_gen, "load_anchor_generator", None)
-    if load is None:
-        return "not available (workers.sid.generator has no load_anchor_generator)"
+        return f"not available (workers.sid not importable: {type(e).__name__}: {e})"
+    directory = sid_cmd.sid_dir(settings)
     try:
-        gen = load(settings)
-    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
-        return f"not available ({e}; run gpl anchors train-tokenizer and train-generator)"
-    book = AnchorBook(
-        kind="sid", model=str(getattr(gen, "model", "sid")), prompt_hash=str(getattr(gen, "prompt_hash", "-"))
-    )
+        tok = rq.SIDTokenizer.load(directory, settings.encoder.model)
+    except FileNotFoundError:
+        return f"not available (no SID tokenizer in {directory}; run gpl anchors train-tokenizer)"
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        return f"not available (SID tokenizer in {directory} unusable: {e})"
+    seqs = training_click_sequences(ds)
+    spec = json.dumps({"tok": tok.fingerprint, "seqs": sorted((ds.users[u], s) for u, s in seqs.items()),
+                       "epochs": epochs}, sort_keys=True)
+    key = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
+    art = cache_dir / f"sid-generator-{key}" if cache_dir is not None else None
+    trained = None
+    if art is not None and (art / gen_mod.GENERATOR_FILE).is_file():
+        trained, _ = gen_mod.load_generator(art, tok)
+        history = {"cached": str(art)}
+    if trained is None:
+        bar = tqdm(total=epochs, desc="SID generator (training clicks)", unit="epoch", disable=not progress)
+        trained, history = gen_mod.train_generator(tok, list(seqs.values()), epochs=epochs,
+                                                   progress=lambda _e, _s: bar.update(1))
+        bar.close()
+        if art is not None:
+            gen_mod.save_generator(trained, tok, art, history)
+    gen = gen_mod.SIDAnchorGenerator(tok, trained)
+    book = AnchorBook(kind="sid", model=str(gen.model), prompt_hash=str(gen.prompt_hash))
     missing = 0
-    for u in users:
-        hist_ids = ds.item_ids[histories[u]]
+    for u in tqdm(users, desc="SID anchors", unit="user", disable=not progress, leave=False):
         try:
-            vecs, logprobs = gen.anchors_for(hist_ids, k)
+            got = gen.generate_anchors(seqs.get(u, []), k)
         except (KeyError, ValueError):
+            got = []
+        if not got:
             missing += 1
             continue
-        vecs = np.asarray(vecs, np.float32)
-        if vecs.ndim != 2 or not len(vecs):
-            missing += 1
-            continue
+        vecs = np.stack([np.asarray(v, np.float32) for v, _, _ in got])
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        book.users[u] = UserAnchors(
-            vectors=vecs, logprobs=np.asarray(logprobs, np.float32), history=histories[u]
-        )
-    book.info = {"users": len(book.users), "no_anchors": missing}
+        book.users[u] = UserAnchors(vectors=vecs, logprobs=np.asarray([lp for _, lp, _ in got], np.float32),
+                                    history=histories[u], texts=[sid for _, _, sid in got])
+    book.info = {"users": len(book.users), "no_anchors": missing, "generator": history,
+                 "tokenizer": tok.fingerprint}
     return book
 
 
@@ -268,4 +301,5 @@ __all__ = [
     "text_anchors",
     "centroid_anchors",
     "sid_anchors",
+    "training_click_sequences",
 ]

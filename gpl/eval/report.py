@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MAIN_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc", "ex_gauc")
-EXTRA_COLS = ("tail_share@10", "tail_hr@10", "coverage@10", "ild@10", "pl_auc", "pl_ece")
+EXTRA_COLS = ("tail_share@10", "tail_hr@10", "coverage@10", "ild@10", "pl_auc", "pl_auc_all", "pl_ece")
 SCOPE_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc")
 BAR_METRICS = (
     "es_auc",
