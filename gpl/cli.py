@@ -7,10 +7,15 @@ section.field=value``. This is the only place that reads the environment.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# numpy's small matmuls (anchors × candidates) lose badly to OpenBLAS thread spinning on a busy host;
+# set before numpy is first imported. torch keeps its own intra-op pool for the LLM and the trainer.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
 import importlib
 import logging
-import os
 import signal
 import sys
 import threading

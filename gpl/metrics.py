@@ -7,22 +7,13 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-MESSAGES = Counter(
-    "gpl_messages_total",
-    "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
-    ["stage", "outcome"],
-)
-LATENCY = Histogram(
-    "gpl_exposure_to_samples_seconds",
-    "Exposure event time to its SampleBatch being produced",
-    ["source"],
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-)
-ANCHOR_AGE = Histogram(
-    "gpl_anchor_age_seconds",
-    "Age of the anchor set used to label a batch",
-    buckets=(1, 10, 60, 300, 1800, 3600, 21600, 86400),
-)
+MESSAGES = Counter("gpl_messages_total", "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
+                   ["stage", "outcome"])
+LATENCY = Histogram("gpl_exposure_to_samples_seconds",
+                    "Exposure event time to its SampleBatch being produced",
+                    ["source"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+ANCHOR_AGE = Histogram("gpl_anchor_age_seconds", "Age of the anchor set used to label a batch",
+                       buckets=(1, 10, 60, 300, 1800, 3600, 21600, 86400))
 ANCHOR_GENERATIONS = Counter("gpl_anchor_generations_total", "Anchor sets generated", ["model", "outcome"])
 ANCHOR_TOKENS = Counter("gpl_anchor_tokens_total", "Tokens generated for anchors", ["model"])
 DEFERRED = Gauge("gpl_labeler_deferred_batches", "Unexposed batches waiting for their user's anchors")
@@ -37,52 +28,34 @@ def serve(port: int) -> None:
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/anchor_cache.py, workers/generators*.py)
-ANCHOR_PARSE_FAILURES = Counter(
-    "gpl_anchor_parse_failures_total",
-    "LLM answers with no usable anchor (per attempt; retried or fallback)",
-    ["model"],
-)
+ANCHOR_PARSE_FAILURES = Counter("gpl_anchor_parse_failures_total",
+                                "LLM answers with no usable anchor (per attempt; retried or fallback)",
+                                ["model"])
 ANCHOR_CACHE = Counter("gpl_anchor_cache_total", "Anchor replay-cache lookups", ["result"])
 ANCHOR_QUEUED = Gauge("gpl_anchor_requests_queued", "Anchor requests read and waiting for generation")
 ANCHOR_RATE = Gauge("gpl_anchor_generations_per_second", "Measured anchor generation capacity (EWMA)")
 ANCHOR_PAUSED = Gauge("gpl_anchor_consumer_paused", "1 while the anchors worker pauses its partitions")
-ANCHOR_BACKEND_ERRORS = Counter(
-    "gpl_anchor_backend_errors_total",
-    "Generation batches that failed as a whole and were re-queued",
-    ["model"],
-)
-ANCHOR_SET_AGE = Histogram(
-    "gpl_anchor_set_age_seconds",
-    "Age of a user's anchor set when a new one replaces it",
-    buckets=(10, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400),
-)
-ANCHOR_REQUEST_DELAY = Histogram(
-    "gpl_anchor_request_delay_seconds",
-    "Request event time to its anchor set being published",
-    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
-)
+ANCHOR_BACKEND_ERRORS = Counter("gpl_anchor_backend_errors_total",
+                                "Generation batches that failed as a whole and were re-queued", ["model"])
+ANCHOR_SET_AGE = Histogram("gpl_anchor_set_age_seconds",
+                           "Age of a user's anchor set when a new one replaces it",
+                           buckets=(10, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400))
+ANCHOR_REQUEST_DELAY = Histogram("gpl_anchor_request_delay_seconds",
+                                 "Request event time to its anchor set being published",
+                                 buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800))
 
 # Closed-loop calibration of pseudo-labels (workers/calibration.py): a pseudo-label joined with the real
 # label its (user, item) got later. Labels: the anchor generator (model, prompt hash) and whether the
 # anchors were the fallback; never the per-user anchor version (epoch ms: unbounded cardinality).
-PSEUDO_JOINED = Gauge(
-    "gpl_pseudo_label_joined", "Pseudo-labels later met by a real label", ["model", "prompt_hash", "fallback"]
-)
-PSEUDO_ECE = Gauge(
-    "gpl_pseudo_label_ece",
-    "Expected calibration error of pseudo-labels vs later real labels",
-    ["model", "prompt_hash", "fallback"],
-)
-PSEUDO_WEIGHT_ECE = Gauge(
-    "gpl_pseudo_weight_ece",
-    "ECE of confidence weights vs agreement 1-|label-p| of the joined pseudo-labels",
-    ["model", "prompt_hash", "fallback"],
-)
-PSEUDO_RELIABILITY = Gauge(
-    "gpl_pseudo_label_reliability",
-    "Reliability curve of pseudo-labels: per bin the mean prediction, observed rate, count",
-    ["model", "prompt_hash", "fallback", "bin", "stat"],
-)
-PSEUDO_PENDING = Gauge(
-    "gpl_calibration_pending_pairs", "Pseudo-labeled (user, item) pairs awaiting a real label"
-)
+PSEUDO_JOINED = Gauge("gpl_pseudo_label_joined", "Pseudo-labels later met by a real label",
+                      ["model", "prompt_hash", "fallback"])
+PSEUDO_ECE = Gauge("gpl_pseudo_label_ece", "Expected calibration error of pseudo-labels vs later real labels",
+                   ["model", "prompt_hash", "fallback"])
+PSEUDO_WEIGHT_ECE = Gauge("gpl_pseudo_weight_ece",
+                          "ECE of confidence weights vs agreement 1-|label-p| of the joined pseudo-labels",
+                          ["model", "prompt_hash", "fallback"])
+PSEUDO_RELIABILITY = Gauge("gpl_pseudo_label_reliability",
+                           "Reliability of pseudo-labels: mean prediction, observed rate, count per bin",
+                           ["model", "prompt_hash", "fallback", "bin", "stat"])
+PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
+                       "Pseudo-labeled (user, item) pairs awaiting a real label")

@@ -8,7 +8,10 @@ Both inputs are keyed by ``user_id`` with the same partition count, so one agent
 and a user's requests, interest state and anchors live in one partition: no repartition hop.
 Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
 until its partner arrives or ``join_wait_s`` passes. After a request is joined or expired a small
-marker stays for ``dedup_window_s`` to recognise duplicates and late arrivals.
+marker stays for ``dedup_window_s`` to recognise duplicates and late arrivals. Markers live in memory,
+not in the changelog: on the embedded broker every changelog record costs a round trip (one record
+per batch, DESIGN.md §5), and after a restart a duplicate that slips past the lost markers is still
+harmless downstream, because sample ids are deterministic and the trainer drops repeats.
 
 Every input message ends in exactly one outcome of :attr:`StreamsProcessor.accounting`:
 ``joined`` (both sides), ``expired``,
@@ -110,6 +113,7 @@ class StreamsProcessor:
         self.ready = threading.Event()
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
         self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
+        self._markers: dict[bytes, Pending] = {}  # joined/expired requests, until their forget time
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -120,7 +124,8 @@ class StreamsProcessor:
             broker=[f"kafka://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
             topic_partitions=s.kafka.partitions,
-            producer_max_batch_size=s.kafka.producer_batch_messages,
+            # faust counts bytes: 1 byte means one record per batch (the Tansu remedy), else 1 MiB
+            producer_max_batch_size=1 if s.kafka.producer_batch_messages == 1 else 1 << 20,
             broker_rebalance_timeout=5,
             broker_session_timeout=6,
             broker_heartbeat_interval=1,
@@ -218,8 +223,11 @@ class StreamsProcessor:
     async def join(self, request_id: str, recall_ids: np.ndarray, recall_scores: np.ndarray,
                    exposure: ExposureEvent, partition: int) -> None:
         cfg = self.settings.streams
-        self._put(request_id.encode(),
-                  marker(DONE, exposure.user_id, exposure.ts, now_ms() + int(cfg.dedup_window_s * 1000), partition))
+        key = request_id.encode()
+        if key in self.pending:
+            del self.pending[key]
+        self._mark(key, marker(DONE, exposure.user_id, exposure.ts, now_ms() + int(cfg.dedup_window_s * 1000),
+                               partition))
         self.accounting.add("joined", 2)
         self.waiting -= 1
         batch = unexposed(recall_ids, recall_scores, exposure, request_id, exposure.user_id, exposure.ts)
@@ -265,18 +273,19 @@ class StreamsProcessor:
         cfg = self.settings.streams
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, key, partition = heapq.heappop(self._deadlines)
+            mark = self._markers.get(key)
+            if mark is not None and mark.deadline_ms == deadline:
+                del self._markers[key]
+                continue
             raw = self.pending.get(key)
             if raw is None:
                 continue
             rec = Pending.unpack(raw)
-            if rec.deadline_ms != deadline:
+            if rec.deadline_ms != deadline or rec.kind in (DONE, EXPIRED):
                 continue  # superseded by a newer record of the same request
             with self.pending.at_partition(partition):
-                if rec.kind in (DONE, EXPIRED):
-                    del self.pending[key]
-                    continue
-                forget = now + int(cfg.dedup_window_s * 1000)
-                self._put(key, marker(EXPIRED, rec.user_id, rec.ts, forget, partition))
+                del self.pending[key]
+            self._mark(key, marker(EXPIRED, rec.user_id, rec.ts, now + int(cfg.dedup_window_s * 1000), partition))
             self.waiting -= 1
             if rec.kind == PENDING_RECALL:
                 self.accounting.add("expired")
@@ -298,8 +307,15 @@ class StreamsProcessor:
 
     # ------------------------------------------------------------------ helpers
     def _get(self, key: bytes) -> Pending | None:
+        mark = self._markers.get(key)
+        if mark is not None:
+            return mark
         raw = self.pending.get(key)
         return Pending.unpack(raw) if raw else None
+
+    def _mark(self, key: bytes, rec: Pending) -> None:
+        self._markers[key] = rec
+        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
 
     def _put(self, key: bytes, rec: Pending) -> None:
         self.pending[key] = rec.pack()

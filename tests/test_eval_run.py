@@ -203,7 +203,7 @@ def test_unknown_method_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Path) -> None:
-    """With a SID tokenizer present, gpl-sid runs; its generator is retrained on training clicks and cached."""
+    """With a SID tokenizer, gpl-sid runs; its generator is retrained on training clicks and cached."""
     from gpl.commands.sid import sid_dir
     from gpl.encoder import HashEncoder
     from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
@@ -212,11 +212,23 @@ def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Pat
     ds = load_dataset(tiny_dataset)
     enc = HashEncoder()
     vecs = enc.encode(ds.item_text)
-    model, _ = train_rqvae(vecs, RQVAEConfig(in_dim=enc.dim, hidden=(32,), latent_dim=8, levels=2, codebook_size=8,
-                                             kmeans_iters=3), epochs=3, batch_size=256)
+    model, _ = train_rqvae(
+        vecs,
+        RQVAEConfig(in_dim=enc.dim, hidden=(32,), latent_dim=8, levels=2, codebook_size=8, kmeans_iters=3),
+        epochs=3,
+        batch_size=256,
+    )
     build_tokenizer(model, ds.item_ids, vecs, enc.id).save(sid_dir(settings))
-    cfg = EvalConfig(methods=["exposed", "gpl-sid"], seeds=1, epochs=1, anchors="memory", out=tmp_path / "o",
-                     progress=False, plots=False, sid_epochs=1)
+    cfg = EvalConfig(
+        methods=["exposed", "gpl-sid"],
+        seeds=1,
+        epochs=1,
+        anchors="memory",
+        out=tmp_path / "o",
+        progress=False,
+        plots=False,
+        sid_epochs=1,
+    )
     res = run_eval(tiny_dataset, settings, cfg, encoder=enc)
     assert "gpl-sid" not in res["unavailable"], res["unavailable"]
     assert res["anchors"]["books"]["sid"]["users"] > 0

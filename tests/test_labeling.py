@@ -25,6 +25,7 @@ from workers.labeling import (
     ItemMatrix,
     LabelMap,
     NoAnchors,
+    RequestRng,
     coherence_of,
     confidence,
     consistency_of,
@@ -32,7 +33,6 @@ from workers.labeling import (
     fit_label_map,
     label_batch,
     label_map,
-    request_seed,
     sample,
     score,
     score_exposed,
@@ -209,16 +209,17 @@ def test_confidence_terms_and_switches() -> None:
 def test_sampling_top_n_random_cap_and_determinism() -> None:
     rng0 = np.random.default_rng(5)
     sim = rng0.random(500)
-    seed = request_seed(0, "req-9")
-    a = sample(sim, 10, 15, 20, np.random.default_rng(seed))
-    b = sample(sim, 10, 15, 20, np.random.default_rng(seed))
+    a = sample(sim, 10, 15, 20, RequestRng(0)("req-9"))
+    b = sample(sim, 10, 15, 20, RequestRng(0)("req-9"))
     np.testing.assert_array_equal(a, b)  # same (seed, request) -> same sample: replay is reproducible
     assert a.size == 20 and len(set(a.tolist())) == 20  # the cap cuts the random part
     np.testing.assert_array_equal(a[:10], np.argsort(-sim)[:10])  # exactly the top 10, best first
     assert not set(a[10:].tolist()) & set(a[:10].tolist())
-    other = sample(sim, 10, 15, 20, np.random.default_rng(request_seed(0, "req-10")))
+    rng = RequestRng(0)
+    other = sample(sim, 10, 15, 20, rng("req-10"))
     assert set(other[10:].tolist()) != set(a[10:].tolist())
-    assert request_seed(0, "r") != request_seed(1, "r")
+    np.testing.assert_array_equal(sample(sim, 10, 15, 20, rng("req-9")), a)  # the reused generator resets
+    assert RequestRng(0)("r").integers(2**62) != RequestRng(1)("r").integers(2**62)
     # the random part is uniform over the rest: every non-top candidate gets picked about equally
     counts = np.zeros(500)
     for r in range(600):

@@ -11,10 +11,6 @@ import json
 import math
 import os
 import random
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from gpl.bench_anchors import TransformersServe, transformers_serve_cmd
 from gpl.settings import AnchorSettings
 from workers.generators import NO_LOGPROB, AnchorPrompt, GeneratorUnavailable, anchor_schema, prompt_hash
 from workers.generators_openai import OpenAIGenerator, backoff_delay
@@ -281,62 +277,6 @@ def test_model_is_discovered_when_not_configured(stubs: list[Stub]) -> None:
 
 
 # -------------------------------------------------------------------- for real: transformers serve
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def transformers_serve_cmd() -> list[str] | None:
-    """The ``transformers serve`` command of this environment, or None when its extras are missing."""
-    for mod in ("fastapi", "uvicorn", "openai"):
-        try:
-            __import__(mod)
-        except ImportError:
-            return None
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    return [exe, "serve"] if exe else None
-
-
-class TransformersServe:
-    """``transformers serve <model_dir>`` on a free loopback port, stopped with a kill deadline."""
-
-    def __init__(self, model_dir: Path, log_path: Path, startup_s: float = 120.0) -> None:
-        cmd = transformers_serve_cmd()
-        assert cmd is not None
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*cmd, str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
-             "--dtype", "float32", "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"transformers serve not healthy after {startup_s:.0f}s; see {log_path}")
-
-    def stop(self, deadline_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(deadline_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TransformersServe, Path]]:

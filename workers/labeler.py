@@ -285,6 +285,10 @@ class Labeler:
 
     def _drop_all(self, outcome: str, partitions: set[int] | None = None) -> None:
         """Give up on deferred batches (all, or those of ``partitions``): counted, not committed past."""
+        if self._deferred:
+            log.info("%s: %d batches still waiting for anchors are left uncommitted (re-read later)",
+                     outcome, self._deferred if partitions is None else
+                     sum(1 for d in self._by_deadline if not d.done and d.partition in partitions))
         for d in self._by_deadline:
             if not d.done and (partitions is None or d.partition in partitions):
                 self._undefer(d)

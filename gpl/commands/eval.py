@@ -52,7 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=150,
         help="users that get LLM anchors (a fixed pseudo-random subset); 0 = all",
     )
-    p.add_argument("--llm-threads", type=int, default=1, help="torch threads while the LLM generates (1: fastest on 2 shared cores)")
+    p.add_argument(
+        "--llm-threads",
+        type=int,
+        default=1,
+        help="torch threads while the LLM generates (1: fastest on 2 shared cores)",
+    )
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads while training (1 is fastest on 2 cores)"
     )

@@ -218,7 +218,8 @@ def training_click_sequences(ds: EvalDataset) -> dict[int, list[int]]:
     req = ds.row_request[rows]
     order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
     out: dict[int, list[int]] = {}
-    for u, i in zip(ds.req_user[req[order]].tolist(), ds.item_ids[ds.item[rows[order]]].tolist(), strict=True):
+    users = ds.req_user[req[order]].tolist()
+    for u, i in zip(users, ds.item_ids[ds.item[rows[order]]].tolist(), strict=True):
         out.setdefault(int(u), []).append(int(i))
     return out
 
@@ -257,8 +258,10 @@ def sid_anchors(
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         return f"not available (SID tokenizer in {directory} unusable: {e})"
     seqs = training_click_sequences(ds)
-    spec = json.dumps({"tok": tok.fingerprint, "seqs": sorted((ds.users[u], s) for u, s in seqs.items()),
-                       "epochs": epochs}, sort_keys=True)
+    spec = json.dumps(
+        {"tok": tok.fingerprint, "seqs": sorted((ds.users[u], s) for u, s in seqs.items()), "epochs": epochs},
+        sort_keys=True,
+    )
     key = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
     art = cache_dir / f"sid-generator-{key}" if cache_dir is not None else None
     trained = None
@@ -267,8 +270,9 @@ def sid_anchors(
         history = {"cached": str(art)}
     if trained is None:
         bar = tqdm(total=epochs, desc="SID generator (training clicks)", unit="epoch", disable=not progress)
-        trained, history = gen_mod.train_generator(tok, list(seqs.values()), epochs=epochs,
-                                                   progress=lambda _e, _s: bar.update(1))
+        trained, history = gen_mod.train_generator(
+            tok, list(seqs.values()), epochs=epochs, progress=lambda _e, _s: bar.update(1)
+        )
         bar.close()
         if art is not None:
             gen_mod.save_generator(trained, tok, art, history)
@@ -285,10 +289,18 @@ def sid_anchors(
             continue
         vecs = np.stack([np.asarray(v, np.float32) for v, _, _ in got])
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        book.users[u] = UserAnchors(vectors=vecs, logprobs=np.asarray([lp for _, lp, _ in got], np.float32),
-                                    history=histories[u], texts=[sid for _, _, sid in got])
-    book.info = {"users": len(book.users), "no_anchors": missing, "generator": history,
-                 "tokenizer": tok.fingerprint}
+        book.users[u] = UserAnchors(
+            vectors=vecs,
+            logprobs=np.asarray([lp for _, lp, _ in got], np.float32),
+            history=histories[u],
+            texts=[sid for _, _, sid in got],
+        )
+    book.info = {
+        "users": len(book.users),
+        "no_anchors": missing,
+        "generator": history,
+        "tokenizer": tok.fingerprint,
+    }
     return book
 
 

@@ -228,7 +228,9 @@ class TeacherNet:
         return self.model.mlp(self._features(ctx, user, item, req)).squeeze(1)
 
     @torch.no_grad()
-    def mc_std(self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray, passes: int) -> np.ndarray:
+    def mc_std(
+        self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray, passes: int
+    ) -> np.ndarray:
         """Std of ``passes`` dropout-on predictions (features once: dropout lives in the MLP only)."""
         x = self._features(ctx, user, item, req)
         self.model.mlp.train()

@@ -1,10 +1,11 @@
 """GPL pseudo-labels for the offline comparison, made by the labeler's own code (workers/labeling.py).
 
-Nothing of the method is re-implemented here: matching is :func:`workers.labeling.score`, the sampling
-policy :func:`~workers.labeling.sample` seeded by :func:`~workers.labeling.request_seed`, the label map
-:class:`~workers.labeling.LabelMap` fitted by :func:`~workers.labeling.fit_label_map`, the weight
-:func:`~workers.labeling.confidence` with :func:`~workers.labeling.coherence_of` and
-:func:`~workers.labeling.consistency_of`. This module only feeds them arrays from the dataset.
+Nothing of the method is re-implemented here: matching is :func:`workers.labeling.score`, the
+sampling policy :func:`~workers.labeling.sample` seeded per request by
+:class:`~workers.labeling.RequestRng`, the label map :class:`~workers.labeling.LabelMap` fitted by
+:func:`~workers.labeling.fit_label_map`, the weight :func:`~workers.labeling.confidence` with
+:func:`~workers.labeling.coherence_of` and :func:`~workers.labeling.consistency_of`. This module
+only feeds them arrays from the dataset.
 
 Calibration (no test data involved): the label map is fitted on TRAINING exposures of the users that
 have anchors, scored against those anchors, *excluding the items the anchors were generated from*.
@@ -26,11 +27,11 @@ from gpl.settings import LabelerSettings
 from workers.labeling import (
     TERMS,
     LabelMap,
+    RequestRng,
     coherence_of,
     confidence,
     consistency_of,
     fit_label_map,
-    request_seed,
     sample,
     score,
 )
@@ -115,14 +116,14 @@ def gpl_labels(
     train = ~ds.is_test[ds.row_request]
     rows, sim, matched = similarities(ds, item_vectors, book, np.flatnonzero(~ds.exposed & train))
     req = ds.row_request[rows]
+    request_rng = RequestRng(cfg.seed + seed)  # the labeler's per-request draw, shifted by the eval seed
     keep: list[np.ndarray] = []
     bounds = np.flatnonzero(np.diff(req)) + 1
     for part in np.split(np.arange(len(rows)), bounds):
         if not len(part):
             continue
         rid = ds.request_ids[int(req[part[0]])]
-        rng = np.random.Generator(np.random.PCG64(request_seed(cfg.seed + seed, rid)))
-        keep.append(part[sample(sim[part], cfg.top_n, cfg.random_n, cfg.cap, rng)])
+        keep.append(part[sample(sim[part], cfg.top_n, cfg.random_n, cfg.cap, request_rng(rid))])
     sel = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
     rows, sim, matched = rows[sel], sim[sel], matched[sel]
     p = label_map(sim)

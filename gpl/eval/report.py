@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any
 
 MAIN_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc", "ex_gauc")
-EXTRA_COLS = ("tail_share@10", "tail_hr@10", "coverage@10", "ild@10", "pl_auc", "pl_auc_all", "pl_ece")
+EXTRA_COLS = (
+    "tail_share@10",
+    "tail_hr@10",
+    "coverage@10",
+    "ild@10",
+    "pl_mean",
+    "pl_auc",
+    "pl_auc_all",
+    "pl_ece",
+)
 SCOPE_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc")
 BAR_METRICS = (
     "es_auc",
@@ -36,18 +45,26 @@ def _cell(stat: dict[str, float] | None, digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def table_rows(results: dict[str, Any], cols: tuple[str, ...], scope: str = "all") -> list[list[str]]:
-    """Rows of [method label, cells...] in the configured method order; unavailable methods say why."""
+def table_rows(
+    results: dict[str, Any], cols: tuple[str, ...], scope: str = "all", *, short: bool = False
+) -> list[list[str]]:
+    """Rows of [method, cells...] in the configured method order; unavailable methods say why.
+
+    ``short``: the method key instead of its label, and "n/a" instead of the reason (the console
+    prints the reasons under the tables, where they do not widen every column).
+    """
     rows: list[list[str]] = []
     summary = results["summary"]
     for m, label in results["methods"].items():
+        name = (m + " (ref)" if m == "teacher" else m) if short else label
         if m in results["unavailable"]:
-            rows.append([label, results["unavailable"][m], *[""] * (len(cols) - 1)])
+            why = "n/a" if short else results["unavailable"][m]
+            rows.append([name, why, *[""] * (len(cols) - 1)])
             continue
         stats = summary.get(m, {}).get(scope)
         if stats is None:
             continue
-        rows.append([label, *[_cell(stats.get(c)) for c in cols]])
+        rows.append([name, *[_cell(stats.get(c)) for c in cols]])
     return rows
 
 
@@ -65,18 +82,18 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
     )
 
 
-def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+def tables(results: dict[str, Any], *, short: bool = False) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of every table of the report."""
     out = [
         (
             "Entire space (all test requests) and exposed-only",
             ["method", *MAIN_COLS],
-            table_rows(results, MAIN_COLS),
+            table_rows(results, MAIN_COLS, short=short),
         ),
         (
             "Long tail, diversity, pseudo-label quality",
             ["method", *EXTRA_COLS],
-            table_rows(results, EXTRA_COLS),
+            table_rows(results, EXTRA_COLS, short=short),
         ),
     ]
     if "anchored" in results["scopes"]:
@@ -84,7 +101,7 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
             (
                 f"Test requests of users with text anchors ({results['scopes']['anchored']} requests)",
                 ["method", *SCOPE_COLS],
-                table_rows(results, SCOPE_COLS, "anchored"),
+                table_rows(results, SCOPE_COLS, "anchored", short=short),
             )
         )
     return out
@@ -92,21 +109,25 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
 
 def print_tables(results: dict[str, Any]) -> None:
     """Print with rich when it is installed (it is an optional nicety), plain text otherwise."""
+    notes = [f"{m}: {why}" for m, why in results["unavailable"].items()]
+    notes.append("methods: " + "; ".join(f"{m} = {label}" for m, label in results["methods"].items()))
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        for title, header, rows in tables(results):
+        for title, header, rows in tables(results, short=True):
             print(f"\n{title}\n{plain_table(header, rows)}")
+        print("\n".join(notes))
         return
-    console = Console(width=max(160, Console().width))
-    for title, header, rows in tables(results):
+    console = Console(width=max(170, Console().width))
+    for title, header, rows in tables(results, short=True):
         t = Table(title=title, show_lines=False)
         for h in header:
-            t.add_column(h, overflow="fold")
+            t.add_column(h, no_wrap=True)
         for r in rows:
             t.add_row(*r)
         console.print(t)
+    console.print("\n".join(notes), soft_wrap=True)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -233,16 +254,23 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     if pl or closed:
         fig, ax = plt.subplots(figsize=(6, 5.5))
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-        for i, (m, q) in enumerate(pl.items()):
-            rel = q["reliability"]
-            xs = [x for x, c in zip(rel["predicted"], rel["count"], strict=True) if x is not None and c > 0]
-            ys = [y for y, c in zip(rel["observed"], rel["count"], strict=True) if y is not None and c > 0]
+        # methods sharing their soft labels (kd/ukd, gpl/gpl-noconf) share one curve
+        curves: dict[str, list[str]] = {}
+        for m, q in pl.items():
+            curves.setdefault(json.dumps(q["reliability"]), []).append(m)
+        for i, (key, ms) in enumerate(curves.items()):
+            rel, q = json.loads(key), pl[ms[0]]
+            pts = [
+                (x, y)
+                for x, y, c in zip(rel["predicted"], rel["observed"], rel["count"], strict=True)
+                if x is not None and y is not None and c > 0
+            ]
             ax.plot(
-                xs,
-                ys,
+                [a for a, _ in pts],
+                [b for _, b in pts],
                 "o-",
                 color=colors(i % 10),
-                label=f"{results['methods'].get(m, m)} vs truth (ECE {q['pl_ece']:.3f})",
+                label=f"{', '.join(ms)} vs truth (ECE {q['pl_ece']:.3f}, mean p {q.get('pl_mean', 0):.2f})",
             )
         for m, snap in closed.items():
             for g in snap["groups"]:
@@ -264,8 +292,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("observed positive rate")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-        ax.set_title("Reliability of soft labels on unexposed training candidates")
+        ax.legend(fontsize=6, loc="upper left")
+        ax.set_title("Soft labels on unexposed training candidates (truth-known rows)", fontsize=9)
         fig.tight_layout()
         p = out / "reliability.png"
         fig.savefig(p, dpi=110)

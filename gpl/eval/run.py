@@ -96,10 +96,9 @@ class EvalConfig:
     out: Path = Path("eval-results")
     cache_dir: Path | None = None
     progress: bool = True
-    llm_threads: int | None = 1  # measured: SmolLM2 5.6 s/user with 1 thread vs 29 s with 2 on a busy 2-core box
-    torch_threads: int | None = (
-        1  # training threads; 1 is fastest for these small steps on a shared 2-core CPU
-    )
+    # measured on a busy 2-core box: SmolLM2 5.6 s/user with 1 thread, 29 s/user with 2
+    llm_threads: int | None = 1
+    torch_threads: int | None = 1  # training threads: 1 is fastest for these small steps on 2 shared cores
     plots: bool = True
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/sid default)
 
@@ -194,6 +193,7 @@ def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray) -> dict[str
     return {
         "pl_auc": M.auc(q, y),
         "pl_auc_all": M.auc(np.asarray(p, np.float64), (lab == 1).astype(np.int64)),
+        "pl_mean": float(np.mean(p)) if len(p) else float("nan"),
         "pl_ece": M.ece(q, y, 10),
         "pl_known": int(known.sum()),
         "pl_rows": int(len(rows)),
@@ -428,7 +428,7 @@ def _run(
             res = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
             if soft is not None:
                 q = pseudo_quality(ds, soft[0], soft[1])
-                res["all"] |= {k: q[k] for k in ("pl_auc", "pl_auc_all", "pl_ece")}
+                res["all"] |= {k: q[k] for k in ("pl_mean", "pl_auc", "pl_auc_all", "pl_ece")}
                 if seed == 0:
                     pl[method] = q
             runs.setdefault(method, {})[str(seed)] = res

@@ -1,0 +1,224 @@
+"""Anchor-generation throughput and first-try parse rate: ``python -m gpl.bench_anchors``.
+
+A measurement, not a test. ``bench_anchors`` runs :class:`~workers.generators.TransformersGenerator`
+(CPU) over the *same* prompts at several batch sizes and reports users/s, generated tokens/s and the
+share of answers that parsed on the first try (the rest were retried or fell back); optionally the
+same for :class:`~workers.generators_openai.OpenAIGenerator` against a local ``transformers serve``
+(the OpenAI-compatible path of compose/deploy, with the CPU server standing in for ``vllm serve``).
+
+Prompts are real: the last ``history_items`` positively rated movies (rating >= 4) of the first
+MovieLens users who have that many, as ``gpl.simulate`` writes item texts. Users are served in
+chunks of the batch size, as the worker serves micro-batches (retries happen per chunk). The model
+load and one warm-up call are not timed. ``threads`` pins torch's intra-op threads (1 by default: on
+a small shared CPU, OpenMP workers spin-waiting for a busy core make more threads slower); the load
+average before and after is reported because other processes on the machine change the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from gpl.settings import AnchorSettings
+from workers.generators import AnchorPrompt, Generation, RetryingGenerator
+
+DEFAULT_MODEL_DIR = Path(".gpl") / "models" / "smollm2-135m-instruct"
+
+
+def movielens_prompts(users: int, k: int, history_items: int = 8) -> list[AnchorPrompt]:
+    """Prompts of the first ``users`` MovieLens users with ``history_items`` positives (most recent last)."""
+    from gpl.simulate import load_movielens
+
+    ml = load_movielens()
+    out: list[AnchorPrompt] = []
+    for u in range(ml.n_users):
+        lo, hi = int(ml.user_start[u]), int(ml.user_start[u + 1])
+        pos = [int(ml.r_item[j]) for j in range(lo, hi) if ml.r_rating[j] >= 4.0]
+        if len(pos) >= history_items:
+            out.append(AnchorPrompt(str(ml.user_ids[u]), [ml.item_text(i) for i in pos[-history_items:]], k))
+        if len(out) >= users:
+            break
+    return out
+
+
+def run_generator(gen: RetryingGenerator, prompts: Sequence[AnchorPrompt], chunk: int,
+                  desc: str) -> dict[str, Any]:
+    """Time ``gen`` over the prompts in chunks; throughput and outcome shares."""
+    gens: list[Generation] = []
+    t0 = time.perf_counter()
+    with tqdm(total=len(prompts), desc=desc, unit="user", leave=False) as bar:
+        for s in range(0, len(prompts), chunk):
+            part = list(prompts[s : s + chunk])
+            gens.extend(gen.generate(part))
+            bar.update(len(part))
+    secs = time.perf_counter() - t0
+    n = len(gens)
+    tokens = sum(g.tokens for g in gens)
+    return {
+        "users": n, "seconds": round(secs, 2), "users_per_s": round(n / secs, 3),
+        "tokens": tokens, "tokens_per_s": round(tokens / secs, 2),
+        "parsed_first_try": round(sum(g.parsed_first_try for g in gens) / n, 3),
+        "retried": round(sum(not g.parsed_first_try and not g.fallback for g in gens) / n, 3),
+        "fallback": round(sum(g.fallback for g in gens) / n, 3),
+        "anchors_per_user": round(sum(len(g.anchors) for g in gens) / n, 2),
+    }
+
+
+def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: int = 4, *,
+                  users_by_batch: Mapping[int, int] | None = None, openai_users: int = 0,
+                  model_dir: Path | str | None = None, threads: int | None = 1) -> dict[str, Any]:
+    """users/s, tokens/s and first-try parse share per batch size (and for the OpenAI path if asked).
+
+    ``users_by_batch`` serves fewer users at a given batch size (batch 1 is the slow one); every size
+    takes its users from the front of the same prompt list. ``openai_users`` > 0 also starts
+    ``transformers serve`` on the model directory and runs that many users through OpenAIGenerator.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gpl.llm import ensure_llm
+    from workers.generators import TransformersGenerator
+
+    mdir = ensure_llm(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR)
+    prompts = movielens_prompts(max(users, openai_users), k)
+    out: dict[str, Any] = {"k": k, "threads": threads, "model_dir": str(mdir), "load_before": os.getloadavg(),
+                           "transformers": {}}
+    for b in batch_sizes:
+        n = min(users, (users_by_batch or {}).get(b, users))
+        settings = AnchorSettings(k=k, batch_size=b)
+        gen = TransformersGenerator(mdir, settings, threads=threads)
+        gen.generate(prompts[:1])  # warm-up: first-call allocations are not throughput
+        out["transformers"][str(b)] = run_generator(gen, prompts[:n], b, f"transformers b={b}")
+        del gen
+    if openai_users > 0:
+        out["openai_transformers_serve"] = bench_openai(mdir, prompts[:openai_users], k, threads)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def bench_openai(model_dir: Path, prompts: Sequence[AnchorPrompt], k: int,
+                 threads: int | None) -> dict[str, Any]:
+    """The OpenAI-compatible path against a local ``transformers serve`` (started and stopped here)."""
+    from workers.generators_openai import OpenAIGenerator
+
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpl-bench-serve-{os.getpid()}.log"
+    server = TransformersServe(model_dir, log_path, threads=threads)
+    try:
+        cfg = AnchorSettings(backend="openai", base_url=server.url, served_model=str(model_dir), k=k,
+                             timeout_s=600)
+        with OpenAIGenerator(cfg) as gen:
+            gen.generate(list(prompts[:1]))  # warm-up
+            res = run_generator(gen, prompts, len(prompts), "openai (transformers serve)")
+            res["structured_output_accepted"] = gen.structured
+            res["logprobs_returned"] = None  # transformers serve ignores logprobs: anchors get 0.0
+            res["concurrency"] = cfg.concurrency
+        return res
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------ a local OpenAI server
+
+
+def transformers_serve_cmd() -> list[str] | None:
+    """The ``transformers serve`` command of this environment, or None when its extras are missing.
+
+    ``transformers serve`` needs ``transformers[serving]`` (fastapi, uvicorn, openai).
+    """
+    for mod in ("fastapi", "uvicorn", "openai"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return None
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    return [exe, "serve"] if exe else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TransformersServe:
+    """``transformers serve <model_dir>`` on a free loopback port, offline, stopped with a kill deadline.
+
+    The server is pinned to the directory it loaded, so clients must send that path as the model id
+    (``anchors.served_model``); its ``/v1/models`` answers 500 when offline.
+    """
+
+    def __init__(self, model_dir: Path, log_path: Path, startup_s: float = 120.0,
+                 threads: int | None = None) -> None:
+        import httpx
+
+        cmd = transformers_serve_cmd()
+        if cmd is None:
+            raise RuntimeError("transformers serve needs fastapi, uvicorn and openai "
+                               "(pip install 'transformers[serving]')")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*cmd, str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
+             "--dtype", "float32", "--log-level", "warning"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.close()
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"transformers serve not healthy after {startup_s:.0f}s; see {log_path}")
+
+    def stop(self, deadline_s: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(deadline_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self.log.closed:
+            self.log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gpl.bench_anchors", description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--users-at", nargs="*", default=[], metavar="BATCH=USERS",
+                    help="fewer users at a batch size, e.g. 1=8")
+    ap.add_argument("--openai-users", type=int, default=0,
+                    help="also bench OpenAIGenerator via transformers serve")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch default")
+    ap.add_argument("--model-dir", default=None)
+    a = ap.parse_args(argv)
+    by_batch = {int(x.split("=")[0]): int(x.split("=")[1]) for x in a.users_at}
+    res = bench_anchors(a.batch_sizes, a.users, a.k, users_by_batch=by_batch, openai_users=a.openai_users,
+                        model_dir=a.model_dir, threads=a.threads or None)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
