@@ -118,7 +118,7 @@ def bench_openai(model_dir: Path, prompts: Sequence[AnchorPrompt], k: int,
         with OpenAIGenerator(cfg) as gen:
             gen.generate(list(prompts[:1]))  # warm-up
             res = run_generator(gen, prompts, len(prompts), "openai (transformers serve)")
-            res["structured_output_accepted"] = gen.structured
+            res["response_format_refused"] = not gen.structured  # transformers serve ignores it silently
             res["logprobs_returned"] = None  # transformers serve ignores logprobs: anchors get 0.0
             res["concurrency"] = cfg.concurrency
         return res
@@ -203,7 +203,7 @@ class TransformersServe:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gpl.bench_anchors", description=__doc__.split("\n")[0])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--users-at", nargs="*", default=[], metavar="BATCH=USERS",

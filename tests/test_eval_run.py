@@ -170,6 +170,9 @@ def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path)
     a = res["anchors"]
     assert a["mode"] == "memory" and a["users_with_text_anchors"] > 0
     assert res["label_maps"]["text"]["fit_rows"] > 0
+    loop = res["closed_loop_calibration"]["gpl"]
+    assert loop["counts"]["remembered"] == res["method_info"]["gpl"]["rows"]
+    assert loop["counts"]["joined"] == sum(g["joined"] for g in loop["groups"])
     assert res["anchors"]["books"]["text"]["generated_now"] == a["users_with_text_anchors"]
     # seeds differ, results are not all identical
     runs = res["runs"]["exposed"]
@@ -236,3 +239,24 @@ def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Pat
     again = run_eval(tiny_dataset, settings, cfg, encoder=enc)
     assert "cached" in again["anchors"]["books"]["sid"]["generator"]
     assert again["runs"] == res["runs"]
+
+
+def test_teacher_history_profile_is_causal(tiny_dataset: Path) -> None:
+    """The teacher's history feature of a request uses only the user's clicks in earlier training requests."""
+    from gpl.eval.methods import history_profiles
+
+    ds = load_dataset(tiny_dataset)
+    vecs = np.random.default_rng(0).normal(size=(ds.n_items, 8)).astype(np.float32)
+    prof = history_profiles(ds, vecs)
+    click = ds.exposed & (ds.label == 1)
+    for r in range(0, ds.n_requests, 7):
+        u = ds.req_user[r]
+        earlier = [
+            q
+            for q in np.flatnonzero(ds.req_user == u)
+            if not ds.is_test[q] and (q < r if not ds.is_test[r] else True)
+        ]
+        rows = [i for q in earlier for i in range(ds.ptr[q], ds.ptr[q + 1]) if click[i]]
+        want = vecs[ds.item[rows]].sum(0) if rows else np.zeros(8)
+        n = np.linalg.norm(want)
+        assert np.allclose(prof[r], want / n if n else want, atol=1e-5), r

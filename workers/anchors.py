@@ -415,6 +415,10 @@ class AnchorWorker:
                 st.reassigned = False
                 self._admit(msgs, st, dlq)
                 self._backpressure(c, st)
+                if len(st.queue) == 0 and msgs:  # only DLQ'd or debounced: make that durable, commit
+                    if p.flush(30) == 0:
+                        self._commit(c, st.tracker.committable())
+                    continue
                 if time.monotonic() < st.retry_at or len(st.queue) == 0:
                     continue
                 n = self.bucket.take(min(cfg.batch_size, len(st.queue)))

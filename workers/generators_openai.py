@@ -124,7 +124,7 @@ class OpenAIGenerator(RetryingGenerator):
         self._sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random(settings.seed)
         self._backoff = (backoff_base_s, backoff_cap_s)
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made on first use, not by unused instances
         self._client: httpx.AsyncClient | None = None
         self.stats = {"requests": 0, "resends": 0, "shape_fallbacks": 0, "bad_requests": 0}
 
@@ -138,7 +138,7 @@ class OpenAIGenerator(RetryingGenerator):
         return self.complete(prompts, attempt) if prompts else []
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop is None or self._loop.is_closed():
             return
         if self._client is not None:
             self._loop.run_until_complete(self._client.aclose())
@@ -155,6 +155,9 @@ class OpenAIGenerator(RetryingGenerator):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+                self._client = None  # a client belongs to the loop it was used in
             return self._loop.run_until_complete(coro)
         coro.close()
         raise RuntimeError("OpenAIGenerator.generate is synchronous; call it from a thread without a "

@@ -66,7 +66,8 @@ def movielens_item_vectors(settings: Settings, cache_dir: Path, *, progress: boo
     ml = load_movielens()
     texts = [ml.item_text(i, 5) for i in range(ml.n_items)]
     digest = hashlib.blake2b("\x1e".join(texts).encode(), digest_size=8).hexdigest()
-    ids_f, vec_f, meta_f = cache_dir / "item_ids.npy", cache_dir / "item_vectors.npy", cache_dir / "items.json"
+    ids_f, vec_f = cache_dir / "item_ids.npy", cache_dir / "item_vectors.npy"
+    meta_f = cache_dir / "items.json"
     if ids_f.exists() and vec_f.exists() and meta_f.exists():
         meta = json.loads(meta_f.read_text())
         if meta.get("encoder") == settings.encoder.model and meta.get("texts") == digest:
@@ -92,3 +93,168 @@ def item_vectors(settings: Settings, cache_dir: Path | None = None, *, progress:
         return got[0], got[1], "index"
     ids, vecs = movielens_item_vectors(settings, cache_dir or sid_dir(settings), progress=progress)
     return ids, vecs, "movielens-embedded"
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _bar(total: int, desc: str, enabled: bool) -> tuple[Any, Any]:
+    bar = tqdm(total=total, desc=desc, unit="epoch", disable=not enabled)
+
+    def update(epoch: int, stats: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix({k: round(v, 4) for k, v in stats.items() if k != "epoch"})
+
+    return bar, update
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def train_tokenizer(settings: Settings, out_dir: Path | None = None, epochs: int = 150, *,
+                    batch_size: int = 1024, lr: float = 3e-3, latent_dim: int = 64, seed: int = 0,
+                    threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the RQ-VAE on the catalogue's frozen vectors, assign SIDs, save; returns the metrics."""
+    from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
+
+    _threads(threads)
+    out = out_dir or sid_dir(settings)
+    ids, vecs, source = item_vectors(settings, out, progress=progress)
+    cfg = RQVAEConfig(in_dim=vecs.shape[1], latent_dim=latent_dim, hidden=(512, 256), seed=seed)
+    t0 = time.perf_counter()
+    bar, update = _bar(epochs, "train tokenizer", progress)
+    with bar:
+        model, hist = train_rqvae(vecs, cfg, epochs=epochs, batch_size=batch_size, lr=lr, progress=update)
+    train_s = time.perf_counter() - t0
+    tok = build_tokenizer(model, ids, vecs, settings.encoder.model,
+                          {"train": hist, "train_seconds": round(train_s, 1), "vectors": source,
+                           "epochs": epochs})
+    tok.save(out)
+    return {**tok.metrics, "fingerprint": tok.fingerprint, "dir": str(out)}
+
+
+def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int = 8, *,
+                    batch_size: int = 64, lr: float = 2e-3, subsample_t: float = 1e-3,
+                    users: int | None = None, evaluate: bool = True, ks: tuple[int, ...] = (4, 8),
+                    topn: int = 10, seed: int = 0, threads: int | None = None, progress: bool = True
+                    ) -> dict[str, Any]:
+    """Train the SID sequence model on MovieLens positives (last positive per user held out), save it,
+    and (``evaluate``) measure HR@K×``topn`` against the baselines on the held-out items.
+
+    ``users`` keeps the first N users (smoke runs). Needs ``train_tokenizer`` first (same directory).
+    """
+    from gpl.simulate import load_movielens
+    from workers.sid.data import leave_last_out, positive_sequences
+    from workers.sid.generator import GeneratorConfig, save_generator
+    from workers.sid.generator import train_generator as fit
+    from workers.sid.rqvae import SIDTokenizer
+
+    _threads(threads)
+    out = out_dir or sid_dir(settings)
+    tok = SIDTokenizer.load(out, settings.encoder.model)
+    seqs = positive_sequences(load_movielens())
+    if users is not None:
+        seqs = {u: seqs[u] for u in sorted(seqs)[:users]}
+    split = leave_last_out(seqs)
+    cfg = GeneratorConfig(level_sizes=tok.level_sizes, seed=seed)
+    t0 = time.perf_counter()
+    bar, update = _bar(epochs, "train generator", progress)
+    with bar:
+        model, hist = fit(tok, list(split.train.values()), config=cfg, epochs=epochs, batch_size=batch_size,
+                          lr=lr, subsample_t=subsample_t, progress=update)
+    metrics: dict[str, Any] = {"train": hist, "train_seconds": round(time.perf_counter() - t0, 1),
+                               "test_users": len(split.test)}
+    save_generator(model, tok, out, metrics)
+    if evaluate:
+        metrics["eval"] = evaluate_dir(settings, out, ks=ks, topn=topn, users=users, progress=progress)
+    return {**metrics, "dir": str(out)}
+
+
+def evaluate_dir(settings: Settings, out_dir: Path | None = None, *, ks: tuple[int, ...] = (4, 8),
+                 topn: int = 10, users: int | None = None, beam_width: int = 16, progress: bool = True
+                 ) -> dict[str, Any]:
+    """Load the artifacts of ``out_dir``, run :func:`workers.sid.evaluate.evaluate_sid`, write eval.json."""
+    from gpl.simulate import load_movielens
+    from workers.sid.data import leave_last_out, positive_sequences
+    from workers.sid.evaluate import evaluate_sid
+    from workers.sid.generator import SIDAnchorGenerator
+
+    out = out_dir or sid_dir(settings)
+    gen = SIDAnchorGenerator.load(out, settings.encoder.model, beam_width=max(beam_width, *ks))
+    ids, vecs, _ = item_vectors(settings, out, progress=progress)
+    seqs = positive_sequences(load_movielens())
+    if users is not None:
+        seqs = {u: seqs[u] for u in sorted(seqs)[:users]}
+    test = leave_last_out(seqs).test
+    with tqdm(total=len(test), desc="evaluate", unit="user", disable=not progress) as bar:
+        res = evaluate_sid(gen, ids, vecs, test, ks=ks, topn=topn, progress=bar.update)
+    (out / "eval.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _run_tokenizer(args: argparse.Namespace, settings: Settings) -> int:
+    res = train_tokenizer(settings, args.out, args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          latent_dim=args.latent_dim, seed=args.seed, threads=args.threads)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _run_generator(args: argparse.Namespace, settings: Settings) -> int:
+    res = train_generator(settings, args.out, args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          subsample_t=args.subsample_t, users=args.users, evaluate=not args.no_eval,
+                          ks=tuple(args.k or (4, 8)), topn=args.topn, seed=args.seed, threads=args.threads)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    _threads(args.threads)
+    res = evaluate_dir(settings, args.out, ks=tuple(args.k or (4, 8)), topn=args.topn, users=args.users)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``anchors`` with ``train-tokenizer``, ``train-generator`` and ``evaluate-sid`` under it."""
+    anchors = sub.add_parser("anchors", help="semantic-ID anchors: train the tokenizer and the generator")
+    leaves = anchors.add_subparsers(dest="anchors_cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, default=None, help="artifacts (default <data_dir>/sid/<encoder>)")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+    tok = leaves.add_parser("train-tokenizer", help="RQ-VAE over the item vectors -> semantic IDs")
+    common(tok)
+    tok.add_argument("--epochs", type=int, default=150)
+    tok.add_argument("--batch-size", type=int, default=1024)
+    tok.add_argument("--lr", type=float, default=3e-3)
+    tok.add_argument("--latent-dim", type=int, default=64)
+    tok.add_argument("--seed", type=int, default=0)
+    tok.set_defaults(run=_run_tokenizer)
+
+    gen = leaves.add_parser("train-generator", help="transformer over users' positive SID sequences")
+    common(gen)
+    gen.add_argument("--epochs", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=64)
+    gen.add_argument("--lr", type=float, default=2e-3)
+    gen.add_argument("--subsample-t", type=float, default=1e-3, help="popularity downsampling t (0: off)")
+    gen.add_argument("--users", type=int, default=None, help="first N users only (smoke runs)")
+    gen.add_argument("--no-eval", action="store_true", help="skip the held-out hit-rate evaluation")
+    gen.add_argument("--k", type=int, action="append", help="anchors per user to evaluate (repeatable)")
+    gen.add_argument("--topn", type=int, default=10)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=_run_generator)
+
+    ev = leaves.add_parser("evaluate-sid", help="held-out HR@K x topn of SID anchors vs baselines")
+    common(ev)
+    ev.add_argument("--k", type=int, action="append")
+    ev.add_argument("--topn", type=int, default=10)
+    ev.add_argument("--users", type=int, default=None)
+    ev.set_defaults(run=_run_evaluate)

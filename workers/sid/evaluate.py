@@ -49,12 +49,14 @@ def evaluate_sid(
     topn: int = 10,
     *,
     max_users: int | None = None,
+    batch_users: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """HR@K×``topn`` of every arm for each K in ``ks`` over the test users (see the module docstring).
 
     Users whose held-out item has no vector are skipped (counted in ``skipped``). One beam search per
-    user at max(ks): the top-k of a beam search whose width is at least max(ks) is the prefix of its top-K.
+    user at max(ks), ``batch_users`` users per model call (the top-k of a beam search whose width is at
+    least max(ks) is the prefix of its top-K); ``progress(n)`` hears how many users each batch covered.
     """
     t0 = time.perf_counter()
     ids = np.asarray(item_ids, np.int64)
@@ -72,36 +74,42 @@ def evaluate_sid(
     code_hits = dict.fromkeys(ks, 0)
     n_anchors = dict.fromkeys(ks, 0)
     evaluated = skipped = 0
-    for done, u in enumerate(users, 1):
+    cases = []
+    for u in users:
         history, target_id = test[u]
         t_row = row.get(int(target_id))
         if t_row is None:
             skipped += 1
-            continue
-        evaluated += 1
-        target = vecs[t_row]
-        t_sid = generator.tokenizer.sid_of(int(target_id))
-        sids = generator.generate_sids(list(history), k_max)
-        cent = np.stack([generator.tokenizer.vector_of_prefix(s, "centroid") for s, _ in sids]) if sids else \
-            np.zeros((0, vecs.shape[1]), np.float32)
-        dec = np.stack([generator.tokenizer.vector_of_prefix(s, "decoded") for s, _ in sids]) if sids else cent
-        recent: list[int] = []
-        for i in reversed(list(history)):
-            r = row.get(int(i))
-            if r is not None and r not in recent:
-                recent.append(r)
-            if len(recent) == k_max:
-                break
-        for k in ks:
-            n_anchors[k] += min(k, len(sids))
-            if t_sid is not None and any(s[:levels] == t_sid[:levels] for s, _ in sids[:k]):
-                code_hits[k] += 1
-            hits[("sid_centroid", k)] += _hits(cent[:k], target, vecs, topn)
-            hits[("sid_decoded", k)] += _hits(dec[:k], target, vecs, topn)
-            hits[("recent", k)] += _hits(vecs[recent[:k]], target, vecs, topn)
-            hits[("popular", k)] += _hits(vecs[popular_rows[:k]], target, vecs, topn)
+        else:
+            cases.append((list(history), int(target_id), t_row))
+    empty = np.zeros((0, vecs.shape[1]), np.float32)
+    for s in range(0, len(cases), batch_users):
+        chunk = cases[s : s + batch_users]
+        beams = generator.generate_sids_many([c[0] for c in chunk], k_max)
+        for (history, target_id, t_row), sids in zip(chunk, beams, strict=True):
+            evaluated += 1
+            target = vecs[t_row]
+            t_sid = generator.tokenizer.sid_of(target_id)
+            tok = generator.tokenizer
+            cent = np.stack([tok.vector_of_prefix(p, "centroid") for p, _ in sids]) if sids else empty
+            dec = np.stack([tok.vector_of_prefix(p, "decoded") for p, _ in sids]) if sids else empty
+            recent: list[int] = []
+            for i in reversed(history):
+                r = row.get(int(i))
+                if r is not None and r not in recent:
+                    recent.append(r)
+                if len(recent) == k_max:
+                    break
+            for k in ks:
+                n_anchors[k] += min(k, len(sids))
+                if t_sid is not None and any(p[:levels] == t_sid[:levels] for p, _ in sids[:k]):
+                    code_hits[k] += 1
+                hits[("sid_centroid", k)] += _hits(cent[:k], target, vecs, topn)
+                hits[("sid_decoded", k)] += _hits(dec[:k], target, vecs, topn)
+                hits[("recent", k)] += _hits(vecs[recent[:k]], target, vecs, topn)
+                hits[("popular", k)] += _hits(vecs[popular_rows[:k]], target, vecs, topn)
         if progress is not None:
-            progress(done)
+            progress(len(chunk))
     denom = max(evaluated, 1)
     result: dict[str, Any] = {
         "users": evaluated, "skipped": skipped, "topn": topn, "ks": list(ks),

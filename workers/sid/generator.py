@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ class GeneratorConfig:
 class SIDTransformer(nn.Module):
     """Decoder-only transformer (pre-norm, causal) whose logits are masked to the next level's slice."""
 
+    level_mask: torch.Tensor
+
     def __init__(self, config: GeneratorConfig) -> None:
         super().__init__()
         self.config = config
@@ -119,15 +122,26 @@ class SIDTransformer(nn.Module):
             mask[p, lo : lo + config.level_sizes[level]] = 0.0
         self.register_buffer("level_mask", mask, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T), T <= max_len; -inf outside the next level's slice."""
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_len {self.config.max_len}")
         h = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
         causal = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
-        h = self.blocks(h, mask=causal, is_causal=True)
-        return self.head(self.norm(h)) + self.level_mask[:t]
+        return self.norm(self.blocks(h, mask=causal, is_causal=True))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T), T <= max_len; -inf outside the next level's slice."""
+        return self.head(self._hidden(tokens)) + self.level_mask[: tokens.shape[1]]
+
+    def last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) at each row's last real position of right-padded ``tokens``.
+
+        Right padding is harmless under the causal mask (a position never attends to later ones), and
+        the head runs on B positions instead of B x T: decoding never builds a (B, T, vocab) tensor.
+        """
+        h = self._hidden(tokens)[torch.arange(tokens.shape[0]), lengths - 1]
+        return self.head(h) + self.level_mask[lengths - 1]
 
 
 def item_tokens(sids: np.ndarray, config: GeneratorConfig) -> np.ndarray:
@@ -283,42 +297,81 @@ class SIDTrie:
 
 
 @torch.no_grad()
-def beam_search(model: SIDTransformer, trie: SIDTrie, context: Sequence[int], k: int, *,
-                beam_width: int = 16, depth: int | None = None) -> list[tuple[tuple[int, ...], float]]:
-    """The K best valid SID prefixes of length ``depth`` after ``context`` tokens (BOS first), best first.
+def beam_search_many(
+    model: SIDTransformer,
+    trie: SIDTrie,
+    contexts: Sequence[Sequence[int]],
+    k: int,
+    *,
+    beam_width: int = 16,
+    depth: int | None = None,
+    banned: Sequence[set[tuple[int, ...]]] | None = None,
+    max_rows: int = 512,
+) -> list[list[tuple[tuple[int, ...], float]]]:
+    """For each context (tokens, BOS first): its K best valid SID prefixes of length ``depth``, best first.
 
-    Returns fewer than K only when fewer valid prefixes exist.
+    ``banned[i]`` lists full-depth prefixes context i must not produce (e.g. items the user already
+    has); like invalid codes they are removed before the renormalisation. A result has fewer than K
+    entries only when fewer allowed prefixes exist. All beams of all contexts of a step go through the
+    model together, ``max_rows`` rows at a time.
     """
     cfg = model.config
     depth = depth or cfg.depth
     if not 1 <= depth <= cfg.depth:
         raise ValueError(f"depth must be in 1..{cfg.depth}")
     width = max(k, beam_width)
-    ctx = list(context)
-    if len(ctx) + depth > cfg.max_len:
-        raise ValueError("context too long for the model")
-    beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    ctxs = [list(c) for c in contexts]
+    if any(len(c) + depth > cfg.max_len or not c for c in ctxs):
+        raise ValueError(f"every context needs 1..{cfg.max_len - depth} tokens")
+    beams: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in ctxs]
     for d in range(depth):
         off, size = cfg.offsets[d], cfg.level_sizes[d]
-        seqs = torch.tensor([ctx + [cfg.offsets[j] + c for j, c in enumerate(p)] for p, _ in beams])
-        logits = model(seqs)[:, -1, off : off + size].double()
-        cand_prefix: list[tuple[int, ...]] = []
-        cand_score: list[np.ndarray] = []
-        for b, (prefix, score) in enumerate(beams):
-            valid = trie.next_codes(prefix)
-            if not len(valid):
+        rows = [ctx + [cfg.offsets[j] + c for j, c in enumerate(p)]
+                for ctx, bs in zip(ctxs, beams, strict=True) for p, _ in bs]
+        logits = _step_logits(model, rows, max_rows)[:, off : off + size].double()
+        r = 0
+        for u, bs in enumerate(beams):
+            cand_prefix: list[tuple[int, ...]] = []
+            cand_score: list[np.ndarray] = []
+            for prefix, score in bs:
+                lv_all = logits[r]
+                r += 1
+                valid = trie.next_codes(prefix)
+                if banned is not None and d == depth - 1 and banned[u]:
+                    ok = [c for c in valid.tolist() if prefix + (c,) not in banned[u]]
+                    valid = np.asarray(ok, np.int64)
+                if not len(valid):
+                    continue
+                lv = lv_all[torch.from_numpy(valid)]
+                cand_prefix.extend(prefix + (int(c),) for c in valid.tolist())
+                cand_score.append(score + (lv - torch.logsumexp(lv, 0)).numpy())
+            if not cand_prefix:
+                beams[u] = []
                 continue
-            lv = logits[b, torch.from_numpy(valid)]
-            lp = (lv - torch.logsumexp(lv, 0)).numpy()
-            cand_prefix.extend(prefix + (int(c),) for c in valid.tolist())
-            cand_score.append(score + lp)
-        if not cand_prefix:
-            return []
-        scores = np.concatenate(cand_score)
-        keep = width if d < depth - 1 else k
-        top = np.argsort(-scores, kind="stable")[:keep]
-        beams = [(cand_prefix[i], float(scores[i])) for i in top]
+            scores = np.concatenate(cand_score)
+            top = np.argsort(-scores, kind="stable")[: width if d < depth - 1 else k]
+            beams[u] = [(cand_prefix[i], float(scores[i])) for i in top]
     return beams
+
+
+def _step_logits(model: SIDTransformer, rows: list[list[int]], max_rows: int) -> torch.Tensor:
+    out = []
+    for s in range(0, len(rows), max_rows):
+        chunk = rows[s : s + max_rows]
+        lengths = torch.tensor([len(r) for r in chunk])
+        x = torch.full((len(chunk), int(lengths.max())), PAD, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            x[i, : len(r)] = torch.tensor(r)
+        out.append(model.last_logits(x, lengths))
+    return torch.cat(out) if out else torch.zeros(0, model.config.vocab)
+
+
+def beam_search(model: SIDTransformer, trie: SIDTrie, context: Sequence[int], k: int, *,
+                beam_width: int = 16, depth: int | None = None,
+                banned: set[tuple[int, ...]] | None = None) -> list[tuple[tuple[int, ...], float]]:
+    """One context's K best valid SID prefixes (see :func:`beam_search_many`)."""
+    return beam_search_many(model, trie, [context], k, beam_width=beam_width, depth=depth,
+                            banned=None if banned is None else [banned])[0]
 
 
 def sid_string(sid: Sequence[int]) -> str:
@@ -334,7 +387,7 @@ class SIDAnchorGenerator:
     """
 
     def __init__(self, tokenizer: SIDTokenizer, model: SIDTransformer, *, vector_mode: str = "centroid",
-                 depth: int | None = None, beam_width: int = 16) -> None:
+                 depth: int | None = None, beam_width: int = 16, exclude_history: bool = True) -> None:
         if model.config.level_sizes != tokenizer.level_sizes:
             raise ValueError("generator and tokenizer disagree on the SID vocabulary")
         if vector_mode not in ("centroid", "decoded"):
@@ -346,11 +399,14 @@ class SIDAnchorGenerator:
         if not tokenizer.levels <= self.depth <= model.config.depth:
             raise ValueError(f"depth must be in {tokenizer.levels}..{model.config.depth}")
         self.beam_width = beam_width
+        self.exclude_history = exclude_history
+        self._prefix_items = Counter(tuple(r) for r in tokenizer.sids[:, : self.depth].tolist())
         self.trie = SIDTrie(tokenizer.sids)
         self._tokens = item_tokens(tokenizer.sids, model.config)
         self._vec_cache: dict[tuple[int, ...], np.ndarray] = {}
-        spec = json.dumps({"tokenizer": tokenizer.fingerprint, "weights": _state_hash(model), "mode": vector_mode,
-                           "depth": self.depth, "beam": beam_width}, sort_keys=True)
+        spec = json.dumps({"tokenizer": tokenizer.fingerprint, "weights": _state_hash(model),
+                           "mode": vector_mode, "depth": self.depth, "beam": beam_width,
+                           "exclude_history": exclude_history}, sort_keys=True)
         self.prompt_hash = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
         self.model = f"sid-transformer-{self.prompt_hash[:8]}"
 
@@ -360,9 +416,24 @@ class SIDAnchorGenerator:
         rows = rows[-(self.net.config.context_items - 1):] if self.net.config.context_items > 1 else []
         return [BOS, *self._tokens[rows].reshape(-1).tolist()]
 
+    def banned(self, history_item_ids: Sequence[int]) -> set[tuple[int, ...]]:
+        """Depth-prefixes all of whose items are in the history (nothing new left to point at)."""
+        if not self.exclude_history:
+            return set()
+        seen: Counter[tuple[int, ...]] = Counter()
+        for r in {r for r in (self.tokenizer.row_of(i) for i in history_item_ids) if r is not None}:
+            seen[tuple(int(c) for c in self.tokenizer.sids[r, : self.depth])] += 1
+        return {p for p, n in seen.items() if n >= self._prefix_items[p]}
+
+    def generate_sids_many(self, histories: Sequence[Sequence[int]], k: int
+                           ) -> list[list[tuple[tuple[int, ...], float]]]:
+        """One beam search over a batch of histories (the cheap way to serve a micro-batch of users)."""
+        return beam_search_many(self.net, self.trie, [self.context(h) for h in histories], k,
+                                beam_width=self.beam_width, depth=self.depth,
+                                banned=[self.banned(h) for h in histories])
+
     def generate_sids(self, history_item_ids: Sequence[int], k: int) -> list[tuple[tuple[int, ...], float]]:
-        return beam_search(self.net, self.trie, self.context(history_item_ids), k,
-                           beam_width=self.beam_width, depth=self.depth)
+        return self.generate_sids_many([history_item_ids], k)[0]
 
     def vector(self, sid: tuple[int, ...]) -> np.ndarray:
         head = sid[: self.tokenizer.levels]
@@ -374,13 +445,19 @@ class SIDAnchorGenerator:
 
     def generate_anchors(self, history_item_ids: list[int], k: int) -> list[tuple[np.ndarray, float, str]]:
         """K anchors best first: (unit vector in the frozen space, sequence log-prob, SID string)."""
-        return [(self.vector(sid), lp, sid_string(sid)) for sid, lp in self.generate_sids(history_item_ids, k)]
+        return self.generate_anchors_many([history_item_ids], k)[0]
+
+    def generate_anchors_many(self, histories: Sequence[Sequence[int]], k: int
+                              ) -> list[list[tuple[np.ndarray, float, str]]]:
+        return [[(self.vector(sid), lp, sid_string(sid)) for sid, lp in sids]
+                for sids in self.generate_sids_many(histories, k)]
 
     def anchors(self, history_item_ids: list[int], k: int) -> list[Any]:
         """The same anchors as ``schemas.events.Anchor`` (text = SID string), ready for an AnchorSet."""
         from schemas.events import Anchor
 
-        return [Anchor(text=s, vector=v.tolist(), logprob=lp) for v, lp, s in self.generate_anchors(history_item_ids, k)]
+        return [Anchor(text=s, vector=v.tolist(), logprob=lp)
+                for v, lp, s in self.generate_anchors(history_item_ids, k)]
 
     @classmethod
     def load(cls, directory: Path | str, encoder_id: str | None = None, **kwargs: Any) -> SIDAnchorGenerator:
@@ -399,7 +476,7 @@ def _state_hash(model: nn.Module) -> str:
 
 def save_generator(model: SIDTransformer, tokenizer: SIDTokenizer, out_dir: Path | str,
                    metrics: dict[str, Any] | None = None) -> Path:
-    """``generator.pt`` (weights, config, the tokenizer fingerprint it was trained on) + ``generator.json``."""
+    """``generator.pt`` (weights, config, the tokenizer fingerprint it was trained on), ``generator.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
@@ -411,8 +488,8 @@ def save_generator(model: SIDTransformer, tokenizer: SIDTokenizer, out_dir: Path
     torch.save(blob, tmp)
     tmp.replace(path)
     (out / "generator.json").write_text(json.dumps(
-        {"format": FORMAT, "config": cfg, "tokenizer": tokenizer.fingerprint, "encoder_id": tokenizer.encoder_id,
-         "metrics": metrics or {}}, indent=2))
+        {"format": FORMAT, "config": cfg, "tokenizer": tokenizer.fingerprint,
+         "encoder_id": tokenizer.encoder_id, "metrics": metrics or {}}, indent=2))
     return path
 
 

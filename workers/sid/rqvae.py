@@ -120,17 +120,22 @@ class RQOutput:
 class RQVAE(nn.Module):
     """MLP encoder, ``levels`` residual codebooks of ``codebook_size`` codes, MLP decoder."""
 
+    initialized: torch.Tensor
+    usage: torch.Tensor
+
     def __init__(self, config: RQVAEConfig) -> None:
         super().__init__()
         self.config = config
         dims = [config.in_dim, *config.hidden, config.latent_dim]
         self.encoder = _mlp(dims)
         self.decoder = _mlp(dims[::-1])
-        self.codebooks = nn.Parameter(torch.randn(config.levels, config.codebook_size, config.latent_dim) * 0.1)
+        shape = (config.levels, config.codebook_size, config.latent_dim)
+        self.codebooks = nn.Parameter(torch.randn(*shape) * 0.1)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("usage", torch.zeros(config.levels, config.codebook_size, dtype=torch.int64))
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def quantize(self, z: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(z_q, codes, codebook + commitment loss, level residuals) of latents ``z``."""
         residual = z
         zq = torch.zeros_like(z)
@@ -158,7 +163,7 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor, generator: torch.Generator) -> None:
-        """k-means of each level's residuals of the batch ``x``, level by level (levels build on each other)."""
+        """k-means of each level's residuals of the batch ``x``, level by level (each refines the last)."""
         residual = self.encoder(x)
         for level in range(self.config.levels):
             c = kmeans(residual, self.config.codebook_size, self.config.kmeans_iters, generator)
@@ -244,8 +249,8 @@ def train_rqvae(
             # no re-seeding in the last stretch: a code moved then would have no time to settle
             if step % config.dead_check_every == 0 and step < 0.9 * total:
                 reseeded += model.reseed_dead(out.residuals, gen)
-            sums["recon"] += float(out.recon_loss) * len(xb)
-            sums["quant"] += float(out.quant_loss) * len(xb)
+            sums["recon"] += float(out.recon_loss.detach()) * len(xb)
+            sums["quant"] += float(out.quant_loss.detach()) * len(xb)
         stats = {"epoch": float(epoch + 1), "recon": sums["recon"] / n, "quant": sums["quant"] / n}
         if progress is not None:
             progress(epoch + 1, stats)
@@ -302,7 +307,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruction_report(model: RQVAE, vectors: np.ndarray, codes: np.ndarray, seed: int = 0) -> dict[str, float]:
+def reconstruction_report(model: RQVAE, vectors: np.ndarray, codes: np.ndarray, seed: int = 0
+                          ) -> dict[str, float]:
     """Mean cosine between item vectors and their decoded SIDs, with two references.
 
     ``recon_cos_random``: decoded uniformly random codes (what the decoder gives without information);
