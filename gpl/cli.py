@@ -246,8 +246,18 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+SECRET_FIELDS = ("password", "api_key", "sasl_username")
+
+
+def _mask(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("***" if v and any(f in k for f in SECRET_FIELDS) else _mask(v)) for k, v in obj.items()}
+    return obj
+
+
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
-    print(orjson.dumps(settings.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
+    """Print the effective settings; secrets are masked."""
+    print(orjson.dumps(_mask(settings.model_dump(mode="json")), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

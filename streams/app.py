@@ -340,7 +340,12 @@ class StreamsProcessor:
                 while not stop.is_set() and not self.app.should_stop:
                     await asyncio.sleep(0.1)
             finally:
-                await asyncio.wait_for(self.app.stop(), timeout=20)
+                # table changelog writes are buffered: make them durable before leaving the group,
+                # or a restart would recover a table missing its last records
+                try:
+                    await asyncio.wait_for(self.app.producer.flush(), timeout=20)
+                finally:
+                    await asyncio.wait_for(self.app.stop(), timeout=20)
 
         try:
             loop.run_until_complete(main())
