@@ -77,7 +77,8 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
                           "candidates": [{"item_id": int(i), "score": 0.5, "source": "bench"} for i in cand]}
                 shown = cand[:10]
                 exposure = {"request_id": rid, "user_id": user, "ts": ts,
-                            "items": [{"item_id": int(i), "position": j, "clicked": j == 0} for j, i in enumerate(shown)]}
+                            "items": [{"item_id": int(i), "position": j, "clicked": j == 0}
+                                      for j, i in enumerate(shown)]}
                 p.produce("recall", orjson.dumps(recall), key=user.encode())
                 p.produce("exposure", orjson.dumps(exposure), key=user.encode())
                 sent_ts[rid] = ts
@@ -114,7 +115,7 @@ def _read_samples(s: Settings, arrivals: dict[str, float], stop: threading.Event
                 if m.error() is not None:
                     continue
                 now = time.time()
-                b = orjson.loads(m.value())
+                b = orjson.loads(m.value() or b"{}")
                 if b.get("lineage") is not None:  # the pseudo-labeled batch of this request
                     arrivals.setdefault(b["request_id"], now)
     finally:

@@ -213,15 +213,12 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
             continue
         shown = {it.item_id: it.clicked for it in exposures[e.request_id].items}
         for c in e.candidates:
-            if c.item_id in shown:
-                y: int | None = int(shown[c.item_id])
-            else:
-                y = truth.get((e.user_id, c.item_id))
-            if y is None:
+            label = int(shown[c.item_id]) if c.item_id in shown else truth.get((e.user_id, c.item_id))
+            if label is None:
                 continue
             users.append(e.user_id)
             items.append(c.item_id)
-            labels.append(y)
+            labels.append(label)
             exposed.append(c.item_id in shown)
     if not labels:
         return {"error": "no labeled test candidates"}
@@ -266,8 +263,8 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
         for m in c.consume(1000, timeout=0.5):
             if m.error() is not None:
                 continue
-            pos[m.partition()] = m.offset() + 1
-            for x in orjson.loads(m.value())["samples"]:
+            pos[m.partition() or 0] = (m.offset() or 0) + 1
+            for x in orjson.loads(m.value() or b'{"samples": []}')["samples"]:
                 n[x["source"]] += 1
                 if x["source"] == "pseudo":
                     label_sum += x["label"]

@@ -178,7 +178,9 @@ class Settings(BaseSettings):
 
     @property
     def llm_dir(self) -> Path:
-        return Path(self.anchors.model_dir) if self.anchors.model_dir else self.data_dir / "models" / "smollm2-135m-instruct"
+        if self.anchors.model_dir:
+            return Path(self.anchors.model_dir)
+        return self.data_dir / "models" / "smollm2-135m-instruct"
 
     def with_overrides(self, **sections: Mapping[str, Any] | Any) -> Settings:
         """A copy with some fields replaced, validated again (settings stay frozen)."""

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import faust
 import numpy as np
@@ -44,8 +44,6 @@ from streams.interest import Interest, add_positives, decide, request_anchors, t
 from streams.join import (
     DONE,
     EXPIRED,
-    EXPOSURE as PENDING_EXPOSURE,
-    RECALL as PENDING_RECALL,
     Pending,
     decode_recall,
     encode_unexposed,
@@ -54,6 +52,12 @@ from streams.join import (
     pending_recall,
     real_samples,
     unexposed,
+)
+from streams.join import (
+    EXPOSURE as PENDING_EXPOSURE,
+)
+from streams.join import (
+    RECALL as PENDING_RECALL,
 )
 
 log = logging.getLogger(__name__)
@@ -142,10 +146,10 @@ class StreamsProcessor:
         self.out_anchor_requests = app.topic(ANCHOR_REQUESTS.name, **RAW)
         self.dlq = {t: app.topic(f"{t}.dlq", **RAW) for t in (RECALL.name, EXPOSURE.name)}
         # state: pending joins by request id; interest by user id (both changelogged)
-        self.pending = app.tables.add(PartitionTable(app, name="pending", partitions=s.kafka.partitions,
-                                                     **RAW_TABLE, beacon=app.tables.beacon,
-                                                     on_recover=self._on_recover))
-        self.interest = app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE)
+        self.pending: PartitionTable = cast(PartitionTable, app.tables.add(PartitionTable(
+            app, name="pending", partitions=s.kafka.partitions, **RAW_TABLE, beacon=app.tables.beacon,
+            on_recover=self._on_recover)))
+        self.interest = cast(faust.Table, app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE))
 
         @app.agent(events)
         async def recall_exposure(stream: faust.StreamT) -> None:

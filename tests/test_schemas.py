@@ -6,6 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from gpl.cli import build_parser, main
 from gpl.settings import load
@@ -65,7 +66,7 @@ def test_settings_sources(tmp_path: Path) -> None:
         load(env={"GPL_LABELR__CAP": "1"})
     with pytest.raises(ValueError):
         load(env={"GPL_LABELER__CAPP": "1"})
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(ValidationError):  # frozen
         s.labeler.cap = 3  # type: ignore[misc]
 
 
