@@ -105,6 +105,8 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         phases.update()
         accounting = stages.accounting()
         errors = {k: repr(v) for k, v in stages.errors.items()}
+        monitor = stages.stages.get("calibration")
+        calibration = monitor.snapshot() if monitor is not None else None  # type: ignore[attr-defined]
 
         # 6. evaluate -----------------------------------------------------------------------------
         phases.set_postfix_str("evaluate")
@@ -113,6 +115,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     phases.update()
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
+    summary["calibration"] = calibration
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
     return summary
 
@@ -323,6 +326,15 @@ def _summary(counts: dict[str, int], acc: dict[str, dict[str, int]], metric: dic
     }
 
 
+def _calibration_lines(calib: dict[str, Any] | None) -> list[str]:
+    """Closed loop: pseudo-labels whose (user, item) was exposed later, against the real outcome."""
+    if not calib or not calib.get("groups"):
+        return ["  closed-loop check    no pseudo-labeled item was exposed later to the same user"]
+    return [f"  closed-loop check    {g['model']} ({g['prompt_hash'][:8]}{', fallback' if g['fallback'] else ''}): "
+            f"{g['joined']} pseudo-labels met their real outcome later; mean p {g['mean_p']:.3f} vs observed "
+            f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in calib["groups"]]
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     m = summary.get("metric", {})
     lines = [
@@ -340,6 +352,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  pre-ranker AUC       entire space {m.get('auc_entire_space')}  exposed {m.get('auc_exposed')}"
         f"  unexposed {m.get('auc_unexposed')}  (popularity baseline: {m.get('popularity_auc_entire_space')},"
         f" unexposed {m.get('popularity_auc_unexposed')}; {m.get('test_candidates')} held-out candidates)",
+        *_calibration_lines(summary.get("calibration")),
         f"  all accounted for    {summary['quiescent']}   errors: {summary['stage_errors'] or 'none'}",
         f"  wall time            {summary['seconds']} s",
     ]

@@ -338,7 +338,7 @@ def _simulate(ml: MovieLens, cfg: SimConfig) -> Simulation:
     genre_off = np.concatenate([[0], np.cumsum(genre_size)[:-1]]).astype(np.int64)
     genre_flat = np.concatenate(genre_members).astype(np.int64)
     genre_global = genre_size / genre_size.sum()
-    hot_t = ml.item_genres.T.astype(np.float32)  # [G, I]
+    hot_t = ml.item_genres.T.astype(np.float64)  # [G, I]
     # positives' genre counts before each rating index: cum[k] = sum over ratings < k
     pos_hot = ml.item_genres[ml.r_item] & (ml.r_rating >= thr)[:, None]
     cum_pos = np.zeros((len(ml.r_item) + 1, n_genres), dtype=np.int32)
@@ -427,7 +427,9 @@ def _simulate(ml: MovieLens, cfg: SimConfig) -> Simulation:
             chosen_src[r, :len(srcs)] = srcs
         ok = chosen >= 0
         safe = np.maximum(chosen, 0)
-        aff = np.take_along_axis(w_norm.astype(np.float32) @ hot_t, safe, 1)  # [n, I] -> [n, K]
+        # float64 and rounded: the ranking below must not depend on how many BLAS threads summed it
+        aff_all = np.round(w_norm.astype(np.float64) @ hot_t, 9).astype(np.float32)
+        aff = np.take_along_axis(aff_all, safe, 1)  # [n, I] -> [n, K]
         aff[~ok] = 0.0
         # targets borrow a route from the mix (genre only when the user has an affinity to them)
         is_t = chosen_src == -1

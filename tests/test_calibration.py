@@ -112,9 +112,7 @@ def test_observe_groups_by_generator_and_fallback() -> None:
 @pytest.mark.integration
 def test_monitor_on_the_real_broker(settings: Settings) -> None:
     """Pseudo-labels, then real labels of the same pairs, plus a bad message, through the samples topic."""
-    first = [
-        _batch(f"u{k}", f"r{k}", [(k, 0.9, 0.8, "pseudo"), (100 + k, 0.1, 0.7, "pseudo")]) for k in range(10)
-    ]
+    first = [_batch(f"u{k}", f"r{k}", [(k, 0.9, 0.8, "pseudo"), (100 + k, 0.1, 0.7, "pseudo")]) for k in range(10)]
     later = [
         _batch(
             f"u{k}",
@@ -147,9 +145,7 @@ def test_monitor_on_the_real_broker(settings: Settings) -> None:
     labels = {"model": "smollm2", "prompt_hash": "abc", "fallback": "false"}
     assert REGISTRY.get_sample_value("gpl_pseudo_label_ece", labels) == pytest.approx(0.25)
     assert REGISTRY.get_sample_value("gpl_pseudo_label_joined", labels) == 20
-    bin9 = REGISTRY.get_sample_value(
-        "gpl_pseudo_label_reliability", {**labels, "bin": "9", "stat": "observed"}
-    )
+    bin9 = REGISTRY.get_sample_value("gpl_pseudo_label_reliability", {**labels, "bin": "9", "stat": "observed"})
     assert bin9 is not None and math.isclose(bin9, 0.5)
     dead = drain(settings, "samples.dlq", expect=1)
     assert len(dead) == 1 and dead[0]["reason"] == "malformed_json"

@@ -83,9 +83,7 @@ def test_dataset_rules(tmp_path: Path) -> None:
         {"user_id": "a", "item_id": 1, "label": 0},
         {"user_id": "b", "item_id": 2, "label": 0},
     ]
-    ds = load_dataset(
-        _write(tmp_path, events, {"test_start_ms": 2500, "user_test_start_ms": {"a": 2000}}, truth)
-    )
+    ds = load_dataset(_write(tmp_path, events, {"test_start_ms": 2500, "user_test_start_ms": {"a": 2000}}, truth))
     assert ds.request_ids == ["r1", "r3", "r2", "r4"]  # by time
     r1 = slice(ds.ptr[0], ds.ptr[1])
     assert ds.item_ids[ds.item[r1]].tolist() == [1, 2, 3, 6]
@@ -252,9 +250,7 @@ def test_teacher_history_profile_is_causal(tiny_dataset: Path) -> None:
     for r in range(0, ds.n_requests, 7):
         u = ds.req_user[r]
         earlier = [
-            q
-            for q in np.flatnonzero(ds.req_user == u)
-            if not ds.is_test[q] and (q < r if not ds.is_test[r] else True)
+            q for q in np.flatnonzero(ds.req_user == u) if not ds.is_test[q] and (q < r if not ds.is_test[r] else True)
         ]
         rows = [i for q in earlier for i in range(ds.ptr[q], ds.ptr[q + 1]) if click[i]]
         want = vecs[ds.item[rows]].sum(0) if rows else np.zeros(8)

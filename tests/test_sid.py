@@ -237,3 +237,37 @@ def test_cli_registration() -> None:
     args = parser.parse_args(["anchors", "train-generator", "--epochs", "2", "--users", "10"])
     assert args.users == 10 and callable(args.run)
     assert callable(parser.parse_args(["anchors", "evaluate-sid"]).run)
+
+
+def test_exclude_history_bans_fully_consumed_codes(generator: SIDAnchorGenerator,
+                                                   catalogue: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    ids = catalogue[0]
+    tok = generator.tokenizer
+    free = SIDAnchorGenerator(tok, generator.net, beam_width=8, exclude_history=False)
+    history = [int(i) for i in ids[:6]]
+    first = free.generate_sids(history, 6)
+    # put every item of the free run's semantic codes into the history: none may come back
+    taken = {s for s, _ in first}
+    extra = [int(i) for i, row in zip(tok.item_ids.tolist(), tok.sids.tolist(), strict=True)
+             if tuple(row[:3]) in taken]
+    again = generator.generate_sids(history + extra, 6)
+    assert not taken & {s for s, _ in again}
+    assert generator.banned(history + extra) >= taken
+    assert free.banned(history + extra) == set()
+
+
+def test_commands_end_to_end_on_movielens(tmp_path: Path) -> None:
+    """The command path on the real MovieLens catalogue with the hashing encoder (fast, no model files)."""
+    from gpl.commands.sid import evaluate_dir, sid_dir, train_generator, train_tokenizer
+    from gpl.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, encoder={"model": "hash-bow-64"})
+    tok = train_tokenizer(settings, epochs=2, progress=False)
+    out = sid_dir(settings)
+    assert out == tmp_path / "sid" / "hash-bow-64"
+    assert (out / "tokenizer.pt").exists() and (out / "item_vectors.npy").exists()
+    assert tok["items"] == 9742 and tok["vectors"] == "movielens-embedded"
+    gen = train_generator(settings, epochs=1, users=12, ks=(2,), progress=False)
+    assert gen["eval"]["users"] == gen["test_users"] > 0
+    again = evaluate_dir(settings, ks=(2,), users=12, progress=False)
+    assert again["k2"] == gen["eval"]["k2"]  # artifacts reload to the same anchors

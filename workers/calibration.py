@@ -204,9 +204,7 @@ class CalibrationBook:
         joined = self.join([batch.user_id] * len(real), [s.item_id for s in real], [s.label for s in real])
         if pseudo:
             lin = batch.lineage
-            group: GroupKey = (
-                (lin.anchor_model, lin.prompt_hash, lin.fallback) if lin else ("unknown", "", False)
-            )
+            group: GroupKey = (lin.anchor_model, lin.prompt_hash, lin.fallback) if lin else ("unknown", "", False)
             version = lin.anchor_version if lin else 0
             self.remember(
                 [batch.user_id] * len(pseudo),

@@ -25,21 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "dataset", metavar="DATASET", help="dataset directory, or 'movielens' to build it on the fly"
-    )
+    p.add_argument("dataset", metavar="DATASET", help="dataset directory, or 'movielens' to build it on the fly")
     p.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; mean ± std over them (default 3)")
-    p.add_argument(
-        "--epochs", type=int, default=2, help="epochs over the exposed training rows, every method"
-    )
-    p.add_argument(
-        "--out", type=Path, default=None, help="output directory (default <data_dir>/eval/results/<name>)"
-    )
+    p.add_argument("--epochs", type=int, default=2, help="epochs over the exposed training rows, every method")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default <data_dir>/eval/results/<name>)")
     p.add_argument(
         "--anchors",
         choices=("llm", "memory"),
@@ -58,9 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="torch threads while the LLM generates (1: fastest on 2 shared cores)",
     )
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch threads while training (1 is fastest on 2 cores)"
-    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads while training (1 is fastest on 2 cores)")
     p.add_argument("--sim-seed", type=int, default=0, help="simulator seed when DATASET is 'movielens'")
     p.add_argument(
         "--split",
@@ -81,9 +73,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     if args.dataset == "movielens":
-        path = build_movielens(
-            default_dir(settings.data_dir, args.sim_seed), seed=args.sim_seed, split=args.split
-        )
+        path = build_movielens(default_dir(settings.data_dir, args.sim_seed), seed=args.sim_seed, split=args.split)
         name = f"movielens-seed{args.sim_seed}"
     else:
         path = Path(args.dataset)

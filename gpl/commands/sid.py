@@ -138,7 +138,7 @@ def train_tokenizer(settings: Settings, out_dir: Path | None = None, epochs: int
 
 
 def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int = 8, *,
-                    batch_size: int = 64, lr: float = 2e-3, subsample_t: float = 1e-3,
+                    batch_size: int = 64, lr: float = 3e-3, subsample_t: float = 1e-3,
                     users: int | None = None, evaluate: bool = True, ks: tuple[int, ...] = (4, 8),
                     topn: int = 10, seed: int = 0, threads: int | None = None, progress: bool = True
                     ) -> dict[str, Any]:
@@ -243,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(gen)
     gen.add_argument("--epochs", type=int, default=8)
     gen.add_argument("--batch-size", type=int, default=64)
-    gen.add_argument("--lr", type=float, default=2e-3)
+    gen.add_argument("--lr", type=float, default=3e-3)
     gen.add_argument("--subsample-t", type=float, default=1e-3, help="popularity downsampling t (0: off)")
     gen.add_argument("--users", type=int, default=None, help="first N users only (smoke runs)")
     gen.add_argument("--no-eval", action="store_true", help="skip the held-out hit-rate evaluation")

@@ -151,9 +151,7 @@ def text_anchors(
         )
     todo = [u for u in users if cache.get(prompts[u][0]) is None]
     hits = len(users) - len(todo)
-    bar = tqdm(
-        total=len(todo), desc=f"anchors ({generator.model})", unit="user", disable=not progress or not todo
-    )
+    bar = tqdm(total=len(todo), desc=f"anchors ({generator.model})", unit="user", disable=not progress or not todo)
     for s in range(0, len(todo), batch):
         part = todo[s : s + batch]
         gens = generator.generate([prompts[u][1] for u in part])
@@ -192,9 +190,7 @@ def text_anchors(
     return book
 
 
-def centroid_anchors(
-    histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray
-) -> AnchorBook:
+def centroid_anchors(histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray) -> AnchorBook:
     """One anchor per user: the normalised centroid of the history vectors (the no-LLM ablation)."""
     book = AnchorBook(kind="centroid", model="history-centroid", prompt_hash="-")
     for u in users:

@@ -111,9 +111,7 @@ def load_dataset(path: Path | str) -> EvalDataset:
         raise FileNotFoundError(f"{root}: no events.jsonl (see docs/eval.md for the dataset format)")
     split_file = root / "split.json"
     if not split_file.is_file():
-        raise FileNotFoundError(
-            f'{root}: no split.json (a temporal split {{"test_start_ms": T}} is required)'
-        )
+        raise FileNotFoundError(f'{root}: no split.json (a temporal split {{"test_start_ms": T}} is required)')
     split = orjson.loads(split_file.read_bytes())
     if not isinstance(split, dict) or not isinstance(split.get("test_start_ms"), int):
         raise ValueError(f"{split_file}: needs an integer 'test_start_ms'")
@@ -175,9 +173,7 @@ def load_dataset(path: Path | str) -> EvalDataset:
     h.update(split_file.read_bytes())
 
     # requests in (time, id) order
-    rids = sorted(
-        set(recalls) | set(exposures), key=lambda r: (recalls[r][1] if r in recalls else exposures[r][1], r)
-    )
+    rids = sorted(set(recalls) | set(exposures), key=lambda r: (recalls[r][1] if r in recalls else exposures[r][1], r))
     # the catalogue: declared items plus any id seen only in events (no text: empty string)
     seen_ids: set[int] = set(items)
     for _, _, ids, _ in recalls.values():
@@ -257,9 +253,7 @@ def load_dataset(path: Path | str) -> EvalDataset:
             ],
             np.int64,
         )
-        t_vals = np.array(
-            [v for (u, i), v in truth.items() if u in known_users and _has(item_ids, i)], np.int8
-        )
+        t_vals = np.array([v for (u, i), v in truth.items() if u in known_users and _has(item_ids, i)], np.int8)
         order = np.argsort(t_keys)
         t_keys, t_vals = t_keys[order], t_vals[order]
         keys = row_user * (1 << 40) + item

@@ -21,9 +21,7 @@ from gpl.encoder import Encoder
 class CachedEncoder:
     """Wraps an :class:`~gpl.encoder.Encoder`; remembers every vector in ``<dir>/<encoder>.npz``."""
 
-    def __init__(
-        self, encoder: Encoder, directory: Path | None, *, progress: bool = True, chunk: int = 256
-    ) -> None:
+    def __init__(self, encoder: Encoder, directory: Path | None, *, progress: bool = True, chunk: int = 256) -> None:
         self.encoder = encoder
         self.id = encoder.id
         self.dim = encoder.dim

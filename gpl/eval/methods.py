@@ -153,9 +153,7 @@ class Teacher(nn.Module):
     version took 15x as long, mostly in the MC passes).
     """
 
-    def __init__(
-        self, cfg: ModelConfig, hidden: int = TEACHER_HIDDEN, dropout: float = TEACHER_DROPOUT
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, hidden: int = TEACHER_HIDDEN, dropout: float = TEACHER_DROPOUT) -> None:
         super().__init__()
         d = cfg.id_dim
         with torch.random.fork_rng(devices=[]):
@@ -228,9 +226,7 @@ class TeacherNet:
         return self.model.mlp(self._features(ctx, user, item, req)).squeeze(1)
 
     @torch.no_grad()
-    def mc_std(
-        self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray, passes: int
-    ) -> np.ndarray:
+    def mc_std(self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray, passes: int) -> np.ndarray:
         """Std of ``passes`` dropout-on predictions (features once: dropout lives in the MLP only)."""
         x = self._features(ctx, user, item, req)
         self.model.mlp.train()

@@ -124,9 +124,7 @@ def hit_rate(
     return float(hits.sum() / denom) if denom else float("nan")
 
 
-def ndcg(
-    scores: np.ndarray, relevant: np.ndarray, ptr: np.ndarray, k: int, ranks: np.ndarray | None = None
-) -> float:
+def ndcg(scores: np.ndarray, relevant: np.ndarray, ptr: np.ndarray, k: int, ranks: np.ndarray | None = None) -> float:
     """Binary NDCG@K, mean over requests with at least one positive."""
     rel = np.asarray(relevant).astype(bool)
     r = segment_ranks(scores, ptr) if ranks is None else ranks

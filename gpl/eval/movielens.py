@@ -120,8 +120,7 @@ def build_movielens(
         cut = int(np.quantile(np.asarray(all_ts, np.int64), 1.0 - test_fraction)) if all_ts else 0
         split_doc = {
             "test_start_ms": cut,
-            "rule": f"global: requests at or after the {1 - test_fraction:.0%} "
-            "quantile of request times are test",
+            "rule": f"global: requests at or after the {1 - test_fraction:.0%} quantile of request times are test",
         }
     (out / "split.json").write_text(json.dumps(split_doc, sort_keys=True))
     meta = {

@@ -135,9 +135,7 @@ def gpl_labels(
         a = book.users[u]
         coh = coherence_of(a.vectors)
         con = consistency_of(a.vectors, item_vectors[a.history]) if cfg.use_consistency else 1.0
-        wu, tu = confidence(
-            coherence=coh, consistency=con, logprobs=a.logprobs, matched=matched[m], p=p[m], cfg=cfg
-        )
+        wu, tu = confidence(coherence=coh, consistency=con, logprobs=a.logprobs, matched=matched[m], p=p[m], cfg=cfg)
         w[m] = wu
         for t in TERMS:
             terms[t][m] = tu[t]

@@ -77,9 +77,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def plain_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(
-        [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
-    )
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
 
 
 def tables(results: dict[str, Any], *, short: bool = False) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -113,9 +113,7 @@ def _nanstats(vals: list[float]) -> dict[str, float]:
 class Evaluator:
     """Test-side bookkeeping shared by every method: scopes, popularity, categories, vectors."""
 
-    def __init__(
-        self, ds: EvalDataset, ctx: Context, item_vectors: np.ndarray, anchored_users: set[int]
-    ) -> None:
+    def __init__(self, ds: EvalDataset, ctx: Context, item_vectors: np.ndarray, anchored_users: set[int]) -> None:
         self.ds, self.ctx, self.vectors = ds, ctx, item_vectors
         train_ex = ds.exposed & ~ctx.row_test
         pop = np.bincount(ds.item[train_ex], minlength=ds.n_items)
@@ -133,11 +131,7 @@ class Evaluator:
     def _rows(self, reqs: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Flat rows of ``reqs`` (optionally only where ``mask``) and their CSR offsets."""
         ptr = self.ds.ptr
-        rows = (
-            np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in reqs])
-            if len(reqs)
-            else np.zeros(0, np.int64)
-        )
+        rows = np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in reqs]) if len(reqs) else np.zeros(0, np.int64)
         sizes = np.diff(ptr)[reqs]
         if mask is not None:
             keep = mask[rows]
@@ -285,9 +279,7 @@ def _run(
     ds = dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset)
     timing["load"] = time.perf_counter() - t
     if not ds.is_test.any() or ds.is_test.all():
-        raise ValueError(
-            f"{ds.name}: the split leaves no {'test' if not ds.is_test.any() else 'training'} requests"
-        )
+        raise ValueError(f"{ds.name}: the split leaves no {'test' if not ds.is_test.any() else 'training'} requests")
 
     t = time.perf_counter()
     enc = CachedEncoder(encoder or open_encoder(settings.encoder), cache_dir, progress=cfg.progress)
@@ -383,9 +375,7 @@ def _run(
             teacher = TeacherNet(ctx, seed)
             fit(teacher, ctx, Rows.empty(), seed, desc=f"teacher s{seed}", progress=cfg.progress)
             d_user, d_item, d_req = ctx.row_user[drawn], ds.item[drawn], ctx.row_request[drawn]
-            t_p, t_sd = predict(
-                teacher, ctx, d_user, d_item, d_req, mc=MC_PASSES if "ukd" in run_methods else 0
-            )
+            t_p, t_sd = predict(teacher, ctx, d_user, d_item, d_req, mc=MC_PASSES if "ukd" in run_methods else 0)
             tr = ctx.test_rows
             scores, _ = predict(teacher, ctx, ctx.row_user[tr], ds.item[tr], ctx.row_request[tr])
             runs.setdefault(TEACHER, {})[str(seed)] = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
@@ -441,8 +431,7 @@ def _run(
         for scope in ev.scopes:
             keys = sorted({k for r in per_seed.values() for k in r.get(scope, {})})
             summary.setdefault(method, {})[scope] = {
-                k: _nanstats([r[scope].get(k, float("nan")) for r in per_seed.values() if scope in r])
-                for k in keys
+                k: _nanstats([r[scope].get(k, float("nan")) for r in per_seed.values() if scope in r]) for k in keys
             }
 
     n_hist = len(histories)
@@ -462,8 +451,7 @@ def _run(
             "could act on"
         ),
         "books": {
-            k: {"kind": b.kind, "model": b.model, "prompt_hash": b.prompt_hash, **b.info}
-            for k, b in books.items()
+            k: {"kind": b.kind, "model": b.model, "prompt_hash": b.prompt_hash, **b.info} for k, b in books.items()
         },
         "examples": {ds.users[u]: books["text"].users[u].texts for u in list(books["text"].users)[:5]}
         if "text" in books

@@ -30,14 +30,19 @@ model's logits over the *valid* codes, renormalised (log-softmax over the allowe
 SID is its sequence log-prob under the constrained model, summed over its tokens, and the K results
 come back best first. Beam width >= K.
 
+Already-liked items. By default (``exclude_history``) a semantic code all of whose items are in the
+user's history is banned at the last step: pointing an anchor at what the user already has adds
+nothing the "recent positives" fallback does not, and a user does not re-consume a film. On MovieLens
+this raised the held-out HR@4x10 from 4.6% to 5.6% (same model, see the report).
+
 Anchor vectors (:class:`SIDAnchorGenerator`). By default the beam runs over the ``levels`` semantic codes
 only (depth 3): the suffix carries identity, not meaning, and two SIDs differing only in the suffix
 would give the same vector twice. The anchor vector of a semantic code is, by default, the
 **centroid** (unit mean) of the frozen vectors of the items carrying it; ``vector_mode="decoded"``
 uses the RQ-VAE decoder instead. The centroid is chosen because it lies in the frozen space exactly
-(the decoder reconstructs items with cosine ~0.8 only), and it measured better on MovieLens (see the
-report of ``gpl anchors evaluate-sid``); the decoder stays available because it also covers codes no
-item has yet.
+(the decoder reconstructs items with cosine ~0.8 only), and it measured better on MovieLens
+(HR@4x10 5.8% vs 4.6%, HR@8x10 9.4% vs 8.1%: ``gpl anchors evaluate-sid``); the decoder stays
+available because it also covers codes no item has yet.
 """
 
 from __future__ import annotations
@@ -206,7 +211,7 @@ def train_generator(
     config: GeneratorConfig | None = None,
     epochs: int = 8,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     stride: int | None = None,
     subsample_t: float = 1e-3,
     progress: Callable[[int, dict[str, float]], None] | None = None,
