@@ -46,6 +46,7 @@ def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 300_000,
         "fetch.message.max.bytes": kafka.max_message_bytes,
+        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
     }
     return Consumer(conf | extra)
 

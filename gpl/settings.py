@@ -38,6 +38,8 @@ class KafkaSettings(Section):
     producer_batch_messages: int = Field(default=1, ge=1)
     linger_ms: int = Field(default=0, ge=0)
     max_message_bytes: int = Field(default=4_000_000, ge=1024)
+    fetch_wait_max_ms: int = Field(
+        default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and the admin client."""

@@ -59,6 +59,7 @@ from streams.join import (
 from streams.join import (
     RECALL as PENDING_RECALL,
 )
+from streams.transport import SCHEME
 
 log = logging.getLogger(__name__)
 STAGE = "streams"
@@ -125,7 +126,7 @@ class StreamsProcessor:
         s, cfg = self.settings, self.settings.streams
         app = faust.App(
             cfg.app_id,
-            broker=[f"kafka://{b}" for b in s.kafka.bootstrap_servers.split(",")],
+            broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
             topic_partitions=s.kafka.partitions,
             # faust counts bytes: 1 byte means one record per batch (the Tansu remedy), else 1 MiB
@@ -138,6 +139,7 @@ class StreamsProcessor:
             topic_allow_declare=True,
             stream_wait_empty=False,
         )
+        app.gpl_fetch_wait_max_ms = s.kafka.fetch_wait_max_ms  # read by streams/transport.py
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
         events = app.topic(RECALL.name, EXPOSURE.name, **RAW)

@@ -98,6 +98,6 @@ def test_pending_table_survives_restart(tmp_path: Path, fresh_broker: EmbeddedBr
     second = StreamsProcessor(s, index)
     produce(s, "exposure", [exposure(f"q{i}", f"u{i % 7}", [1 + i % 40], set()) for i in range(60)])
     with running(second, "streams-2"):
-        wait_for(lambda: second.accounting["joined"] == 120, 90,
+        wait_for(lambda: second.accounting["joined"] == 120, 180,
                  lambda: f"all 60 requests to join after restart: {second.accounting.snapshot()}")
     assert second.accounting["dlq:duplicate"] == 0

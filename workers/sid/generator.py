@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.sid.rqvae import SIDTokenizer
+from workers.sid.rqvae import SIDTokenizer, warmup_cosine
 
 FORMAT = "gpl-sid-generator/1"
 GENERATOR_FILE = "generator.pt"
@@ -240,7 +240,7 @@ def train_generator(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     n_windows = len(_windows(rows, cfg.context_items, stride, np.random.default_rng(0)))
     total = max(1, epochs * math.ceil(max(n_windows, 1) / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total + epochs, pct_start=0.1)
+    sched = warmup_cosine(opt, total, 0.1)
     stats: dict[str, float] = {}
     kept_total = 0
     for epoch in range(epochs):

@@ -201,6 +201,20 @@ class RQVAE(nn.Module):
         return F.normalize(self.decoder(zq), dim=1)
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup: float
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to 1% (any step count, even 1)."""
+    warm = max(1, int(warmup * total_steps))
+    total = max(total_steps, warm + 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train_rqvae(
     vectors: np.ndarray,
     config: RQVAEConfig,
@@ -224,7 +238,7 @@ def train_rqvae(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.05)
+    sched = warmup_cosine(opt, total, 0.05)
     step = 0
     reseeded = 0
     stats: dict[str, float] = {}
