@@ -14,6 +14,7 @@ from gpl.commands import eval as eval_cmd
 from gpl.eval.anchors import training_histories
 from gpl.eval.dataset import UNKNOWN, load_dataset
 from gpl.eval.movielens import build_movielens
+from gpl.eval.report import BAR_METRICS
 from gpl.eval.run import METHODS, EvalConfig, run_eval
 from gpl.settings import Settings, load
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
@@ -145,20 +146,7 @@ def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path)
     assert ran | set(res["unavailable"]) == {*METHODS, "teacher"}
     for m in ran:
         s = res["summary"][m]["all"]
-        for k in (
-            "es_auc",
-            "es_gauc",
-            "es_hr@3",
-            "es_hr@5",
-            "es_hr@10",
-            "es_ndcg@10",
-            "ex_auc",
-            "ex_gauc",
-            "tail_share@10",
-            "tail_hr@10",
-            "coverage@10",
-            "ild@10",
-        ):
+        for k in BAR_METRICS:
             assert s[k]["n"] == 2 and 0.0 <= s[k]["mean"] <= (10.0 if k == "coverage@10" else 1.0), (m, k)
     assert res["summary"]["negatives"]["all"]["pl_auc"]["mean"] == pytest.approx(0.5)
     assert res["summary"]["gpl"]["all"]["pl_auc"]["n"] >= 1
