@@ -20,6 +20,7 @@ from workers.sid.generator import (
     BOS,
     GeneratorConfig,
     SIDAnchorGenerator,
+    SIDTransformer,
     SIDTrie,
     beam_search,
     keep_probability,
@@ -175,7 +176,7 @@ def test_beam_search_returns_fewer_when_few_sids_exist() -> None:
     sids = np.array([[0, 1, 2, 0], [0, 1, 2, 1], [3, 0, 0, 0]])
     cfg = GeneratorConfig(level_sizes=(4, 4, 4, 2), d_model=16, layers=1, heads=2, ff=32, context_items=4)
     torch.manual_seed(0)
-    net = __import__("workers.sid.generator", fromlist=["SIDTransformer"]).SIDTransformer(cfg).eval()
+    net = SIDTransformer(cfg).eval()
     out = beam_search(net, SIDTrie(sids), [BOS], 5, beam_width=5, depth=4)
     assert sorted(s for s, _ in out) == sorted(tuple(r) for r in sids.tolist())
     probs = np.exp([lp for _, lp in out])
