@@ -139,7 +139,7 @@ class StreamsProcessor:
             topic_allow_declare=True,
             stream_wait_empty=False,
         )
-        app.gpl_fetch_wait_max_ms = s.kafka.fetch_wait_max_ms  # read by streams/transport.py
+        setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010 - read by streams/transport.py
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
         events = app.topic(RECALL.name, EXPOSURE.name, **RAW)
