@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default=Path(".gpl"), description="broker logs, vector engine, checkpoints, models")
-    log_level: str = "INFO"
+    log_level: str = "WARNING"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no Prometheus endpoint")
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
