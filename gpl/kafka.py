@@ -153,6 +153,16 @@ class DeadLetters:
         log.warning("%s: %s[%d]@%d -> dlq (%s): %s", self.stage, topic, partition, offset, why, err)
 
 
+def flush_until_empty(p: Producer, stop: threading.Event, what: str = "messages") -> bool:
+    """Flush until the producer queue is empty: the outputs a batch produced are durable before its
+    offsets are committed. False if ``stop`` was set first (the offsets then stay where they were)."""
+    while p.flush(5) > 0:
+        log.warning("%s still queued; retrying the flush before committing offsets", what)
+        if stop.is_set():
+            return False
+    return True
+
+
 def commit_offsets(c: Consumer, offsets: dict[tuple[str, int], int]) -> None:
     """Commit next-offsets (last processed + 1), synchronously: called only after the work is durable."""
     if offsets:

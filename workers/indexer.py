@@ -15,11 +15,11 @@ import logging
 import threading
 
 import numpy as np
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from gpl.encoder import Encoder
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
 from gpl.settings import Settings
 from gpl.vectors import Points, VectorIndex
 from schemas.codec import DecodeError, decode
@@ -86,7 +86,7 @@ class Indexer:
                 self.accounting.add("skipped_known", len(items) - indexed)
                 dirty |= indexed > 0
                 # dead letters must be on the broker before the offsets that skip their input move on
-                if not self._flush(p, stop):
+                if not flush_until_empty(p, stop, "dead letters"):
                     break
                 try:
                     commit_offsets(c, offsets)
@@ -104,15 +104,6 @@ class Indexer:
             if callable(close):
                 close()
             c.close()
-
-    @staticmethod
-    def _flush(p: Producer, stop: threading.Event) -> bool:
-        """Flush until the producer queue is empty; False if stopped before (offsets then stay put)."""
-        while p.flush(5) > 0:
-            log.warning("dead letters still queued; retrying the flush before committing offsets")
-            if stop.is_set():
-                return False
-        return True
 
     def _optimize(self) -> None:
         """Run the engine's optimizer if it has one (qdrant-edge never optimises on its own)."""

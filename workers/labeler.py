@@ -46,7 +46,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from tqdm import tqdm
 
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
 from gpl.metrics import ANCHOR_AGE, DEFERRED, LATENCY
 from gpl.settings import Settings
 from gpl.vectors import VectorIndex
@@ -144,7 +144,7 @@ class Labeler:
                 self._expire(time.monotonic())
                 self._resume_if_room(c)
                 DEFERRED.set(self._deferred)
-                if not self._flush(p, stop):
+                if not flush_until_empty(p, stop, "samples"):
                     break
                 self._commit(c)
                 bar.update(len(msgs))
@@ -323,15 +323,6 @@ class Labeler:
             self._paused.clear()
 
     # ---------------------------------------------------------------------------- offsets, rebalance
-
-    @staticmethod
-    def _flush(p: Producer, stop: threading.Event) -> bool:
-        """Flush until the producer queue is empty; False if stopped before (offsets then stay put)."""
-        while p.flush(5) > 0:
-            log.warning("samples still queued; retrying the flush before committing offsets")
-            if stop.is_set():
-                return False
-        return True
 
     def _commit_point(self, part: int) -> int | None:
         waiting = self._by_partition.get(part)
