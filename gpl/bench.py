@@ -33,20 +33,16 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
-from gpl.settings import LabelerSettings  # noqa: E402
+from gpl.runtime.settings import LabelerSettings  # noqa: E402
 from schemas.codec import encode  # noqa: E402
 from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, UnexposedBatch  # noqa: E402
 from schemas.ids import sample_id  # noqa: E402
-from workers.labeling import (  # noqa: E402
-    TERMS,
-    AnchorCache,
-    ItemMatrix,
-    Labeling,
-    confidence,
-    decode_unexposed,
-    label_decoded,
-    sample,
-)
+from workers.labeling.anchor_book import AnchorBook
+from workers.labeling.assemble import Labeling, label_decoded
+from workers.labeling.confidence import TERMS, confidence
+from workers.labeling.item_matrix import ItemMatrix
+from workers.labeling.sampling import sample
+from workers.labeling.unexposed_codec import decode_unexposed
 
 ENCODER = "bench-encoder"
 
@@ -77,7 +73,7 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
     vecs = rng.standard_normal((items, dim)).astype(np.float32)
     matrix = ItemMatrix(collection=f"items__{ENCODER}", encoder=ENCODER)
     matrix.add(ids, vecs)
-    cache = AnchorCache(ENCODER, matrix)
+    cache = AnchorBook(ENCODER, matrix)
     for u in range(users):
         base = matrix.gather(rng.choice(len(matrix), k, replace=False))
         anchors = base + 0.6 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(dim)

@@ -3,7 +3,7 @@
 A measurement, not a test. ``bench_anchors`` runs :class:`~workers.generators.TransformersGenerator`
 (CPU) over the *same* prompts at several batch sizes and reports users/s, generated tokens/s and the
 share of answers that parsed on the first try (the rest were retried or fell back); optionally the
-same for :class:`~workers.generators_openai.OpenAIGenerator` against a local ``transformers serve``
+same for :class:`~workers.generators.openai_backend.OpenAIGenerator` against a local ``transformers serve``
 (the OpenAI-compatible path of compose/deploy, with the CPU server standing in for ``vllm serve``).
 
 Prompts are real: the last ``history_items`` positively rated movies (rating >= 4) of the first
@@ -30,8 +30,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gpl.settings import AnchorSettings
-from workers.generators import AnchorPrompt, Generation, RetryingGenerator
+from gpl.runtime.settings import AnchorSettings
+from workers.generators.base import AnchorPrompt, Generation
+from workers.generators.retrying import RetryingGenerator
 
 DEFAULT_MODEL_DIR = Path(".gpl") / "models" / "smollm2-135m-instruct"
 
@@ -85,8 +86,8 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
     ``transformers serve`` on the model directory and runs that many users through OpenAIGenerator.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpl.llm import ensure_llm
-    from workers.generators import TransformersGenerator
+    from gpl.runtime.model_assets import ensure_llm
+    from workers.generators.transformers_backend import TransformersGenerator
 
     mdir = ensure_llm(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR)
     prompts = movielens_prompts(max(users, openai_users), k)
@@ -108,7 +109,7 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
 def bench_openai(model_dir: Path, prompts: Sequence[AnchorPrompt], k: int,
                  threads: int | None) -> dict[str, Any]:
     """The OpenAI-compatible path against a local ``transformers serve`` (started and stopped here)."""
-    from workers.generators_openai import OpenAIGenerator
+    from workers.generators.openai_backend import OpenAIGenerator
 
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpl-bench-serve-{os.getpid()}.log"
     server = TransformersServe(model_dir, log_path, threads=threads)

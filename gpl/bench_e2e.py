@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from gpl.kafka import consumer, producer
-from gpl.settings import Settings
+from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import Points
 from gpl.stack import Stack, Stages
-from gpl.vectors import Points
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from gpl.settings import Settings, load
+from gpl.runtime.settings import Settings, load
 
 EPILOG = """\
 settings: every field of `gpl config show` can be set in a TOML file (--config), in the environment
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "faust", "mode", "httpx", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-    from gpl.metrics import serve
+    from gpl.runtime.metrics import serve
 
     serve(settings.metrics_port)
     return int(args.run(args, settings) or 0)
@@ -227,7 +227,7 @@ def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.kafka import create_topics
+    from gpl.runtime.kafka import create_topics
 
     if not settings.kafka.bootstrap_servers:
         print("set GPL_KAFKA__BOOTSTRAP_SERVERS (the embedded broker creates its topics itself)", file=sys.stderr)
@@ -237,8 +237,8 @@ def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.encoder import open_encoder
-    from gpl.llm import ensure_llm
+    from gpl.runtime.encoder import open_encoder
+    from gpl.runtime.model_assets import ensure_llm
 
     print("LLM:", ensure_llm(settings.llm_dir))
     enc = open_encoder(settings.encoder)

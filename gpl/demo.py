@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from gpl.settings import Settings
+from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.jsonl import write_events
@@ -64,7 +64,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     # 1. models -----------------------------------------------------------------------------------
     phases.set_postfix_str("models")
     if settings.anchors.backend == "transformers":
-        from gpl.llm import ensure_llm
+        from gpl.runtime.model_assets import ensure_llm
 
         ensure_llm(settings.llm_dir)
     phases.update()
@@ -148,7 +148,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     """Wait until every input is accounted for by every stage, with a live progress bar."""
     from confluent_kafka import TopicPartition
 
-    from gpl.kafka import consumer
+    from gpl.runtime.kafka import consumer
 
     st = stages.stages
     probe = consumer(settings.kafka, "demo-probe")
@@ -252,7 +252,7 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
     """Read ``samples`` to its end once: counts per source and the mean pseudo-label and weight."""
     from confluent_kafka import TopicPartition
 
-    from gpl.kafka import consumer
+    from gpl.runtime.kafka import consumer
 
     c = consumer(settings.kafka, f"demo-stats-{time.monotonic_ns()}")
     parts = [TopicPartition("samples", p, 0) for p in range(settings.kafka.partitions)]

@@ -15,7 +15,7 @@ record whose timestamp is not after the previous one is sent at once, never reor
 without a timestamp (``ts`` <= 0, e.g. catalogue items) is never waited for. ``max_wait_s`` caps any
 single wait, for data with idle gaps of years (MovieLens). Pacing changes timing only, never order.
 
-Topics must exist (``gpl.kafka.create_topics``): a replay never lets the broker auto-create a topic
+Topics must exist (``gpl.runtime.kafka.create_topics``): a replay never lets the broker auto-create a topic
 with another partition count.
 """
 
@@ -38,8 +38,8 @@ from confluent_kafka import (
 from confluent_kafka import Consumer as KafkaConsumer
 from tqdm import tqdm
 
-from gpl.kafka import consumer, producer
-from gpl.settings import KafkaSettings, Settings
+from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.settings import KafkaSettings, Settings
 from schemas.jsonl import read_events
 
 # One request in flight: a retry cannot reorder records of one partition (see the module docstring).
@@ -262,7 +262,7 @@ def replay_topic(
     existing = _existing_topics(kafka, timeout_s)
     for t in (source_topic, target_topic):
         if t not in existing:
-            raise ValueError(f"topic {t!r} does not exist; create it first (gpl.kafka.create_topics)")
+            raise ValueError(f"topic {t!r} does not exist; create it first (gpl.runtime.kafka.create_topics)")
     n_parts = existing[source_topic]
     keep_partition = existing[target_topic] == n_parts
     pacer = _Pacer(speed, max_wait_s)

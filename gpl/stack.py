@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
-from gpl.broker import EmbeddedBroker
-from gpl.encoder import Encoder, open_encoder
-from gpl.kafka import Accounting, create_topics
-from gpl.settings import Settings
-from gpl.vectors import VectorIndex, open_index
+from gpl.backends import open_index
+from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.encoder import Encoder, open_encoder
+from gpl.runtime.kafka import Accounting, create_topics
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import VectorIndex
 
 log = logging.getLogger(__name__)
 STAGES = ("streams", "indexer", "anchors", "labeler", "trainer", "calibration")
@@ -81,8 +82,8 @@ class Stack:
 
             return Indexer(s, idx, self.encoder, **kw)
         if name == "anchors":
+            from gpl.backends import make_generator
             from workers.anchors import AnchorWorker
-            from workers.generators import make_generator
 
             return AnchorWorker(s, idx, self.encoder, kw.pop("generator", None) or make_generator(s), **kw)
         if name == "labeler":

@@ -33,10 +33,10 @@ from typing import Any, cast
 import faust
 import numpy as np
 
-from gpl.kafka import Accounting
-from gpl.metrics import JOIN_PENDING
-from gpl.settings import Settings
-from gpl.vectors import VectorIndex
+from gpl.runtime.kafka import Accounting
+from gpl.runtime.metrics import JOIN_PENDING
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, encode
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gpl.settings import StreamsSettings
+from gpl.runtime.settings import StreamsSettings
 from schemas.events import AnchorReason, AnchorRequest
 
 _HEAD = struct.Struct("<qiiHH?")  # last_request_ms, positives_since, requests, n_recent, dim, has_gen

@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gpl.broker import EmbeddedBroker  # noqa: E402
-from gpl.kafka import create_topics  # noqa: E402
-from gpl.settings import Settings, load  # noqa: E402
+from gpl.runtime.broker import EmbeddedBroker  # noqa: E402
+from gpl.runtime.kafka import create_topics  # noqa: E402
+from gpl.runtime.settings import Settings, load  # noqa: E402
 
 
 @pytest.fixture

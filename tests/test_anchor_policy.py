@@ -16,24 +16,19 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.encoder import HashEncoder
-from gpl.kafka import consumer, producer
-from gpl.settings import AnchorSettings, Settings, load
-from gpl.vectors import MemoryIndex
+from gpl.runtime.encoder import HashEncoder
+from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.offsets import OffsetLedger
+from gpl.runtime.settings import AnchorSettings, Settings, load
+from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorReason, AnchorRequest, AnchorSet, ItemEvent
 from streams.interest import PRIORITY
-from workers.anchor_cache import AnchorCache, cache_key
-from workers.anchors import (
-    AnchorWorker,
-    CapacityMeter,
-    Debouncer,
-    OffsetTracker,
-    PendingQueue,
-    TokenBucket,
-    rate_limit,
-)
-from workers.generators import AnchorPrompt, Generation, GeneratorUnavailable, MemoryGenerator
+from workers.anchor_policy import CapacityMeter, Debouncer, RequestQueue, TokenBucket, rate_limit
+from workers.anchors import AnchorWorker
+from workers.generation_cache import GenerationCache, cache_key
+from workers.generators.base import AnchorPrompt, Generation, GeneratorUnavailable
+from workers.generators.memory import MemoryGenerator
 from workers.indexer import Indexer
 
 ITEMS = {1: "trail running shoes", 2: "gps running watch", 3: "fantasy novel dragons",
@@ -50,7 +45,7 @@ def req(user: str, reason: AnchorReason = "drift", ts: int = 1000,
 # ------------------------------------------------------------------------------------------ queue
 
 def test_queue_serves_cold_start_first_then_oldest() -> None:
-    q: PendingQueue[str] = PendingQueue()
+    q: RequestQueue[str] = RequestQueue()
     q.push(req("a", "expiry", 1), "m1")
     q.push(req("b", "drift", 5), "m2")
     q.push(req("c", "drift", 3), "m3")
@@ -61,7 +56,7 @@ def test_queue_serves_cold_start_first_then_oldest() -> None:
 
 
 def test_queue_keeps_newest_per_user_with_the_more_urgent_priority() -> None:
-    q: PendingQueue[str] = PendingQueue()
+    q: RequestQueue[str] = RequestQueue()
     assert q.push(req("u", "cold_start", 10, [1]), "m1") is None
     assert q.push(req("u", "drift", 20, [1, 2]), "m2") == "m1"  # newer replaces, still a cold start
     assert q.push(req("u", "expiry", 15, [9]), "m3") == "m3"  # older than the queued one: it loses
@@ -72,7 +67,7 @@ def test_queue_keeps_newest_per_user_with_the_more_urgent_priority() -> None:
 
 
 def test_queue_late_older_request_can_raise_priority() -> None:
-    q: PendingQueue[str] = PendingQueue()
+    q: RequestQueue[str] = RequestQueue()
     q.push(req("u", "expiry", 20), "new")
     q.push(req("v", "drift", 1), "v")
     assert q.push(req("u", "cold_start", 10), "old-cold") == "old-cold"
@@ -81,7 +76,7 @@ def test_queue_late_older_request_can_raise_priority() -> None:
 
 
 def test_queue_restore_and_drop() -> None:
-    q: PendingQueue[tuple[str, int]] = PendingQueue()
+    q: RequestQueue[tuple[str, int]] = RequestQueue()
     for i in range(4):
         q.push(req(f"u{i}", ts=i), ("t", i % 2))
     batch = q.pop(2)
@@ -94,7 +89,7 @@ def test_queue_restore_and_drop() -> None:
 
 
 def test_queue_heap_stays_bounded_under_supersedes() -> None:
-    q: PendingQueue[int] = PendingQueue()
+    q: RequestQueue[int] = RequestQueue()
     for i in range(10_000):
         q.push(req("same", ts=i), i)
     assert len(q) == 1 and len(q._heap) <= 4 * len(q) + 65
@@ -148,7 +143,7 @@ def test_capacity_ewma_and_rate_limit() -> None:
 
 
 def test_offsets_commit_up_to_the_oldest_unfinished() -> None:
-    t = OffsetTracker()
+    t = OffsetLedger()
     for o in (5, 6, 7, 8):
         t.read(("t", 0), o)
     t.read(("t", 1), 3)
@@ -171,7 +166,7 @@ def _gen(text: str) -> Generation:
 
 
 def test_cache_roundtrip_first_write_wins_and_counts(tmp_path: Path) -> None:
-    c = AnchorCache(tmp_path / "cache")
+    c = GenerationCache(tmp_path / "cache")
     k1 = cache_key(["a", "b"], 4, "m", "h")
     assert c.get_many([k1]) == {} and c.misses == 1
     c.put_many([(k1, _gen("first"))])
@@ -180,7 +175,7 @@ def test_cache_roundtrip_first_write_wins_and_counts(tmp_path: Path) -> None:
     assert c.get_many([k1, k1])[k1].anchors == ["first"] and c.hits == 2
     assert (REGISTRY.get_sample_value("gpl_anchor_cache_total", {"result": "hit"}) or 0.0) == hits_before + 2
     c.close()
-    again = AnchorCache(tmp_path / "cache")  # persisted
+    again = GenerationCache(tmp_path / "cache")  # persisted
     assert again.get_many([k1])[k1] == _gen("first") and len(again) == 1
     again.close()
 
@@ -195,7 +190,7 @@ def test_cache_key_names_everything_that_shapes_a_generation() -> None:
 
 
 def test_cache_is_bounded(tmp_path: Path) -> None:
-    c = AnchorCache(tmp_path, max_entries=100)
+    c = GenerationCache(tmp_path, max_entries=100)
     for s in range(0, 300, 50):
         c.put_many([(cache_key([str(i)], 1, "m", "h"), _gen(str(i))) for i in range(s, s + 50)])
     assert len(c) <= 105

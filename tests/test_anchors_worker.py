@@ -15,15 +15,17 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.encoder import HashEncoder
-from gpl.kafka import consumer, producer
-from gpl.settings import Settings, load
-from gpl.vectors import MemoryIndex, VectorIndex
-from gpl.vectors_edge import EdgeIndex
+from gpl.runtime.encoder import HashEncoder
+from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.settings import Settings, load
+from gpl.runtime.vectors.edge import EdgeIndex
+from gpl.runtime.vectors.index import VectorIndex
+from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent
-from workers.anchors import MAX_SLOTS, AnchorWorker, anchor_point_id, newest_per_user
-from workers.generators import MemoryGenerator
+from workers.anchor_policy import anchor_point_id, newest_per_user
+from workers.anchors import MAX_SLOTS, AnchorWorker
+from workers.generators.memory import MemoryGenerator
 from workers.indexer import Indexer
 
 ITEMS = {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gpl.kafka import commit_offsets, consumer, producer
-from gpl.settings import Settings
+from gpl.runtime.kafka import commit_offsets, consumer, producer
+from gpl.runtime.settings import Settings
 
 
 def test_produce_consume_commit(settings: Settings) -> None:

@@ -12,8 +12,8 @@ No docker, no kustomize binary, no cluster:
   fail); custom resources (Strimzi, KEDA, ServiceMonitor) with small hand-written schemas in
   tests/schemas/crds/.
 - every GPL_* variable in compose.yaml, the Dockerfile and deploy/ must name a field of
-  gpl.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>), and every container's full
-  environment must load through gpl.settings.load: a typo cannot be silently ignored.
+  gpl.runtime.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>), and every container's full
+  environment must load through gpl.runtime.settings.load: a typo cannot be silently ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gpl.settings import Settings, load
+from gpl.runtime.settings import Settings, load
 from schemas.topics import TOPICS, all_topic_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_name_check_catches_typos() -> None:
 
 def test_pending_settings_fields_have_landed() -> None:
     missing = [f"{s}.{f}" for (s, f) in PENDING_FIELDS if _pending(s, f)]
-    assert not missing, f"not in gpl.settings yet: {missing}; drop them from PENDING_FIELDS once added"
+    assert not missing, f"not in gpl.runtime.settings yet: {missing}; drop them from PENDING_FIELDS once added"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from gpl.eval.dataset import UNKNOWN, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.report import BAR_METRICS
 from gpl.eval.run import METHODS, EvalConfig, run_eval
-from gpl.settings import Settings, load
+from gpl.runtime.settings import Settings, load
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from schemas.jsonl import write_events
 
@@ -167,7 +167,7 @@ def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path)
 
 def test_rerun_is_deterministic_and_uses_the_anchor_cache(tiny_dataset: Path, tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path)
-    from gpl.encoder import HashEncoder
+    from gpl.runtime.encoder import HashEncoder
 
     cfg = EvalConfig(
         methods=["exposed", "gpl"],
@@ -194,7 +194,7 @@ def test_unknown_method_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Path) -> None:
     """With a SID tokenizer, gpl-sid runs; its generator is retrained on training clicks and cached."""
     from gpl.commands.sid import sid_dir
-    from gpl.encoder import HashEncoder
+    from gpl.runtime.encoder import HashEncoder
     from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
 
     settings = tiny_settings(tmp_path)

@@ -16,22 +16,19 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.settings import AnchorSettings, load
-from workers.generators import (
+from gpl.backends import make_generator
+from gpl.runtime.settings import AnchorSettings, load
+from workers.generators.base import AnchorPrompt
+from workers.generators.logprobs import locate, span_logprobs
+from workers.generators.memory import MemoryGenerator
+from workers.generators.parsing import clean_anchors, fallback_anchors, parse_anchors
+from workers.generators.prompt import (
     EXAMPLE_ANCHORS,
     FALLBACK_LOGPROB,
     PREFILL,
-    AnchorPrompt,
-    MemoryGenerator,
     build_messages,
-    clean_anchors,
-    fallback_anchors,
     generation_budget,
-    locate,
-    make_generator,
-    parse_anchors,
     prompt_hash,
-    span_logprobs,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +161,7 @@ def test_prompt_hash_is_stable_and_sensitive() -> None:
     assert h == prompt_hash(AnchorSettings(), "transformers")
     assert len(h) == 16
     # not the process's string-hash seed: the same in another interpreter
-    code = ("from gpl.settings import AnchorSettings; from workers.generators import prompt_hash; "
+    code = ("from gpl.runtime.settings import AnchorSettings; from workers.generators.prompt import prompt_hash; "
             "print(prompt_hash(AnchorSettings(), 'transformers'))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -251,7 +248,7 @@ def test_make_generator_backends(tmp_path: Path) -> None:
     assert isinstance(make_generator(s), MemoryGenerator)
     with pytest.raises(ValueError, match="needs anchors.base_url"):
         make_generator(load(env={}, data_dir=str(tmp_path), anchors={"backend": "openai"}))
-    from workers.generators_openai import OpenAIGenerator
+    from workers.generators.openai_backend import OpenAIGenerator
 
     g = make_generator(load(env={}, data_dir=str(tmp_path),
                             anchors={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}))
@@ -265,7 +262,7 @@ def test_make_generator_backends(tmp_path: Path) -> None:
 
 def test_word_repetition_penalty_spares_prompt_and_punctuation() -> None:
     torch = pytest.importorskip("torch")
-    from workers.generators import WordRepetitionPenalty
+    from workers.generators.transformers_backend import WordRepetitionPenalty
 
     word_mask = torch.tensor([True, True, False, True])  # token 2 is punctuation
     proc = WordRepetitionPenalty(word_mask, start=2, penalty=2.0)

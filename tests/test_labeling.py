@@ -13,30 +13,21 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.encoder import HashEncoder
-from gpl.settings import LabelerSettings
-from gpl.vectors import MemoryIndex, Points
+from gpl.runtime.encoder import HashEncoder
+from gpl.runtime.settings import LabelerSettings
+from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import DecodeError
 from schemas.events import Anchor, AnchorSet, Sample, SampleBatch, UnexposedBatch
 from schemas.ids import sample_id
-from workers.labeling import (
-    TERMS,
-    AnchorCache,
-    ItemMatrix,
-    LabelMap,
-    NoAnchors,
-    RequestRng,
-    coherence_of,
-    confidence,
-    consistency_of,
-    decode_unexposed,
-    fit_label_map,
-    label_batch,
-    label_map,
-    sample,
-    score,
-    score_exposed,
-)
+from workers.labeling.anchor_book import AnchorBook
+from workers.labeling.assemble import NoAnchors, label_batch
+from workers.labeling.confidence import TERMS, coherence_of, confidence, consistency_of
+from workers.labeling.item_matrix import ItemMatrix
+from workers.labeling.label_map import LabelMap, fit_label_map, label_map, score_exposed
+from workers.labeling.matching import score
+from workers.labeling.sampling import RequestRng, sample
+from workers.labeling.unexposed_codec import decode_unexposed
 
 ENC = "hash-bow-64"
 DIM = 16
@@ -63,13 +54,13 @@ def _batch(user: str, ids: list[int], request: str = "req-1", ts: int = 5_000) -
 
 
 @pytest.fixture
-def world() -> tuple[ItemMatrix, AnchorCache, np.ndarray]:
+def world() -> tuple[ItemMatrix, AnchorBook, np.ndarray]:
     """200 items with ids 1000.., one user u with 4 anchors; returns (items, cache, item ids)."""
     rng = np.random.default_rng(7)
     ids = np.arange(1000, 1200, dtype=np.int64)
     items = ItemMatrix(collection="items__hash", encoder=ENC)
     items.add(ids, _unit(rng, ids.size))
-    cache = AnchorCache(ENC, items)
+    cache = AnchorBook(ENC, items)
     assert cache.put(_aset("u", _unit(rng, 4), history=[1000, 1001, 1002])) == "accepted"
     return items, cache, ids
 
@@ -156,7 +147,7 @@ def test_fit_label_map_recovers_a_known_logistic() -> None:
         fit_label_map(s, 1 - y)
 
 
-def test_score_exposed_feeds_the_fit(world: tuple[ItemMatrix, AnchorCache, np.ndarray]) -> None:
+def test_score_exposed_feeds_the_fit(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
     real = SampleBatch(request_id="r", user_id="u", ts=1, samples=[
         Sample(sample_id="a", item_id=int(ids[0]), label=1.0, weight=1.0, source="click"),
@@ -236,7 +227,7 @@ def test_sampling_top_n_random_cap_and_determinism() -> None:
 
 # ------------------------------------------------------------------------------------- the fast path
 
-def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, AnchorCache, np.ndarray]) -> None:
+def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
     cfg = LabelerSettings(top_n=5, random_n=5, cap=8, label_center=0.2, label_temperature=0.1)
     cand = ids[20:120].tolist()
@@ -276,7 +267,7 @@ def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, Anch
     assert sb_off.lineage is not None and sb_off.lineage.label_map.endswith("w=coherence*consistency")
 
 
-def test_no_vector_and_duplicates_are_counted(world: tuple[ItemMatrix, AnchorCache, np.ndarray]) -> None:
+def test_no_vector_and_duplicates_are_counted(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
     cfg = LabelerSettings(top_n=50, random_n=0, cap=50)
     cand = [*ids[:10].tolist(), 5, 6, int(ids[0]), int(ids[1])]  # 2 without a vector, 2 repeats
@@ -291,7 +282,7 @@ def test_no_vector_and_duplicates_are_counted(world: tuple[ItemMatrix, AnchorCac
 
 
 def test_anchor_cache_refuses_other_spaces_and_keeps_the_newest(
-        world: tuple[ItemMatrix, AnchorCache, np.ndarray]) -> None:
+        world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
     rng = np.random.default_rng(6)
     assert cache.put(_aset("v", _unit(rng, 2), encoder="all-MiniLM-L6-v2")) == "encoder_mismatch"
@@ -322,7 +313,7 @@ def test_anchor_vectors_from_the_encoder_score_their_own_text() -> None:
     texts = ["trail running shoes", "fantasy dragon novel", "cast iron skillet", "gps running watch"]
     items = ItemMatrix(collection="items__hash", encoder=ENC)
     items.add(np.arange(len(texts), dtype=np.int64), enc.encode(texts))
-    cache = AnchorCache(ENC, items)
+    cache = AnchorBook(ENC, items)
     cache.put(_aset("cook", enc.encode(["iron skillet cooking"])))
     sb = SampleBatch.model_validate_json(
         label_batch(_batch("cook", [0, 1, 2, 3]), cache, items, LabelerSettings(top_n=1, random_n=0))[0])
@@ -367,7 +358,7 @@ def test_misses_are_fetched_from_the_index_and_consistency_waits_for_history() -
     idx.upsert("items__x", Points(np.arange(20, dtype=np.int64), _unit(rng, 20)))
     items = ItemMatrix(idx, "items__x", ENC, retry_s=0)
     items.load()
-    cache = AnchorCache(ENC, items)
+    cache = AnchorBook(ENC, items)
     cache.put(_aset("u", _unit(rng, 2), history=[1, 2, 99]))  # 99 is not indexed yet
     entry = cache.get("u")
     assert entry is not None

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.llm import MARKER, ensure_llm, is_converted
-from gpl.settings import AnchorSettings
-from workers.generators import AnchorPrompt, TransformersGenerator
+from gpl.runtime.model_assets import MARKER, ensure_llm, is_converted
+from gpl.runtime.settings import AnchorSettings
+from workers.generators.base import AnchorPrompt
+from workers.generators.transformers_backend import TransformersGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_ensure_llm_is_a_no_op_when_converted(tmp_path: Path, monkeypatch: pytes
     def no_fetch(*a: object, **k: object) -> Path:
         raise AssertionError("must not fetch when the converted directory is there")
 
-    monkeypatch.setattr("gpl.llm.fetch_smollm2", no_fetch)
+    monkeypatch.setattr("gpl.runtime.model_assets.fetch_smollm2", no_fetch)
     assert ensure_llm(done) == done
     assert not is_converted(tmp_path / "missing")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpl.settings import TrainerSettings
+from gpl.runtime.settings import TrainerSettings
 from workers.model import (
     Batch,
     ModelConfig,

@@ -22,9 +22,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.bench_anchors import TransformersServe, transformers_serve_cmd
-from gpl.settings import AnchorSettings
-from workers.generators import NO_LOGPROB, AnchorPrompt, GeneratorUnavailable, anchor_schema, prompt_hash
-from workers.generators_openai import OpenAIGenerator, backoff_delay
+from gpl.runtime.settings import AnchorSettings
+from workers.generators.base import AnchorPrompt, GeneratorUnavailable
+from workers.generators.openai_backend import OpenAIGenerator, backoff_delay
+from workers.generators.prompt import NO_LOGPROB, anchor_schema, prompt_hash
 
 REPO = Path(__file__).resolve().parents[1]
 Reply = tuple[int, dict[str, Any] | str, dict[str, str]]  # status, JSON body (or text), headers
@@ -284,7 +285,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Transform
         pytest.skip("transformers serve needs fastapi, uvicorn and openai "
                     "(pip install 'transformers[serving]')")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from gpl.llm import ensure_llm
+    from gpl.runtime.model_assets import ensure_llm
 
     model_dir = ensure_llm(Path(os.environ.get("GPL_TEST_MODEL_DIR",
                                                 REPO / ".gpl" / "models" / "smollm2-135m-instruct")))

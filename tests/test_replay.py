@@ -12,10 +12,10 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from conftest import make_settings
 
-from gpl.broker import EmbeddedBroker
-from gpl.kafka import create_topics, producer
 from gpl.replay import replay_jsonl, replay_topic
-from gpl.settings import Settings
+from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.kafka import create_topics, producer
+from gpl.runtime.settings import Settings
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from schemas.jsonl import read_events
 

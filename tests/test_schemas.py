@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from gpl.cli import build_parser, main
-from gpl.settings import load
+from gpl.runtime.settings import load
 from schemas import DecodeError, ExposureEvent, RecallEvent, decode, encode
 from schemas.export import export_json_schemas
 from schemas.jsonl import read_events, write_events

@@ -14,20 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from workers.sid.data import leave_last_out
+from workers.sid.beam import SIDTrie, beam_search
 from workers.sid.evaluate import evaluate_sid
-from workers.sid.generator import (
-    BOS,
-    GeneratorConfig,
-    SIDAnchorGenerator,
-    SIDTransformer,
-    SIDTrie,
-    beam_search,
-    keep_probability,
-    load_generator,
-    save_generator,
-    train_generator,
-)
+from workers.sid.generator import BOS, SIDAnchorGenerator
 from workers.sid.rqvae import (
     RQVAEConfig,
     SIDTokenizer,
@@ -37,6 +26,15 @@ from workers.sid.rqvae import (
     disambiguate,
     train_rqvae,
 )
+from workers.sid.sequence_model import (
+    GeneratorConfig,
+    SIDTransformer,
+    keep_probability,
+    load_generator,
+    save_generator,
+    train_generator,
+)
+from workers.sid.split import leave_last_out
 
 DIM = 32
 N_ITEMS = 384
@@ -260,7 +258,7 @@ def test_exclude_history_bans_fully_consumed_codes(generator: SIDAnchorGenerator
 def test_commands_end_to_end_on_movielens(tmp_path: Path) -> None:
     """The command path on the real MovieLens catalogue with the hashing encoder (fast, no model files)."""
     from gpl.commands.sid import evaluate_dir, sid_dir, train_generator, train_tokenizer
-    from gpl.settings import EncoderSettings, Settings
+    from gpl.runtime.settings import EncoderSettings, Settings
 
     settings = Settings(data_dir=tmp_path, encoder=EncoderSettings(model="hash-bow-64"))
     tok = train_tokenizer(settings, epochs=2, progress=False)

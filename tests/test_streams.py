@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpl.broker import EmbeddedBroker
-from gpl.kafka import create_topics
+from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.kafka import create_topics
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor
 from tests.conftest import make_settings

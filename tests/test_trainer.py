@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
 
-from gpl.kafka import consumer, producer
-from gpl.settings import Settings
-from gpl.vectors import MemoryIndex, Points
+from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import DeadLetter, Lineage, Sample, SampleBatch
 from schemas.ids import sample_id

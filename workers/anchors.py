@@ -29,12 +29,12 @@ Regeneration policy (why each rule):
   queue and is retried after an exponential backoff; the requests are never turned into fallback
   anchors or skipped, and their offsets stay uncommitted.
 
-Replay cache (:mod:`workers.anchor_cache`): a generation is stored under a key of the exact prompt
+Replay cache (:mod:`workers.generation_cache`): a generation is stored under a key of the exact prompt
 (history texts, k, model, prompt hash); a request whose key is stored is answered without the LLM, so
 replaying a topic reproduces the same anchors.
 
 Offsets: read-ahead and priorities finish requests out of order, so each partition commits up to (not
-including) its oldest request still pending or in flight (:class:`OffsetTracker`).
+including) its oldest request still pending or in flight (:class:`OffsetLedger`).
 
 Counting (``Accounting("anchors")``): every request is ``in`` and ends as exactly one of ``emitted``,
 ``superseded``, ``debounced``, ``revoked`` (its partition went to another worker before it was served;
@@ -46,27 +46,21 @@ Point ids of anchors are derived from (user, slot), so a new generation overwrit
 place; slots beyond the new set's size are deleted after the upsert (never before: a reader may see a
 moment of old and new slots, told apart by the ``version`` payload, but never a user without anchors).
 """
-
 from __future__ import annotations
 
-import hashlib
-import heapq
-import itertools
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
-from gpl.encoder import Encoder
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
-from gpl.metrics import (
+from gpl.runtime.encoder import Encoder
+from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.runtime.metrics import (
     ANCHOR_BACKEND_ERRORS,
     ANCHOR_PAUSED,
     ANCHOR_QUEUED,
@@ -74,264 +68,30 @@ from gpl.metrics import (
     ANCHOR_REQUEST_DELAY,
     ANCHOR_SET_AGE,
 )
-from gpl.settings import Settings
-from gpl.vectors import Points, VectorIndex
+from gpl.runtime.offsets import TP, OffsetLedger
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import Points, VectorIndex
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
-from workers.anchor_cache import AnchorCache, cache_key
-from workers.generators import AnchorGenerator, AnchorPrompt, Generation
+from workers.anchor_policy import (
+    BACKOFF_MAX_S,
+    BACKOFF_START_S,
+    CapacityMeter,
+    Debouncer,
+    QueuedRequest,
+    RequestQueue,
+    TokenBucket,
+    anchor_point_id,
+    is_cold,
+    rate_limit,
+)
+from workers.generation_cache import GenerationCache, cache_key
+from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 
 log = logging.getLogger(__name__)
 STAGE = "anchors"
 MAX_SLOTS = 32  # AnchorSettings.k is at most 32: slots >= the new size up to this are deleted
-RATE_HEADROOM = 1.25  # the bucket lets dispatch run this much above measured capacity (bursts, growth)
-CAPACITY_ALPHA = 0.3  # EWMA weight of the newest batch's throughput
-BACKOFF_START_S = 0.5  # first wait after a failed batch; doubles up to BACKOFF_MAX_S
-BACKOFF_MAX_S = 30.0
-T = TypeVar("T")
-TP = tuple[str, int]
-
-
-def anchor_point_id(user_id: str, slot: int) -> int:
-    """Deterministic non-negative 63-bit point id of a user's anchor slot (same id across generations)."""
-    digest = hashlib.blake2b(f"{user_id}\x1f{slot}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
-
-
-def newest_per_user(
-    requests: Iterable[tuple[AnchorRequest, T]],
-) -> tuple[dict[str, tuple[AnchorRequest, T]], int]:
-    """The newest request of each user (by event time; on a tie the later one in the batch) and how many
-    older ones it superseded. ``T`` rides along (the Kafka message, for dead-lettering)."""
-    newest: dict[str, tuple[AnchorRequest, T]] = {}
-    superseded = 0
-    for req, extra in requests:
-        cur = newest.get(req.user_id)
-        if cur is not None:
-            superseded += 1
-            if req.ts < cur[0].ts:
-                continue
-        newest[req.user_id] = (req, extra)
-    return newest, superseded
-
-
-# ------------------------------------------------------------------------------ regeneration policy
-
-
-@dataclass
-class Pending(Generic[T]):
-    """A request waiting for generation. ``origin`` rides along (the Kafka message, for DLQ and commits);
-    ``priority`` and ``cold`` are merged over the requests it superseded."""
-
-    req: AnchorRequest
-    origin: T
-    priority: int
-    cold: bool
-    seq: int = 0
-
-
-def is_cold(req: AnchorRequest) -> bool:
-    return req.reason == "cold_start"
-
-
-class PendingQueue(Generic[T]):
-    """At most one pending request per user, served by (priority, event time, arrival).
-
-    A heap with lazy deletion: a superseded entry's heap item stays until popped and is skipped then
-    (its ``seq`` no longer matches the user's entry), so push and pop are O(log n).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, Pending[T]] = {}
-        self._heap: list[tuple[int, int, int, str]] = []
-        self._seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, user_id: object) -> bool:
-        return user_id in self._entries
-
-    def push(self, req: AnchorRequest, origin: T) -> T | None:
-        """Queue ``req``; the origin of the request this one superseded (or that superseded it), if any.
-
-        The newer request by event time wins (a tie goes to the one pushed last); the kept entry takes
-        the more urgent priority and the cold-start flag of either.
-        """
-        cur = self._entries.get(req.user_id)
-        if cur is None:
-            self._put(Pending(req, origin, req.priority, is_cold(req)))
-            return None
-        priority, cold = min(cur.priority, req.priority), cur.cold or is_cold(req)
-        if req.ts < cur.req.ts:  # the queued one is newer: this request is the superseded one
-            if priority < cur.priority:
-                self._put(Pending(cur.req, cur.origin, priority, cold))
-            else:
-                cur.cold = cold
-            return origin
-        self._put(Pending(req, origin, priority, cold))
-        return cur.origin
-
-    def restore(self, entries: Iterable[Pending[T]]) -> None:
-        """Put popped entries back as they were (a batch that failed as a whole)."""
-        for e in entries:
-            if e.req.user_id not in self._entries:
-                self._put(Pending(e.req, e.origin, e.priority, e.cold))
-
-    def pop(self, n: int) -> list[Pending[T]]:
-        """Up to ``n`` most urgent entries."""
-        out: list[Pending[T]] = []
-        while self._heap and len(out) < n:
-            _, _, seq, user = heapq.heappop(self._heap)
-            e = self._entries.get(user)
-            if e is not None and e.seq == seq:
-                del self._entries[user]
-                out.append(e)
-        return out
-
-    def drop(self, pred: Callable[[T], bool]) -> list[T]:
-        """Remove the entries whose origin matches (their partition was revoked); their origins."""
-        gone = [u for u, e in self._entries.items() if pred(e.origin)]
-        return [self._entries.pop(u).origin for u in gone]
-
-    def _put(self, e: Pending[T]) -> None:
-        e.seq = next(self._seq)
-        self._entries[e.req.user_id] = e
-        heapq.heappush(self._heap, (e.priority, e.req.ts, e.seq, e.req.user_id))
-        if len(self._heap) > 4 * len(self._entries) + 64:  # many stale items: rebuild, bounded memory
-            self._heap = [(x.priority, x.req.ts, x.seq, u) for u, x in self._entries.items()]
-            heapq.heapify(self._heap)
-
-
-class Debouncer:
-    """Remembers, per user, the event time of the request their current anchors answered.
-
-    Entries older than the window can no longer block anything (requests arrive roughly in event-time
-    order) and are pruned, so memory follows the users active within one window, not all users.
-    """
-
-    def __init__(self, window_s: float) -> None:
-        self.window_ms = int(window_s * 1000)
-        self._last: dict[str, int] = {}
-        self._high = 0
-        self._prune_at = 10_000
-
-    def blocks(self, req: AnchorRequest, cold: bool) -> bool:
-        if cold or self.window_ms <= 0:
-            return False
-        last = self._last.get(req.user_id)
-        return last is not None and req.ts - last < self.window_ms
-
-    def generated(self, user_id: str, ts: int) -> None:
-        self._last[user_id] = max(ts, self._last.get(user_id, ts))
-        self._high = max(self._high, ts)
-        if len(self._last) > self._prune_at:
-            floor = self._high - self.window_ms
-            self._last = {u: t for u, t in self._last.items() if t >= floor}
-            self._prune_at = max(10_000, 2 * len(self._last))
-
-
-class TokenBucket:
-    """Classic token bucket: ``rate`` tokens per second up to ``burst``; ``inf`` rate never limits."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = max(1.0, burst)
-        self.clock = clock
-        self.tokens = self.burst
-        self._t = clock()
-
-    def set_rate(self, rate: float) -> None:
-        self._refill()
-        self.rate = rate
-
-    def take(self, n: int) -> int:
-        """Take up to ``n`` whole tokens; how many were taken."""
-        self._refill()
-        got = min(n, int(self.tokens))
-        self.tokens -= got
-        return got
-
-    def wait_s(self, n: int = 1) -> float:
-        """Seconds until ``n`` tokens are there (0 if they are)."""
-        self._refill()
-        missing = min(n, self.burst) - self.tokens
-        if missing <= 0 or math.isinf(self.rate):
-            return 0.0
-        return missing / self.rate if self.rate > 0 else math.inf
-
-    def _refill(self) -> None:
-        now = self.clock()
-        if math.isinf(self.rate):
-            self.tokens = self.burst
-        else:
-            self.tokens = min(self.burst, self.tokens + (now - self._t) * self.rate)
-        self._t = now
-
-
-class CapacityMeter:
-    """Users per second of batch processing (generate + embed + store + publish), as an EWMA.
-
-    Measured on processing time, not on dispatch rate, so a rate limit derived from it cannot talk
-    itself down: a throttled worker still measures what one batch costs.
-    """
-
-    def __init__(self, alpha: float = CAPACITY_ALPHA) -> None:
-        self.alpha = alpha
-        self.rate: float | None = None
-
-    def observe(self, users: int, seconds: float) -> float | None:
-        if users <= 0 or seconds <= 0:
-            return self.rate
-        inst = users / seconds
-        self.rate = inst if self.rate is None else self.alpha * inst + (1 - self.alpha) * self.rate
-        return self.rate
-
-
-def rate_limit(capacity: float | None, cap: float) -> float:
-    """The bucket's rate: measured capacity with headroom (unlimited before the first measurement),
-    never above the configured cap (0: no cap)."""
-    rate = math.inf if capacity is None else capacity * RATE_HEADROOM
-    return min(rate, cap) if cap > 0 else rate
-
-
-class OffsetTracker:
-    """Per partition: offsets read but not finished; commits up to the oldest unfinished one.
-
-    Read-ahead and priorities finish requests out of order; committing "last finished + 1" would skip
-    the unfinished ones on a restart. ``position`` is the smallest open offset, or one past the largest
-    read when nothing is open.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[TP, set[int]] = {}
-        self._next: dict[TP, int] = {}
-        self._dirty: set[TP] = set()
-
-    def read(self, tp: TP, offset: int) -> None:
-        self._open.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-
-    def done(self, tp: TP, offset: int) -> None:
-        self._open.get(tp, set()).discard(offset)
-        self._dirty.add(tp)
-
-    def position(self, tp: TP) -> int:
-        open_ = self._open.get(tp)
-        return min(open_) if open_ else self._next.get(tp, 0)
-
-    def committable(self, tps: Iterable[TP] | None = None) -> dict[TP, int]:
-        """Positions of the partitions with finished work since the last call (or of ``tps``)."""
-        chosen = set(self._dirty if tps is None else tps) & set(self._next)
-        self._dirty -= chosen
-        return {tp: self.position(tp) for tp in chosen}
-
-    def forget(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self._open.pop(tp, None)
-            self._next.pop(tp, None)
-            self._dirty.discard(tp)
 
 
 @dataclass
@@ -345,8 +105,8 @@ class Origin:
 
 @dataclass
 class _LoopState:
-    queue: PendingQueue[Origin] = field(default_factory=PendingQueue)
-    tracker: OffsetTracker = field(default_factory=OffsetTracker)
+    queue: RequestQueue[Origin] = field(default_factory=RequestQueue)
+    tracker: OffsetLedger = field(default_factory=OffsetLedger)
     paused: bool = False
     reassigned: bool = False
     retry_at: float = 0.0
@@ -355,7 +115,7 @@ class _LoopState:
 
 class AnchorWorker:
     def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder, generator: AnchorGenerator,
-                 *, progress: bool = False, cache: AnchorCache | None = None) -> None:
+                 *, progress: bool = False, cache: GenerationCache | None = None) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
@@ -366,7 +126,7 @@ class AnchorWorker:
         self.progress = progress
         cfg = settings.anchors
         if cache is None and cfg.cache:
-            cache = AnchorCache(settings.data_dir / "anchor-cache", cfg.cache_max_entries)
+            cache = GenerationCache(settings.data_dir / "anchor-cache", cfg.cache_max_entries)
         self.cache = cache
         self.debouncer = Debouncer(cfg.debounce_s)
         self.capacity = CapacityMeter()
@@ -476,7 +236,7 @@ class AnchorWorker:
         ANCHOR_QUEUED.set(len(st.queue))
 
     def _dispatch(self, c: Any, p: Any, dlq: DeadLetters, st: _LoopState,
-                  batch: list[Pending[Origin]]) -> int:
+                  batch: list[QueuedRequest[Origin]]) -> int:
         """Generate, store, publish and commit one micro-batch; on failure put it back and back off."""
         t0 = time.monotonic()
         by_user = {e.req.user_id: e for e in batch}
@@ -512,7 +272,7 @@ class AnchorWorker:
             ANCHOR_RATE.set(rate)
         return len(batch)
 
-    def _requeue(self, st: _LoopState, batch: list[Pending[Origin]]) -> int:
+    def _requeue(self, st: _LoopState, batch: list[QueuedRequest[Origin]]) -> int:
         st.queue.restore(batch)
         st.retry_at = time.monotonic() + st.backoff_s
         st.backoff_s = min(BACKOFF_MAX_S, st.backoff_s * 2)

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
-from gpl.metrics import PSEUDO_ECE, PSEUDO_JOINED, PSEUDO_PENDING, PSEUDO_RELIABILITY, PSEUDO_WEIGHT_ECE
-from gpl.settings import Settings
+from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.runtime.metrics import PSEUDO_ECE, PSEUDO_JOINED, PSEUDO_PENDING, PSEUDO_RELIABILITY, PSEUDO_WEIGHT_ECE
+from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES

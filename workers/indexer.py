@@ -18,10 +18,10 @@ import numpy as np
 from confluent_kafka import KafkaException
 from tqdm import tqdm
 
-from gpl.encoder import Encoder
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
-from gpl.settings import Settings
-from gpl.vectors import Points, VectorIndex
+from gpl.runtime.encoder import Encoder
+from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import Points, VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import ItemEvent
 from schemas.topics import ITEMS

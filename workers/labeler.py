@@ -46,22 +46,17 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 from tqdm import tqdm
 
-from gpl.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
-from gpl.metrics import ANCHOR_AGE, DEFERRED, LATENCY
-from gpl.settings import Settings
-from gpl.vectors import VectorIndex
+from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.metrics import ANCHOR_AGE, DEFERRED, LATENCY
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
-from workers.labeling import (
-    AnchorCache,
-    ItemMatrix,
-    Labeling,
-    LabelStats,
-    Unexposed,
-    decode_unexposed,
-    label_decoded,
-)
+from workers.labeling.anchor_book import AnchorBook
+from workers.labeling.assemble import Labeling, LabelStats, label_decoded
+from workers.labeling.item_matrix import ItemMatrix
+from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
 
 log = logging.getLogger(__name__)
 STAGE = "labeler"
@@ -99,7 +94,7 @@ class Labeler:
         self.cfg = settings.labeler
         self.items = ItemMatrix(index, settings.encoder.collection, settings.encoder.model,
                                 retry_s=self.cfg.item_retry_s)
-        self.cache = AnchorCache(settings.encoder.model, self.items)
+        self.cache = AnchorBook(settings.encoder.model, self.items)
         self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
         self.accounting = Accounting(STAGE)
         self.anchor_accounting = Accounting(f"{STAGE}-anchors")
@@ -178,10 +173,10 @@ class Labeler:
             anchor_dlq.send(m, e)
             return
         outcome = self.cache.put(aset)
-        if outcome == AnchorCache.ACCEPTED:
+        if outcome == AnchorBook.ACCEPTED:
             acc.add("accepted")
             self._release(aset.user_id, p, dlq)
-        elif outcome == AnchorCache.STALE:
+        elif outcome == AnchorBook.STALE:
             acc.add("stale")
         else:  # another encoder's space (or unusable vectors): never score against it
             acc.add("anchors_refused")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpl.settings import TrainerSettings
+from gpl.runtime.settings import TrainerSettings
 
 
 def _bucket(key: bytes, buckets: int) -> int:

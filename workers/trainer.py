@@ -32,10 +32,10 @@ import torch
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from tqdm import tqdm
 
-from gpl.kafka import Accounting, DeadLetters, consumer, producer
-from gpl.metrics import CHECKPOINT_VERSION, TRAINER_LOSS
-from gpl.settings import Settings
-from gpl.vectors import VectorIndex
+from gpl.runtime.kafka import Accounting, DeadLetters, consumer, producer
+from gpl.runtime.metrics import CHECKPOINT_VERSION, TRAINER_LOSS
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpl.settings import Settings
+from gpl.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

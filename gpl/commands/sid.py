@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpl.settings import Settings
+from gpl.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def sid_dir(settings: Settings) -> Path:
 
 def _from_index(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
     """All (ids, vectors) of the encoder's item collection, or None when it is missing or empty."""
-    from gpl.vectors import open_index
+    from gpl.backends import open_index
 
     name = settings.encoder.collection
     try:
@@ -60,7 +60,7 @@ def _from_index(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
 def movielens_item_vectors(settings: Settings, cache_dir: Path, *, progress: bool = True
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Embed the MovieLens catalogue with the frozen encoder, cached as .npy under ``cache_dir``."""
-    from gpl.encoder import open_encoder
+    from gpl.runtime.encoder import open_encoder
     from gpl.simulate import load_movielens
 
     ml = load_movielens()
@@ -148,10 +148,11 @@ def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int
     ``users`` keeps the first N users (smoke runs). Needs ``train_tokenizer`` first (same directory).
     """
     from gpl.simulate import load_movielens
-    from workers.sid.data import leave_last_out, positive_sequences
-    from workers.sid.generator import GeneratorConfig, save_generator
-    from workers.sid.generator import train_generator as fit
+    from gpl.simulate.movielens import positive_sequences
     from workers.sid.rqvae import SIDTokenizer
+    from workers.sid.sequence_model import GeneratorConfig, save_generator
+    from workers.sid.sequence_model import train_generator as fit
+    from workers.sid.split import leave_last_out
 
     _threads(threads)
     out = out_dir or sid_dir(settings)
@@ -179,9 +180,10 @@ def evaluate_dir(settings: Settings, out_dir: Path | None = None, *, ks: tuple[i
                  ) -> dict[str, Any]:
     """Load the artifacts of ``out_dir``, run :func:`workers.sid.evaluate.evaluate_sid`, write eval.json."""
     from gpl.simulate import load_movielens
-    from workers.sid.data import leave_last_out, positive_sequences
+    from gpl.simulate.movielens import positive_sequences
     from workers.sid.evaluate import evaluate_sid
     from workers.sid.generator import SIDAnchorGenerator
+    from workers.sid.split import leave_last_out
 
     out = out_dir or sid_dir(settings)
     gen = SIDAnchorGenerator.load(out, settings.encoder.model, beam_width=max(beam_width, *ks))

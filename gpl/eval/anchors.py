@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.embed import CachedEncoder
-from gpl.settings import Settings
-from workers.generators import AnchorGenerator, AnchorPrompt, Generation
+from gpl.runtime.settings import Settings
+from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 
 log = logging.getLogger(__name__)
 

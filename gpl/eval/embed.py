@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpl.encoder import Encoder
+from gpl.runtime.encoder import Encoder
 
 
 class CachedEncoder:
-    """Wraps an :class:`~gpl.encoder.Encoder`; remembers every vector in ``<dir>/<encoder>.npz``."""
+    """Wraps an :class:`~gpl.runtime.encoder.Encoder`; remembers every vector in ``<dir>/<encoder>.npz``."""
 
     def __init__(self, encoder: Encoder, directory: Path | None, *, progress: bool = True, chunk: int = 256) -> None:
         self.encoder = encoder

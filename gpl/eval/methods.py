@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gpl.eval.dataset import EvalDataset
-from gpl.settings import Settings
+from gpl.runtime.settings import Settings
 from workers.model import ModelConfig, PreRanker, item_buckets, loss_weights, user_buckets, weighted_bce
 
 MC_PASSES = 8

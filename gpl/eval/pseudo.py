@@ -23,18 +23,11 @@ import numpy as np
 
 from gpl.eval.anchors import AnchorBook
 from gpl.eval.dataset import EvalDataset
-from gpl.settings import LabelerSettings
-from workers.labeling import (
-    TERMS,
-    LabelMap,
-    RequestRng,
-    coherence_of,
-    confidence,
-    consistency_of,
-    fit_label_map,
-    sample,
-    score,
-)
+from gpl.runtime.settings import LabelerSettings
+from workers.labeling.confidence import TERMS, coherence_of, confidence, consistency_of
+from workers.labeling.label_map import LabelMap, fit_label_map
+from workers.labeling.matching import score
+from workers.labeling.sampling import RequestRng, sample
 
 
 @dataclass

@@ -5,7 +5,7 @@ Order of work: load the dataset; embed the catalogue (cached); build anchors fro
 (if KD/UKD run), and per method build its added rows, train the pre-ranker with the shared loop
 (gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py).
 Nothing is fitted or chosen on the test period: the label maps are fitted on training exposures, the
-head/tail split on training exposures, and all settings come from :class:`gpl.settings.Settings`.
+head/tail split on training exposures, and all settings come from :class:`gpl.runtime.settings.Settings`.
 
 Evaluation scopes
     ``all``: every test request. ``anchored``: the test requests of users that had text anchors (when
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpl.encoder import Encoder, open_encoder
 from gpl.eval import metrics as M
 from gpl.eval.anchors import (
     AnchorBook,
@@ -62,9 +61,11 @@ from gpl.eval.methods import (
     uniform_unexposed,
 )
 from gpl.eval.pseudo import PseudoLabels, fit_map, gpl_labels
-from gpl.settings import Settings
+from gpl.runtime.encoder import Encoder, open_encoder
+from gpl.runtime.settings import Settings
 from workers.calibration import CalibrationBook
-from workers.generators import AnchorGenerator, MemoryGenerator
+from workers.generators.base import AnchorGenerator
+from workers.generators.memory import MemoryGenerator
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,8 @@ def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: AnchorBook) ->
 def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
     if cfg.anchors == "memory":
         return MemoryGenerator(settings.anchors)
-    from gpl.llm import ensure_llm
-    from workers.generators import TransformersGenerator
+    from gpl.runtime.model_assets import ensure_llm
+    from workers.generators.transformers_backend import TransformersGenerator
 
     return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=cfg.llm_threads)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import orjson
 
-from gpl.metrics import ANCHOR_CACHE
-from workers.generators import Generation
+from gpl.runtime.metrics import ANCHOR_CACHE
+from workers.generators.base import Generation
 
 SCHEMA_VERSION = 1  # of the stored value; part of the key, so a format change never misreads old rows
 PRUNE_SLACK = 0.05  # prune when 5% over the bound: one DELETE per many inserts, not one per insert
@@ -44,7 +44,7 @@ def cache_key(history: Sequence[str], k: int, model: str, prompt_hash: str) -> s
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-class AnchorCache:
+class GenerationCache:
     """The on-disk store. Thread-safe through one lock: a worker is built in one thread and runs in
     another, and calls are few and small (one lookup and one insert per micro-batch)."""
 

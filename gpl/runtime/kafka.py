@@ -17,8 +17,8 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gpl.metrics import MESSAGES
-from gpl.settings import KafkaSettings
+from gpl.runtime.metrics import MESSAGES
+from gpl.runtime.settings import KafkaSettings
 from schemas.codec import DecodeError, dead_letter, encode
 from schemas.topics import TOPICS
 

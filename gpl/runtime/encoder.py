@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gpl.settings import EncoderSettings
+from gpl.runtime.settings import EncoderSettings
 
 
 class Encoder(Protocol):

@@ -31,19 +31,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gpl.settings import AnchorSettings
-from workers.generators import (
+from gpl.runtime.settings import AnchorSettings
+from workers.generators.base import AnchorPrompt
+from workers.generators.logprobs import Completion, completion_from_tokens
+from workers.generators.prompt import (
     PREFILL,
     PRESENCE_PENALTY,
-    AnchorPrompt,
-    Completion,
-    RetryingGenerator,
     anchor_schema,
     attempt_sampling,
-    completion_from_tokens,
     generation_budget,
     render_chat,
 )
+from workers.generators.retrying import RetryingGenerator
 
 log = logging.getLogger(__name__)
 

@@ -46,21 +46,18 @@ from typing import Any, TypeVar
 
 import httpx
 
-from gpl.settings import AnchorSettings
-from workers.generators import (
+from gpl.runtime.settings import AnchorSettings
+from workers.generators.base import AnchorPrompt, GeneratorUnavailable
+from workers.generators.logprobs import Completion, finite_logprob, token_ends
+from workers.generators.prompt import (
     PRESENCE_PENALTY,
-    AnchorPrompt,
-    Completion,
-    GeneratorUnavailable,
-    RetryingGenerator,
     anchor_schema,
     attempt_sampling,
     build_messages,
-    finite_logprob,
     generation_budget,
     prompt_hash,
-    token_ends,
 )
+from workers.generators.retrying import RetryingGenerator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,203 +1,24 @@
-"""Turn MovieLens ratings into the event stream of a recommender funnel whose exposure policy is biased.
+"""The seeded recommender funnel around the real ratings: requests, recall, biased exposure, clicks.
 
-Why: GPL exists because a pre-ranker only learns from what a *biased* exposure policy chose to show.
-To exercise and to evaluate the pipeline we need that bias (long-tail candidates are recalled but
-rarely shown) *and* ground truth for the unexposed candidates, which production never has. Real
-MovieLens ratings give that truth; everything else here is a documented, seeded simulation.
-
-What is simulated, exactly (all randomness from one ``numpy.random.Generator(seed)``):
-
-Items
-    Every movie of ``movies.csv`` is one :class:`~schemas.events.ItemEvent`: ``item_id`` = movieId,
-    ``text`` = ``"<title> | genres: a, b | tags: t1, t2"`` (a section is left out when empty; tags are
-    the ``max_tags`` tags applied by the most distinct users, lower-cased), ``category`` = first genre
-    ("" for "(no genres listed)"), ``ts`` = the time of the first request (the catalogue exists when
-    the stream starts). Items are emitted before every request event.
-
-Requests
-    Users are taken in ascending userId order (``users`` = the first N of them). A user's ratings are
-    sorted by (timestamp, movieId) and cut into consecutive chunks of ``ratings_per_request``; each
-    chunk is one request whose *targets* are the chunk's movies. With ``max_requests_per_user`` a
-    heavy user keeps that many chunks, evenly spaced over their timeline (so the whole timeline is
-    still covered). Ratings of dropped chunks still count as history and as ground truth.
-    ``request_id`` = ``"ml-<userId>-<chunk>"``; ``user_id`` = str(userId).
-
-Recall (one :class:`~schemas.events.RecallEvent` per request, ``candidates`` items)
-    The targets are injected (so real feedback exists in every request), then the rest is drawn from
-    three routes in the proportions ``mix_popular : mix_genre : mix_random``:
-
-    - ``popular``: items drawn with probability ∝ rating_count ** ``popularity_power``;
-      score = log1p(count) / log1p(max count) ("popularity score", in [0, 1]).
-    - ``genre``: a genre drawn from the user's positives (rated >= ``positive_threshold``) *before the
-      request*, then an item uniformly from that genre (so this route reaches the long tail);
-      score = "affinity" = the sum over the item's genres of the user's share of genre mentions among
-      those positives (in [0, 1]). A user with no positive yet uses the catalogue's genre shares.
-    - ``random``: uniform over the catalogue; score = uniform [0, 1).
-
-    Items the user rated *before* the request (earlier in the sorted timeline) are filtered out (a
-    recommender does not re-recommend what was consumed); duplicates keep their first route. An
-    injected target borrows a route drawn from the mix (``genre`` only when its affinity is > 0) and
-    gets that route's score, so nothing in the event marks it as a target. Candidates are listed by
-    descending score (ties by item id). A request gets fewer than ``candidates`` only when the
-    catalogue minus the user's history is smaller than that.
-
-Exposure (one :class:`~schemas.events.ExposureEvent` per request, the top ``exposed`` candidates)
-    The biased policy ranks the recalled candidates by
-    ``exposure_popularity_weight * popularity score + exposure_relevance_weight * affinity
-    + exposure_noise * N(0, 1)`` and shows the top E at positions 0..E-1. Popularity dominates, so
-    long-tail candidates are rarely shown: that is the selection bias GPL must undo. Exposed items
-    are always a subset of the request's recall candidates (no exception in this simulator).
-    ``clicked`` = the user rated the item >= ``positive_threshold`` at any time (future included:
-    the simulated user clicks now what they will rate highly). A target is therefore clicked when
-    shown iff its real rating is >= 4.0.
-
-Time and order
-    Recall ``ts`` = the first target's rating timestamp in ms; exposure ``ts`` = recall ts + a delay
-    uniform in ``exposure_delay_ms`` (inclusive). ``time_origin_ms`` shifts every time so the first
-    request is at that instant (MovieLens spans 1996-2018; a real Kafka's retention would delete
-    records that old). Events are emitted in event-time order (ties: request order, recall before
-    exposure), except that a ``exposure_first_fraction`` of the exposures, chosen at random, is
-    emitted immediately *before* its recall (out of order, as a real stream may deliver them); their
-    ``ts`` is unchanged, only the emission position moves.
-
-Ground truth (``Simulation.truth``)
-    ``truth[(user_id, item_id)]`` for every (user, candidate) pair of any request whose label is
-    known: 1 if the user rated the item >= ``positive_threshold`` anywhere in their history (future
-    included), 0 if they rated it lower. A pair that is *absent* has an unknown label (never rated):
-    most unexposed candidates are unknown, exactly as in production. Labels do not depend on the
-    request, so one dict covers exposed and unexposed candidates alike.
-
-Everything is deterministic given (data, config): same seed, same events, byte for byte.
-``Simulation.stats`` summarises a run (requests, unexposed per request, click rate, ...) and
-:func:`popularity_bias` measures the exposure bias; ``python -m gpl.simulate OUT.jsonl`` writes a
-replayable file (:func:`write_jsonl`, for ``gpl.replay``) and prints both.
-
-Cost: the numpy part is vectorised (chunks of requests); most of the time is building the pydantic
-contracts, about 1 µs per candidate (full MovieLens, 200 candidates, 40 requests per user: ~12k
-requests in ~4 s on 2 cores).
+The package docstring (``gpl/simulate/__init__.py``) says exactly what is simulated and why.
 """
-
 from __future__ import annotations
 
-import csv
 import gc
 import math
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
 
+from gpl.simulate.movielens import MovieLens
 from schemas.events import ExposureEvent, ItemEvent, RecallEvent
-from schemas.jsonl import write_events
 
 SOURCES = ("popular", "genre", "random")
-NO_GENRE = "(no genres listed)"
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "movielens-small"
-
 _POP, _GENRE, _RANDOM = 0, 1, 2
 _CELLS_PER_CHUNK = 1_000_000  # rows x columns processed at once: bounds memory for large recall sizes
 
-
-@dataclass(frozen=True)
-class MovieLens:
-    """MovieLens in dense integer form (no pandas): items 0..I-1, users 0..U-1, ratings sorted.
-
-    Ratings are sorted by (user, timestamp, movieId), so a user's timeline is the slice
-    ``user_start[u]:user_start[u + 1]`` and "rated before request" is "global rating index < start".
-    """
-
-    item_ids: np.ndarray  # int64 [I] movieId, ascending
-    titles: list[str]
-    genres: list[tuple[str, ...]]  # per item, "(no genres listed)" dropped
-    genre_names: tuple[str, ...]
-    item_genres: np.ndarray  # bool [I, G]
-    tags: list[tuple[str, ...]]  # per item, by number of distinct users who applied it (desc), then name
-    user_ids: np.ndarray  # int64 [U] userId, ascending
-    user_start: np.ndarray  # int64 [U + 1] offsets into the rating arrays
-    r_user: np.ndarray  # int32 [N]
-    r_item: np.ndarray  # int32 [N]
-    r_rating: np.ndarray  # float32 [N]
-    r_ts: np.ndarray  # int64 [N] seconds
-    popularity: np.ndarray  # int64 [I] number of ratings
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-    def item_text(self, i: int, max_tags: int = 5) -> str:
-        parts = [self.titles[i]]
-        if self.genres[i]:
-            parts.append("genres: " + ", ".join(self.genres[i]))
-        if max_tags > 0 and self.tags[i]:
-            parts.append("tags: " + ", ".join(self.tags[i][:max_tags]))
-        return " | ".join(parts)
-
-
-def load_movielens(path: Path | str = DEFAULT_PATH) -> MovieLens:
-    """Read movies.csv, ratings.csv and tags.csv with the csv module (~0.3 s for ml-latest-small)."""
-    path = Path(path)
-    with open(path / "movies.csv", newline="", encoding="utf-8") as f:
-        rows = sorted((int(r["movieId"]), r["title"], r["genres"]) for r in csv.DictReader(f))
-    item_ids = np.array([r[0] for r in rows], dtype=np.int64)
-    index = {mid: i for i, mid in enumerate(item_ids.tolist())}
-    titles = [r[1].strip() for r in rows]
-    genres = [tuple(g for g in r[2].split("|") if g and g != NO_GENRE) for r in rows]
-    genre_names = tuple(sorted({g for gs in genres for g in gs}))
-    gi = {g: k for k, g in enumerate(genre_names)}
-    item_genres = np.zeros((len(rows), len(genre_names)), dtype=bool)
-    for i, gs in enumerate(genres):
-        item_genres[i, [gi[g] for g in gs]] = True
-
-    users: list[int] = []
-    items: list[int] = []
-    ratings: list[float] = []
-    stamps: list[int] = []
-    with open(path / "ratings.csv", newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader)
-        for u, m, r, t in reader:
-            known = index.get(int(m))
-            if known is None:  # a rating of a movie missing from movies.csv has no item to show
-                continue
-            users.append(int(u))
-            items.append(known)
-            ratings.append(float(r))
-            stamps.append(int(t))
-    raw_user = np.array(users, dtype=np.int64)
-    user_ids, r_user = np.unique(raw_user, return_inverse=True)
-    r_item = np.array(items, dtype=np.int32)
-    r_ts = np.array(stamps, dtype=np.int64)
-    order = np.lexsort((r_item, r_ts, r_user))
-    r_user, r_item, r_ts = r_user[order].astype(np.int32), r_item[order], r_ts[order]
-    r_rating = np.array(ratings, dtype=np.float32)[order]
-    user_start = np.searchsorted(r_user, np.arange(len(user_ids) + 1)).astype(np.int64)
-
-    tag_users: dict[int, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    tags_file = path / "tags.csv"
-    if tags_file.exists():
-        with open(tags_file, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                j = index.get(int(row["movieId"]))
-                tag = " ".join(row["tag"].lower().split())
-                if j is not None and tag:
-                    tag_users[j][tag].add(int(row["userId"]))
-    tags: list[tuple[str, ...]] = []
-    for i in range(len(rows)):
-        counted = tag_users.get(i, {})
-        tags.append(tuple(t for t, _ in sorted(counted.items(), key=lambda kv: (-len(kv[1]), kv[0]))))
-
-    return MovieLens(
-        item_ids=item_ids, titles=titles, genres=genres, genre_names=genre_names, item_genres=item_genres,
-        tags=tags, user_ids=user_ids.astype(np.int64), user_start=user_start, r_user=r_user, r_item=r_item,
-        r_rating=r_rating, r_ts=r_ts, popularity=np.bincount(r_item, minlength=len(rows)).astype(np.int64),
-    )
 
 
 @dataclass(frozen=True)
@@ -544,60 +365,3 @@ def _simulate(ml: MovieLens, cfg: SimConfig) -> Simulation:
     first_ids = {recalls[r].request_id for r in np.flatnonzero(first).tolist()}
     return Simulation(config=cfg, items=items, events=events, truth=truth, exposure_first=first_ids,
                       stats=stats)
-
-
-def write_jsonl(sim: Simulation, path: Path | str) -> int:
-    """Write the catalogue, then the request events in emission order, as a replayable JSONL file."""
-    with open(path, "wb") as f:
-        n = write_events(f, (("items", it) for it in sim.items))
-        n += write_events(f, sim.events)
-    return n
-
-
-def popularity_bias(ml: MovieLens, sim: Simulation, head_fraction: float = 0.1) -> dict[str, float]:
-    """How strongly exposure favours popular items: P(exposed | head candidate) vs P(exposed | tail).
-
-    Head = the ``head_fraction`` most-rated items of the catalogue. Used by tests and the demo report.
-    """
-    pop = dict(zip(ml.item_ids.tolist(), ml.popularity.tolist(), strict=True))
-    cut = np.quantile(ml.popularity, 1.0 - head_fraction)
-    shown: set[tuple[str, int]] = set()
-    for topic, ev in sim.events:
-        if topic == "exposure" and isinstance(ev, ExposureEvent):
-            shown.update((ev.request_id, it.item_id) for it in ev.items)
-    c: Counter[str] = Counter()
-    for topic, ev in sim.events:
-        if topic != "recall" or not isinstance(ev, RecallEvent):
-            continue
-        for cand in ev.candidates:
-            part = "head" if pop[cand.item_id] >= cut else "tail"
-            c[part] += 1
-            c[f"{part}_exposed"] += (ev.request_id, cand.item_id) in shown
-    head = c["head_exposed"] / max(c["head"], 1)
-    tail = c["tail_exposed"] / max(c["tail"], 1)
-    return {"head_exposure_rate": head, "tail_exposure_rate": tail, "ratio": head / max(tail, 1e-12),
-            "head_candidate_share": c["head"] / max(c["head"] + c["tail"], 1)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m gpl.simulate OUT.jsonl [--users N] [--candidates N] [--seed S]``: write, print stats."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--data", type=Path, default=DEFAULT_PATH)
-    ap.add_argument("--users", type=int, default=None)
-    ap.add_argument("--candidates", type=int, default=200)
-    ap.add_argument("--exposed", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    ml = load_movielens(a.data)
-    sim = simulate(ml, SimConfig(seed=a.seed, users=a.users, candidates=a.candidates, exposed=a.exposed))
-    n = write_jsonl(sim, a.out)
-    print(f"wrote {n} events to {a.out}")
-    for k, v in {**sim.stats, **popularity_bias(ml, sim)}.items():
-        print(f"  {k}: {v:.4g}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Users' positive sequences from MovieLens and the temporal leave-last-out split.
+"""The temporal leave-last-out split of users' positive sequences (built by the application from its data).
 
 Why leave-last-out by time: an anchor generator is used to predict what a user will like *next*, so the
 honest test is each user's latest positive, predicted from everything before it. That item never
@@ -9,19 +9,6 @@ vectors only, never users, so it cannot leak the split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from gpl.simulate import MovieLens
-
-
-def positive_sequences(ml: MovieLens, threshold: float = 4.0) -> dict[int, list[int]]:
-    """userId -> movieIds rated >= ``threshold``, oldest first (ties by movieId: the loader's order)."""
-    keep = ml.r_rating >= threshold
-    users = ml.user_ids[ml.r_user[keep]]
-    items = ml.item_ids[ml.r_item[keep]]
-    out: dict[int, list[int]] = {}
-    for u, i in zip(users.tolist(), items.tolist(), strict=True):
-        out.setdefault(int(u), []).append(int(i))
-    return out
 
 
 @dataclass(frozen=True)

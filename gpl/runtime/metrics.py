@@ -27,7 +27,7 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
-# ---- anchor generation policy (workers/anchors.py, workers/anchor_cache.py, workers/generators*.py)
+# ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
 ANCHOR_PARSE_FAILURES = Counter("gpl_anchor_parse_failures_total",
                                 "LLM answers with no usable anchor (per attempt; retried or fallback)",
                                 ["model"])

@@ -1,0 +1,54 @@
+"""The vector index seam: one small interface, an embedded engine, a server client, an in-memory twin.
+
+* :class:`MemoryIndex` — numpy, for unit tests of pure logic.
+* ``EdgeIndex`` (gpl/runtime/vectors/edge.py) — qdrant-edge, Qdrant's embedded Rust engine, in a data dir:
+  the embedded default (qdrant-client's pure-Python local mode is far too slow, DESIGN.md §5).
+* ``ServerIndex`` (gpl/runtime/vectors/server.py) — qdrant-client against a Qdrant server (production).
+
+Point ids are the contracts' non-negative int64 item ids (or, for anchors, ids derived from user and
+slot). Vectors are float32 and L2-normalised by the caller; the distance is cosine (= dot product).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Points:
+    """A batch of points as arrays: ``ids`` int64 (n,), ``vectors`` float32 (n, dim), payload dicts."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    payloads: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class VectorIndex(AbstractContextManager["VectorIndex"], Protocol):
+    def ensure_collection(self, name: str, dim: int) -> None:
+        """Create the collection (cosine distance) if it does not exist."""
+
+    def upsert(self, name: str, points: Points) -> None: ...
+
+    def retrieve(self, name: str, ids: Sequence[int] | np.ndarray, *, with_payload: bool = False) -> Points:
+        """The points among ``ids`` that exist, in the order of ``ids``; missing ids are skipped."""
+
+    def search(self, name: str, vector: np.ndarray, limit: int, *, ids: Sequence[int] | None = None
+               ) -> list[tuple[int, float]]:
+        """Nearest points by cosine, optionally restricted to ``ids``: [(id, score)] best first."""
+
+    def count(self, name: str) -> int: ...
+
+    def scroll(self, name: str, batch: int = 1024, *, with_payload: bool = False) -> Iterator[Points]:
+        """Every point of the collection, in batches."""
+
+    def delete(self, name: str, ids: Sequence[int]) -> None: ...
+
+    def close(self) -> None: ...

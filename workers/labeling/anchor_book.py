@@ -1,0 +1,123 @@
+"""Per user the newest anchor set in array form (:class:`UserAnchors`), refusing sets from another space.
+
+Anchors embedded under another encoder than the items live in another space: cosine across spaces is
+noise that would still look like a similarity, so such sets are refused, never scored.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpl.runtime.vectors.normalize import normalize
+from schemas.events import AnchorSet
+from workers.labeling.confidence import coherence_of, consistency_of
+from workers.labeling.item_matrix import ItemMatrix
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- anchors
+
+@dataclass
+class UserAnchors:
+    """A user's current anchor set as arrays (what scoring and lineage need, nothing per-anchor)."""
+
+    user_id: str
+    version: int
+    vectors: np.ndarray  # (K, dim) float32, normalised
+    logprobs: np.ndarray  # (K,) float32
+    model: str
+    prompt_hash: str
+    encoder: str
+    generated_at: int
+    fallback: bool
+    history: np.ndarray  # int64 item ids the anchors were generated from
+    coherence: float
+    consistency: float | None = None  # computed on first use, once all history vectors are known
+
+
+class AnchorBook:
+    """Per user the newest AnchorSet, refusing sets from another space.
+
+    Only a newer ``version`` replaces an older one (a replayed or re-ordered message cannot roll a user
+    back). A set whose ``encoder`` is not the item collection's encoder is refused with
+    ``encoder_mismatch``: its vectors live in another space, and cosine across spaces is noise that
+    would still look like a similarity. ``dim_mismatch`` and ``bad_vectors`` (non-finite or zero)
+    are refused too. :meth:`put` returns the outcome; :attr:`counts` counts them.
+    """
+
+    ACCEPTED = "accepted"
+    STALE = "stale"
+    REFUSALS = frozenset({"encoder_mismatch", "dim_mismatch", "bad_vectors"})
+
+    def __init__(self, encoder: str, items: ItemMatrix | None = None) -> None:
+        self.encoder = encoder
+        self.items = items
+        self._users: dict[str, UserAnchors] = {}
+        self.counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def get(self, user_id: str) -> UserAnchors | None:
+        return self._users.get(user_id)
+
+    def drop(self, user_id: str) -> bool:
+        """Forget a user (a tombstone on the compacted ``anchors`` topic)."""
+        return self._users.pop(user_id, None) is not None
+
+    def put(self, aset: AnchorSet) -> str:
+        """Take the set if it is newer and from our space: ``accepted``, ``stale`` or a refusal reason."""
+        outcome = self._check(aset)
+        self.counts[outcome] += 1
+        return outcome
+
+    def _check(self, aset: AnchorSet) -> str:
+        if aset.encoder != self.encoder:
+            return "encoder_mismatch"
+        cur = self._users.get(aset.user_id)
+        if cur is not None and aset.version <= cur.version:
+            return self.STALE
+        try:
+            vecs = np.asarray([a.vector for a in aset.anchors], dtype=np.float32)
+        except ValueError:
+            return "dim_mismatch"  # anchors of different lengths
+        if vecs.ndim != 2 or vecs.shape[1] == 0:
+            return "dim_mismatch"
+        dim = self.items.dim if self.items is not None else None
+        if dim is not None and vecs.shape[1] != dim:
+            return "dim_mismatch"
+        norms = np.linalg.norm(vecs, axis=1)
+        if not np.isfinite(vecs).all() or (norms == 0).any():
+            return "bad_vectors"
+        vecs = normalize(vecs)
+        self._users[aset.user_id] = UserAnchors(
+            user_id=aset.user_id, version=aset.version, vectors=np.ascontiguousarray(vecs),
+            logprobs=np.asarray([a.logprob for a in aset.anchors], np.float32), model=aset.model,
+            prompt_hash=aset.prompt_hash, encoder=aset.encoder, generated_at=aset.generated_at,
+            fallback=aset.fallback, history=np.asarray(aset.history, np.int64), coherence=coherence_of(vecs),
+        )
+        return self.ACCEPTED
+
+    def consistency(self, entry: UserAnchors) -> float:
+        """The entry's consistency term, cached once every history item has a vector."""
+        if entry.consistency is not None:
+            return entry.consistency
+        if self.items is None or entry.history.size == 0:
+            entry.consistency = 1.0
+            return 1.0
+        items, ids = self.items, entry.history
+        rows, missing = items.lookup(ids)
+        if missing.any():
+            items.fetch(ids[missing])
+            rows, missing = items.lookup(ids)
+        value = consistency_of(entry.vectors, items.gather(rows[~missing]))
+        if not missing.any():
+            entry.consistency = value
+        return value

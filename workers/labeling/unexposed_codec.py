@@ -1,0 +1,64 @@
+"""UnexposedBatch bytes straight into arrays: the labeler's fast decoder, never per-candidate objects.
+
+Anything unusual falls back to the pydantic contract, whose DecodeError carries the DLQ reason.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from schemas.codec import decode
+from schemas.events import SCHEMA_VERSION, UnexposedBatch
+
+log = logging.getLogger(__name__)
+
+
+_MAX_ID_LEN = 256  # the contracts' bound on request and user ids
+
+
+@dataclass(frozen=True, slots=True)
+class Unexposed:
+    """A decoded UnexposedBatch in array form (no per-candidate objects)."""
+
+    request_id: str
+    user_id: str
+    ts: int
+    item_ids: np.ndarray  # int64
+
+
+def decode_unexposed(raw: bytes | None) -> Unexposed:
+    """Parse an UnexposedBatch straight into arrays; anything unusual goes through the pydantic contract.
+
+    The fast path accepts only what the contract accepts (ints ≥ 0 that fit int64, a known schema
+    version, non-empty ids of bounded length); doubt falls back to :func:`schemas.codec.decode`, whose
+    DecodeError carries the reason the DLQ records. ``sum`` over the id list is the cheap type check:
+    it is an ``int`` only when every element is (bools count as ints, as in pydantic's lax mode).
+    """
+    ok = False
+    if raw is not None:
+        try:
+            obj = orjson.loads(raw)
+            rid, uid, ts, ids_l = obj["request_id"], obj["user_id"], obj["ts"], obj["item_ids"]
+            ver = obj.get("schema_version", 1)
+            rs = obj.get("recall_scores", ())
+            ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= _MAX_ID_LEN
+                  and 0 < len(uid) <= _MAX_ID_LEN and type(ts) is int and ts >= 0 and type(ver) is int
+                  and 1 <= ver <= SCHEMA_VERSION and type(ids_l) is list and len(ids_l) > 0
+                  and type(sum(ids_l)) is int and (rs == () or (type(rs) is list and _numbers(rs))))
+            if ok:
+                ids = np.array(ids_l, dtype=np.int64)
+                ok = int(ids.min()) >= 0
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
+            ok = False
+    if not ok:
+        ev = decode(raw, UnexposedBatch)  # raises DecodeError with the contract's reason
+        rid, uid, ts = ev.request_id, ev.user_id, ev.ts
+        ids = np.asarray(ev.item_ids, dtype=np.int64)
+    return Unexposed(rid, uid, ts, ids)
+
+
+def _numbers(xs: list[object]) -> bool:
+    return type(sum(xs)) in (int, float)  # type: ignore[arg-type]
