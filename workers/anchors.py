@@ -88,6 +88,7 @@ from workers.anchor_policy import (
 )
 from workers.generation_cache import GenerationCache, cache_key
 from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.history import recent_distinct
 
 log = logging.getLogger(__name__)
 STAGE = "anchors"
@@ -358,8 +359,7 @@ class AnchorWorker:
         n = self.settings.anchors.history_items
         recent: dict[str, list[int]] = {}
         for req in requests:
-            distinct = list(dict.fromkeys(reversed(req.history)))[:n]  # newest first, duplicates dropped
-            recent[req.user_id] = distinct[::-1]
+            recent[req.user_id] = recent_distinct(req.history, n)
         wanted = sorted({i for ids in recent.values() for i in ids})
         texts: dict[int, str] = {}
         if wanted:

@@ -1,14 +1,15 @@
 """Interest anchors for the offline comparison, built from TRAINING-period history only.
 
-Three sources, one shape (:class:`AnchorBook`: per user K unit vectors, their log-probs and the
-history they came from), so the labeling code (workers/labeling.py) cannot tell them apart:
+Three sources, one shape (:class:`SourceAnchors`: per user the stream's own
+:class:`~workers.labeling.anchor_book.UserAnchors`), so the labeling code cannot tell them apart:
 
 * ``text``: an :class:`~workers.generators.AnchorGenerator` (SmolLM2 through transformers, or the
   deterministic MemoryGenerator) writes K interest phrases from the user's last
-  ``anchors.history_items`` distinct training clicks; the frozen encoder embeds them. LLM answers are
-  cached on disk by (history digest, model, prompt hash, K), so a rerun never asks the LLM twice.
+  ``anchors.history_items`` distinct training clicks (:func:`workers.history.recent_distinct`, the
+  worker's rule); the frozen encoder embeds them. LLM answers live in the worker's replay store
+  (:mod:`workers.generation_cache`, same key), so a rerun never asks the LLM twice.
 * ``centroid`` (ablation, no LLM): one anchor, the normalised mean of those same history vectors.
-* ``sid``: semantic-ID anchors from workers/sid when it is importable and trained (see
+* ``sid``: semantic-ID anchors from workers/sid when a tokenizer is trained (see
   :func:`sid_anchors`).
 
 History = clicks (the only positives the stream sees) in the user's training requests, most recent
@@ -18,7 +19,6 @@ last. A user without a training click has no history and gets no anchors (no pse
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,26 +28,24 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gpl.commands.sid import sid_dir
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.embed import CachedEncoder
 from gpl.runtime.settings import Settings
+from workers.generation_cache import GenerationCache, cache_key
 from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.history import recent_distinct
+from workers.labeling.anchor_book import UserAnchors
+from workers.sid.generator import SIDAnchorGenerator
+from workers.sid.rqvae import SIDTokenizer
+from workers.sid.sequence_model import GENERATOR_FILE, load_generator, save_generator, train_generator
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class UserAnchors:
-    vectors: np.ndarray  # (K, dim) float32, unit rows
-    logprobs: np.ndarray  # (K,) float32
-    history: np.ndarray  # dense item indices the anchors were generated from
-    texts: list[str] = field(default_factory=list)
-    fallback: bool = False
-
-
-@dataclass
-class AnchorBook:
-    """Anchors per dense user index, with the lineage the labeler would put in a SampleBatch."""
+class SourceAnchors:
+    """One anchor source's sets, per dense user index (the stream's :class:`UserAnchors`), with its lineage."""
 
     kind: str  # "llm", "memory", "centroid", "sid"
     model: str
@@ -71,9 +69,7 @@ def training_histories(ds: EvalDataset, n: int) -> dict[int, np.ndarray]:
     for chunk, u_rows in zip(np.split(np.arange(len(rows)), bounds), np.split(users, bounds), strict=True):
         if not len(chunk):
             continue
-        items = ds.item[rows[chunk]].tolist()
-        recent = list(dict.fromkeys(reversed(items)))[:n]  # newest first, duplicates dropped
-        out[int(u_rows[0])] = np.asarray(recent[::-1], np.int64)
+        out[int(u_rows[0])] = np.asarray(recent_distinct(ds.item[rows[chunk]].tolist(), n), np.int64)
     return out
 
 
@@ -87,45 +83,35 @@ def pick_users(ds: EvalDataset, histories: dict[int, np.ndarray], cap: int | Non
     return eligible if cap is None else eligible[:cap]
 
 
-class GenerationCache:
-    """Append-only JSONL of generations keyed by (history digest, model, prompt hash, K)."""
+def legacy_key(history: list[str], model: str, prompt_hash: str, k: int) -> str:
+    """The key of the JSONL cache that ``gpl eval`` kept before it shared the worker's store (migration)."""
+    h = hashlib.blake2b("\x1e".join(history).encode(), digest_size=8).hexdigest()
+    return f"{h}:{model}:{prompt_hash}:{k}"
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._m: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                    self._m[rec["key"]] = rec
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut by an interrupted run: that user is generated again
 
-    @staticmethod
-    def key(history: list[str], model: str, prompt_hash: str, k: int) -> str:
-        h = hashlib.blake2b("\x1e".join(history).encode(), digest_size=8).hexdigest()
-        return f"{h}:{model}:{prompt_hash}:{k}"
+def migrate_legacy_cache(path: Path, cache: GenerationCache, keys: dict[str, str]) -> int:
+    """Copy generations of the old JSONL cache into the shared store under their new keys.
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self._m.get(key)
-
-    def put(self, key: str, gen: Generation) -> None:
-        rec = {
-            "key": key,
-            "anchors": gen.anchors,
-            "logprobs": [float(x) for x in gen.logprobs],
-            "fallback": gen.fallback,
-            "tokens": gen.tokens,
-            "attempts": gen.attempts,
-        }
-        self._m[key] = rec
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def __len__(self) -> int:
-        return len(self._m)
+    The JSONL stored a digest of the history, not the history itself, so entries can only be moved for
+    prompts whose texts are known again: ``keys`` maps legacy key → new key for the prompts at hand. What
+    moved is not asked of the LLM again; the file stays until every run that could need it has migrated.
+    """
+    if not path.is_file():
+        return 0
+    moved: list[tuple[str, Generation]] = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            new = keys.get(rec["key"])
+            if new is not None:
+                moved.append((new, Generation(anchors=list(rec["anchors"]),
+                                              logprobs=[float(x) for x in rec["logprobs"]], raw="",
+                                              tokens=int(rec.get("tokens", 0)), parsed_first_try=True,
+                                              attempts=int(rec.get("attempts", 1)), fallback=bool(rec["fallback"]))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line cut by an interrupted run: that user is generated again
+    cache.put_many(moved)
+    return len(moved)
 
 
 def text_anchors(
@@ -138,51 +124,55 @@ def text_anchors(
     *,
     k: int,
     kind: str,
+    legacy: Path | None = None,
     batch: int = 8,
     progress: bool = True,
-) -> AnchorBook:
-    """Generate (or take from the cache) K anchor texts per user and embed them."""
+) -> SourceAnchors:
+    """Generate (or take from the shared replay store) K anchor texts per user and embed them.
+
+    The store and its key are the streaming worker's (:mod:`workers.generation_cache`): an anchor set
+    generated by ``gpl eval`` answers the same prompt in the stream and the other way round. Entries of
+    the old eval-only JSONL cache (``legacy``) are migrated on first use.
+    """
+    model, ph = generator.model, generator.prompt_hash
     prompts: dict[int, tuple[str, AnchorPrompt]] = {}
+    legacy_keys: dict[str, str] = {}
     for u in users:
         texts = [ds.item_text[i] for i in histories[u].tolist()]
-        prompts[u] = (
-            cache.key(texts, generator.model, generator.prompt_hash, k),
-            AnchorPrompt(ds.users[u], texts, k),
-        )
-    todo = [u for u in users if cache.get(prompts[u][0]) is None]
+        key = cache_key(texts, k, model, ph)
+        prompts[u] = (key, AnchorPrompt(ds.users[u], texts, k))
+        legacy_keys[legacy_key(texts, model, ph, k)] = key
+    migrated = migrate_legacy_cache(legacy, cache, legacy_keys) if legacy is not None else 0
+    stored = cache.get_many([key for key, _ in prompts.values()])
+    todo = [u for u in users if prompts[u][0] not in stored]
     hits = len(users) - len(todo)
-    bar = tqdm(total=len(todo), desc=f"anchors ({generator.model})", unit="user", disable=not progress or not todo)
+    bar = tqdm(total=len(todo), desc=f"anchors ({model})", unit="user", disable=not progress or not todo)
     for s in range(0, len(todo), batch):
         part = todo[s : s + batch]
         gens = generator.generate([prompts[u][1] for u in part])
-        for u, g in zip(part, gens, strict=True):
-            cache.put(prompts[u][0], g)
+        fresh = [(prompts[u][0], g) for u, g in zip(part, gens, strict=True)]
+        cache.put_many(fresh)
+        stored.update(fresh)
         bar.update(len(part))
     bar.close()
-    book = AnchorBook(kind=kind, model=generator.model, prompt_hash=generator.prompt_hash)
-    recs = {u: cache.get(prompts[u][0]) for u in users}
-    all_texts = [t for r in recs.values() if r for t in r["anchors"]]
-    vecs = encoder.encode(all_texts, desc="embed anchors")
+    book = SourceAnchors(kind=kind, model=model, prompt_hash=ph)
+    gens_of = {u: stored[prompts[u][0]] for u in users if stored[prompts[u][0]].anchors}
+    vecs = encoder.encode([t for g in gens_of.values() for t in g.anchors], desc="embed anchors")
     row = 0
     fallback = tokens = 0
-    for u, r in recs.items():
-        if not r or not r["anchors"]:
-            continue
-        n = len(r["anchors"])
-        book.users[u] = UserAnchors(
-            vectors=vecs[row : row + n],
-            logprobs=np.asarray(r["logprobs"], np.float32),
-            history=histories[u],
-            texts=list(r["anchors"]),
-            fallback=bool(r["fallback"]),
-        )
+    for u, g in gens_of.items():
+        n = len(g.anchors)
+        book.users[u] = UserAnchors.of(vecs[row : row + n], np.asarray(g.logprobs, np.float32), history=histories[u],
+                                       user_id=ds.users[u], model=model, prompt_hash=ph, fallback=g.fallback,
+                                       texts=tuple(g.anchors))
         row += n
-        fallback += bool(r["fallback"])
-        tokens += int(r.get("tokens", 0))
+        fallback += bool(g.fallback)
+        tokens += int(g.tokens)
     book.info = {
         "users": len(book.users),
         "generated_now": len(todo),
         "cache_hits": hits,
+        "migrated_from_legacy_cache": migrated,
         "fallback_users": fallback,
         "tokens": tokens,
         "mean_anchors": float(np.mean([len(a.texts) for a in book.users.values()])) if book.users else 0.0,
@@ -190,20 +180,15 @@ def text_anchors(
     return book
 
 
-def centroid_anchors(histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray) -> AnchorBook:
+def centroid_anchors(histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray) -> SourceAnchors:
     """One anchor per user: the normalised centroid of the history vectors (the no-LLM ablation)."""
-    book = AnchorBook(kind="centroid", model="history-centroid", prompt_hash="-")
+    book = SourceAnchors(kind="centroid", model="history-centroid", prompt_hash="-")
     for u in users:
         c = item_vectors[histories[u]].mean(axis=0)
-        nrm = float(np.linalg.norm(c))
-        if nrm == 0:
+        if not np.any(c):
             continue
-        book.users[u] = UserAnchors(
-            vectors=(c / nrm)[None, :].astype(np.float32),
-            logprobs=np.zeros(1, np.float32),
-            history=histories[u],
-            texts=["<centroid>"],
-        )
+        book.users[u] = UserAnchors.of(c[None, :], np.zeros(1, np.float32), history=histories[u],
+                                       model="history-centroid", prompt_hash="-", texts=("<centroid>",))
     book.info = {"users": len(book.users)}
     return book
 
@@ -230,7 +215,7 @@ def sid_anchors(
     cache_dir: Path | None,
     epochs: int = 8,
     progress: bool = True,
-) -> AnchorBook | str:
+) -> SourceAnchors | str:
     """Semantic-ID anchors (workers/sid), or why they are not available (a string for the table).
 
     The SID *tokenizer* (RQ-VAE over item vectors, no user data) is taken from ``gpl anchors
@@ -240,15 +225,9 @@ def sid_anchors(
     retrained generator is cached by (tokenizer fingerprint, sequences, epochs). Each user's anchors
     come from beam search over their training clicks (the generator reads the most recent ones).
     """
+    directory = sid_dir(settings)
     try:
-        gen_mod = importlib.import_module("workers.sid.generator")
-        rq = importlib.import_module("workers.sid.rqvae")
-        sid_cmd = importlib.import_module("gpl.commands.sid")
-    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
-        return f"not available (workers.sid not importable: {type(e).__name__}: {e})"
-    directory = sid_cmd.sid_dir(settings)
-    try:
-        tok = rq.SIDTokenizer.load(directory, settings.encoder.model)
+        tok = SIDTokenizer.load(directory, settings.encoder.model)
     except FileNotFoundError:
         return f"not available (no SID tokenizer in {directory}; run gpl anchors train-tokenizer)"
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -261,19 +240,19 @@ def sid_anchors(
     key = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
     art = cache_dir / f"sid-generator-{key}" if cache_dir is not None else None
     trained = None
-    if art is not None and (art / gen_mod.GENERATOR_FILE).is_file():
-        trained, _ = gen_mod.load_generator(art, tok)
+    if art is not None and (art / GENERATOR_FILE).is_file():
+        trained, _ = load_generator(art, tok)
         history = {"cached": str(art)}
     if trained is None:
         bar = tqdm(total=epochs, desc="SID generator (training clicks)", unit="epoch", disable=not progress)
-        trained, history = gen_mod.train_generator(
+        trained, history = train_generator(
             tok, list(seqs.values()), epochs=epochs, progress=lambda _e, _s: bar.update(1)
         )
         bar.close()
         if art is not None:
-            gen_mod.save_generator(trained, tok, art, history)
-    gen = gen_mod.SIDAnchorGenerator(tok, trained)
-    book = AnchorBook(kind="sid", model=str(gen.model), prompt_hash=str(gen.prompt_hash))
+            save_generator(trained, tok, art, history)
+    gen = SIDAnchorGenerator(tok, trained)
+    book = SourceAnchors(kind="sid", model=str(gen.model), prompt_hash=str(gen.prompt_hash))
     missing = 0
     for u in tqdm(users, desc="SID anchors", unit="user", disable=not progress, leave=False):
         try:
@@ -283,14 +262,10 @@ def sid_anchors(
         if not got:
             missing += 1
             continue
-        vecs = np.stack([np.asarray(v, np.float32) for v, _, _ in got])
-        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        book.users[u] = UserAnchors(
-            vectors=vecs,
-            logprobs=np.asarray([lp for _, lp, _ in got], np.float32),
-            history=histories[u],
-            texts=[sid for _, _, sid in got],
-        )
+        book.users[u] = UserAnchors.of(np.stack([np.asarray(v, np.float32) for v, _, _ in got]),
+                                       np.asarray([lp for _, lp, _ in got], np.float32), history=histories[u],
+                                       model=str(gen.model), prompt_hash=str(gen.prompt_hash),
+                                       texts=tuple(sid for _, _, sid in got))
     book.info = {
         "users": len(book.users),
         "no_anchors": missing,
@@ -301,11 +276,11 @@ def sid_anchors(
 
 
 __all__ = [
-    "UserAnchors",
-    "AnchorBook",
+    "SourceAnchors",
     "training_histories",
     "pick_users",
-    "GenerationCache",
+    "legacy_key",
+    "migrate_legacy_cache",
     "text_anchors",
     "centroid_anchors",
     "sid_anchors",

@@ -1,11 +1,9 @@
 """GPL pseudo-labels for the offline comparison, made by the labeler's own code (workers/labeling.py).
 
-Nothing of the method is re-implemented here: matching is :func:`workers.labeling.score`, the
-sampling policy :func:`~workers.labeling.sample` seeded per request by
-:class:`~workers.labeling.RequestRng`, the label map :class:`~workers.labeling.LabelMap` fitted by
-:func:`~workers.labeling.fit_label_map`, the weight :func:`~workers.labeling.confidence` with
-:func:`~workers.labeling.coherence_of` and :func:`~workers.labeling.consistency_of`. This module
-only feeds them arrays from the dataset.
+Nothing of the method is re-implemented here: every request is labeled by the labeler's own
+:func:`workers.labeling.assemble.label_candidates` (match, sampling policy, label map, confidence
+weight), with the labeler's per-request draw (:class:`~workers.labeling.sampling.RequestRng`); the map
+is fitted by :func:`workers.labeling.label_map.fit_label_map`. This module only feeds them arrays.
 
 Calibration (no test data involved): the label map is fitted on TRAINING exposures of the users that
 have anchors, scored against those anchors, *excluding the items the anchors were generated from*.
@@ -21,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from gpl.eval.anchors import AnchorBook
+from gpl.eval.anchors import SourceAnchors
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import LabelerSettings
-from workers.labeling.confidence import TERMS, coherence_of, confidence, consistency_of
+from workers.labeling.assemble import label_candidates
+from workers.labeling.confidence import TERMS, consistency_of
 from workers.labeling.label_map import LabelMap, fit_label_map
 from workers.labeling.matching import score
-from workers.labeling.sampling import RequestRng, sample
+from workers.labeling.sampling import RequestRng
 
 
 @dataclass
@@ -41,7 +40,7 @@ class PseudoLabels:
 
 
 def similarities(
-    ds: EvalDataset, item_vectors: np.ndarray, book: AnchorBook, rows: np.ndarray
+    ds: EvalDataset, item_vectors: np.ndarray, book: SourceAnchors, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows kept, sim, matched) for the rows whose user has anchors; one matmul per user."""
     users = ds.req_user[ds.row_request[rows]]
@@ -63,7 +62,7 @@ def similarities(
 
 
 def fit_map(
-    ds: EvalDataset, item_vectors: np.ndarray, book: AnchorBook, cfg: LabelerSettings
+    ds: EvalDataset, item_vectors: np.ndarray, book: SourceAnchors, cfg: LabelerSettings
 ) -> tuple[LabelMap, dict[str, Any]]:
     """The label map fitted on training exposures (history items excluded); the configured one on failure."""
     train = ~ds.is_test[ds.row_request]
@@ -100,46 +99,60 @@ def fit_map(
 def gpl_labels(
     ds: EvalDataset,
     item_vectors: np.ndarray,
-    book: AnchorBook,
+    book: SourceAnchors,
     cfg: LabelerSettings,
     label_map: LabelMap,
     seed: int,
 ) -> PseudoLabels:
-    """Sample and pseudo-label the unexposed training candidates of every anchored user."""
+    """Pseudo-label the unexposed training candidates of every anchored user, request by request.
+
+    Each request goes through :func:`workers.labeling.assemble.label_candidates`, the labeler's own
+    match → sample → label → weight step, with the request's draw from the labeler's
+    :class:`~workers.labeling.sampling.RequestRng` (seeded by ``labeler.seed`` + the eval seed).
+    """
     train = ~ds.is_test[ds.row_request]
-    rows, sim, matched = similarities(ds, item_vectors, book, np.flatnonzero(~ds.exposed & train))
+    rows = np.flatnonzero(~ds.exposed & train)
+    users = ds.req_user[ds.row_request[rows]]
+    rows = rows[np.isin(users, np.fromiter(book.users, np.int64, len(book.users)))]
+    rows = rows[np.argsort(ds.row_request[rows], kind="stable")]
     req = ds.row_request[rows]
-    request_rng = RequestRng(cfg.seed + seed)  # the labeler's per-request draw, shifted by the eval seed
-    keep: list[np.ndarray] = []
+    request_rng = RequestRng(cfg.seed + seed)
+    consistency: dict[int, float] = {}
+    out_rows, out_p, out_w, out_sim = [], [], [], []
+    out_terms: dict[str, list[np.ndarray]] = {t: [] for t in TERMS}
     bounds = np.flatnonzero(np.diff(req)) + 1
     for part in np.split(np.arange(len(rows)), bounds):
         if not len(part):
             continue
-        rid = ds.request_ids[int(req[part[0]])]
-        keep.append(part[sample(sim[part], cfg.top_n, cfg.random_n, cfg.cap, request_rng(rid))])
-    sel = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-    rows, sim, matched = rows[sel], sim[sel], matched[sel]
-    p = label_map(sim)
-    w = np.ones(len(rows))
-    terms = {t: np.ones(len(rows)) for t in TERMS}
-    users = ds.req_user[ds.row_request[rows]]
-    for u in np.unique(users).tolist():
-        m = users == u
+        r = int(req[part[0]])
+        u = int(ds.req_user[r])
         a = book.users[u]
-        coh = coherence_of(a.vectors)
-        con = consistency_of(a.vectors, item_vectors[a.history]) if cfg.use_consistency else 1.0
-        wu, tu = confidence(coherence=coh, consistency=con, logprobs=a.logprobs, matched=matched[m], p=p[m], cfg=cfg)
-        w[m] = wu
+        if u not in consistency:
+            consistency[u] = consistency_of(a.vectors, item_vectors[a.history]) if cfg.use_consistency else 1.0
+        items = ds.item[rows[part]]
+        lab = label_candidates(items, item_vectors[items], a, consistency=consistency[u], label=label_map,
+                               cfg=cfg, rng=request_rng(ds.request_ids[r]))
+        out_rows.append(rows[part][lab.pos])
+        out_p.append(lab.label)
+        out_w.append(lab.weight)
+        out_sim.append(lab.sim)
         for t in TERMS:
-            terms[t][m] = tu[t]
+            out_terms[t].append(lab.terms[t])
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
+    sel_rows = cat(out_rows, np.int64)
+    order = np.argsort(sel_rows, kind="stable")
+    sel_rows = sel_rows[order]
+    p, w, sim = cat(out_p, np.float64)[order], cat(out_w, np.float64)[order], cat(out_sim, np.float64)[order]
+    terms = {t: cat(v, np.float64)[order] for t, v in out_terms.items()}
+    labeled_users = ds.req_user[ds.row_request[sel_rows]]
     info = {
-        "rows": int(len(rows)),
-        "users": int(len(np.unique(users))),
+        "rows": int(len(sel_rows)),
+        "users": int(len(np.unique(labeled_users))),
         "mean_p": float(p.mean()) if len(p) else 0.0,
         "mean_w": float(w.mean()) if len(w) else 0.0,
         "mean_terms": {t: float(v.mean()) if len(v) else 0.0 for t, v in terms.items()},
     }
-    return PseudoLabels(rows=rows, p=p, w=w, sim=sim, terms=terms, info=info)
+    return PseudoLabels(rows=sel_rows, p=p, w=w, sim=sim, terms=terms, info=info)
 
 
 __all__ = ["PseudoLabels", "similarities", "fit_map", "gpl_labels"]

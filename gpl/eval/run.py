@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,7 @@ from tqdm import tqdm
 
 from gpl.eval import metrics as M
 from gpl.eval.anchors import (
-    AnchorBook,
-    GenerationCache,
+    SourceAnchors,
     centroid_anchors,
     pick_users,
     sid_anchors,
@@ -64,6 +64,7 @@ from gpl.eval.pseudo import PseudoLabels, fit_map, gpl_labels
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.settings import Settings
 from workers.calibration import CalibrationBook
+from workers.generation_cache import GenerationCache
 from workers.generators.base import AnchorGenerator
 from workers.generators.memory import MemoryGenerator
 
@@ -200,7 +201,7 @@ def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray) -> dict[str
     }
 
 
-def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: AnchorBook) -> dict[str, Any]:
+def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors) -> dict[str, Any]:
     """Replay the dataset through :class:`CalibrationBook`: GPL's training pseudo-labels, joined with
     the real labels the same (user, item) got in any later request (training or test)."""
     cal = CalibrationBook(capacity=10_000_000)
@@ -294,26 +295,27 @@ def _run(
 
     # anchors (training history only)
     t = time.perf_counter()
-    books: dict[str, AnchorBook] = {}
+    books: dict[str, SourceAnchors] = {}
     unavailable: dict[str, str] = {}
     anchor_users: list[int] = []
     if text_needed:
         cap = cfg.max_llm_users if cfg.anchors == "llm" else None
         anchor_users = pick_users(ds, histories, cap)
         gen = generator or _generator(settings, cfg)
-        cache = GenerationCache(cache_dir / "anchors.jsonl")
-        books["text"] = text_anchors(
-            ds,
-            histories,
-            anchor_users,
-            gen,
-            enc,
-            cache,
-            k=settings.anchors.k,
-            kind=cfg.anchors,
-            batch=settings.anchors.batch_size,
-            progress=cfg.progress,
-        )
+        with closing(GenerationCache(cache_dir / "anchor-cache", settings.anchors.cache_max_entries)) as cache:
+            books["text"] = text_anchors(
+                ds,
+                histories,
+                anchor_users,
+                gen,
+                enc,
+                cache,
+                k=settings.anchors.k,
+                kind=cfg.anchors,
+                legacy=cache_dir / "anchors.jsonl",
+                batch=settings.anchors.batch_size,
+                progress=cfg.progress,
+            )
         books["centroid"] = centroid_anchors(histories, list(books["text"].users), item_vectors)
     if "gpl-sid" in cfg.methods:
         sid = sid_anchors(

@@ -37,6 +37,18 @@ class UserAnchors:
     history: np.ndarray  # int64 item ids the anchors were generated from
     coherence: float
     consistency: float | None = None  # computed on first use, once all history vectors are known
+    texts: tuple[str, ...] = ()  # the anchors' own texts (SIDs for semantic-ID anchors), for reports
+
+    @classmethod
+    def of(cls, vectors: np.ndarray, logprobs: np.ndarray, *, history: np.ndarray, user_id: str = "",
+           version: int = 0, model: str = "", prompt_hash: str = "", encoder: str = "", generated_at: int = 0,
+           fallback: bool = False, texts: tuple[str, ...] = ()) -> UserAnchors:
+        """Anchors from raw vectors: normalised, contiguous, with their coherence computed once."""
+        vecs = np.ascontiguousarray(normalize(vectors))
+        return cls(user_id=user_id, version=version, vectors=vecs, logprobs=np.asarray(logprobs, np.float32),
+                   model=model, prompt_hash=prompt_hash, encoder=encoder, generated_at=generated_at,
+                   fallback=fallback, history=np.asarray(history, np.int64), coherence=coherence_of(vecs),
+                   texts=tuple(texts))
 
 
 class AnchorBook:
@@ -96,12 +108,10 @@ class AnchorBook:
         norms = np.linalg.norm(vecs, axis=1)
         if not np.isfinite(vecs).all() or (norms == 0).any():
             return "bad_vectors"
-        vecs = normalize(vecs)
-        self._users[aset.user_id] = UserAnchors(
-            user_id=aset.user_id, version=aset.version, vectors=np.ascontiguousarray(vecs),
-            logprobs=np.asarray([a.logprob for a in aset.anchors], np.float32), model=aset.model,
-            prompt_hash=aset.prompt_hash, encoder=aset.encoder, generated_at=aset.generated_at,
-            fallback=aset.fallback, history=np.asarray(aset.history, np.int64), coherence=coherence_of(vecs),
+        self._users[aset.user_id] = UserAnchors.of(
+            vecs, np.asarray([a.logprob for a in aset.anchors], np.float32), history=np.asarray(aset.history),
+            user_id=aset.user_id, version=aset.version, model=aset.model, prompt_hash=aset.prompt_hash,
+            encoder=aset.encoder, generated_at=aset.generated_at, fallback=aset.fallback,
         )
         return self.ACCEPTED
 

@@ -14,7 +14,7 @@ import orjson
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
 from schemas.ids import sample_id
-from workers.labeling.anchor_book import AnchorBook
+from workers.labeling.anchor_book import AnchorBook, UserAnchors
 from workers.labeling.confidence import TERMS, confidence, describe_weight
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
@@ -23,7 +23,6 @@ from workers.labeling.sampling import RequestRng, sample
 from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
 
 log = logging.getLogger(__name__)
-
 
 
 class NoAnchors(LookupError):
@@ -44,6 +43,46 @@ class LabelStats:
     no_vector: int
     anchor_version: int
     anchor_age_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Labeled:
+    """One request's pseudo-labels as arrays; ``pos`` indexes the candidates given to :func:`label_candidates`."""
+
+    pos: np.ndarray  # int64, positions of the labeled candidates, in the policy's order
+    sim: np.ndarray  # float64, max cosine to the anchors
+    label: np.ndarray  # float64, the pseudo-label
+    weight: np.ndarray  # float64, the confidence weight w
+    matched: np.ndarray  # int64, index of the anchor that matched
+    terms: dict[str, np.ndarray]  # the confidence terms actually used (1 for a disabled term)
+    kept: int  # chosen by the sampling policy, before repeats of an item were dropped
+    duplicate: int  # repeats of an item already labeled in this request
+
+
+def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnchors, *, consistency: float,
+                     label: LabelMap, cfg: LabelerSettings, rng: np.random.Generator) -> Labeled:
+    """Match → sample → label → weight one request's candidates (all with vectors; unit rows).
+
+    The labeler's hot path and ``gpl eval`` both call this, so the offline comparison labels exactly as
+    the stream does. ``item_ids`` only serve to label a repeated item once; ``consistency`` is the
+    anchor set's consistency term (computed by the caller, who knows where history vectors live).
+    """
+    s_all = vectors @ anchors.vectors.T  # (m, K): see _row_max for why this shape
+    sim = _row_max(s_all)
+    sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, rng)
+    kept = int(sel.shape[0])
+    sel_items = item_ids[sel].tolist()
+    duplicate = 0
+    if len(set(sel_items)) != kept:  # an item recalled twice: label it once
+        first = dict.fromkeys(sel_items)
+        sel = sel[[i for i, it in enumerate(sel_items) if first.pop(it, 0) is None]]
+        duplicate = kept - int(sel.shape[0])
+    matched = s_all[sel].argmax(axis=1)
+    s = sim[sel].astype(np.float64)
+    p = label(s)
+    w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
+                          matched=matched, p=p, cfg=cfg)
+    return Labeled(sel, s, p, w, matched, terms, kept, duplicate)
 
 
 @dataclass
@@ -91,32 +130,19 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     duplicate = 0
     kept = 0
     if m:
-        s_all = items.gather(rows) @ entry.vectors.T  # (m, K)
-        sim = _row_max(s_all)
-        sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, ctx.rng(b.request_id))
-        kept = int(sel.shape[0])
-        sel_items = found_ids[sel].tolist()
-        if len(set(sel_items)) != kept:  # an item recalled twice: label it once
-            first = dict.fromkeys(sel_items)
-            keep_pos = [i for i, it in enumerate(sel_items) if first.pop(it, 0) is None]
-            sel = sel[keep_pos]
-            sel_items = found_ids[sel].tolist()
-            duplicate = kept - len(sel_items)
-        matched = s_all[sel].argmax(axis=1)
-        s = sim[sel].astype(np.float64)
-        p = ctx.label(s)
         consistency = ctx.cache.consistency(entry) if cfg.use_consistency else 1.0
-        w, terms = confidence(coherence=entry.coherence, consistency=consistency, logprobs=entry.logprobs,
-                              matched=matched, p=p, cfg=cfg)
+        lab = label_candidates(found_ids, items.gather(rows), entry, consistency=consistency, label=ctx.label,
+                               cfg=cfg, rng=ctx.rng(b.request_id))
+        kept, duplicate = lab.kept, lab.duplicate
         rid, ver = b.request_id, entry.version
         # one rounding pass for every float column (6 decimals: well below any effect, shorter JSON)
-        floats = np.round(np.vstack([p, w, s, *(terms[t] for t in TERMS)]), 6).tolist()
-        cols = zip(sel_items, *floats[:3], matched.tolist(), *floats[3:], strict=True)
+        floats = np.round(np.vstack([lab.label, lab.weight, lab.sim, *(lab.terms[t] for t in TERMS)]), 6).tolist()
+        cols = zip(found_ids[lab.pos].tolist(), *floats[:3], lab.matched.tolist(), *floats[3:], strict=True)
         samples = [
-            {"sample_id": sample_id(rid, item, ver), "item_id": item, "label": lab, "weight": wt,
+            {"sample_id": sample_id(rid, item, ver), "item_id": item, "label": lb, "weight": wt,
              "source": "pseudo", "similarity": sm, "matched_anchor": k,
              "confidence": {"coherence": c1, "consistency": c2, "generation": c3, "margin": c4}}
-            for item, lab, wt, sm, k, c1, c2, c3, c4 in cols
+            for item, lb, wt, sm, k, c1, c2, c3, c4 in cols
         ]
     labeled = len(samples)
     age = b.ts - entry.generated_at
