@@ -21,6 +21,7 @@ from tqdm import tqdm
 from gpl.runtime.kafka import consumer, producer
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet
@@ -39,7 +40,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
         s = stack.settings
         col = s.encoder.collection
         vecs = rng.standard_normal((items, dim)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        vecs = normalize(vecs)
         stack.index.ensure_collection(col, dim)
         stack.index.upsert(col, Points(np.arange(1, items + 1, dtype=np.int64), vecs,
                                        [{"text": f"item {i}"} for i in range(1, items + 1)]))
@@ -47,7 +48,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
         now = int(time.time() * 1000)
         for u in range(users):
             a = rng.standard_normal((k, dim)).astype(np.float32)
-            a /= np.linalg.norm(a, axis=1, keepdims=True)
+            a = normalize(a)
             aset = AnchorSet(user_id=f"u{u}", version=1, model="bench", prompt_hash="bench", encoder=s.encoder.model,
                              generated_at=now, anchors=[Anchor(text=f"a{j}", vector=a[j].tolist(), logprob=-1.0)
                                                         for j in range(k)])

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
+from gpl.eval.metrics import auc
 from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
@@ -279,22 +281,9 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
 
 
 def _auc(scores: np.ndarray, y: np.ndarray) -> float | None:
-    """Mann–Whitney AUC with average ranks for ties; None when one class is missing."""
-    pos = int(y.sum())
-    neg = len(y) - pos
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return round(float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)), 4)
+    """The library's AUC (:func:`gpl.eval.metrics.auc`), rounded for the summary; None when one class is missing."""
+    a = auc(scores, y)
+    return None if math.isnan(a) else round(a, 4)
 
 
 def _summary(counts: dict[str, int], acc: dict[str, dict[str, int]], metric: dict[str, Any], quiet: bool,

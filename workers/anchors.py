@@ -34,7 +34,8 @@ Replay cache (:mod:`workers.generation_cache`): a generation is stored under a k
 replaying a topic reproduces the same anchors.
 
 Offsets: read-ahead and priorities finish requests out of order, so each partition commits up to (not
-including) its oldest request still pending or in flight (:class:`OffsetLedger`).
+including) its oldest request still pending or in flight (the shared ledger of
+:class:`~gpl.runtime.stage_io.StageIO`).
 
 Counting (``Accounting("anchors")``): every request is ``in`` and ends as exactly one of ``emitted``,
 ``superseded``, ``debounced``, ``revoked`` (its partition went to another worker before it was served;
@@ -55,11 +56,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from gpl.runtime.encoder import Encoder
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import (
     ANCHOR_BACKEND_ERRORS,
     ANCHOR_PAUSED,
@@ -68,10 +68,12 @@ from gpl.runtime.metrics import (
     ANCHOR_REQUEST_DELAY,
     ANCHOR_SET_AGE,
 )
-from gpl.runtime.offsets import TP, OffsetLedger
+from gpl.runtime.offsets import TP
 from gpl.runtime.settings import Settings
+from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import Points, VectorIndex
-from schemas.codec import DecodeError, decode, encode
+from gpl.runtime.vectors.normalize import normalize
+from schemas.codec import encode
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
 from workers.anchor_policy import (
@@ -107,7 +109,6 @@ class Origin:
 @dataclass
 class _LoopState:
     queue: RequestQueue[Origin] = field(default_factory=RequestQueue)
-    tracker: OffsetLedger = field(default_factory=OffsetLedger)
     paused: bool = False
     reassigned: bool = False
     retry_at: float = 0.0
@@ -140,10 +141,8 @@ class AnchorWorker:
         self.index.ensure_collection(self.collection, encoder.dim)
 
     def run(self, stop: threading.Event) -> None:
-        kafka, cfg = self.settings.kafka, self.settings.anchors
-        c = consumer(kafka, STAGE)
-        p = producer(kafka)
-        dlq = DeadLetters(p, STAGE, self.accounting)
+        cfg = self.settings.anchors
+        io = StageIO(self.settings.kafka, STAGE, self.accounting)
         st = _LoopState()
 
         def on_assign(consumer_: Any, parts: list[Any]) -> None:
@@ -151,12 +150,11 @@ class AnchorWorker:
 
         def on_revoke(consumer_: Any, parts: list[Any]) -> None:
             tps = {(tp.topic, tp.partition) for tp in parts}
-            self._commit(c, st.tracker.committable(tps))  # what is finished stays finished
+            io.commit(offsets=io.ledger.committable(tps))  # what is finished stays finished
             dropped = st.queue.drop(lambda o: o.tp in tps)
-            self.accounting.add("revoked", len(dropped))
-            st.tracker.forget(tps)
+            self.accounting.add("revoked", len(dropped))  # the ledger forgets them after this
 
-        c.subscribe([ANCHOR_REQUESTS.name], on_assign=on_assign, on_revoke=on_revoke)
+        io.subscribe([ANCHOR_REQUESTS.name], on_assign=on_assign, on_revoke=on_revoke)
         wait_s = max(cfg.batch_wait_ms, 10) / 1000  # 0 would spin: wait at least 10 ms when idle
         bar = tqdm(desc="anchor users", unit="user", disable=not self.progress, leave=False)
         try:
@@ -170,74 +168,64 @@ class AnchorWorker:
                 else:
                     timeout = min(wait_s, self.bucket.wait_s(1))
                 # paused: still call consume (callbacks, poll interval); only a fresh assignment can answer
-                msgs = c.consume(num_messages=max(1, room), timeout=timeout)
+                msgs = io.poll(max(1, room), timeout)
                 if st.reassigned and st.paused:
-                    c.pause(c.assignment())
+                    io.pause()
                 st.reassigned = False
-                self._admit(msgs, st, dlq)
-                self._backpressure(c, st)
+                self._admit(msgs, st, io)
+                self._backpressure(io, st)
                 if len(st.queue) == 0 and msgs:  # only DLQ'd or debounced: make that durable, commit
-                    if p.flush(30) == 0:
-                        self._commit(c, st.tracker.committable())
+                    io.commit(stop, what="dead letters")
                     continue
                 if time.monotonic() < st.retry_at or len(st.queue) == 0:
                     continue
                 n = self.bucket.take(min(cfg.batch_size, len(st.queue)))
                 if n:
-                    done = self._dispatch(c, p, dlq, st, st.queue.pop(n))
+                    done = self._dispatch(io, st, st.queue.pop(n))
                     bar.update(done)
-                    self._backpressure(c, st)
+                    self._backpressure(io, st)
         finally:
             bar.close()
             ANCHOR_QUEUED.set(0)
             ANCHOR_PAUSED.set(0)
-            p.flush(10)
-            c.close()
+            io.close()
 
-    def _admit(self, msgs: list[Any], st: _LoopState, dlq: DeadLetters) -> None:
+    def _admit(self, msgs: list[Any], st: _LoopState, io: StageIO) -> None:
         """Decode, dead-letter, debounce and queue a poll's messages (superseding per user)."""
         for m in msgs:
-            if m.error():
-                log.error("consume error: %s", m.error())
-                continue
             origin = Origin(m, (m.topic() or ANCHOR_REQUESTS.name, m.partition() or 0), m.offset() or 0)
-            st.tracker.read(origin.tp, origin.offset)
             self.accounting.add("in")
-            try:
-                req = decode(m.value(), AnchorRequest)
-            except DecodeError as e:
-                dlq.send(m, e)
-                st.tracker.done(origin.tp, origin.offset)
+            req = io.decode(m, AnchorRequest)
+            if req is None:
                 continue
             if req.user_id not in st.queue and self.debouncer.blocks(req, is_cold(req)):
                 self.accounting.add("debounced")
-                st.tracker.done(origin.tp, origin.offset)
+                io.done(m)
                 continue
             loser = st.queue.push(req, origin)
             if loser is not None:
                 self.accounting.add("superseded")
-                st.tracker.done(loser.tp, loser.offset)
+                io.done(loser.msg)
         self.max_queued = max(self.max_queued, len(st.queue))
         ANCHOR_QUEUED.set(len(st.queue))
 
-    def _backpressure(self, c: Any, st: _LoopState) -> None:
+    def _backpressure(self, io: StageIO, st: _LoopState) -> None:
         """Pause the partitions when the queue is full, resume them when it has drained to half."""
         cap = self.settings.anchors.max_pending
         if not st.paused and len(st.queue) >= cap:
-            c.pause(c.assignment())
+            io.pause()
             st.paused = True
             self.pauses += 1
             ANCHOR_PAUSED.set(1)
             log.info("anchors: %d requests pending, partitions paused", len(st.queue))
         elif st.paused and len(st.queue) <= cap // 2:
-            c.resume(c.assignment())
+            io.resume()
             st.paused = False
             ANCHOR_PAUSED.set(0)
             log.info("anchors: %d requests pending, partitions resumed", len(st.queue))
         ANCHOR_QUEUED.set(len(st.queue))
 
-    def _dispatch(self, c: Any, p: Any, dlq: DeadLetters, st: _LoopState,
-                  batch: list[QueuedRequest[Origin]]) -> int:
+    def _dispatch(self, io: StageIO, st: _LoopState, batch: list[QueuedRequest[Origin]]) -> int:
         """Generate, store, publish and commit one micro-batch; on failure put it back and back off."""
         t0 = time.monotonic()
         by_user = {e.req.user_id: e for e in batch}
@@ -249,7 +237,8 @@ class AnchorWorker:
             ANCHOR_BACKEND_ERRORS.labels(model=self.generator.model).inc()
             return self._requeue(st, batch)
         for user_id, why in skipped.items():
-            dlq.send(by_user[user_id].origin.msg, ValueError(why[1]), reason=why[0])
+            io.dead_letter(by_user[user_id].origin.msg, ValueError(why[1]), reason=why[0])
+        p = io.producer
         for aset in sets:
             p.produce(ANCHORS.name, encode(aset), key=aset.user_id.encode())
             p.poll(0)
@@ -265,8 +254,8 @@ class AnchorWorker:
             self.debouncer.generated(aset.user_id, req.ts)
             ANCHOR_REQUEST_DELAY.observe(max(0.0, now_s - req.ts / 1000))
         for e in batch:
-            st.tracker.done(e.origin.tp, e.origin.offset)
-        self._commit(c, st.tracker.committable())
+            io.done(e.origin.msg)
+        io.commit()
         rate = self.capacity.observe(len(batch), time.monotonic() - t0)
         self.bucket.set_rate(rate_limit(rate, self.settings.anchors.rate_limit))
         if rate is not None:
@@ -279,13 +268,6 @@ class AnchorWorker:
         st.backoff_s = min(BACKOFF_MAX_S, st.backoff_s * 2)
         ANCHOR_QUEUED.set(len(st.queue))
         return 0
-
-    @staticmethod
-    def _commit(c: Any, offsets: dict[TP, int]) -> None:
-        try:
-            commit_offsets(c, offsets)
-        except KafkaException as e:  # e.g. a rebalance in progress: the work is redone, never lost
-            log.warning("anchors: commit of %s failed: %s", offsets, e)
 
     def generate_for(self, requests: list[AnchorRequest]) -> list[AnchorSet]:
         """Anchor sets for the requests (one per request that has known history items), stored in Qdrant.
@@ -377,9 +359,7 @@ class AnchorWorker:
     def _store(self, done: list[tuple[AnchorRequest, list[int], Generation]]) -> list[AnchorSet]:
         """Embed every anchor text in one call, upsert the points, delete stale slots, build the sets."""
         all_texts = [t for _, _, g in done for t in g.anchors]
-        vectors = np.asarray(self.encoder.encode(all_texts), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)  # make sure of the norm
+        vectors = normalize(self.encoder.encode(all_texts))  # make sure of the norm
         now = int(time.time() * 1000)
         users = [req.user_id for req, _, _ in done]
         prev = self._previous_versions(users)

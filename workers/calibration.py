@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, producer
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import PSEUDO_ECE, PSEUDO_JOINED, PSEUDO_PENDING, PSEUDO_RELIABILITY, PSEUDO_WEIGHT_ECE
 from gpl.runtime.settings import Settings
-from schemas.codec import DecodeError, decode
+from gpl.runtime.stage_io import StageIO
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
 
@@ -272,44 +272,33 @@ class CalibrationMonitor:
         return {**self.book.snapshot(), "accounting": self.accounting.snapshot()}
 
     def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        kafka = self.settings.kafka
-        c = consumer(kafka, STAGE)
-        p = producer(kafka)
-        dlq = DeadLetters(p, STAGE, self.accounting)
-        c.subscribe([SAMPLES.name])
+        io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io.subscribe([SAMPLES.name])
         last_export = 0.0
-        try:
-            while not stop.is_set():
-                msgs = c.consume(num_messages=poll, timeout=0.5)
-                offsets: dict[tuple[str, int], int] = {}
-                for m in msgs:
-                    if m.error():
-                        log.error("calibration: consume error: %s", m.error())
-                        continue
-                    offsets[(m.topic() or SAMPLES.name, m.partition() or 0)] = (m.offset() or 0) + 1
-                    self.accounting.add("in")
-                    try:
-                        batch = decode(m.value(), SampleBatch)
-                    except DecodeError as e:
-                        dlq.send(m, e)
-                        continue
-                    n_pseudo, n_real, joined = self.book.observe(batch)
-                    self.accounting.add("processed")
-                    self.accounting.add("pseudo", n_pseudo)
-                    self.accounting.add("real", n_real)
-                    self.accounting.add("joined", joined)
-                    self.accounting.add("unmatched", n_real - joined)
-                if offsets:
-                    p.flush(10)  # dead letters first, then the offsets that cover them
-                    commit_offsets(c, offsets)
-                now = time.monotonic()
-                if now - last_export >= self.export_every_s:
-                    self.book.export()
-                    last_export = now
-        finally:
-            self.book.export()
-            p.flush(10)
-            c.close()
+        with io:
+            try:
+                while not stop.is_set():
+                    msgs = io.poll(poll, 0.5)
+                    for m in msgs:
+                        self.accounting.add("in")
+                        batch = io.decode(m, SampleBatch)
+                        if batch is None:
+                            continue
+                        n_pseudo, n_real, joined = self.book.observe(batch)
+                        self.accounting.add("processed")
+                        self.accounting.add("pseudo", n_pseudo)
+                        self.accounting.add("real", n_real)
+                        self.accounting.add("joined", joined)
+                        self.accounting.add("unmatched", n_real - joined)
+                        io.done(m)
+                    if msgs and not io.commit(stop, what="dead letters"):  # dead letters, then their offsets
+                        break
+                    now = time.monotonic()
+                    if now - last_export >= self.export_every_s:
+                        self.book.export()
+                        last_export = now
+            finally:
+                self.book.export()
 
 
 __all__ = ["CalibrationBook", "CalibrationMonitor", "Curve", "BINS", "STAGE"]

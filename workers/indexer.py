@@ -15,14 +15,13 @@ import logging
 import threading
 
 import numpy as np
-from confluent_kafka import KafkaException
 from tqdm import tqdm
 
 from gpl.runtime.encoder import Encoder
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.settings import Settings
+from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import Points, VectorIndex
-from schemas.codec import DecodeError, decode
 from schemas.events import ItemEvent
 from schemas.topics import ITEMS
 
@@ -44,16 +43,13 @@ class Indexer:
         self.index.ensure_collection(self.collection, encoder.dim)
 
     def run(self, stop: threading.Event, *, batch: int = 512) -> None:
-        kafka = self.settings.kafka
-        c = consumer(kafka, STAGE)
-        p = producer(kafka)
-        dlq = DeadLetters(p, STAGE, self.accounting)
-        c.subscribe([ITEMS.name])
+        io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io.subscribe([ITEMS.name])
         bar = tqdm(desc="index items", unit="item", disable=not self.progress, leave=False)
         dirty = False  # points added since the last optimize
-        try:
+        with io:
             while not stop.is_set():
-                msgs = c.consume(num_messages=batch, timeout=0.5)
+                msgs = io.poll(batch, 0.5)
                 if not msgs:
                     if dirty:  # idle: let the engine merge segments / build HNSW (embedded engine only)
                         self._optimize()
@@ -61,22 +57,16 @@ class Indexer:
                     continue
                 # items: decode, dead-letter what does not parse
                 items: dict[int, ItemEvent] = {}
-                offsets: dict[tuple[str, int], int] = {}
                 for m in msgs:
-                    if m.error():
-                        log.error("consume error: %s", m.error())
-                        continue
-                    offsets[(m.topic() or ITEMS.name, m.partition() or 0)] = (m.offset() or 0) + 1
                     self.accounting.add("in")
                     if m.value() is None:
                         # a compaction delete marker, not bad input: the vector stays (labels already
                         # produced may reference the item; the frozen space never changes under them)
                         self.accounting.add("tombstone")
+                        io.done(m)
                         continue
-                    try:
-                        ev = decode(m.value(), ItemEvent)
-                    except DecodeError as e:
-                        dlq.send(m, e)
+                    ev = io.decode(m, ItemEvent)
+                    if ev is None:
                         continue
                     if ev.item_id in items:
                         self.accounting.add("superseded")  # the last event of an id in the batch wins
@@ -85,25 +75,14 @@ class Indexer:
                 indexed = self.index_items(list(items.values()))
                 self.accounting.add("skipped_known", len(items) - indexed)
                 dirty |= indexed > 0
-                # dead letters must be on the broker before the offsets that skip their input move on
-                if not flush_until_empty(p, stop, "dead letters"):
+                for m in msgs:
+                    io.done(m)
+                # dead letters must be on the broker before the offsets that skip their input move on;
+                # a failed commit only means a re-read, and re-indexing skips known items
+                if not io.commit(stop, what="dead letters"):
                     break
-                try:
-                    commit_offsets(c, offsets)
-                except KafkaException as e:
-                    # e.g. partitions revoked by a rebalance: the next owner re-reads them, and
-                    # re-indexing is idempotent (known items are skipped), so nothing is lost
-                    log.warning("offset commit failed, the batch will be re-read: %s", e)
                 bar.update(len(msgs))
-        finally:
-            bar.close()
-            # close both clients now: a log record holding a dead letter's exception can keep this
-            # frame alive, and with it an open producer connection (a broker then waits on it)
-            p.flush(10)
-            close = getattr(p, "close", None)  # Producer.close is recent (2.16 here; >=2.6 allowed)
-            if callable(close):
-                close()
-            c.close()
+        bar.close()
 
     def _optimize(self) -> None:
         """Run the engine's optimizer if it has one (qdrant-edge never optimises on its own)."""

@@ -43,12 +43,13 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from tqdm import tqdm
 
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.kafka import Accounting, DeadLetters
 from gpl.runtime.metrics import ANCHOR_AGE, DEFERRED, LATENCY
 from gpl.runtime.settings import Settings
+from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet
@@ -101,63 +102,52 @@ class Labeler:
         self.progress = progress
         # deferred batches, three views of the same entries (removal is lazy: ``done``)
         self._by_user: dict[str, deque[Deferred]] = {}  # released when the user's anchors arrive
-        self._by_partition: dict[int, deque[Deferred]] = {}  # offset order: the commit bound
         self._by_deadline: deque[Deferred] = deque()  # arrival order = deadline order: expiry
         self._deferred = 0
         self._deferred_candidates = 0
-        self._next: dict[int, int] = {}  # unexposed partition -> next offset to handle
-        self._committed: dict[int, int] = {}
-        self._paused: set[int] = set()
         self._stopping = False
+        self.io: StageIO | None = None  # the Kafka side, while run() runs
 
     # ------------------------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event, *, batch: int = 256) -> None:
-        kafka = self.settings.kafka
-        c = consumer(kafka, STAGE, **{"partition.assignment.strategy": "range"})
-        p = producer(kafka)
-        dlq = DeadLetters(p, STAGE, self.accounting)
-        anchor_dlq = DeadLetters(p, STAGE, self.anchor_accounting)
+        io = self.io = StageIO(self.settings.kafka, STAGE, self.accounting,
+                               consumer_config={"partition.assignment.strategy": "range"})
+        anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting)
         loaded = self.items.load()
         log.info("labeler: %d item vectors loaded from %s", loaded, self.items.collection)
-        c.subscribe([UNEXPOSED.name, ANCHORS.name], on_assign=self._on_assign,
-                    on_revoke=lambda cons, parts: self._on_revoke(cons, parts, p))
+        # anchors is state, read whole on every assignment and never committed: only unexposed is tracked
+        io.subscribe([UNEXPOSED.name, ANCHORS.name], tracked=[UNEXPOSED.name], on_assign=self._on_assign,
+                     on_revoke=self._on_revoke)
         bar = tqdm(desc="label requests", unit="req", disable=not self.progress, leave=False)
-        try:
-            while not stop.is_set():
-                msgs = c.consume(num_messages=batch, timeout=0.2)
-                rewound: set[int] = set()  # partitions paused mid-batch: skip the rest of their messages
-                for m in msgs:
-                    if m.error():
-                        log.error("consume error: %s", m.error())
-                        continue
-                    if m.topic() == ANCHORS.name:
-                        self._on_anchors(m, p, dlq, anchor_dlq)
-                    elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m, p, dlq):
-                        self._pause_at(c, part, m.offset() or 0)  # deferred queue full: re-read it later
-                        rewound.add(part)
-                self._expire(time.monotonic())
-                self._resume_if_room(c)
-                DEFERRED.set(self._deferred)
-                if not flush_until_empty(p, stop, "samples"):
-                    break
-                self._commit(c)
-                bar.update(len(msgs))
-        finally:
-            bar.close()
-            # before close: close() revokes the partitions, and what still waits is counted here, once
-            self._stopping = True
-            if p.flush(10) == 0:
-                self._commit(c)
-            self._drop_all("deferred_at_stop")
-            close = getattr(p, "close", None)  # Producer.close is recent (2.16 here; >=2.6 allowed)
-            if callable(close):
-                close()
-            c.close()
+        with io:
+            try:
+                while not stop.is_set():
+                    msgs = io.poll(batch, 0.2)
+                    rewound: set[int] = set()  # partitions paused mid-batch: skip the rest of their messages
+                    for m in msgs:
+                        if m.topic() == ANCHORS.name:
+                            self._on_anchors(m, anchor_dlq)
+                        elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m):
+                            self._pause_at(m)  # deferred queue full: re-read it later
+                            rewound.add(part)
+                    self._expire(time.monotonic())
+                    self._resume_if_room()
+                    DEFERRED.set(self._deferred)
+                    if not io.commit(stop, what="samples"):
+                        break
+                    bar.update(len(msgs))
+            finally:
+                bar.close()
+                # before close: close() revokes the partitions, and what still waits is counted here, once
+                self._stopping = True
+                io.commit()
+                self._drop_all("deferred_at_stop")
+                self.io = None
 
     # ------------------------------------------------------------------------------------- anchors
 
-    def _on_anchors(self, m: Message, p: Producer, dlq: DeadLetters, anchor_dlq: DeadLetters) -> None:
+    def _on_anchors(self, m: Message, anchor_dlq: DeadLetters) -> None:
         """Take a user's new anchor set (or refuse it), then label that user's waiting batches."""
         acc = self.anchor_accounting
         acc.add("in")
@@ -175,7 +165,7 @@ class Labeler:
         outcome = self.cache.put(aset)
         if outcome == AnchorBook.ACCEPTED:
             acc.add("accepted")
-            self._release(aset.user_id, p, dlq)
+            self._release(aset.user_id)
         elif outcome == AnchorBook.STALE:
             acc.add("stale")
         else:  # another encoder's space (or unusable vectors): never score against it
@@ -184,25 +174,25 @@ class Labeler:
                    f"{self.cache.encoder!r}" if outcome == "encoder_mismatch" else f"refused: {outcome}")
             anchor_dlq.send(m, ValueError(why), reason=outcome)  # counted dlq:<outcome> there
 
-    def _release(self, user_id: str, p: Producer, dlq: DeadLetters) -> None:
+    def _release(self, user_id: str) -> None:
         waiting = self._by_user.pop(user_id, None)
         for d in waiting or ():
             if not d.done:
                 batch, raw = d.batch, d.raw
                 self._undefer(d)
-                self._label(batch, d.key, raw, d.partition, d.offset, p, dlq)
+                self._label(batch, d.key, raw, d.partition, d.offset)
 
     # ----------------------------------------------------------------------------------- unexposed
 
-    def _on_unexposed(self, m: Message, p: Producer, dlq: DeadLetters) -> bool:
+    def _on_unexposed(self, m: Message) -> bool:
         """Handle one batch; False (nothing done, not counted) when it must wait but the queue is full."""
+        assert self.io is not None
         part, off, raw = m.partition() or 0, m.offset() or 0, m.value()
         try:
             b = decode_unexposed(raw)
         except DecodeError as e:
             self.accounting.add("in")
-            dlq.send(m, e)
-            self._next[part] = off + 1
+            self.io.dead_letter(m, e)
             return True
         if self.cache.get(b.user_id) is None:
             if self._deferred >= self.cfg.max_deferred:
@@ -212,26 +202,27 @@ class Labeler:
                                  time.monotonic() + self.cfg.wait_for_anchors_s))
         else:
             self._count_in(b)
-            self._label(b, m.key(), raw or b"", part, off, p, dlq)
-        self._next[part] = off + 1
+            self._label(b, m.key(), raw or b"", part, off)
         return True
 
     def _count_in(self, b: Unexposed) -> None:
         self.accounting.add("in")
         self.accounting.add("candidates", int(b.item_ids.shape[0]))
 
-    def _label(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int, p: Producer,
-               dlq: DeadLetters) -> None:
+    def _label(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int) -> None:
+        io = self.io
+        assert io is not None
         try:
             out, st = label_decoded(b, self.ctx)
         except Exception as e:  # a bug must not stop the stream: the batch goes to the DLQ, counted
             log.exception("labeling %s failed", b.request_id)
-            dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
+            io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
             self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
-            return
-        p.produce(SAMPLES.name, out, key=b.user_id.encode())
-        p.poll(0)
-        self._count_labeled(st)
+        else:
+            io.producer.produce(SAMPLES.name, out, key=b.user_id.encode())
+            io.producer.poll(0)
+            self._count_labeled(st)
+        io.ledger.done((UNEXPOSED.name, part), off)
 
     def _count_labeled(self, st: LabelStats) -> None:
         acc = self.accounting
@@ -248,7 +239,6 @@ class Labeler:
 
     def _defer(self, d: Deferred) -> None:
         self._by_user.setdefault(d.user_id, deque()).append(d)
-        self._by_partition.setdefault(d.partition, deque()).append(d)
         self._by_deadline.append(d)
         self._deferred += 1
         self._deferred_candidates += d.candidates
@@ -272,6 +262,8 @@ class Labeler:
             self._undefer(d)
             self.accounting.add("timed_out")
             self.accounting.add("candidates_timed_out", d.candidates)
+            if self.io is not None:
+                self.io.ledger.done((UNEXPOSED.name, d.partition), d.offset)
             waiting = self._by_user.get(d.user_id)
             while waiting and waiting[0].done:  # per-user order is deadline order too
                 waiting.popleft()
@@ -292,56 +284,28 @@ class Labeler:
         self._by_deadline = deque(d for d in self._by_deadline if not d.done)
         by_user = ((u, deque(d for d in q if not d.done)) for u, q in self._by_user.items())
         self._by_user = {u: q for u, q in by_user if q}
-        for part in list(self._by_partition):
-            if partitions is None or part in partitions:
-                del self._by_partition[part]
         DEFERRED.set(self._deferred)
 
     # ------------------------------------------------------------------------------- backpressure
 
-    def _pause_at(self, c: Consumer, part: int, offset: int) -> None:
-        """Stop fetching a partition and rewind it to the batch that did not fit."""
-        tp = TopicPartition(UNEXPOSED.name, part, offset)
-        c.pause([tp])
-        c.seek(tp)
-        if part not in self._paused:
+    def _pause_at(self, m: Message) -> None:
+        """Stop fetching the message's partition and rewind it to the batch that did not fit."""
+        assert self.io is not None
+        part = m.partition() or 0
+        if (UNEXPOSED.name, part) not in self.io.paused:
             log.info("deferred queue full (%d): partition %d paused at offset %d", self._deferred, part,
-                     offset)
-        self._paused.add(part)
+                     m.offset() or 0)
+        self.io.rewind(m)
         self.accounting.add("paused")
 
-    def _resume_if_room(self, c: Consumer) -> None:
-        if self._paused and self._deferred < self.cfg.max_deferred:
-            c.resume([TopicPartition(UNEXPOSED.name, part) for part in sorted(self._paused)])
+    def _resume_if_room(self) -> None:
+        assert self.io is not None
+        if self.io.paused and self._deferred < self.cfg.max_deferred:
             log.info("deferred queue has room (%d): partitions %s resumed", self._deferred,
-                     sorted(self._paused))
-            self._paused.clear()
+                     sorted(p for _, p in self.io.paused))
+            self.io.resume()
 
-    # ---------------------------------------------------------------------------- offsets, rebalance
-
-    def _commit_point(self, part: int) -> int | None:
-        waiting = self._by_partition.get(part)
-        while waiting and waiting[0].done:
-            waiting.popleft()
-        if waiting:
-            return waiting[0].offset  # re-read from the oldest batch still waiting
-        return self._next.get(part)
-
-    def _commit(self, c: Consumer) -> None:
-        offsets: dict[tuple[str, int], int] = {}
-        for part in list(self._next):
-            at = self._commit_point(part)
-            if at is not None and at > self._committed.get(part, -1):
-                offsets[(UNEXPOSED.name, part)] = at
-        if not offsets:
-            return
-        try:
-            commit_offsets(c, offsets)
-        except KafkaException as e:  # e.g. revoked meanwhile: the next owner re-reads, labels are idempotent
-            log.warning("offset commit failed, batches will be re-read: %s", e)
-            return
-        for (_, part), at in offsets.items():
-            self._committed[part] = at
+    # ---------------------------------------------------------------------------------- rebalance
 
     def _on_assign(self, c: Consumer, partitions: list[TopicPartition]) -> None:
         """``anchors`` is state: read it whole on every assignment (its offsets are never committed)."""
@@ -350,20 +314,15 @@ class Labeler:
                 tp.offset = OFFSET_BEGINNING
         c.assign(partitions)
 
-    def _on_revoke(self, c: Consumer, partitions: list[TopicPartition], p: Producer) -> None:
+    def _on_revoke(self, c: Consumer, partitions: list[TopicPartition]) -> None:
         """Hand partitions back: commit what is done, forget what waits (the next owner re-reads it)."""
-        if self._stopping:
+        if self._stopping or self.io is None:
             return
         lost = {tp.partition for tp in partitions if tp.topic == UNEXPOSED.name}
         if not lost:
             return
-        if p.flush(10) == 0:
-            self._commit(c)
-        self._drop_all("released", lost)
-        for part in lost:
-            self._next.pop(part, None)
-            self._committed.pop(part, None)
-            self._paused.discard(part)
+        self.io.commit(offsets=self.io.ledger.committable({(UNEXPOSED.name, part) for part in lost}))
+        self._drop_all("released", lost)  # StageIO forgets the partitions' ledger entries after this
 
     # ----------------------------------------------------------------------------------- reporting
 

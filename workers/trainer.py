@@ -29,17 +29,18 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tqdm import tqdm
 
-from gpl.runtime.kafka import Accounting, DeadLetters, consumer, producer
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import CHECKPOINT_VERSION, TRAINER_LOSS
 from gpl.runtime.settings import Settings
+from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
-from workers.model import Batch, ModelConfig, PreRanker, sample_key, train_step
+from workers.model import Batch, ModelConfig, PreRanker, make_optimizer, sample_key, train_step
 
 log = logging.getLogger(__name__)
 STAGE = "trainer"
@@ -181,9 +182,8 @@ class Trainer:
         self._pending: list[tuple[str, int, np.ndarray, float, float, bool]] = []
         self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
         self._dirty = False
-        self._consumer: Consumer | None = None
         self._closing = False
-        self._dlq_producer: Producer | None = None
+        self.io: StageIO | None = None  # the Kafka side, while run() runs
         self.model: PreRanker | None = None
         self.opt: torch.optim.Adam | None = None
         found = latest_checkpoint(self.directory)
@@ -196,7 +196,7 @@ class Trainer:
 
     def _build(self, mc: ModelConfig) -> None:
         self.model = PreRanker(mc)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.opt = make_optimizer(self.model.parameters(), self.cfg.lr)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt["collection"] != self.collection:
@@ -227,16 +227,13 @@ class Trainer:
     # the loop ----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        kafka = self.settings.kafka
-        c = consumer(kafka, STAGE)
-        p = producer(kafka)
-        self._consumer, self._dlq_producer, self._closing = c, p, False
-        dlq = DeadLetters(p, STAGE, self.accounting)
-        c.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        io = self.io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        self._closing = False
+        io.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
         bar = tqdm(desc="train samples", unit="sample", disable=not self.progress, leave=False)
         try:
             while not stop.is_set():
-                msgs = [m for m in c.consume(num_messages=poll, timeout=0.5) if not self._consume_error(m)]
+                msgs = io.poll(poll, 0.5)
                 parsed: list[SampleBatch | DecodeError] = []
                 for m in msgs:
                     try:
@@ -249,16 +246,19 @@ class Trainer:
                     {s.item_id for b in parsed if isinstance(b, SampleBatch) for s in b.samples}
                 )
                 for m, b in zip(msgs, parsed, strict=True):
-                    self.offsets[(m.topic() or SAMPLES.name, m.partition() or 0)] = (m.offset() or 0) + 1
                     self.counts["messages"] += 1
                     self._dirty = True
                     self.accounting.add("in")
                     if isinstance(b, DecodeError):
-                        dlq.send(m, b)
+                        io.dead_letter(m, b)
                         self.counts["dlq"] += 1
                         self._since_ckpt += 1
                     else:
                         bar.update(self._admit(b))
+                        io.done(m)
+                    # in order: a checkpoint between two messages covers exactly the ones before it
+                    tp = tp_of(m)
+                    self.offsets[tp] = io.ledger.position(tp)
                     while len(self._pending) >= self.cfg.batch_size:
                         self._train(self.cfg.batch_size)
                     if self._since_ckpt >= self.cfg.checkpoint_every:
@@ -267,9 +267,8 @@ class Trainer:
         finally:
             self._closing = True  # close() revokes: no checkpoint from a failed or finished loop
             bar.close()
-            p.flush(10)
-            c.close()
-            self._consumer = None
+            io.close()
+            self.io = None
 
     def _on_assign(self, c: Consumer, partitions: list[TopicPartition]) -> None:
         """Start every partition the checkpoint knows at the checkpoint's offset, not the committed one."""
@@ -284,13 +283,6 @@ class Trainer:
         """Make everything read so far durable before another member may read those partitions."""
         if self._dirty and not self._closing:
             self.checkpoint()
-
-    @staticmethod
-    def _consume_error(m: Message) -> bool:
-        if m.error():
-            log.error("trainer: consume error: %s", m.error())
-            return True
-        return False
 
     def _admit(self, b: SampleBatch) -> int:
         """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
@@ -363,8 +355,8 @@ class Trainer:
         """
         if not self._dirty and not self._pending:
             return None
-        if self._dlq_producer is not None:  # dead letters the offsets cover must be durable first
-            self._dlq_producer.flush(30)
+        if self.io is not None:  # dead letters the offsets cover must be durable first
+            self.io.producer.flush(30)
         while self._pending:
             self._train(self.cfg.batch_size)
         self.version += 1
@@ -402,7 +394,7 @@ class Trainer:
 
         The checkpoint, not the commit, decides where a restart resumes, so a lost commit costs nothing.
         """
-        c = self._consumer
+        c = self.io.consumer if self.io is not None else None
         if c is None or not self.durable_offsets:
             return
         try:

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpl.runtime.encoder import Encoder
+from gpl.runtime.vectors.normalize import normalize
 
 
 class CachedEncoder:
@@ -53,8 +54,7 @@ class CachedEncoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         out = np.stack([self._known[t] for t in texts]).astype(np.float32)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms == 0, 1.0, norms)
+        return normalize(out)
 
     def _save(self) -> None:
         if self.path is None:

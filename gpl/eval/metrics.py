@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpl.runtime.vectors.normalize import normalize
+
 
 def segment_ids(ptr: np.ndarray) -> np.ndarray:
     """Request index of every flat row (int64), from CSR offsets."""
@@ -189,8 +191,7 @@ def intra_list_distance(top: np.ndarray, vectors_row: np.ndarray) -> float:
     """
     valid = top >= 0
     v = np.asarray(vectors_row, np.float32)[np.maximum(top, 0)]  # (R, K, d)
-    norms = np.linalg.norm(v, axis=2, keepdims=True)
-    v = np.where(norms > 0, v / np.where(norms > 0, norms, 1.0), 0.0) * valid[:, :, None]
+    v = normalize(v, axis=2) * valid[:, :, None]
     k = valid.sum(1).astype(np.float64)
     total = np.square(v.sum(1, dtype=np.float64)).sum(1)
     ok = k >= 2

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from gpl.runtime.settings import EncoderSettings
+from gpl.runtime.vectors.normalize import normalize
 
 
 class Encoder(Protocol):
@@ -74,9 +75,7 @@ class HashEncoder:
             for w in t.lower().split():
                 h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "big")
                 out[r, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
-        n = np.linalg.norm(out, axis=1, keepdims=True)
-        n[n == 0] = 1.0
-        return out / n
+        return normalize(out)
 
 
 def open_encoder(cfg: EncoderSettings) -> Encoder:

@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gpl.runtime.vectors.normalize import normalize
+
 FORMAT = "gpl-sid-tokenizer/1"
 TOKENIZER_FILE = "tokenizer.pt"
 
@@ -345,9 +347,7 @@ def prefix_centroids(sids: np.ndarray, vectors: np.ndarray, depth: int) -> tuple
     inverse = inverse.ravel()
     sums = np.zeros((len(prefixes), vectors.shape[1]), np.float64)
     np.add.at(sums, inverse, vectors)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return prefixes.astype(np.int64), (sums / norms).astype(np.float32)
+    return prefixes.astype(np.int64), normalize(sums)
 
 
 @dataclass
