@@ -262,7 +262,7 @@ def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_labeler(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.bench import bench_labeler
+    from gpl.bench.labeler import bench_labeler
 
     res = bench_labeler(candidates=args.candidates, k=args.k, batches=args.batches)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
@@ -270,7 +270,7 @@ def cmd_bench_labeler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.bench_e2e import bench_e2e
+    from gpl.bench.e2e import bench_e2e
 
     res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())

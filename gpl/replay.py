@@ -202,7 +202,7 @@ def _start_offset(c: KafkaConsumer, topic: str, partition: int, start_ms: int, l
 
     The broker's ``offsets_for_times`` answer is trusted only if the record it names is at or after
     ``start_ms`` and the record before it is earlier (Kafka's contract: the *earliest* such offset).
-    Tansu 0.6 answers 0 whatever the time (DESIGN.md §5); an answer that fails the check, or -1 (which
+    Tansu 0.6 answers 0 whatever the time (docs/design.md §5); an answer that fails the check, or -1 (which
     cannot be checked without a scan), falls back to scanning from the low watermark.
     """
     if answer < low or answer >= high:

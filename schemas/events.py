@@ -1,4 +1,4 @@
-"""Wire contracts of every topic (DESIGN.md §3).
+"""Wire contracts of every topic (docs/design.md §3).
 
 One message per *request*, never one per candidate: a recall of 3,000 candidates is one RecallEvent.
 Every contract carries ``schema_version`` so a consumer can refuse what it does not understand, and

@@ -10,7 +10,7 @@ Either side of a request may come first; the first one waits in the ``pending`` 
 until its partner arrives or ``join_wait_s`` passes. After a request is joined or expired a small
 marker stays for ``dedup_window_s`` to recognise duplicates and late arrivals. Markers live in memory,
 not in the changelog: on the embedded broker every changelog record costs a round trip (one record
-per batch, DESIGN.md §5), and after a restart a duplicate that slips past the lost markers is still
+per batch, docs/design.md §5), and after a restart a duplicate that slips past the lost markers is still
 harmless downstream, because sample ids are deterministic and the trainer drops repeats.
 
 Every input message ends in exactly one outcome of :attr:`StreamsProcessor.accounting`:

@@ -3,7 +3,7 @@
 With the project's default ``--benchmark-disable`` each benchmark body runs once, as a smoke test.
 Each round labels a cycle of distinct requests (not one request over and over: repeating the same
 candidate ids lets the CPU's branch predictor and caches learn them, and the figure would flatter).
-For the side-by-side figure against the naive loop, single-threaded, run ``python -m gpl.bench labeler``.
+For the side-by-side figure against the naive loop, single-threaded, run ``python -m gpl.bench.labeler``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from gpl.bench import fast, naive, same_samples, single_thread, synthetic
+from gpl.bench.labeler import fast, naive, same_samples, single_thread, synthetic
 from schemas.events import SampleBatch
 from workers.labeling.assemble import Labeling
 

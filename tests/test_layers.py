@@ -1,6 +1,6 @@
 """The layering stays: imports point down, no module imports itself back, no module grows past 500 lines.
 
-Layers, bottom to top (docs/design.md §Layout):
+Layers, bottom to top (docs/design.md §4):
 
 0. ``schemas``      contracts: the records on the wire, their codec, the topic registry;
 1. ``gpl.runtime``  the foundation: settings, Kafka clients and the consume loop, offsets, metrics,

@@ -13,7 +13,7 @@ A COLD-style pre-ranker: cheap features of (user, item) go through one small MLP
 Ids are hashed with blake2b, never Python's ``hash()``: the bucket of an id must be the same in every
 process and after every restart, or a checkpoint would map users to someone else's row.
 
-The objective is DESIGN.md §2: L = Σ_exposed BCE(f, y) + λ · Σ_unexposed w · BCE(f, ỹ), computed per
+The objective is docs/design.md §2: L = Σ_exposed BCE(f, y) + λ · Σ_unexposed w · BCE(f, ỹ), computed per
 mini-batch and divided by the batch size (not by Σ weights, which would change an exposed sample's
 effective weight with the batch's pseudo share).
 """

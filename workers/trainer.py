@@ -185,7 +185,7 @@ class Trainer:
         self._closing = False
         self.io: StageIO | None = None  # the Kafka side, while run() runs
         self.model: PreRanker | None = None
-        self.opt: torch.optim.Adam | None = None
+        self.opt: torch.optim.Optimizer | None = None
         found = latest_checkpoint(self.directory)
         if found is not None:
             self._restore(read_checkpoint(found))

@@ -2,7 +2,7 @@
 
 Why a cache: embedding the MovieLens catalogue with all-MiniLM-L6-v2 takes minutes on two CPU cores,
 and every rerun of ``gpl eval`` (other seeds, other methods) needs the very same vectors. The frozen
-encoder makes that safe: under one encoder id a text always has one vector (DESIGN.md §2), so a cache
+encoder makes that safe: under one encoder id a text always has one vector (docs/design.md §2), so a cache
 keyed by (encoder id, text) never goes stale.
 """
 

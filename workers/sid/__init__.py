@@ -1,4 +1,4 @@
-"""Semantic-ID anchors (DESIGN.md §2, the paper's own route), trained from scratch on CPU.
+"""Semantic-ID anchors (docs/design.md §2, the paper's own route), trained from scratch on CPU.
 
 * :mod:`workers.sid.rqvae` — an RQ-VAE tokenizer: every item vector gets a hierarchical semantic ID
   (3 residual codes + a collision suffix), and any 3-level code decodes back into the frozen space.

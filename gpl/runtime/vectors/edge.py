@@ -3,7 +3,7 @@
 Why this engine: the embedded stack needs a real Qdrant engine in-process, and qdrant-client's local
 mode is pure Python (minutes to load 50k points, ~1 s per id-filtered query). qdrant-edge runs the
 server's segment code in-process: thousands of upserts per 100 ms, id-filtered queries in about a
-millisecond, durable on disk (write-ahead log + segments) and reloaded on restart (DESIGN.md §5).
+millisecond, durable on disk (write-ahead log + segments) and reloaded on restart (docs/design.md §5).
 
 Layout: one ``EdgeShard`` per collection, in ``<path>/<collection name>/``. A shard is a
 self-contained storage unit; keeping one per collection lets a new encoder (a new collection) live

@@ -2,7 +2,7 @@
 
 * :class:`MemoryIndex` — numpy, for unit tests of pure logic.
 * ``EdgeIndex`` (gpl/runtime/vectors/edge.py) — qdrant-edge, Qdrant's embedded Rust engine, in a data dir:
-  the embedded default (qdrant-client's pure-Python local mode is far too slow, DESIGN.md §5).
+  the embedded default (qdrant-client's pure-Python local mode is far too slow, docs/design.md §5).
 * ``ServerIndex`` (gpl/runtime/vectors/server.py) — qdrant-client against a Qdrant server (production).
 
 Point ids are the contracts' non-negative int64 item ids (or, for anchors, ids derived from user and

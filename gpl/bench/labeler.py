@@ -1,4 +1,4 @@
-"""Benchmarks that are measurements, not tests: ``python -m gpl.bench labeler [--batches N ...]``.
+"""Benchmarks that are measurements, not tests: ``python -m gpl.bench.labeler [--batches N ...]``.
 
 ``bench_labeler`` times the labeler's fast path (:func:`workers.labeling.label_decoded` after
 :func:`workers.labeling.decode_unexposed`: orjson → arrays → searchsorted → one gather → one (K, N)
@@ -208,7 +208,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpl.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gpl.bench.labeler", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["labeler"])
     ap.add_argument("--candidates", type=int, default=1000)
     ap.add_argument("--k", type=int, default=8)

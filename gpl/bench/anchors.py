@@ -1,4 +1,4 @@
-"""Anchor-generation throughput and first-try parse rate: ``python -m gpl.bench_anchors``.
+"""Anchor-generation throughput and first-try parse rate: ``python -m gpl.bench.anchors``.
 
 A measurement, not a test. ``bench_anchors`` runs :class:`~workers.generators.TransformersGenerator`
 (CPU) over the *same* prompts at several batch sizes and reports users/s, generated tokens/s and the
@@ -203,7 +203,7 @@ class TransformersServe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpl.bench_anchors", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gpl.bench.anchors", description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
