@@ -9,7 +9,9 @@
               trainer (and the calibration monitor) run until every message is accounted for;
 6. evaluate   the last checkpoint of the pre-ranker scored on the held-out requests' whole recall sets
               (labels: clicks for exposed items, real ratings for unexposed ones where the user rated
-              them) next to a popularity baseline, side by side;
+              them), side by side with an exposed-only pre-ranker trained by a second trainer from the
+              same ``samples`` stream (same settings and held-out requests; pseudo-labels skipped) and
+              a popularity baseline: whether the labels helped is the point of the demo;
 7. summary    printed and written to ``<data_dir>/demo/summary.json``.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from gpl.eval.metrics import auc
+from gpl.eval.metrics import auc, gauc
 from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
@@ -97,6 +99,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
         stages = Stages({name: stack.make(name, **({"progress": False} if name in ("indexer", "trainer") else {}))
                          for name in ("indexer", "streams", "anchors", "labeler", "trainer", *_optional())})
+        stages.stages[BASELINE] = exposed_only_trainer(s, stack)
         with stages:
             counts = replay_jsonl(s, events_file, topics={"items"}, progress=progress)
             _wait(lambda: stack.index.count(s.encoder.collection) >= len(sim.items) - _dlq(stages, "indexer"),
@@ -113,6 +116,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         # 6. evaluate -----------------------------------------------------------------------------
         phases.set_postfix_str("evaluate")
         metric = evaluate(s, stack, test, sim.truth, train)
+        metric["exposed_only"] = evaluate(s, stack, test, sim.truth, train, directory=baseline_dir(s))
         metric["samples_topic"] = sample_stats(s)
     phases.update()
     phases.close()
@@ -120,6 +124,21 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     summary["calibration"] = calibration
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
     return summary
+
+
+BASELINE = "trainer-exposed-only"
+
+
+def baseline_dir(s: Settings) -> Path:
+    return s.checkpoints_dir / "exposed-only"
+
+
+def exposed_only_trainer(s: Settings, stack: Stack) -> Any:
+    """A second trainer on the same ``samples`` topic (its own group and checkpoints), pseudo-labels off."""
+    from workers.trainer import Trainer
+
+    return Trainer(s.with_overrides(trainer={"pseudo_labels": False}), stack.index, progress=False, name=BASELINE,
+                   directory=baseline_dir(s))
 
 
 def _optional() -> tuple[str, ...]:
@@ -176,7 +195,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
             + _sum_prefix(a["anchors"], "dlq:")
         batches = streams.get("unexposed_batches", 0)
         lab_done = lab.get("labeled", 0) + lab.get("timed_out", 0) + _sum_prefix(lab, "dlq:")
-        trained = getattr(st["trainer"], "counts", {}).get("messages", 0)
+        trained = min(getattr(st[n], "counts", {}).get("messages", 0) for n in ("trainer", BASELINE) if n in st)
         outputs = sum(probe.get_watermark_offsets(tp, timeout=5)[1] for tp in samples_parts)
         snapshot = (done_in, anchors_done, lab_done, trained)
         complete = done_in >= total_in and anchors_done >= requests and lab_done >= batches
@@ -198,11 +217,12 @@ def _sum_prefix(d: dict[str, int], prefix: str) -> int:
 
 
 def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], truth: dict[tuple[str, int], int],
-             train: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Entire-space AUC of the last checkpoint on held-out requests, next to a popularity baseline."""
+             train: list[tuple[str, Any]], *, directory: Path | None = None) -> dict[str, Any]:
+    """Entire-space AUC of the last checkpoint (in ``directory``) on held-out requests, with a popularity
+    baseline; GAUC over users as well, because a pre-ranker ranks within a request's recall set."""
     from workers.trainer import latest_checkpoint, load_checkpoint
 
-    ckpt = latest_checkpoint(settings.checkpoints_dir)
+    ckpt = latest_checkpoint(directory if directory is not None else settings.checkpoints_dir)
     if ckpt is None:
         return {"error": "no checkpoint written"}
     model, meta = load_checkpoint(ckpt)
@@ -242,6 +262,7 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
         "test_candidates": int(len(y)),
         "test_positives": int(y.sum()),
         "auc_entire_space": _auc(scores, y),
+        "gauc_entire_space": _gauc(scores, y, [u for u, k in zip(users, keep, strict=True) if k]),
         "auc_exposed": _auc(scores[ex], y[ex]),
         "auc_unexposed": _auc(scores[~ex], y[~ex]),
         "popularity_auc_entire_space": _auc(popularity, y),
@@ -286,6 +307,13 @@ def _auc(scores: np.ndarray, y: np.ndarray) -> float | None:
     return None if math.isnan(a) else round(a, 4)
 
 
+def _gauc(scores: np.ndarray, y: np.ndarray, users: list[str]) -> float | None:
+    """The library's GAUC over users (users with one class left out), rounded; None when none qualifies."""
+    _, groups = np.unique(np.asarray(users), return_inverse=True)
+    g = gauc(scores, y, groups)
+    return None if math.isnan(g) else round(g, 4)
+
+
 def _summary(counts: dict[str, int], acc: dict[str, dict[str, int]], metric: dict[str, Any], quiet: bool,
              errors: dict[str, str], seconds: float, cfg: DemoConfig, s: Settings) -> dict[str, Any]:
     st, lab, anc = acc.get("streams", {}), acc.get("labeler", {}), acc.get("anchors", {})
@@ -324,8 +352,19 @@ def _calibration_lines(calib: dict[str, Any] | None) -> list[str]:
             f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in calib["groups"]]
 
 
+def _verdict(m: dict[str, Any], b: dict[str, Any]) -> str:
+    """GPL against exposed-only on the same held-out requests, in words (one run: no error bars)."""
+    pairs = [(k, m.get(k), b.get(k)) for k in ("gauc_entire_space", "auc_entire_space")]
+    known = [(k, g, e) for k, g, e in pairs if g is not None and e is not None]
+    if not known:
+        return "unknown (a model was not trained)"
+    return ", ".join(f"{k.split('_')[0].upper()} {'+' if g >= e else ''}{g - e:.4f}" for k, g, e in known) + \
+        " (GPL minus exposed-only; one seed, one run)"
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     m = summary.get("metric", {})
+    b = m.get("exposed_only", {}) or {}
     lines = [
         "GPL stream demo — summary",
         f"  events in            {summary['events_in']}",
@@ -338,9 +377,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  mean weight {summary['pseudo_weight_mean']}  (sampled out {summary['sampled_out']})",
         f"  dead letters         {summary['dlq'] or 0}",
         f"  checkpoints          {len(summary['checkpoints'])} {summary['checkpoints'][-1:] }",
-        f"  pre-ranker AUC       entire space {m.get('auc_entire_space')}  exposed {m.get('auc_exposed')}"
-        f"  unexposed {m.get('auc_unexposed')}  (popularity baseline: {m.get('popularity_auc_entire_space')},"
-        f" unexposed {m.get('popularity_auc_unexposed')}; {m.get('test_candidates')} held-out candidates)",
+        f"  pre-ranker, GPL      AUC entire space {m.get('auc_entire_space')}  GAUC {m.get('gauc_entire_space')}"
+        f"  exposed {m.get('auc_exposed')}  unexposed {m.get('auc_unexposed')}",
+        f"  pre-ranker, exposed  AUC entire space {b.get('auc_entire_space')}  GAUC {b.get('gauc_entire_space')}"
+        f"  exposed {b.get('auc_exposed')}  unexposed {b.get('auc_unexposed')}  (same stream, no pseudo-labels)",
+        f"  popularity baseline  AUC entire space {m.get('popularity_auc_entire_space')}  unexposed"
+        f" {m.get('popularity_auc_unexposed')}  ({m.get('test_candidates')} held-out candidates)",
+        f"  did the labels help  {_verdict(m, b)}",
         *_calibration_lines(summary.get("calibration")),
         f"  all accounted for    {summary['quiescent']}   errors: {summary['stage_errors'] or 'none'}",
         f"  wall time            {summary['seconds']} s",

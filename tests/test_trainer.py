@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,16 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
         wait_for(reached(fifth, samples=91))
     c5 = load_checkpoint(s.checkpoints_dir)[1]["counts"]
     assert (c5["samples"], c5["real"], c5["pseudo"], c5["duplicates"], c5["messages"]) == (91, 39, 52, 14, 17)
+
+
+def test_exposed_only_trainer_skips_pseudo_labels_and_counts_them(tmp_path: Path) -> None:
+    """The demo's baseline: same stream, pseudo samples skipped (counted), real ones trained."""
+    s = tuned(Settings(data_dir=tmp_path)).with_overrides(trainer={"pseudo_labels": False})
+    t = Trainer(s, item_index(s), dim=DIM, progress=False, name="trainer-exposed-only",
+                directory=tmp_path / "exposed-only")
+    t._fetch_vectors(set(range(1, 41)))
+    handled = t._admit(request(1))
+    assert handled == 7
+    assert t.counts["real"] == 3 and t.counts["pseudo"] == 0 and t.counts["pseudo_skipped"] == 4
+    assert len(t._pending) == 3 and not any(row[5] for row in t._pending)
+    assert t.accounting["pseudo_skipped"] == 4 and t.directory == tmp_path / "exposed-only"

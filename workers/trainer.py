@@ -48,7 +48,8 @@ FORMAT = "gpl-preranker/1"
 LATEST = "latest"
 CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.pt$")
 VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full
-COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "duplicates", "no_vector", "steps")
+COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "pseudo_skipped", "duplicates", "no_vector",
+              "steps")
 
 
 # --- checkpoint files ------------------------------------------------------------------------------
@@ -163,14 +164,16 @@ class Trainer:
     """
 
     def __init__(
-        self, settings: Settings, index: VectorIndex, *, dim: int | None = None, progress: bool = True
+        self, settings: Settings, index: VectorIndex, *, dim: int | None = None, progress: bool = True,
+        name: str = STAGE, directory: Path | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = settings.trainer
         self.index = index
         self.collection = settings.encoder.collection
-        self.directory = settings.checkpoints_dir
-        self.accounting = Accounting(STAGE)
+        self.name = name  # consumer group and metrics label: a second trainer (a baseline) gets its own
+        self.directory = directory if directory is not None else settings.checkpoints_dir
+        self.accounting = Accounting(name)
         self.progress = progress
         self.counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
         self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition, as far as consumed
@@ -227,7 +230,7 @@ class Trainer:
     # the loop ----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        io = self.io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io = self.io = StageIO(self.settings.kafka, self.name, self.accounting)
         self._closing = False
         io.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
         bar = tqdm(desc="train samples", unit="sample", disable=not self.progress, leave=False)
@@ -297,8 +300,12 @@ class Trainer:
                 self.counts["no_vector"] += 1
                 self.accounting.add("no_vector")
                 continue
-            self.seen.add(key)
             pseudo = s.source == "pseudo"
+            if pseudo and not self.cfg.pseudo_labels:
+                self.counts["pseudo_skipped"] += 1
+                self.accounting.add("pseudo_skipped")
+                continue
+            self.seen.add(key)
             self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo))
             self.counts["samples"] += 1
             self.counts["pseudo" if pseudo else "real"] += 1

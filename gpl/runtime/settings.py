@@ -146,6 +146,8 @@ class TrainerSettings(Section):
     id_dim: int = Field(default=16, ge=1)
     hidden: int = Field(default=64, ge=1)
     checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
+    pseudo_labels: bool = Field(default=True, description="train on pseudo-labels too; false: the exposed-only "
+                                "baseline (pseudo samples are skipped and counted pseudo_skipped)")
     keep_checkpoints: int = Field(default=5, ge=1)
     seed: int = 0
 
