@@ -159,6 +159,7 @@ class Lineage(BaseModel):
     anchor_age_ms: int = 0
     label_map: str = ""
     fallback: bool = False
+    calibrator: str = ""  # version of the calibrator that made the labels (empty: the fixed map)
 
 
 class SampleBatch(Contract):

@@ -22,7 +22,7 @@ CANDIDATES = 1000
 
 @pytest.fixture(scope="module")
 def data() -> tuple[Labeling, list[bytes]]:
-    return synthetic(candidates=CANDIDATES, k=8, dim=384, batches=16, items=5000, users=8)
+    return synthetic(candidates=CANDIDATES, k=8, dim=384, batches=16, items=5000, users=8, label_source="map")
 
 
 def _cycle(fn: Callable[[bytes], bytes], raws: list[bytes]) -> Callable[[], int]:

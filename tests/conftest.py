@@ -32,6 +32,8 @@ def make_settings(tmp_path: Path, bootstrap: str, partitions: int = 2, **overrid
     base: dict[str, object] = {
         "data_dir": str(tmp_path / "data"),
         "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
+        # the fixed map unless a test asks for the calibrator (tests/test_calibrated_labeler.py does)
+        "labeler": {"label_source": "map"},
     }
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):

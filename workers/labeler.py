@@ -43,11 +43,12 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from tqdm import tqdm
 
 from gpl.runtime.kafka import Accounting, DeadLetters
-from gpl.runtime.metrics import ANCHOR_AGE, DEFERRED, LATENCY
+from gpl.runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, DEFERRED, LATENCY
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import VectorIndex
@@ -55,8 +56,11 @@ from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
 from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import Labeling, LabelStats, label_decoded
+from workers.labeling.assemble import Abstained, Labeling, LabelStats, label_decoded
+from workers.labeling.calibrator import CalibratorError, load_calibrator
+from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
+from workers.labeling.recalibration import Recalibrator
 from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,8 @@ class Labeler:
                                 retry_s=self.cfg.item_retry_s)
         self.cache = AnchorBook(settings.encoder.model, self.items)
         self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
+        self.recalibrator = Recalibrator(self.cfg.recalibrate_every, self.cfg.ece_alert)
+        self._next_load = 0.0  # when to look for a calibrator again while abstaining
         self.accounting = Accounting(STAGE)
         self.anchor_accounting = Accounting(f"{STAGE}-anchors")
         self.progress = progress
@@ -116,9 +122,11 @@ class Labeler:
         anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting)
         loaded = self.items.load()
         log.info("labeler: %d item vectors loaded from %s", loaded, self.items.collection)
-        # anchors is state, read whole on every assignment and never committed: only unexposed is tracked
-        io.subscribe([UNEXPOSED.name, ANCHORS.name], tracked=[UNEXPOSED.name], on_assign=self._on_assign,
-                     on_revoke=self._on_revoke)
+        self._load_calibrator()
+        # anchors is state, read whole on every assignment and never committed; samples bring the real
+        # labels the calibrator's priors count and the closed loop joins
+        io.subscribe([UNEXPOSED.name, ANCHORS.name, SAMPLES.name], tracked=[UNEXPOSED.name, SAMPLES.name],
+                     on_assign=self._on_assign, on_revoke=self._on_revoke)
         bar = tqdm(desc="label requests", unit="req", disable=not self.progress, leave=False)
         with io:
             try:
@@ -128,10 +136,14 @@ class Labeler:
                     for m in msgs:
                         if m.topic() == ANCHORS.name:
                             self._on_anchors(m, anchor_dlq)
+                        elif m.topic() == SAMPLES.name:
+                            self._on_samples(m)
                         elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m):
                             self._pause_at(m)  # deferred queue full: re-read it later
                             rewound.add(part)
                     self._expire(time.monotonic())
+                    if self.ctx.label is None and time.monotonic() >= self._next_load:
+                        self._load_calibrator()
                     self._resume_if_room()
                     DEFERRED.set(self._deferred)
                     if not io.commit(stop, what="samples"):
@@ -214,6 +226,9 @@ class Labeler:
         assert io is not None
         try:
             out, st = label_decoded(b, self.ctx)
+        except Abstained:
+            self.accounting.add("abstained")
+            self.accounting.add("candidates_abstained", int(b.item_ids.shape[0]))
         except Exception as e:  # a bug must not stop the stream: the batch goes to the DLQ, counted
             log.exception("labeling %s failed", b.request_id)
             io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
@@ -222,6 +237,8 @@ class Labeler:
             io.producer.produce(SAMPLES.name, out, key=b.user_id.encode())
             io.producer.poll(0)
             self._count_labeled(st)
+            if self.ctx.calibrator is not None:
+                self.recalibrator.remember(b.user_id, list(st.item_ids), np.asarray(st.labels))
         io.ledger.done((UNEXPOSED.name, part), off)
 
     def _count_labeled(self, st: LabelStats) -> None:
@@ -234,6 +251,57 @@ class Labeler:
         ANCHOR_AGE.observe(max(0, st.anchor_age_ms) / 1000)
         # event time to emission: meaningful when the batch's ts is recent (live traffic, not replay)
         LATENCY.labels(source="pseudo").observe(max(0.0, time.time() - st.ts / 1000))
+
+    # --------------------------------------------------------------------- calibrator, closed loop
+
+    def _load_calibrator(self) -> None:
+        """Take the calibrator artifact, or abstain (no pseudo-labels, counted) saying exactly why."""
+        self._next_load = time.monotonic() + 30.0
+        if self.cfg.label_source != "calibrator":
+            ABSTAINING.set(0)
+            return
+        s = self.settings
+        try:
+            cal = load_calibrator(s.calibrator_file, encoder=s.encoder.model, catalogue=self.cfg.catalogue,
+                                  features=FEATURES)
+        except CalibratorError as e:
+            if self.ctx.abstain_reason != str(e):
+                log.error("labeler abstains (no pseudo-labels until this is fixed): %s", e)
+            self.ctx.use(None, str(e))
+            ABSTAINING.set(1)
+            return
+        log.info("labeler: %s", cal.describe())
+        self.ctx.use(cal)
+        ABSTAINING.set(0)
+
+    def _on_samples(self, m: Message) -> None:
+        """Real labels: count exposures and clicks (the calibrator's priors), join earlier pseudo-labels."""
+        assert self.io is not None
+        try:
+            batch = orjson.loads(m.value() or b"{}")
+            real = [x for x in batch["samples"] if x["source"] != "pseudo"]
+            user = str(batch["user_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.accounting.add("samples_unreadable")  # the trainer dead-letters it; here it only counts
+            self.io.done(m)
+            return
+        if real:
+            ids = np.asarray([int(x["item_id"]) for x in real], np.int64)
+            labels = np.asarray([float(x["label"]) for x in real], np.float64)
+            rows, missing = self.items.lookup(ids)
+            self.ctx.stats.add_exposed(user, rows[~missing], labels[~missing])
+            self.accounting.add("real_labels_seen", len(real))
+            self.accounting.add("closed_loop_joins", self.recalibrator.observe(user, ids.tolist(), labels.tolist()))
+            cal = self.ctx.calibrator
+            if cal is not None and self.recalibrator.due():
+                fresh = self.recalibrator.refit(cal)
+                CALIBRATION_DRIFT.set(1 if self.recalibrator.drifting else 0)
+                if fresh is not cal:
+                    log.info("labeler: calibrator %s refitted from %d closed-loop joins -> %s", cal.version,
+                             fresh.info.get("refit_joins", 0), fresh.version)
+                    self.ctx.use(fresh)
+                    self.accounting.add("recalibrated")
+        self.io.done(m)
 
     # ------------------------------------------------------------------------------------ deferral
 
@@ -335,9 +403,10 @@ class Labeler:
         """What the accounting identities leave over (all zero when every count is somewhere)."""
         a = self.accounting.snapshot()
         dlq = sum(v for k, v in a.items() if k.startswith("dlq:"))
-        batches = a.get("in", 0) - (a.get("labeled", 0) + a.get("timed_out", 0) + dlq + self._deferred
+        batches = a.get("in", 0) - (a.get("labeled", 0) + a.get("abstained", 0) + a.get("timed_out", 0) + dlq
+                                    + self._deferred
                                     + a.get("deferred_at_stop", 0) + a.get("released", 0))
-        cand_out = ("pseudo", "sampled_out", "duplicate", "no_vector", "candidates_timed_out",
+        cand_out = ("pseudo", "sampled_out", "duplicate", "no_vector", "candidates_timed_out", "candidates_abstained",
                     "candidates_dlq", "candidates_deferred_at_stop", "candidates_released")
         candidates = a.get("candidates", 0) - sum(a.get(k, 0) for k in cand_out) - self._deferred_candidates
         b = self.anchor_accounting.snapshot()

@@ -39,8 +39,11 @@ from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, Unex
 from schemas.ids import sample_id  # noqa: E402
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import Labeling, label_decoded
+from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence
+from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
+from workers.labeling.label_map import LabelMap
 from workers.labeling.sampling import sample
 from workers.labeling.unexposed_codec import decode_unexposed
 
@@ -61,11 +64,13 @@ def single_thread() -> Iterator[str]:
 
 
 def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
-              users: int = 64, seed: int = 0) -> tuple[Labeling, list[bytes]]:
+              users: int = 64, seed: int = 0, label_source: str = "calibrator") -> tuple[Labeling, list[bytes]]:
     """An item matrix, an anchor cache of ``users`` users and ``batches`` encoded UnexposedBatches.
 
     Anchors are noisy copies of random items, so similarities spread like real ones (a few close
-    candidates, a long tail) instead of all sitting near 0 as random vectors would.
+    candidates, a long tail) instead of all sitting near 0 as random vectors would. ``calibrator`` (the
+    default, as in production) labels through a calibrator over the default features with fixed
+    coefficients; ``map`` through the fixed logistic map.
     """
     rng = np.random.default_rng(seed)
     ids = np.unique(rng.integers(0, 2**62, size=items + items // 10 + 16, dtype=np.int64))[:items]
@@ -83,7 +88,10 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
             anchors=[Anchor(text=f"interest {j}", vector=a.tolist(), logprob=float(-rng.random()))
                      for j, a in enumerate(anchors)],
         ))
-    cfg = LabelerSettings()
+    cfg = LabelerSettings(label_source=label_source)  # type: ignore[arg-type]
+    cal = Calibrator(features=FEATURES, mean=(0.3, 0.25, 0.1, 0.3, 2.0, 1.0, -1.0), scale=(0.1,) * 4 + (1.0,) * 3,
+                     coef=(0.8, 0.1, 0.2, 0.3, 0.5, 0.2, 0.4), intercept=-2.5, monotone="s1", encoder=ENCODER,
+                     catalogue="bench")
     raws = []
     for b in range(batches):
         cand = ids[rng.choice(items, candidates, replace=False)]
@@ -91,7 +99,7 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
             "schema_version": 1, "request_id": f"req-{b}", "user_id": f"user-{b % users}", "ts": 2_000 + b,
             "item_ids": cand.tolist(), "recall_scores": np.round(rng.random(candidates), 6).tolist(),
         }))
-    return Labeling(cache, matrix, cfg), raws
+    return Labeling(cache, matrix, cfg, calibrator=cal), raws
 
 
 def fast(ctx: Labeling) -> Callable[[bytes], bytes]:
@@ -105,6 +113,9 @@ def naive(ctx: Labeling) -> Callable[[bytes], bytes]:
     row_of = {i: r for r, i in enumerate(ctx.items.ids.tolist())}
     mat = ctx.items.matrix
     cfg = ctx.cfg
+    label = ctx.label
+    if not isinstance(label, LabelMap):
+        raise ValueError("the naive loop implements the fixed map only (label_source = map)")
 
     def run(raw: bytes) -> bytes:
         ev = UnexposedBatch.model_validate(orjson.loads(raw))
@@ -122,7 +133,7 @@ def naive(ctx: Labeling) -> Callable[[bytes], bytes]:
         sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, ctx.rng(ev.request_id))
         matched = s_all[:, sel].argmax(axis=0)
         s = sim[sel].astype(np.float64)
-        p = ctx.label(s)
+        p = label(s)
         w, terms = confidence(coherence=entry.coherence, consistency=ctx.cache.consistency(entry),
                               logprobs=entry.logprobs, matched=matched, p=p, cfg=cfg)
         samples = [
@@ -163,6 +174,9 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
                   *, per_repeat: int = 50, seed: int = 0) -> dict[str, Any]:
     """Median / p10 / p90 candidates per second (one thread) of the fast path and the naive loop.
 
+    ``fast`` and ``naive`` label with the fixed map (so their outputs can be compared sample by sample);
+    ``fast_calibrated`` is the production path with a calibrator (features, priors, calibrated sampling).
+
     ``batches`` requests are split into repeats of ``per_repeat``; each repeat is timed for both
     implementations back to back (fast first on even repeats, naive first on odd ones), and the
     throughput of a repeat is ``per_repeat * candidates / seconds``. ``ratio`` = median fast / median
@@ -171,17 +185,19 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     shared machine; cache and memory-bandwidth contention still show in it). ``loadavg_1m`` says how
     busy the machine was.
     """
-    ctx, raws = synthetic(candidates, k, dim, batches, items, seed=seed)
-    impls = {"fast": fast(ctx), "naive": naive(ctx)}
-    for raw in raws[:5]:  # same answers, and warm both paths up
+    ctx, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map")
+    cal_ctx, _ = synthetic(candidates, k, dim, batches, items, seed=seed)
+    impls = {"fast": fast(ctx), "naive": naive(ctx), "fast_calibrated": fast(cal_ctx)}
+    for raw in raws[:5]:  # same answers, and warm the paths up
         assert same_samples(impls["fast"](raw), impls["naive"](raw)), "fast and naive paths disagree"
-    rates: dict[str, list[float]] = {"fast": [], "naive": []}
-    cpu_rates: dict[str, list[float]] = {"fast": [], "naive": []}
+        impls["fast_calibrated"](raw)
+    rates: dict[str, list[float]] = {name: [] for name in impls}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in impls}
     load_before = os.getloadavg()[0]  # other processes on the machine: read the figures against it
     with single_thread() as threads:
         for r, start in enumerate(range(0, len(raws), per_repeat)):
             chunk = raws[start : start + per_repeat]
-            order = ("fast", "naive") if r % 2 == 0 else ("naive", "fast")
+            order = ("fast", "naive", "fast_calibrated") if r % 2 == 0 else ("fast_calibrated", "naive", "fast")
             for name in order:
                 fn = impls[name]
                 c0, t0 = time.thread_time(), time.perf_counter()
@@ -204,6 +220,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     out["ratio"] = round(out["fast"]["median_cand_per_s"] / out["naive"]["median_cand_per_s"], 2)
     fast_cpu, naive_cpu = out["fast"]["cpu"]["median_cand_per_s"], out["naive"]["cpu"]["median_cand_per_s"]
     out["ratio_cpu"] = round(fast_cpu / naive_cpu, 2)
+    out["ratio_calibrated"] = round(out["fast_calibrated"]["median_cand_per_s"] / out["naive"]["median_cand_per_s"], 2)
     return out
 
 

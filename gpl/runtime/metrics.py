@@ -17,6 +17,9 @@ ANCHOR_AGE = Histogram("gpl_anchor_age_seconds", "Age of the anchor set used to 
 ANCHOR_GENERATIONS = Counter("gpl_anchor_generations_total", "Anchor sets generated", ["model", "outcome"])
 ANCHOR_TOKENS = Counter("gpl_anchor_tokens_total", "Tokens generated for anchors", ["model"])
 DEFERRED = Gauge("gpl_labeler_deferred_batches", "Unexposed batches waiting for their user's anchors")
+ABSTAINING = Gauge("gpl_labeler_abstaining", "1 while the labeler has no usable calibrator (no pseudo-labels)")
+CALIBRATION_DRIFT = Gauge("gpl_calibration_drift",
+                          "1 while the labeler's closed-loop ECE of pseudo-labels exceeds labeler.ece_alert")
 JOIN_PENDING = Gauge("gpl_join_pending_requests", "Recall or exposure events waiting for their partner")
 TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker", ["part"])
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")

@@ -125,7 +125,17 @@ class LabelerSettings(Section):
     cap: int = Field(default=40, ge=1, description="max pseudo-labels per request")
     wait_for_anchors_s: float = Field(default=120.0, ge=0, description="a batch waits this long for anchors")
     max_deferred: int = Field(default=10_000, ge=1, description="bound of batches waiting for anchors")
-    # similarity -> label: logistic map p = sigmoid((s - center) / temperature) (see workers/labeling.py)
+    label_source: Literal["calibrator", "map"] = Field(
+        default="calibrator", description="calibrator: the fitted artifact (labeler.calibrator_path); missing or "
+        "made for another encoder/catalogue -> the labeler abstains, counted. map: the fixed logistic map of "
+        "label_center/label_temperature (an explicit choice for tests and ablations, never a fallback)")
+    calibrator_path: Path | None = Field(default=None, description="calibrator artifact; default "
+                                         "<data_dir>/calibrator/calibrator.json")
+    catalogue: str = Field(default="", description="catalogue version the calibrator must have been fitted for")
+    recalibrate_every: int = Field(default=500, ge=0, description="refit the calibrator's intercept from this "
+                                   "many pseudo-labels later met by real labels (0: never)")
+    ece_alert: float = Field(default=0.05, gt=0, description="closed-loop ECE above this raises the drift alert")
+    # similarity -> label when label_source = map: p = sigmoid((s - center) / temperature)
     label_center: float = 0.45
     label_temperature: float = Field(default=0.08, gt=0)
     use_coherence: bool = True
@@ -175,6 +185,10 @@ class Settings(BaseSettings):
         if self.labeler.cap < 1:
             raise ValueError("labeler.cap must be >= 1")
         return self
+
+    @property
+    def calibrator_file(self) -> Path:
+        return self.labeler.calibrator_path or self.data_dir / "calibrator" / "calibrator.json"
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -38,6 +38,7 @@ class UserAnchors:
     coherence: float
     consistency: float | None = None  # computed on first use, once all history vectors are known
     texts: tuple[str, ...] = ()  # the anchors' own texts (SIDs for semantic-ID anchors), for reports
+    centroid: np.ndarray | None = None  # unit mean of the history vectors (computed on first use, like consistency)
 
     @classmethod
     def of(cls, vectors: np.ndarray, logprobs: np.ndarray, *, history: np.ndarray, user_id: str = "",
@@ -115,6 +116,16 @@ class AnchorBook:
         )
         return self.ACCEPTED
 
+    def _history_vectors(self, entry: UserAnchors) -> tuple[np.ndarray, bool]:
+        """The vectors of the entry's history items that have one, and whether all of them do."""
+        items, ids = self.items, entry.history
+        assert items is not None
+        rows, missing = items.lookup(ids)
+        if missing.any():
+            items.fetch(ids[missing])
+            rows, missing = items.lookup(ids)
+        return items.gather(rows[~missing]), not bool(missing.any())
+
     def consistency(self, entry: UserAnchors) -> float:
         """The entry's consistency term, cached once every history item has a vector."""
         if entry.consistency is not None:
@@ -122,12 +133,22 @@ class AnchorBook:
         if self.items is None or entry.history.size == 0:
             entry.consistency = 1.0
             return 1.0
-        items, ids = self.items, entry.history
-        rows, missing = items.lookup(ids)
-        if missing.any():
-            items.fetch(ids[missing])
-            rows, missing = items.lookup(ids)
-        value = consistency_of(entry.vectors, items.gather(rows[~missing]))
-        if not missing.any():
+        vecs, complete = self._history_vectors(entry)
+        value = consistency_of(entry.vectors, vecs)
+        if complete:
             entry.consistency = value
+        return value
+
+    def centroid(self, entry: UserAnchors) -> np.ndarray:
+        """The unit centroid of the entry's history vectors (zero without history), cached once complete."""
+        if entry.centroid is not None:
+            return entry.centroid
+        dim = entry.vectors.shape[1]
+        if self.items is None or entry.history.size == 0:
+            entry.centroid = np.zeros(dim, np.float32)
+            return entry.centroid
+        vecs, complete = self._history_vectors(entry)
+        value = normalize(vecs.mean(axis=0)) if len(vecs) else np.zeros(dim, np.float32)
+        if complete:
+            entry.centroid = value
         return value

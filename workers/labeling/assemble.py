@@ -15,7 +15,10 @@ from gpl.runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
 from schemas.ids import sample_id
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
+from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence, describe_weight
+from workers.labeling.features import feature_matrix, prior_features, similarity_features
+from workers.labeling.interaction_stats import InteractionStats
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
 from workers.labeling.matching import _row_max
@@ -43,6 +46,8 @@ class LabelStats:
     no_vector: int
     anchor_version: int
     anchor_age_ms: int
+    item_ids: tuple[int, ...] = ()  # the labeled items and their labels (the closed loop remembers them)
+    labels: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +65,28 @@ class Labeled:
 
 
 def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnchors, *, consistency: float,
-                     label: LabelMap, cfg: LabelerSettings, rng: np.random.Generator) -> Labeled:
+                     label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator,
+                     centroid: np.ndarray | None = None, priors: dict[str, np.ndarray] | None = None) -> Labeled:
     """Match → sample → label → weight one request's candidates (all with vectors; unit rows).
 
     The labeler's hot path and ``gpl eval`` both call this, so the offline comparison labels exactly as
     the stream does. ``item_ids`` only serve to label a repeated item once; ``consistency`` is the
     anchor set's consistency term (computed by the caller, who knows where history vectors live).
+
+    With a :class:`Calibrator` the label is the calibrated click probability of the candidate's
+    features (:mod:`workers.labeling.features`; ``centroid`` is the unit history centroid, ``priors``
+    the candidates' prior features), and the ``top_n`` part of the sample takes the most *probable*
+    candidates; with a :class:`LabelMap` it is the map of the best similarity, and ``top_n`` the most
+    similar.
     """
     s_all = vectors @ anchors.vectors.T  # (m, K): see _row_max for why this shape
     sim = _row_max(s_all)
-    sel = sample(sim, cfg.top_n, cfg.random_n, cfg.cap, rng)
+    p_all: np.ndarray | None = None
+    if isinstance(label, Calibrator):
+        cos_c = vectors @ centroid if centroid is not None else np.zeros(len(sim))
+        parts = {**similarity_features(s_all, cos_c), **(priors or {})}
+        p_all = label(feature_matrix(label.features, parts))
+    sel = sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng)
     kept = int(sel.shape[0])
     sel_items = item_ids[sel].tolist()
     duplicate = 0
@@ -79,7 +96,7 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnc
         duplicate = kept - int(sel.shape[0])
     matched = s_all[sel].argmax(axis=1)
     s = sim[sel].astype(np.float64)
-    p = label(s)
+    p = label(s) if p_all is None else p_all[sel]
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)
     return Labeled(sel, s, p, w, matched, terms, kept, duplicate)
@@ -93,16 +110,35 @@ class Labeling:
     items: ItemMatrix
     cfg: LabelerSettings
     collection: str = ""
-    label: LabelMap = field(init=False)
+    calibrator: Calibrator | None = None  # label_source = calibrator: None means abstain
+    abstain_reason: str = ""  # why there is no calibrator (named in the labeler's log)
+    stats: InteractionStats = field(default_factory=InteractionStats)
+    label: LabelMap | Calibrator | None = field(init=False)
     map_text: str = field(init=False)
     rng: RequestRng = field(init=False)
 
     def __post_init__(self) -> None:
-        self.label = LabelMap.from_settings(self.cfg)
         self.rng = RequestRng(self.cfg.seed)
-        self.map_text = f"p={self.label.describe()}; w={describe_weight(self.cfg)}"
         if not self.collection:
             self.collection = self.items.collection
+        self.use(self.calibrator)
+
+    def use(self, calibrator: Calibrator | None, reason: str = "") -> None:
+        """Switch to a (new) calibrator, e.g. after an online refit; ``None`` makes the labeler abstain."""
+        self.calibrator = calibrator
+        if reason:
+            self.abstain_reason = reason
+        self.label = LabelMap.from_settings(self.cfg) if self.cfg.label_source == "map" else calibrator
+        what = self.label.describe() if self.label is not None else "abstain"
+        self.map_text = f"p={what}; w={describe_weight(self.cfg)}"
+
+    @property
+    def calibrator_version(self) -> str:
+        return self.calibrator.version if isinstance(self.label, Calibrator) and self.calibrator else ""
+
+
+class Abstained(LookupError):
+    """No usable calibrator: the batch gets no pseudo-labels (counted), never a default map."""
 
 
 def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
@@ -114,6 +150,8 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     entry = ctx.cache.get(b.user_id)
     if entry is None:
         raise NoAnchors(b.user_id)
+    if ctx.label is None:
+        raise Abstained(ctx.abstain_reason or "no calibrator")
     cfg, items, ids = ctx.cfg, ctx.items, b.item_ids
     n = int(ids.shape[0])
     rows, missing = items.lookup(ids)
@@ -131,8 +169,14 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     kept = 0
     if m:
         consistency = ctx.cache.consistency(entry) if cfg.use_consistency else 1.0
+        centroid = priors = None
+        if isinstance(ctx.label, Calibrator):
+            ctx.stats.add_recalled(rows)
+            centroid = ctx.cache.centroid(entry)
+            recalled, exposed = ctx.stats.items(rows)
+            priors = prior_features(recalled, exposed, *ctx.stats.user(b.user_id), ctx.stats.ctr)
         lab = label_candidates(found_ids, items.gather(rows), entry, consistency=consistency, label=ctx.label,
-                               cfg=cfg, rng=ctx.rng(b.request_id))
+                               cfg=cfg, rng=ctx.rng(b.request_id), centroid=centroid, priors=priors)
         kept, duplicate = lab.kept, lab.duplicate
         rid, ver = b.request_id, entry.version
         # one rounding pass for every float column (6 decimals: well below any effect, shorter JSON)
@@ -151,12 +195,14 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
         "samples": samples,
         "lineage": {"anchor_version": entry.version, "anchor_model": entry.model,
                     "prompt_hash": entry.prompt_hash, "encoder": entry.encoder, "collection": ctx.collection,
-                    "anchor_age_ms": age, "label_map": ctx.map_text, "fallback": entry.fallback},
+                    "anchor_age_ms": age, "label_map": ctx.map_text, "fallback": entry.fallback,
+                    **({"calibrator": ctx.calibrator_version} if ctx.calibrator_version else {})},
         "candidates_total": n,
         "sampled_out": m - labeled,
     }
     stats = LabelStats(b.request_id, b.user_id, b.ts, n, labeled, m - kept, duplicate, n - m, entry.version,
-                       age)
+                       age, tuple(int(s["item_id"]) for s in samples),  # type: ignore[call-overload]
+                       tuple(float(s["label"]) for s in samples))  # type: ignore[arg-type]
     return orjson.dumps(out), stats
 
 

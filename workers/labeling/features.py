@@ -1,0 +1,61 @@
+"""What the calibrator reads about a (user, candidate) pair — one definition for the stream and for eval.
+
+Similarity features (from the user's anchors and history, all in the frozen space):
+
+* ``s1``, ``s2`` — best and second-best anchor cosine (``s2 = s1`` with one anchor): is the candidate
+  close to one interest, or between two?
+* ``s_mean`` — mean anchor cosine: close to the user's taste as a whole, or to one corner of it;
+* ``s_cent`` — cosine to the normalised centroid of the history the anchors came from.
+
+Prior features (counts of what has been seen so far; :class:`~workers.labeling.interaction_stats.InteractionStats`
+in the stream, the training period in eval):
+
+* ``log_recall`` — log(1 + times the item was recalled): defined for every candidate, exposed or not;
+* ``log_exposed`` — log(1 + times the item was exposed);
+* ``user_ctr`` — the user's click rate on exposures, smoothed towards the global rate with
+  ``smoothing`` pseudo-exposures, as a logit.
+
+Left out on purpose: an item's own click rate, anchor coherence and history size. For a candidate that
+was never exposed an item click rate is not observed but imputed (the smoothing target is the
+*exposed* click rate, several times the unexposed one), and a calibrator fitted on exposures then
+extrapolates the wrong way — measured on the semi-synthetic benchmark (docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURES: tuple[str, ...] = ("s1", "s2", "s_mean", "s_cent", "log_recall", "log_exposed", "user_ctr")
+SMOOTHING = 10.0  # pseudo-exposures of the user click-rate prior
+
+
+def similarity_features(sims: np.ndarray, centroid_cos: np.ndarray) -> dict[str, np.ndarray]:
+    """From the (m, K) anchor cosines and the (m,) centroid cosines of m candidates."""
+    s = np.asarray(sims, np.float64)
+    if s.shape[1] == 1:
+        s1 = s[:, 0]
+        s2 = s1
+    else:
+        part = np.partition(s, s.shape[1] - 2, axis=1)
+        s1, s2 = part[:, -1], part[:, -2]
+    return {"s1": s1, "s2": s2, "s_mean": s.mean(axis=1), "s_cent": np.asarray(centroid_cos, np.float64)}
+
+
+def prior_features(recalled: np.ndarray, exposed: np.ndarray, user_exposures: float | np.ndarray,
+                   user_clicks: float | np.ndarray, global_ctr: float,
+                   smoothing: float = SMOOTHING) -> dict[str, np.ndarray]:
+    """From per-candidate item counts and the user's exposure and click counts (scalars or per row)."""
+    m = float(np.clip(global_ctr, 1e-4, 1 - 1e-4))
+    rate = (np.asarray(user_clicks, np.float64) + smoothing * m) / (np.asarray(user_exposures, np.float64) + smoothing)
+    rate = np.clip(rate, 1e-6, 1 - 1e-6)
+    n = len(np.asarray(recalled))
+    return {
+        "log_recall": np.log1p(np.maximum(np.asarray(recalled, np.float64), 0)),
+        "log_exposed": np.log1p(np.maximum(np.asarray(exposed, np.float64), 0)),
+        "user_ctr": np.broadcast_to(np.log(rate / (1 - rate)), (n,)).astype(np.float64),
+    }
+
+
+def feature_matrix(names: tuple[str, ...], parts: dict[str, np.ndarray]) -> np.ndarray:
+    """The (m, F) matrix in the calibrator's column order; KeyError names a feature nobody computed."""
+    return np.stack([np.asarray(parts[n], np.float64) for n in names], axis=1)
