@@ -98,8 +98,9 @@ def test_features_definitions() -> None:
     assert np.allclose(f["s_mean"], [0.5, 0.2]) and np.allclose(f["s_cent"], [0.4, 0.0])
     one = similarity_features(sims[:, :1], np.zeros(2))
     assert np.allclose(one["s1"], one["s2"])
-    pr = prior_features(np.array([0, 9]), np.array([0, 3]), 10.0, 5.0, 0.2)
-    assert np.allclose(pr["log_recall"], [0, np.log(10)]) and np.allclose(pr["log_exposed"], [0, np.log(4)])
+    pr = prior_features(np.array([0, 9]), np.array([0, 3]), 19.0, 10.0, 5.0, 0.2)
+    assert np.allclose(pr["log_recall"], [np.log(1 / 20), np.log(10 / 20)])
+    assert np.allclose(pr["log_exposed"], [np.log(1 / 20), np.log(4 / 20)])
     rate = (5 + 10 * 0.2) / (10 + 10)
     assert np.allclose(pr["user_ctr"], np.log(rate / (1 - rate)))
 

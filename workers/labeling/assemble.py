@@ -174,7 +174,8 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
             ctx.stats.add_recalled(rows)
             centroid = ctx.cache.centroid(entry)
             recalled, exposed = ctx.stats.items(rows)
-            priors = prior_features(recalled, exposed, *ctx.stats.user(b.user_id), ctx.stats.ctr)
+            priors = prior_features(recalled, exposed, ctx.stats.requests, *ctx.stats.user(b.user_id),
+                                    ctx.stats.ctr)
         lab = label_candidates(found_ids, items.gather(rows), entry, consistency=consistency, label=ctx.label,
                                cfg=cfg, rng=ctx.rng(b.request_id), centroid=centroid, priors=priors)
         kept, duplicate = lab.kept, lab.duplicate

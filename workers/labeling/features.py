@@ -10,10 +10,15 @@ Similarity features (from the user's anchors and history, all in the frozen spac
 Prior features (counts of what has been seen so far; :class:`~workers.labeling.interaction_stats.InteractionStats`
 in the stream, the training period in eval):
 
-* ``log_recall`` — log(1 + times the item was recalled): defined for every candidate, exposed or not;
-* ``log_exposed`` — log(1 + times the item was exposed);
+* ``log_recall`` — log((1 + times the item was recalled) / (1 + requests counted)): defined for every
+  candidate, exposed or not;
+* ``log_exposed`` — log((1 + times the item was exposed) / (1 + requests counted));
 * ``user_ctr`` — the user's click rate on exposures, smoothed towards the global rate with
   ``smoothing`` pseudo-exposures, as a logit.
+
+Popularity is a *share* of the requests counted, not a raw count, so a calibrator fitted on a training
+period reads a labeler's running counts on the same scale however long that labeler has been counting
+(on one period the two differ by a constant, which the calibrator's standardisation absorbs).
 
 Left out on purpose: an item's own click rate, anchor coherence and history size. For a candidate that
 was never exposed an item click rate is not observed but imputed (the smoothing target is the
@@ -41,17 +46,17 @@ def similarity_features(sims: np.ndarray, centroid_cos: np.ndarray) -> dict[str,
     return {"s1": s1, "s2": s2, "s_mean": s.mean(axis=1), "s_cent": np.asarray(centroid_cos, np.float64)}
 
 
-def prior_features(recalled: np.ndarray, exposed: np.ndarray, user_exposures: float | np.ndarray,
+def prior_features(recalled: np.ndarray, exposed: np.ndarray, requests: float, user_exposures: float | np.ndarray,
                    user_clicks: float | np.ndarray, global_ctr: float,
                    smoothing: float = SMOOTHING) -> dict[str, np.ndarray]:
-    """From per-candidate item counts and the user's exposure and click counts (scalars or per row)."""
+    """From per-candidate item counts over ``requests`` requests and the user's exposure and click counts."""
     m = float(np.clip(global_ctr, 1e-4, 1 - 1e-4))
     rate = (np.asarray(user_clicks, np.float64) + smoothing * m) / (np.asarray(user_exposures, np.float64) + smoothing)
     rate = np.clip(rate, 1e-6, 1 - 1e-6)
     n = len(np.asarray(recalled))
     return {
-        "log_recall": np.log1p(np.maximum(np.asarray(recalled, np.float64), 0)),
-        "log_exposed": np.log1p(np.maximum(np.asarray(exposed, np.float64), 0)),
+        "log_recall": np.log1p(np.maximum(np.asarray(recalled, np.float64), 0)) - np.log1p(max(requests, 0.0)),
+        "log_exposed": np.log1p(np.maximum(np.asarray(exposed, np.float64), 0)) - np.log1p(max(requests, 0.0)),
         "user_ctr": np.broadcast_to(np.log(rate / (1 - rate)), (n,)).astype(np.float64),
     }
 

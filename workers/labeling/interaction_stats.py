@@ -24,6 +24,7 @@ class InteractionStats:
         self.users: dict[str, list[float]] = {}  # user_id -> [exposures, clicks]
         self.exposures = 0.0
         self.clicks = 0.0
+        self.requests = 0.0  # requests whose candidates were counted (the denominator of popularity shares)
 
     def _grow(self, rows: np.ndarray) -> None:
         need = int(rows.max()) + 1 if len(rows) else 0
@@ -37,6 +38,7 @@ class InteractionStats:
         rows = np.asarray(rows, np.int64)
         self._grow(rows)
         np.add.at(self.recalled, rows, 1.0)
+        self.requests += 1.0
 
     def add_exposed(self, user_id: str, rows: np.ndarray, clicks: np.ndarray) -> None:
         """Real labels of one request: the exposed items (recalled too) and the user's clicks."""
