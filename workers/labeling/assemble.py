@@ -17,7 +17,7 @@ from schemas.ids import sample_id
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence, describe_weight
-from workers.labeling.features import feature_matrix, prior_features, similarity_features
+from workers.labeling.features import anchor_weights, feature_matrix, prior_features, similarity_features
 from workers.labeling.interaction_stats import InteractionStats
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
@@ -84,7 +84,7 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnc
     p_all: np.ndarray | None = None
     if isinstance(label, Calibrator):
         cos_c = vectors @ centroid if centroid is not None else np.zeros(len(sim))
-        parts = {**similarity_features(s_all, cos_c), **(priors or {})}
+        parts = {**similarity_features(s_all, cos_c, anchor_weights(anchors.logprobs)), **(priors or {})}
         p_all = label(feature_matrix(label.features, parts))
     sel = sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng)
     kept = int(sel.shape[0])

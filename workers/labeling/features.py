@@ -4,7 +4,9 @@ Similarity features (from the user's anchors and history, all in the frozen spac
 
 * ``s1``, ``s2`` — best and second-best anchor cosine (``s2 = s1`` with one anchor): is the candidate
   close to one interest, or between two?
-* ``s_mean`` — mean anchor cosine: close to the user's taste as a whole, or to one corner of it;
+* ``s_mean`` — anchor cosines averaged with weights ∝ exp(anchor log-prob): for content anchors the
+  share of the history in each cluster, for generated anchors their relative probability — close to the
+  user's taste as a whole, or to one corner of it;
 * ``s_cent`` — cosine to the normalised centroid of the history the anchors came from.
 
 Prior features (counts of what has been seen so far; :class:`~workers.labeling.interaction_stats.InteractionStats`
@@ -34,16 +36,27 @@ FEATURES: tuple[str, ...] = ("s1", "s2", "s_mean", "s_cent", "log_recall", "log_
 SMOOTHING = 10.0  # pseudo-exposures of the user click-rate prior
 
 
-def similarity_features(sims: np.ndarray, centroid_cos: np.ndarray) -> dict[str, np.ndarray]:
-    """From the (m, K) anchor cosines and the (m,) centroid cosines of m candidates."""
+def anchor_weights(logprobs: np.ndarray) -> np.ndarray:
+    """Weights ∝ exp(log-prob), summing to 1 (uniform when all are equal or absent)."""
+    lp = np.asarray(logprobs, np.float64)
+    if not len(lp) or not np.isfinite(lp).all():
+        return np.full(len(lp), 1.0 / max(len(lp), 1))
+    e = np.exp(lp - lp.max())
+    return e / e.sum()
+
+
+def similarity_features(sims: np.ndarray, centroid_cos: np.ndarray,
+                        weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """From the (m, K) anchor cosines, the (m,) centroid cosines and the anchors' (K,) weights."""
     s = np.asarray(sims, np.float64)
+    w = np.full(s.shape[1], 1.0 / s.shape[1]) if weights is None else np.asarray(weights, np.float64)
     if s.shape[1] == 1:
         s1 = s[:, 0]
         s2 = s1
     else:
         part = np.partition(s, s.shape[1] - 2, axis=1)
         s1, s2 = part[:, -1], part[:, -2]
-    return {"s1": s1, "s2": s2, "s_mean": s.mean(axis=1), "s_cent": np.asarray(centroid_cos, np.float64)}
+    return {"s1": s1, "s2": s2, "s_mean": s @ w, "s_cent": np.asarray(centroid_cos, np.float64)}
 
 
 def prior_features(recalled: np.ndarray, exposed: np.ndarray, requests: float, user_exposures: float | np.ndarray,
