@@ -6,9 +6,12 @@ Stages never pick their own backends; the application does it here, once, so tha
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 from workers.generators.base import AnchorGenerator
+from workers.vector_anchors import VectorAnchorSource
 
 
 def open_index(settings: Settings) -> VectorIndex:
@@ -22,16 +25,25 @@ def open_index(settings: Settings) -> VectorIndex:
     return EdgeIndex(settings.data_dir / "qdrant", hnsw=settings.qdrant.hnsw)
 
 
-def make_generator(settings: Settings, *, threads: int | None = None) -> AnchorGenerator:
-    """The generator ``settings.anchors.backend`` names.
+def make_generator(settings: Settings, *, threads: int | None = None, index: VectorIndex | None = None,
+                   encoder_dim: int | None = None) -> AnchorGenerator | VectorAnchorSource:
+    """The anchor backend ``settings.anchors.backend`` names: a text generator or a vector source.
 
     ``transformers`` fetches/converts the local model first; ``vllm`` does too unless
     ``anchors.model_dir`` names the model (a directory or a hub id the GPU host can read); ``openai``
     needs ``anchors.base_url``. ``threads`` (else ``anchors.threads``; 0 = torch's default) applies to
-    the transformers backend.
+    the transformers and sid backends. ``sid`` loads the trained artifacts and refuses, with
+    :class:`~workers.sid.source.SIDArtifactError`, missing or corrupt ones, another encoder's
+    (``encoder_dim`` checks the vector size too) and, given the ``index``, another catalogue's.
     """
     cfg = settings.anchors
     backend = cfg.backend
+    if backend == "content":
+        from workers.vector_anchors import ContentAnchorSource
+
+        return ContentAnchorSource()
+    if backend == "sid":
+        return make_sid_source(settings, threads=threads, index=index, encoder_dim=encoder_dim)
     if backend == "memory":
         from workers.generators.memory import MemoryGenerator
 
@@ -56,3 +68,32 @@ def make_generator(settings: Settings, *, threads: int | None = None) -> AnchorG
 
         return VLLMGenerator(ensure_llm(settings.llm_dir), cfg)
     raise ValueError(f"unknown anchors backend {backend!r}")
+
+
+def sid_dir(settings: Settings) -> Path:
+    """``<data_dir>/sid/<encoder id>`` (the id made safe for a directory name): where ``gpl anchors
+    train-tokenizer|train-generator`` write by default. A new encoder gets new SIDs, never a mix."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in settings.encoder.model)
+    return settings.data_dir / "sid" / safe
+
+
+def sid_artifacts(settings: Settings) -> Path:
+    """Where the sid backend reads its artifacts: ``anchors.sid_dir`` or :func:`sid_dir`."""
+    return Path(settings.anchors.sid_dir) if settings.anchors.sid_dir else sid_dir(settings)
+
+
+def make_sid_source(settings: Settings, *, threads: int | None = None, index: VectorIndex | None = None,
+                    encoder_dim: int | None = None) -> VectorAnchorSource:
+    """The ``sid`` backend: checked artifacts (see :func:`make_generator`), beam search on ``threads``."""
+    from workers.sid.source import SIDAnchorSource, check_catalogue, load_sid_generator
+
+    n = threads if threads is not None else (settings.anchors.threads or None)
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+    where = sid_artifacts(settings)
+    gen = load_sid_generator(where, settings.encoder.model, encoder_dim, beam_width=settings.anchors.beam_width)
+    if index is not None:
+        check_catalogue(gen.tokenizer, index, settings.encoder.collection, str(where))
+    return SIDAnchorSource(gen)

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--candidates", type=int, default=1000)
     be.add_argument("--rate", type=float, default=0.0, help="offered requests/s (0: as fast as possible)")
     be.set_defaults(run=cmd_bench_e2e)
+    ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
+    ba.add_argument("--backends", default="sid,content", help="comma list of sid, content, transformers")
+    ba.add_argument("--users", type=int, default=512)
+    ba.add_argument("--batch", type=int, default=256, help="users per backend call (the worker's micro-batch)")
+    ba.add_argument("--repeats", type=int, default=5)
+    ba.add_argument("--llm-users", type=int, default=8, help="users per repeat for transformers (slow)")
+    ba.set_defaults(run=cmd_bench_anchors)
 
     for mod in PLUGINS:
         try:
@@ -273,6 +280,16 @@ def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.e2e import bench_e2e
 
     res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate)
+    print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.bench.anchors import backends_table, bench_backends
+
+    res = bench_backends(settings, [b.strip() for b in args.backends.split(",") if b.strip()], users=args.users,
+                         batch=args.batch, repeats=args.repeats, llm_users=args.llm_users)
+    print(backends_table(res))
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -85,7 +85,8 @@ class Stack:
             from gpl.backends import make_generator
             from workers.anchors import AnchorWorker
 
-            return AnchorWorker(s, idx, self.encoder, kw.pop("generator", None) or make_generator(s), **kw)
+            gen = kw.pop("generator", None) or make_generator(s, index=idx, encoder_dim=self.encoder.dim)
+            return AnchorWorker(s, idx, self.encoder, gen, **kw)
         if name == "labeler":
             from workers.labeler import Labeler
 

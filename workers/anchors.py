@@ -1,10 +1,17 @@
-"""Anchors: ``anchor-requests`` → LLM interest anchors → frozen encoder → Qdrant ``anchors`` → ``anchors``.
+"""Anchors: ``anchor-requests`` → interest anchors → frozen space → Qdrant ``anchors`` → ``anchors``.
 
 Reads top to bottom: read requests ahead into a bounded pending queue (dead-lettering what does not
 parse), pick the most urgent micro-batch (up to ``anchors.batch_size``), answer what the replay cache
 knows, generate the rest, embed the anchor texts with the same frozen encoder as the items, upsert them
 into Qdrant, publish one ``AnchorSet`` per user, flush, and only then commit the offsets the finished
 work covers.
+
+Two kinds of backend, one output. A text backend (:class:`~workers.generators.base.AnchorGenerator`:
+LLMs, memory) writes phrases from the history *texts*; the worker embeds them. A vector backend
+(:class:`~workers.vector_anchors.VectorAnchorSource`: ``sid``, ``content``) turns the history item
+ids and their frozen vectors (read from the item collection with the texts, in the same call) into
+anchor vectors itself, labelled with a short text for lineage. Both end in the same ``AnchorSet``
+records and the same Qdrant points; vector backends are deterministic and skip the replay cache.
 
 Regeneration policy (why each rule):
 
@@ -40,7 +47,8 @@ including) its oldest request still pending or in flight (the shared ledger of
 Counting (``Accounting("anchors")``): every request is ``in`` and ends as exactly one of ``emitted``,
 ``superseded``, ``debounced``, ``revoked`` (its partition went to another worker before it was served;
 that worker reads it again) or ``dlq:<reason>`` (``dlq:unknown_items`` when none of its history items
-has a text yet, ``dlq:no_anchors`` if even the fallback had nothing to offer). ``fallback`` counts,
+has a text yet, or for a vector backend is in the item collection, or has a semantic ID;
+``dlq:no_anchors`` if even the fallback had nothing to offer). ``fallback`` counts,
 among the emitted, the sets whose anchors came from the generator's fallback instead of the LLM.
 
 Point ids of anchors are derived from (user, slot), so a new generation overwrites the previous one in
@@ -91,6 +99,7 @@ from workers.anchor_policy import (
 from workers.generation_cache import GenerationCache, cache_key
 from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.history import recent_distinct
+from workers.vector_anchors import VectorAnchorSource
 
 log = logging.getLogger(__name__)
 STAGE = "anchors"
@@ -107,6 +116,18 @@ class Origin:
 
 
 @dataclass
+class _Made:
+    """One user's new anchors before storage: texts (labels for a vector backend) and, if known, vectors."""
+
+    req: AnchorRequest
+    history: list[int]
+    texts: list[str]
+    logprobs: list[float]
+    vectors: np.ndarray | None  # None: embed the texts
+    fallback: bool = False
+
+
+@dataclass
 class _LoopState:
     queue: RequestQueue[Origin] = field(default_factory=RequestQueue)
     paused: bool = False
@@ -116,8 +137,9 @@ class _LoopState:
 
 
 class AnchorWorker:
-    def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder, generator: AnchorGenerator,
-                 *, progress: bool = False, cache: GenerationCache | None = None) -> None:
+    def __init__(self, settings: Settings, index: VectorIndex, encoder: Encoder,
+                 generator: AnchorGenerator | VectorAnchorSource, *, progress: bool = False,
+                 cache: GenerationCache | None = None) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
@@ -127,7 +149,8 @@ class AnchorWorker:
         self.accounting = Accounting(STAGE)
         self.progress = progress
         cfg = settings.anchors
-        if cache is None and cfg.cache:
+        self.vector_source = generator if isinstance(generator, VectorAnchorSource) else None
+        if cache is None and cfg.cache and self.vector_source is None:
             cache = GenerationCache(settings.data_dir / "anchor-cache", cfg.cache_max_entries)
         self.cache = cache
         self.debouncer = Debouncer(cfg.debounce_s)
@@ -280,11 +303,23 @@ class AnchorWorker:
     def _generate(self, requests: list[AnchorRequest]) -> tuple[list[AnchorSet], dict[str, tuple[str, str]]]:
         """(anchor sets, {user_id: (reason, detail)} of the requests that got none)."""
         skipped: dict[str, tuple[str, str]] = {}
-        histories = self.history_texts(requests)
+        if self.vector_source is not None:
+            made = self._make_vectors(self.vector_source, requests, skipped)
+        else:
+            made = self._make_texts(requests, skipped)
+        if not made:
+            return [], skipped
+        sets = self._store(made)
+        self.accounting.add("fallback", sum(1 for s in sets if s.fallback))
+        return sets, skipped
+
+    def _make_texts(self, requests: list[AnchorRequest], skipped: dict[str, tuple[str, str]]) -> list[_Made]:
+        """Text backend: prompts of the history texts → generations (cache first); vectors come later."""
+        histories = self.history_items(requests, need_text=True)
         prompts: list[AnchorPrompt] = []
         planned: list[tuple[AnchorRequest, list[int]]] = []
         for req in requests:
-            ids, texts = histories[req.user_id]
+            ids, texts, _ = histories[req.user_id]
             if not texts:
                 why = f"none of {len(req.history)} history items has a text in {self.items}"
                 skipped[req.user_id] = ("unknown_items", why)
@@ -292,20 +327,39 @@ class AnchorWorker:
             prompts.append(AnchorPrompt(req.user_id, texts, self.settings.anchors.k))
             planned.append((req, ids))
         if not prompts:
-            return [], skipped
-        gens = self._generate_cached(prompts)
-        done: list[tuple[AnchorRequest, list[int], Generation]] = []
-        for (req, ids), gen in zip(planned, gens, strict=True):
+            return []
+        made: list[_Made] = []
+        for (req, ids), gen in zip(planned, self._generate_cached(prompts), strict=True):
             if gen.anchors:
-                done.append((req, ids, gen))
+                made.append(_Made(req, ids, list(gen.anchors), [float(x) for x in gen.logprobs], None, gen.fallback))
             else:
-                why = f"generator returned no anchors (raw {gen.raw[:200]!r})"
-                skipped[req.user_id] = ("no_anchors", why)
-        if not done:
-            return [], skipped
-        sets = self._store(done)
-        self.accounting.add("fallback", sum(1 for s in sets if s.fallback))
-        return sets, skipped
+                skipped[req.user_id] = ("no_anchors", f"generator returned no anchors (raw {gen.raw[:200]!r})")
+        return made
+
+    def _make_vectors(self, source: VectorAnchorSource, requests: list[AnchorRequest],
+                      skipped: dict[str, tuple[str, str]]) -> list[_Made]:
+        """Vector backend: history ids and their item vectors → anchor vectors, one call for the batch."""
+        histories = self.history_items(requests, need_text=False)
+        planned = []
+        for req in requests:
+            ids, _, vecs = histories[req.user_id]
+            if not ids:
+                why = f"none of {len(req.history)} history items is in {self.items}"
+                skipped[req.user_id] = ("unknown_items", why)
+            else:
+                planned.append((req, ids, vecs))
+        if not planned:
+            return []
+        got = source.anchor_vectors([ids for _, ids, _ in planned], [v for _, _, v in planned],
+                                    self.settings.anchors.k)
+        made: list[_Made] = []
+        for (req, ids, _), va in zip(planned, got, strict=True):
+            if len(va):
+                made.append(_Made(req, ids, list(va.labels), list(va.logprobs), va.vectors))
+            else:
+                reason = "unknown_items" if va.detail.startswith("none of") else "no_anchors"
+                skipped[req.user_id] = (reason, va.detail or "the vector backend returned no anchors")
+        return made
 
     def _generate_cached(self, prompts: list[AnchorPrompt]) -> list[Generation]:
         """Generations of the prompts, from the replay cache where stored, else from the generator.
@@ -314,10 +368,12 @@ class AnchorWorker:
         Stored under the prompt hash the generator reports *after* generating: an OpenAI-compatible
         server that refused structured output changes it, and the entry must say how it was made.
         """
+        generator = self.generator
+        assert not isinstance(generator, VectorAnchorSource)  # only text backends get here
         if self.cache is None:
-            return self.generator.generate(prompts)
-        model = self.generator.model
-        keys = [cache_key(p.history, p.k, model, self.generator.prompt_hash) for p in prompts]
+            return generator.generate(prompts)
+        model = generator.model
+        keys = [cache_key(p.history, p.k, model, generator.prompt_hash) for p in prompts]
         found = self.cache.get_many(keys)
         todo: dict[str, int] = {}
         for i, key in enumerate(keys):
@@ -325,43 +381,52 @@ class AnchorWorker:
                 todo.setdefault(key, i)
         fresh: dict[str, Generation] = {}
         if todo:
-            gens = self.generator.generate([prompts[i] for i in todo.values()])
+            gens = generator.generate([prompts[i] for i in todo.values()])
             fresh = dict(zip(todo, gens, strict=True))
-            ph = self.generator.prompt_hash
+            ph = generator.prompt_hash
             self.cache.put_many([(cache_key(prompts[i].history, prompts[i].k, model, ph), fresh[key])
                                  for key, i in todo.items()])
         return [found[k] if k in found else fresh[k] for k in keys]
 
-    def history_texts(self, requests: list[AnchorRequest]) -> dict[str, tuple[list[int], list[str]]]:
-        """Per user: the recent history ids that have a text in the item collection, and those texts.
+    def history_items(self, requests: list[AnchorRequest], *, need_text: bool = True
+                      ) -> dict[str, tuple[list[int], list[str], np.ndarray]]:
+        """Per user: the recent history ids found in the item collection, their texts and their vectors.
 
-        Only the last ``anchors.history_items`` distinct items count (most recent last, as the LLM sees
-        them); one retrieve call serves the whole batch.
+        Only the last ``anchors.history_items`` distinct items count (most recent last, as the backend
+        sees them); one retrieve call serves the whole batch. ``need_text``: an item without a text
+        does not count (a text backend cannot use it); a vector backend needs only the vector.
         """
         n = self.settings.anchors.history_items
         recent: dict[str, list[int]] = {}
         for req in requests:
             recent[req.user_id] = recent_distinct(req.history, n)
         wanted = sorted({i for ids in recent.values() for i in ids})
-        texts: dict[int, str] = {}
+        found: dict[int, tuple[str, np.ndarray]] = {}
+        dim = self.encoder.dim
         if wanted:
             pts = self.index.retrieve(self.items, wanted, with_payload=True)
-            for pid, payload in zip(pts.ids.tolist(), pts.payloads, strict=True):
+            for row, (pid, payload) in enumerate(zip(pts.ids.tolist(), pts.payloads, strict=True)):
                 text = str(payload.get("text") or "").strip()
-                if text:
-                    texts[int(pid)] = text
-        out: dict[str, tuple[list[int], list[str]]] = {}
+                if text or not need_text:
+                    found[int(pid)] = (text, pts.vectors[row])
+        out: dict[str, tuple[list[int], list[str], np.ndarray]] = {}
         for user_id, ids in recent.items():
-            known = [i for i in ids if i in texts]
-            out[user_id] = (known, [texts[i] for i in known])
+            known = [i for i in ids if i in found]
+            vecs = np.zeros((0, dim), np.float32)
+            if known:
+                vecs = np.stack([found[i][1] for i in known]).astype(np.float32)
+            out[user_id] = (known, [found[i][0] for i in known], vecs)
         return out
 
-    def _store(self, done: list[tuple[AnchorRequest, list[int], Generation]]) -> list[AnchorSet]:
-        """Embed every anchor text in one call, upsert the points, delete stale slots, build the sets."""
-        all_texts = [t for _, _, g in done for t in g.anchors]
-        vectors = normalize(self.encoder.encode(all_texts))  # make sure of the norm
+    def _store(self, done: list[_Made]) -> list[AnchorSet]:
+        """Embed every anchor text in one call (text backends), upsert the points, delete stale slots,
+        build the sets."""
+        to_embed = [t for m in done if m.vectors is None for t in m.texts]
+        embedded = iter(self.encoder.encode(to_embed) if to_embed else [])
+        parts = [m.vectors if m.vectors is not None else np.stack([next(embedded) for _ in m.texts]) for m in done]
+        vectors = normalize(np.concatenate(parts).astype(np.float32))  # make sure of the norm
         now = int(time.time() * 1000)
-        users = [req.user_id for req, _, _ in done]
+        users = [m.req.user_id for m in done]
         prev = self._previous_versions(users)
         versions = {u: max(now, prev.get(u, 0) + 1) for u in users}
         for u in users:
@@ -372,23 +437,24 @@ class AnchorWorker:
         stale: list[int] = []
         sets: list[AnchorSet] = []
         row = 0
-        for req, hist, gen in done:
+        for m in done:
+            req, hist = m.req, m.history
             version = versions[req.user_id]
             anchors = []
-            for slot, (text, lp) in enumerate(zip(gen.anchors, gen.logprobs, strict=True)):
+            for slot, (text, lp) in enumerate(zip(m.texts, m.logprobs, strict=True)):
                 ids.append(anchor_point_id(req.user_id, slot))
                 payloads.append({
                     "user_id": req.user_id, "version": version, "slot": slot, "text": text,
                     "logprob": float(lp), "model": self.generator.model, "encoder": self.encoder.id,
-                    "prompt_hash": self.generator.prompt_hash, "fallback": gen.fallback, "generated_at": now,
+                    "prompt_hash": self.generator.prompt_hash, "fallback": m.fallback, "generated_at": now,
                 })
                 anchors.append(Anchor(text=text, vector=vectors[row].tolist(), logprob=float(lp)))
                 row += 1
-            stale.extend(anchor_point_id(req.user_id, s) for s in range(len(gen.anchors), MAX_SLOTS))
+            stale.extend(anchor_point_id(req.user_id, s) for s in range(len(m.texts), MAX_SLOTS))
             sets.append(AnchorSet(
                 user_id=req.user_id, version=version, anchors=anchors, model=self.generator.model,
                 prompt_hash=self.generator.prompt_hash, encoder=self.encoder.id, generated_at=now,
-                history=hist, fallback=gen.fallback,
+                history=hist, fallback=m.fallback,
             ))
         self.index.upsert(self.collection, Points(np.asarray(ids, np.int64), vectors, payloads))
         self.index.delete(self.collection, stale)

@@ -1,4 +1,15 @@
-"""Anchor-generation throughput and first-try parse rate: ``python -m gpl.bench.anchors``.
+"""Anchor backends' throughput (``gpl bench anchors``) and the LLM's parse rate (``python -m gpl.bench.anchors``).
+
+``bench_backends`` (the CLI's ``gpl bench anchors``): users/s of the vector backends ``sid`` and
+``content`` — and of ``transformers`` when asked (slow) — side by side in one run, on one core, medians
+over repeats interleaved backend by backend (every backend sees the same machine state). Users are
+MovieLens users with their last ``anchors.history_items`` distinct positives (rating >= 4), the
+worker's history rule, served in micro-batches of ``batch`` users as the worker serves them. Each
+repeat reports wall time and process CPU time; on a shared machine the CPU-time rate is the one-core
+figure (wall time also counts what other processes took). Item vectors come from the item collection
+or, without one, the embedded MovieLens catalogue (``gpl.commands.sid.item_vectors``, cached).
+
+The rest of this module is the older LLM measurement:
 
 A measurement, not a test. ``bench_anchors`` runs :class:`~workers.generators.TransformersGenerator`
 (CPU) over the *same* prompts at several batch sizes and reports users/s, generated tokens/s and the
@@ -24,15 +35,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt, Generation
+from gpl.runtime.settings import AnchorSettings, Settings
+from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.generators.retrying import RetryingGenerator
+from workers.vector_anchors import VectorAnchorSource
 
 DEFAULT_MODEL_DIR = Path(".gpl") / "models" / "smollm2-135m-instruct"
 
@@ -200,6 +212,116 @@ class TransformersServe:
                 self.proc.wait(5)
         if not self.log.closed:
             self.log.close()
+
+
+# --------------------------------------------------------------------- backends side by side
+
+
+def _movielens_histories(n_users: int, history_items: int) -> tuple[list[str], list[list[int]]]:
+    """(user ids, last ``history_items`` distinct positive item ids, most recent last) of the first users."""
+    from gpl.simulate import load_movielens
+    from gpl.simulate.movielens import positive_sequences
+    from workers.history import recent_distinct
+
+    seqs = positive_sequences(load_movielens())
+    users = [u for u in sorted(seqs) if seqs[u]][:n_users]
+    return [str(u) for u in users], [recent_distinct(seqs[u], history_items) for u in users]
+
+
+def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    n = fn()
+    return n, time.perf_counter() - w0, time.process_time() - c0
+
+
+def bench_backends(settings: Settings, backends: Sequence[str] = ("sid", "content"), *, users: int = 512,
+                   batch: int = 256, repeats: int = 5, llm_users: int = 8, progress: bool = True
+                   ) -> dict[str, Any]:
+    """users/s per backend on one core (torch and BLAS pinned to one thread): medians over ``repeats``.
+
+    A backend that cannot be built (e.g. ``sid`` without trained artifacts) is reported with its error
+    instead of stopping the others. ``transformers`` serves only ``llm_users`` users per repeat.
+    """
+    import numpy as np
+    import torch
+
+    from gpl.backends import make_generator
+    from gpl.bench.labeler import single_thread
+    from gpl.commands.sid import item_vectors
+
+    torch.set_num_threads(1)
+    cfg = settings.anchors
+    ids, vecs, source = item_vectors(settings, progress=progress)
+    row = {int(i): r for r, i in enumerate(ids.tolist())}
+    names, hists = _movielens_histories(users, cfg.history_items)
+    hist_vecs = [vecs[[row[i] for i in h if i in row]] for h in hists]
+    hists = [[i for i in h if i in row] for h in hists]
+    out: dict[str, Any] = {"users": len(hists), "batch": batch, "k": cfg.k, "history_items": cfg.history_items,
+                           "repeats": repeats, "item_vectors": source, "load_before": os.getloadavg(),
+                           "backends": {}}
+    runs: dict[str, Callable[[], int]] = {}
+    for name in backends:
+        try:
+            if name == "transformers":
+                gen = make_generator(settings.with_overrides(anchors={"backend": "transformers"}), threads=1)
+                if isinstance(gen, VectorAnchorSource):
+                    raise TypeError("transformers built a vector source")
+                prompts = movielens_prompts(llm_users, cfg.k, cfg.history_items)
+                gen.generate(prompts[:1])  # warm-up
+
+
+                def llm(g: AnchorGenerator = gen, p: list[AnchorPrompt] = prompts) -> int:
+                    return len(g.generate(p))
+
+                runs[name] = llm
+                continue
+            src = make_generator(settings.with_overrides(anchors={"backend": name}), threads=1,
+                                 encoder_dim=int(vecs.shape[1]))
+
+            def run(src: Any = src) -> int:
+                done = 0
+                for s in range(0, len(hists), batch):
+                    got = src.anchor_vectors(hists[s : s + batch], hist_vecs[s : s + batch], cfg.k)
+                    done += sum(1 for a in got if len(a))
+                return done
+
+            run()  # warm-up (first-call allocations, lazy caches) is not throughput
+            runs[name] = run
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other backends still run
+            out["backends"][name] = {"error": f"{type(e).__name__}: {e}"}
+    samples: dict[str, list[tuple[int, float, float]]] = {n: [] for n in runs}
+    with single_thread() as blas:
+        out["blas_threads"] = blas
+        for _ in tqdm(range(repeats), desc="bench anchors", unit="repeat", disable=not progress):
+            for name, fn in runs.items():
+                samples[name].append(_timed(fn))
+    for name, rs in samples.items():
+        served = len(hists) if name != "transformers" else llm_users
+        out["backends"][name] = {
+            "users_per_s_cpu": round(float(np.median([served / max(c, 1e-9) for _, _, c in rs])), 1),
+            "users_per_s_wall": round(float(np.median([served / max(w, 1e-9) for _, w, _ in rs])), 1),
+            "users": served, "users_with_anchors": rs[0][0],
+            "repeats_cpu_s": [round(c, 3) for _, _, c in rs],
+        }
+    out["backends"] = {n: out["backends"][n] for n in backends if n in out["backends"]}  # as asked
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def backends_table(res: dict[str, Any]) -> str:
+    """The result as a small text table (one row per backend)."""
+    lines = [f"{'backend':<14}{'users/s (cpu)':>15}{'users/s (wall)':>16}{'anchored':>10}",
+             "-" * 55]
+    for name, r in res["backends"].items():
+        if "error" in r:
+            lines.append(f"{name:<14}  {r['error'][:200]}")
+        else:
+            lines.append(f"{name:<14}{r['users_per_s_cpu']:>15.1f}{r['users_per_s_wall']:>16.1f}"
+                         f"{r['users_with_anchors']:>6}/{r['users']}")
+    lines.append(f"{res['users']} MovieLens users, batch {res['batch']}, K={res['k']}, history "
+                 f"{res['history_items']}, median of {res['repeats']}, one core; load "
+                 f"{res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,21 +24,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gpl.backends import open_index, sid_artifacts, sid_dir
 from gpl.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def sid_dir(settings: Settings) -> Path:
-    """``<data_dir>/sid/<encoder id>`` (the id made safe for a directory name)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in settings.encoder.model)
-    return settings.data_dir / "sid" / safe
+__all__ = ["sid_dir", "item_vectors", "train_tokenizer", "train_generator", "evaluate_dir", "register"]
 
 
 def _from_index(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
     """All (ids, vectors) of the encoder's item collection, or None when it is missing or empty."""
-    from gpl.backends import open_index
-
     name = settings.encoder.collection
     try:
         with open_index(settings) as index:
@@ -91,7 +85,7 @@ def item_vectors(settings: Settings, cache_dir: Path | None = None, *, progress:
     got = _from_index(settings)
     if got is not None:
         return got[0], got[1], "index"
-    ids, vecs = movielens_item_vectors(settings, cache_dir or sid_dir(settings), progress=progress)
+    ids, vecs = movielens_item_vectors(settings, cache_dir or sid_artifacts(settings), progress=progress)
     return ids, vecs, "movielens-embedded"
 
 
@@ -122,7 +116,7 @@ def train_tokenizer(settings: Settings, out_dir: Path | None = None, epochs: int
     from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
 
     _threads(threads)
-    out = out_dir or sid_dir(settings)
+    out = out_dir or sid_artifacts(settings)
     ids, vecs, source = item_vectors(settings, out, progress=progress)
     cfg = RQVAEConfig(in_dim=vecs.shape[1], latent_dim=latent_dim, hidden=(512, 256), seed=seed)
     t0 = time.perf_counter()
@@ -155,7 +149,7 @@ def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int
     from workers.sid.split import leave_last_out
 
     _threads(threads)
-    out = out_dir or sid_dir(settings)
+    out = out_dir or sid_artifacts(settings)
     tok = SIDTokenizer.load(out, settings.encoder.model)
     seqs = positive_sequences(load_movielens())
     if users is not None:
@@ -185,7 +179,7 @@ def evaluate_dir(settings: Settings, out_dir: Path | None = None, *, ks: tuple[i
     from workers.sid.generator import SIDAnchorGenerator
     from workers.sid.split import leave_last_out
 
-    out = out_dir or sid_dir(settings)
+    out = out_dir or sid_artifacts(settings)
     gen = SIDAnchorGenerator.load(out, settings.encoder.model, beam_width=max(beam_width, *ks))
     ids, vecs, _ = item_vectors(settings, out, progress=progress)
     seqs = positive_sequences(load_movielens())

@@ -41,9 +41,9 @@ from gpl.eval.anchors import (
     SourceAnchors,
     centroid_anchors,
     pick_users,
-    sid_anchors,
     text_anchors,
     training_histories,
+    vector_books,
 )
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.embed import CachedEncoder
@@ -70,7 +70,7 @@ from workers.generators.memory import MemoryGenerator
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exposed", "negatives", "kd", "ukd", "gpl", "gpl-sid", "gpl-noconf", "gpl-centroid")
+METHODS = ("exposed", "negatives", "kd", "ukd", "gpl", "gpl-sid", "gpl-content", "gpl-noconf", "gpl-centroid")
 TEACHER = "teacher"
 LABELS = {
     "exposed": "Exposed only",
@@ -79,6 +79,7 @@ LABELS = {
     "ukd": "UKD (uncertainty-weighted KD)",
     "gpl": "GPL text anchors",
     "gpl-sid": "GPL SID anchors",
+    "gpl-content": "GPL content anchors (history clusters, no LLM)",
     "gpl-noconf": "GPL w/o confidence (w=1)",
     "gpl-centroid": "GPL history centroid (no LLM)",
     TEACHER: "(ref) KD teacher: ranker + history",
@@ -317,21 +318,10 @@ def _run(
                 progress=cfg.progress,
             )
         books["centroid"] = centroid_anchors(histories, list(books["text"].users), item_vectors)
-    if "gpl-sid" in cfg.methods:
-        sid = sid_anchors(
-            settings,
-            ds,
-            histories,
-            anchor_users or pick_users(ds, histories, None),
-            k=settings.anchors.k,
-            cache_dir=cache_dir,
-            epochs=cfg.sid_epochs,
-            progress=cfg.progress,
-        )
-        if isinstance(sid, str):
-            unavailable["gpl-sid"] = sid
-        else:
-            books["sid"] = sid
+    vbooks, vmissing = vector_books(settings, ds, histories, anchor_users or pick_users(ds, histories, None),
+                                    item_vectors, cfg.methods, cache_dir=cache_dir, sid_epochs=cfg.sid_epochs,
+                                    progress=cfg.progress)  # gpl-sid, gpl-content (gpl/eval/anchors.py)
+    books, unavailable = books | vbooks, unavailable | vmissing
     timing["anchors"] = time.perf_counter() - t
     anchored = set(books["text"].users) if "text" in books else set()
     ev = Evaluator(ds, ctx, item_vectors, anchored)
@@ -349,7 +339,8 @@ def _run(
             "use_margin": False,
         }
     )
-    method_book = {"gpl": "text", "gpl-noconf": "text", "gpl-centroid": "centroid", "gpl-sid": "sid"}
+    method_book = {"gpl": "text", "gpl-noconf": "text", "gpl-centroid": "centroid", "gpl-sid": "sid",
+                   "gpl-content": "content"}
 
     runs: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     pl: dict[str, dict[str, Any]] = {}

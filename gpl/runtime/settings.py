@@ -77,7 +77,12 @@ class EncoderSettings(Section):
 
 
 class AnchorSettings(Section):
-    backend: Literal["transformers", "memory", "openai", "vllm"] = "transformers"
+    backend: Literal["transformers", "memory", "openai", "vllm", "sid", "content"] = Field(
+        default="transformers",
+        description="text: transformers, openai, vllm, memory; vectors: sid (trained SID artifacts), "
+                    "content (k-means of the user's positives, no model)")
+    sid_dir: str = Field(default="", description="backend sid: artifacts; empty: <data_dir>/sid/<encoder>")
+    beam_width: int = Field(default=16, ge=1, description="backend sid: beams per user (>= k is used)")
     model_dir: str = Field(default="", description="HF model dir; empty: <data_dir>/models/smollm2-135m-instruct")
     model_name: str = "SmolLM2-135M-Instruct"
     k: int = Field(default=4, ge=1, le=32, description="anchors per user")
