@@ -262,8 +262,11 @@ class Labeler:
             return
         s = self.settings
         try:
-            cal = load_calibrator(s.calibrator_file, encoder=s.encoder.model, catalogue=self.cfg.catalogue,
-                                  features=FEATURES)
+            cal = load_calibrator(s.calibrator_file, encoder=s.encoder.model, catalogue=self.cfg.catalogue)
+            unknown = set(cal.features) - set(FEATURES)
+            if unknown:
+                raise CalibratorError(f"calibrator {s.calibrator_file} uses features this labeler does not "
+                                      f"compute: {sorted(unknown)}")
         except CalibratorError as e:
             if self.ctx.abstain_reason != str(e):
                 log.error("labeler abstains (no pseudo-labels until this is fixed): %s", e)
