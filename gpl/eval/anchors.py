@@ -63,9 +63,14 @@ class SourceAnchors:
         return len(self.users)
 
 
-def training_histories(ds: EvalDataset, n: int) -> dict[int, np.ndarray]:
-    """Per user: the last ``n`` distinct items clicked in training requests (dense ids, most recent last)."""
-    rows = np.flatnonzero(ds.exposed & (ds.label == 1) & ~ds.row_test)
+def training_histories(ds: EvalDataset, n: int, requests: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Per user: the last ``n`` distinct items clicked in training requests (dense ids, most recent last).
+
+    ``requests`` (bool per request) restricts the history to those requests instead (cross-fitting builds
+    anchors from some folds of the training period only).
+    """
+    mask = ~ds.is_test if requests is None else np.asarray(requests, bool)
+    rows = np.flatnonzero(ds.exposed & (ds.label == 1) & mask[ds.row_request])
     req = ds.row_request[rows]
     order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
     rows, req = rows[order], req[order]

@@ -103,16 +103,23 @@ class EvalDataset:
         return out
 
 
-def load_dataset(path: Path | str) -> EvalDataset:
-    """Read a dataset directory (see the module docstring) into an :class:`EvalDataset`."""
+def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDataset:
+    """Read a dataset directory (see the module docstring) into an :class:`EvalDataset`.
+
+    ``training_only``: a directory that may lack split.json (e.g. a training event set for the
+    calibrator); every request is then a training request.
+    """
     root = Path(path)
     events = root / "events.jsonl"
     if not events.is_file():
         raise FileNotFoundError(f"{root}: no events.jsonl (see docs/eval.md for the dataset format)")
     split_file = root / "split.json"
-    if not split_file.is_file():
+    if training_only:
+        split = {"test_start_ms": 2**62, "rule": "training only"}
+    elif not split_file.is_file():
         raise FileNotFoundError(f'{root}: no split.json (a temporal split {{"test_start_ms": T}} is required)')
-    split = orjson.loads(split_file.read_bytes())
+    else:
+        split = orjson.loads(split_file.read_bytes())
     if not isinstance(split, dict) or not isinstance(split.get("test_start_ms"), int):
         raise ValueError(f"{split_file}: needs an integer 'test_start_ms'")
     per_user = split.get("user_test_start_ms") or {}
@@ -170,7 +177,7 @@ def load_dataset(path: Path | str) -> EvalDataset:
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{truth_file}:{n}: bad truth line ({e})") from None
         h.update(truth_file.read_bytes())
-    h.update(split_file.read_bytes())
+    h.update(orjson.dumps(split) if training_only else split_file.read_bytes())
 
     # requests in (time, id) order
     rids = sorted(set(recalls) | set(exposures), key=lambda r: (recalls[r][1] if r in recalls else exposures[r][1], r))

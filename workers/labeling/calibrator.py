@@ -79,7 +79,7 @@ def calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
 
 @dataclass(frozen=True)
 class Calibrator:
-    """``p = sigmoid(intercept + Σ coef · (x − mean) / scale)``, non-decreasing in ``monotone``."""
+    """``p = sigmoid(intercept + Σ coef · (x − mean) / scale)``, non-decreasing in ``monotone`` ("" = none)."""
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
@@ -178,13 +178,13 @@ def _newton(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 50) -> np.ndar
     return w
 
 
-def _fit(x: np.ndarray, y: np.ndarray, l2: float, mono: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit(x: np.ndarray, y: np.ndarray, l2: float, mono: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
     scale = np.where(scale < 1e-12, 1.0, scale)
     z = (x - mean) / scale
     w = _newton(np.c_[np.ones(len(z)), z], y, l2)
-    if w[1 + mono] < 0:  # pin the monotone coefficient at 0 and refit the others
+    if mono is not None and w[1 + mono] < 0:  # pin the monotone coefficient at 0 and refit the others
         keep = np.flatnonzero(np.arange(x.shape[1]) != mono)
         w2 = _newton(np.c_[np.ones(len(z)), z[:, keep]], y, l2)
         w = np.zeros(x.shape[1] + 1)
@@ -194,10 +194,12 @@ def _fit(x: np.ndarray, y: np.ndarray, l2: float, mono: int) -> tuple[np.ndarray
 
 
 def fit_calibrator(x: np.ndarray, y: np.ndarray, groups: np.ndarray, features: tuple[str, ...], *,
-                   encoder: str, catalogue: str, monotone: str = "s1", l2: float = 1e-4, folds: int = 5,
+                   encoder: str, catalogue: str, monotone: str | None = "s1", l2: float = 1e-4, folds: int = 5,
                    min_gain: float = 0.01, min_auc: float = 0.55) -> CalibrationFit:
     """Fit on cross-fitted rows ``(x, y)``; ``folds``-fold CV over ``groups`` (users) decides abstention.
 
+    ``monotone``: the feature whose coefficient is constrained ≥ 0; None for a feature set without one
+    (e.g. priors only, where no similarity exists to be monotone in).
     Abstains when the held-out log-loss is not at least ``min_gain`` (relative) below the log-loss of the
     training folds' base rate, or the held-out AUC is below ``min_auc``, or there is too little data.
     """
@@ -207,7 +209,7 @@ def fit_calibrator(x: np.ndarray, y: np.ndarray, groups: np.ndarray, features: t
     if len(y) < 50 or y.min() == y.max():
         return CalibrationFit(None, True, f"too little data to fit ({len(y)} rows, {int(y.sum())} positives)",
                               {"rows": float(len(y)), "positives": float(y.sum())})
-    mono = features.index(monotone)
+    mono = features.index(monotone) if monotone else None
     uniq, inv = np.unique(g.astype(str), return_inverse=True)
     fold_of = np.array([int.from_bytes(hashlib.blake2b(u.encode(), digest_size=4).digest(), "big") % folds
                         for u in uniq.tolist()])[inv]
@@ -229,6 +231,6 @@ def fit_calibrator(x: np.ndarray, y: np.ndarray, groups: np.ndarray, features: t
                               f"{cv['gain']:.3f} < {min_gain} or AUC {cv['cv_auc']:.3f} < {min_auc})", cv)
     w, mean, scale = _fit(x, y, l2, mono)
     cal = Calibrator(features=tuple(features), mean=tuple(mean.tolist()), scale=tuple(scale.tolist()),
-                     coef=tuple(w[1:].tolist()), intercept=float(w[0]), monotone=monotone, encoder=encoder,
+                     coef=tuple(w[1:].tolist()), intercept=float(w[0]), monotone=monotone or "", encoder=encoder,
                      catalogue=catalogue, fitted_at=time.time(), info={"l2": l2, "folds": folds, **cv})
     return CalibrationFit(cal, False, "fitted", cv)

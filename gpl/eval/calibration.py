@@ -1,0 +1,211 @@
+"""Fitting the pseudo-label calibrator on a training period, without leakage (cross-fitting).
+
+The calibrator (:mod:`workers.labeling.calibrator`) maps the features of a (user, candidate) pair
+(:mod:`workers.labeling.features`) to a click probability. It can only be fitted on rows with a real
+label, i.e. exposures, and those rows must be scored against anchors that did *not* see them: anchors
+built from a user's clicks sit on those very clicks (s1 = 1), and a calibrator fitted on them learns a
+slope that fresh candidates do not have. So:
+
+1. each user's training requests are dealt into ``folds`` (3) interleaved folds, by time
+   (request j of the user → fold j mod 3);
+2. for fold f, the user's anchors are built from the clicks of the OTHER folds only (the anchor
+   source's own rule: for content anchors the stream's k-means over the last ``anchors.history_items``
+   distinct clicks, :class:`~workers.vector_anchors.ContentAnchorSource`), and the history centroid
+   from the same clicks;
+3. the calibration rows are fold f's exposures, with their similarity features against those anchors
+   and their prior features computed leave-one-out (the row's own exposure and click are taken out
+   of the item and user counts);
+4. :func:`workers.labeling.calibrator.fit_calibrator` fits on all rows; its 5-fold CV over *users*
+   decides abstention.
+
+Prior features come from :class:`TrainingPriors`: the same counts the streaming labeler keeps
+(:class:`~workers.labeling.interaction_stats.InteractionStats`: recalls and exposures per item, over
+the requests counted; exposures and clicks per user), here over the training period.
+
+Used by ``gpl eval`` (the GPL rows), ``gpl calibrate`` (writes the artifact the labeler loads) and
+``gpl demo`` (:func:`fit_dataset_calibrator` on a training event set loaded with
+``load_dataset(dir, training_only=True)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpl.eval.anchors import training_histories
+from gpl.eval.dataset import EvalDataset
+from gpl.runtime.settings import Settings
+from gpl.runtime.vectors.normalize import normalize
+from workers.labeling.anchor_book import UserAnchors
+from workers.labeling.calibrator import CalibrationFit, fit_calibrator
+from workers.labeling.features import FEATURES, anchor_weights, feature_matrix, prior_features, similarity_features
+from workers.vector_anchors import ContentAnchorSource
+
+PRIOR_FEATURES: tuple[str, ...] = ("log_recall", "log_exposed", "user_ctr")
+FEATURE_SETS: dict[str, tuple[str, ...]] = {"content": FEATURES, "priors": PRIOR_FEATURES}
+SIMILARITY = frozenset({"s1", "s2", "s_mean", "s_cent"})
+FOLDS = 3
+L2 = 1e-4
+
+AnchorFn = Callable[[dict[int, np.ndarray]], dict[int, UserAnchors]]
+"""Histories (dense user → dense item ids, most recent last) → that source's anchors per user."""
+
+
+def content_anchor_fn(ds: EvalDataset, item_vectors: np.ndarray, k: int) -> AnchorFn:
+    """The streaming ``content`` backend as an :data:`AnchorFn` (deterministic k-means, no model)."""
+    src = ContentAnchorSource()
+
+    def make(histories: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
+        out: dict[int, UserAnchors] = {}
+        for u, h in histories.items():
+            a = src.one(item_vectors[h], k)
+            if len(a):
+                out[u] = UserAnchors.of(a.vectors, np.asarray(a.logprobs, np.float32), history=h,
+                                        user_id=ds.users[u], model=src.model, prompt_hash=src.prompt_hash,
+                                        texts=tuple(a.labels))
+        return out
+
+    return make
+
+
+def unit_centroid(anchors: UserAnchors, item_vectors: np.ndarray) -> np.ndarray:
+    """The unit mean of the anchors' history vectors (what ``AnchorBook.centroid`` gives the labeler)."""
+    h = anchors.history
+    if not len(h):
+        return np.zeros(item_vectors.shape[1], np.float32)
+    return normalize(item_vectors[h].mean(axis=0)).astype(np.float32)
+
+
+@dataclass
+class TrainingPriors:
+    """The labeler's interaction counts over the requests in ``requests`` (bool per request)."""
+
+    recalled: np.ndarray  # per item: candidate rows (exposed or not)
+    exposed: np.ndarray  # per item: exposures
+    requests: float
+    user_exposures: np.ndarray  # per user
+    user_clicks: np.ndarray
+    ctr: float
+
+    @classmethod
+    def of(cls, ds: EvalDataset, requests: np.ndarray) -> TrainingPriors:
+        rows = np.asarray(requests, bool)[ds.row_request]
+        ex = ds.exposed & rows
+        click = (ds.label == 1) & ex
+        users = ds.row_user
+        n_u = len(ds.users)
+        return cls(recalled=np.bincount(ds.item[rows], minlength=ds.n_items).astype(np.float64),
+                   exposed=np.bincount(ds.item[ex], minlength=ds.n_items).astype(np.float64),
+                   requests=float(np.asarray(requests, bool).sum()),
+                   user_exposures=np.bincount(users[ex], minlength=n_u).astype(np.float64),
+                   user_clicks=np.bincount(users[click], minlength=n_u).astype(np.float64),
+                   ctr=float(click.sum() / max(ex.sum(), 1)))
+
+    def features(self, items: np.ndarray, user: int | np.ndarray,
+                 own_click: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Prior features of ``items`` for ``user``; ``own_click`` given: the rows are counted exposures,
+        and each row's own exposure and click are left out (leave-one-out)."""
+        exp = self.exposed[items]
+        ue, uc = self.user_exposures[user], self.user_clicks[user]
+        if own_click is not None:
+            exp, ue, uc = exp - 1.0, ue - 1.0, uc - np.asarray(own_click, np.float64)
+        return prior_features(self.recalled[items], exp, self.requests, np.maximum(ue, 0.0), np.maximum(uc, 0.0),
+                              self.ctr)
+
+
+def request_folds(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
+    """Fold of each request in ``requests`` (-1 elsewhere): its rank in time among the user's, mod ``folds``."""
+    req = np.flatnonzero(requests)
+    req = req[np.lexsort((req, ds.req_ts[req], ds.req_user[req]))]
+    u = ds.req_user[req]
+    start = np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(start, np.arange(len(req)), 0)) if len(req) else req
+    fold = np.full(ds.n_requests, -1, np.int64)
+    fold[req] = (np.arange(len(req)) - first) % folds
+    return fold
+
+
+def similarity_parts(items: np.ndarray, anchors: UserAnchors, item_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """The similarity features of ``items`` against one user's anchors, as ``label_candidates`` computes them."""
+    v = item_vectors[items]
+    return similarity_features(v @ anchors.vectors.T, v @ unit_centroid(anchors, item_vectors),
+                               anchor_weights(anchors.logprobs))
+
+
+@dataclass
+class CrossFitRows:
+    x: np.ndarray  # (n, F) features in the calibrator's column order
+    y: np.ndarray  # clicks
+    users: np.ndarray  # dense user of each row (CV groups)
+    rows: np.ndarray  # flat dataset rows
+    fold: np.ndarray  # fold of each row's request
+    anchor_history: list[dict[int, np.ndarray]]  # per fold: the histories its anchors were built from
+
+
+def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *, features: tuple[str, ...],
+                   anchor_fn: AnchorFn | None, requests: np.ndarray | None = None, folds: int = FOLDS
+                   ) -> CrossFitRows:
+    """Calibration rows: each fold's exposures against anchors built from the other folds (module docstring)."""
+    train = ~ds.is_test if requests is None else np.asarray(requests, bool)
+    fold = request_folds(ds, train, folds)
+    priors = TrainingPriors.of(ds, train)
+    needs_anchors = bool(SIMILARITY & set(features))
+    if needs_anchors and anchor_fn is None:
+        raise ValueError(f"features {features} need anchors: pass an anchor source")
+    ex_rows = np.flatnonzero(ds.exposed & train[ds.row_request])
+    xs, ys, us, rs, fs, hists = [], [], [], [], [], []
+    for f in range(folds):
+        hist = training_histories(ds, settings.anchors.history_items, train & (fold != f))
+        hists.append(hist)
+        book = anchor_fn(hist) if needs_anchors and anchor_fn is not None else {}
+        rows = ex_rows[fold[ds.row_request[ex_rows]] == f]
+        users = ds.row_user[rows]
+        rows, users = rows[np.argsort(users, kind="stable")], np.sort(users, kind="stable")
+        bounds = np.flatnonzero(np.diff(users)) + 1
+        for part in np.split(np.arange(len(rows)), bounds):
+            if not len(part):
+                continue
+            u = int(users[part[0]])
+            r = rows[part]
+            items = ds.item[r]
+            y = (ds.label[r] == 1).astype(np.float64)
+            parts = priors.features(items, u, y)
+            if needs_anchors:
+                a = book.get(u)
+                if a is None:  # no anchors for this user from the other folds: the stream would not label
+                    continue
+                parts |= similarity_parts(items, a, item_vectors)
+            xs.append(feature_matrix(features, parts))
+            ys.append(y)
+            us.append(np.full(len(r), u))
+            rs.append(r)
+            fs.append(np.full(len(r), f))
+    cat = (lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt))  # noqa: E731
+    x = np.concatenate(xs) if xs else np.zeros((0, len(features)))
+    return CrossFitRows(x, cat(ys, np.float64), cat(us, np.int64), cat(rs, np.int64), cat(fs, np.int64), hists)
+
+
+def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *,
+                           features: tuple[str, ...] = FEATURES, anchor_fn: AnchorFn | None = None,
+                           requests: np.ndarray | None = None, folds: int = FOLDS, l2: float = L2) -> CalibrationFit:
+    """Cross-fit and fit the calibrator on the training period of ``ds`` (or the ``requests`` given).
+
+    ``anchor_fn`` defaults to the content anchors (``anchors.k`` clusters). The artifact is made for
+    ``encoder.model`` and ``labeler.catalogue``, so the streaming labeler accepts it. Returns the
+    :class:`~workers.labeling.calibrator.CalibrationFit` (``abstain`` with the reason when it does not
+    beat the base rate on held-out users: the caller then makes no pseudo-labels).
+    """
+    if anchor_fn is None and SIMILARITY & set(features):
+        anchor_fn = content_anchor_fn(ds, item_vectors, settings.anchors.k)
+    cf = cross_fit_rows(ds, item_vectors, settings, features=features, anchor_fn=anchor_fn, requests=requests,
+                        folds=folds)
+    fit = fit_calibrator(cf.x, cf.y, cf.users, features, encoder=settings.encoder.model,
+                         catalogue=settings.labeler.catalogue, monotone="s1" if "s1" in features else None, l2=l2)
+    fit.cv.update({"cross_fit_folds": float(folds), "cross_fit_users": float(len(np.unique(cf.users)))})
+    return fit
+
+
+__all__ = ["AnchorFn", "CrossFitRows", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors", "content_anchor_fn",
+           "cross_fit_rows", "fit_dataset_calibrator", "request_folds", "similarity_parts", "unit_centroid"]
