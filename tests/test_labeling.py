@@ -29,6 +29,9 @@ from workers.labeling.matching import score
 from workers.labeling.sampling import RequestRng, sample
 from workers.labeling.unexposed_codec import decode_unexposed
 
+# the fixed map with every confidence term on: what these tests pin down (the shipped defaults differ)
+MAP: dict[str, object] = {"label_source": "map", "use_coherence": True, "use_consistency": True,
+                          "use_generation": True, "use_margin": True}
 ENC = "hash-bow-64"
 DIM = 16
 
@@ -126,7 +129,7 @@ def test_scores_equal_a_brute_force_loop() -> None:
 
 
 def test_label_map_is_monotone_and_documented() -> None:
-    cfg = LabelerSettings(label_source="map", label_center=0.4, label_temperature=0.1)
+    cfg = LabelerSettings(**MAP, label_center=0.4, label_temperature=0.1)
     s = np.linspace(-1, 1, 201)
     p = label_map(s, cfg)
     assert np.all(np.diff(p) > 0) and p.min() > 0 and p.max() < 1
@@ -178,20 +181,19 @@ def test_confidence_terms_and_switches() -> None:
     matched = np.array([0, 1, 2, 1])
     p = np.array([0.9, 0.5, 0.2, 0.0])
     kw = {"coherence": 0.8, "consistency": 0.6, "logprobs": logprobs, "matched": matched, "p": p}
-    w, terms = confidence(cfg=LabelerSettings(label_source="map"), **kw)  # type: ignore[arg-type]
+    w, terms = confidence(cfg=LabelerSettings(**MAP), **kw)  # type: ignore[arg-type]
     np.testing.assert_allclose(terms["coherence"], 0.8)
     np.testing.assert_allclose(terms["consistency"], 0.6)
     np.testing.assert_allclose(terms["generation"], np.exp([-0.1, -2.0, 0.0, -2.0]), rtol=1e-6)
     np.testing.assert_allclose(terms["margin"], [0.8, 0.0, 0.6, 1.0])
     np.testing.assert_allclose(w, np.prod([terms[t] for t in TERMS], axis=0))
     for term in TERMS:  # each switch alone turns its term into 1 and leaves the others
-        w_off, off = confidence(cfg=LabelerSettings(label_source="map", **{f"use_{term}": False}), **kw)  # type: ignore[arg-type]
+        w_off, off = confidence(cfg=LabelerSettings(**{**MAP, f"use_{term}": False}), **kw)  # type: ignore[arg-type]
         np.testing.assert_array_equal(off[term], 1.0)
         for other in set(TERMS) - {term}:
             np.testing.assert_allclose(off[other], terms[other])
         np.testing.assert_allclose(w_off, np.prod([off[t] for t in TERMS], axis=0))
-    none = LabelerSettings(label_source="map", use_coherence=False, use_consistency=False, use_generation=False,
-                           use_margin=False)
+    none = LabelerSettings(label_source="map", use_margin=False)  # the others are off by default
     w_none, _ = confidence(cfg=none, **kw)  # type: ignore[arg-type]
     np.testing.assert_array_equal(w_none, 1.0)
 
@@ -230,7 +232,7 @@ def test_sampling_top_n_random_cap_and_determinism() -> None:
 
 def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
-    cfg = LabelerSettings(label_source="map", top_n=5, random_n=5, cap=8, label_center=0.2, label_temperature=0.1)
+    cfg = LabelerSettings(**MAP, top_n=5, random_n=5, cap=8, label_center=0.2, label_temperature=0.1)
     cand = ids[20:120].tolist()
     out, st = label_batch(_batch("u", cand, ts=4_000), cache, items, cfg)
     sb = SampleBatch.model_validate_json(out)  # the contract accepts what the fast encoder wrote
@@ -262,7 +264,7 @@ def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, Anch
     again, _ = label_batch(_batch("u", cand, ts=4_000), cache, items, cfg)
     assert again == out
     # the ablation switches reach the output
-    off = LabelerSettings(label_source="map", top_n=5, random_n=5, cap=8, use_generation=False, use_margin=False)
+    off = LabelerSettings(**{**MAP, "top_n": 5, "random_n": 5, "cap": 8, "use_generation": False, "use_margin": False})
     sb_off = SampleBatch.model_validate_json(label_batch(_batch("u", cand), cache, items, off)[0])
     assert all(s.confidence and s.confidence["generation"] == 1.0 and s.confidence["margin"] == 1.0
                for s in sb_off.samples)
@@ -271,7 +273,7 @@ def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, Anch
 
 def test_no_vector_and_duplicates_are_counted(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
-    cfg = LabelerSettings(label_source="map", top_n=50, random_n=0, cap=50)
+    cfg = LabelerSettings(**MAP, top_n=50, random_n=0, cap=50)
     cand = [*ids[:10].tolist(), 5, 6, int(ids[0]), int(ids[1])]  # 2 without a vector, 2 repeats
     out, st = label_batch(_batch("u", cand), cache, items, cfg)
     sb = SampleBatch.model_validate_json(out)
@@ -290,7 +292,7 @@ def test_anchor_cache_refuses_other_spaces_and_keeps_the_newest(
     assert cache.put(_aset("v", _unit(rng, 2), encoder="all-MiniLM-L6-v2")) == "encoder_mismatch"
     assert "v" not in cache
     with pytest.raises(NoAnchors):
-        label_batch(_batch("v", ids[:5].tolist()), cache, items, LabelerSettings(label_source="map"))
+        label_batch(_batch("v", ids[:5].tolist()), cache, items, LabelerSettings(**MAP))
     assert cache.put(_aset("v", _unit(rng, 2, DIM + 2))) == "dim_mismatch"
     assert cache.put(_aset("v", np.zeros((2, DIM), np.float32))) == "bad_vectors"
     assert cache.put(_aset("v", _unit(rng, 2), version=5)) == "accepted"
@@ -319,7 +321,7 @@ def test_anchor_vectors_from_the_encoder_score_their_own_text() -> None:
     cache.put(_aset("cook", enc.encode(["iron skillet cooking"])))
     sb = SampleBatch.model_validate_json(
         label_batch(_batch("cook", [0, 1, 2, 3]), cache, items,
-                    LabelerSettings(label_source="map", top_n=1, random_n=0))[0])
+                    LabelerSettings(**MAP, top_n=1, random_n=0))[0])
     assert [s.item_id for s in sb.samples] == [2]
 
 
@@ -368,6 +370,6 @@ def test_misses_are_fetched_from_the_index_and_consistency_waits_for_history() -
     cache.consistency(entry)
     assert entry.consistency is None  # not cached while a history item has no vector
     idx.upsert("items__x", Points(np.array([99, 500], np.int64), _unit(rng, 2)))  # indexed after start
-    _, st = label_batch(_batch("u", [1, 2, 500, 501]), cache, items, LabelerSettings(label_source="map"))
+    _, st = label_batch(_batch("u", [1, 2, 500, 501]), cache, items, LabelerSettings(**MAP))
     assert (st.labeled, st.no_vector) == (3, 1)  # 500 fetched on the miss, 501 still unknown
     assert entry.consistency is not None
