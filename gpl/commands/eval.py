@@ -1,7 +1,10 @@
 """``gpl eval DATASET``: the paper's offline comparison on any dataset in the project's event format.
 
-``DATASET`` is a dataset directory (docs/eval.md) or ``movielens``, which builds one from
-data/movielens-small with the seeded funnel simulator into ``<data_dir>/eval/datasets/`` first (once).
+``DATASET`` is a dataset directory (docs/eval.md), ``movielens`` (the seeded funnel simulator over
+data/movielens-small) or ``semisynth`` (the same funnel with a fitted click oracle: truth for every
+candidate, random test exposure; gpl/simulate/semisynth.py); both are built into
+``<data_dir>/eval/datasets/`` first (once). ``--validation`` evaluates on the training period only
+(each user's last 20% of training requests held out): the view settings are chosen on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gpl.eval.run import METHODS
+    from gpl.eval.run import DEFAULT_METHODS, METHODS
 
     p = sub.add_parser(
         "eval",
@@ -25,12 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dataset", metavar="DATASET", help="dataset directory, or 'movielens' to build it on the fly")
+    p.add_argument("dataset", metavar="DATASET",
+                   help="dataset directory, or 'movielens' / 'semisynth' to build it on the fly")
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of: {', '.join(METHODS)} (default: all but gpl-text, which runs the LLM)",
     )
+    p.add_argument("--validation", action="store_true",
+                   help="training period only: each user's last 20%% of training requests are the held-out slice")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; mean ± std over them (default 3)")
     p.add_argument("--epochs", type=int, default=2, help="epochs over the exposed training rows, every method")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <data_dir>/eval/results/<name>)")
@@ -53,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch threads while the LLM generates (1: fastest on 2 shared cores)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads while training (1 is fastest on 2 cores)")
-    p.add_argument("--sim-seed", type=int, default=0, help="simulator seed when DATASET is 'movielens'")
+    p.add_argument("--sim-seed", type=int, default=0, help="simulator seed when DATASET is 'movielens'/'semisynth'")
     p.add_argument(
         "--split",
         choices=("per-user", "global"),
@@ -67,17 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpl.eval.movielens import build_movielens, default_dir
     from gpl.eval.report import print_tables
     from gpl.eval.run import EvalConfig, run_eval
 
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    if args.dataset == "movielens":
-        path = build_movielens(default_dir(settings.data_dir, args.sim_seed), seed=args.sim_seed, split=args.split)
-        name = f"movielens-seed{args.sim_seed}"
-    else:
-        path = Path(args.dataset)
-        name = path.resolve().name
+    path = dataset_path(args.dataset, settings, args.sim_seed, args.split)
+    name = path.resolve().name + ("-validation" if args.validation else "")
     out = args.out or settings.data_dir / "eval" / "results" / f"{name}-{args.anchors}"
     cfg = EvalConfig(
         methods=methods,
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         llm_threads=args.llm_threads,
         torch_threads=args.threads,
         plots=not args.no_plots,
+        validation=args.validation,
     )
     try:
         results = run_eval(path, settings, cfg)
@@ -99,10 +101,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     print_tables(results)
     a = results["anchors"]
-    print(
-        f"\ntext anchors: {a['users_with_text_anchors']}/{a['users_total']} users "
-        f"({a['share_of_users_with_text_anchors']:.1%}), "
-        f"{a['share_of_test_requests_anchored']:.1%} of test requests"
-    )
+    if a["users_with_text_anchors"]:
+        print(f"\ntext anchors: {a['users_with_text_anchors']}/{a['users_total']} users "
+              f"({a['share_of_users_with_text_anchors']:.1%}), "
+              f"{a['share_of_test_requests_anchored']:.1%} of test requests")
+    for m, c in results["calibration"].items():
+        print(f"{m}: {'ABSTAINED (no pseudo-labels): ' + c['reason'] if c.get('abstain') else c.get('describe')}")
     print(f"runtime: {results['timing_s']['total']:.0f} s; results in {cfg.out}")
     return 0
+
+
+def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str = "per-user") -> Path:
+    """A dataset directory, or the built-in ``movielens`` / ``semisynth`` built (once) under the data dir."""
+    if dataset == "movielens":
+        from gpl.eval.movielens import build_movielens, default_dir
+
+        return build_movielens(default_dir(settings.data_dir, sim_seed), seed=sim_seed,
+                               split="global" if split == "global" else "per-user")
+    if dataset == "semisynth":
+        from gpl.simulate.semisynth import build_semisynth
+        from gpl.simulate.semisynth import default_dir as ss_dir
+
+        return build_semisynth(ss_dir(settings.data_dir, sim_seed), seed=sim_seed,
+                               cache_dir=settings.data_dir / "eval" / "cache")
+    return Path(dataset)

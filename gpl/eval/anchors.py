@@ -8,14 +8,13 @@ Four sources, one shape (:class:`SourceAnchors`: per user the stream's own
   ``anchors.history_items`` distinct training clicks (:func:`workers.history.recent_distinct`, the
   worker's rule); the frozen encoder embeds them. LLM answers live in the worker's replay store
   (:mod:`workers.generation_cache`, same key), so a rerun never asks the LLM twice.
-* ``centroid`` (ablation, no LLM): one anchor, the normalised mean of those same history vectors.
 * ``sid``: semantic-ID anchors from workers/sid, tokenizer and generator trained here when needed
   (see :func:`sid_anchors`).
 * ``content`` (no LLM, no training): the streaming ``content`` backend, clusters of those same history
   vectors (:class:`~workers.vector_anchors.ContentAnchorSource`, :func:`content_anchors`).
 
 :func:`vector_books` builds the books of the vector routes the methods ask for (``gpl-sid``,
-``gpl-content``), so the comparison (gpl/eval/run.py) needs one call for them.
+and the content anchors of the default GPL rows), so the comparison (gpl/eval/run.py) needs one call for them.
 
 History = clicks (the only positives the stream sees) in the user's training requests, most recent
 last. A user without a training click has no history and gets no anchors (no pseudo-labels).
@@ -26,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ class SourceAnchors:
     prompt_hash: str
     users: dict[int, UserAnchors] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # the same source for other histories (cross-fitting builds anchors from some folds only)
+    make: Callable[[dict[int, np.ndarray]], dict[int, UserAnchors]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -191,19 +193,6 @@ def text_anchors(
     return book
 
 
-def centroid_anchors(histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray) -> SourceAnchors:
-    """One anchor per user: the normalised centroid of the history vectors (the no-LLM ablation)."""
-    book = SourceAnchors(kind="centroid", model="history-centroid", prompt_hash="-")
-    for u in users:
-        c = item_vectors[histories[u]].mean(axis=0)
-        if not np.any(c):
-            continue
-        book.users[u] = UserAnchors.of(c[None, :], np.zeros(1, np.float32), history=histories[u],
-                                       model="history-centroid", prompt_hash="-", texts=("<centroid>",))
-    book.info = {"users": len(book.users)}
-    return book
-
-
 def training_click_sequences(ds: EvalDataset) -> dict[int, list[int]]:
     """Per user all clicked item ids (dataset ids, not dense) of training requests, oldest first."""
     rows = np.flatnonzero(ds.exposed & (ds.label == 1) & ~ds.row_test)
@@ -222,7 +211,7 @@ def training_click_sequences(ds: EvalDataset) -> dict[int, list[int]]:
 # decoder, so the codes' grouping matters more than the reconstruction.
 TOKENIZER_EPOCHS = 40
 MIN_ARTIFACT_COVERAGE = 0.95
-VECTOR_METHODS = {"gpl-sid": "sid", "gpl-content": "content"}
+VECTOR_METHODS = {"gpl-sid": "sid"}
 
 
 def eval_tokenizer(settings: Settings, ds: EvalDataset, item_vectors: np.ndarray, cache_dir: Path | None, *,
@@ -317,6 +306,22 @@ def sid_anchors(
                                                np.asarray([lp for _, lp, _ in got], np.float32),
                                                history=histories[u], user_id=ds.users[u], model=str(gen.model),
                                                prompt_hash=str(gen.prompt_hash), texts=tuple(sid for _, _, sid in got))
+    def make(hists: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
+        """SID anchors from other histories (recent distinct clicks) with the same generator."""
+        out: dict[int, UserAnchors] = {}
+        todo = [u for u, h in hists.items() if any(tok.row_of(int(i)) is not None for i in ds.item_ids[h].tolist())]
+        for s in range(0, len(todo), 256):
+            part = todo[s : s + 256]
+            got_all = gen.generate_anchors_many([ds.item_ids[hists[u]].tolist() for u in part], k)
+            for u, got in zip(part, got_all, strict=True):
+                if got:
+                    out[u] = UserAnchors.of(np.stack([np.asarray(v, np.float32) for v, _, _ in got]),
+                                            np.asarray([lp for _, lp, _ in got], np.float32), history=hists[u],
+                                            user_id=ds.users[u], model=str(gen.model),
+                                            prompt_hash=str(gen.prompt_hash), texts=tuple(sid for _, _, sid in got))
+        return out
+
+    book.make = make
     book.info = {
         "users": len(book.users),
         "no_anchors": len(users) - len(book.users),
@@ -337,6 +342,10 @@ def content_anchors(ds: EvalDataset, histories: dict[int, np.ndarray], users: li
             book.users[u] = UserAnchors.of(a.vectors, np.asarray(a.logprobs, np.float32), history=histories[u],
                                            user_id=ds.users[u], model=src.model, prompt_hash=src.prompt_hash,
                                            texts=tuple(a.labels))
+    def make(hists: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
+        return content_anchors(ds, hists, list(hists), item_vectors, k=k).users
+
+    book.make = make
     book.info = {"users": len(book.users),
                  "mean_anchors": float(np.mean([len(a.texts) for a in book.users.values()])) if book.users else 0.0}
     return book
@@ -349,7 +358,7 @@ def vector_books(settings: Settings, ds: EvalDataset, histories: dict[int, np.nd
     books: dict[str, SourceAnchors] = {}
     unavailable: dict[str, str] = {}
     k = settings.anchors.k
-    if "gpl-content" in methods:
+    if any(m.startswith("gpl") and m not in ("gpl-sid", "gpl-text") for m in methods):
         books["content"] = content_anchors(ds, histories, users, item_vectors, k=k)
     if "gpl-sid" in methods:
         try:
@@ -368,7 +377,6 @@ __all__ = [
     "legacy_key",
     "migrate_legacy_cache",
     "text_anchors",
-    "centroid_anchors",
     "sid_anchors",
     "eval_tokenizer",
     "content_anchors",

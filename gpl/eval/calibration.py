@@ -34,14 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.eval.anchors import training_histories
+from gpl.eval.anchors import content_anchors, training_histories
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize
 from workers.labeling.anchor_book import UserAnchors
 from workers.labeling.calibrator import CalibrationFit, fit_calibrator
 from workers.labeling.features import FEATURES, anchor_weights, feature_matrix, prior_features, similarity_features
-from workers.vector_anchors import ContentAnchorSource
 
 PRIOR_FEATURES: tuple[str, ...] = ("log_recall", "log_exposed", "user_ctr")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {"content": FEATURES, "priors": PRIOR_FEATURES}
@@ -51,23 +50,6 @@ L2 = 1e-4
 
 AnchorFn = Callable[[dict[int, np.ndarray]], dict[int, UserAnchors]]
 """Histories (dense user → dense item ids, most recent last) → that source's anchors per user."""
-
-
-def content_anchor_fn(ds: EvalDataset, item_vectors: np.ndarray, k: int) -> AnchorFn:
-    """The streaming ``content`` backend as an :data:`AnchorFn` (deterministic k-means, no model)."""
-    src = ContentAnchorSource()
-
-    def make(histories: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
-        out: dict[int, UserAnchors] = {}
-        for u, h in histories.items():
-            a = src.one(item_vectors[h], k)
-            if len(a):
-                out[u] = UserAnchors.of(a.vectors, np.asarray(a.logprobs, np.float32), history=h,
-                                        user_id=ds.users[u], model=src.model, prompt_hash=src.prompt_hash,
-                                        texts=tuple(a.labels))
-        return out
-
-    return make
 
 
 def unit_centroid(anchors: UserAnchors, item_vectors: np.ndarray) -> np.ndarray:
@@ -198,7 +180,7 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
     beat the base rate on held-out users: the caller then makes no pseudo-labels).
     """
     if anchor_fn is None and SIMILARITY & set(features):
-        anchor_fn = content_anchor_fn(ds, item_vectors, settings.anchors.k)
+        anchor_fn = content_anchors(ds, {}, [], item_vectors, k=settings.anchors.k).make
     cf = cross_fit_rows(ds, item_vectors, settings, features=features, anchor_fn=anchor_fn, requests=requests,
                         folds=folds)
     fit = fit_calibrator(cf.x, cf.y, cf.users, features, encoder=settings.encoder.model,
@@ -207,5 +189,5 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
     return fit
 
 
-__all__ = ["AnchorFn", "CrossFitRows", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors", "content_anchor_fn",
+__all__ = ["AnchorFn", "CrossFitRows", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors",
            "cross_fit_rows", "fit_dataset_calibrator", "request_folds", "similarity_parts", "unit_centroid"]

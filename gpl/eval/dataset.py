@@ -24,7 +24,7 @@ exposure ``ts``) is ``>= T_u`` for its user (``user_test_start_ms``) or ``>= T``
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
     if not events.is_file():
         raise FileNotFoundError(f"{root}: no events.jsonl (see docs/eval.md for the dataset format)")
     split_file = root / "split.json"
+    split: dict[str, Any]
     if training_only:
         split = {"test_start_ms": 2**62, "rule": "training only"}
     elif not split_file.is_file():
@@ -304,4 +305,32 @@ def _has(sorted_ids: np.ndarray, i: int) -> bool:
     return k < len(sorted_ids) and int(sorted_ids[k]) == i
 
 
-__all__ = ["EvalDataset", "load_dataset", "UNKNOWN"]
+def subset(ds: EvalDataset, keep: np.ndarray, is_test: np.ndarray, name: str) -> EvalDataset:
+    """The requests in ``keep`` (bool per request) with a new test flag (bool per request)."""
+    reqs = np.flatnonzero(keep)
+    sizes = np.diff(ds.ptr)[reqs]
+    rows = np.concatenate([np.arange(ds.ptr[r], ds.ptr[r + 1]) for r in reqs]) if len(reqs) else np.zeros(0, np.int64)
+    return replace(ds, name=name, request_ids=[ds.request_ids[r] for r in reqs.tolist()], req_user=ds.req_user[reqs],
+                   req_ts=ds.req_ts[reqs], is_test=np.asarray(is_test, bool)[reqs],
+                   ptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), item=ds.item[rows],
+                   recall_score=ds.recall_score[rows], exposed=ds.exposed[rows], position=ds.position[rows],
+                   label=ds.label[rows], split={"rule": f"validation view of {ds.name}"},
+                   digest=f"{ds.digest}:{name}")
+
+
+def validation_view(ds: EvalDataset, fraction: float = 0.2) -> EvalDataset:
+    """The training period only: each user's last ``fraction`` of TRAINING requests (≥ 1, users with ≥ 2)
+    become the held-out slice, the test requests are dropped. Settings are chosen on this view, never on
+    the test period (docs/eval.md, "How the defaults were chosen")."""
+    train = ~ds.is_test
+    val = np.zeros(ds.n_requests, bool)
+    for u in np.unique(ds.req_user[train]).tolist():
+        r = np.flatnonzero(train & (ds.req_user == u))
+        if len(r) < 2:
+            continue
+        r = r[np.lexsort((r, ds.req_ts[r]))]
+        val[r[len(r) - max(1, int(np.ceil(fraction * len(r)))):]] = True
+    return subset(ds, train, val, ds.name + "-validation")
+
+
+__all__ = ["EvalDataset", "load_dataset", "subset", "validation_view", "UNKNOWN"]

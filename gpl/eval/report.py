@@ -18,9 +18,12 @@ EXTRA_COLS = (
     "coverage@10",
     "ild@10",
     "pl_mean",
+    "pl_truth_rate",
     "pl_auc",
     "pl_auc_all",
     "pl_ece",
+    "pl_w_auc",
+    "pl_w_ece",
 )
 SCOPE_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc")
 BAR_METRICS = (
@@ -153,13 +156,17 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for title, header, rows in tables(results):
         lines += [f"## {title}", "", markdown_table(header, rows), ""]
-    if results["label_maps"]:
-        lines += ["## Label maps (fitted on training exposures)", ""]
-        for k, v in results["label_maps"].items():
-            lines.append(
-                f"- {k}: {v.get('map')} (fitted: {v.get('fitted')}, rows {v.get('fit_rows')}, "
-                f"clicks {v.get('fit_clicks')}{', ' + v['reason'] if 'reason' in v else ''})"
-            )
+    if results.get("calibration"):
+        lines += ["## Pseudo-labels: calibrators (cross-fitted on training exposures)", ""]
+        for m, v in results["calibration"].items():
+            cv = v.get("cv", {})
+            fig = (f"CV AUC {cv['cv_auc']:.3f}, log-loss gain {cv['gain']:.3f}, rows {cv['rows']:.0f}"
+                   if "gain" in cv else "")
+            if v.get("abstain"):
+                lines.append(f"- {m}: **abstained, no pseudo-labels** — {v.get('reason')} {fig}")
+            else:
+                lines.append(f"- {m} [{v['source']} anchors, {v.get('features') or 'fixed map'}]: "
+                             f"{v.get('describe')}{'; ' + fig if fig else ''}")
         lines.append("")
     if results.get("closed_loop_calibration"):
         lines += ["## Closed-loop calibration (GPL pseudo-labels met later by a real label)", ""]

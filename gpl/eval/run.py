@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,11 @@ import torch
 from tqdm import tqdm
 
 from gpl.eval import metrics as M
-from gpl.eval.anchors import (
-    SourceAnchors,
-    centroid_anchors,
-    pick_users,
-    text_anchors,
-    training_histories,
-    vector_books,
-)
-from gpl.eval.dataset import EvalDataset, load_dataset
+from gpl.eval.anchors import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
+from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder
+from gpl.eval.gpl_rows import LABELS as GPL_LABELS
+from gpl.eval.gpl_rows import SPECS, GPLRows
 from gpl.eval.methods import (
     MC_PASSES,
     Context,
@@ -60,7 +55,7 @@ from gpl.eval.methods import (
     ukd_rows,
     uniform_unexposed,
 )
-from gpl.eval.pseudo import PseudoLabels, fit_map, gpl_labels
+from gpl.eval.pseudo import PseudoLabels
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.settings import Settings
 from workers.calibration import CalibrationBook
@@ -70,28 +65,26 @@ from workers.generators.memory import MemoryGenerator
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exposed", "negatives", "kd", "ukd", "gpl", "gpl-sid", "gpl-content", "gpl-noconf", "gpl-centroid")
+METHODS = ("exposed", "negatives", "kd", "ukd", *SPECS)
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "gpl-text")  # LLM anchors are opt-in (slow)
 TEACHER = "teacher"
 LABELS = {
     "exposed": "Exposed only",
     "negatives": "Unexposed as negatives",
     "kd": "KD (ranker teacher)",
     "ukd": "UKD (uncertainty-weighted KD)",
-    "gpl": "GPL text anchors",
-    "gpl-sid": "GPL SID anchors",
-    "gpl-content": "GPL content anchors (history clusters, no LLM)",
-    "gpl-noconf": "GPL w/o confidence (w=1)",
-    "gpl-centroid": "GPL history centroid (no LLM)",
+    **GPL_LABELS,
     TEACHER: "(ref) KD teacher: ranker + history",
 }
 HR_KS = (3, 5, 10)
+PL_KEYS = ("pl_mean", "pl_truth_rate", "pl_auc", "pl_auc_all", "pl_ece", "pl_w_auc", "pl_w_ece")
 CURVE_KS = tuple(range(1, 21))
 HEAD_FRACTION = 0.2
 
 
 @dataclass
 class EvalConfig:
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: int = 3
     epochs: int = 2
     anchors: str = "llm"  # "llm" or "memory"
@@ -104,6 +97,7 @@ class EvalConfig:
     torch_threads: int | None = 1  # training threads: 1 is fastest for these small steps on 2 shared cores
     plots: bool = True
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/sid default)
+    validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
 
 
 def _nanstats(vals: list[float]) -> dict[str, float]:
@@ -181,13 +175,18 @@ class Evaluator:
         return out
 
 
-def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    """AUC and ECE of soft labels against the truth where it is known, plus the reliability curve."""
+def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, Any]:
+    """Soft labels against the truth where it is known: AUC, ECE, truth rate, reliability curve; and the
+    weights: AUC of w against correctness (|p - y| < 0.5) and ECE of w against agreement 1 - |y - p|."""
     lab = ds.label[rows]
     known = lab >= 0
     y, q = lab[known].astype(np.float64), np.asarray(p, np.float64)[known]
+    wk = np.ones(len(q)) if w is None else np.asarray(w, np.float64)[known]
     mp, my, cnt = M.reliability(q, y, 10)
     return {
+        "pl_truth_rate": float(y.mean()) if len(y) else float("nan"),
+        "pl_w_auc": M.auc(wk, (np.abs(q - y) < 0.5).astype(np.int64)),
+        "pl_w_ece": M.ece(np.clip(wk, 0.0, 1.0), 1.0 - np.abs(y - q), 10),
         "pl_auc": M.auc(q, y),
         "pl_auc_all": M.auc(np.asarray(p, np.float64), (lab == 1).astype(np.int64)),
         "pl_mean": float(np.mean(p)) if len(p) else float("nan"),
@@ -280,6 +279,8 @@ def _run(
 ) -> dict[str, Any]:
     t = time.perf_counter()
     ds = dataset if isinstance(dataset, EvalDataset) else load_dataset(dataset)
+    if cfg.validation:
+        ds = validation_view(ds)
     timing["load"] = time.perf_counter() - t
     if not ds.is_test.any() or ds.is_test.all():
         raise ValueError(f"{ds.name}: the split leaves no {'test' if not ds.is_test.any() else 'training'} requests")
@@ -291,56 +292,44 @@ def _run(
 
     ctx = Context(ds, item_vectors, settings, epochs=cfg.epochs)
     histories = training_histories(ds, settings.anchors.history_items)
-    gpl_methods = [m for m in cfg.methods if m.startswith("gpl")]
-    text_needed = any(m in ("gpl", "gpl-noconf", "gpl-centroid") for m in gpl_methods)
+    text_needed = "gpl-text" in cfg.methods
 
     # anchors (training history only)
     t = time.perf_counter()
     books: dict[str, SourceAnchors] = {}
-    unavailable: dict[str, str] = {}
     anchor_users: list[int] = []
+    stack = ExitStack()
     if text_needed:
         cap = cfg.max_llm_users if cfg.anchors == "llm" else None
         anchor_users = pick_users(ds, histories, cap)
         gen = generator or _generator(settings, cfg)
-        with closing(GenerationCache(cache_dir / "anchor-cache", settings.anchors.cache_max_entries)) as cache:
-            books["text"] = text_anchors(
-                ds,
-                histories,
-                anchor_users,
-                gen,
-                enc,
-                cache,
-                k=settings.anchors.k,
-                kind=cfg.anchors,
-                legacy=cache_dir / "anchors.jsonl",
-                batch=settings.anchors.batch_size,
-                progress=cfg.progress,
-            )
-        books["centroid"] = centroid_anchors(histories, list(books["text"].users), item_vectors)
-    vbooks, vmissing = vector_books(settings, ds, histories, anchor_users or pick_users(ds, histories, None),
-                                    item_vectors, cfg.methods, cache_dir=cache_dir, sid_epochs=cfg.sid_epochs,
-                                    progress=cfg.progress)  # gpl-sid, gpl-content (gpl/eval/anchors.py)
-    books, unavailable = books | vbooks, unavailable | vmissing
+        cache = stack.enter_context(closing(GenerationCache(cache_dir / "anchor-cache",
+                                                            settings.anchors.cache_max_entries)))
+
+        def text_book(hists: dict[int, np.ndarray], users: list[int]) -> SourceAnchors:
+            return text_anchors(ds, hists, users, gen, enc, cache, k=settings.anchors.k, kind=cfg.anchors,
+                                legacy=cache_dir / "anchors.jsonl", batch=settings.anchors.batch_size,
+                                progress=cfg.progress)
+
+        books["text"] = text_book(histories, anchor_users)
+        chosen = set(anchor_users)
+        books["text"].make = lambda hists: text_book({u: h for u, h in hists.items() if u in chosen},
+                                                     [u for u in hists if u in chosen]).users
+    vbooks, unavailable = vector_books(settings, ds, histories, pick_users(ds, histories, None), item_vectors,
+                                       cfg.methods, cache_dir=cache_dir, sid_epochs=cfg.sid_epochs,
+                                       progress=cfg.progress)  # content, gpl-sid (gpl/eval/anchors.py)
+    books |= vbooks
     timing["anchors"] = time.perf_counter() - t
     anchored = set(books["text"].users) if "text" in books else set()
     ev = Evaluator(ds, ctx, item_vectors, anchored)
 
-    # label maps: fitted on training exposures, once per anchor source (not per seed: no randomness)
-    maps: dict[str, Any] = {}
-    map_info: dict[str, Any] = {}
-    for name, book in books.items():
-        maps[name], map_info[name] = fit_map(ds, item_vectors, book, settings.labeler)
-    noconf_cfg = settings.labeler.model_copy(
-        update={
-            "use_coherence": False,
-            "use_consistency": False,
-            "use_generation": False,
-            "use_margin": False,
-        }
-    )
-    method_book = {"gpl": "text", "gpl-noconf": "text", "gpl-centroid": "centroid", "gpl-sid": "sid",
-                   "gpl-content": "content"}
+    # calibrators: cross-fitted on the training period, once per (anchor source, features): no randomness
+    t = time.perf_counter()
+    with stack:
+        gpl = GPLRows(ds, item_vectors, settings, [m for m in cfg.methods if m in SPECS and m not in unavailable],
+                      books)
+    unavailable |= gpl.unavailable
+    timing["calibrate"] = time.perf_counter() - t
 
     runs: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     pl: dict[str, dict[str, Any]] = {}
@@ -378,16 +367,16 @@ def _run(
         for method in run_methods:
             t = time.perf_counter()
             extra = Rows.empty()
-            soft: tuple[np.ndarray, np.ndarray] | None = None
+            soft: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
             if method == "negatives":
                 extra = negatives_rows(ctx, drawn)
-                soft = (drawn, np.zeros(len(drawn)))
+                soft = (drawn, np.zeros(len(drawn)), None)
             elif method == "kd" and t_p is not None:
                 extra = kd_rows(ctx, drawn, t_p)
-                soft = (drawn, t_p)
+                soft = (drawn, t_p, None)
             elif method == "ukd" and t_p is not None and t_sd is not None:
                 extra = ukd_rows(ctx, drawn, t_p, t_sd)
-                soft = (drawn, t_p)
+                soft = (drawn, t_p, extra.weight)
                 extra_info.setdefault(
                     "ukd",
                     {
@@ -395,24 +384,22 @@ def _run(
                         "mean_mc_std": float(t_sd.mean()) if len(t_sd) else 0.0,
                     },
                 )
-            elif method in method_book:
-                bname = method_book[method]
-                lab_cfg = noconf_cfg if method == "gpl-noconf" else settings.labeler
-                labels = gpl_labels(ds, item_vectors, books[bname], lab_cfg, maps[bname], seed)
+            elif method in SPECS:
+                labels = gpl.rows(method, seed)
                 extra = ctx.rows_of(labels.rows, labels.p, labels.w, pseudo=True)
-                soft = (labels.rows, labels.p)
+                soft = (labels.rows, labels.p, labels.w)
                 if seed == 0:
                     extra_info[method] = labels.info
                     if method == "gpl":
-                        closed[method] = closed_loop(ds, labels, books[bname])
+                        closed[method] = closed_loop(ds, labels, books[SPECS[method].source])
             student = StudentNet(ctx, seed)
             fit(student, ctx, extra, seed, desc=f"{method} s{seed}", progress=cfg.progress)
             tr = ctx.test_rows
             scores, _ = predict(student, ctx, ctx.row_user[tr], ds.item[tr], ctx.row_request[tr])
             res = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
             if soft is not None:
-                q = pseudo_quality(ds, soft[0], soft[1])
-                res["all"] |= {k: q[k] for k in ("pl_mean", "pl_auc", "pl_auc_all", "pl_ece")}
+                q = pseudo_quality(ds, *soft)
+                res["all"] |= {k: q[k] for k in PL_KEYS}
                 if seed == 0:
                     pl[method] = q
             runs.setdefault(method, {})[str(seed)] = res
@@ -473,7 +460,7 @@ def _run(
         "unavailable": unavailable,
         "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
         "anchors": anchors_report,
-        "label_maps": map_info,
+        "calibration": gpl.info,
         "pseudo_labels": {m: {k: v for k, v in q.items()} for m, q in pl.items()},
         "method_info": extra_info,
         "closed_loop_calibration": closed,

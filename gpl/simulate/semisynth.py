@@ -205,7 +205,7 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
         for topic, ev in sim.events:
             v = ev.model_dump(mode="json")
             if topic == "exposure" and isinstance(ev, ExposureEvent):
-                u = uidx[ev.user_id]
+                ui = uidx[ev.user_id]
                 rec = recalls[ev.request_id]
                 part = "test" if rec.user_id in per_user and rec.ts >= per_user[rec.user_id] else "train"
                 if part == "test":  # random exposure: uniform draw of the recall, random positions
@@ -214,7 +214,7 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
                     ids = [cands[j] for j in pick.tolist()]
                 else:
                     ids = [x.item_id for x in sorted(ev.items, key=lambda x: x.position)]
-                v["items"] = [{"item_id": i, "position": p, "clicked": bool(z[u, iidx[i]])} for p, i in enumerate(ids)]
+                v["items"] = [{"item_id": i, "position": p, "clicked": bool(z[ui, iidx[i]])} for p, i in enumerate(ids)]
                 n_exp[part] += len(ids)
                 n_click[part] += sum(x["clicked"] for x in v["items"])
             f.write(orjson.dumps({"topic": topic, "value": v}) + b"\n")
