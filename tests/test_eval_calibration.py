@@ -159,3 +159,28 @@ def test_validation_view_holds_out_the_end_of_training(tiny: Path) -> None:
         req = np.flatnonzero(val.req_user == u)
         if val.is_test[req].any() and (~val.is_test[req]).any():
             assert val.req_ts[req[~val.is_test[req]]].max() <= val.req_ts[req[val.is_test[req]]].min()
+
+
+def test_calibrate_command_writes_what_the_labeler_loads(tiny: Path, tmp_path: Path) -> None:
+    """``gpl calibrate`` on a training event set (no split.json): an artifact load_calibrator accepts, or exit 3."""
+    import argparse
+    import shutil
+
+    from gpl.commands import calibrate
+    from workers.labeling.calibrator import load_calibrator
+
+    events = tmp_path / "events-only"
+    events.mkdir()
+    shutil.copy(tiny / "events.jsonl", events / "events.jsonl")
+    settings = tiny_settings(tmp_path)
+    parser = argparse.ArgumentParser()
+    calibrate.register(parser.add_subparsers())
+    out = tmp_path / "cal.json"
+    args = parser.parse_args(["calibrate", str(events), "--features", "priors", "--out", str(out)])
+    rc = args.run(args, settings)
+    assert rc in (0, 3)
+    if rc == 0:
+        cal = load_calibrator(out, encoder="hash-bow-64", catalogue=settings.labeler.catalogue)
+        assert cal.features == FEATURE_SETS["priors"] and cal.monotone == ""
+    else:
+        assert not out.exists()
