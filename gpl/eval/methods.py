@@ -20,9 +20,9 @@ seed. They differ only in the rows added from the unexposed training candidates:
     teacher, σ̄ its mean over the drawn rows (scale-free; mean weight ≈ e^-1..1). Uncertain soft
     labels count less, as in uncertainty-regularised KD.
 ``gpl*``
-    rows and labels from workers/labeling.py (built in gpl/eval/run.py): the top ``top_n`` candidates
-    by anchor similarity plus ``random_n`` uniform ones, ≤ ``cap`` per request, soft label from the
-    label map fitted on training exposures, weight λ·w(confidence).
+    rows and labels from the labeler's own ``label_candidates`` (gpl/eval/gpl_rows.py): the top
+    ``top_n`` candidates by calibrated p plus ``random_n`` uniform ones, ≤ ``cap`` per request, soft
+    label from the calibrator cross-fitted on training exposures, weight λ·w(confidence).
 
 A step takes ``batch_size`` exposed rows and the matching slice of the added rows (all added rows are
 shuffled and split over the epoch's steps), so every method makes exactly the same number of steps

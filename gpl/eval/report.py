@@ -148,12 +148,12 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if ds.get("simulated"):
         lines += [f"What is simulated: {ds['simulated']}.", ""]
-    lines += [
-        f"Anchors: mode `{a['mode']}`; {a['users_with_text_anchors']} of {a['users_total']} users "
-        f"({a['share_of_users_with_text_anchors']:.1%}) have text anchors, covering "
-        f"{a['share_of_test_requests_anchored']:.1%} of test requests. {a['rest']}.",
-        "",
-    ]
+    books = ", ".join(f"{k} {v.get('users', 0)} users" for k, v in a.get("books", {}).items())
+    lines += [f"Anchors (training clicks only): {books or 'none'} of {a['users_total']}. {a['rest']}.", ""]
+    if a["users_with_text_anchors"]:
+        lines += [f"Text anchors (`{a['mode']}`): {a['users_with_text_anchors']} users "
+                  f"({a['share_of_users_with_text_anchors']:.1%}), {a['share_of_test_requests_anchored']:.1%} "
+                  "of test requests.", ""]
     for title, header, rows in tables(results):
         lines += [f"## {title}", "", markdown_table(header, rows), ""]
     if results.get("calibration"):

@@ -4,7 +4,7 @@ Order of work: load the dataset; embed the catalogue (cached); build anchors fro
 (LLM answers cached); then per seed: draw the shared uniform unexposed sample, train the teacher
 (if KD/UKD run), and per method build its added rows, train the pre-ranker with the shared loop
 (gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py).
-Nothing is fitted or chosen on the test period: the label maps are fitted on training exposures, the
+Nothing is fitted or chosen on the test period: the calibrators are cross-fitted on training exposures, the
 head/tail split on training exposures, and all settings come from :class:`gpl.runtime.settings.Settings`.
 
 Evaluation scopes
@@ -427,9 +427,9 @@ def _run(
             float(np.isin(ds.req_user[ds.is_test], list(anchored)).mean()) if anchored else 0.0
         ),
         "rest": (
-            "users without text anchors get no pseudo-labels in the GPL rows (exposed rows only), as in "
-            "the stream before a user's first anchor set; the 'anchored' scope isolates the users GPL "
-            "could act on"
+            "users without anchors get no pseudo-labels in the GPL rows (exposed rows only), as in the "
+            "stream before a user's first anchor set; with capped LLM text anchors (gpl-text) the "
+            "'anchored' scope isolates the users that route could act on"
         ),
         "books": {
             k: {"kind": b.kind, "model": b.model, "prompt_hash": b.prompt_hash, **b.info} for k, b in books.items()
