@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from gpl.runtime.settings import StreamsSettings
+from gpl.runtime.vectors.normalize import normalize
 from schemas.events import AnchorReason, AnchorRequest
 
 _HEAD = struct.Struct("<qiiHH?")  # last_request_ms, positives_since, requests, n_recent, dim, has_gen
@@ -42,8 +43,7 @@ class Interest:
 
     @property
     def profile(self) -> np.ndarray:
-        n = float(np.linalg.norm(self.profile_sum))
-        return self.profile_sum / n if n > 0 else self.profile_sum
+        return normalize(self.profile_sum)
 
     def drift(self) -> float:
         if self.gen_profile is None or not self.profile_sum.any():
