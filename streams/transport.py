@@ -1,19 +1,48 @@
-"""A faust transport whose consumer waits at most ``fetch_wait_max_ms`` for data.
+"""The project's faust transport (``gplkafka://``): the stock aiokafka one with three corrections.
 
-faust 0.15 builds its aiokafka consumer with a hard-coded ``fetch_max_wait_ms=1500``. The embedded
-Tansu broker holds a fetch for the whole wait when no data is there at the time it is asked, so every
-hop through the streams processor cost up to 1.5 s of latency. This transport is the stock aiokafka
-one with only that number taken from the settings; it is registered as the ``gplkafka://`` scheme.
+1. **Fetch wait.** faust 0.15 builds its aiokafka consumer with a hard-coded ``fetch_max_wait_ms=1500``. The
+   embedded Tansu broker holds a fetch for the whole wait when no data is there at the time it is asked, so
+   every hop through the streams processor cost up to 1.5 s of latency. The number comes from the settings.
+
+2. **No stream records while a rebalance is in progress.** On assignment faust marks *every* assigned
+   partition active, and only a few awaits later pauses the stream partitions for table recovery. A fetch
+   in that window drains stream records from aiokafka (which advances their positions); faust then drops
+   them because the partition is no longer active when it iterates the batch. The same happens to the tail
+   of any batch that a rebalance interrupts. While the app is rebalancing (``app.rebalancing``: from the
+   revoke callback to the end of table recovery) this consumer asks aiokafka only for changelog partitions,
+   so stream records stay in aiokafka's buffer at their position. It never hands aiokafka an empty set of
+   partitions either: aiokafka reads an empty set as "all partitions".
+
+3. **Seek to committed rewinds uncommitted partitions too.** After recovery faust seeks stream partitions
+   to their committed offsets to undo whatever was fetched but not processed. aiokafka's
+   ``seek_to_committed`` skips a partition that has no committed offset yet (a topic that had no traffic
+   before the restart), so records dropped as in 2. were lost for good: a restart lost joins
+   (DESIGN.md §5.1). With ``consumer_auto_offset_reset="earliest"`` (faust's default) such a partition is
+   sought to its beginning, the position it had at assignment. That is the at-least-once rule faust
+   already applies to committed partitions (the uncommitted tail is read again), extended to partitions
+   whose commit point is "nothing yet".
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as driver
+from faust.types import TP
 
 SCHEME = "gplkafka"
+
+
+def fetchable(app: Any, active: set[TP]) -> set[TP]:
+    """The partitions a fetch may drain now: a snapshot of ``active`` (faust mutates the live set while a
+    fetch runs), reduced to changelog partitions while the app is rebalancing."""
+    tps = set(active)
+    if getattr(app, "rebalancing", False):
+        changelogs = app.tables.changelog_topics
+        tps = {tp for tp in tps if tp.topic in changelogs}
+    return tps
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -23,10 +52,44 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = int(getattr(self.app, "gpl_fetch_wait_max_ms", 1500))
         return consumer
 
+    async def _fetch_records(self, consumer: Any, active_partitions: set[TP],
+                             timeout: float | None = None, max_records: int | None = None) -> Any:
+        """Checked again here, in the consumer thread, right before draining: a rebalance may have started
+        since the main loop asked (see :meth:`_Consumer._getmany`). None (a client-only app) passes as is."""
+        if active_partitions is not None:
+            active_partitions = fetchable(self.app, active_partitions)
+            if not active_partitions:  # aiokafka would read the empty set as "all partitions"
+                return {}
+        return await super()._fetch_records(consumer, active_partitions, timeout=timeout, max_records=max_records)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return await self.call_thread(self._seek_to_committed)
+
+    async def _seek_to_committed(self) -> Mapping[TP, int]:
+        """aiokafka's seek to committed, plus: stream partitions without a committed offset go back to their
+        beginning (see the module docstring, 3.). Returns aiokafka's mapping unchanged (None for those), which
+        faust reads as "no read offset yet"."""
+        consumer = self._ensure_consumer()
+        committed: Mapping[Any, int | None] = await consumer.seek_to_committed()
+        if self.app.conf.consumer_auto_offset_reset == "earliest":
+            changelogs = self.app.tables.changelog_topics
+            fresh = [tp for tp, off in committed.items() if not off and tp.topic not in changelogs]
+            if fresh:
+                await consumer.seek_to_beginning(*fresh)
+        return committed  # type: ignore[return-value]
+
 
 class _Consumer(driver.Consumer):
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        """Skip the round trip to the consumer thread when nothing may be fetched, and wait a little instead:
+        faust's fetch loop calls again at once, and would spin for the whole table recovery."""
+        if active_partitions is not None and not fetchable(self.app, active_partitions):
+            await self.sleep(min(timeout, 0.2))
+            return {}
+        return await super()._getmany(active_partitions, timeout)
 
 
 class Transport(driver.Transport):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+import faust.transport.consumer
 import pytest
 
 from gpl.runtime.broker import EmbeddedBroker
@@ -85,9 +87,49 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     assert acc["unexposed_candidates"] == 17 + 9
 
 
+def fetch_before_seek(monkeypatch: pytest.MonkeyPatch, proc: StreamsProcessor) -> list[int]:
+    """Make the race behind lost joins happen every time instead of ~1 run in 3.
+
+    At the end of table recovery faust resumes the stream partitions, then seeks them to their committed
+    offsets. A fetch of faust's fetch loop landing there drained stream records that faust then dropped (flow
+    still stopped, or the partition paused again), and the seek did not rewind a partition without a commit.
+    This hook fetches exactly there, the way faust's fetch loop does (``consumer._getmany`` with the live set
+    of active partitions), and throws the records away as faust did. Returns the number of stream records each
+    forced fetch got (0 once the transport refuses to fetch stream partitions during a rebalance).
+
+    Patched on the class: touching ``proc.app.consumer`` here would build the consumer on the wrong event loop.
+    """
+    fetched: list[int] = []
+    original = faust.transport.consumer.Consumer.perform_seek
+
+    async def perform_seek(self: Any) -> None:
+        if self.app is proc.app:
+            records = await self._getmany(self._get_active_partitions(), timeout=2.0)
+            fetched.append(sum(len(v) for tp, v in records.items() if tp.topic in ("recall", "exposure")))
+        await original(self)
+
+    monkeypatch.setattr(faust.transport.consumer.Consumer, "perform_seek", perform_seek)
+    return fetched
+
+
 def test_pending_table_survives_restart(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     """A recall waiting in the changelogged table is joined by an exposure that comes after a restart."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2, streams={"join_wait_s": 120.0})
+    restart_and_join(tmp_path, fresh_broker, partitions=2)
+
+
+def test_restart_loses_nothing_fetched_during_rebalance(tmp_path: Path, fresh_broker: EmbeddedBroker,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the race of the test above forced (DESIGN.md §5.1, streams/transport.py)."""
+    fetched = restart_and_join(tmp_path, fresh_broker, partitions=3, force_race=monkeypatch)
+    assert fetched, "the hook ran"
+
+
+def restart_and_join(tmp_path: Path, fresh_broker: EmbeddedBroker, partitions: int,
+                     force_race: pytest.MonkeyPatch | None = None) -> list[int]:
+    """60 recalls wait in the table of a first worker; 60 exposures are produced while no worker runs, so they
+    sit in partitions without a committed offset while the second worker rebalances and recovers: every
+    request must be joined by the second worker, once."""
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=partitions, streams={"join_wait_s": 120.0})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
     first = StreamsProcessor(s, index)
@@ -96,8 +138,12 @@ def test_pending_table_survives_restart(tmp_path: Path, fresh_broker: EmbeddedBr
         wait_for(lambda: first.waiting == 60, 60, "recalls to wait")
         time.sleep(1.0)  # let the changelog writes be acknowledged
     second = StreamsProcessor(s, index)
+    fetched = fetch_before_seek(force_race, second) if force_race else []
     produce(s, "exposure", [exposure(f"q{i}", f"u{i % 7}", [1 + i % 40], set()) for i in range(60)])
     with running(second, "streams-2"):
-        wait_for(lambda: second.accounting["joined"] == 120, 180,
+        # a lost exposure never comes back: 60 s is ample for the join itself (it takes a few seconds)
+        wait_for(lambda: second.accounting["joined"] == 120, 60,
                  lambda: f"all 60 requests to join after restart: {second.accounting.snapshot()}")
     assert second.accounting["dlq:duplicate"] == 0
+    assert second.accounting["exposure_in"] == 60
+    return fetched
