@@ -7,11 +7,16 @@
 Both inputs are keyed by ``user_id`` with the same partition count, so one agent reads them together
 and a user's requests, interest state and anchors live in one partition: no repartition hop.
 Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
-until its partner arrives or ``join_wait_s`` passes. After a request is joined or expired a small
-marker stays for ``dedup_window_s`` to recognise duplicates and late arrivals. Markers live in memory,
-not in the changelog: on the embedded broker every changelog record costs a round trip (one record
-per batch, docs/design.md §5), and after a restart a duplicate that slips past the lost markers is still
-harmless downstream, because sample ids are deterministic and the trainer drops repeats.
+until its partner arrives or ``join_wait_s`` passes. Expiry is decided by a timer but carried out by the
+agent: the timer only sends the due request to the internal ``<app id>-expiry`` topic, at the request's
+partition, and the agent expires it while iterating that topic. Tables can only be written inside stream
+iteration (faust raises otherwise and the agent dies), and an expiry may write both tables: an exposure
+whose recall never came still yields its real labels and updates the user's interest.
+After a request is joined or expired a small marker stays for ``dedup_window_s`` to recognise
+duplicates and late arrivals. Markers live in memory, not in the changelog: on the embedded broker every
+changelog record costs a round trip (one record per batch, docs/design.md §5), and after a restart a duplicate
+that slips past the lost markers is still harmless downstream, because sample ids are deterministic and
+the trainer drops repeats.
 
 Every input message ends in exactly one outcome of :attr:`StreamsProcessor.accounting`:
 ``joined`` (both sides), ``expired``,
@@ -24,14 +29,15 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import faust
 import numpy as np
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import JOIN_PENDING
@@ -65,31 +71,11 @@ log = logging.getLogger(__name__)
 STAGE = "streams"
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
+_DEADLINE = struct.Struct("<q")  # value of an expiry message: the deadline it was scheduled for
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class PartitionTable(faust.Table):
-    """A Table that can also be written from a timer, for a partition the caller names.
-
-    Faust picks a changelog partition from the current event; expiry runs from a timer with no event,
-    so the partition (kept inside each record) is given explicitly with :meth:`at_partition`.
-    """
-
-    _forced: int | None = None
-
-    def partition_for_key(self, key: Any) -> int | None:
-        return self._forced if self._forced is not None else super().partition_for_key(key)
-
-    @contextmanager
-    def at_partition(self, partition: int) -> Iterator[None]:
-        self._forced = partition
-        try:
-            yield
-        finally:
-            self._forced = None
 
 
 class Catalog:
@@ -142,15 +128,18 @@ class StreamsProcessor:
         setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010 - read by streams/transport.py
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
-        events = app.topic(RECALL.name, EXPOSURE.name, **RAW)
+        # the expiry topic is internal (declared by faust with the app's partition count) and read by the
+        # same agent as the inputs: co-partitioned with them, so an expiry runs where its request lives
+        self.expiry_topic_name = f"{cfg.app_id}-expiry"
+        events = app.topic(RECALL.name, EXPOSURE.name, self.expiry_topic_name, **RAW)
+        self.expiry_topic = app.topic(self.expiry_topic_name, partitions=s.kafka.partitions, internal=True, **RAW)
         self.out_samples = app.topic(SAMPLES.name, **RAW)
         self.out_unexposed = app.topic(UNEXPOSED.name, **RAW)
         self.out_anchor_requests = app.topic(ANCHOR_REQUESTS.name, **RAW)
         self.dlq = {t: app.topic(f"{t}.dlq", **RAW) for t in (RECALL.name, EXPOSURE.name)}
         # state: pending joins by request id; interest by user id (both changelogged)
-        self.pending: PartitionTable = cast(PartitionTable, app.tables.add(PartitionTable(
-            app, name="pending", partitions=s.kafka.partitions, **RAW_TABLE, beacon=app.tables.beacon,
-            on_recover=self._on_recover)))
+        self.pending = cast(faust.Table, app.Table("pending", partitions=s.kafka.partitions, **RAW_TABLE,
+                                                   on_recover=self._on_recover))
         self.interest = cast(faust.Table, app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE))
 
         @app.agent(events)
@@ -160,6 +149,8 @@ class StreamsProcessor:
                 try:
                     if m.topic == RECALL.name:
                         await self.on_recall(m)
+                    elif m.topic == self.expiry_topic_name:
+                        await self.on_expiry(m.key, m.value)
                     else:
                         await self.on_exposure(m)
                 except DecodeError as e:
@@ -273,10 +264,15 @@ class StreamsProcessor:
             self.accounting.add(f"anchor_requests:{reason}")
         self.interest[key] = state.pack()
 
-    # ------------------------------------------------------------------ expiry (timer)
+    # ------------------------------------------------------------------ expiry (timer → agent)
     async def expire_due(self) -> None:
+        """Timer: forget due markers (memory only) and hand due pending requests to the agent.
+
+        Writes no table: faust refuses table writes outside stream iteration. The agent re-checks the record
+        when the expiry message arrives (:meth:`on_expiry`), so a partner that came meanwhile, or a duplicate
+        expiry message (after a restart the heap is rebuilt and may schedule it again), changes nothing.
+        """
         now = now_ms()
-        cfg = self.settings.streams
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, key, partition = heapq.heappop(self._deadlines)
             mark = self._markers.get(key)
@@ -284,22 +280,36 @@ class StreamsProcessor:
                 del self._markers[key]
                 continue
             raw = self.pending.get(key)
-            if raw is None:
+            if raw is None or self._due(Pending.unpack(raw), deadline) is None:
                 continue
-            rec = Pending.unpack(raw)
-            if rec.deadline_ms != deadline or rec.kind in (DONE, EXPIRED):
-                continue  # superseded by a newer record of the same request
-            with self.pending.at_partition(partition):
-                del self.pending[key]
-            self._mark(key, marker(EXPIRED, rec.user_id, rec.ts, now + int(cfg.dedup_window_s * 1000), partition))
-            self.waiting -= 1
-            if rec.kind == PENDING_RECALL:
-                self.accounting.add("expired")
-            else:  # an exposure whose recall never came: real labels all the same
-                self.accounting.add("exposure_only")
-                assert rec.exposure is not None
-                await self.emit_real(decode(rec.exposure, ExposureEvent))
+            await self.expiry_topic.send(key=key, value=_DEADLINE.pack(deadline), partition=partition)
         JOIN_PENDING.set(self.waiting)
+
+    @staticmethod
+    def _due(rec: Pending, deadline: int) -> Pending | None:
+        """The record if it is still the one waiting for ``deadline``; None if superseded or already done."""
+        if rec.deadline_ms != deadline or rec.kind not in (PENDING_RECALL, PENDING_EXPOSURE):
+            return None
+        return rec
+
+    async def on_expiry(self, key: bytes, value: bytes) -> None:
+        """Agent: expire a request the timer found due (inside stream iteration, at the request's partition)."""
+        (deadline,) = _DEADLINE.unpack(value)
+        raw = self.pending.get(key)
+        rec = self._due(Pending.unpack(raw), deadline) if raw else None
+        if rec is None or key in self._markers:
+            return  # joined or expired since the timer looked
+        cfg = self.settings.streams
+        del self.pending[key]
+        self._mark(key, marker(EXPIRED, rec.user_id, rec.ts, now_ms() + int(cfg.dedup_window_s * 1000),
+                               rec.partition))
+        self.waiting -= 1
+        if rec.kind == PENDING_RECALL:
+            self.accounting.add("expired")
+        else:  # an exposure whose recall never came: real labels all the same
+            self.accounting.add("exposure_only")
+            assert rec.exposure is not None
+            await self.emit_real(decode(rec.exposure, ExposureEvent))
 
     async def _on_recover(self) -> None:
         """After a restart the table comes back from its changelog: rebuild the deadline heap."""
@@ -335,8 +345,34 @@ class StreamsProcessor:
         log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, e.reason, e)
 
     # ------------------------------------------------------------------ lifecycle
+    def create_internal_topics(self, timeout: float = 30.0) -> None:
+        """Create the expiry topic with the app's partition count before faust subscribes to it.
+
+        faust declares only internal topics it subscribes to alone; a topic the broker auto-creates gets the
+        broker's default count, and faust then refuses it as the source of the tables' changelogs
+        (PartitionsMismatch, docs/design.md §5). An existing topic is left alone.
+        """
+        kafka = self.settings.kafka
+        admin = AdminClient(kafka.client_config())
+        if self.expiry_topic_name in admin.list_topics(timeout=timeout).topics:
+            return
+        topic = NewTopic(self.expiry_topic_name, num_partitions=kafka.partitions,
+                         replication_factor=kafka.replication_factor)
+        try:
+            admin.create_topics([topic], operation_timeout=timeout)[self.expiry_topic_name].result(timeout)
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # consumers must see its partitions when they join
+            md = admin.list_topics(timeout=timeout).topics.get(self.expiry_topic_name)
+            if md is not None and md.partitions:
+                return
+            time.sleep(0.1)
+
     def run(self, stop: threading.Event) -> None:
         """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
+        self.create_internal_topics()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
 

@@ -17,7 +17,7 @@
    to their committed offsets to undo whatever was fetched but not processed. aiokafka's
    ``seek_to_committed`` skips a partition that has no committed offset yet (a topic that had no traffic
    before the restart), so records dropped as in 2. were lost for good: a restart lost joins
-   (DESIGN.md §5.1). With ``consumer_auto_offset_reset="earliest"`` (faust's default) such a partition is
+   (docs/design.md §5). With ``consumer_auto_offset_reset="earliest"`` (faust's default) such a partition is
    sought to its beginning, the position it had at assignment. That is the at-least-once rule faust
    already applies to committed partitions (the uncommitted tail is read again), extended to partitions
    whose commit point is "nothing yet".

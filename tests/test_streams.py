@@ -87,6 +87,32 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     assert acc["unexposed_candidates"] == 17 + 9
 
 
+def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+    """A clicked exposure whose recall never comes: at expiry its real labels are still produced and the
+    user's interest is updated (a table write: it must happen inside stream iteration, not in the timer,
+    where faust raised and killed the agent), and the app keeps processing later messages."""
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2, streams={"join_wait_s": 1.0, "debounce_s": 0})
+    create_topics(s.kafka)
+    proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
+    produce(s, "exposure", [exposure("lonely", "u1", [1, 2], {2})])
+    with running(proc, "streams"):
+        wait_for(lambda: proc.accounting["exposure_only"] == 1, 30,
+                 lambda: f"the exposure to expire alone: {proc.accounting.snapshot()}")
+        # later messages are still processed: a normal join after the expiry
+        produce(s, "recall", [recall("after", "u2", [3, 4, 5])])
+        produce(s, "exposure", [exposure("after", "u2", [3], {3})])
+        wait_for(lambda: proc.accounting["joined"] == 2, 30,
+                 lambda: f"a join after the expiry: {proc.accounting.snapshot()}")
+        samples = drain(s, "samples", expect=2)
+        requests = drain(s, "anchor-requests", expect=2)
+    labels = sorted((b["request_id"], x["item_id"], x["label"]) for b in samples for x in b["samples"])
+    assert labels == [("after", 3, 1.0), ("lonely", 1, 0.0), ("lonely", 2, 1.0)]
+    assert sorted((r["user_id"], r["reason"]) for r in requests) == [("u1", "cold_start"), ("u2", "cold_start")]
+    assert proc.waiting == 0
+    acc = proc.accounting.snapshot()
+    assert not any(k.startswith("dlq:") for k in acc), acc
+
+
 def fetch_before_seek(monkeypatch: pytest.MonkeyPatch, proc: StreamsProcessor) -> list[int]:
     """Make the race behind lost joins happen every time instead of ~1 run in 3.
 
