@@ -74,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the whole pipeline on MovieLens on the embedded stack, with a summary",
-                       description="Simulate a biased funnel over MovieLens, replay it through the broker, run "
-                                   "every stage, train the pre-ranker and print a summary with an offline metric.")
+                       description="Simulate a recommender over MovieLens, fit the pseudo-label calibrator on the "
+                                   "training period, replay it through the broker, run every stage, train the "
+                                   "pre-ranker with GPL labels and an exposed-only one from the same stream, and "
+                                   "print both on held-out requests.")
+    d.add_argument("--world", choices=("semisynth", "funnel"), default="semisynth",
+                   help="semisynth (default): clicks from an oracle fitted on all ratings, random exposure and "
+                        "known truth for every candidate of held-out requests (an unbiased metric); funnel: the "
+                        "biased MovieLens funnel, truth only for rated items (default: %(default)s)")
     d.add_argument("--users", type=int, default=100, help="MovieLens users to simulate (default 100)")
-    d.add_argument("--candidates", type=int, default=500, help="recalled candidates per request (default 500)")
-    d.add_argument("--requests-per-user", type=int, default=20)
+    d.add_argument("--candidates", type=int, default=500,
+                   help="recalled candidates per request, funnel world (default 500; semisynth: 200)")
+    d.add_argument("--requests-per-user", type=int, default=20, help="max requests per user, funnel world")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--export-jsonl", type=Path, help="only write the simulated events as JSONL and exit")
     d.set_defaults(run=cmd_demo)
@@ -159,7 +166,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.demo import DemoConfig, demo_settings, print_summary, run_demo
 
     cfg = DemoConfig(users=args.users, candidates=args.candidates, max_requests_per_user=args.requests_per_user,
-                     seed=args.seed)
+                     seed=args.seed, world=args.world)
     if args.export_jsonl:
         from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 
