@@ -244,7 +244,9 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             alpha=0.15,
         )
     ax.set_xlabel("K")
+    ax.set_xticks(range(1, 21))
     ax.set_ylabel("HR@K (entire space)")
+    ax.set_title(f"{results['dataset']['name']}: entire-space HR@K on test requests, mean ± std", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
