@@ -60,7 +60,7 @@ def demo_settings(settings: Settings) -> Settings:
     and MovieLens users rate for months, so a debounce of 30 days gives a few anchor sets per user."""
     return settings.with_overrides(
         streams={"debounce_s": 30 * 86_400.0, "new_positives_trigger": 15, "join_wait_s": 20.0},
-        labeler={"wait_for_anchors_s": 300.0},
+        labeler={"wait_for_anchors_s": 30.0},
         trainer={"checkpoint_every": 5_000},
     )
 

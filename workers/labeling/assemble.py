@@ -17,7 +17,13 @@ from schemas.ids import sample_id
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence, describe_weight
-from workers.labeling.features import anchor_weights, feature_matrix, prior_features, similarity_features
+from workers.labeling.features import (
+    anchor_weights,
+    feature_matrix,
+    needs_anchors,
+    prior_features,
+    similarity_features,
+)
 from workers.labeling.interaction_stats import InteractionStats
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
@@ -137,6 +143,13 @@ class Labeling:
         return self.calibrator.version if isinstance(self.label, Calibrator) and self.calibrator else ""
 
 
+def no_anchors(user_id: str, dim: int, encoder: str) -> UserAnchors:
+    """The stand-in anchor set of a user without anchors, for calibrators that read no similarity: one zero
+    vector (version 0, model ``none``), so lineage and sample ids stay well defined."""
+    return UserAnchors.of(np.zeros((1, dim), np.float32), np.zeros(1, np.float32), history=np.zeros(0, np.int64),
+                          user_id=user_id, model="none", prompt_hash="-", encoder=encoder)
+
+
 class Abstained(LookupError):
     """No usable calibrator: the batch gets no pseudo-labels (counted), never a default map."""
 
@@ -147,11 +160,13 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     Raises :class:`NoAnchors` when the user has no anchors. No pydantic object is built per sample;
     the output validates as :class:`schemas.events.SampleBatch` (tested).
     """
-    entry = ctx.cache.get(b.user_id)
-    if entry is None:
-        raise NoAnchors(b.user_id)
     if ctx.label is None:
         raise Abstained(ctx.abstain_reason or "no calibrator")
+    entry = ctx.cache.get(b.user_id)
+    if entry is None:
+        if not isinstance(ctx.label, Calibrator) or needs_anchors(ctx.label.features) or ctx.items.dim is None:
+            raise NoAnchors(b.user_id)
+        entry = no_anchors(b.user_id, ctx.items.dim, ctx.cache.encoder)  # a prior-only calibrator needs none
     cfg, items, ids = ctx.cfg, ctx.items, b.item_ids
     n = int(ids.shape[0])
     rows, missing = items.lookup(ids)

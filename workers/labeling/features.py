@@ -33,6 +33,13 @@ from __future__ import annotations
 import numpy as np
 
 FEATURES: tuple[str, ...] = ("s1", "s2", "s_mean", "s_cent", "log_recall", "log_exposed", "user_ctr")
+SIMILARITY_FEATURES: tuple[str, ...] = ("s1", "s2", "s_mean", "s_cent")  # need the user's anchors
+PRIOR_FEATURES: tuple[str, ...] = ("log_recall", "log_exposed", "user_ctr")  # need only the counts
+
+
+def needs_anchors(features: tuple[str, ...]) -> bool:
+    """Whether a calibrator over ``features`` can label a user only once the user has anchors."""
+    return bool(set(features) & set(SIMILARITY_FEATURES))
 SMOOTHING = 10.0  # pseudo-exposures of the user click-rate prior
 
 
