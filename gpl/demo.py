@@ -47,7 +47,7 @@ class DemoConfig:
     users: int = 100
     candidates: int = 500
     max_requests_per_user: int = 20
-    features: str = "priors"  # the calibrator's feature set (gpl.eval.calibration.FEATURE_SETS; docs/eval.md)
+    features: str = "priors"  # the calibrator's feature set: gpl.eval.calibration.DEFAULT_FEATURE_SET (docs/eval.md)
     world: str = "semisynth"  # semisynth (unbiased held-out slice) or funnel (the biased MovieLens funnel)
     train_fraction: float = 0.8
     seed: int = 0

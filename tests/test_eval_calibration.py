@@ -139,11 +139,11 @@ def test_abstention_is_reported_never_a_fallback(tiny: Path, tmp_path: Path, mon
     reason = "does not beat the base rate on held-out users (test)"
     monkeypatch.setattr("gpl.eval.gpl_rows.fit_dataset_calibrator",
                         lambda *a, **k: CalibrationFit(None, True, reason, {"rows": 10.0}))
-    cfg = EvalConfig(methods=["exposed", "gpl", "gpl-map"], seeds=1, epochs=1, anchors="memory",
+    cfg = EvalConfig(methods=["exposed", "gpl-anchors", "gpl-map"], seeds=1, epochs=1, anchors="memory",
                      out=tmp_path / "o", progress=False, plots=False)
     res = run_eval(tiny, tiny_settings(tmp_path), cfg, encoder=HashEncoder())
-    assert res["calibration"]["gpl"]["abstain"] is True
-    assert res["unavailable"]["gpl"].startswith("calibrator abstained") and "gpl" not in res["summary"]
+    assert res["calibration"]["gpl-anchors"]["abstain"] is True
+    assert res["unavailable"]["gpl-anchors"].startswith("calibrator abstained") and "gpl-anchors" not in res["summary"]
     assert "gpl-map" in res["summary"]  # the explicit map ablation still runs
     md = (tmp_path / "o" / "results.md").read_text()
     assert "abstained" in md and reason in md

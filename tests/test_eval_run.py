@@ -157,7 +157,7 @@ def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path)
         assert "not available" in (out / "results.md").read_text()
     assert res["anchors"]["mode"] == "memory" and res["anchors"]["books"]["content"]["users"] > 0
     assert res["calibration"]["gpl-map"]["label"] == "map" and "gpl-map" in ran
-    if "gpl" in ran:
+    if "gpl" in ran:  # the closed loop replays the shipped default's labels
         loop = res["closed_loop_calibration"]["gpl"]
         assert loop["counts"]["remembered"] == res["method_info"]["gpl"]["rows"]
         assert loop["counts"]["joined"] == sum(g["joined"] for g in loop["groups"])

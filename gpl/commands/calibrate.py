@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gpl.eval.calibration import FEATURE_SETS
+    from gpl.eval.calibration import DEFAULT_FEATURE_SET, FEATURE_SETS
 
     p = sub.add_parser("calibrate", help="fit the pseudo-label calibrator on a dataset and write its artifact",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "training), or 'movielens' / 'semisynth'")
     p.add_argument("--out", type=Path, default=None,
                    help="artifact path (default labeler.calibrator_path, else <data_dir>/calibrator/calibrator.json)")
-    p.add_argument("--features", choices=sorted(FEATURE_SETS), default="content",
-                   help="content: anchor similarities + priors (default); priors: popularity and user click rate only")
+    p.add_argument("--features", choices=sorted(FEATURE_SETS), default=DEFAULT_FEATURE_SET,
+                   help="priors: popularity and user click rate only (default, chosen on validation); content: "
+                        "anchor similarities + priors (default: %(default)s)")
     p.add_argument("--sim-seed", type=int, default=0, help="simulator seed for 'movielens'/'semisynth'")
     p.set_defaults(run=run)
 

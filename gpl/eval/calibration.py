@@ -40,10 +40,17 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize
 from workers.labeling.anchor_book import UserAnchors
 from workers.labeling.calibrator import CalibrationFit, fit_calibrator
-from workers.labeling.features import FEATURES, anchor_weights, feature_matrix, prior_features, similarity_features
+from workers.labeling.features import (
+    FEATURES,
+    PRIOR_FEATURES,
+    anchor_weights,
+    feature_matrix,
+    prior_features,
+    similarity_features,
+)
 
-PRIOR_FEATURES: tuple[str, ...] = ("log_recall", "log_exposed", "user_ctr")
 FEATURE_SETS: dict[str, tuple[str, ...]] = {"content": FEATURES, "priors": PRIOR_FEATURES}
+DEFAULT_FEATURE_SET = "priors"  # the validation rule's winner (docs/eval.md, "How the defaults were chosen")
 SIMILARITY = frozenset({"s1", "s2", "s_mean", "s_cent"})
 FOLDS = 3
 L2 = 1e-4

@@ -6,10 +6,11 @@ Every GPL method labels through the streaming labeler's :func:`~workers.labeling
 the method no pseudo-labels: the row says so (``unavailable``) and results.json keeps the figures that
 decided it — there is no fallback map.
 
-``gpl``            content anchors (the stream's k-means backend), features ``FEATURES``, ``labeler.*`` as set
-``gpl-noanchors``  ablation: priors only (log_recall, log_exposed, user_ctr; no similarity, no monotone
-                   constraint) — anchors only decide who is labeled, as in the stream
-``gpl-noconf``     ablation: ``gpl`` with w = 1 (every ``labeler.use_<term>`` off)
+``gpl``            the shipped default: a calibrator of the priors only (log_recall, log_exposed, user_ctr;
+                   no similarity, no monotone constraint), chosen by the validation rule (docs/eval.md);
+                   like the labeler it labels users without anchors too
+``gpl-anchors``    GPL as designed: content anchors (the stream's k-means backend), features ``FEATURES``
+``gpl-noconf``     ablation: ``gpl-anchors`` with w = 1 (every ``labeler.use_<term>`` off)
 ``gpl-map``        ablation: the fixed map ``sigmoid((s1 - label_center) / label_temperature)`` of the
                    settings instead of a calibrator (the old labeler, kept to show what calibration buys)
 ``gpl-sid``        semantic-ID anchors (workers/sid), calibrator cross-fitted with SID anchors
@@ -43,17 +44,17 @@ class GPLSpec:
 
 
 SPECS: dict[str, GPLSpec] = {
-    "gpl": GPLSpec("content", "content"),
-    "gpl-noanchors": GPLSpec("content", "priors"),
+    "gpl": GPLSpec("content", "priors"),
+    "gpl-anchors": GPLSpec("content", "content"),
     "gpl-noconf": GPLSpec("content", "content", confidence=False),
     "gpl-map": GPLSpec("content", None),
     "gpl-sid": GPLSpec("sid", "content"),
     "gpl-text": GPLSpec("text", "content"),
 }
 LABELS = {
-    "gpl": "GPL (content anchors + calibrator)",
-    "gpl-noanchors": "GPL calibrator, priors only (no anchor features)",
-    "gpl-noconf": "GPL w/o confidence (w=1)",
+    "gpl": "GPL default: calibrated priors (no anchor features)",
+    "gpl-anchors": "GPL content anchors + calibrator",
+    "gpl-noconf": "GPL content anchors, w=1",
     "gpl-map": "GPL fixed label map (no calibrator)",
     "gpl-sid": "GPL SID anchors + calibrator",
     "gpl-text": "GPL LLM text anchors + calibrator",

@@ -23,9 +23,10 @@ from gpl.eval.anchors import SourceAnchors
 from gpl.eval.calibration import TrainingPriors, unit_centroid
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import LabelerSettings
-from workers.labeling.assemble import label_candidates
+from workers.labeling.assemble import label_candidates, no_anchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, consistency_of
+from workers.labeling.features import needs_anchors
 from workers.labeling.label_map import LabelMap
 from workers.labeling.sampling import RequestRng
 
@@ -55,7 +56,8 @@ def gpl_labels(
     priors: TrainingPriors | None = None,
     requests: np.ndarray | None = None,
 ) -> PseudoLabels:
-    """Pseudo-label the unexposed training candidates of every anchored user, request by request.
+    """Pseudo-label the unexposed training candidates of every anchored user (of every user, for a calibrator
+    that reads no similarity — as the labeler does), request by request.
 
     Each request goes through :func:`workers.labeling.assemble.label_candidates` with the request's
     draw from the labeler's :class:`~workers.labeling.sampling.RequestRng` (seeded by ``labeler.seed`` +
@@ -66,7 +68,10 @@ def gpl_labels(
         priors = TrainingPriors.of(ds, train)
     rows = np.flatnonzero(~ds.exposed & train[ds.row_request])
     users = ds.row_user[rows]
-    rows = rows[np.isin(users, np.fromiter(book.users, np.int64, len(book.users)))]
+    # as in the stream: a calibrator that reads no similarity labels users without anchors too (stand-in set)
+    stand_in = isinstance(label, Calibrator) and not needs_anchors(label.features)
+    if not stand_in:
+        rows = rows[np.isin(users, np.fromiter(book.users, np.int64, len(book.users)))]
     rows = rows[np.argsort(ds.row_request[rows], kind="stable")]
     req = ds.row_request[rows]
     request_rng = RequestRng(cfg.seed + seed)
@@ -79,7 +84,7 @@ def gpl_labels(
             continue
         r = int(req[part[0]])
         u = int(ds.req_user[r])
-        a = book.users[u]
+        a = book.users.get(u) or no_anchors(ds.users[u], item_vectors.shape[1], "")
         if u not in per_user:
             cons = consistency_of(a.vectors, item_vectors[a.history]) if cfg.use_consistency else 1.0
             per_user[u] = (cons, unit_centroid(a, item_vectors))

@@ -222,7 +222,8 @@ def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors)
         pa, pb = pl_bounds[r], pl_bounds[r + 1]
         if pb > pa:
             pr = pl_rows[pa:pb]
-            fb = bool(book_meta.users[int(ds.req_user[r])].fallback)
+            anchors = book_meta.users.get(int(ds.req_user[r]))  # None: a prior-only label without anchors
+            fb = bool(anchors.fallback) if anchors is not None else False
             cal.remember(
                 [user] * len(pr),
                 ds.item_ids[ds.item[pr]].tolist(),
