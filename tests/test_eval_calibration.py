@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.eval.anchors import content_anchors, training_histories
+from gpl.eval.anchor_sources import content_anchors, training_histories
 from gpl.eval.calibration import (
     FEATURE_SETS,
     TrainingPriors,

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from gpl.commands import eval as eval_cmd
-from gpl.eval.anchors import training_histories
+from gpl.eval.anchor_sources import training_histories
 from gpl.eval.dataset import UNKNOWN, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.report import BAR_METRICS

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpl.eval.anchors import content_anchors, pick_users, sid_anchors, training_histories
+from gpl.eval.anchor_sources import content_anchors, pick_users, sid_anchors, training_histories
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.runtime.encoder import HashEncoder

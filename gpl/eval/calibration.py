@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.eval.anchors import content_anchors, training_histories
+from gpl.eval.anchor_sources import content_anchors, training_histories
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize

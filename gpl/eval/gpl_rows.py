@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.eval.anchors import SourceAnchors
+from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.calibration import FEATURE_SETS, TrainingPriors, fit_dataset_calibrator
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.pseudo import PseudoLabels, gpl_labels

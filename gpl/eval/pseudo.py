@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.eval.anchors import SourceAnchors
+from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.calibration import TrainingPriors, unit_centroid
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import LabelerSettings

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from gpl.eval import metrics as M
-from gpl.eval.anchors import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
+from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
 from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder
 from gpl.eval.gpl_rows import LABELS as GPL_LABELS
@@ -318,7 +318,7 @@ def _run(
                                                      [u for u in hists if u in chosen]).users
     vbooks, unavailable = vector_books(settings, ds, histories, pick_users(ds, histories, None), item_vectors,
                                        cfg.methods, cache_dir=cache_dir, sid_epochs=cfg.sid_epochs,
-                                       progress=cfg.progress)  # content, gpl-sid (gpl/eval/anchors.py)
+                                       progress=cfg.progress)  # content, gpl-sid (gpl/eval/anchor_sources.py)
     books |= vbooks
     timing["anchors"] = time.perf_counter() - t
     anchored = set(books["text"].users) if "text" in books else set()
