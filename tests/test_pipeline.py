@@ -19,12 +19,22 @@ from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from tests.conftest import make_settings
 from tests.helpers import drain, wait_for
+from workers.labeling.calibrator import Calibrator
+from workers.labeling.features import FEATURES
 
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).resolve().parent.parent / "data" / "movielens-small"
 
 
-def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def fixed_calibrator(encoder: str) -> Calibrator:
+    """A calibrator over every feature the labeler computes, with fixed coefficients (no fit needed here)."""
+    return Calibrator(features=FEATURES, mean=(0.3, 0.2, 0.2, 0.3, -3.0, -4.0, -1.5), scale=(0.2,) * 4 + (1.0,) * 3,
+                      coef=(0.8, 0.1, 0.2, 0.3, 0.5, 0.2, 0.4), intercept=-2.0, monotone="s1", encoder=encoder,
+                      catalogue="")
+
+
+@pytest.mark.parametrize("label_source", ["map", "calibrator"])
+def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBroker, label_source: str) -> None:
     from gpl.replay import replay_jsonl
     from workers.trainer import latest_checkpoint
 
@@ -35,10 +45,13 @@ def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBro
     s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=3,
                       encoder={"model": "hash-bow-64"}, anchors={"backend": "memory", "k": 3},
                       streams={"debounce_s": 0, "join_wait_s": 30},
-                      labeler={"wait_for_anchors_s": 60, "top_n": 5, "random_n": 5, "cap": 8},
+                      labeler={"wait_for_anchors_s": 60, "top_n": 5, "random_n": 5, "cap": 8,
+                               "label_source": label_source},
                       trainer={"checkpoint_every": 50, "batch_size": 32})
+    calibrator = fixed_calibrator("hash-bow-64").save(s.calibrator_file) if label_source == "calibrator" else None
     recalls = {e.request_id: e for t, e in sim.events if isinstance(e, RecallEvent)}
     exposures = {e.request_id: e for t, e in sim.events if isinstance(e, ExposureEvent)}
+    real_expected = [it for e in exposures.values() for it in e.items]
 
     with Stack(s) as stack:
         names = ("indexer", "streams", "anchors", "labeler", "trainer")
@@ -58,6 +71,11 @@ def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBro
             trainer = stages.stages["trainer"]
             wait_for(lambda: trainer.counts["messages"] == len(samples), 120,  # type: ignore[attr-defined]
                      lambda: f"trainer to consume all samples: {trainer.counts}")  # type: ignore[attr-defined]
+            labeler_counts = labeler.accounting.snapshot()
+            if calibrator is not None:  # real labels reach the labeler too (they feed its priors)
+                wait_for(lambda: labeler.accounting["real_labels_seen"] >= len(real_expected), 60,
+                         lambda: f"labeler to see the real labels: {labeler.accounting.snapshot()}")
+                labeler_counts = labeler.accounting.snapshot()
         assert not stages.errors
         trained = dict(trainer.counts)  # type: ignore[attr-defined]
         unexposed = drain(s, "unexposed", expect=len(recalls))
@@ -82,6 +100,13 @@ def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBro
     assert anchored <= {b["user_id"] for b in pseudo}
     lineage = pseudo[0]["lineage"]
     assert lineage["encoder"] == "hash-bow-64" and lineage["anchor_version"] >= 1 and lineage["prompt_hash"]
+    if calibrator is not None:  # the calibrated path: its version in every label's lineage, real labels counted
+        version = fixed_calibrator("hash-bow-64").version
+        assert {b["lineage"]["calibrator"] for b in pseudo} == {version} and version in lineage["label_map"]
+        assert labeler_counts["real_labels_seen"] == sum(len(e.items) for e in exposures.values())
+        assert labeler_counts.get("abstained", 0) == 0
+    else:
+        assert lineage.get("calibrator", "") == ""
     x = next(x for x in pseudo[0]["samples"] if x["source"] == "pseudo")
     assert 0 <= x["label"] <= 1 and x["weight"] >= 0 and x["matched_anchor"] is not None and x["confidence"]
     # a checkpoint appeared, covering every sample
