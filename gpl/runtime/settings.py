@@ -83,8 +83,12 @@ class AnchorSettings(Section):
                     "content (k-means of the user's positives, no model)")
     sid_dir: str = Field(default="", description="backend sid: artifacts; empty: <data_dir>/sid/<encoder>")
     beam_width: int = Field(default=16, ge=1, description="backend sid: beams per user (>= k is used)")
-    model_dir: str = Field(default="", description="HF model dir; empty: <data_dir>/models/smollm2-135m-instruct")
-    model_name: str = "SmolLM2-135M-Instruct"
+    model_dir: str = Field(default="", description="HF model dir; empty: <data_dir>/models/<the llm's dir>")
+    llm: Literal["smollm2-135m", "qwen2.5-coder-1.5b"] = Field(
+        default="smollm2-135m", description="local LLM asset (gpl models fetch) used when model_dir is empty; "
+                                            "qwen2.5-coder-1.5b: stronger, ~4x slower, 3.4 GB")
+    model_name: str = Field(default="SmolLM2-135M-Instruct",
+                            description="label and cache key; unset (or a registry model's): the llm's")
     k: int = Field(default=4, ge=1, le=32, description="anchors per user")
     max_new_tokens: int = Field(default=96, ge=8)
     temperature: float = Field(default=0.0, ge=0.0)
@@ -109,6 +113,18 @@ class AnchorSettings(Section):
     rate_limit: float = Field(default=0.0, ge=0, description="max generations/s; 0: follow measured capacity")
     cache: bool = Field(default=True, description="replay cache of generated anchors in data_dir")
     cache_max_entries: int = Field(default=1_000_000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_follows_llm(cls, data: Any) -> Any:
+        """``model_name`` unset, or naming another registry LLM (a copy that changed ``llm``): the llm's."""
+        from gpl.runtime.model_assets import LLM_ASSETS
+
+        if isinstance(data, dict) and data.get("llm", "smollm2-135m") in LLM_ASSETS:
+            names = {a.model for a in LLM_ASSETS.values()}
+            if data.get("model_name") in names | {None}:
+                data = {**data, "model_name": LLM_ASSETS[data.get("llm", "smollm2-135m")].model}
+        return data
 
 
 class StreamsSettings(Section):
@@ -205,7 +221,9 @@ class Settings(BaseSettings):
     def llm_dir(self) -> Path:
         if self.anchors.model_dir:
             return Path(self.anchors.model_dir)
-        return self.data_dir / "models" / "smollm2-135m-instruct"
+        from gpl.runtime.model_assets import LLM_ASSETS
+
+        return self.data_dir / "models" / LLM_ASSETS[self.anchors.llm].dir_name
 
     def with_overrides(self, **sections: Mapping[str, Any] | Any) -> Settings:
         """A copy with some fields replaced, validated again (settings stay frozen)."""
