@@ -297,7 +297,7 @@ def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.bench.anchors import backends_table, bench_backends
+    from gpl.bench.anchor_backends import backends_table, bench_backends
 
     res = bench_backends(settings, [b.strip() for b in args.backends.split(",") if b.strip()], users=args.users,
                          batch=args.batch, repeats=args.repeats, llm_users=args.llm_users,

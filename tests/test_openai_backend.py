@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.bench.anchors import TransformersServe, transformers_serve_cmd
+from gpl.bench.anchor_backends import TransformersServe, transformers_serve_cmd
 from gpl.runtime.settings import AnchorSettings
 from workers.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.generators.openai_backend import OpenAIGenerator, backoff_delay

@@ -1,4 +1,5 @@
-"""Anchor backends' throughput (``gpl bench anchors``) and the LLM's parse rate (``python -m gpl.bench.anchors``).
+"""Anchor backends' throughput (``gpl bench anchors``) and the LLM's parse rate
+(``python -m gpl.bench.anchor_backends``).
 
 ``bench_backends`` (the CLI's ``gpl bench anchors``): users/s of the vector backends ``sid`` and
 ``content`` — and of ``transformers`` when asked (slow) — side by side in one run, on one core, medians
@@ -357,7 +358,7 @@ def backends_table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gpl.bench.anchors", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m gpl.bench.anchor_backends", description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
