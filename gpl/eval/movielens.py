@@ -21,7 +21,6 @@ quantile of request times (old users then have no test requests and recent ones 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import orjson
 
 from gpl.simulate import DEFAULT_PATH, SimConfig, load_movielens, simulate, write_jsonl
+from gpl.simulate.export import built_with
 from schemas.events import RecallEvent
 
 FORMAT = "gpl-eval-dataset/1"
@@ -71,14 +71,10 @@ def build_movielens(
         "max_requests_per_user": max_requests_per_user,
         "data": str(Path(data).resolve()),
     }
-    key = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    key, built = built_with(out, config, force=force)
+    if built:
+        return out
     meta_file = out / "meta.json"
-    if not force and meta_file.is_file():
-        try:
-            if json.loads(meta_file.read_text()).get("config_key") == key:
-                return out
-        except json.JSONDecodeError:
-            pass
     out.mkdir(parents=True, exist_ok=True)
     ml = load_movielens(data)
     cfg = SimConfig(

@@ -2,8 +2,12 @@
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,3 +70,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {k}: {v:.4g}")
 
 
+def built_with(out: Path, config: Mapping[str, Any], *, force: bool = False) -> tuple[str, bool]:
+    """(key of ``config``, whether ``out`` already holds a dataset built with exactly that configuration).
+
+    Dataset builders write the key into ``meta.json`` as ``config_key``; a rebuild is skipped only when it
+    matches, so a changed knob never reuses a stale dataset.
+    """
+    key = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    meta_file = Path(out) / "meta.json"
+    if force or not meta_file.is_file():
+        return key, False
+    try:
+        return key, json.loads(meta_file.read_text()).get("config_key") == key
+    except json.JSONDecodeError:
+        return key, False

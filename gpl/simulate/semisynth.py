@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gpl.simulate.export import built_with
 from gpl.simulate.funnel import SimConfig, simulate
 from gpl.simulate.movielens import DEFAULT_PATH, MovieLens, load_movielens
 from schemas.events import ExposureEvent, RecallEvent
@@ -162,14 +163,10 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
     out = Path(out_dir)
     config = {"seed": seed, "target_ctr": target_ctr, "test_fraction": test_fraction, "users": users,
               "data": str(Path(data).resolve()), "oracle": asdict(oracle), "v": 1}
-    key = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    key, built = built_with(out, config, force=force)
+    if built:
+        return out
     meta_file = out / "meta.json"
-    if not force and meta_file.is_file():
-        try:
-            if json.loads(meta_file.read_text()).get("config_key") == key:
-                return out
-        except json.JSONDecodeError:
-            pass
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     ml = load_movielens(data)
