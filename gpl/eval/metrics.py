@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpl.runtime.vectors.normalize import normalize
+from workers.labeling.calibrator import binary_auc, calibration_error
 
 
 def segment_ids(ptr: np.ndarray) -> np.ndarray:
@@ -101,9 +102,9 @@ def group_auc_values(
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC (ties count 1/2); NaN when only one class is present."""
-    _, a, _ = group_auc_values(scores, labels, np.zeros(len(np.asarray(scores)), np.int64))
-    return float(a[0]) if a.size else float("nan")
+    """ROC AUC (ties count 1/2); NaN when only one class is present. The calibrator's own implementation
+    (:func:`workers.labeling.calibrator.binary_auc`), so eval and the stream measure alike."""
+    return binary_auc(scores, labels)
 
 
 def gauc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
@@ -154,13 +155,9 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[np.ndarra
 
 
 def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: Σ_b n_b/N · |mean p_b − mean y_b| over equal-width bins."""
-    mp, my, cnt = reliability(p, y, bins)
-    n = cnt.sum()
-    if n == 0:
-        return float("nan")
-    ok = cnt > 0
-    return float((cnt[ok] * np.abs(mp[ok] - my[ok])).sum() / n)
+    """Expected calibration error: Σ_b n_b/N · |mean p_b − mean y_b| over equal-width bins (the calibrator's
+    :func:`workers.labeling.calibrator.calibration_error`)."""
+    return calibration_error(p, y, bins)
 
 
 def tail_share(top: np.ndarray, is_tail_row: np.ndarray) -> float:
