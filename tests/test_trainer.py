@@ -20,6 +20,8 @@ from schemas.codec import decode, encode
 from schemas.events import DeadLetter, Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
 from workers import trainer as trainer_module
+from workers.model import sample_key
+from workers.publish import PublishedArea, is_holdout
 from workers.trainer import LATEST, Trainer, list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -155,6 +157,14 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     assert (c["samples"], c["real"], c["clicks"], c["pseudo"]) == (42, 18, 6, 24)
     assert (c["duplicates"], c["no_vector"], c["dlq"], c["messages"]) == (7, 1, 2, 9)
     assert trainer.accounting["dlq:malformed_json"] == 1 and trainer.accounting["dlq:schema"] == 1
+    # real labels whose sample id hashes into the holdout are counted, never trained; every checkpoint is
+    # gated, and this holdout is far too small to publish anything
+    held = [x for b in first for x in b.samples if x.source != "pseudo" and x.item_id != MISSING_ITEM
+            and is_holdout(sample_key(x.sample_id), s.trainer.holdout_fraction)]
+    assert c["holdout"] == len(held) > 0 and len(trainer.holdout) == len(held)
+    gate = PublishedArea(s.checkpoints_dir / "published").decisions()
+    assert len(gate) == meta["version"] and {d["outcome"] for d in gate} == {"insufficient"}
+    assert PublishedArea(s.checkpoints_dir / "published").current() is None
     assert meta["seen_count"] == 42 and meta["collection"] == s.encoder.collection
     assert meta["trainer_settings"]["checkpoint_every"] == 10 and meta["model_config"]["content_dim"] == DIM
     versions = [v for v, _ in list_checkpoints(s.checkpoints_dir)]
@@ -231,5 +241,5 @@ def test_exposed_only_trainer_skips_pseudo_labels_and_counts_them(tmp_path: Path
     handled = t._admit(request(1))
     assert handled == 7
     assert t.counts["real"] == 3 and t.counts["pseudo"] == 0 and t.counts["pseudo_skipped"] == 4
-    assert len(t._pending) == 3 and not any(row[5] for row in t._pending)
+    assert len(t._pending) + t.counts["holdout"] == 3 and not any(row[5] for row in t._pending)
     assert t.accounting["pseudo_skipped"] == 4 and t.directory == tmp_path / "exposed-only"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     spec = export(args.checkpoint, args.format, args.out, settings)
-    print(json.dumps({"out": str(args.out), "files": spec["files"], "lineage": spec["lineage"],
+    lineage = {k: spec["lineage"][k] for k in ("checkpoint", "version", "steps", "config_hash")}
+    print(json.dumps({"out": str(args.out), "files": spec["files"], "lineage": lineage,
                       "parity": spec.get("parity")}, indent=2))
     return 0
 
@@ -144,8 +146,10 @@ def write_onnx(model: PreRanker, path: Path) -> None:
     # onnxscript, one more dependency for nothing this graph uses
     example = tuple(torch.from_numpy(v) for v in random_inputs(model.cfg, 4).values())
     axes = {name: {0: "n"} for name in (*INPUTS, *OUTPUTS)}
-    torch.onnx.export(_Served(model.eval()), example, str(path), input_names=list(INPUTS),
-                      output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
+    with warnings.catch_warnings():  # "legacy exporter" deprecation: chosen knowingly, see above
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(_Served(model.eval()), example, str(path), input_names=list(INPUTS),
+                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
 def write_safetensors(model: PreRanker, path: Path) -> None:
