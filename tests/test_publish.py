@@ -13,6 +13,7 @@ import torch
 from gpl.cli import main
 from gpl.runtime.metrics import PUBLISH_DECISIONS
 from tests.preranker_world import DIM, feed, requests, world_index, world_settings
+from workers.labeling.calibrator import binary_auc
 from workers.model import sample_key
 from workers.publish import Scores, decide, gauc, is_holdout
 from workers.trainer import Trainer, load_checkpoint
@@ -54,6 +55,23 @@ def test_gauc_weights_users_by_rows_and_skips_one_class_users() -> None:
     users = ["a", "a", "b", "b", "c", "c", "d"]  # a: 1.0, b: 0.0, c: 0.0, d: one class
     value, counted = gauc(s, y, users)
     assert counted == 3 and value == pytest.approx(2 * 1.0 / 6)
+
+
+def test_gauc_equals_the_per_user_loop_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    n = 3000
+    s = np.round(rng.normal(size=n), 1)  # many ties, within and across users
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    users = [f"u{k}" for k in rng.integers(0, 200, n)]
+    want_total, want_weight, want_users = 0.0, 0, 0
+    for u in set(users):
+        rows = [k for k, x in enumerate(users) if x == u]
+        a = binary_auc(s[rows], y[rows])
+        if not math.isnan(a):
+            want_total, want_weight, want_users = want_total + a * len(rows), want_weight + len(rows), want_users + 1
+    value, counted = gauc(s, y, users)
+    assert counted == want_users > 100 and value == pytest.approx(want_total / want_weight, abs=1e-12)
+    assert math.isnan(gauc(s, np.zeros(n, np.float32), users)[0])
 
 
 def test_held_out_samples_are_never_trained_and_survive_a_restart(tmp_path: Path) -> None:

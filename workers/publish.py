@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
 from workers.labeling.calibrator import binary_auc
-from workers.model import PreRanker
+from workers.model import PreRanker, item_buckets, user_buckets
 
 log = logging.getLogger(__name__)
 HOLDOUT_SLOTS = 10_000  # holdout_fraction resolution: 0.01 %
@@ -73,8 +73,16 @@ class HoldoutRows:
     vectors: np.ndarray  # float32 (n, dim)
     labels: np.ndarray  # float32 (n,), 0 or 1
 
+    _buckets: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
+
     def __len__(self) -> int:
         return len(self.users)
+
+    def buckets(self, kind: str, n: int) -> np.ndarray:
+        """Hash buckets of the users or items, computed once for both models of a gate."""
+        if (kind, n) not in self._buckets:
+            self._buckets[kind, n] = user_buckets(self.users, n) if kind == "user" else item_buckets(self.items, n)
+        return self._buckets[kind, n]
 
 
 class Holdout:
@@ -121,18 +129,33 @@ class Holdout:
 
 
 def gauc(scores: np.ndarray, labels: np.ndarray, users: list[str]) -> tuple[float, int]:
-    """(impression-weighted mean of per-user AUCs, users counted); users with one class are left out."""
-    by_user: dict[str, list[int]] = {}
-    for k, u in enumerate(users):
-        by_user.setdefault(u, []).append(k)
-    total, weight, counted = 0.0, 0, 0
-    for rows in by_user.values():
-        a = binary_auc(scores[rows], labels[rows])
-        if not math.isnan(a):
-            total += a * len(rows)
-            weight += len(rows)
-            counted += 1
-    return (total / weight if weight else float("nan")), counted
+    """(impression-weighted mean of per-user AUCs, users counted); users with one class are left out.
+
+    Vectorised (one sort, ties share their average rank within the user): the gate runs at every
+    checkpoint, and a per-user loop cost 0.2 s on 20,000 rows.
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels).astype(bool)
+    if s.size == 0:
+        return float("nan"), 0
+    _, g = np.unique(np.asarray(users), return_inverse=True)
+    order = np.lexsort((s, g))
+    gs, ss, n = g[order], s[order], len(s)
+    new_run = np.r_[True, (gs[1:] != gs[:-1]) | (ss[1:] != ss[:-1])]  # a tie run: same user, same score
+    run_start = np.flatnonzero(new_run)
+    run_end = np.r_[run_start[1:], n]
+    group_first = np.searchsorted(gs, np.arange(int(gs[-1]) + 1))
+    avg = (run_start + run_end - 1) / 2.0  # 0-based mean position of each run
+    ranks = np.empty(n)
+    ranks[order] = avg[np.cumsum(new_run) - 1] - group_first[gs] + 1.0
+    n_all = np.bincount(g).astype(np.float64)
+    n_pos = np.bincount(g, weights=y)
+    rank_pos = np.bincount(g, weights=np.where(y, ranks, 0.0))
+    ok = (n_pos > 0) & (n_pos < n_all)
+    if not ok.any():
+        return float("nan"), 0
+    per_user = (rank_pos[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * (n_all[ok] - n_pos[ok]))
+    return float((per_user * n_all[ok]).sum() / n_all[ok].sum()), int(ok.sum())
 
 
 @dataclass(frozen=True)
@@ -147,7 +170,15 @@ class Scores:
 
 
 def measure(model: PreRanker, rows: HoldoutRows) -> Scores:
-    p = model.score(rows.users, rows.items, rows.vectors)
+    """Held-out AUC and GAUC of ``model`` (on logits: both are rank metrics, the sigmoid changes nothing)."""
+    b = model.cfg.hash_buckets
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            p = model.eval()(torch.from_numpy(rows.buckets("user", b)), torch.from_numpy(rows.buckets("item", b)),
+                             torch.from_numpy(rows.vectors)).numpy()
+    finally:
+        model.train(was_training)
     g, users = gauc(p, rows.labels, rows.users)
     return Scores(binary_auc(p, rows.labels), g, len(rows), int(rows.labels.sum()), users)
 
