@@ -12,7 +12,9 @@ import torch
 
 from gpl.cli import main
 from gpl.runtime.metrics import PUBLISH_DECISIONS
-from tests.preranker_world import DIM, feed, requests, world_index, world_settings
+from schemas.events import Sample, SampleBatch
+from schemas.ids import sample_id
+from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings
 from workers.labeling.calibrator import binary_auc
 from workers.model import sample_key
 from workers.publish import Scores, decide, gauc, is_holdout
@@ -173,3 +175,20 @@ def test_published_files_are_pruned_beyond_the_rollback_depth(tmp_path: Path) ->
     assert area.rollback()["version"] == 3
     with pytest.raises(FileNotFoundError, match="pruned"):
         area.rollback()
+
+
+def test_a_request_relabeled_by_newer_anchors_is_trained_once(tmp_path: Path) -> None:
+    """After a restart the labeler may label the same unexposed batch again with a newer anchor set: the
+    sample ids differ by anchor version, but the (request, item) example is trained at most once."""
+    s = world_settings(tmp_path, publish=False)
+    t = Trainer(s, world_index(s), dim=DIM, progress=False)
+
+    def pseudo(version: int) -> SampleBatch:
+        return SampleBatch(request_id="r1", user_id="u1", ts=1_700_000_000_000, lineage=LINEAGE, samples=[
+            Sample(sample_id=sample_id("r1", i, version), item_id=i, label=0.4, weight=0.5, source="pseudo")
+            for i in (3, 4, 5)])
+
+    t._fetch_vectors({3, 4, 5})
+    t._admit(pseudo(1))
+    t._admit(pseudo(2))
+    assert (t.counts["pseudo"], t.counts["duplicates"]) == (3, 3)

@@ -40,6 +40,7 @@ from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
+from schemas.ids import sample_id
 from schemas.topics import SAMPLES
 from workers.checkpoints import (
     FORMAT,
@@ -205,7 +206,9 @@ class Trainer:
     def _admit(self, b: SampleBatch) -> int:
         """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
         for s in b.samples:
-            key = sample_key(s.sample_id)
+            # one key per (request, item), whatever anchor set labeled it: a request relabeled after a restart
+            # with newer anchors is the same example, trained at most once (real labels use this id already)
+            key = sample_key(sample_id(b.request_id, s.item_id))
             if key in self.seen:
                 self.counts["duplicates"] += 1
                 self.accounting.add("duplicate")
