@@ -25,9 +25,11 @@ TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
 
 
-def serve(port: int) -> None:
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Expose ``/metrics`` on ``host:port`` (``metrics_host``; 0.0.0.0 so a scraper in another container
+    or pod reaches it, 127.0.0.1 keeps it on the host); port 0 serves nothing."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=host)
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
