@@ -7,13 +7,16 @@ picks for the same key), timestamp, value; the client settings by what librdkafk
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message, Producer
 
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import consumer, create_topics, producer
@@ -23,6 +26,14 @@ from schemas.events import SCHEMA_VERSION, Candidate, ExposedItem, ExposureEvent
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def socket_nobody_listens() -> Iterator[int]:
+    """A loopback port bound but never listening: connections to it are refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def read_all(s: Settings, topics: list[str], expect: int, timeout: float = 30.0) -> list[Message]:
@@ -88,35 +99,12 @@ def test_undelivered_records_raise_at_flush(tmp_path: Path) -> None:
         p.flush(1)  # reported once
 
 
-class socket_nobody_listens:
-    """A loopback port bound but never listening: connections are refused at once."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        return int(self.sock.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-
-def _stats_client_id(client: object, timeout: float = 10.0) -> str:
-    seen: list[str] = []
+def _stats_client_id(client: Producer | Consumer, seen: list[str], timeout: float = 10.0) -> str:
+    """The ``client_id`` librdkafka reports in its own statistics (``stats_cb`` appends to ``seen``)."""
     deadline = time.monotonic() + timeout
     while not seen and time.monotonic() < deadline:
-        client.poll(0.1)  # type: ignore[attr-defined]  # serves stats_cb
-        seen += STATS
-    STATS.clear()
+        client.poll(0.1)  # serves stats_cb
     return seen[0] if seen else ""
-
-
-STATS: list[str] = []
-
-
-def _on_stats(raw: str) -> None:
-    STATS.append(json.loads(raw)["client_id"])
 
 
 def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
@@ -125,12 +113,13 @@ def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broke
         "extra": {"client.id": "gpl-common", "statistics.interval.ms": 100},
         "producer_extra": {"client.id": "gpl-producer", "compression.type": "zstd"},
     })
-    stats = {"stats_cb": _on_stats}
-    p = producer(s.kafka, **stats)
-    assert _stats_client_id(p) == "gpl-producer"
-    c = consumer(s.kafka, "stats", **stats)
+    seen_p: list[str] = []
+    seen_c: list[str] = []
+    p = producer(s.kafka, stats_cb=lambda raw: seen_p.append(json.loads(raw)["client_id"]))
+    assert _stats_client_id(p, seen_p) == "gpl-producer"
+    c = consumer(s.kafka, "stats", stats_cb=lambda raw: seen_c.append(json.loads(raw)["client_id"]))
     try:
-        assert _stats_client_id(c) == "gpl-common"
+        assert _stats_client_id(c, seen_c) == "gpl-common"
     finally:
         c.close()
     # an unknown property is librdkafka's to refuse: it proves the dict arrives unfiltered, in its role only
