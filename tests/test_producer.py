@@ -87,6 +87,8 @@ def test_wrong_record_type_is_refused_before_sending(tmp_path: Path, fresh_broke
     with GplProducer(s.kafka) as p, pytest.raises(TypeError, match="takes RecallEvent"):
         p.send_recall(ExposureEvent(request_id="r", user_id="u", ts=1, items=[]))  # type: ignore[arg-type]
     assert p.sent == 0
+    with pytest.raises(ValueError, match="consistent_random"):
+        GplProducer(s.kafka, producer_config={"partitioner": "consistent_random"})
 
 
 def test_undelivered_records_raise_at_flush(tmp_path: Path) -> None:

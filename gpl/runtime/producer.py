@@ -53,6 +53,9 @@ class GplProducer:
 
     def __init__(self, kafka: KafkaSettings, *, producer_config: dict[str, Any] | None = None,
                  flush_timeout_s: float = 30.0) -> None:
+        part = (producer_config or {}).get("partitioner", "murmur2_random")
+        if part not in ("murmur2_random", "murmur2"):  # the one thing a caller must not change (docs/producers.md)
+            raise ValueError(f"partitioner {part!r} would split users' recall and exposure across partitions")
         # the stages' producer factory: murmur2_random, acks=all, security and extras from the settings
         self._producer: Producer = producer(kafka, **(producer_config or {}))
         self.flush_timeout_s = flush_timeout_s
