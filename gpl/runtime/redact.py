@@ -56,6 +56,9 @@ def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
     return out
 
 
+_WALKED = (SecretStr, BaseModel, dict, list, tuple, str)
+
+
 def _public(key: str, value: Any) -> Any:
     if isinstance(value, SecretStr):
         return MASK if value.get_secret_value() else ""
@@ -79,11 +82,12 @@ def public_settings(model: BaseModel) -> dict[str, Any]:
     inside the free-form ``extra`` dicts) show as ``***`` when set and as ``""`` when unset, so a reader
     still sees *whether* a credential is configured.
     """
-    return {name: _public(name, getattr(model, name)) for name in type(model).model_fields} | {
-        # values pydantic turns into JSON types (paths, enums) the same way model_dump(mode="json") does
-        name: v for name, v in model.model_dump(mode="json").items()
-        if not isinstance(getattr(model, name), (SecretStr, BaseModel, dict, list, tuple, str))
-    }
+    plain = model.model_dump(mode="json")  # other values (paths, numbers, None) as JSON types
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        out[name] = _public(name, value) if isinstance(value, _WALKED) else plain[name]
+    return out
 
 
 def secret_values(model: BaseModel) -> list[str]:
