@@ -19,7 +19,7 @@ def open_index(settings: Settings) -> VectorIndex:
     if settings.qdrant.url:
         from gpl.runtime.vectors.server import ServerIndex
 
-        return ServerIndex(settings.qdrant.url, api_key=settings.qdrant.api_key or None)
+        return ServerIndex(settings.qdrant.url, api_key=settings.qdrant.api_key.get_secret_value() or None)
     from gpl.runtime.vectors.edge import EdgeIndex
 
     return EdgeIndex(settings.data_dir / "qdrant", hnsw=settings.qdrant.hnsw)

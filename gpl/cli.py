@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("aiokafka", "faust", "mode", "httpx", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     from gpl.runtime.metrics import serve
+    from gpl.runtime.redact import install
 
-    serve(settings.metrics_port)
+    install(settings)  # URL credentials and configured secrets never reach a log line
+    serve(settings.metrics_port, settings.metrics_host)
     return int(args.run(args, settings) or 0)
 
 
@@ -194,12 +196,13 @@ def _until_interrupted(stop: threading.Event) -> None:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.runtime.redact import mask_url
     from gpl.stack import STAGES, Stack, Stages
 
     names = list(STAGES) if args.stages == ["all"] else args.stages
     with Stack(settings) as stack:
         print(f"broker    {stack.settings.kafka.bootstrap_servers}")
-        print(f"qdrant    {settings.qdrant.url or settings.data_dir / 'qdrant'}")
+        print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)", flush=True)
         stages = Stages({n: stack.make(n) for n in names})
         with stages:
@@ -266,18 +269,11 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-SECRET_FIELDS = ("password", "api_key", "sasl_username")
-
-
-def _mask(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: ("***" if v and any(f in k for f in SECRET_FIELDS) else _mask(v)) for k, v in obj.items()}
-    return obj
-
-
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the effective settings; secrets are masked."""
-    print(orjson.dumps(_mask(settings.model_dump(mode="json")), option=orjson.OPT_INDENT_2).decode())
+    """Print the effective settings; secrets and URL credentials are masked (gpl/runtime/redact.py)."""
+    from gpl.runtime.redact import public_settings
+
+    print(orjson.dumps(public_settings(settings), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from gpl.runtime.faust_config import faust_settings
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.settings import Settings
@@ -46,6 +47,7 @@ from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, encode
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED
+from streams.copartition import SplitWatch, verify_copartitioned
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
 from streams.join import (
     DONE,
@@ -100,6 +102,7 @@ class StreamsProcessor:
         self.settings = settings
         self.index = index
         self.accounting = Accounting(STAGE)
+        self.splits = SplitWatch(self.accounting)  # requests whose halves came on different partitions
         self.catalog = Catalog(index, settings.encoder.collection)
         self.ready = threading.Event()
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
@@ -110,8 +113,8 @@ class StreamsProcessor:
     # ------------------------------------------------------------------ the app, top to bottom
     def _build(self) -> faust.App:
         s, cfg = self.settings, self.settings.streams
-        app = faust.App(
-            cfg.app_id,
+        # the stage's own settings, then the deployment's: security, client properties (gpl/runtime/faust_config.py)
+        app = faust.App(cfg.app_id, **faust_settings(s.kafka, dict(
             broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
             topic_partitions=s.kafka.partitions,
@@ -124,7 +127,7 @@ class StreamsProcessor:
             autodiscover=False,
             topic_allow_declare=True,
             stream_wait_empty=False,
-        )
+        )))
         setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010 - read by streams/transport.py
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
@@ -221,6 +224,7 @@ class StreamsProcessor:
                    exposure: ExposureEvent, partition: int) -> None:
         cfg = self.settings.streams
         key = request_id.encode()
+        self.splits.joined(self.pending.get(key), partition)
         if key in self.pending:
             del self.pending[key]
         self._mark(key, marker(DONE, exposure.user_id, exposure.ts, now_ms() + int(cfg.dedup_window_s * 1000),
@@ -372,6 +376,7 @@ class StreamsProcessor:
 
     def run(self, stop: threading.Event) -> None:
         """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
+        verify_copartitioned(self.settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
         self.create_internal_topics()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)

@@ -57,6 +57,7 @@ from gpl.eval.methods import (
 )
 from gpl.eval.pseudo import PseudoLabels
 from gpl.runtime.encoder import Encoder, open_encoder
+from gpl.runtime.redact import public_settings
 from gpl.runtime.settings import Settings
 from workers.calibration import CalibrationBook
 from workers.generation_cache import GenerationCache
@@ -452,9 +453,10 @@ def _run(
         },
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-            "trainer": settings.trainer.model_dump(),
-            "labeler": settings.labeler.model_dump(),
-            "anchors": settings.anchors.model_dump(),
+            # public_settings: anchors.api_key and credentials in anchors.base_url never reach results.json
+            "trainer": public_settings(settings.trainer),
+            "labeler": public_settings(settings.labeler),
+            "anchors": public_settings(settings.anchors),
             "encoder": settings.encoder.model,
         },
         "methods": {m: LABELS[m] for m in [*cfg.methods, *([TEACHER] if need_teacher else [])]},

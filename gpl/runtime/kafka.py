@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
+    """A producer: the project's defaults, then ``kafka.extra`` and ``kafka.producer_extra`` (the
+    deployment's choices), then ``extra`` (what the call site needs to be correct)."""
     conf = kafka.client_config() | {
         "batch.num.messages": kafka.producer_batch_messages,
         "linger.ms": kafka.linger_ms,
@@ -34,10 +36,11 @@ def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
         "message.max.bytes": kafka.max_message_bytes,
         "partitioner": "murmur2_random",  # the Java client's partitioner, so faust/aiokafka agree on keys
     }
-    return Producer(conf | extra)
+    return Producer(conf | kafka.extra | kafka.producer_extra | extra)
 
 
 def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
+    """A consumer of group ``<group_prefix>-<group>``; settings layered as in :func:`producer`."""
     conf = kafka.client_config() | {
         "group.id": f"{kafka.group_prefix}-{group}",
         "enable.auto.commit": False,
@@ -48,7 +51,7 @@ def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
         "fetch.message.max.bytes": kafka.max_message_bytes,
         "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
     }
-    return Consumer(conf | extra)
+    return Consumer(conf | kafka.extra | kafka.consumer_extra | extra)
 
 
 def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[str]:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES = Counter("gpl_messages_total", "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
@@ -25,9 +27,13 @@ TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
 
 
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port)
+def serve(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
+    """Expose ``/metrics`` on ``host:port`` (``metrics_host``; 0.0.0.0 so a scraper in another container
+    or pod reaches it, 127.0.0.1 keeps it on the host); port 0 serves nothing. Returns the server."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr=host)
+    return server
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)

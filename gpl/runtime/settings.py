@@ -8,17 +8,25 @@ of the code receives a :class:`Settings` instance and never looks at ``os.enviro
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a mistyped or invalid setting must not echo its value (it may be a password)
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+# librdkafka property values as they come from TOML or a JSON environment value
+KafkaProps = dict[str, str | int | float | bool]
+# the partitioners that place a key where the Java client, faust/aiokafka and GplProducer place it
+_MURMUR2 = ("murmur2_random", "murmur2")
 
 
 class KafkaSettings(Section):
@@ -27,11 +35,24 @@ class KafkaSettings(Section):
     )
     partitions: int = Field(default=4, ge=1, description="partition count of every user-keyed topic")
     replication_factor: int = Field(default=1, ge=1)
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = ""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = Field(default="", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_*)")
     sasl_username: str = ""
-    sasl_password: str = ""
-    ssl_ca_location: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_ca_location: str = Field(default="", description="CA bundle (PEM) that signed the brokers' certificates")
+    ssl_certificate_location: str = Field(default="", description="mutual TLS: this client's certificate (PEM)")
+    ssl_key_location: str = Field(default="", description="mutual TLS: this client's private key (PEM)")
+    ssl_key_password: SecretStr = Field(default=SecretStr(""), description="mutual TLS: the key's passphrase")
+    extra: KafkaProps = Field(
+        default_factory=dict, description="any librdkafka property for every client (producer, consumer, admin), "
+        'e.g. {"client.id": "gpl", "socket.keepalive.enable": true}; env: a JSON object')
+    producer_extra: KafkaProps = Field(
+        default_factory=dict, description='librdkafka properties for producers only, e.g. {"compression.type": '
+        '"zstd"}; also mapped to faust where it has an equivalent (gpl/runtime/faust_config.py)')
+    consumer_extra: KafkaProps = Field(default_factory=dict, description="librdkafka properties for consumers only")
+    faust_extra: dict[str, Any] = Field(
+        default_factory=dict, description="faust App settings for the streams stage, applied last "
+        '(e.g. {"producer_compression_type": "zstd"})')
     group_prefix: str = "gpl"
     # Tansu 0.6 reports a batch's base offset + 1 as the high watermark: one record per batch keeps
     # watermark readers (table recovery, lag) exact. Raise for a real Kafka.
@@ -41,8 +62,37 @@ class KafkaSettings(Section):
     fetch_wait_max_ms: int = Field(
         default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
 
+    @field_validator("extra", "producer_extra", "consumer_extra", "faust_extra", mode="before")
+    @classmethod
+    def _json_object(cls, v: Any) -> Any:
+        """``GPL_KAFKA__EXTRA='{"client.id": "x"}'`` and ``--set`` give a string: read it as a JSON object."""
+        if isinstance(v, str):
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"expected a JSON object: {e.msg} at position {e.pos}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> KafkaSettings:
+        """Refuse what would silently misroute or half-configure a client (see docs/producers.md)."""
+        for name, props in (("extra", self.extra), ("producer_extra", self.producer_extra)):
+            part = props.get("partitioner")
+            if part is not None and part not in _MURMUR2:
+                raise ValueError(f"kafka.{name}: partitioner {part!r} would place a user's events on other "
+                                 f"partitions than faust and Java clients do; use one of {_MURMUR2}")
+        if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_mechanism")
+        if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
+            raise ValueError("mutual TLS needs both kafka.ssl_certificate_location and kafka.ssl_key_location")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
     def client_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by producers, consumers and the admin client."""
+        """librdkafka settings shared by producers, consumers and the admin client (``extra`` included)."""
         # a closed idle connection is routine (the broker drops them); not worth a log line each time
         conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "log.connection.close": False}
         if self.security_protocol != "PLAINTEXT":
@@ -50,15 +100,20 @@ class KafkaSettings(Section):
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism
             conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = self.sasl_password
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_ca_location:
             conf["ssl.ca.location"] = self.ssl_ca_location
-        return conf
+        if self.ssl_certificate_location:
+            conf["ssl.certificate.location"] = self.ssl_certificate_location
+            conf["ssl.key.location"] = self.ssl_key_location
+        if self.ssl_key_password.get_secret_value():
+            conf["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        return conf | self.extra
 
 
 class QdrantSettings(Section):
     url: str = Field(default="", description="empty: embedded engine (qdrant-edge) in data_dir; else a server URL")
-    api_key: str = ""
+    api_key: SecretStr = SecretStr("")
     anchors_collection: str = "anchors"
     hnsw: bool = Field(default=False, description="build an HNSW index (embedded engine); exact search otherwise")
 
@@ -100,7 +155,7 @@ class AnchorSettings(Section):
     threads: int = Field(default=0, ge=0, description="torch intra-op threads (transformers); 0: default")
     # backend "openai": any OpenAI-compatible server (vllm serve, transformers serve)
     base_url: str = Field(default="", description="OpenAI-compatible API root, e.g. http://vllm:8000/v1")
-    api_key: str = ""
+    api_key: SecretStr = SecretStr("")
     served_model: str = Field(default="", description="model id sent to the server; empty: ask /models")
     concurrency: int = Field(default=8, ge=1, description="requests in flight to the server")
     timeout_s: float = Field(default=60.0, gt=0, description="per HTTP request")
@@ -199,12 +254,16 @@ class Settings(BaseSettings):
     """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GPL_", env_nested_delimiter="__", frozen=True, extra="forbid", env_ignore_empty=True
+        env_prefix="GPL_", env_nested_delimiter="__", frozen=True, extra="forbid", env_ignore_empty=True,
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(default=Path(".gpl"), description="broker logs, vector engine, checkpoints, models")
     log_level: str = "WARNING"
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no Prometheus endpoint")
+    metrics_host: str = Field(default="0.0.0.0", description="address the Prometheus endpoint binds; all "
+                              "interfaces so a scraper in another container or pod reaches it, 127.0.0.1 to "
+                              "keep it on the host")
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
     encoder: EncoderSettings = EncoderSettings()
@@ -261,7 +320,12 @@ def load(config_file: Path | str | None = None, env: Mapping[str, str] | None = 
             file_data = tomllib.load(f)
     env_data = _from_env(environ)
     merged = _deep_merge(_deep_merge(file_data, env_data), overrides)
-    return Settings.model_validate(merged)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        # without the input values: a password put in the wrong variable must not reach a log
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors(include_input=False)]
+        raise ValueError("invalid settings:\n" + "\n".join(lines)) from None
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

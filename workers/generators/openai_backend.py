@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from gpl.runtime.redact import mask_url
 from gpl.runtime.settings import AnchorSettings
 from workers.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.generators.logprobs import Completion, finite_logprob, token_ends
@@ -112,11 +113,12 @@ class OpenAIGenerator(RetryingGenerator):
             raise ValueError("anchors backend 'openai' needs anchors.base_url (GPL_ANCHORS__BASE_URL), "
                              "e.g. http://vllm:8000/v1")
         self.base_url = url
+        self.shown_url = mask_url(url)  # for logs and errors: no credentials from the URL
         self.model = settings.model_name
         self.structured = True
         self.want_logprobs = True
         self.served_model: str | None = settings.served_model or None
-        self._api_key = api_key if api_key is not None else settings.api_key
+        self._api_key = api_key if api_key is not None else settings.api_key.get_secret_value()
         self._transport = transport
         self._sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random(settings.seed)
@@ -203,7 +205,7 @@ class OpenAIGenerator(RetryingGenerator):
             ids = []
         if self.settings.model_name in ids or len(ids) != 1:
             return self.settings.model_name
-        log.info("server at %s serves %r; using it for %s", self.base_url, ids[0], self.settings.model_name)
+        log.info("server at %s serves %r; using it for %s", self.shown_url, ids[0], self.settings.model_name)
         return ids[0]
 
     def body(self, prompt: AnchorPrompt, attempt: int, *, structured: bool, logprobs: bool) -> dict[str, Any]:
@@ -260,11 +262,11 @@ class OpenAIGenerator(RetryingGenerator):
             self.structured = False
             self.stats["shape_fallbacks"] += 1
             self.prompt_hash = prompt_hash(self.settings, "openai")
-            log.warning("%s refuses response_format=json_schema; plain prompting from now on", self.base_url)
+            log.warning("%s refuses response_format=json_schema; plain prompting from now on", self.shown_url)
         if self.want_logprobs and not logprobs:
             self.want_logprobs = False
             self.stats["shape_fallbacks"] += 1
-            log.warning("%s refuses logprobs; anchors get logprob %.1f (unknown)", self.base_url, 0.0)
+            log.warning("%s refuses logprobs; anchors get logprob %.1f (unknown)", self.shown_url, 0.0)
 
     async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
         """POST with re-sends on transient failures; the final non-transient response is returned.
@@ -283,16 +285,16 @@ class OpenAIGenerator(RetryingGenerator):
             else:
                 if resp.status_code in FATAL_STATUS:
                     raise GeneratorUnavailable(
-                        f"{self.base_url} answered {resp.status_code}: {resp.text[:300]}")
+                        f"{self.shown_url} answered {resp.status_code}: {resp.text[:300]}")
                 if resp.status_code not in RETRY_STATUS:
                     return resp
                 problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 retry_after = _retry_after(resp)
             if n == retries:
-                raise GeneratorUnavailable(f"{self.base_url} failed {retries + 1} times; last: {problem}")
+                raise GeneratorUnavailable(f"{self.shown_url} failed {retries + 1} times; last: {problem}")
             delay = backoff_delay(n, base, cap, self._rng, retry_after)
             self.stats["resends"] += 1
-            log.info("re-sending to %s in %.2fs after %s", self.base_url, delay, problem)
+            log.info("re-sending to %s in %.2fs after %s", self.shown_url, delay, problem)
             await self._sleep(delay)
         raise AssertionError("unreachable")
 
