@@ -39,6 +39,7 @@ import numpy as np
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.settings import Settings
@@ -100,6 +101,7 @@ class StreamsProcessor:
         self.settings = settings
         self.index = index
         self.accounting = Accounting(STAGE)
+        self.agent_error: BaseException | None = None  # set by a crashing agent; run() raises it
         self.catalog = Catalog(index, settings.encoder.collection)
         self.ready = threading.Event()
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
@@ -155,6 +157,9 @@ class StreamsProcessor:
                         await self.on_exposure(m)
                 except DecodeError as e:
                     await self.dead_letter(m, e)
+                except Exception as e:  # faust would log it and restart the agent: end the stage instead
+                    self.agent_error = e
+                    raise
 
         @app.timer(interval=0.5)
         async def expire() -> None:
@@ -380,6 +385,11 @@ class StreamsProcessor:
             await self.app.start()
             try:
                 while not stop.is_set() and not self.app.should_stop:
+                    if self.agent_error is not None:  # honest liveness (gpl/runtime/health.py)
+                        raise RuntimeError(f"streams agent crashed: {self.agent_error!r}") from self.agent_error
+                    HEALTH.beat(STAGE)
+                    consumer = self.app._consumer  # noqa: SLF001 - None until faust has started it
+                    HEALTH.assigned(STAGE, len(consumer.assignment()) if consumer is not None else 0)
                     await asyncio.sleep(0.1)
             finally:
                 # table changelog writes are buffered: make them durable before leaving the group,

@@ -1,11 +1,12 @@
 """Prometheus metrics of every stage, declared once so names and labels stay consistent.
 
-``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``.
+``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``,
+with the liveness and readiness probes ``/healthz`` and ``/readyz`` (gpl/runtime/health.py).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Counter("gpl_messages_total", "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
                    ["stage", "outcome"])
@@ -27,7 +28,9 @@ CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable check
 
 def serve(port: int) -> None:
     if port:
-        start_http_server(port)
+        from gpl.runtime.health import serve_http
+
+        serve_http(port)
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
@@ -62,3 +65,8 @@ PSEUDO_RELIABILITY = Gauge("gpl_pseudo_label_reliability",
                            ["model", "prompt_hash", "fallback", "bin", "stat"])
 PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
                        "Pseudo-labeled (user, item) pairs awaiting a real label")
+
+# ---- offsets past a topic's end (workers/trainer.py): the topic was recreated or the broker lost data
+OFFSET_RESETS = Counter("gpl_offset_resets_total",
+                        "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
+                        "beginning", ["stage", "topic"])
