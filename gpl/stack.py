@@ -52,7 +52,8 @@ class Stack:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not s.kafka.bootstrap_servers:
-                self.broker = self._exit.enter_context(EmbeddedBroker(log_file=s.data_dir / "tansu.log"))
+                self.broker = self._exit.enter_context(EmbeddedBroker(
+                    s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage, data_dir=s.data_dir))
                 s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
             self.settings = s
             create_topics(s.kafka)
