@@ -146,3 +146,48 @@ def test_memory_storage_is_the_default_and_needs_no_data_dir(tmp_path: Path) -> 
     assert not (tmp_path / "broker").exists()
     with pytest.raises(ValueError, match="data directory"):
         EmbeddedBroker(storage="s3")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _gpl_up(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "--data-dir", str(data_dir), "--set",
+                             "broker.storage=s3", "up"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("broker"), f"gpl up did not start (exit {proc.poll()}): {line!r}"
+    return proc, line.split()[1]
+
+
+@pytest.mark.integration
+def test_gpl_up_kill_9_leaves_no_broker_and_a_restart_keeps_the_topics(tmp_path: Path) -> None:
+    pytest.importorskip("alocals3")
+    up, bootstrap = _gpl_up(tmp_path / "data")
+    kids = _children(up.pid)
+    assert len(kids) >= 2  # tansu and the S3 server (and their watchdogs)
+    p = Producer({"bootstrap.servers": bootstrap, "batch.num.messages": 1})
+    p.produce("items", b'{"item_id": 1, "text": "kept"}', key=b"1", partition=0)
+    assert p.flush(10) == 0
+    up.send_signal(signal.SIGKILL)
+    up.wait(10)
+    assert _wait_dead(kids) == [], "children of gpl up outlived its kill -9"
+
+    again, bootstrap2 = _gpl_up(tmp_path / "data")
+    try:
+        assert bootstrap2 == bootstrap
+        assert _read_all(bootstrap2, "items", 1) == [b'{"item_id": 1, "text": "kept"}']
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0

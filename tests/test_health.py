@@ -151,3 +151,43 @@ def test_gpl_run_without_bootstrap_servers_refuses(tmp_path: Path) -> None:
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "--embedded" in lines[0] and "bootstrap_servers" in lines[0]
     assert not (tmp_path / "tansu.log").exists()  # no broker was started
+
+
+@pytest.mark.integration
+def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """faust would log an agent's exception and restart the agent, leaving a live process that lost
+    its in-flight event; the streams stage instead ends with the error, which the runner turns into
+    a crashed stage (and ``gpl run`` into exit 1). Before that, it beat and held its partitions."""
+    from gpl.runtime.broker import EmbeddedBroker
+    from gpl.runtime.health import HEALTH
+    from gpl.runtime.kafka import create_topics
+    from gpl.stack import Stages
+    from schemas.events import Candidate, ItemEvent, RecallEvent
+    from streams.app import StreamsProcessor
+    from tests.conftest import make_settings
+    from tests.helpers import item_index, produce, wait_for
+
+    with EmbeddedBroker(log_file=tmp_path / "tansu.log") as broker:
+        s = make_settings(tmp_path, broker.bootstrap, partitions=1)
+        create_topics(s.kafka)
+        index = item_index([ItemEvent(item_id=i, text=f"item {i}") for i in range(1, 6)], s.encoder.collection)
+        proc = StreamsProcessor(s, index)
+
+        async def boom(*args: object) -> None:
+            raise ValueError("a bug in the join")
+
+        monkeypatch.setattr(proc, "on_recall", boom)
+        stages = Stages({"streams": proc})
+        with stages:
+            # other tests of this process may have left stages in the global registry: look at ours
+            wait_for(lambda: HEALTH.report()["streams"]["state"] == "running"
+                     and HEALTH.report()["streams"]["partitions"] >= 1, 60, "streams running with partitions")
+            produce(s, "recall", [RecallEvent(request_id="r1", user_id="u1", ts=1,
+                                              candidates=[Candidate(item_id=1, score=1.0, source="t")])])
+            wait_for(lambda: "streams" in stages.errors, 60, "the stage to end")
+        assert "a bug in the join" in repr(stages.errors["streams"])
+        assert stages.stop_event.is_set()  # the runner stops the process's other stages too
+        ok, body = HEALTH.live()
+        assert not ok and body["stages"]["streams"]["state"] == "crashed"
+        assert "a bug in the join" in body["stages"]["streams"]["error"]
+        HEALTH.forget("streams")
