@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the configured broker and vector index. With the embedded Qdrant engine, "
                                    "stages that share it must run in one process.")
     r.add_argument("--stage", action="append", required=True, help="stage name; repeat for several")
+    r.add_argument("--embedded", action="store_true",
+                   help="without kafka.bootstrap_servers, start the embedded Tansu broker (else: refused)")
     r.set_defaults(run=cmd_run)
 
     rp = sub.add_parser("replay", help="replay a JSONL event file, or a time range of a topic",
@@ -197,25 +199,57 @@ def _until_interrupted(stop: threading.Event) -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.runtime.redact import mask_url
-    from gpl.stack import STAGES, Stack, Stages
+    from gpl.stack import STAGES, Stack
 
     names = list(STAGES) if args.stages == ["all"] else args.stages
     with Stack(settings) as stack:
-        print(f"broker    {stack.settings.kafka.bootstrap_servers}")
+        print(f"broker    {stack.settings.kafka.bootstrap_servers}"
+              + (f"  ({settings.broker.storage} storage)" if stack.broker is not None else ""))
         print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)", flush=True)
-        stages = Stages({n: stack.make(n) for n in names})
-        with stages:
-            _until_interrupted(stages.stop_event)
-    return 0
+        return _run_stages(stack, names)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.stack import Stack, Stages
+    from gpl.stack import Stack
 
-    with Stack(settings) as stack, Stages({n: stack.make(n) for n in args.stage}) as stages:
+    if not settings.kafka.bootstrap_servers and not args.embedded:
+        print("gpl run: no kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS); pass --embedded to start the "
+              "embedded broker", file=sys.stderr)
+        return 2
+    with Stack(settings) as stack:
+        return _run_stages(stack, args.stage)
+
+
+def _run_stages(stack: Any, names: list[str]) -> int:
+    """Run the stages until interrupted or until one crashes; a crash exits non-zero.
+
+    Honest liveness (gpl/runtime/health.py): a stage that died takes the process down so the
+    orchestrator restarts it. The other stages get ``health.exit_grace_s`` to stop cleanly; a stage
+    that hangs in its shutdown cannot keep a broken process alive past it.
+    """
+    from gpl.stack import Stages
+
+    stages = Stages({n: stack.make(n) for n in names})
+    with stages:
         _until_interrupted(stages.stop_event)
+        if stages.errors:
+            grace = stack.settings.health.exit_grace_s
+            print(f"gpl: stage(s) crashed: {', '.join(f'{k}: {v!r}' for k, v in stages.errors.items())}; "
+                  f"exiting 1 (within {grace:.0f} s)", file=sys.stderr, flush=True)
+            _exit_after(grace, 1)
     return 1 if stages.errors else 0
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """Arm a watchdog that ends the process with ``code`` if a clean shutdown takes longer."""
+    def die() -> None:
+        print(f"gpl: shutdown took over {seconds:.0f} s; exiting {code} now", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    t = threading.Timer(seconds, die)
+    t.daemon = True
+    t.start()
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from gpl.backends import open_index
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
+from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting, create_topics
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
@@ -51,7 +52,8 @@ class Stack:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not s.kafka.bootstrap_servers:
-                self.broker = self._exit.enter_context(EmbeddedBroker(log_file=s.data_dir / "tansu.log"))
+                self.broker = self._exit.enter_context(EmbeddedBroker(
+                    s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage, data_dir=s.data_dir))
                 s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
             self.settings = s
             create_topics(s.kafka)
@@ -113,18 +115,27 @@ class Stages:
 
     def start(self) -> Stages:
         for name, stage in self.stages.items():
+            HEALTH.register(name)
             t = threading.Thread(target=self._guard(name, stage), name=f"gpl-{name}", daemon=True)
             self.threads[name] = t
             t.start()
         return self
 
     def _guard(self, name: str, stage: Stage) -> Callable[[], None]:
+        """Run one stage; a crash — or a loop that returns before it was asked to stop — is recorded,
+        reported to /healthz and stops every stage: a process with a dead stage must not look alive
+        (``gpl run`` then exits non-zero and the orchestrator restarts it)."""
         def target() -> None:
             try:
                 stage.run(self.stop_event)
-            except BaseException as e:  # noqa: BLE001 - reported by alive()/stop(), never swallowed
-                log.exception("stage %s crashed", name)
+                if not self.stop_event.is_set():
+                    raise RuntimeError(f"stage {name} returned before it was asked to stop")
+                HEALTH.stopped(name)
+            except BaseException as e:  # noqa: BLE001 - reported by errors/alive()/stop(), never swallowed
+                log.critical("stage %s crashed: %r: stopping every stage", name, e, exc_info=e)
                 self.errors[name] = e
+                HEALTH.crashed(name, e)
+                self.stop_event.set()
 
         return target
 

@@ -119,12 +119,13 @@ class AnchorSet(Contract):
     """K interest anchors of one user embedded in the frozen space (also stored in Qdrant)."""
 
     user_id: UserId
-    version: int = Field(ge=1, description="monotonic per user")
+    version: int = Field(ge=1, description="digest of what made the set (history, model, prompt, k, encoder): "
+                                            "a regenerated set keeps it, and so its sample ids")
     anchors: list[Anchor] = Field(min_length=1)
     model: str
     prompt_hash: str
     encoder: str
-    generated_at: EpochMs
+    generated_at: EpochMs = Field(description="strictly increasing per user: the newest set wins")
     history: list[ItemId] = Field(default_factory=list)
     fallback: bool = Field(default=False, description="anchors came from the fallback, not the LLM")
 

@@ -40,6 +40,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.faust_config import faust_settings
+from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.settings import Settings
@@ -103,6 +104,7 @@ class StreamsProcessor:
         self.index = index
         self.accounting = Accounting(STAGE)
         self.splits = SplitWatch(self.accounting)  # requests whose halves came on different partitions
+        self.agent_error: BaseException | None = None  # set by a crashing agent; run() raises it
         self.catalog = Catalog(index, settings.encoder.collection)
         self.ready = threading.Event()
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
@@ -158,6 +160,9 @@ class StreamsProcessor:
                         await self.on_exposure(m)
                 except DecodeError as e:
                     await self.dead_letter(m, e)
+                except Exception as e:  # faust would log it and restart the agent: end the stage instead
+                    self.agent_error = e
+                    raise
 
         @app.timer(interval=0.5)
         async def expire() -> None:
@@ -385,6 +390,11 @@ class StreamsProcessor:
             await self.app.start()
             try:
                 while not stop.is_set() and not self.app.should_stop:
+                    if self.agent_error is not None:  # honest liveness (gpl/runtime/health.py)
+                        raise RuntimeError(f"streams agent crashed: {self.agent_error!r}") from self.agent_error
+                    HEALTH.beat(STAGE)
+                    consumer = self.app._consumer  # noqa: SLF001 - None until faust has started it
+                    HEALTH.assigned(STAGE, len(consumer.assignment()) if consumer is not None else 0)
                     await asyncio.sleep(0.1)
             finally:
                 # table changelog writes are buffered: make them durable before leaving the group,

@@ -17,16 +17,19 @@ import pytest
 
 from gpl.runtime.encoder import HashEncoder
 from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import Settings, load
+from gpl.runtime.settings import LabelerSettings, Settings, load
 from gpl.runtime.vectors.edge import EdgeIndex
 from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
-from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent
+from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
 from workers.anchor_policy import anchor_point_id, newest_per_user
 from workers.anchors import MAX_SLOTS, AnchorWorker
 from workers.generators.memory import MemoryGenerator
 from workers.indexer import Indexer
+from workers.labeling.anchor_book import AnchorBook
+from workers.labeling.assemble import label_batch
+from workers.labeling.item_matrix import ItemMatrix
 
 ITEMS = {
     1: "trail running shoes lightweight",
@@ -106,15 +109,57 @@ def test_generate_for_stores_slots_and_versions(tmp_path: Path, index_kind: str)
     np.testing.assert_allclose(pts.vectors[0], runner.anchors[0].vector, atol=1e-6)
     assert index.count(s.qdrant.anchors_collection) == 3 + 3
 
-    # a smaller set replaces the slots in place and deletes the stale ones; versions only go up
+    # a smaller set replaces the slots in place and deletes the stale ones; generated_at only goes up
     fewer = MemoryGenerator(s.anchors, script=lambda p, attempt: '{"interests": ["ultra running"]}')
     again = AnchorWorker(s, index, enc, fewer).generate_for([_req("runner", [1])])  # a "restarted" worker
-    assert len(again) == 1 and again[0].version > runner.version
+    assert len(again) == 1 and again[0].generated_at > runner.generated_at
+    assert again[0].version != runner.version  # other history: other content
     assert [a.text for a in again[0].anchors] == ["ultra running"]
     left = index.retrieve(s.qdrant.anchors_collection, [anchor_point_id("runner", i) for i in range(3)])
     assert left.ids.tolist() == [anchor_point_id("runner", 0)]
     third = AnchorWorker(s, index, enc, fewer).generate_for([_req("runner", [1])])
-    assert third[0].version > again[0].version  # monotonic even within one millisecond
+    assert third[0].generated_at > again[0].generated_at  # monotonic even within one millisecond
+    assert third[0].version == again[0].version  # same inputs: same version
+    index.close()
+
+
+def test_regenerated_after_restart_gives_identical_sample_ids(tmp_path: Path) -> None:
+    """The anchors worker restarts and regenerates for re-read requests: the versions, and so the
+    labeler's sample ids, are those of the first run, so the trainer's dedup by sample id holds.
+    The first worker's generator answers at random; the restarted one is answered by the replay cache."""
+    s = load(env={}, data_dir=str(tmp_path), anchors={"backend": "memory", "k": 2, "history_items": 3})
+    enc = HashEncoder()
+    index = _index_with_items(s, enc)
+    rng = np.random.default_rng()
+    words = ["trail", "dragon", "skillet", "marathon", "novel", "knife", "watch", "gels"]
+
+    def sampled(p: object, attempt: int) -> str:  # an LLM that samples: another answer every call
+        return orjson.dumps({"interests": [str(w) for w in rng.choice(words, 2, replace=False)]}).decode()
+
+    reqs = [_req("runner", [1, 2, 3], ts=10), _req("reader", [4, 5], ts=10)]
+    first = AnchorWorker(s, index, enc, MemoryGenerator(s.anchors, script=sampled)).generate_for(reqs)
+    time.sleep(0.01)
+    second = AnchorWorker(s, index, enc, MemoryGenerator(s.anchors, script=sampled)).generate_for(reqs)
+
+    def sample_ids(sets: list[AnchorSet]) -> list[str]:
+        items = ItemMatrix(collection=s.encoder.collection, encoder=enc.id)
+        pts = index.retrieve(s.encoder.collection, list(ITEMS))
+        items.add(pts.ids, pts.vectors)
+        book = AnchorBook(enc.id, items)
+        ids: list[str] = []
+        for aset in sets:
+            assert book.put(aset) == "accepted"
+            batch = UnexposedBatch(request_id=f"req-{aset.user_id}", user_id=aset.user_id, ts=20,
+                                   item_ids=[6, 7, 2], recall_scores=[0.5] * 3)
+            raw, _ = label_batch(encode(batch), book, items, LabelerSettings(label_source="map"))
+            ids.extend(x.sample_id for x in decode(raw, SampleBatch).samples)
+        return ids
+
+    assert [x.generated_at for x in second] > [x.generated_at for x in first]  # really regenerated
+    assert [x.version for x in second] == [x.version for x in first]
+    assert [[a.text for a in x.anchors] for x in second] == [[a.text for a in x.anchors] for x in first]
+    ids = sample_ids(first)
+    assert ids and sample_ids(second) == ids
     index.close()
 
 
@@ -188,7 +233,7 @@ def test_worker_loop_requests_to_anchor_sets(settings: Settings) -> None:
     assert acc["in"] == 7
     assert acc.get("emitted", 0) + acc.get("superseded", 0) == 4
     assert sum(v for k, v in acc.items() if k.startswith("dlq:")) == 3
-    latest = {x.user_id: x for x in sorted(sets, key=lambda x: x.version)}
+    latest = {x.user_id: x for x in sorted(sets, key=lambda x: x.generated_at)}
     assert set(latest) == {"runner", "reader", "cook"}
     assert latest["runner"].history == [3]  # the newer request won
     assert all(len(x.anchors) == 2 and not x.fallback for x in latest.values())

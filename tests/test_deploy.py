@@ -56,6 +56,8 @@ OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/prod-gpu-workers"
 # only while the field is missing; once it lands it is checked like every other name.
 PENDING_FIELDS: dict[tuple[str, str], str] = {}  # (section, field) used by the stacks, not in settings yet
 GPL_NAME = re.compile(r"\bGPL_[A-Z0-9_]+")
+# what every stage's probes ask (gpl/runtime/health.py): /metrics would answer for a dead stage
+PROBE_PATHS = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +306,8 @@ def test_compose_dependencies_and_health(compose) -> None:
         deps = svcs[stage]["depends_on"]
         assert deps["topics"]["condition"] == "service_completed_successfully", stage
         assert "9100" in " ".join(svcs[stage]["healthcheck"]["test"]), f"{stage}: probe the metrics port"
+        # /metrics answers while a stage is dead; /healthz does not (gpl/runtime/health.py)
+        assert "/healthz" in " ".join(svcs[stage]["healthcheck"]["test"]), f"{stage}: probe /healthz"
     assert svcs["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
@@ -895,8 +899,8 @@ def test_stage_deployments(rendered, overlay: str) -> None:
         assert c["args"] == ["run", "--stage", stage]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == settings.metrics_port
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, f"{stage}: {probe}"
+        for probe, path in PROBE_PATHS.items():
+            assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}, f"{stage}: {probe}"
         for part in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(c["resources"][part]), f"{stage}: resources.{part}"
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
@@ -1053,3 +1057,25 @@ def test_every_manifest_file_is_rendered(rendered) -> None:
                 used.add((directory / entry["path"]).resolve())
     orphans = [str(p.relative_to(ROOT)) for p in iter_k8s_files() if p.resolve() not in used]
     assert not orphans, f"manifests no kustomization uses: {orphans}"
+
+
+def test_probe_paths_are_served_by_the_stage_http_server() -> None:
+    """The paths deploy/ and compose.yaml probe exist on the real server and answer JSON stage state."""
+    import urllib.error
+    import urllib.request
+
+    from gpl.runtime.health import serve_http
+
+    server = serve_http(0, host="127.0.0.1")
+    port = server.server_address[1]
+    try:
+        for path in sorted(set(PROBE_PATHS.values())):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    code, body = r.status, r.read()
+            except urllib.error.HTTPError as e:  # 503 is an answer too (no stage ready here)
+                code, body = e.code, e.read()
+            assert code in (200, 503), f"{path}: {code}"
+            assert "stages" in json.loads(body), path
+    finally:
+        server.shutdown()

@@ -295,12 +295,13 @@ def test_anchor_cache_refuses_other_spaces_and_keeps_the_newest(
         label_batch(_batch("v", ids[:5].tolist()), cache, items, LabelerSettings(**MAP))
     assert cache.put(_aset("v", _unit(rng, 2, DIM + 2))) == "dim_mismatch"
     assert cache.put(_aset("v", np.zeros((2, DIM), np.float32))) == "bad_vectors"
-    assert cache.put(_aset("v", _unit(rng, 2), version=5)) == "accepted"
-    assert cache.put(_aset("v", _unit(rng, 3), version=4)) == "stale"
-    assert cache.put(_aset("v", _unit(rng, 3), version=5)) == "stale"
-    assert cache.put(_aset("v", _unit(rng, 3), version=6)) == "accepted"
+    # versions name content (any order); generated_at orders a user's sets
+    assert cache.put(_aset("v", _unit(rng, 2), version=5, generated_at=2_000)) == "accepted"
+    assert cache.put(_aset("v", _unit(rng, 3), version=9, generated_at=1_999)) == "stale"
+    assert cache.put(_aset("v", _unit(rng, 3), version=5, generated_at=2_000)) == "stale"
+    assert cache.put(_aset("v", _unit(rng, 3), version=4, generated_at=2_001)) == "accepted"
     entry = cache.get("v")
-    assert entry is not None and entry.version == 6 and entry.vectors.shape == (3, DIM)
+    assert entry is not None and entry.version == 4 and entry.vectors.shape == (3, DIM)
     assert cache.counts == {"accepted": 3, "encoder_mismatch": 1, "dim_mismatch": 1, "bad_vectors": 1,
                             "stale": 2}
     # consistency comes from the history items' vectors

@@ -96,7 +96,7 @@ from workers.anchor_policy import (
     is_cold,
     rate_limit,
 )
-from workers.generation_cache import GenerationCache, cache_key
+from workers.generation_cache import GenerationCache, anchor_version, cache_key
 from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.history import recent_distinct
 from workers.vector_anchors import VectorAnchorSource
@@ -121,6 +121,7 @@ class _Made:
 
     req: AnchorRequest
     history: list[int]
+    history_texts: list[str]  # as the text backend saw them (empty for a vector backend): version material
     texts: list[str]
     logprobs: list[float]
     vectors: np.ndarray | None  # None: embed the texts
@@ -158,7 +159,7 @@ class AnchorWorker:
         self.bucket = TokenBucket(rate_limit(None, cfg.rate_limit), burst=cfg.batch_size)
         self.max_queued = 0  # high-water mark of the pending queue (tests, logs)
         self.pauses = 0  # how often backpressure paused the partitions
-        self._last_version: dict[str, int] = {}
+        self._last_generated: dict[str, int] = {}
         # the indexer creates the item collection too: either may start first
         self.index.ensure_collection(self.items, encoder.dim)
         self.index.ensure_collection(self.collection, encoder.dim)
@@ -317,6 +318,7 @@ class AnchorWorker:
         """Text backend: prompts of the history texts → generations (cache first); vectors come later."""
         histories = self.history_items(requests, need_text=True)
         prompts: list[AnchorPrompt] = []
+        texts_of: dict[str, list[str]] = {}
         planned: list[tuple[AnchorRequest, list[int]]] = []
         for req in requests:
             ids, texts, _ = histories[req.user_id]
@@ -325,13 +327,15 @@ class AnchorWorker:
                 skipped[req.user_id] = ("unknown_items", why)
                 continue
             prompts.append(AnchorPrompt(req.user_id, texts, self.settings.anchors.k))
+            texts_of[req.user_id] = texts
             planned.append((req, ids))
         if not prompts:
             return []
         made: list[_Made] = []
         for (req, ids), gen in zip(planned, self._generate_cached(prompts), strict=True):
             if gen.anchors:
-                made.append(_Made(req, ids, list(gen.anchors), [float(x) for x in gen.logprobs], None, gen.fallback))
+                made.append(_Made(req, ids, list(texts_of[req.user_id]), list(gen.anchors),
+                                  [float(x) for x in gen.logprobs], None, gen.fallback))
             else:
                 skipped[req.user_id] = ("no_anchors", f"generator returned no anchors (raw {gen.raw[:200]!r})")
         return made
@@ -355,7 +359,7 @@ class AnchorWorker:
         made: list[_Made] = []
         for (req, ids, _), va in zip(planned, got, strict=True):
             if len(va):
-                made.append(_Made(req, ids, list(va.labels), list(va.logprobs), va.vectors))
+                made.append(_Made(req, ids, [], list(va.labels), list(va.logprobs), va.vectors))
             else:
                 reason = "unknown_items" if va.detail.startswith("none of") else "no_anchors"
                 skipped[req.user_id] = (reason, va.detail or "the vector backend returned no anchors")
@@ -427,11 +431,16 @@ class AnchorWorker:
         vectors = normalize(np.concatenate(parts).astype(np.float32))  # make sure of the norm
         now = int(time.time() * 1000)
         users = [m.req.user_id for m in done]
-        prev = self._previous_versions(users)
-        versions = {u: max(now, prev.get(u, 0) + 1) for u in users}
+        prev = self._previous_generated(users)
+        # generated_at orders a user's sets (the labeler keeps the newest): strictly increasing per user
+        # even if the clock went back; the version names the content (generation_cache.anchor_version)
+        stamps = {u: max(now, prev.get(u, 0) + 1) for u in users}
         for u in users:
-            if u in prev:  # a version is its generation time in ms: the replaced set's age
+            if u in prev:  # the replaced set's age
                 ANCHOR_SET_AGE.observe(max(0.0, (now - prev[u]) / 1000))
+        gen, k = self.generator, self.settings.anchors.k
+        versions = {m.req.user_id: anchor_version(m.history, m.history_texts, k, gen.model, gen.prompt_hash,
+                                                  self.encoder.id) for m in done}
         ids: list[int] = []
         payloads = []
         stale: list[int] = []
@@ -446,35 +455,36 @@ class AnchorWorker:
                 payloads.append({
                     "user_id": req.user_id, "version": version, "slot": slot, "text": text,
                     "logprob": float(lp), "model": self.generator.model, "encoder": self.encoder.id,
-                    "prompt_hash": self.generator.prompt_hash, "fallback": m.fallback, "generated_at": now,
+                    "prompt_hash": self.generator.prompt_hash, "fallback": m.fallback,
+                    "generated_at": stamps[req.user_id],
                 })
                 anchors.append(Anchor(text=text, vector=vectors[row].tolist(), logprob=float(lp)))
                 row += 1
             stale.extend(anchor_point_id(req.user_id, s) for s in range(len(m.texts), MAX_SLOTS))
             sets.append(AnchorSet(
                 user_id=req.user_id, version=version, anchors=anchors, model=self.generator.model,
-                prompt_hash=self.generator.prompt_hash, encoder=self.encoder.id, generated_at=now,
+                prompt_hash=self.generator.prompt_hash, encoder=self.encoder.id, generated_at=stamps[req.user_id],
                 history=hist, fallback=m.fallback,
             ))
         self.index.upsert(self.collection, Points(np.asarray(ids, np.int64), vectors, payloads))
         self.index.delete(self.collection, stale)
         for s in sets:
-            self._last_version[s.user_id] = s.version
+            self._last_generated[s.user_id] = s.generated_at
         return sets
 
-    def _previous_versions(self, users: list[str]) -> dict[str, int]:
-        """The users' current versions (generation times in ms); a new version is bumped past them.
+    def _previous_generated(self, users: list[str]) -> dict[str, int]:
+        """The users' current sets' ``generated_at`` (ms); a new set's is bumped past them.
 
         From this process's memory or, after a restart, from the stored slot-0 point of the user (one
-        retrieve for the batch), so versions stay monotonic even if the clock went back.
+        retrieve for the batch), so a user's sets stay ordered even if the clock went back.
         """
-        unknown = [u for u in users if u not in self._last_version]
-        prev = {u: self._last_version[u] for u in users if u in self._last_version}
+        unknown = [u for u in users if u not in self._last_generated]
+        prev = {u: self._last_generated[u] for u in users if u in self._last_generated}
         if unknown:
             slot0 = [anchor_point_id(u, 0) for u in unknown]
             pts = self.index.retrieve(self.collection, slot0, with_payload=True)
             for payload in pts.payloads:
-                u, v = payload.get("user_id"), payload.get("version")
-                if isinstance(u, str) and isinstance(v, int):
-                    prev[u] = v
+                u, t = payload.get("user_id"), payload.get("generated_at")
+                if isinstance(u, str) and isinstance(t, int):
+                    prev[u] = t
         return prev

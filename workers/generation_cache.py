@@ -44,6 +44,28 @@ def cache_key(history: Sequence[str], k: int, model: str, prompt_hash: str) -> s
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
+VERSION_BITS = 53  # anchor-set versions stay exact in every JSON reader (IEEE doubles) and in int64 payloads
+
+
+def anchor_version(history_ids: Sequence[int], history_texts: Sequence[str], k: int, model: str,
+                   prompt_hash: str, encoder: str) -> int:
+    """The version of an anchor set, a digest of what made it (>= 1, 53 bits).
+
+    Why content and not the generation time: sample ids are (request, item, anchor version) and the
+    trainer drops repeats by id. A set regenerated after a restart (the anchors worker re-reads
+    uncommitted requests) comes from the same inputs — and, through this cache or a deterministic
+    vector backend, is the same set — so it must carry the same version, or the labeler's re-labeled
+    requests get new ids and the trainer learns the same (request, item) pseudo-label twice. The
+    material is the cache key's (history texts, k, model, prompt hash) plus the history ids (the set
+    carries them for the labeler's features) and the encoder (the space its vectors live in). Order
+    between a user's sets is ``AnchorSet.generated_at``, not the version.
+    """
+    blob = orjson.dumps({"v": SCHEMA_VERSION, "ids": [int(i) for i in history_ids], "history": list(history_texts),
+                         "k": k, "model": model, "prompt_hash": prompt_hash, "encoder": encoder})
+    digest = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big")
+    return (digest >> (64 - VERSION_BITS)) or 1
+
+
 class GenerationCache:
     """The on-disk store. Thread-safe through one lock: a worker is built in one thread and runs in
     another, and calls are few and small (one lookup and one insert per micro-batch)."""

@@ -34,7 +34,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tqdm import tqdm
 
 from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import CHECKPOINT_VERSION, TRAINER_LOSS
+from gpl.runtime.metrics import CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
@@ -91,6 +91,7 @@ class Trainer:
         self.counts: dict[str, int] = dict.fromkeys(COUNT_KEYS, 0)
         self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition, as far as consumed
         self.durable_offsets: dict[tuple[str, int], int] = {}  # as of the last checkpoint
+        self.offset_resets: list[tuple[str, int, int, int]] = []  # (topic, partition, from, to): past the end
         self.seen: set[int] = set()
         self.version = 0
         self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
@@ -195,8 +196,39 @@ class Trainer:
             off = self.durable_offsets.get((tp.topic, tp.partition))
             if off is not None:
                 tp.offset = off
+        self._reset_past_end(c, partitions)
         c.assign(partitions)
         log.info("trainer: assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+
+    def _reset_past_end(self, c: Consumer, partitions: list[TopicPartition]) -> None:
+        """Policy for a start offset past the partition's end: reset to its beginning, loudly.
+
+        The checkpoint (or the group's commit) says "next is offset 500" but the partition ends at 206:
+        the topic was deleted and recreated, or the broker lost its data (the embedded broker in memory
+        mode, restarted). Kafka would wait at 500 forever and the trainer would silently train none of
+        the new batches. Reading the partition from its beginning instead trains them; anything that
+        was already trained is dropped by the seen-set (sample ids are deterministic). Logged as an
+        ERROR and counted in ``gpl_offset_resets_total{stage,topic}`` (and :attr:`offset_resets`).
+        """
+        implicit = [TopicPartition(tp.topic, tp.partition) for tp in partitions if tp.offset < 0]
+        committed = {}
+        if implicit:
+            committed = {(tp.topic, tp.partition): tp.offset for tp in c.committed(implicit, timeout=10)}
+        for tp in partitions:
+            start = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+            if start < 0:
+                continue  # nothing committed: auto.offset.reset decides
+            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            if start <= high:
+                continue
+            log.error("%s: %s[%d] starts at offset %d but the partition ends at %d (topic recreated or broker "
+                      "data lost): resetting to its beginning (%d); already-trained samples are deduplicated",
+                      self.name, tp.topic, tp.partition, start, high, low)
+            OFFSET_RESETS.labels(stage=self.name, topic=tp.topic).inc()
+            self.offset_resets.append((tp.topic, tp.partition, start, low))
+            tp.offset = low
+            self.durable_offsets[(tp.topic, tp.partition)] = low
+            self.offsets[(tp.topic, tp.partition)] = low
 
     def _on_revoke(self, c: Consumer, partitions: list[TopicPartition]) -> None:
         """Make everything read so far durable before another member may read those partitions."""

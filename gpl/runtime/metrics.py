@@ -1,13 +1,17 @@
 """Prometheus metrics of every stage, declared once so names and labels stay consistent.
 
-``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``.
+``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``,
+with the liveness and readiness probes ``/healthz`` and ``/readyz`` (gpl/runtime/health.py).
 """
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 MESSAGES = Counter("gpl_messages_total", "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
                    ["stage", "outcome"])
@@ -27,13 +31,14 @@ TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
 
 
-def serve(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
-    """Expose ``/metrics`` on ``host:port`` (``metrics_host``; 0.0.0.0 so a scraper in another container
-    or pod reaches it, 127.0.0.1 keeps it on the host); port 0 serves nothing. Returns the server."""
+def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:  # noqa: S104
+    """Expose ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (``metrics_host``; 0.0.0.0 so a
+    scraper in another container or pod reaches it, 127.0.0.1 keeps it on the host); port 0 serves nothing."""
     if not port:
         return None
-    server, _ = start_http_server(port, addr=host)
-    return server
+    from gpl.runtime.health import serve_http
+
+    return serve_http(port, host)
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
@@ -75,3 +80,8 @@ PUBLISH_DECISIONS = Counter("gpl_trainer_publish_decisions_total",
 PUBLISHED_VERSION = Gauge("gpl_trainer_published_version", "Checkpoint version currently published for serving")
 GATE_SCORE = Gauge("gpl_trainer_gate_score", "Held-out AUC/GAUC of the last gated candidate and the published model",
                    ["model", "metric"])
+
+# ---- offsets past a topic's end (workers/trainer.py): the topic was recreated or the broker lost data
+OFFSET_RESETS = Counter("gpl_offset_resets_total",
+                        "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
+                        "beginning", ["stage", "topic"])

@@ -250,6 +250,25 @@ class TrainerSettings(Section):
     keep_published: int = Field(default=10, ge=2, description="published model files kept (rollback depth)")
 
 
+class HealthSettings(Section):
+    """/healthz and /readyz of the metrics server (gpl/runtime/health.py), and how a crash ends a process."""
+
+    stall_s: float = Field(default=600.0, gt=0, description="a stage loop that has not come round for this "
+                           "long is reported not live (/healthz 503): longer than the slowest batch (an LLM "
+                           "generation on CPU, a checkpoint)")
+    exit_grace_s: float = Field(default=30.0, gt=0, description="after a stage crashed, the other stages get this "
+                                "long to stop cleanly before the process exits non-zero regardless")
+
+
+class BrokerSettings(Section):
+    """The embedded Tansu broker of `gpl up` / `gpl run --embedded` (ignored with kafka.bootstrap_servers)."""
+
+    port: int = Field(default=0, ge=0, le=65535, description="loopback port; 0: a free one, remembered in "
+                      "data_dir/broker.json so a restart with durable storage comes back on the same port")
+    storage: Literal["memory", "s3"] = Field(default="memory", description="memory: topics die with the broker; "
+                                             "s3: durable, through a local S3 server (alocals3) in data_dir/broker")
+
+
 class Settings(BaseSettings):
     """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
 
@@ -271,6 +290,8 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     labeler: LabelerSettings = LabelerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    health: HealthSettings = HealthSettings()
+    broker: BrokerSettings = BrokerSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import BaseModel
 
+from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
 from gpl.runtime.offsets import TP, OffsetLedger
 from gpl.runtime.settings import KafkaSettings
@@ -79,16 +80,23 @@ class StageIO:
             self.ledger.forget(lost)
             self.paused.difference_update(lost)
 
-        kwargs: dict[str, Any] = {"on_revoke": revoked}
-        if on_assign is not None:
-            kwargs["on_assign"] = on_assign
-        self.consumer.subscribe(list(topics), **kwargs)
+        def assigned(c: Consumer, parts: list[TopicPartition]) -> None:
+            if on_assign is not None:
+                on_assign(c, parts)
+            HEALTH.assigned(self.stage, len(parts))
+
+        def revoked_health(c: Consumer, parts: list[TopicPartition]) -> None:
+            revoked(c, parts)
+            HEALTH.assigned(self.stage, 0)
+
+        self.consumer.subscribe(list(topics), on_assign=assigned, on_revoke=revoked_health)
 
     # ------------------------------------------------------------------------------------ consume
 
     def poll(self, n: int, timeout: float) -> list[Message]:
         """Up to ``n`` messages; each is counted ``in`` and open in the ledger (if its topic is tracked)."""
         out: list[Message] = []
+        HEALTH.beat(self.stage)  # the loop came round: /healthz (gpl/runtime/health.py)
         for m in self.consumer.consume(num_messages=n, timeout=timeout):
             if m.error():
                 log.error("%s: consume error: %s", self.stage, m.error())

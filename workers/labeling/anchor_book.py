@@ -55,7 +55,7 @@ class UserAnchors:
 class AnchorBook:
     """Per user the newest AnchorSet, refusing sets from another space.
 
-    Only a newer ``version`` replaces an older one (a replayed or re-ordered message cannot roll a user
+    Only a newer set (``generated_at``) replaces an older one (a replayed or re-ordered message cannot roll a user
     back). A set whose ``encoder`` is not the item collection's encoder is refused with
     ``encoder_mismatch``: its vectors live in another space, and cosine across spaces is noise that
     would still look like a similarity. ``dim_mismatch`` and ``bad_vectors`` (non-finite or zero)
@@ -95,7 +95,8 @@ class AnchorBook:
         if aset.encoder != self.encoder:
             return "encoder_mismatch"
         cur = self._users.get(aset.user_id)
-        if cur is not None and aset.version <= cur.version:
+        # the version names the content (anchors worker); generated_at orders a user's sets
+        if cur is not None and aset.generated_at <= cur.generated_at:
             return self.STALE
         try:
             vecs = np.asarray([a.vector for a in aset.anchors], dtype=np.float32)

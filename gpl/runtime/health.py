@@ -1,0 +1,139 @@
+"""Honest liveness and readiness of a stage process: ``/healthz`` and ``/readyz`` next to ``/metrics``.
+
+Why not "the metrics endpoint answers": the HTTP server is a daemon thread of its own and keeps
+answering after a stage's loop died, so an orchestrator probing ``/metrics`` never restarts a process
+that no longer works. Here every stage reports into one registry (:data:`HEALTH`):
+
+* ``beat`` — its loop came round (``StageIO.poll`` does it for the workers, the faust runner for the
+  streams stage); a loop silent for longer than ``health.stall_s`` is *stalled*;
+* ``assigned`` — how many partitions its consumer holds (rebalance callbacks);
+* ``crashed`` / ``stopped`` — how its thread ended (:class:`gpl.stack.Stages`).
+
+``/healthz`` answers 200 while every registered stage is running and not stalled, 503 otherwise;
+``/readyz`` 200 when, besides, every stage holds at least one partition (it can serve), 503 otherwise.
+Both answer the per-stage state as JSON. A crash also ends the process with a non-zero exit (the stage
+runner in ``gpl run``/``gpl up``): the probes are for what an exit cannot show, a hung loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped"
+
+
+@dataclass
+class StageState:
+    state: str = STARTING
+    since: float = field(default_factory=time.monotonic)
+    last_beat: float | None = None
+    beats: int = 0
+    partitions: int = 0
+    error: str = ""
+
+
+class Health:
+    """Thread-safe per-stage state; ``live()`` and ``ready()`` answer (ok, JSON-able report)."""
+
+    def __init__(self, stall_s: float = 600.0) -> None:
+        self.stall_s = stall_s
+        self._stages: dict[str, StageState] = {}
+        self._lock = threading.Lock()
+
+    def register(self, stage: str) -> None:
+        with self._lock:
+            self._stages[stage] = StageState()
+
+    def _get(self, stage: str) -> StageState:
+        st = self._stages.get(stage)
+        if st is None:  # a stage run outside the runner (tests, demo) still reports
+            st = self._stages[stage] = StageState()
+        return st
+
+    def beat(self, stage: str) -> None:
+        with self._lock:
+            st = self._get(stage)
+            if st.state == STARTING:
+                st.state = RUNNING
+            st.last_beat = time.monotonic()
+            st.beats += 1
+
+    def assigned(self, stage: str, partitions: int) -> None:
+        with self._lock:
+            self._get(stage).partitions = max(0, partitions)
+
+    def crashed(self, stage: str, error: BaseException | str) -> None:
+        with self._lock:
+            st = self._get(stage)
+            st.state, st.error = CRASHED, error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+    def stopped(self, stage: str) -> None:
+        with self._lock:
+            st = self._get(stage)
+            if st.state != CRASHED:
+                st.state = STOPPED
+
+    def forget(self, stage: str) -> None:
+        with self._lock:
+            self._stages.pop(stage, None)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            out = {}
+            for name, st in self._stages.items():
+                idle = now - (st.last_beat if st.last_beat is not None else st.since)
+                stalled = st.state in (STARTING, RUNNING) and idle > self.stall_s
+                out[name] = {"state": "stalled" if stalled else st.state, "idle_s": round(idle, 3),
+                             "beats": st.beats, "partitions": st.partitions, "error": st.error}
+            return out
+
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        stages = self.report()
+        ok = all(s["state"] in (STARTING, RUNNING) for s in stages.values())
+        return ok, {"live": ok, "stages": stages}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        stages = self.report()
+        ok = bool(stages) and all(s["state"] == RUNNING and s["partitions"] > 0 for s in stages.values())
+        return ok, {"ready": ok, "stages": stages}
+
+
+HEALTH = Health()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path in ("/healthz", "/readyz"):
+            ok, body = HEALTH.live() if path == "/healthz" else HEALTH.ready()
+            self._send(200 if ok else 503, orjson.dumps(body), "application/json")
+        else:
+            self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds: no log
+        return
+
+
+def serve_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - probed from outside
+    """Start the metrics + probes server in a daemon thread; returns it (``server_address`` has the port)."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="gpl-http", daemon=True).start()
+    return server
