@@ -32,7 +32,8 @@ as GPL_<SECTION>__<FIELD> (e.g. GPL_KAFKA__BOOTSTRAP_SERVERS=kafka:9092, GPL_QDR
 GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstrap servers the embedded
 Tansu broker is started; without a Qdrant URL the embedded Qdrant engine runs in --data-dir.
 """
-PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate")
+PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.schemas",
+           "gpl.commands.dlq")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,11 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--start-ms", type=int)
     rp.add_argument("--end-ms", type=int)
     rp.set_defaults(run=cmd_replay)
-
-    sc = sub.add_parser("schemas", help="contracts").add_subparsers(metavar="ACTION")
-    ex = sc.add_parser("export", help="write one JSON Schema per topic contract")
-    ex.add_argument("out", type=Path, nargs="?", default=Path("schemas/json"))
-    ex.set_defaults(run=cmd_schemas_export)
 
     tp = sub.add_parser("topics", help="topics").add_subparsers(metavar="ACTION")
     tp.add_parser("create", help="create every topic with the project's partition counts").set_defaults(
@@ -232,14 +228,6 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         print("give a JSONL file or --topic/--to", file=sys.stderr)
         return 2
     print(orjson.dumps(counts).decode())
-    return 0
-
-
-def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
-    from schemas.export import export_json_schemas
-
-    for p in export_json_schemas(args.out):
-        print(p)
     return 0
 
 

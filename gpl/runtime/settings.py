@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -185,6 +185,26 @@ class TrainerSettings(Section):
     seed: int = 0
 
 
+class SchemaRegistrySettings(Section):
+    """Confluent Schema Registry: input in both formats is always read; this decides what is written."""
+
+    url: str = Field(default="", description="registry URL (mock://<name> in tests); empty: off, and framed "
+                     "input is unframed and checked by the pydantic contracts alone")
+    basic_auth_user: str = Field(default="", description="basic-auth user (Confluent Cloud: the API key)")
+    basic_auth_password: SecretStr = Field(default=SecretStr(""), description="basic-auth password (API secret)")
+    output_format: Literal["json", "confluent"] = Field(
+        default="json", description="json: plain JSON; confluent: magic byte + schema id, via the registry's "
+        "JSON serializer under subject <topic>-value (needs url)")
+    auto_register: bool = Field(default=False, description="writers register their schema if the subject lacks "
+                                "it; false: it must be registered first (gpl schemas register)")
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> SchemaRegistrySettings:
+        if self.output_format == "confluent" and not self.url:
+            raise ValueError("schema_registry.output_format=confluent needs schema_registry.url")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
 
@@ -202,6 +222,7 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     labeler: LabelerSettings = LabelerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
