@@ -209,8 +209,7 @@ def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = Fal
             commit_offsets(c, nxt)
     finally:
         c.close()
-    counts.setdefault("redriven", 0)
-    return dict(counts)
+    return {"scanned": 0, "matched": 0, "redriven": 0} | dict(counts)
 
 
 def run_redrive(args: argparse.Namespace, settings: Settings) -> int:
