@@ -66,7 +66,7 @@ def test_fast_paths_read_framed_payloads() -> None:
 
 
 def test_registry_round_trip_and_refusals() -> None:
-    cfg = registry(output_format="confluent")
+    cfg = registry(output_format="confluent", validate_payloads=True)
     client = registry_client(cfg)
     sid = client.register_schema(subject("exposure"), registry_schema("exposure"))
     wire = Wire(cfg)
@@ -88,6 +88,19 @@ def test_registry_round_trip_and_refusals() -> None:
     assert reason("exposure", frame(sid, b'{"request_id": "r"}')) == "schema_registry"
     # without a registry the same framed bytes are only unframed, then judged by the contract
     assert Wire().decode("exposure", raw, ExposureEvent) == EXPOSURE
+
+
+def test_without_payload_validation_the_id_is_still_checked() -> None:
+    cfg = registry()
+    sid = registry_client(cfg).register_schema(subject("exposure"), registry_schema("exposure"))
+    wire = Wire(cfg)
+    assert wire.decode("exposure", frame(sid, encode(EXPOSURE)), ExposureEvent) == EXPOSURE
+    for topic, data, why in (("recall", frame(sid, encode(EXPOSURE)), "schema_registry"),
+                             ("exposure", frame(sid + 1, encode(EXPOSURE)), "schema_registry"),
+                             ("exposure", frame(sid, b'{"request_id": "r"}'), "schema")):  # the contract's word
+        with pytest.raises(DecodeError) as e:
+            wire.decode(topic, data, ExposureEvent)
+        assert e.value.reason == why
 
 
 def test_writers_need_the_schema_registered_unless_auto_register() -> None:
