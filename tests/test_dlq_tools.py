@@ -92,6 +92,7 @@ def test_show_lists_filters_and_previews(settings: Settings, capsys: pytest.Capt
     assert "malformed_json" in table[1] and "recall[0]@100" in table[1] and "bad input number 0" in table[1]
     assert preview(base64.b64encode(b"x" * 100).decode(), 10) == "x" * 9 + "…"
     assert cli(settings, "show", "nope") == 2
+    assert main(["dlq", "show", "recall"]) == 2 and "bootstrap_servers" in capsys.readouterr().err
 
 
 def test_redrive_dry_run_then_once(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:

@@ -136,7 +136,17 @@ def recent(settings: Settings, topic: str, reason: str = "", limit: int = 20) ->
     return found[-limit:] if limit > 0 else found
 
 
+def _no_broker(settings: Settings) -> bool:
+    if settings.kafka.bootstrap_servers:
+        return False
+    print("set kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS; `gpl up` prints the embedded one)",
+          file=sys.stderr)
+    return True
+
+
 def run_show(args: argparse.Namespace, settings: Settings) -> int:
+    if _no_broker(settings):
+        return 2
     try:
         topic = dlq_name(args.topic)
         letters = recent(settings, topic, args.reason, args.limit)
@@ -213,6 +223,8 @@ def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = Fal
 
 
 def run_redrive(args: argparse.Namespace, settings: Settings) -> int:
+    if _no_broker(settings):
+        return 2
     try:
         topic = dlq_name(args.topic)
         counts = redrive(settings, topic, args.reason, yes=args.yes)
