@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--llm", default="", help="transformers: comma list of LLMs (anchors.llm values), side by side")
     ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
     ba.set_defaults(run=cmd_bench_anchors)
+    bw = bs.add_parser("wire", help="ms per message of each wire path: plain JSON, Confluent, registry checks")
+    bw.add_argument("--candidates", type=int, default=1000)
+    bw.add_argument("--repeats", type=int, default=50)
+    bw.set_defaults(run=cmd_bench_wire)
 
     for mod in PLUGINS:
         try:
@@ -292,6 +296,13 @@ def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
                          llms=[x.strip() for x in args.llm.split(",") if x.strip()], llm_batch=args.llm_batch)
     print(backends_table(res))
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_bench_wire(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.bench.wire import bench_wire
+
+    print(orjson.dumps(bench_wire(args.candidates, args.repeats), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

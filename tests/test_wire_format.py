@@ -16,6 +16,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from gpl.bench.wire import bench_wire
 from gpl.cli import main
 from gpl.runtime.encoder import HashEncoder
 from gpl.runtime.kafka import producer
@@ -122,6 +123,13 @@ def test_settings_section(capsys: pytest.CaptureFixture[str]) -> None:
         load(env={"GPL_SCHEMA_REGISTRY__OUTPUT_FORMAT": "confluent"})
     assert main(["--set", "schema_registry.basic_auth_password=hunter2", "config", "show"]) == 0
     assert "hunter2" not in capsys.readouterr().out
+
+
+def test_bench_wire_runs_every_path() -> None:
+    res = bench_wire(candidates=20, repeats=2)
+    assert set(res["read_ms"]) == {"plain", "framed_no_registry", "framed_id_check",  # type: ignore[arg-type]
+                                   "framed_validate_payloads"}
+    assert set(res["write_ms"]) == {"plain", "confluent", "confluent_validate_payloads"}  # type: ignore[arg-type]
 
 
 @pytest.mark.integration

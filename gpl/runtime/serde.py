@@ -9,9 +9,9 @@ only stripped. Either way the pydantic contract validates the JSON afterwards
 plain JSON, or with ``schema_registry.output_format = "confluent"`` confluent-kafka's
 ``JSONSerializer`` with the exported schema of the topic (``schemas/export.py``).
 
-Why ``validate_payloads`` is off by default: ``jsonschema`` needs ~0.13 s to read and ~0.25 s to write
-one 1,000-candidate recall (measured on a 2-core VM; ~0.7 ms and ~0.4 ms without it), and the exported
-schema says nothing the pydantic contract does not check anyway.
+Why ``validate_payloads`` is off by default: ``jsonschema`` needs 0.07-0.25 s to read or write one
+1,000-candidate recall (``gpl bench wire`` on a shared 2-core VM; ~0.6 ms to read and ~0.4 ms to write
+without it), and the exported schema says nothing the pydantic contract does not check anyway.
 
 One :class:`Wire` per stage; registry clients are shared per URL within a process, so caches are
 shared and a ``mock://`` registry is one registry for every stage of the embedded stack.

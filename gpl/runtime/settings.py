@@ -199,8 +199,8 @@ class SchemaRegistrySettings(Section):
                                 "it; false: it must be registered first (gpl schemas register)")
     validate_payloads: bool = Field(
         default=False, description="also check every framed value against its registry schema with jsonschema, "
-        "reading and writing (~0.13 s to read, ~0.25 s to write a 1,000-candidate recall); the schema id is "
-        "always checked and the pydantic contract always validates")
+        "reading and writing (0.07-0.25 s per 1,000-candidate recall vs < 1 ms without: gpl bench wire); "
+        "the schema id is always checked and the pydantic contract always validates")
 
     @model_validator(mode="after")
     def _needs_url(self) -> SchemaRegistrySettings:
