@@ -33,7 +33,7 @@ GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstra
 Tansu broker is started; without a Qdrant URL the embedded Qdrant engine runs in --data-dir.
 """
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
-           "gpl.commands.publish")
+           "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--end-ms", type=int)
     rp.set_defaults(run=cmd_replay)
 
-    sc = sub.add_parser("schemas", help="contracts").add_subparsers(metavar="ACTION")
-    ex = sc.add_parser("export", help="write one JSON Schema per topic contract")
-    ex.add_argument("out", type=Path, nargs="?", default=Path("schemas/json"))
-    ex.set_defaults(run=cmd_schemas_export)
-
     tp = sub.add_parser("topics", help="topics").add_subparsers(metavar="ACTION")
     tp.add_parser("create", help="create every topic with the project's partition counts").set_defaults(
         run=cmd_topics_create)
@@ -157,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--llm", default="", help="transformers: comma list of LLMs (anchors.llm values), side by side")
     ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
     ba.set_defaults(run=cmd_bench_anchors)
+    bw = bs.add_parser("wire", help="ms per message of each wire path: plain JSON, Confluent, registry checks")
+    bw.add_argument("--candidates", type=int, default=1000)
+    bw.add_argument("--repeats", type=int, default=50)
+    bw.set_defaults(run=cmd_bench_wire)
 
     for mod in PLUGINS:
         try:
@@ -273,14 +272,6 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
-    from schemas.export import export_json_schemas
-
-    for p in export_json_schemas(args.out):
-        print(p)
-    return 0
-
-
 def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.runtime.kafka import create_topics
 
@@ -335,6 +326,13 @@ def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
                          llms=[x.strip() for x in args.llm.split(",") if x.strip()], llm_batch=args.llm_batch)
     print(backends_table(res))
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_bench_wire(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.bench.wire import bench_wire
+
+    print(orjson.dumps(bench_wire(args.candidates, args.repeats), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -38,6 +38,7 @@ from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.jsonl import write_events
+from schemas.wire import payload
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
             if m.error() is not None:
                 continue
             pos[m.partition() or 0] = (m.offset() or 0) + 1
-            for x in orjson.loads(m.value() or b'{"samples": []}')["samples"]:
+            for x in orjson.loads(payload(m.value()) or b'{"samples": []}')["samples"]:  # either wire format
                 n[x["source"]] += 1
                 if x["source"] == "pseudo":
                     label_sum += x["label"]

@@ -1,4 +1,8 @@
-"""orjson on the wire; decoding errors are values with a reason, never exceptions that escape."""
+"""orjson on the wire; decoding errors are values with a reason, never exceptions that escape.
+
+:func:`decode` is the one decode entry point: it accepts plain JSON and the Confluent wire format
+(``schemas/wire.py``), whose framing it strips before the pydantic contract validates the JSON.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import DeadLetter
+from schemas.wire import FrameError, is_framed, unframe
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,7 +36,9 @@ def decode(raw: bytes | None, value_type: type[M]) -> M:
     if raw is None:
         raise DecodeError("empty", "message has no value (tombstone or null)")
     try:
-        obj = orjson.loads(raw)
+        obj = orjson.loads(unframe(raw)[1] if is_framed(raw) else raw)  # registry checks, if any, ran before
+    except FrameError as e:
+        raise DecodeError("bad_frame", str(e)) from None
     except orjson.JSONDecodeError as e:
         raise DecodeError("malformed_json", f"not JSON: {e}") from None
     if not isinstance(obj, dict):

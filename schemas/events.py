@@ -74,7 +74,8 @@ class ExposureEvent(Contract):
     request_id: RequestId
     user_id: UserId
     ts: EpochMs
-    items: list[ExposedItem]
+    items: list[ExposedItem] = Field(json_schema_extra={"uniqueItems": True, "x-unique-by": "item_id"},
+                                     description="no item_id twice (the contract checks it by item_id)")
 
     @model_validator(mode="after")
     def _unique_items(self) -> ExposureEvent:

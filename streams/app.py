@@ -43,9 +43,10 @@ from gpl.runtime.faust_config import faust_settings
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import JOIN_PENDING
+from gpl.runtime.serde import Wire
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError, dead_letter, decode, encode
+from schemas.codec import DecodeError, dead_letter, decode
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED
 from streams.copartition import SplitWatch, verify_copartitioned
@@ -110,6 +111,7 @@ class StreamsProcessor:
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
         self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
         self._markers: dict[bytes, Pending] = {}  # joined/expired requests, until their forget time
+        self.wire = Wire(settings.schema_registry)  # plain JSON and Confluent-framed input alike
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -177,7 +179,7 @@ class StreamsProcessor:
     # ------------------------------------------------------------------ recall
     async def on_recall(self, m: Any) -> None:
         cfg = self.settings.streams
-        recall = decode_recall(m.value, cfg.max_candidates)
+        recall = decode_recall(self.wire.payload(m.topic, m.value), cfg.max_candidates)
         self.accounting.add("recall_in")
         unknown = self.catalog.unknown(recall.item_ids)
         if len(unknown):
@@ -206,13 +208,15 @@ class StreamsProcessor:
     # ------------------------------------------------------------------ exposure
     async def on_exposure(self, m: Any) -> None:
         cfg = self.settings.streams
-        exposure = decode(m.value, ExposureEvent)
+        value = self.wire.payload(m.topic, m.value)
+        exposure = decode(value, ExposureEvent)
+        assert value is not None  # decode refused None
         self.accounting.add("exposure_in")
         key = exposure.request_id.encode()
         prev = self._get(key)
         if prev is None:
             deadline = now_ms() + int(cfg.join_wait_s * 1000)
-            self._put(key, pending_exposure(exposure, m.value, deadline, m.partition))
+            self._put(key, pending_exposure(exposure, value, deadline, m.partition))
             self.waiting += 1
         elif prev.kind == PENDING_RECALL:
             assert prev.item_ids is not None and prev.scores is not None
@@ -239,14 +243,15 @@ class StreamsProcessor:
         batch = unexposed(recall_ids, recall_scores, exposure, request_id, exposure.user_id, exposure.ts)
         await self.emit_real(exposure)
         if batch is not None:
-            await self.out_unexposed.send(key=exposure.user_id.encode(), value=encode_unexposed(batch))
+            value = self.wire.encode_json(UNEXPOSED.name, encode_unexposed(batch))
+            await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
             self.accounting.add("unexposed_batches")
             self.accounting.add("unexposed_candidates", len(batch.item_ids))
 
     async def emit_real(self, exposure: ExposureEvent) -> None:
         samples = real_samples(exposure)
         if samples.samples:
-            await self.out_samples.send(key=exposure.user_id.encode(), value=encode(samples))
+            await self.out_samples.send(key=exposure.user_id.encode(), value=self.wire.encode(SAMPLES.name, samples))
             self.accounting.add("real_samples", len(samples.samples))
         clicked = [it.item_id for it in exposure.items if it.clicked]
         if clicked:
@@ -269,7 +274,7 @@ class StreamsProcessor:
         reason = decide(state, ts, cfg)
         if reason is not None:
             state, req = request_anchors(state, user_id, reason, ts, cfg)
-            await self.out_anchor_requests.send(key=key, value=encode(req))
+            await self.out_anchor_requests.send(key=key, value=self.wire.encode(ANCHOR_REQUESTS.name, req))
             self.accounting.add(f"anchor_requests:{reason}")
         self.interest[key] = state.pack()
 
@@ -349,7 +354,7 @@ class StreamsProcessor:
     async def dead_letter(self, m: Any, e: DecodeError) -> None:
         dl = dead_letter(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
                          error=str(e), reason=e.reason, stage=STAGE)
-        await self.dlq[m.topic].send(key=m.key, value=encode(dl))
+        await self.dlq[m.topic].send(key=m.key, value=self.wire.encode(f"{m.topic}.dlq", dl))
         self.accounting.add(f"dlq:{e.reason}")
         log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, e.reason, e)
 

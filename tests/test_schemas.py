@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jsonschema
 import orjson
 import pytest
 from pydantic import ValidationError
 
 from gpl.cli import build_parser, main
 from gpl.runtime.settings import load
-from schemas import DecodeError, ExposureEvent, RecallEvent, decode, encode
+from schemas import SCHEMA_VERSION, DecodeError, ExposureEvent, RecallEvent, decode, encode
 from schemas.export import export_json_schemas
 from schemas.jsonl import read_events, write_events
-from schemas.topics import TOPICS, all_topic_names
+from schemas.topics import TOPICS, all_topic_names, dlq_topics
 
 
 def test_roundtrip_and_version_guard() -> None:
@@ -38,11 +39,46 @@ def test_bad_input_reasons(raw: bytes | None, reason: str) -> None:
 
 def test_schema_export(tmp_path: Path) -> None:
     files = export_json_schemas(tmp_path)
-    assert {p.name for p in files} == {f"{t}.schema.json" for t in TOPICS} | {"dlq.schema.json"}
-    recall = orjson.loads((tmp_path / "recall.schema.json").read_bytes())
-    assert recall["x-topic"] == {"name": "recall", "key": "user_id", "compacted": False, "dlq": "recall.dlq"}
+    topics = [*TOPICS, *dlq_topics()]
+    assert {p.name for p in files} == {f"{t}-value.json" for t in topics}  # registry subjects
+    recall = orjson.loads((tmp_path / "recall-value.json").read_bytes())
+    assert recall["x-topic"] == {"name": "recall", "subject": "recall-value", "key": "user_id", "compacted": False,
+                                 "dlq": "recall.dlq"}
     assert "candidates" in recall["properties"]
     assert "recall.dlq" in all_topic_names()
+    ids = set()
+    for t in topics:
+        sch = orjson.loads((tmp_path / f"{t}-value.json").read_bytes())
+        assert sch["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        ids.add(sch["$id"])
+        assert (sch["properties"]["schema_version"]["minimum"], sch["properties"]["schema_version"]["maximum"]) \
+            == (1, SCHEMA_VERSION)
+        if t != "anchors":  # every other contract has an event time ``ts``; anchors have generated_at
+            assert "epoch milliseconds" in sch["properties"]["ts"]["description"]
+    assert len(ids) == len(topics)
+    anchors = orjson.loads((tmp_path / "anchors-value.json").read_bytes())
+    assert "epoch milliseconds" in anchors["properties"]["generated_at"]["description"]
+    assert "description" not in anchors["$defs"]["Anchor"]["properties"]["vector"]
+    exposure = orjson.loads((tmp_path / "exposure-value.json").read_bytes())
+    assert exposure["properties"]["items"]["uniqueItems"] is True
+    assert "description" not in exposure["$defs"]["ExposedItem"]["properties"]["position"]  # an int >= 0, not a time
+
+
+def test_exported_schema_agrees_with_the_contract(tmp_path: Path) -> None:
+    """What the registry's serializer checks (jsonschema, the declared draft) accepts and refuses what we do."""
+    export_json_schemas(tmp_path)
+    schema = orjson.loads((tmp_path / "exposure-value.json").read_bytes())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert validator.META_SCHEMA["$id"].startswith("https://json-schema.org/draft/2020-12")
+    ev = ExposureEvent(request_id="r", user_id="u", ts=1, items=[{"item_id": 1, "position": 0, "clicked": True}])  # type: ignore[list-item]
+    good = orjson.loads(encode(ev))
+    validator.validate(good)
+    for bad in ({**good, "schema_version": SCHEMA_VERSION + 1}, {**good, "items": good["items"] * 2},
+                {**good, "ts": -1}):
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(bad)
+        with pytest.raises(DecodeError):
+            decode(orjson.dumps(bad), ExposureEvent)
 
 
 def test_jsonl_roundtrip(tmp_path: Path) -> None:
@@ -75,6 +111,6 @@ def test_cli_help_and_schemas_command(tmp_path: Path, capsys: pytest.CaptureFixt
     for cmd in ("demo", "up", "run", "replay", "schemas", "bench"):
         assert cmd in help_text
     assert main(["schemas", "export", str(tmp_path / "js")]) == 0
-    assert (tmp_path / "js" / "anchors.schema.json").exists()
+    assert (tmp_path / "js" / "anchors-value.json").exists()
     assert main(["--set", "labeler.cap=11", "config", "show"]) == 0
     assert '"cap": 11' in capsys.readouterr().out

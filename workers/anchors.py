@@ -81,7 +81,6 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import Points, VectorIndex
 from gpl.runtime.vectors.normalize import normalize
-from schemas.codec import encode
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
 from workers.anchor_policy import (
@@ -166,7 +165,7 @@ class AnchorWorker:
 
     def run(self, stop: threading.Event) -> None:
         cfg = self.settings.anchors
-        io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         st = _LoopState()
 
         def on_assign(consumer_: Any, parts: list[Any]) -> None:
@@ -264,7 +263,7 @@ class AnchorWorker:
             io.dead_letter(by_user[user_id].origin.msg, ValueError(why[1]), reason=why[0])
         p = io.producer
         for aset in sets:
-            p.produce(ANCHORS.name, encode(aset), key=aset.user_id.encode())
+            p.produce(ANCHORS.name, io.wire.encode(ANCHORS.name, aset), key=aset.user_id.encode())
             p.poll(0)
         left = p.flush(30)
         if left:

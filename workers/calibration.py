@@ -272,7 +272,7 @@ class CalibrationMonitor:
         return {**self.book.snapshot(), "accounting": self.accounting.snapshot()}
 
     def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         io.subscribe([SAMPLES.name])
         last_export = 0.0
         with io:

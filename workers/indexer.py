@@ -43,7 +43,7 @@ class Indexer:
         self.index.ensure_collection(self.collection, encoder.dim)
 
     def run(self, stop: threading.Event, *, batch: int = 512) -> None:
-        io = StageIO(self.settings.kafka, STAGE, self.accounting)
+        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         io.subscribe([ITEMS.name])
         bar = tqdm(desc="index items", unit="item", disable=not self.progress, leave=False)
         dirty = False  # points added since the last optimize

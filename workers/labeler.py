@@ -52,7 +52,7 @@ from gpl.runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, DEFER
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError, decode
+from schemas.codec import DecodeError
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
 from workers.labeling.anchor_book import AnchorBook
@@ -118,8 +118,9 @@ class Labeler:
 
     def run(self, stop: threading.Event, *, batch: int = 256) -> None:
         io = self.io = StageIO(self.settings.kafka, STAGE, self.accounting,
-                               consumer_config={"partition.assignment.strategy": "range"})
-        anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting)
+                               consumer_config={"partition.assignment.strategy": "range"},
+                               registry=self.settings.schema_registry)
+        anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting, io.wire)
         loaded = self.items.load()
         log.info("labeler: %d item vectors loaded from %s", loaded, self.items.collection)
         self._load_calibrator()
@@ -169,8 +170,9 @@ class Labeler:
                 self.cache.drop(key.decode("utf-8", "replace"))
             acc.add("tombstone")
             return
+        assert self.io is not None
         try:
-            aset = decode(m.value(), AnchorSet)
+            aset = self.io.wire.decode(ANCHORS.name, m.value(), AnchorSet)
         except DecodeError as e:
             anchor_dlq.send(m, e)
             return
@@ -201,7 +203,7 @@ class Labeler:
         assert self.io is not None
         part, off, raw = m.partition() or 0, m.offset() or 0, m.value()
         try:
-            b = decode_unexposed(raw)
+            b = decode_unexposed(self.io.wire.payload(UNEXPOSED.name, raw))  # either wire format
         except DecodeError as e:
             self.accounting.add("in")
             self.io.dead_letter(m, e)
@@ -234,7 +236,7 @@ class Labeler:
             io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
             self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
         else:
-            io.producer.produce(SAMPLES.name, out, key=b.user_id.encode())
+            io.producer.produce(SAMPLES.name, io.wire.encode_json(SAMPLES.name, out), key=b.user_id.encode())
             io.producer.poll(0)
             self._count_labeled(st)
             if self.ctx.calibrator is not None:
@@ -281,10 +283,10 @@ class Labeler:
         """Real labels: count exposures and clicks (the calibrator's priors), join earlier pseudo-labels."""
         assert self.io is not None
         try:
-            batch = orjson.loads(m.value() or b"{}")
+            batch = orjson.loads(self.io.wire.payload(SAMPLES.name, m.value()) or b"{}")
             real = [x for x in batch["samples"] if x["source"] != "pseudo"]
             user = str(batch["user_id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, DecodeError):
             self.accounting.add("samples_unreadable")  # the trainer dead-letters it; here it only counts
             self.io.done(m)
             return

@@ -38,7 +38,7 @@ from gpl.runtime.metrics import CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError, decode
+from schemas.codec import DecodeError
 from schemas.events import SampleBatch
 from schemas.ids import sample_id
 from schemas.topics import SAMPLES
@@ -147,7 +147,7 @@ class Trainer:
     # the loop ----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        io = self.io = StageIO(self.settings.kafka, self.name, self.accounting)
+        io = self.io = StageIO(self.settings.kafka, self.name, self.accounting, registry=self.settings.schema_registry)
         self._closing = False
         io.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
         bar = tqdm(desc="train samples", unit="sample", disable=not self.progress, leave=False)
@@ -157,7 +157,7 @@ class Trainer:
                 parsed: list[SampleBatch | DecodeError] = []
                 for m in msgs:
                     try:
-                        parsed.append(decode(m.value(), SampleBatch))
+                        parsed.append(io.wire.decode(m.topic() or SAMPLES.name, m.value(), SampleBatch))
                     except DecodeError as e:
                         parsed.append(e)
                 # one index round trip per poll, then message by message so a checkpoint can fall

@@ -25,6 +25,7 @@ from gpl.runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet
+from schemas.wire import payload
 
 
 def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 1000, rate: float = 0.0,
@@ -116,7 +117,7 @@ def _read_samples(s: Settings, arrivals: dict[str, float], stop: threading.Event
                 if m.error() is not None:
                     continue
                 now = time.time()
-                b = orjson.loads(m.value() or b"{}")
+                b = orjson.loads(payload(m.value()) or b"{}")  # either wire format
                 if b.get("lineage") is not None:  # the pseudo-labeled batch of this request
                     arrivals.setdefault(b["request_id"], now)
     finally:

@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.metrics import MESSAGES
+from gpl.runtime.serde import Wire
 from gpl.runtime.settings import KafkaSettings
 from schemas.codec import DecodeError, dead_letter, encode
 from schemas.topics import TOPICS
@@ -127,8 +128,9 @@ class Accounting:
 class DeadLetters:
     """Send bad input to ``<topic>.dlq`` with its original bytes, the error and the origin offset."""
 
-    def __init__(self, producer: Producer, stage: str, accounting: Accounting) -> None:
+    def __init__(self, producer: Producer, stage: str, accounting: Accounting, wire: Wire | None = None) -> None:
         self.producer = producer
+        self.wire = wire
         self.stage = stage
         self.accounting = accounting
 
@@ -150,7 +152,8 @@ class DeadLetters:
             topic=topic, partition=partition, offset=offset, key=key, value=value,
             error=str(err), reason=why, stage=self.stage,
         )
-        self.producer.produce(f"{topic}.dlq", encode(dl), key=key)
+        dlq = f"{topic}.dlq"
+        self.producer.produce(dlq, self.wire.encode(dlq, dl) if self.wire is not None else encode(dl), key=key)
         self.producer.poll(0)
         self.accounting.add(f"dlq:{why}")
         log.warning("%s: %s[%d]@%d -> dlq (%s): %s", self.stage, topic, partition, offset, why, err)

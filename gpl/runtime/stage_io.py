@@ -34,8 +34,9 @@ from pydantic import BaseModel
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
 from gpl.runtime.offsets import TP, OffsetLedger
-from gpl.runtime.settings import KafkaSettings
-from schemas.codec import DecodeError, decode
+from gpl.runtime.serde import Wire
+from gpl.runtime.settings import KafkaSettings, SchemaRegistrySettings
+from schemas.codec import DecodeError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -55,12 +56,14 @@ class StageIO:
     """
 
     def __init__(self, kafka: KafkaSettings, stage: str, accounting: Accounting, *,
-                 consumer_config: dict[str, Any] | None = None) -> None:
+                 consumer_config: dict[str, Any] | None = None,
+                 registry: SchemaRegistrySettings | None = None) -> None:
         self.stage = stage
+        self.wire = Wire(registry)  # both wire formats in; plain JSON out unless the registry settings say so
         self.accounting = accounting
         self.consumer = consumer(kafka, stage, **(consumer_config or {}))
         self.producer = producer(kafka)
-        self.dlq = DeadLetters(self.producer, stage, accounting)
+        self.dlq = DeadLetters(self.producer, stage, accounting, self.wire)
         self.ledger = OffsetLedger()
         self.tracked: set[str] = set()
         self.paused: set[TP] = set()
@@ -110,7 +113,7 @@ class StageIO:
     def decode(self, m: Message, model: type[M]) -> M | None:
         """The message as its contract, or None after sending it to the DLQ (then it is done)."""
         try:
-            return decode(m.value(), model)
+            return self.wire.decode(m.topic() or "?", m.value(), model)
         except DecodeError as e:
             self.dead_letter(m, e)
             return None
