@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.gpl-setup
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-all soak bench lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test: setup
 
 test-all: setup  # soak and long runs too
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m '' -p no:cacheprovider
+
+soak: setup  # the chaos suite (tests/chaos): kill -9 x20, the broker stopped 30 s, 10,000 bad messages
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m chaos -p no:cacheprovider -s tests/chaos
 
 bench: setup
 	$(BIN)/gpl bench labeler
