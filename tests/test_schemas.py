@@ -41,7 +41,9 @@ def test_schema_export(tmp_path: Path) -> None:
     assert {p.name for p in files} == {f"{t}.schema.json" for t in TOPICS} | {"dlq.schema.json"}
     recall = orjson.loads((tmp_path / "recall.schema.json").read_bytes())
     assert recall["x-topic"] == {"name": "recall", "key": "user_id", "compacted": False, "dlq": "recall.dlq"}
-    assert "candidates" in recall["properties"]
+    assert {"item_ids", "scores", "sources"} <= set(recall["properties"])  # schema_version 2: columns
+    assert recall["properties"]["schema_version"]["default"] == 2
+    assert "candidates" in recall["x-schema-version-1"]  # version 1 is still accepted, and says so
     assert "recall.dlq" in all_topic_names()
 
 
