@@ -1,4 +1,4 @@
-"""The frozen item vectors in process: a hash index of int64 ids over one float32 matrix.
+"""The frozen item vectors in process: a hash index of int64 ids over one float32 or bfloat16 matrix.
 
 A retrieve from the vector engine costs ~12 ms per 1,000 vectors, a lookup + gather from this matrix
 ~0.1 ms: the labeler's hot path reads item vectors only from here, fetching misses from the index.
@@ -8,11 +8,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.normalize import normalize
+from workers.labeling.matching import (
+    MatrixDtype,
+    StorageDtype,
+    _row_max,
+    bf16_similarities,
+    bf16_view,
+    choose_dtype,
+    from_bf16,
+    to_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +48,24 @@ class ItemMatrix:
     (items indexed after the labeler started). An id that the index did not have is not asked for
     again within ``retry_s`` seconds, so a stream of unknown items does not turn every request into a
     12 ms round trip.
+
+    Storage dtype (``dtype``; ``labeler.matrix_dtype``): ``float32``, or ``bfloat16`` (the bits in a
+    uint16 array that torch reads in place): half the bytes per row, so the gather, which is
+    memory-bound, moves half as much, and the product runs on the CPU's bfloat16 units with float32
+    accumulation. ``auto`` lets :func:`~workers.labeling.matching.choose_dtype` time both on a small
+    batch when the first vectors arrive (their dimension is known then). :meth:`gather` and
+    :attr:`matrix` always return float32; :meth:`similarities` is the hot path in either dtype.
     """
 
     _EMPTY = -1  # item ids are >= 0
     _MULT = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads sequential ids too
 
     def __init__(self, index: VectorIndex | None = None, collection: str = "", encoder: str = "", *,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, dtype: MatrixDtype = "float32") -> None:
         self.index = index
+        self.requested_dtype: MatrixDtype = dtype
+        self._dtype: StorageDtype | None = None if dtype == "auto" else dtype  # auto: settled on the first add
+        self._tmat: Any = None  # bfloat16: a torch view of _mat
         self.collection = collection
         self.encoder = encoder
         self.retry_s = retry_s
@@ -66,9 +87,14 @@ class ItemMatrix:
         return self._dim
 
     @property
+    def dtype(self) -> StorageDtype:
+        """``float32`` or ``bfloat16``; ``auto`` reads as float32 until the first vectors settle it."""
+        return self._dtype or "float32"
+
+    @property
     def matrix(self) -> np.ndarray:
-        """The used rows (a view); row numbers are those :meth:`lookup` returns."""
-        return self._mat[: self._n]
+        """The used rows as float32 (a view; a copy for bfloat16); row numbers are those of :meth:`lookup`."""
+        return self._mat[: self._n] if self.dtype == "float32" else from_bf16(self._mat[: self._n])
 
     @property
     def ids(self) -> np.ndarray:
@@ -103,7 +129,8 @@ class ItemMatrix:
             raise ValueError("item ids must be >= 0")
         if self._dim is None:
             self._dim = int(vecs.shape[1])
-            self._mat = np.zeros((0, self._dim), np.float32)
+            self._dtype = choose_dtype(self.requested_dtype, self._dim)
+            self._mat = np.zeros((0, self._dim), np.float32 if self._dtype == "float32" else np.uint16)
         elif vecs.shape[1] != self._dim:
             raise ValueError(f"item vectors have dim {self._dim}, got {vecs.shape[1]}")
         ok = np.isfinite(vecs).all(axis=1)
@@ -114,6 +141,8 @@ class ItemMatrix:
         uniq, first_in_reversed = np.unique(ids[::-1], return_index=True)
         keep = ids.size - 1 - first_in_reversed
         ids, vecs = uniq, normalize(vecs[keep])
+        if self._dtype == "bfloat16":
+            vecs = to_bf16(vecs)
         rows, missing = self.lookup(ids)
         known = ~missing
         if known.any():
@@ -139,9 +168,11 @@ class ItemMatrix:
         if n <= self._mat.shape[0]:
             return
         cap = max(n, 2 * self._mat.shape[0], 1024)
-        grown = np.zeros((cap, self._dim or 0), np.float32)
+        grown = np.zeros((cap, self._dim or 0), self._mat.dtype)
         grown[: self._n] = self._mat[: self._n]
         self._mat = grown
+        if self._dtype == "bfloat16":
+            self._tmat = bf16_view(self._mat)
         row_ids = np.zeros(cap, np.int64)
         row_ids[: self._n] = self._row_ids[: self._n]
         self._row_ids = row_ids
@@ -199,8 +230,32 @@ class ItemMatrix:
         return rows, missing
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
-        return np.take(self._mat, rows, axis=0)
+        """The float32 vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
+        got = np.take(self._mat, rows, axis=0)
+        return got if self.dtype == "float32" else from_bf16(got)
+
+    def similarities(self, rows: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+        """(m, K) float32 cosines of the rows with unit ``anchors`` (K, dim): gather + one GEMM.
+
+        The (m, dim) x (dim, K) shape keeps each gathered row contiguous and is the one BLAS runs
+        fastest (see :func:`~workers.labeling.matching._row_max`). float32: exactly the arithmetic of
+        ``gather(rows) @ anchors.T``; bfloat16: :func:`~workers.labeling.matching.bf16_similarities`.
+        """
+        if self.dtype == "float32":
+            return np.take(self._mat, rows, axis=0) @ anchors.T
+        return bf16_similarities(self._tmat, rows, anchors)
+
+    def best(self, rows: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+        """max_k cos(a_k, v) of each row: gather + product + max and nothing else (the benchmark's
+        limit proxy, in the matrix's own dtype)."""
+        if self.dtype == "float32":
+            return _row_max(np.take(self._mat, rows, axis=0) @ anchors.T)
+        import torch
+
+        a = torch.from_numpy(np.ascontiguousarray(anchors.T)).to(torch.bfloat16)
+        idx = torch.from_numpy(rows.astype(np.int64, copy=False))
+        best: np.ndarray = (self._tmat.index_select(0, idx) @ a).amax(1).float().numpy()
+        return best
 
     def fetch(self, ids: np.ndarray) -> int:
         """Retrieve ids from the index, except those it lacked in the last ``retry_s``; returns how many."""
