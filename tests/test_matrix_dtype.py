@@ -55,11 +55,17 @@ def test_bf16_matrix_stores_half_the_bytes_and_matches_float32() -> None:
     np.testing.assert_allclose(m16.gather(rows16), m32.gather(rows32), atol=2**-9)
     np.testing.assert_allclose(m16.matrix, m32.matrix, atol=2**-9)
     anchors = _unit(rng, 8, 64)
-    s32 = m32.similarities(rows32, anchors)
-    s16 = m16.similarities(rows16, anchors)
-    assert s16.dtype == np.float32 and s16.shape == (ids.size, 8)
-    assert np.abs(s16 - s32).max() <= COS_TOL
-    np.testing.assert_array_equal(s32, m32.gather(rows32) @ anchors.T)  # float32: the historical arithmetic
+    centroid = _unit(rng, 1, 64)[0]
+    s32, c32 = m32.similarities(rows32, anchors, centroid)
+    s16, c16 = m16.similarities(rows16, anchors, centroid)
+    assert s16.dtype == np.float32 and s16.shape == (ids.size, 8) and c16 is not None and c16.shape == (ids.size,)
+    assert np.abs(s16 - s32).max() <= COS_TOL and c32 is not None and np.abs(c16 - c32).max() <= COS_TOL
+    v = m32.gather(rows32)  # float32: the historical arithmetic, bit for bit
+    np.testing.assert_array_equal(s32, v @ anchors.T)
+    np.testing.assert_array_equal(c32, v @ centroid)
+    again, none = m16.similarities(rows16, anchors)  # the prepared anchors are reused, without the centroid
+    np.testing.assert_allclose(again, s16, atol=COS_TOL)
+    assert none is None
     np.testing.assert_allclose(m16.best(rows16, anchors), s32.max(axis=1), atol=COS_TOL)
     # replacing an item's vector replaces its bfloat16 row too
     m16.add(ids[:1], -vecs[:1])

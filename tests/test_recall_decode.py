@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, decode
-from schemas.events import MAX_INT64, RecallEvent
+from schemas.events import MAX_INT64, RecallEvent, UnexposedBatch
 from streams.join import decode_recall
+from workers.labeling.unexposed_codec import decode_unexposed
 
 MAX = 5000
 ids_st = st.lists(st.integers(0, MAX_INT64), min_size=1, max_size=40, unique=True)
@@ -151,3 +152,21 @@ def test_v2_decoding_builds_no_per_candidate_objects(monkeypatch: pytest.MonkeyP
                         "item_ids": list(range(1000)), "scores": [0.25] * 1000, "sources": ["a"] * 1000})
     got = decode_recall(raw, MAX)
     assert len(got.item_ids) == 1000 and float(got.scores.sum()) == 250.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=head_st, ids=st.one_of(json_value, st.lists(json_scalar, min_size=1, max_size=6), ids_st))
+def test_unexposed_fast_decode_accepts_what_the_contract_accepts(head: dict[str, Any], ids: object) -> None:
+    """The labeler's decoder (one numpy dtype inference instead of a Python ``sum``) agrees with the
+    contract on every id list: same ids when valid, a DecodeError when not."""
+    raw = orjson.dumps({**head, "schema_version": 1, "item_ids": ids})
+    try:
+        want: list[int] | None = decode(raw, UnexposedBatch).item_ids
+    except DecodeError:
+        want = None
+    if want is None:
+        with pytest.raises(DecodeError):
+            decode_unexposed(raw)
+        return
+    got = decode_unexposed(raw)
+    assert got.item_ids.dtype == np.int64 and got.item_ids.tolist() == want

@@ -87,8 +87,8 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: 
     similar.
 
     ``sims`` = (the (m, K) anchor cosines, the (m,) centroid cosines or None) when the caller computed
-    them already (the labeler, from its item matrix in either dtype: :func:`similarities`); then
-    ``vectors`` is not read (:meth:`ItemMatrix.similarities`).
+    them already (the labeler, from its item matrix in either dtype: :meth:`ItemMatrix.similarities`);
+    then ``vectors`` is not read.
     """
     if sims is None:
         assert vectors is not None
@@ -202,10 +202,9 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
             recalled, exposed = ctx.stats.items(rows)
             priors = prior_features(recalled, exposed, ctx.stats.requests, *ctx.stats.user(b.user_id),
                                     ctx.stats.ctr)
-        sims = _similarities(items, rows, entry.vectors, centroid)
-        lab = label_candidates(found_ids, items.gather(rows) if sims is None else None, entry,
-                               consistency=consistency, label=ctx.label, cfg=cfg, rng=ctx.rng(b.request_id),
-                               centroid=centroid, priors=priors, sims=sims)
+        lab = label_candidates(found_ids, None, entry, consistency=consistency, label=ctx.label, cfg=cfg,
+                               rng=ctx.rng(b.request_id), centroid=centroid, priors=priors,
+                               sims=items.similarities(rows, entry.vectors, centroid))
         kept, duplicate = lab.kept, lab.duplicate
         rid, ver = b.request_id, entry.version
         # one rounding pass for every float column (6 decimals: well below any effect, shorter JSON)
@@ -236,22 +235,6 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     stats = LabelStats(b.request_id, b.user_id, b.ts, n, labeled, m - kept, duplicate, n - m, entry.version,
                        age, tuple(labeled_ids), tuple(labels))
     return orjson.dumps(out), stats
-
-
-def _similarities(items: ItemMatrix, rows: np.ndarray, anchors: np.ndarray, centroid: np.ndarray | None
-                  ) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """The (anchor, centroid) cosines of the rows in one pass over the matrix, or None for float32.
-
-    float32 keeps the historical arithmetic (``label_candidates`` multiplies the gathered rows), so its
-    labels stay bit-identical; bfloat16 appends the centroid to the anchors as one more column of the
-    same GEMM, so the rows are gathered once.
-    """
-    if items.dtype == "float32":
-        return None
-    if centroid is None:
-        return items.similarities(rows, anchors), None
-    s = items.similarities(rows, np.vstack([anchors, centroid[None, :].astype(anchors.dtype)]))
-    return s[:, :-1], s[:, -1]
 
 
 def label_batch(batch_raw: bytes, cache: AnchorBook, items: ItemMatrix, settings: LabelerSettings,

@@ -18,6 +18,8 @@ from workers.labeling.matching import (
     MatrixDtype,
     StorageDtype,
     _row_max,
+    bf16_best,
+    bf16_columns,
     bf16_similarities,
     bf16_view,
     choose_dtype,
@@ -66,6 +68,7 @@ class ItemMatrix:
         self.requested_dtype: MatrixDtype = dtype
         self._dtype: StorageDtype | None = None if dtype == "auto" else dtype  # auto: settled on the first add
         self._tmat: Any = None  # bfloat16: a torch view of _mat
+        self._anchor_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None, Any]] = {}
         self.collection = collection
         self.encoder = encoder
         self.retry_s = retry_s
@@ -234,28 +237,42 @@ class ItemMatrix:
         got = np.take(self._mat, rows, axis=0)
         return got if self.dtype == "float32" else from_bf16(got)
 
-    def similarities(self, rows: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-        """(m, K) float32 cosines of the rows with unit ``anchors`` (K, dim): gather + one GEMM.
+    def similarities(self, rows: np.ndarray, anchors: np.ndarray, centroid: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(m, K) float32 cosines of the rows with unit ``anchors`` (K, dim), and with ``centroid``.
 
         The (m, dim) x (dim, K) shape keeps each gathered row contiguous and is the one BLAS runs
         fastest (see :func:`~workers.labeling.matching._row_max`). float32: exactly the arithmetic of
-        ``gather(rows) @ anchors.T``; bfloat16: :func:`~workers.labeling.matching.bf16_similarities`.
+        ``v = gather(rows); v @ anchors.T, v @ centroid`` (bit-identical labels); bfloat16: the
+        centroid is one more column of the same GEMM
+        (:func:`~workers.labeling.matching.bf16_similarities`), its anchors converted once per set.
         """
         if self.dtype == "float32":
-            return np.take(self._mat, rows, axis=0) @ anchors.T
-        return bf16_similarities(self._tmat, rows, anchors)
+            v = np.take(self._mat, rows, axis=0)
+            return v @ anchors.T, (v @ centroid if centroid is not None else None)
+        s = bf16_similarities(self._tmat, rows, self._prepared(anchors, centroid))
+        return (s[:, :-1], s[:, -1]) if centroid is not None else (s, None)
 
     def best(self, rows: np.ndarray, anchors: np.ndarray) -> np.ndarray:
         """max_k cos(a_k, v) of each row: gather + product + max and nothing else (the benchmark's
         limit proxy, in the matrix's own dtype)."""
         if self.dtype == "float32":
             return _row_max(np.take(self._mat, rows, axis=0) @ anchors.T)
-        import torch
+        return bf16_best(self._tmat, rows, self._prepared(anchors, None))
 
-        a = torch.from_numpy(np.ascontiguousarray(anchors.T)).to(torch.bfloat16)
-        idx = torch.from_numpy(rows.astype(np.int64, copy=False))
-        best: np.ndarray = (self._tmat.index_select(0, idx) @ a).amax(1).float().numpy()
-        return best
+    def _prepared(self, anchors: np.ndarray, centroid: np.ndarray | None) -> Any:
+        """The (dim, K[+1]) bfloat16 tensor of an anchor set (and centroid), kept while the same arrays
+        come back: a user's anchors serve many requests, and converting them costs ~30 µs a request."""
+        key = (id(anchors), id(centroid))
+        hit = self._anchor_cache.get(key)
+        if hit is not None and hit[0] is anchors and hit[1] is centroid:
+            return hit[2]
+        if len(self._anchor_cache) >= 4096:  # bounded: the arrays it holds keep their ids valid
+            self._anchor_cache.clear()
+        cols = anchors if centroid is None else np.vstack([anchors, centroid[None, :].astype(anchors.dtype)])
+        t = bf16_columns(cols)
+        self._anchor_cache[key] = (anchors, centroid, t)
+        return t
 
     def fetch(self, ids: np.ndarray) -> int:
         """Retrieve ids from the index, except those it lacked in the last ``retry_s``; returns how many."""
