@@ -14,6 +14,7 @@ import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.normalize import normalize
+from workers.labeling.id_index import IdIndex
 from workers.labeling.matching import (
     MatrixDtype,
     StorageDtype,
@@ -39,12 +40,11 @@ class ItemMatrix:
     a vectorised id → row lookup plus one ``take`` on this matrix is ~0.1 ms. Rows are appended
     (capacity doubling), so adding items never re-sorts or copies the matrix per call.
 
-    The id → row index is an open-addressing hash table (linear probing, Fibonacci hashing, load
-    ≤ 1/4) probed for all candidates at once, a few vectorised rounds per batch. It replaced a
-    ``searchsorted`` over the sorted ids: on a 20k-item catalogue and fresh random candidates, the
-    binary search's unpredictable branches cost ~90 µs per 1,000 ids, the hash ~30 µs (measured with
-    ``gpl.bench``; with the same ids repeated the branch predictor hides this, so micro-benchmarks that
-    reuse one query array mislead).
+    The id → row index is a bucketed hash table probed for all candidates in one pass
+    (:class:`~workers.labeling.id_index.IdIndex`). It replaced a ``searchsorted`` over the sorted ids:
+    on a 20k-item catalogue and fresh random candidates, the binary search's unpredictable branches
+    cost ~180 µs per 1,000 ids, the hash ~45 µs (with the same ids repeated the branch predictor hides
+    this, so micro-benchmarks that reuse one query array mislead).
 
     ``load`` scrolls the collection once at start; ``fetch`` retrieves misses from the index later
     (items indexed after the labeler started). An id that the index did not have is not asked for
@@ -58,9 +58,6 @@ class ItemMatrix:
     batch when the first vectors arrive (their dimension is known then). :meth:`gather` and
     :attr:`matrix` always return float32; :meth:`similarities` is the hot path in either dtype.
     """
-
-    _EMPTY = -1  # item ids are >= 0
-    _MULT = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads sequential ids too
 
     def __init__(self, index: VectorIndex | None = None, collection: str = "", encoder: str = "", *,
                  retry_s: float = 30.0, dtype: MatrixDtype = "float32") -> None:
@@ -76,10 +73,7 @@ class ItemMatrix:
         self._mat = np.zeros((0, 0), np.float32)  # capacity rows; the first _n are used
         self._n = 0
         self._dim: int | None = None
-        self._bits = 0
-        self._keys = np.zeros(0, np.int64)  # hash slots: item id or _EMPTY
-        self._slot_rows = np.zeros(0, np.int32)  # hash slots: matrix row
-        self._rehash(1024)
+        self._index = IdIndex()  # item id -> row
         self._absent: dict[int, float] = {}  # id -> monotonic time the index last did not have it
 
     def __len__(self) -> int:
@@ -156,12 +150,8 @@ class ItemMatrix:
             self._reserve(self._n + m)
             self._mat[self._n : self._n + m] = vecs[missing]
             self._row_ids[self._n : self._n + m] = new_ids
-            new_rows = np.arange(self._n, self._n + m, dtype=np.int64)
+            self._index.insert(new_ids, np.arange(self._n, self._n + m, dtype=np.int64))
             self._n += m
-            if 4 * self._n > self._keys.size:
-                self._rehash(4 * self._n)  # re-inserts every row, the new ones included
-            else:
-                self._insert(new_ids, new_rows)
             if self._absent:
                 for i in new_ids.tolist():
                     self._absent.pop(i, None)
@@ -180,57 +170,9 @@ class ItemMatrix:
         row_ids[: self._n] = self._row_ids[: self._n]
         self._row_ids = row_ids
 
-    def _slot(self, ids: np.ndarray) -> np.ndarray:
-        """Home slot of each id: the top ``bits`` bits of id × 2^64/φ (wrapping uint64 arithmetic)."""
-        return ((ids.view(np.uint64) * self._MULT) >> np.uint64(64 - self._bits)).astype(np.int64)
-
-    def _rehash(self, min_slots: int) -> None:
-        self._bits = max(10, int(min_slots - 1).bit_length())
-        self._keys = np.full(1 << self._bits, self._EMPTY, np.int64)
-        self._slot_rows = np.zeros(1 << self._bits, np.int32)
-        if self._n:
-            self._insert(self._row_ids[: self._n].copy(), np.arange(self._n, dtype=np.int64))
-
-    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Place ids that are not in the table yet, all at once: per round, each id tries its current
-        slot; of several wanting one free slot the first wins; the rest move one slot on."""
-        mask = self._keys.size - 1
-        pos = self._slot(ids)
-        todo = np.arange(ids.size)
-        while todo.size:
-            p = pos[todo]
-            free = self._keys[p] == self._EMPTY
-            slots, first = np.unique(p[free], return_index=True)
-            winners = todo[free][first]
-            self._keys[slots] = ids[winners]
-            self._slot_rows[slots] = rows[winners]
-            placed = np.zeros(ids.size, bool)
-            placed[winners] = True
-            todo = todo[~placed[todo]]
-            pos[todo] = (pos[todo] + 1) & mask
-
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, missing): vectorised id → row. Rows of missing ids are meaningless; mask them out."""
-        ids = np.asarray(ids, dtype=np.int64)  # no copy when it already is (the hash reads the bits)
-        keys, slot_rows = self._keys, self._slot_rows
-        pos = self._slot(ids)
-        k = keys[pos]
-        rows = slot_rows[pos]
-        hit = k == ids
-        missing = ~hit
-        if hit.all():
-            return rows, missing
-        mask = keys.size - 1
-        todo = np.flatnonzero(missing & (k != self._EMPTY))  # slot taken by another id: probe on
-        while todo.size:
-            p = (pos[todo] + 1) & mask
-            pos[todo] = p
-            kt = keys[p]
-            found = kt == ids[todo]
-            rows[todo[found]] = slot_rows[p[found]]
-            missing[todo[found]] = False
-            todo = todo[~found & (kt != self._EMPTY)]
-        return rows, missing
+        return self._index.lookup(ids)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The float32 vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
