@@ -125,6 +125,29 @@ def _document_v1(schema: dict[str, object]) -> None:
     }
 
 
+def recall_as_v2(value: dict[str, object]) -> dict[str, object] | None:
+    """A version 1 recall value (``candidates``) rewritten as version 2 columns, for tools that emit
+    version 2 (``gpl replay``); None when the rewrite would not be exact: not version 1, a candidate
+    that is not an object with an ``item_id``, or an item listed twice (version 1 allows it, version 2
+    does not). Such values are left to the contract to judge, as a producer's would be."""
+    cands = value.get("candidates")
+    if value.get("schema_version", 1) != 1 or "item_ids" in value or type(cands) is not list:
+        return None
+    if not all(type(c) is dict and "item_id" in c for c in cands):
+        return None
+    ids = [c["item_id"] for c in cands]
+    try:
+        if len(set(ids)) != len(ids):
+            return None
+    except TypeError:  # an unhashable id: malformed, the contract says so
+        return None
+    out = {k: v for k, v in value.items() if k != "candidates"}
+    out.update(schema_version=RECALL_SCHEMA_VERSION, item_ids=ids, scores=[c.get("score", 0.0) for c in cands])
+    if any("source" in c for c in cands):
+        out["sources"] = [c.get("source", "") for c in cands]
+    return out
+
+
 def _v1_to_columns(data: dict[str, object]) -> dict[str, object]:
     """A version 1 recall (``candidates`` objects) as version 2 columns; the contract validates the rest."""
     if data.get("schema_version", 1) != 1:

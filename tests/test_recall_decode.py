@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, decode
-from schemas.events import MAX_INT64, RecallEvent, UnexposedBatch
+from schemas.events import MAX_INT64, RecallEvent, UnexposedBatch, recall_as_v2
 from streams.join import decode_recall
 from workers.labeling.unexposed_codec import decode_unexposed
 
@@ -170,3 +170,19 @@ def test_unexposed_fast_decode_accepts_what_the_contract_accepts(head: dict[str,
         return
     got = decode_unexposed(raw)
     assert got.item_ids.dtype == np.int64 and got.item_ids.tolist() == want
+
+
+def test_recall_as_v2_rewrites_only_when_exact() -> None:
+    head = {"request_id": "r", "user_id": "u", "ts": 3}
+    v1 = {**head, "candidates": [{"item_id": 4, "score": 0.5, "source": "pop"}, {"item_id": 9}]}
+    v2 = recall_as_v2(v1)
+    assert v2 == {**head, "schema_version": 2, "item_ids": [4, 9], "scores": [0.5, 0.0], "sources": ["pop", ""]}
+    assert RecallEvent.model_validate(v2) == RecallEvent.model_validate(v1)  # the same event either way
+    assert recall_as_v2({**head, "candidates": [{"item_id": 4}]}) == {**head, "schema_version": 2, "item_ids": [4],
+                                                                     "scores": [0.0]}
+    # not exact: left as it is, for the contract (and the DLQ) to judge
+    assert recall_as_v2({**head, "candidates": [{"item_id": 4}, {"item_id": 4}]}) is None  # v1 repeats are legal
+    assert recall_as_v2({**head, "candidates": [{"score": 1.0}]}) is None
+    assert recall_as_v2({**head, "candidates": [{"item_id": [1]}]}) is None
+    assert recall_as_v2({**head, "schema_version": 2, "item_ids": [1]}) is None
+    assert recall_as_v2({**head, "candidates": "nope"}) is None
