@@ -18,7 +18,7 @@ import pytest
 
 from gpl.bench.labeler import fast, max_label_difference, synthetic
 from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.matching import choose_dtype, from_bf16, to_bf16
+from workers.labeling.matching import choose_dtype, from_bf16, time_dtypes, to_bf16
 
 COS_TOL = 4e-3
 LABEL_TOL = 1.25e-2
@@ -75,7 +75,12 @@ def test_bf16_matrix_stores_half_the_bytes_and_matches_float32() -> None:
 def test_dtype_self_test_and_explicit_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_dtype("float32", 384) == "float32"
     assert choose_dtype("bfloat16", 384) == "bfloat16"
-    assert choose_dtype("auto", 64, n=200, repeats=3) in ("float32", "bfloat16")
+    assert choose_dtype("auto", 64, timings=(1.0e-4, 0.5e-4)) == "bfloat16"  # clearly faster: taken
+    assert choose_dtype("auto", 64, timings=(1.0e-4, 0.95e-4)) == "float32"  # within 10%: not worth it
+    assert choose_dtype("auto", 64, timings=(1.0e-4, 2.0e-4)) == "float32"  # emulated bfloat16: slower
+    f32, b16 = time_dtypes(64, n=200, repeats=3)
+    assert f32 > 0 and b16 > 0
+    assert choose_dtype("auto", 64, n=200) in ("float32", "bfloat16")
     auto = ItemMatrix(dtype="auto")
     assert auto.dtype == "float32" and auto.requested_dtype == "auto"  # nothing stored yet: not settled
     auto.add(np.arange(3, dtype=np.int64), np.eye(3, 16, dtype=np.float32))

@@ -44,7 +44,7 @@ from workers.labeling.confidence import TERMS, confidence
 from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
-from workers.labeling.matching import MatrixDtype, choose_dtype
+from workers.labeling.matching import MatrixDtype, choose_dtype, time_dtypes
 from workers.labeling.sampling import sample
 from workers.labeling.unexposed_codec import decode_unexposed
 
@@ -216,12 +216,13 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
                   *, per_repeat: int = 50, seed: int = 0, dtype: MatrixDtype = "auto") -> dict[str, Any]:
     """Median / p10 / p90 candidates per second (one thread) of the labeler's path, its limit and the naive loop.
 
-    In ONE run, interleaved repeat by repeat so all see the same machine state: ``path`` (decode →
-    lookup → gather → match → sample → label → orjson, fixed map) in the matrix dtype ``dtype``
-    resolves to (``auto``: the start-up self-test); ``path_float32`` (the same in float32);
-    ``limit`` (gather + product + max alone, same dtype as ``path``: what the hardware allows);
+    In ONE run, interleaved repeat by repeat so all see the same machine state: ``path_<dtype>``
+    (decode → lookup → gather → match → sample → label → orjson, fixed map) for both matrix dtypes;
+    ``limit_<dtype>`` (gather + product + max alone, same dtype: what the hardware allows);
     ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
-    labels: a calibrator over features and priors). ``ratio_path_limit`` = median path / median limit;
+    labels: a calibrator over features and priors, chosen dtype). ``path`` and ``limit`` repeat the
+    figures of the dtype ``dtype`` resolves to (``auto``: the start-up self-test, whose timings are in
+    ``dtype_self_test_us``). ``ratio_path_limit`` = median path / median limit;
     ``max_diff_vs_float32`` the largest pseudo-label (and similarity, weight) difference of
     bfloat16 labels against float32 ones on the benchmark's requests.
 
@@ -233,17 +234,18 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     import torch
 
     torch.set_num_threads(1)
-    chosen = choose_dtype(dtype, dim, k=k, n=candidates)
-    ctx, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map", dtype=chosen)
-    ref, _ = synthetic(candidates, k, dim, 0, items, seed=seed, label_source="map", dtype="float32")
+    self_test = time_dtypes(dim, k=k, n=candidates)
+    chosen = choose_dtype(dtype, dim, k=k, n=candidates, timings=self_test)
+    ref, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map", dtype="float32")
     bf, _ = synthetic(candidates, k, dim, 0, items, seed=seed, label_source="map", dtype="bfloat16")
     cal_ctx, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen)
     impls: dict[str, Callable[[int], object]] = {}
-    for name, c in (("path", ctx), ("path_float32", ref), ("path_calibrated", cal_ctx)):
+    for name, c in (("path_float32", ref), ("path_bfloat16", bf), ("path_calibrated", cal_ctx)):
         impls[name] = _by_index(fast(c), raws)
     slow = naive(ref)
     impls["naive"] = _by_index(slow, raws)
-    impls["limit"] = limit(ctx, raws)
+    impls["limit_float32"] = limit(ref, raws)
+    impls["limit_bfloat16"] = limit(bf, raws)
     for raw in raws[:5]:  # same answers, and warm the paths up
         assert same_samples(fast(ref)(raw), slow(raw)), "fast and naive paths disagree"
     for i in range(5):
@@ -266,9 +268,11 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
                 rates[name].append(len(chunk) * candidates / (t1 - t0))
                 cpu_rates[name].append(len(chunk) * candidates / max(c1 - c0, 1e-9))
     out: dict[str, Any] = {"candidates": candidates, "k": k, "dim": dim, "batches": len(raws), "items": items,
-                           "per_repeat": per_repeat, "repeats": len(rates["path"]), "blas_threads": threads,
+                           "per_repeat": per_repeat, "repeats": len(rates["naive"]), "blas_threads": threads,
                            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                            "dtype": chosen, "dtype_requested": dtype,
+                           "dtype_self_test_us": {"float32": round(self_test[0] * 1e6),
+                                                  "bfloat16": round(self_test[1] * 1e6)},
                            "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     for name, xs in rates.items():
         q = np.percentile(xs, [10, 50, 90])
@@ -278,6 +282,8 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
                      "cpu": {"median_cand_per_s": round(float(qc[1])), "p10_cand_per_s": round(float(qc[0])),
                              "p90_cand_per_s": round(float(qc[2]))}}
 
+    out["path"], out["limit"] = out[f"path_{chosen}"], out[f"limit_{chosen}"]  # the chosen dtype's
+
     def ratio(a: str, b: str, clock: str = "") -> float:
         x, y = (out[a]["cpu"], out[b]["cpu"]) if clock else (out[a], out[b])
         return round(x["median_cand_per_s"] / y["median_cand_per_s"], 3)
@@ -286,6 +292,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     out["ratio_path_limit_cpu"] = ratio("path", "limit", "cpu")
     out["ratio_path_naive"] = ratio("path", "naive")
     out["ratio_path_float32"] = ratio("path", "path_float32")
+    out["ratio_path_limit_by_dtype"] = {d: ratio(f"path_{d}", f"limit_{d}") for d in ("float32", "bfloat16")}
     out["max_diff_vs_float32"] = {"dtype": "bfloat16", **diff}
     return out
 

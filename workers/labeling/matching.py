@@ -96,14 +96,14 @@ def bf16_best(matrix: Any, rows: np.ndarray, columns: Any) -> np.ndarray:
     return out
 
 
-def choose_dtype(requested: MatrixDtype, dim: int, *, k: int = 8, n: int = 1000, repeats: int = 15
-                 ) -> StorageDtype:
+def choose_dtype(requested: MatrixDtype, dim: int, *, k: int = 8, n: int = 1000,
+                 timings: tuple[float, float] | None = None) -> StorageDtype:
     """The matrix dtype to use: ``requested`` unless it is ``auto``, then a short self-test decides.
 
     Why a self-test: bfloat16 halves the bytes the gather moves, but is only faster where the CPU has
-    bfloat16 arithmetic (AVX512-BF16/AMX); elsewhere oneDNN emulates it and float32 BLAS wins. Both
-    kernels run on the same random (n x dim) block, interleaved ``repeats`` times (~20 ms in all);
-    bfloat16 is chosen only when its median is at least 10% faster, and when torch is missing.
+    bfloat16 arithmetic (AVX512-BF16/AMX); elsewhere oneDNN emulates it and float32 BLAS wins.
+    bfloat16 is chosen only when its median (:func:`time_dtypes`, or ``timings`` already measured) is
+    at least 10% below float32's; float32 when torch is missing.
     """
     if requested != "auto":
         return requested
@@ -111,26 +111,35 @@ def choose_dtype(requested: MatrixDtype, dim: int, *, k: int = 8, n: int = 1000,
         import torch  # noqa: F401
     except ImportError:
         return "float32"
-    rng = np.random.default_rng(0)
-    mat = rng.standard_normal((4 * n, dim)).astype(np.float32)
-    anchors = rng.standard_normal((k, dim)).astype(np.float32)
-    bits = to_bf16(mat)
-    tmat = bf16_view(bits)
-    t32: list[float] = []
-    t16: list[float] = []
-    cols = bf16_columns(anchors)
-    for r in range(repeats):
-        rows = rng.choice(4 * n, n, replace=False)
-        t0 = time.thread_time()  # the thread's own CPU time: time descheduled on a busy host does not count
-        _row_max(np.take(mat, rows, axis=0) @ anchors.T)
-        t1 = time.thread_time()
-        _row_max(bf16_similarities(tmat, rows, cols))
-        t2 = time.thread_time()
-        if r:  # the first round warms both paths up
-            t32.append(t1 - t0)
-            t16.append(t2 - t1)
-    f32, b16 = float(np.median(t32)), float(np.median(t16))
+    f32, b16 = timings or time_dtypes(dim, k=k, n=n)
     choice: StorageDtype = "bfloat16" if b16 < 0.9 * f32 else "float32"
     log.info("item matrix dtype %s (self-test, %d x %d x %d: float32 %.0f us, bfloat16 %.0f us)",
              choice, n, dim, k, f32 * 1e6, b16 * 1e6)
     return choice
+
+
+def time_dtypes(dim: int, *, k: int = 8, n: int = 1000, repeats: int = 15) -> tuple[float, float]:
+    """Median seconds (the thread's CPU time) of gather + product + max in float32 and in bfloat16.
+
+    Both kernels run on the same random (n x dim) rows of a 4n-row matrix, interleaved ``repeats``
+    times (~20 ms in all); the first round only warms them up. CPU time, so that time descheduled on
+    a busy host does not count.
+    """
+    rng = np.random.default_rng(0)
+    mat = rng.standard_normal((4 * n, dim)).astype(np.float32)
+    anchors = rng.standard_normal((k, dim)).astype(np.float32)
+    tmat = bf16_view(to_bf16(mat))
+    cols = bf16_columns(anchors)
+    t32: list[float] = []
+    t16: list[float] = []
+    for r in range(repeats):
+        rows = rng.choice(4 * n, n, replace=False)
+        t0 = time.thread_time()
+        _row_max(np.take(mat, rows, axis=0) @ anchors.T)
+        t1 = time.thread_time()
+        _row_max(bf16_similarities(tmat, rows, cols))
+        t2 = time.thread_time()
+        if r:
+            t32.append(t1 - t0)
+            t16.append(t2 - t1)
+    return float(np.median(t32)), float(np.median(t16))
