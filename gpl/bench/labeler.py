@@ -212,6 +212,32 @@ def limit(ctx: Labeling, raws: list[bytes]) -> Callable[[int], object]:
     return run
 
 
+def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
+    """Median CPU µs per request of each stage of the path, to say where the gap to the limit goes:
+    ``decode`` (orjson → arrays), ``lookup`` (id → row), ``match`` (gather + product, the similarities
+    the path uses), ``label_encode`` (the rest of :func:`label_decoded`: row max, sampling, labels,
+    weights, orjson; its total minus lookup and match, each measured separately on the same batch)."""
+    clock = time.thread_time
+    acc: dict[str, list[float]] = {"decode": [], "lookup": [], "match": [], "label_encode": []}
+    for raw in raws:
+        t0 = clock()
+        b = decode_unexposed(raw)
+        t1 = clock()
+        rows, _ = ctx.items.lookup(b.item_ids)
+        t2 = clock()
+        entry = ctx.cache.get(b.user_id)
+        assert entry is not None
+        ctx.items.similarities(rows, entry.vectors)
+        t3 = clock()
+        label_decoded(b, ctx)
+        t4 = clock()
+        acc["decode"].append(t1 - t0)
+        acc["lookup"].append(t2 - t1)
+        acc["match"].append(t3 - t2)
+        acc["label_encode"].append(max((t4 - t3) - (t3 - t1), 0.0))
+    return {k: round(float(np.median(v)) * 1e6, 1) for k, v in acc.items()}
+
+
 def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
                   *, per_repeat: int = 50, seed: int = 0, dtype: MatrixDtype = "auto") -> dict[str, Any]:
     """Median / p10 / p90 candidates per second (one thread) of the labeler's path, its limit and the naive loop.
@@ -224,7 +250,8 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     figures of the dtype ``dtype`` resolves to (``auto``: the start-up self-test, whose timings are in
     ``dtype_self_test_us``). ``ratio_path_limit`` = median path / median limit;
     ``max_diff_vs_float32`` the largest pseudo-label (and similarity, weight) difference of
-    bfloat16 labels against float32 ones on the benchmark's requests.
+    bfloat16 labels against float32 ones on the benchmark's requests; ``stages_cpu_us`` where a
+    request's time goes (:func:`stage_breakdown`).
 
     ``batches`` requests are split into repeats of ``per_repeat``; the throughput of a repeat is
     ``per_repeat * candidates / seconds``. Two clocks: wall time (``median_cand_per_s``) and the
@@ -294,6 +321,9 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     out["ratio_path_float32"] = ratio("path", "path_float32")
     out["ratio_path_limit_by_dtype"] = {d: ratio(f"path_{d}", f"limit_{d}") for d in ("float32", "bfloat16")}
     out["max_diff_vs_float32"] = {"dtype": "bfloat16", **diff}
+    with single_thread():
+        out["stages_cpu_us"] = {d: stage_breakdown(c, raws[: min(len(raws), 300)])
+                                for d, c in (("float32", ref), ("bfloat16", bf))}
     return out
 
 
