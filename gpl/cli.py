@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--candidates", type=int, default=1000)
     bl.add_argument("--k", type=int, default=8)
     bl.add_argument("--batches", type=int, default=2000)
+    bl.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                    help="item matrix dtype of the timed path (default: labeler.matrix_dtype)")
     bl.set_defaults(run=cmd_bench_labeler)
     be = bs.add_parser("e2e", help="requests/s and exposure→samples latency through broker, join and labeler")
     be.add_argument("--requests", type=int, default=3000)
@@ -305,7 +307,8 @@ def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench_labeler(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.labeler import bench_labeler
 
-    res = bench_labeler(candidates=args.candidates, k=args.k, batches=args.batches)
+    res = bench_labeler(candidates=args.candidates, k=args.k, batches=args.batches,
+                        dtype=args.dtype or settings.labeler.matrix_dtype)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0
 

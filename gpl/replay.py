@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     KafkaError,
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from gpl.runtime.kafka import consumer, producer
 from gpl.runtime.settings import KafkaSettings, Settings
+from schemas.events import recall_as_v2
 from schemas.jsonl import read_events
 
 # One request in flight: a retry cannot reorder records of one partition (see the module docstring).
@@ -159,8 +161,19 @@ def replay_jsonl(
                     raise ValueError(f"topic {ev.topic!r} does not exist; create it first (create_topics)")
                 checked.add(ev.topic)
             pacer.wait(ev.ts)
-            sink.send(ev.topic, ev.value, ev.key, ev.ts)
+            sink.send(ev.topic, _recall_v2(ev.value) if ev.topic == "recall" else ev.value, ev.key, ev.ts)
     return sink.close(timeout_s)
+
+
+def _recall_v2(value: bytes) -> bytes:
+    """Recall events go out as schema_version 2 (columns): a version 1 value is rewritten when that is
+    exact (``schemas.events.recall_as_v2``); anything else is forwarded as it is, for the DLQ to judge."""
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    v2 = recall_as_v2(obj) if isinstance(obj, dict) else None
+    return value if v2 is None else orjson.dumps(v2)
 
 
 @dataclass

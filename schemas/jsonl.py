@@ -3,7 +3,7 @@
 Format (documented in the README)::
 
     {"topic": "items",    "value": {"item_id": 1, "text": "Toy Story (1995) ...", "category": "Animation"}}
-    {"topic": "recall",   "value": {"request_id": "r1", "user_id": "u1", "ts": 1700000000000, "candidates": [...]}}
+    {"topic": "recall",   "value": {"request_id": "r1", "user_id": "u1", "ts": 1700000000000, "item_ids": [...]}}
     {"topic": "exposure", "value": {"request_id": "r1", "user_id": "u1", "ts": 1700000000500, "items": [...]}}
 
 ``value`` is the topic's contract (schemas/events.py). The message key is derived from the topic's key

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from schemas.codec import DecodeError, decode
-from schemas.events import SCHEMA_VERSION, ExposureEvent, RecallEvent, Sample, SampleBatch, UnexposedBatch
+from schemas.events import RECALL_SCHEMA_VERSION, ExposureEvent, RecallEvent, Sample, SampleBatch, UnexposedBatch
 from schemas.ids import sample_id
 
 # kind byte of a pending-table record
@@ -74,30 +74,81 @@ class Recall:
     scores: np.ndarray  # float32
 
 
+_MAX_ID_LEN = 256  # the contract's bound on request and user ids
+
+
 def decode_recall(raw: bytes | None, max_candidates: int) -> Recall:
-    """Parse a RecallEvent without building 1,000 pydantic objects; any doubt falls back to the
-    pydantic contract so the error message (and DLQ reason) is the contract's own."""
+    """Parse a RecallEvent straight into arrays; any doubt falls back to the pydantic contract so the
+    error message (and DLQ reason) is the contract's own.
+
+    Version 2 (columns) never builds a per-candidate Python object: orjson gives lists, numpy infers
+    one dtype per list in C (int64 only when every id is an int that fits, so floats, strings, bools
+    alone and out-of-range ids all fall back), and ``"".join`` type-checks the sources. Version 1
+    (candidate objects) still decodes, one dict per candidate, as before. ``None`` (a tombstone) goes
+    to the contract, which calls it 'empty'.
+    """
     try:
-        obj = orjson.loads(raw)  # type: ignore[arg-type]  # None: the contract below says 'empty'
-        cands = obj["candidates"]
-        ids = np.array([c["item_id"] for c in cands], dtype=np.int64)
-        scores = np.array([c.get("score", 0.0) for c in cands], dtype=np.float32)
-        rid, uid, ts, ver = obj["request_id"], obj["user_id"], obj["ts"], obj.get("schema_version", 1)
-        ok = (isinstance(rid, str) and isinstance(uid, str) and type(ts) is int and ts >= 0 and rid and uid
-              and ver == SCHEMA_VERSION and all(type(c["item_id"]) is int for c in cands)
-              and (len(ids) == 0 or ids.min() >= 0))
+        obj = orjson.loads(raw)  # type: ignore[arg-type]
+        rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
+        ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= _MAX_ID_LEN
+              and 0 < len(uid) <= _MAX_ID_LEN and type(ts) is int and ts >= 0)
+        if ok and "candidates" not in obj:
+            ids, scores, ok = _columns(obj)
+        elif ok:
+            ids, scores, ok = _candidates(obj)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
         ok = False
     if not ok:
         ev = decode(raw, RecallEvent)  # raises DecodeError with the contract's reason
-        ids = np.array([c.item_id for c in ev.candidates], dtype=np.int64)
-        scores = np.array([c.score for c in ev.candidates], dtype=np.float32)
+        ids = np.asarray(ev.item_ids, dtype=np.int64)
+        scores = (np.zeros(len(ids), np.float32) if ev.scores is None else np.asarray(ev.scores, dtype=np.float32))
         rid, uid, ts = ev.request_id, ev.user_id, ev.ts
     if len(ids) == 0:
         raise DecodeError("empty_candidates", f"recall {rid} has no candidates")
     if len(ids) > max_candidates:
         raise DecodeError("oversized", f"recall {rid} has {len(ids)} candidates > max {max_candidates}")
     return Recall(rid, uid, ts, ids, scores)
+
+
+_NO_ARRAYS = (np.zeros(0, np.int64), np.zeros(0, np.float32), False)
+
+
+def _columns(obj: dict[str, object]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(ids, scores, ok) of a version 2 recall; ok is False whenever the contract must judge."""
+    ids_l, scores_l, sources = obj["item_ids"], obj.get("scores"), obj.get("sources")
+    if obj.get("schema_version", RECALL_SCHEMA_VERSION) != RECALL_SCHEMA_VERSION or type(ids_l) is not list:
+        return _NO_ARRAYS
+    n = len(ids_l)
+    ids = np.array(ids_l)
+    if ids.dtype != np.int64 or ids.ndim != 1 or (n and int(ids.min()) < 0):
+        return _NO_ARRAYS
+    if n > 1:
+        srt = np.sort(ids)
+        if (srt[1:] == srt[:-1]).any():
+            return _NO_ARRAYS  # a repeated item: the contract names the error
+    if scores_l is None:
+        scores = np.zeros(n, np.float32)
+    else:
+        if type(scores_l) is not list or len(scores_l) != n:
+            return _NO_ARRAYS
+        sc = np.array(scores_l)
+        if n and (sc.ndim != 1 or sc.dtype.kind not in "if"):
+            return _NO_ARRAYS
+        scores = sc.astype(np.float32)
+    if sources is not None and (type(sources) is not list or len(sources) != n or type("".join(sources)) is not str):
+        return _NO_ARRAYS
+    return ids, scores, True
+
+
+def _candidates(obj: dict[str, object]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(ids, scores, ok) of a version 1 recall (candidate objects): one dict per candidate, as v1 costs."""
+    cands = obj["candidates"]
+    if obj.get("schema_version", 1) != 1 or "item_ids" in obj or type(cands) is not list:
+        return _NO_ARRAYS
+    ids = np.array([c["item_id"] for c in cands], dtype=np.int64)
+    scores = np.array([c.get("score", 0.0) for c in cands], dtype=np.float32)
+    ok = all(type(c["item_id"]) is int for c in cands) and (len(ids) == 0 or int(ids.min()) >= 0)
+    return ids, scores, ok
 
 
 def pending_recall(ev: Recall, deadline_ms: int, partition: int) -> Pending:

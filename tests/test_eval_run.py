@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from pydantic import BaseModel
 
@@ -245,3 +246,25 @@ def test_teacher_history_profile_is_causal(tiny_dataset: Path) -> None:
         want = vecs[ds.item[rows]].sum(0) if rows else np.zeros(8)
         n = np.linalg.norm(want)
         assert np.allclose(prof[r], want / n if n else want, atol=1e-5), r
+
+
+def test_dataset_reads_recall_v1_and_v2_alike(tmp_path: Path) -> None:
+    """Event files written before the columnar recall (version 1 candidate objects) still load, and give
+    the same dataset as the version 2 columns the simulators write now."""
+    items = [ItemEvent(item_id=i, text=f"movie {i}") for i in (1, 2, 3)]
+    v2 = RecallEvent(request_id="r1", user_id="a", ts=1000, item_ids=[3, 1, 2], scores=[0.5, 0.25, 0.125])
+    assert b'"item_ids"' in orjson.dumps(v2.model_dump(mode="json"))  # written as version 2
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v1").mkdir()
+    new = load_dataset(_write(tmp_path / "v2", [("items", it) for it in items] + [("recall", v2)],
+                              {"test_start_ms": 5000}, []))
+    old_dir = _write(tmp_path / "v1", [("items", it) for it in items], {"test_start_ms": 5000}, [])
+    with open(old_dir / "events.jsonl", "ab") as f:
+        f.write(orjson.dumps({"topic": "recall", "value": {
+            "request_id": "r1", "user_id": "a", "ts": 1000,
+            "candidates": [{"item_id": 3, "score": 0.5}, {"item_id": 1, "score": 0.25}, {"item_id": 2, "score": 0.125}],
+        }}) + b"\n")
+    old = load_dataset(old_dir)
+    for ds in (new, old):
+        assert ds.item_ids[ds.item].tolist() == [3, 1, 2]
+        assert ds.recall_score.tolist() == [0.5, 0.25, 0.125]

@@ -100,8 +100,10 @@ def _committed_everything(s: Settings) -> bool:
         c.close()
 
 
-def test_labeler_labels_defers_times_out_refuses_and_counts(settings: Settings) -> None:
-    s = settings.with_overrides(labeler={"wait_for_anchors_s": 4.0, "top_n": 2, "random_n": 2, "cap": 3})
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # labeler.matrix_dtype: the same behaviour in both
+def test_labeler_labels_defers_times_out_refuses_and_counts(settings: Settings, dtype: str) -> None:
+    s = settings.with_overrides(labeler={"wait_for_anchors_s": 4.0, "top_n": 2, "random_n": 2, "cap": 3,
+                                         "matrix_dtype": dtype})
     labeler = Labeler(s, _index(s))
     with running(labeler, "labeler"):
         produce(s, "anchors", [_anchors(s, "u1", ["running shoes", "energy gels"]),
@@ -155,6 +157,7 @@ def test_labeler_labels_defers_times_out_refuses_and_counts(settings: Settings) 
     assert anchors["dlq:encoder_mismatch"] == 1 and anchors["dlq:malformed_json"] == 1
     assert labeler.balance() == {"batches": 0, "candidates": 0, "anchors": 0}
     assert labeler.deferred == 0
+    assert labeler.items.dtype == dtype and len(labeler.items) == len(ALL_IDS)
 
 
 def test_full_deferred_queue_pauses_and_rewinds_the_partition(settings: Settings) -> None:

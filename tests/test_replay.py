@@ -151,6 +151,10 @@ def test_paced_replay_keeps_the_order(settings: Settings, tmp_path: Path) -> Non
     elapsed = time.monotonic() - t
     both = _read_all(settings, "recall")
     assert counts == {"recall": 8}
+    # version 1 recall lines go out as schema_version 2 columns (gpl replay emits v2)
+    sent = [orjson.loads(r[2]) for r in fast]
+    assert all(v["schema_version"] == 2 and "candidates" not in v for v in sent)
+    assert sorted(v["item_ids"][0] for v in sent) == list(range(8))
     # per partition, the second (paced) replay repeated the first one's order exactly
     for part in {r[0] for r in both}:
         rows = [r for r in both if r[0] == part]

@@ -44,7 +44,9 @@ def test_schema_export(tmp_path: Path) -> None:
     recall = orjson.loads((tmp_path / "recall-value.json").read_bytes())
     assert recall["x-topic"] == {"name": "recall", "subject": "recall-value", "key": "user_id", "compacted": False,
                                  "dlq": "recall.dlq"}
-    assert "candidates" in recall["properties"]
+    assert {"item_ids", "scores", "sources"} <= set(recall["properties"])  # schema_version 2: columns
+    assert recall["properties"]["schema_version"]["default"] == 2
+    assert "candidates" in recall["x-schema-version-1"]  # version 1 is still accepted, and says so
     assert "recall.dlq" in all_topic_names()
     ids = set()
     for t in topics:

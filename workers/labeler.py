@@ -98,7 +98,7 @@ class Labeler:
         self.settings = settings
         self.cfg = settings.labeler
         self.items = ItemMatrix(index, settings.encoder.collection, settings.encoder.model,
-                                retry_s=self.cfg.item_retry_s)
+                                retry_s=self.cfg.item_retry_s, dtype=self.cfg.matrix_dtype)
         self.cache = AnchorBook(settings.encoder.model, self.items)
         self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
         self.recalibrator = Recalibrator(self.cfg.recalibrate_every, self.cfg.ece_alert)

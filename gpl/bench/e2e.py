@@ -75,8 +75,8 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
                 rid = f"b{r}"
                 cand = rng.choice(items, size=candidates, replace=False) + 1
                 ts = int(time.time() * 1000)
-                recall = {"request_id": rid, "user_id": user, "ts": ts,
-                          "candidates": [{"item_id": int(i), "score": 0.5, "source": "bench"} for i in cand]}
+                recall = {"schema_version": 2, "request_id": rid, "user_id": user, "ts": ts,
+                          "item_ids": cand.tolist(), "scores": [0.5] * len(cand)}
                 shown = cand[:10]
                 exposure = {"request_id": rid, "user_id": user, "ts": ts,
                             "items": [{"item_id": int(i), "position": j, "clicked": j == 0}

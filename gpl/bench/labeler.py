@@ -44,6 +44,7 @@ from workers.labeling.confidence import TERMS, confidence
 from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
+from workers.labeling.matching import MatrixDtype, choose_dtype, time_dtypes
 from workers.labeling.sampling import sample
 from workers.labeling.unexposed_codec import decode_unexposed
 
@@ -64,11 +65,13 @@ def single_thread() -> Iterator[str]:
 
 
 def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
-              users: int = 64, seed: int = 0, label_source: str = "calibrator") -> tuple[Labeling, list[bytes]]:
+              users: int = 64, seed: int = 0, label_source: str = "calibrator", dtype: MatrixDtype = "float32"
+              ) -> tuple[Labeling, list[bytes]]:
     """An item matrix, an anchor cache of ``users`` users and ``batches`` encoded UnexposedBatches.
 
     Anchors are noisy copies of random items, so similarities spread like real ones (a few close
-    candidates, a long tail) instead of all sitting near 0 as random vectors would. ``calibrator`` (the
+    candidates, a long tail) instead of all sitting near 0 as random vectors would. ``dtype`` is the item
+    matrix's; the data (and the anchors, taken from float32 rows) do not depend on it. ``calibrator`` (the
     default, as in production) labels through a calibrator over the default features with fixed
     coefficients; ``map`` through the fixed logistic map.
     """
@@ -76,11 +79,15 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
     ids = np.unique(rng.integers(0, 2**62, size=items + items // 10 + 16, dtype=np.int64))[:items]
     rng.shuffle(ids)
     vecs = rng.standard_normal((items, dim)).astype(np.float32)
-    matrix = ItemMatrix(collection=f"items__{ENCODER}", encoder=ENCODER)
-    matrix.add(ids, vecs)
+    exact = ItemMatrix(collection=f"items__{ENCODER}", encoder=ENCODER)  # float32: the anchors' source
+    exact.add(ids, vecs)
+    matrix = exact
+    if dtype != "float32":  # same items in another dtype; anchors stay those of float32, for comparisons
+        matrix = ItemMatrix(collection=f"items__{ENCODER}", encoder=ENCODER, dtype=dtype)
+        matrix.add(ids, vecs)
     cache = AnchorBook(ENCODER, matrix)
     for u in range(users):
-        base = matrix.gather(rng.choice(len(matrix), k, replace=False))
+        base = exact.gather(rng.choice(len(exact), k, replace=False))
         anchors = base + 0.6 * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(dim)
         cache.put(AnchorSet(
             user_id=f"user-{u}", version=1, model="bench-llm", prompt_hash="p0", encoder=ENCODER,
@@ -170,45 +177,129 @@ def same_samples(a: bytes, b: bytes, tol: float = 2e-6) -> bool:
     return True
 
 
+def max_label_difference(ctx: Labeling, ref: Labeling, raws: list[bytes]) -> dict[str, float]:
+    """Largest |label| and |similarity| difference of ``ctx``'s samples against ``ref``'s (float32),
+    sample by sample (same ids: with ``top_n = 0`` the draw does not depend on the similarities)."""
+    worst = {"label": 0.0, "similarity": 0.0, "weight": 0.0}
+    f, g = fast(ctx), fast(ref)
+    for raw in raws:
+        mine = {x["sample_id"]: x for x in orjson.loads(f(raw))["samples"]}
+        for y in orjson.loads(g(raw))["samples"]:
+            x = mine[y["sample_id"]]
+            for key in worst:
+                worst[key] = max(worst[key], abs(x[key] - y[key]))
+    return {k: round(v, 6) for k, v in worst.items()}
+
+
+def _by_index(fn: Callable[[bytes], bytes], raws: list[bytes]) -> Callable[[int], object]:
+    return lambda i: fn(raws[i])
+
+
+def limit(ctx: Labeling, raws: list[bytes]) -> Callable[[int], object]:
+    """The limit proxy of request ``i``: gather + product + max alone, in the matrix's dtype, on the
+    request's own (already looked-up) rows and its user's anchors; nothing else of the path."""
+    pre = []
+    for raw in raws:
+        b = decode_unexposed(raw)
+        entry = ctx.cache.get(b.user_id)
+        assert entry is not None
+        pre.append((ctx.items.lookup(b.item_ids)[0], entry.vectors))
+    best = ctx.items.best
+
+    def run(i: int) -> object:
+        rows, anchors = pre[i]
+        return best(rows, anchors)
+    return run
+
+
+def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
+    """Median CPU µs per request of each stage of the path, to say where the gap to the limit goes:
+    ``decode`` (orjson → arrays), ``lookup`` (id → row), ``match`` (gather + product, the similarities
+    the path uses), ``label_encode`` (the rest of :func:`label_decoded`: row max, sampling, labels,
+    weights, orjson; its total minus lookup and match, each measured separately on the same batch)."""
+    clock = time.thread_time
+    acc: dict[str, list[float]] = {"decode": [], "lookup": [], "match": [], "label_encode": []}
+    for raw in raws:
+        t0 = clock()
+        b = decode_unexposed(raw)
+        t1 = clock()
+        rows, _ = ctx.items.lookup(b.item_ids)
+        t2 = clock()
+        entry = ctx.cache.get(b.user_id)
+        assert entry is not None
+        ctx.items.similarities(rows, entry.vectors)
+        t3 = clock()
+        label_decoded(b, ctx)
+        t4 = clock()
+        acc["decode"].append(t1 - t0)
+        acc["lookup"].append(t2 - t1)
+        acc["match"].append(t3 - t2)
+        acc["label_encode"].append(max((t4 - t3) - (t3 - t1), 0.0))
+    return {k: round(float(np.median(v)) * 1e6, 1) for k, v in acc.items()}
+
+
 def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
-                  *, per_repeat: int = 50, seed: int = 0) -> dict[str, Any]:
-    """Median / p10 / p90 candidates per second (one thread) of the fast path and the naive loop.
+                  *, per_repeat: int = 50, seed: int = 0, dtype: MatrixDtype = "auto") -> dict[str, Any]:
+    """Median / p10 / p90 candidates per second (one thread) of the labeler's path, its limit and the naive loop.
 
-    ``fast`` and ``naive`` label with the fixed map (so their outputs can be compared sample by sample);
-    ``fast_calibrated`` is the production path with a calibrator (features, priors, calibrated sampling).
+    In ONE run, interleaved repeat by repeat so all see the same machine state: ``path_<dtype>``
+    (decode → lookup → gather → match → sample → label → orjson, fixed map) for both matrix dtypes;
+    ``limit_<dtype>`` (gather + product + max alone, same dtype: what the hardware allows);
+    ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
+    labels: a calibrator over features and priors, chosen dtype). ``path`` and ``limit`` repeat the
+    figures of the dtype ``dtype`` resolves to (``auto``: the start-up self-test, whose timings are in
+    ``dtype_self_test_us``). ``ratio_path_limit`` = median path / median limit;
+    ``max_diff_vs_float32`` the largest pseudo-label (and similarity, weight) difference of
+    bfloat16 labels against float32 ones on the benchmark's requests; ``stages_cpu_us`` where a
+    request's time goes (:func:`stage_breakdown`).
 
-    ``batches`` requests are split into repeats of ``per_repeat``; each repeat is timed for both
-    implementations back to back (fast first on even repeats, naive first on odd ones), and the
-    throughput of a repeat is ``per_repeat * candidates / seconds``. ``ratio`` = median fast / median
-    naive. Two clocks: wall time (``*_cand_per_s``, the figure on an idle machine) and the thread's own
-    CPU time (``cpu``: time the thread was descheduled does not count, so it stays meaningful on a
-    shared machine; cache and memory-bandwidth contention still show in it). ``loadavg_1m`` says how
-    busy the machine was.
+    ``batches`` requests are split into repeats of ``per_repeat``; the throughput of a repeat is
+    ``per_repeat * candidates / seconds``. Two clocks: wall time (``median_cand_per_s``) and the
+    thread's own CPU time (``cpu``: time the thread was descheduled does not count, so it stays
+    meaningful on a shared machine). ``loadavg_1m`` says how busy the machine was.
     """
-    ctx, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map")
-    cal_ctx, _ = synthetic(candidates, k, dim, batches, items, seed=seed)
-    impls = {"fast": fast(ctx), "naive": naive(ctx), "fast_calibrated": fast(cal_ctx)}
+    import torch
+
+    torch.set_num_threads(1)
+    self_test = time_dtypes(dim, k=k, n=candidates)
+    chosen = choose_dtype(dtype, dim, k=k, n=candidates, timings=self_test)
+    ref, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map", dtype="float32")
+    bf, _ = synthetic(candidates, k, dim, 0, items, seed=seed, label_source="map", dtype="bfloat16")
+    cal_ctx, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen)
+    impls: dict[str, Callable[[int], object]] = {}
+    for name, c in (("path_float32", ref), ("path_bfloat16", bf), ("path_calibrated", cal_ctx)):
+        impls[name] = _by_index(fast(c), raws)
+    slow = naive(ref)
+    impls["naive"] = _by_index(slow, raws)
+    impls["limit_float32"] = limit(ref, raws)
+    impls["limit_bfloat16"] = limit(bf, raws)
     for raw in raws[:5]:  # same answers, and warm the paths up
-        assert same_samples(impls["fast"](raw), impls["naive"](raw)), "fast and naive paths disagree"
-        impls["fast_calibrated"](raw)
+        assert same_samples(fast(ref)(raw), slow(raw)), "fast and naive paths disagree"
+    for i in range(5):
+        for impl in impls.values():
+            impl(i)
+    diff = max_label_difference(bf, ref, raws[: min(len(raws), 200)])
     rates: dict[str, list[float]] = {name: [] for name in impls}
     cpu_rates: dict[str, list[float]] = {name: [] for name in impls}
     load_before = os.getloadavg()[0]  # other processes on the machine: read the figures against it
+    names = list(impls)
     with single_thread() as threads:
         for r, start in enumerate(range(0, len(raws), per_repeat)):
-            chunk = raws[start : start + per_repeat]
-            order = ("fast", "naive", "fast_calibrated") if r % 2 == 0 else ("fast_calibrated", "naive", "fast")
-            for name in order:
-                fn = impls[name]
+            chunk = range(start, min(start + per_repeat, len(raws)))
+            for name in names if r % 2 == 0 else names[::-1]:
+                run = impls[name]
                 c0, t0 = time.thread_time(), time.perf_counter()
-                for raw in chunk:
-                    fn(raw)
+                for i in chunk:
+                    run(i)
                 t1, c1 = time.perf_counter(), time.thread_time()
                 rates[name].append(len(chunk) * candidates / (t1 - t0))
                 cpu_rates[name].append(len(chunk) * candidates / max(c1 - c0, 1e-9))
     out: dict[str, Any] = {"candidates": candidates, "k": k, "dim": dim, "batches": len(raws), "items": items,
-                           "per_repeat": per_repeat, "repeats": len(rates["fast"]), "blas_threads": threads,
-                           "cpus": os.cpu_count(),
+                           "per_repeat": per_repeat, "repeats": len(rates["naive"]), "blas_threads": threads,
+                           "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                           "dtype": chosen, "dtype_requested": dtype,
+                           "dtype_self_test_us": {"float32": round(self_test[0] * 1e6),
+                                                  "bfloat16": round(self_test[1] * 1e6)},
                            "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     for name, xs in rates.items():
         q = np.percentile(xs, [10, 50, 90])
@@ -217,10 +308,22 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
                      "p90_cand_per_s": round(float(q[2])),
                      "cpu": {"median_cand_per_s": round(float(qc[1])), "p10_cand_per_s": round(float(qc[0])),
                              "p90_cand_per_s": round(float(qc[2]))}}
-    out["ratio"] = round(out["fast"]["median_cand_per_s"] / out["naive"]["median_cand_per_s"], 2)
-    fast_cpu, naive_cpu = out["fast"]["cpu"]["median_cand_per_s"], out["naive"]["cpu"]["median_cand_per_s"]
-    out["ratio_cpu"] = round(fast_cpu / naive_cpu, 2)
-    out["ratio_calibrated"] = round(out["fast_calibrated"]["median_cand_per_s"] / out["naive"]["median_cand_per_s"], 2)
+
+    out["path"], out["limit"] = out[f"path_{chosen}"], out[f"limit_{chosen}"]  # the chosen dtype's
+
+    def ratio(a: str, b: str, clock: str = "") -> float:
+        x, y = (out[a]["cpu"], out[b]["cpu"]) if clock else (out[a], out[b])
+        return round(x["median_cand_per_s"] / y["median_cand_per_s"], 3)
+
+    out["ratio_path_limit"] = ratio("path", "limit")
+    out["ratio_path_limit_cpu"] = ratio("path", "limit", "cpu")
+    out["ratio_path_naive"] = ratio("path", "naive")
+    out["ratio_path_float32"] = ratio("path", "path_float32")
+    out["ratio_path_limit_by_dtype"] = {d: ratio(f"path_{d}", f"limit_{d}") for d in ("float32", "bfloat16")}
+    out["max_diff_vs_float32"] = {"dtype": "bfloat16", **diff}
+    with single_thread():
+        out["stages_cpu_us"] = {d: stage_breakdown(c, raws[: min(len(raws), 300)])
+                                for d, c in (("float32", ref), ("bfloat16", bf))}
     return out
 
 
@@ -232,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--batches", type=int, default=2000)
     ap.add_argument("--items", type=int, default=20000)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     a = ap.parse_args(argv)
-    res = bench_labeler(a.candidates, a.k, a.dim, a.batches, a.items)
+    res = bench_labeler(a.candidates, a.k, a.dim, a.batches, a.items, dtype=a.dtype)
     print(json.dumps(res, indent=2))
     return 0
 

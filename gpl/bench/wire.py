@@ -19,7 +19,7 @@ from collections.abc import Callable
 from gpl.runtime.serde import Wire, registry_client, registry_schema
 from gpl.runtime.settings import SchemaRegistrySettings
 from schemas.codec import encode
-from schemas.events import Candidate, RecallEvent
+from schemas.events import RecallEvent
 from schemas.wire import frame, subject
 from streams.join import decode_recall
 
@@ -39,8 +39,7 @@ def bench_wire(candidates: int = 1000, repeats: int = 50) -> dict[str, object]:
     checked = SchemaRegistrySettings(url=url, output_format="confluent")
     validated = checked.model_copy(update={"validate_payloads": True})
     sid = registry_client(checked).register_schema(subject("recall"), registry_schema("recall"))
-    ev = RecallEvent(request_id="r", user_id="u", ts=1,
-                     candidates=[Candidate(item_id=i, score=0.5) for i in range(candidates)])
+    ev = RecallEvent(request_id="r", user_id="u", ts=1, item_ids=list(range(candidates)), scores=[0.5] * candidates)
     plain, framed = encode(ev), frame(sid, encode(ev))
     bare, w_checked, w_validated = Wire(), Wire(checked), Wire(validated)
     n = candidates + 1

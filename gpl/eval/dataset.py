@@ -145,13 +145,14 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
                 if topic == "items":
                     items[int(v["item_id"])] = (str(v.get("text", "")), str(v.get("category", "")))
                 elif topic == "recall":
-                    cands = v["candidates"]
-                    recalls[v["request_id"]] = (
-                        str(v["user_id"]),
-                        int(v["ts"]),
-                        [c["item_id"] for c in cands],
-                        [float(c.get("score", 0.0)) for c in cands],
-                    )
+                    if "candidates" in v:  # schema_version 1: candidate objects
+                        cands = v["candidates"]
+                        rec_ids = [c["item_id"] for c in cands]
+                        rec_scores = [float(c.get("score", 0.0)) for c in cands]
+                    else:  # schema_version 2: parallel arrays
+                        rec_ids = list(v["item_ids"])
+                        rec_scores = [float(x) for x in v.get("scores") or [0.0] * len(rec_ids)]
+                    recalls[v["request_id"]] = (str(v["user_id"]), int(v["ts"]), rec_ids, rec_scores)
                 elif topic == "exposure":
                     its = v["items"]
                     exposures[v["request_id"]] = (

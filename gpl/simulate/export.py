@@ -40,10 +40,10 @@ def popularity_bias(ml: MovieLens, sim: Simulation, head_fraction: float = 0.1) 
     for topic, ev in sim.events:
         if topic != "recall" or not isinstance(ev, RecallEvent):
             continue
-        for cand in ev.candidates:
-            part = "head" if pop[cand.item_id] >= cut else "tail"
+        for item in ev.item_ids:
+            part = "head" if pop[item] >= cut else "tail"
             c[part] += 1
-            c[f"{part}_exposed"] += (ev.request_id, cand.item_id) in shown
+            c[f"{part}_exposed"] += (ev.request_id, item) in shown
     head = c["head_exposed"] / max(c["head"], 1)
     tail = c["tail_exposed"] / max(c["tail"], 1)
     return {"head_exposure_rate": head, "tail_exposure_rate": tail, "ratio": head / max(tail, 1e-12),

@@ -309,8 +309,7 @@ def _simulate(ml: MovieLens, cfg: SimConfig) -> Simulation:
         nv = n_valid[r]
         recalls.append(RecallEvent.model_validate({
             "request_id": rid, "user_id": uid, "ts": int(ts_r[r]),
-            "candidates": [{"item_id": i, "score": x, "source": so} for i, x, so in
-                           zip(ids_rows[r][:nv], score_rows[r][:nv], src_rows[r][:nv], strict=True)],
+            "item_ids": ids_rows[r][:nv], "scores": score_rows[r][:nv], "sources": src_rows[r][:nv],
         }))
         ns = n_shown[r]
         exposures.append(ExposureEvent.model_validate({

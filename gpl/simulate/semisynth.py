@@ -175,8 +175,8 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
     uidx = {str(u): k for k, u in enumerate(ml.user_ids.tolist())}
     iidx = {int(m): k for k, m in enumerate(ml.item_ids.tolist())}
     recalls = {ev.request_id: ev for topic, ev in sim.events if topic == "recall" and isinstance(ev, RecallEvent)}
-    cu = np.concatenate([np.full(len(r.candidates), uidx[r.user_id]) for r in recalls.values()])
-    ci = np.concatenate([np.array([iidx[c.item_id] for c in r.candidates]) for r in recalls.values()])
+    cu = np.concatenate([np.full(len(r.item_ids), uidx[r.user_id]) for r in recalls.values()])
+    ci = np.concatenate([np.array([iidx[i] for i in r.item_ids]) for r in recalls.values()])
     offset = offset_for(logits[cu, ci], target_ctr)
     prob = (1.0 / (1.0 + np.exp(-(logits + offset)))).astype(np.float32)
     z = np.random.default_rng(10_007 + seed).random(prob.shape) < prob  # one opinion per (user, item)
@@ -206,7 +206,7 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
                 rec = recalls[ev.request_id]
                 part = "test" if rec.user_id in per_user and rec.ts >= per_user[rec.user_id] else "train"
                 if part == "test":  # random exposure: uniform draw of the recall, random positions
-                    cands = [c.item_id for c in rec.candidates]
+                    cands = rec.item_ids
                     pick = ex_rng.choice(len(cands), size=min(len(ev.items), len(cands)), replace=False)
                     ids = [cands[j] for j in pick.tolist()]
                 else:

@@ -70,9 +70,10 @@ class Labeled:
     duplicate: int  # repeats of an item already labeled in this request
 
 
-def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnchors, *, consistency: float,
+def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: UserAnchors, *, consistency: float,
                      label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator,
-                     centroid: np.ndarray | None = None, priors: dict[str, np.ndarray] | None = None) -> Labeled:
+                     centroid: np.ndarray | None = None, priors: dict[str, np.ndarray] | None = None,
+                     sims: tuple[np.ndarray, np.ndarray | None] | None = None) -> Labeled:
     """Match → sample → label → weight one request's candidates (all with vectors; unit rows).
 
     The labeler's hot path and ``gpl eval`` both call this, so the offline comparison labels exactly as
@@ -84,22 +85,32 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray, anchors: UserAnc
     the candidates' prior features), and the ``top_n`` part of the sample takes the most *probable*
     candidates; with a :class:`LabelMap` it is the map of the best similarity, and ``top_n`` the most
     similar.
+
+    ``sims`` = (the (m, K) anchor cosines, the (m,) centroid cosines or None) when the caller computed
+    them already (the labeler, from its item matrix in either dtype: :meth:`ItemMatrix.similarities`);
+    then ``vectors`` is not read.
     """
-    s_all = vectors @ anchors.vectors.T  # (m, K): see _row_max for why this shape
+    if sims is None:
+        assert vectors is not None
+        s_all = vectors @ anchors.vectors.T  # (m, K): see _row_max for why this shape
+        cos_centroid = vectors @ centroid if centroid is not None else None
+    else:
+        s_all, cos_centroid = sims
     sim = _row_max(s_all)
     p_all: np.ndarray | None = None
     if isinstance(label, Calibrator):
-        cos_c = vectors @ centroid if centroid is not None else np.zeros(len(sim))
+        cos_c = cos_centroid if cos_centroid is not None else np.zeros(len(sim))
         parts = {**similarity_features(s_all, cos_c, anchor_weights(anchors.logprobs)), **(priors or {})}
         p_all = label(feature_matrix(label.features, parts))
     sel = sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng)
     kept = int(sel.shape[0])
-    sel_items = item_ids[sel].tolist()
     duplicate = 0
-    if len(set(sel_items)) != kept:  # an item recalled twice: label it once
-        first = dict.fromkeys(sel_items)
-        sel = sel[[i for i, it in enumerate(sel_items) if first.pop(it, 0) is None]]
-        duplicate = kept - int(sel.shape[0])
+    if kept > 1:
+        sel_items = item_ids[sel]
+        _, first = np.unique(sel_items, return_index=True)
+        if first.shape[0] != kept:  # an item recalled twice: label it once (its first pick)
+            sel = sel[np.sort(first)]
+            duplicate = kept - int(sel.shape[0])
     matched = s_all[sel].argmax(axis=1)
     s = sim[sel].astype(np.float64)
     p = label(s) if p_all is None else p_all[sel]
@@ -191,19 +202,24 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
             recalled, exposed = ctx.stats.items(rows)
             priors = prior_features(recalled, exposed, ctx.stats.requests, *ctx.stats.user(b.user_id),
                                     ctx.stats.ctr)
-        lab = label_candidates(found_ids, items.gather(rows), entry, consistency=consistency, label=ctx.label,
-                               cfg=cfg, rng=ctx.rng(b.request_id), centroid=centroid, priors=priors)
+        lab = label_candidates(found_ids, None, entry, consistency=consistency, label=ctx.label, cfg=cfg,
+                               rng=ctx.rng(b.request_id), centroid=centroid, priors=priors,
+                               sims=items.similarities(rows, entry.vectors, centroid))
         kept, duplicate = lab.kept, lab.duplicate
         rid, ver = b.request_id, entry.version
         # one rounding pass for every float column (6 decimals: well below any effect, shorter JSON)
         floats = np.round(np.vstack([lab.label, lab.weight, lab.sim, *(lab.terms[t] for t in TERMS)]), 6).tolist()
-        cols = zip(found_ids[lab.pos].tolist(), *floats[:3], lab.matched.tolist(), *floats[3:], strict=True)
+        labeled_ids = found_ids[lab.pos].tolist()
+        labels = floats[0]
+        cols = zip(labeled_ids, *floats[:3], lab.matched.tolist(), *floats[3:], strict=True)
         samples = [
             {"sample_id": sample_id(rid, item, ver), "item_id": item, "label": lb, "weight": wt,
              "source": "pseudo", "similarity": sm, "matched_anchor": k,
              "confidence": {"coherence": c1, "consistency": c2, "generation": c3, "margin": c4}}
             for item, lb, wt, sm, k, c1, c2, c3, c4 in cols
         ]
+    else:
+        labeled_ids, labels = [], []
     labeled = len(samples)
     age = b.ts - entry.generated_at
     out = {
@@ -217,8 +233,7 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
         "sampled_out": m - labeled,
     }
     stats = LabelStats(b.request_id, b.user_id, b.ts, n, labeled, m - kept, duplicate, n - m, entry.version,
-                       age, tuple(int(s["item_id"]) for s in samples),  # type: ignore[call-overload]
-                       tuple(float(s["label"]) for s in samples))  # type: ignore[arg-type]
+                       age, tuple(labeled_ids), tuple(labels))
     return orjson.dumps(out), stats
 
 

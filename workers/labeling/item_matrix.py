@@ -1,4 +1,4 @@
-"""The frozen item vectors in process: a hash index of int64 ids over one float32 matrix.
+"""The frozen item vectors in process: a hash index of int64 ids over one float32 or bfloat16 matrix.
 
 A retrieve from the vector engine costs ~12 ms per 1,000 vectors, a lookup + gather from this matrix
 ~0.1 ms: the labeler's hot path reads item vectors only from here, fetching misses from the index.
@@ -8,11 +8,25 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.normalize import normalize
+from workers.labeling.id_index import IdIndex
+from workers.labeling.matching import (
+    MatrixDtype,
+    StorageDtype,
+    _row_max,
+    bf16_best,
+    bf16_columns,
+    bf16_similarities,
+    bf16_view,
+    choose_dtype,
+    from_bf16,
+    to_bf16,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +40,32 @@ class ItemMatrix:
     a vectorised id → row lookup plus one ``take`` on this matrix is ~0.1 ms. Rows are appended
     (capacity doubling), so adding items never re-sorts or copies the matrix per call.
 
-    The id → row index is an open-addressing hash table (linear probing, Fibonacci hashing, load
-    ≤ 1/4) probed for all candidates at once, a few vectorised rounds per batch. It replaced a
-    ``searchsorted`` over the sorted ids: on a 20k-item catalogue and fresh random candidates, the
-    binary search's unpredictable branches cost ~90 µs per 1,000 ids, the hash ~30 µs (measured with
-    ``gpl.bench``; with the same ids repeated the branch predictor hides this, so micro-benchmarks that
-    reuse one query array mislead).
+    The id → row index is a bucketed hash table probed for all candidates in one pass
+    (:class:`~workers.labeling.id_index.IdIndex`). It replaced a ``searchsorted`` over the sorted ids:
+    on a 20k-item catalogue and fresh random candidates, the binary search's unpredictable branches
+    cost ~180 µs per 1,000 ids, the hash ~45 µs (with the same ids repeated the branch predictor hides
+    this, so micro-benchmarks that reuse one query array mislead).
 
     ``load`` scrolls the collection once at start; ``fetch`` retrieves misses from the index later
     (items indexed after the labeler started). An id that the index did not have is not asked for
     again within ``retry_s`` seconds, so a stream of unknown items does not turn every request into a
     12 ms round trip.
+
+    Storage dtype (``dtype``; ``labeler.matrix_dtype``): ``float32``, or ``bfloat16`` (the bits in a
+    uint16 array that torch reads in place): half the bytes per row, so the gather, which is
+    memory-bound, moves half as much, and the product runs on the CPU's bfloat16 units with float32
+    accumulation. ``auto`` lets :func:`~workers.labeling.matching.choose_dtype` time both on a small
+    batch when the first vectors arrive (their dimension is known then). :meth:`gather` and
+    :attr:`matrix` always return float32; :meth:`similarities` is the hot path in either dtype.
     """
 
-    _EMPTY = -1  # item ids are >= 0
-    _MULT = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads sequential ids too
-
     def __init__(self, index: VectorIndex | None = None, collection: str = "", encoder: str = "", *,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, dtype: MatrixDtype = "float32") -> None:
         self.index = index
+        self.requested_dtype: MatrixDtype = dtype
+        self._dtype: StorageDtype | None = None if dtype == "auto" else dtype  # auto: settled on the first add
+        self._tmat: Any = None  # bfloat16: a torch view of _mat
+        self._anchor_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None, Any]] = {}
         self.collection = collection
         self.encoder = encoder
         self.retry_s = retry_s
@@ -52,10 +73,7 @@ class ItemMatrix:
         self._mat = np.zeros((0, 0), np.float32)  # capacity rows; the first _n are used
         self._n = 0
         self._dim: int | None = None
-        self._bits = 0
-        self._keys = np.zeros(0, np.int64)  # hash slots: item id or _EMPTY
-        self._slot_rows = np.zeros(0, np.int32)  # hash slots: matrix row
-        self._rehash(1024)
+        self._index = IdIndex()  # item id -> row
         self._absent: dict[int, float] = {}  # id -> monotonic time the index last did not have it
 
     def __len__(self) -> int:
@@ -66,9 +84,14 @@ class ItemMatrix:
         return self._dim
 
     @property
+    def dtype(self) -> StorageDtype:
+        """``float32`` or ``bfloat16``; ``auto`` reads as float32 until the first vectors settle it."""
+        return self._dtype or "float32"
+
+    @property
     def matrix(self) -> np.ndarray:
-        """The used rows (a view); row numbers are those :meth:`lookup` returns."""
-        return self._mat[: self._n]
+        """The used rows as float32 (a view; a copy for bfloat16); row numbers are those of :meth:`lookup`."""
+        return self._mat[: self._n] if self.dtype == "float32" else from_bf16(self._mat[: self._n])
 
     @property
     def ids(self) -> np.ndarray:
@@ -103,7 +126,8 @@ class ItemMatrix:
             raise ValueError("item ids must be >= 0")
         if self._dim is None:
             self._dim = int(vecs.shape[1])
-            self._mat = np.zeros((0, self._dim), np.float32)
+            self._dtype = choose_dtype(self.requested_dtype, self._dim)
+            self._mat = np.zeros((0, self._dim), np.float32 if self._dtype == "float32" else np.uint16)
         elif vecs.shape[1] != self._dim:
             raise ValueError(f"item vectors have dim {self._dim}, got {vecs.shape[1]}")
         ok = np.isfinite(vecs).all(axis=1)
@@ -114,6 +138,8 @@ class ItemMatrix:
         uniq, first_in_reversed = np.unique(ids[::-1], return_index=True)
         keep = ids.size - 1 - first_in_reversed
         ids, vecs = uniq, normalize(vecs[keep])
+        if self._dtype == "bfloat16":
+            vecs = to_bf16(vecs)
         rows, missing = self.lookup(ids)
         known = ~missing
         if known.any():
@@ -124,12 +150,8 @@ class ItemMatrix:
             self._reserve(self._n + m)
             self._mat[self._n : self._n + m] = vecs[missing]
             self._row_ids[self._n : self._n + m] = new_ids
-            new_rows = np.arange(self._n, self._n + m, dtype=np.int64)
+            self._index.insert(new_ids, np.arange(self._n, self._n + m, dtype=np.int64))
             self._n += m
-            if 4 * self._n > self._keys.size:
-                self._rehash(4 * self._n)  # re-inserts every row, the new ones included
-            else:
-                self._insert(new_ids, new_rows)
             if self._absent:
                 for i in new_ids.tolist():
                     self._absent.pop(i, None)
@@ -139,68 +161,60 @@ class ItemMatrix:
         if n <= self._mat.shape[0]:
             return
         cap = max(n, 2 * self._mat.shape[0], 1024)
-        grown = np.zeros((cap, self._dim or 0), np.float32)
+        grown = np.zeros((cap, self._dim or 0), self._mat.dtype)
         grown[: self._n] = self._mat[: self._n]
         self._mat = grown
+        if self._dtype == "bfloat16":
+            self._tmat = bf16_view(self._mat)
         row_ids = np.zeros(cap, np.int64)
         row_ids[: self._n] = self._row_ids[: self._n]
         self._row_ids = row_ids
 
-    def _slot(self, ids: np.ndarray) -> np.ndarray:
-        """Home slot of each id: the top ``bits`` bits of id × 2^64/φ (wrapping uint64 arithmetic)."""
-        return ((ids.view(np.uint64) * self._MULT) >> np.uint64(64 - self._bits)).astype(np.int64)
-
-    def _rehash(self, min_slots: int) -> None:
-        self._bits = max(10, int(min_slots - 1).bit_length())
-        self._keys = np.full(1 << self._bits, self._EMPTY, np.int64)
-        self._slot_rows = np.zeros(1 << self._bits, np.int32)
-        if self._n:
-            self._insert(self._row_ids[: self._n].copy(), np.arange(self._n, dtype=np.int64))
-
-    def _insert(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Place ids that are not in the table yet, all at once: per round, each id tries its current
-        slot; of several wanting one free slot the first wins; the rest move one slot on."""
-        mask = self._keys.size - 1
-        pos = self._slot(ids)
-        todo = np.arange(ids.size)
-        while todo.size:
-            p = pos[todo]
-            free = self._keys[p] == self._EMPTY
-            slots, first = np.unique(p[free], return_index=True)
-            winners = todo[free][first]
-            self._keys[slots] = ids[winners]
-            self._slot_rows[slots] = rows[winners]
-            placed = np.zeros(ids.size, bool)
-            placed[winners] = True
-            todo = todo[~placed[todo]]
-            pos[todo] = (pos[todo] + 1) & mask
-
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, missing): vectorised id → row. Rows of missing ids are meaningless; mask them out."""
-        ids = np.asarray(ids, dtype=np.int64)  # no copy when it already is (the hash reads the bits)
-        keys, slot_rows = self._keys, self._slot_rows
-        pos = self._slot(ids)
-        k = keys[pos]
-        rows = slot_rows[pos]
-        hit = k == ids
-        missing = ~hit
-        if hit.all():
-            return rows, missing
-        mask = keys.size - 1
-        todo = np.flatnonzero(missing & (k != self._EMPTY))  # slot taken by another id: probe on
-        while todo.size:
-            p = (pos[todo] + 1) & mask
-            pos[todo] = p
-            kt = keys[p]
-            found = kt == ids[todo]
-            rows[todo[found]] = slot_rows[p[found]]
-            missing[todo[found]] = False
-            todo = todo[~found & (kt != self._EMPTY)]
-        return rows, missing
+        return self._index.lookup(ids)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
-        return np.take(self._mat, rows, axis=0)
+        """The float32 vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
+        got = np.take(self._mat, rows, axis=0)
+        return got if self.dtype == "float32" else from_bf16(got)
+
+    def similarities(self, rows: np.ndarray, anchors: np.ndarray, centroid: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(m, K) float32 cosines of the rows with unit ``anchors`` (K, dim), and with ``centroid``.
+
+        The (m, dim) x (dim, K) shape keeps each gathered row contiguous and is the one BLAS runs
+        fastest (see :func:`~workers.labeling.matching._row_max`). float32: exactly the arithmetic of
+        ``v = gather(rows); v @ anchors.T, v @ centroid`` (bit-identical labels); bfloat16: the
+        centroid is one more column of the same GEMM
+        (:func:`~workers.labeling.matching.bf16_similarities`), its anchors converted once per set.
+        """
+        if self.dtype == "float32":
+            v = np.take(self._mat, rows, axis=0)
+            return v @ anchors.T, (v @ centroid if centroid is not None else None)
+        s = bf16_similarities(self._tmat, rows, self._prepared(anchors, centroid))
+        return (s[:, :-1], s[:, -1]) if centroid is not None else (s, None)
+
+    def best(self, rows: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+        """max_k cos(a_k, v) of each row: gather + product + max and nothing else (the benchmark's
+        limit proxy, in the matrix's own dtype)."""
+        if self.dtype == "float32":
+            return _row_max(np.take(self._mat, rows, axis=0) @ anchors.T)
+        return bf16_best(self._tmat, rows, self._prepared(anchors, None))
+
+    def _prepared(self, anchors: np.ndarray, centroid: np.ndarray | None) -> Any:
+        """The (dim, K[+1]) bfloat16 tensor of an anchor set (and centroid), kept while the same arrays
+        come back: a user's anchors serve many requests, and converting them costs ~30 µs a request."""
+        key = (id(anchors), id(centroid))
+        hit = self._anchor_cache.get(key)
+        if hit is not None and hit[0] is anchors and hit[1] is centroid:
+            return hit[2]
+        if len(self._anchor_cache) >= 4096:  # bounded: the arrays it holds keep their ids valid
+            self._anchor_cache.clear()
+        cols = anchors if centroid is None else np.vstack([anchors, centroid[None, :].astype(anchors.dtype)])
+        t = bf16_columns(cols)
+        self._anchor_cache[key] = (anchors, centroid, t)
+        return t
 
     def fetch(self, ids: np.ndarray) -> int:
         """Retrieve ids from the index, except those it lacked in the last ``retry_s``; returns how many."""

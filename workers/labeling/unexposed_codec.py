@@ -34,8 +34,9 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
 
     The fast path accepts only what the contract accepts (ints ≥ 0 that fit int64, a known schema
     version, non-empty ids of bounded length); doubt falls back to :func:`schemas.codec.decode`, whose
-    DecodeError carries the reason the DLQ records. ``sum`` over the id list is the cheap type check:
-    it is an ``int`` only when every element is (bools count as ints, as in pydantic's lax mode).
+    DecodeError carries the reason the DLQ records. numpy's dtype inference over the id list is the
+    type check, in one pass: ``int64`` only when every element is an int that fits (bools count as
+    ints, as in pydantic's lax mode); floats, strings, nesting and huge ids give another dtype.
     """
     ok = False
     if raw is not None:
@@ -47,10 +48,10 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
             ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= _MAX_ID_LEN
                   and 0 < len(uid) <= _MAX_ID_LEN and type(ts) is int and ts >= 0 and type(ver) is int
                   and 1 <= ver <= SCHEMA_VERSION and type(ids_l) is list and len(ids_l) > 0
-                  and type(sum(ids_l)) is int and (rs == () or (type(rs) is list and _numbers(rs))))
+                  and (rs == () or (type(rs) is list and _numbers(rs))))
             if ok:
-                ids = np.array(ids_l, dtype=np.int64)
-                ok = int(ids.min()) >= 0
+                ids = np.array(ids_l)  # dtype inferred in C: int64 only if every id is an int that fits
+                ok = ids.dtype == np.int64 and ids.ndim == 1 and int(ids.min()) >= 0
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
             ok = False
     if not ok:
