@@ -48,7 +48,13 @@ def json_schema(topic: str) -> dict[str, Any]:
     x_topic: dict[str, Any] = {"name": topic, "subject": subj}
     if spec is not None:
         x_topic |= {"key": spec.key, "compacted": spec.compacted, "dlq": spec.dlq_name}
-    return {"$schema": DRAFT, "$id": f"{ID_BASE}{subj}:v{SCHEMA_VERSION}", **schema, "x-topic": x_topic}
+    return {"$schema": DRAFT, "$id": f"{ID_BASE}{subj}:v{_version(model)}", **schema, "x-topic": x_topic}
+
+
+def _version(model: type[BaseModel]) -> int:
+    """The newest schema_version of a contract: the one its writers put by default."""
+    field = model.model_fields.get("schema_version")
+    return field.default if field is not None and isinstance(field.default, int) else SCHEMA_VERSION
 
 
 def schema_text(topic: str) -> str:
@@ -84,9 +90,9 @@ def _annotate(model: type[BaseModel], schema: dict[str, Any]) -> None:
             desc = prop.get("description", "")
             if EPOCH_MS not in desc:
                 prop["description"] = f"{desc}; {EPOCH_MS}" if desc else f"event time in {EPOCH_MS}"
-        if name == "schema_version":
-            prop |= {"minimum": 1, "maximum": SCHEMA_VERSION,
-                     "description": f"contract version; this build reads 1..{SCHEMA_VERSION}"}
+        if name == "schema_version":  # its default is the newest version of this contract (recall: 2)
+            top = _version(model)
+            prop |= {"minimum": 1, "maximum": top, "description": f"contract version; this build reads 1..{top}"}
 
 
 def _models_of(model: type[BaseModel]) -> dict[str, type[BaseModel]]:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from gpl.cli import build_parser, main
 from gpl.runtime.settings import load
 from schemas import SCHEMA_VERSION, DecodeError, ExposureEvent, RecallEvent, decode, encode
+from schemas.events import RECALL_SCHEMA_VERSION
 from schemas.export import export_json_schemas
 from schemas.jsonl import read_events, write_events
 from schemas.topics import TOPICS, all_topic_names, dlq_topics
@@ -54,7 +55,7 @@ def test_schema_export(tmp_path: Path) -> None:
         assert sch["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         ids.add(sch["$id"])
         assert (sch["properties"]["schema_version"]["minimum"], sch["properties"]["schema_version"]["maximum"]) \
-            == (1, SCHEMA_VERSION)
+            == (1, RECALL_SCHEMA_VERSION if t == "recall" else SCHEMA_VERSION)  # recall: columnar version 2
         if t != "anchors":  # every other contract has an event time ``ts``; anchors have generated_at
             assert "epoch milliseconds" in sch["properties"]["ts"]["description"]
     assert len(ids) == len(topics)
