@@ -22,6 +22,7 @@ from gpl.backends import open_index
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.kafka import Accounting, create_topics
+from gpl.runtime.metrics import STAGE_UP
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 
@@ -120,11 +121,15 @@ class Stages:
 
     def _guard(self, name: str, stage: Stage) -> Callable[[], None]:
         def target() -> None:
+            # gpl_stage_up: a crashed stage thread leaves the process (and its scrape target) up
+            STAGE_UP.labels(stage=name).set(1)
             try:
                 stage.run(self.stop_event)
             except BaseException as e:  # noqa: BLE001 - reported by alive()/stop(), never swallowed
                 log.exception("stage %s crashed", name)
                 self.errors[name] = e
+            finally:
+                STAGE_UP.labels(stage=name).set(0)
 
         return target
 

@@ -36,10 +36,11 @@ from typing import Any, cast
 
 import faust
 import numpy as np
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.kafka import Accounting
+from gpl.runtime.lag import LagGauge
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
@@ -105,6 +106,7 @@ class StreamsProcessor:
         self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
         self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
         self._markers: dict[bytes, Pending] = {}  # joined/expired requests, until their forget time
+        self.lag = LagGauge(STAGE, settings.kafka.lag_interval_s)
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -114,6 +116,7 @@ class StreamsProcessor:
             cfg.app_id,
             broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
+            datadir=str(s.data_dir / "streams"),  # faust's own state files, not in the working directory
             topic_partitions=s.kafka.partitions,
             # faust counts bytes: 1 byte means one record per batch (the Tansu remedy), else 1 MiB
             producer_max_batch_size=1 if s.kafka.producer_batch_messages == 1 else 1 << 20,
@@ -376,10 +379,18 @@ class StreamsProcessor:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
 
+        # faust's group offsets, read by a plain client that never joins the group (it only asks)
+        lag_reader = Consumer(self.settings.kafka.client_config() | {"group.id": self.settings.streams.app_id,
+                                                                     "enable.auto.commit": False})
+
         async def main() -> None:
             await self.app.start()
             try:
                 while not stop.is_set() and not self.app.should_stop:
+                    if self.lag.due():
+                        owned = [(tp.topic, tp.partition) for tp in self.app.consumer.assignment()
+                                 if tp.topic in (RECALL.name, EXPOSURE.name)]
+                        await loop.run_in_executor(None, self.lag.update, lag_reader, owned)
                     await asyncio.sleep(0.1)
             finally:
                 # table changelog writes are buffered: make them durable before leaving the group,
@@ -394,4 +405,5 @@ class StreamsProcessor:
         except TimeoutError:
             log.warning("streams: faust did not stop within 20 s")
         finally:
+            lag_reader.close()
             loop.close()

@@ -40,6 +40,9 @@ class KafkaSettings(Section):
     max_message_bytes: int = Field(default=4_000_000, ge=1024)
     fetch_wait_max_ms: int = Field(
         default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
+    lag_interval_s: float = Field(
+        default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
+        "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and the admin client."""
