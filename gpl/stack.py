@@ -39,8 +39,9 @@ class Stage(Protocol):
 class Stack:
     """Broker + topics + vector index (+ the frozen encoder on first use)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, broker_port: int | None = None) -> None:
         self._given = settings
+        self._broker_port = broker_port  # pin the embedded broker (`gpl up --port`); default a free port
         self.settings = settings
         self.broker: EmbeddedBroker | None = None
         self.index: VectorIndex
@@ -52,7 +53,8 @@ class Stack:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not s.kafka.bootstrap_servers:
-                self.broker = self._exit.enter_context(EmbeddedBroker(log_file=s.data_dir / "tansu.log"))
+                self.broker = self._exit.enter_context(EmbeddedBroker(port=self._broker_port,
+                                                                        log_file=s.data_dir / "tansu.log"))
                 s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
             self.settings = s
             create_topics(s.kafka)

@@ -8,6 +8,7 @@ of the code receives a :class:`Settings` instance and never looks at ``os.enviro
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -264,7 +265,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         parts = key[4:].lower().split("__")
         if parts[0] not in Settings.model_fields:
-            raise ValueError(f"unknown setting {key} (no field {parts[0]!r}); see `gpl config show`")
+            close = difflib.get_close_matches(parts[0], list(Settings.model_fields), n=1)
+            hint = f", did you mean GPL_{'__'.join([close[0], *parts[1:]]).upper()}?" if close else ""
+            raise ValueError(f"unknown setting {key} (no field {parts[0]!r}{hint}); see `gpl config show`")
         cur = out
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
