@@ -376,6 +376,8 @@ class StreamsProcessor:
     def run(self, stop: threading.Event) -> None:
         """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
         self.create_internal_topics()
+        # faust makes its datadir with mkdir(exist_ok=True) only: the parents must exist
+        (self.settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
 

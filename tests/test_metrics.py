@@ -7,17 +7,20 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
 from gpl.runtime import metrics
-from gpl.runtime.kafka import Accounting
+from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.kafka import Accounting, create_topics
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
 from gpl.stack import Stages
 from schemas.events import ItemEvent
-from tests.helpers import produce, wait_for
+from tests.conftest import make_settings
+from tests.helpers import item_index, produce, running, wait_for
 
 
 def _free_port() -> int:
@@ -123,3 +126,22 @@ def test_stage_up_gauge_drops_when_a_stage_dies() -> None:
         wait_for(lambda: up("crashes") == 0 and up("waits") == 1, 10, "gauges set")
         assert "crashes" in stages.errors
     assert up("waits") == 0
+
+
+@pytest.mark.integration
+def test_streams_stage_exports_its_group_lag(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+    """The faust stage's lag is read for its own group (app id) and falls to 0 once it committed."""
+    from streams.app import StreamsProcessor
+    from tests.test_streams import ITEMS, exposure, recall
+
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=1, kafka={"lag_interval_s": 0.5},
+                      streams={"join_wait_s": 2.0, "debounce_s": 0})
+    create_topics(s.kafka)
+    proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
+    produce(s, "recall", [recall(f"r{i}", f"u{i}", [1, 2, 3]) for i in range(5)])
+    produce(s, "exposure", [exposure(f"r{i}", f"u{i}", [1], {1}) for i in range(5)])
+    with running(proc, "streams"):
+        wait_for(lambda: proc.accounting["joined"] == 10, 60, "5 requests joined")
+        wait_for(lambda: _lag("streams", "recall") == 0 and _lag("streams", "exposure") == 0, 60,
+                 lambda: f"lag gauges at 0 (now {proc.lag.last})")
+    assert set(proc.lag.last) == {"recall", "exposure"}
