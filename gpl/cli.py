@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if hasattr(args, "no_progress") and not progress():  # plugins' --no-progress: implied off a terminal
+        args.no_progress = True
     overrides: dict[str, Any] = {}
     for item in args.set or []:
         key, eq, value = item.partition("=")

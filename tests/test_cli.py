@@ -226,3 +226,21 @@ def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_no_progress_is_implied_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpl eval` (a plugin) draws bars unless --no-progress; in a service log (no TTY) it is implied."""
+    seen: dict[str, bool] = {}
+
+    def fake_run(args: argparse.Namespace, settings: Settings) -> int:
+        seen["no_progress"] = args.no_progress
+        return 0
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    ev = next(p for path, p in _walk(parser) if path == ("gpl", "eval"))
+    ev.set_defaults(run=fake_run)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli.main(["eval", "semisynth"]) == 0 and seen["no_progress"] is True
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main(["eval", "semisynth"]) == 0 and seen["no_progress"] is False
