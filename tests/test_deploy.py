@@ -1198,3 +1198,18 @@ def test_alert_rule_schema_rejects_typos(rendered) -> None:
     res["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
     with pytest.raises(AssertionError):
         validate_resource(res)
+
+
+def test_compose_scrape_keeps_the_series_own_stage_label() -> None:
+    """A target label named like a label of our series would rename the series' own (exported_stage)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gpl.runtime import metrics
+
+    ours = {label for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)
+            for label in obj._labelnames}
+    assert {"stage", "topic", "outcome"} <= ours
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    for job in prom["scrape_configs"]:
+        for rc in job.get("relabel_configs", []):
+            assert rc.get("target_label") not in ours, f"{job['job_name']}: relabels onto {rc['target_label']}"
