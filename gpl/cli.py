@@ -264,6 +264,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print("gpl up: --port pins the embedded broker, but kafka.bootstrap_servers is set (no embedded broker)",
               file=sys.stderr)
         return 2
+    if args.port is not None and not _port_free(args.port):
+        print(f"gpl up: port {args.port} on 127.0.0.1 is in use (another broker?); pick another --port",
+              file=sys.stderr)
+        return 2
     with Stack(settings, broker_port=args.port) as stack:
         bootstrap = stack.settings.kafka.bootstrap_servers
         metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
@@ -276,6 +280,18 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print(f"ready     bootstrap={bootstrap} metrics={metrics}", flush=True)
             _until_interrupted(stages.stop_event)
     return 1 if stages.errors else 0
+
+
+def _port_free(port: int) -> bool:
+    """Whether the embedded broker can bind 127.0.0.1:port (checked before it starts, not after 30 s)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _stage_kw(name: str) -> dict[str, Any]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -201,16 +201,13 @@ def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
         lines: list[str] = []
+        # a reader thread, not select(): the text wrapper buffers several lines behind one readable fd
+        reader = threading.Thread(target=lambda: lines.extend(ln.strip() for ln in proc.stdout or ()), daemon=True)
+        reader.start()
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(ln.startswith("ready") for ln in lines):
-            if sel.select(timeout=1):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line.strip())
+        while time.monotonic() < deadline and proc.poll() is None and not any(ln.startswith("ready") for ln in lines):
+            time.sleep(0.2)
         ready = next((ln for ln in lines if ln.startswith("ready")), None)
         assert ready is not None, (lines, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
         assert ready.split()[1:] == [f"bootstrap=127.0.0.1:{port}",
@@ -244,3 +241,16 @@ def test_no_progress_is_implied_off_a_terminal(monkeypatch: pytest.MonkeyPatch) 
     assert cli.main(["eval", "semisynth"]) == 0 and seen["no_progress"] is True
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cli.main(["eval", "semisynth"]) == 0 and seen["no_progress"] is False
+
+
+def test_up_refuses_a_busy_port_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        assert cli.main(["up", "--port", str(port)]) == 2
+        assert time.monotonic() - t0 < 5
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
