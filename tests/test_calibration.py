@@ -144,8 +144,11 @@ def test_monitor_on_the_real_broker(settings: Settings) -> None:
     assert g["label_ece"] == pytest.approx(0.25)
     labels = {"model": "smollm2", "prompt_hash": "abc", "fallback": "false"}
     assert REGISTRY.get_sample_value("gpl_pseudo_label_ece", labels) == pytest.approx(0.25)
-    assert REGISTRY.get_sample_value("gpl_pseudo_label_joined", labels) == 20
-    bin9 = REGISTRY.get_sample_value("gpl_pseudo_label_reliability", {**labels, "bin": "9", "stat": "observed"})
-    assert bin9 is not None and math.isclose(bin9, 0.5)
+    assert REGISTRY.get_sample_value("gpl_pseudo_label_joined_pairs", labels) == 20
+    bin9 = {**labels, "bin": "9"}
+    observed = REGISTRY.get_sample_value("gpl_pseudo_label_reliability_observed_ratio", bin9)
+    assert observed is not None and math.isclose(observed, 0.5)
+    assert REGISTRY.get_sample_value("gpl_pseudo_label_reliability_predicted_ratio", bin9) == pytest.approx(0.9)
+    assert REGISTRY.get_sample_value("gpl_pseudo_label_reliability_pairs", bin9) == 10
     dead = drain(settings, "samples.dlq", expect=1)
     assert len(dead) == 1 and dead[0]["reason"] == "malformed_json"

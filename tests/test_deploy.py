@@ -1079,3 +1079,161 @@ def test_probe_paths_are_served_by_the_stage_http_server() -> None:
             assert "stages" in json.loads(body), path
     finally:
         server.shutdown()
+# --------------------------------------------------------------------------------------------------
+# observability: the Grafana dashboard and the PrometheusRule alerts query what the code defines
+
+GRAFANA = DEPLOY / "grafana"
+# Prometheus' own series a query may use besides ours (`up`: the scrape of a target succeeded)
+PROMETHEUS_BUILTINS = {"up"}
+# Grafana's built-in variables, replaced by a sample value so the query parses as plain PromQL
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+
+
+def defined_series() -> dict[str, str]:
+    """Series name -> family name of every gpl_* metric the code defines (counters' _total, histograms' parts)."""
+    from prometheus_client import REGISTRY
+
+    import gpl.runtime.metrics  # noqa: F401 - registers every metric
+
+    out: dict[str, str] = {}
+    for fam in REGISTRY.collect():
+        if not fam.name.startswith("gpl_"):
+            continue
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "summary": ("", "_sum", "_count")}.get(fam.type, ("",))
+        for s in suffixes:
+            out[fam.name + s] = fam.name
+    return out
+
+
+def promql_series(expr: str) -> set[str]:
+    """Every metric name an expression selects; raises ValueError when it is not valid PromQL."""
+    import promql_parser
+
+    for var, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(var, value)
+    names: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            name = node.name or next((m.value for m in node.matchers.matchers if m.name == "__name__"), None)
+            assert name, f"selector without a metric name in {expr!r}"
+            names.add(name)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return names
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, expr) of every query of every dashboard under deploy/grafana/."""
+    out = []
+    for path in sorted(GRAFANA.glob("*.json")):
+        dash = json.loads(path.read_text())
+        for panel in dash["panels"]:
+            for t in panel.get("targets", []):
+                out.append((f"{path.name}: {panel['title']}", t["expr"]))
+    return out
+
+
+def alert_rules(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rules = _find(rendered["base"], "PrometheusRule")
+    assert rules, "base renders no PrometheusRule"
+    return [r for res in rules for g in res["spec"]["groups"] for r in g["rules"]]
+
+
+def test_promql_checks_catch_mistakes() -> None:
+    """The checks below would notice a typo in a metric name and a query that does not parse."""
+    assert promql_series('sum by (stage) (rate(gpl_messages_total{outcome="in"}[$__rate_interval]))') == {
+        "gpl_messages_total"}
+    assert "gpl_mesages_total" not in defined_series() and "gpl_messages_total" in defined_series()
+    assert "gpl_exposure_to_samples_seconds_bucket" in defined_series()
+    with pytest.raises(ValueError):
+        promql_series("sum by (stage) (rate(gpl_messages_total[5m])")
+
+
+def test_dashboard_json_is_a_grafana_dashboard() -> None:
+    paths = sorted(GRAFANA.glob("*.json"))
+    assert paths, "no dashboard in deploy/grafana/"
+    for path in paths:
+        dash = json.loads(path.read_text())
+        assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        variables = {v["name"] for v in dash.get("templating", {}).get("list", [])}
+        for p in dash["panels"]:
+            g = p["gridPos"]
+            assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, f"{p['title']}: gridPos {g}"
+            if p["type"] == "row":
+                continue
+            assert p["targets"], f"{p['title']}: no query"
+            uid = p["datasource"]["uid"]
+            assert uid.strip("${}") in variables, f"{p['title']}: datasource {uid} is no dashboard variable"
+            refs = [t["refId"] for t in p["targets"]]
+            assert len(refs) == len(set(refs)), f"{p['title']}: duplicate refIds"
+
+
+def test_dashboard_queries_only_defined_metrics_and_covers_them_all() -> None:
+    defined = defined_series()
+    used: set[str] = set()
+    for where, expr in dashboard_exprs():
+        try:
+            names = promql_series(expr)
+        except ValueError as e:
+            raise AssertionError(f"{where}: not PromQL: {expr!r}: {e}") from None
+        unknown = names - set(defined) - PROMETHEUS_BUILTINS
+        assert not unknown, f"{where}: {sorted(unknown)} are not defined in gpl/runtime/metrics.py"
+        used |= {defined[n] for n in names if n in defined}
+    missing = set(defined.values()) - used
+    assert not missing, f"metrics no dashboard panel shows: {sorted(missing)}"
+
+
+def test_alert_rules_are_valid_and_query_defined_metrics(rendered) -> None:
+    defined = defined_series()
+    rules = alert_rules(rendered)
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    used: set[str] = set()
+    for r in rules:
+        assert r["labels"]["severity"] in {"critical", "warning", "info"}, r["alert"]
+        assert r["annotations"].get("summary") and r["annotations"].get("description"), r["alert"]
+        assert re.fullmatch(r"(\d+[smhdwy])+", r.get("for", "")), f"{r['alert']}: give it a `for` duration"
+        try:
+            series = promql_series(r["expr"])
+        except ValueError as e:
+            raise AssertionError(f"{r['alert']}: not PromQL: {e}") from None
+        unknown = series - set(defined) - PROMETHEUS_BUILTINS
+        assert not unknown, f"{r['alert']}: {sorted(unknown)} are not defined in gpl/runtime/metrics.py"
+        used |= series
+        for text in r["annotations"].values():  # Go templates: balanced braces, only $labels/$value
+            assert text.count("{{") == text.count("}}"), f"{r['alert']}: unbalanced template"
+            for ref in re.findall(r"\{\{\s*\$(\w+)", text):
+                assert ref in {"labels", "value"}, f"{r['alert']}: unknown template variable ${ref}"
+    # what the issue asks the alerts to watch
+    for needed in ("gpl_consumer_lag_messages", "gpl_messages_total", "gpl_stage_up", "up", "gpl_calibration_drift"):
+        assert needed in used, f"no alert on {needed}"
+
+
+def test_alert_rule_schema_rejects_typos(rendered) -> None:
+    res = copy.deepcopy(_find(rendered["base"], "PrometheusRule")[0])
+    res["spec"]["groups"][0]["rules"][0]["fro"] = "5m"
+    with pytest.raises(AssertionError):
+        validate_resource(res)
+    res = copy.deepcopy(_find(rendered["base"], "PrometheusRule")[0])
+    res["spec"]["groups"][0]["rules"][0]["for"] = "five minutes"
+    with pytest.raises(AssertionError):
+        validate_resource(res)
+
+
+def test_compose_scrape_keeps_the_series_own_stage_label() -> None:
+    """A target label named like a label of our series would rename the series' own (exported_stage)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gpl.runtime import metrics
+
+    ours = {label for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)
+            for label in obj._labelnames}
+    assert {"stage", "topic", "outcome"} <= ours
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    for job in prom["scrape_configs"]:
+        for rc in job.get("relabel_configs", []):
+            assert rc.get("target_label") not in ours, f"{job['job_name']}: relabels onto {rc['target_label']}"

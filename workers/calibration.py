@@ -41,7 +41,15 @@ from typing import Any
 import numpy as np
 
 from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import PSEUDO_ECE, PSEUDO_JOINED, PSEUDO_PENDING, PSEUDO_RELIABILITY, PSEUDO_WEIGHT_ECE
+from gpl.runtime.metrics import (
+    PSEUDO_ECE,
+    PSEUDO_JOINED,
+    PSEUDO_PENDING,
+    PSEUDO_RELIABILITY_OBSERVED,
+    PSEUDO_RELIABILITY_PAIRS,
+    PSEUDO_RELIABILITY_PREDICTED,
+    PSEUDO_WEIGHT_ECE,
+)
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
 from schemas.events import SampleBatch
@@ -247,14 +255,14 @@ class CalibrationBook:
                     gauge.labels(**labels).set(g[key])
             rel = g["reliability"]
             for b in range(self.bins):
-                for stat, vals in (
-                    ("predicted", rel["predicted"]),
-                    ("observed", rel["observed"]),
-                    ("count", rel["count"]),
+                for gauge, vals in (
+                    (PSEUDO_RELIABILITY_PREDICTED, rel["predicted"]),
+                    (PSEUDO_RELIABILITY_OBSERVED, rel["observed"]),
+                    (PSEUDO_RELIABILITY_PAIRS, rel["count"]),
                 ):
                     v = vals[b]
                     if v is not None:
-                        PSEUDO_RELIABILITY.labels(**labels, bin=str(b), stat=stat).set(float(v))
+                        gauge.labels(**labels, bin=str(b)).set(float(v))
 
 
 class CalibrationMonitor:

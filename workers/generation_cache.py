@@ -16,7 +16,7 @@ what was produced first.
 Storage: one SQLite file (stdlib, no server, safe for several processes on one host through its own
 locking) under ``<data_dir>/anchor-cache/``. Bounded by ``anchors.cache_max_entries``: beyond it the
 oldest insertions are dropped (a dropped entry costs one regeneration, nothing else). Hits and misses
-are counted in ``gpl_anchor_cache_total{result}`` and on the instance.
+are counted in ``gpl_anchor_cache_lookups_total{result}`` and on the instance.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Turn the comparison's results into what people read: a table, results.json, results.md and plots.
+"""Turn the comparison's results into what people read: a table, results.json, results.md and plots
+(gpl/eval/plots.py).
 
 Tables show mean ± std over seeds (sample std, n-1). A method that could not run shows its reason in
 place of numbers, so a missing row is never silently dropped.
@@ -10,6 +11,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from gpl.eval.plots import METRICS, method_labels, plot
 
 MAIN_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc", "ex_gauc")
 EXTRA_COLS = (
@@ -26,20 +29,7 @@ EXTRA_COLS = (
     "pl_w_ece",
 )
 SCOPE_COLS = ("es_auc", "es_gauc", "es_hr@3", "es_hr@5", "es_hr@10", "es_ndcg@10", "ex_auc")
-BAR_METRICS = (
-    "es_auc",
-    "es_gauc",
-    "es_hr@3",
-    "es_hr@5",
-    "es_hr@10",
-    "es_ndcg@10",
-    "ex_auc",
-    "ex_gauc",
-    "tail_share@10",
-    "tail_hr@10",
-    "coverage@10",
-    "ild@10",
-)
+BAR_METRICS = tuple(METRICS)  # the panels of metrics.png (gpl/eval/plots.py)
 
 
 def _cell(stat: dict[str, float] | None, digits: int = 4) -> str:
@@ -58,7 +48,7 @@ def table_rows(
     """
     rows: list[list[str]] = []
     summary = results["summary"]
-    for m, label in results["methods"].items():
+    for m, label in method_labels(results).items():
         name = (m + " (ref)" if m == "teacher" else m) if short else label
         if m in results["unavailable"]:
             why = "n/a" if short else results["unavailable"][m]
@@ -111,7 +101,7 @@ def tables(results: dict[str, Any], *, short: bool = False) -> list[tuple[str, l
 def print_tables(results: dict[str, Any]) -> None:
     """Print with rich when it is installed (it is an optional nicety), plain text otherwise."""
     notes = [f"{m}: {why}" for m, why in results["unavailable"].items()]
-    notes.append("methods: " + "; ".join(f"{m} = {label}" for m, label in results["methods"].items()))
+    notes.append("methods: " + "; ".join(f"{m} = {label}" for m, label in method_labels(results).items()))
     try:
         from rich.console import Console
         from rich.table import Table
@@ -184,129 +174,6 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Runtime", "", ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if isinstance(v, float)), ""]
     lines += ["Metric definitions: docs/eval.md. Plots: metrics.png, hr_curves.png, reliability.png.", ""]
     return "\n".join(lines)
-
-
-def plot(results: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written: list[Path] = []
-    methods = [m for m in results["methods"] if m in results["summary"]]
-    labels = [results["methods"][m] for m in methods]
-    colors = plt.get_cmap("tab10")
-
-    # 1. metric bars with error bars
-    n = len(BAR_METRICS)
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(n / cols)))
-    for ax, metric in zip(axes.ravel(), BAR_METRICS, strict=False):
-        means = [results["summary"][m]["all"].get(metric, {}).get("mean", float("nan")) for m in methods]
-        stds = [results["summary"][m]["all"].get(metric, {}).get("std", 0.0) for m in methods]
-        ax.bar(
-            range(len(methods)),
-            means,
-            yerr=stds,
-            color=[colors(i % 10) for i in range(len(methods))],
-            capsize=3,
-        )
-        ax.set_title(metric, fontsize=9)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([m for m in methods], rotation=45, ha="right", fontsize=7)
-        finite = [x for x in means if x == x]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            pad = (hi - lo) * 0.5 + 1e-3
-            ax.set_ylim(max(0.0, lo - pad), hi + pad)
-    for ax in axes.ravel()[n:]:
-        ax.axis("off")
-    fig.suptitle(f"{results['dataset']['name']}: mean ± std over {results['config']['seeds']} seeds")
-    fig.tight_layout()
-    p = out / "metrics.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
-
-    # 2. HR@K curves
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (m, lab) in enumerate(zip(methods, labels, strict=True)):
-        s = results["summary"][m]["all"]
-        ks = [k for k in range(1, 21) if f"curve_hr@{k}" in s]
-        mean = [s[f"curve_hr@{k}"]["mean"] for k in ks]
-        std = [s[f"curve_hr@{k}"]["std"] for k in ks]
-        ax.plot(ks, mean, label=lab, color=colors(i % 10))
-        ax.fill_between(
-            ks,
-            [a - b for a, b in zip(mean, std, strict=True)],
-            [a + b for a, b in zip(mean, std, strict=True)],
-            color=colors(i % 10),
-            alpha=0.15,
-        )
-    ax.set_xlabel("K")
-    ax.set_xticks(range(1, 21))
-    ax.set_ylabel("HR@K (entire space)")
-    ax.set_title(f"{results['dataset']['name']}: entire-space HR@K on test requests, mean ± std", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out / "hr_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
-
-    # 3. reliability of soft labels vs truth (seed 0), plus the closed loop
-    pl = results.get("pseudo_labels", {})
-    closed = results.get("closed_loop_calibration", {})
-    if pl or closed:
-        fig, ax = plt.subplots(figsize=(6, 5.5))
-        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-        # methods sharing their soft labels (kd/ukd, gpl/gpl-noconf) share one curve
-        curves: dict[str, list[str]] = {}
-        for m, q in pl.items():
-            curves.setdefault(json.dumps(q["reliability"]), []).append(m)
-        for i, (key, ms) in enumerate(curves.items()):
-            rel, q = json.loads(key), pl[ms[0]]
-            pts = [
-                (x, y)
-                for x, y, c in zip(rel["predicted"], rel["observed"], rel["count"], strict=True)
-                if x is not None and y is not None and c > 0
-            ]
-            ax.plot(
-                [a for a, _ in pts],
-                [b for _, b in pts],
-                "o-",
-                color=colors(i % 10),
-                label=f"{', '.join(ms)} vs truth (ECE {q['pl_ece']:.3f}, mean p {q.get('pl_mean', 0):.2f})",
-            )
-        for m, snap in closed.items():
-            for g in snap["groups"]:
-                rel = g["reliability"]
-                pts = [
-                    (x, y)
-                    for x, y, c in zip(rel["predicted"], rel["observed"], rel["count"], strict=True)
-                    if x is not None and y is not None and c > 0
-                ]
-                if pts:
-                    ax.plot(
-                        [a for a, _ in pts],
-                        [b for _, b in pts],
-                        "s:",
-                        color="black",
-                        label=f"{m} closed loop (ECE {g['label_ece']:.3f}, n={g['joined']})",
-                    )
-        ax.set_xlabel("pseudo-label (mean per bin)")
-        ax.set_ylabel("observed positive rate")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=6, loc="upper left")
-        ax.set_title("Soft labels on unexposed training candidates (truth-known rows)", fontsize=9)
-        fig.tight_layout()
-        p = out / "reliability.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
-    return written
 
 
 def _json_default(o: Any) -> Any:

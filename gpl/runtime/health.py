@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from gpl.runtime.metrics import ROUTES, serve, serve_ephemeral
 
 STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped"
 
@@ -109,31 +111,20 @@ class Health:
 HEALTH = Health()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-        elif path in ("/healthz", "/readyz"):
-            ok, body = HEALTH.live() if path == "/healthz" else HEALTH.ready()
-            self._send(200 if ok else 503, orjson.dumps(body), "application/json")
-        else:
-            self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+def _probe(check: Callable[[], tuple[bool, dict[str, Any]]]) -> Callable[[], tuple[int, str, bytes]]:
+    def route() -> tuple[int, str, bytes]:
+        ok, body = check()
+        return 200 if ok else 503, "application/json", orjson.dumps(body)
 
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    return route
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes every few seconds: no log
-        return
+
+ROUTES["/healthz"] = _probe(HEALTH.live)
+ROUTES["/readyz"] = _probe(HEALTH.ready)
 
 
 def serve_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - probed from outside
     """Start the metrics + probes server in a daemon thread; returns it (``server_address`` has the port)."""
-    server = ThreadingHTTPServer((host, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="gpl-http", daemon=True).start()
+    server = serve(port, host) if port else serve_ephemeral(host)
+    assert server is not None
     return server

@@ -1,17 +1,23 @@
 """Prometheus metrics of every stage, declared once so names and labels stay consistent.
 
 ``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``,
-with the liveness and readiness probes ``/healthz`` and ``/readyz`` (gpl/runtime/health.py).
+with the liveness and readiness probes ``/healthz`` and ``/readyz`` (gpl/runtime/health.py registers
+them in :data:`ROUTES`); any other path is 404.
+
+Names follow the Prometheus guidelines: one quantity per name, the unit as a suffix in base units
+(``_seconds``), ``_total`` on counters, and labels only for dimensions that may be summed or averaged
+(stage, topic, outcome, model), never for different quantities. ``deploy/grafana/`` and
+``deploy/base/alerts.yaml`` query these names; ``tests/test_deploy.py`` checks every name they use is
+defined here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import Counter, Gauge, Histogram
-
-if TYPE_CHECKING:
-    from http.server import ThreadingHTTPServer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 MESSAGES = Counter("gpl_messages_total", "Messages by stage and outcome (in, labeled, dlq:<reason>, ...)",
                    ["stage", "outcome"])
@@ -31,21 +37,64 @@ TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
 
 
-def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:  # noqa: S104
-    """Expose ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (``metrics_host``; 0.0.0.0 so a
-    scraper in another container or pod reaches it, 127.0.0.1 keeps it on the host); port 0 serves nothing."""
+STAGE_UP = Gauge("gpl_stage_up", "1 while the stage's loop runs in this process, 0 once it stopped or failed",
+                 ["stage"])
+CONSUMER_LAG = Gauge("gpl_consumer_lag_messages",
+                     "Records not yet committed by the stage's consumer group: high watermark minus committed "
+                     "offset, summed over the partitions this process owns", ["stage", "topic"])
+
+# A route answers (status, content type, body). /metrics is the Prometheus exposition; more routes
+# (health, readiness: gpl/runtime/health.py) are added by registering here before serve() is called.
+Route = Callable[[], tuple[int, str, bytes]]
+ROUTES: dict[str, Route] = {
+    "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)),
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves :data:`ROUTES`; anything else is 404, so a probe cannot mistake metrics for health."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        route = ROUTES.get(self.path.split("?", 1)[0])
+        status, ctype, body = route() if route is not None else (404, "text/plain; charset=utf-8", b"not found\n")
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not log lines
+        return
+
+
+def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:  # noqa: S104 - scraped from outside
+    """Serve :data:`ROUTES` on ``host:port`` from a daemon thread (port 0: not at all); returns the server.
+
+    ``metrics_host``: 0.0.0.0 so a scraper in another container or pod reaches it, 127.0.0.1 keeps it on
+    the host. Stage processes start it through :func:`gpl.runtime.health.serve_http`, which adds the probes.
+    """
     if not port:
         return None
-    from gpl.runtime.health import serve_http
+    return _start(port, host)
 
-    return serve_http(port, host)
+
+def serve_ephemeral(host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """The same server on a free port the OS picks (tests; ``server_address`` has the port)."""
+    return _start(0, host)
+
+
+def _start(port: int, host: str) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="gpl-metrics", daemon=True).start()
+    return server
 
 
 # ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
 ANCHOR_PARSE_FAILURES = Counter("gpl_anchor_parse_failures_total",
                                 "LLM answers with no usable anchor (per attempt; retried or fallback)",
                                 ["model"])
-ANCHOR_CACHE = Counter("gpl_anchor_cache_total", "Anchor replay-cache lookups", ["result"])
+ANCHOR_CACHE = Counter("gpl_anchor_cache_lookups_total", "Anchor replay-cache lookups", ["result"])
 ANCHOR_QUEUED = Gauge("gpl_anchor_requests_queued", "Anchor requests read and waiting for generation")
 ANCHOR_RATE = Gauge("gpl_anchor_generations_per_second", "Measured anchor generation capacity (EWMA)")
 ANCHOR_PAUSED = Gauge("gpl_anchor_consumer_paused", "1 while the anchors worker pauses its partitions")
@@ -61,16 +110,21 @@ ANCHOR_REQUEST_DELAY = Histogram("gpl_anchor_request_delay_seconds",
 # Closed-loop calibration of pseudo-labels (workers/calibration.py): a pseudo-label joined with the real
 # label its (user, item) got later. Labels: the anchor generator (model, prompt hash) and whether the
 # anchors were the fallback; never the per-user anchor version (epoch ms: unbounded cardinality).
-PSEUDO_JOINED = Gauge("gpl_pseudo_label_joined", "Pseudo-labels later met by a real label",
+PSEUDO_JOINED = Gauge("gpl_pseudo_label_joined_pairs",
+                      "Pseudo-labels in the monitor's window later met by a real label",
                       ["model", "prompt_hash", "fallback"])
 PSEUDO_ECE = Gauge("gpl_pseudo_label_ece", "Expected calibration error of pseudo-labels vs later real labels",
                    ["model", "prompt_hash", "fallback"])
 PSEUDO_WEIGHT_ECE = Gauge("gpl_pseudo_weight_ece",
                           "ECE of confidence weights vs agreement 1-|label-p| of the joined pseudo-labels",
                           ["model", "prompt_hash", "fallback"])
-PSEUDO_RELIABILITY = Gauge("gpl_pseudo_label_reliability",
-                           "Reliability of pseudo-labels: mean prediction, observed rate, count per bin",
-                           ["model", "prompt_hash", "fallback", "bin", "stat"])
+# the reliability curve: three quantities, three names (one per quantity), per bin of the predicted label
+_BIN = ["model", "prompt_hash", "fallback", "bin"]
+PSEUDO_RELIABILITY_PREDICTED = Gauge("gpl_pseudo_label_reliability_predicted_ratio",
+                                     "Mean pseudo-label (predicted click probability) of the bin's joined pairs", _BIN)
+PSEUDO_RELIABILITY_OBSERVED = Gauge("gpl_pseudo_label_reliability_observed_ratio",
+                                    "Observed real click rate of the bin's joined pairs", _BIN)
+PSEUDO_RELIABILITY_PAIRS = Gauge("gpl_pseudo_label_reliability_pairs", "Joined pairs in the bin", _BIN)
 PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
                        "Pseudo-labeled (user, item) pairs awaiting a real label")
 

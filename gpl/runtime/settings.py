@@ -8,6 +8,7 @@ of the code receives a :class:`Settings` instance and never looks at ``os.enviro
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
 from collections.abc import Mapping
@@ -61,6 +62,9 @@ class KafkaSettings(Section):
     max_message_bytes: int = Field(default=4_000_000, ge=1024)
     fetch_wait_max_ms: int = Field(
         default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
+    lag_interval_s: float = Field(
+        default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
+        "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")
 
     @field_validator("extra", "producer_extra", "consumer_extra", "faust_extra", mode="before")
     @classmethod
@@ -385,7 +389,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         parts = key[4:].lower().split("__")
         if parts[0] not in Settings.model_fields:
-            raise ValueError(f"unknown setting {key} (no field {parts[0]!r}); see `gpl config show`")
+            close = difflib.get_close_matches(parts[0], list(Settings.model_fields), n=1)
+            hint = f", did you mean GPL_{'__'.join([close[0], *parts[1:]]).upper()}?" if close else ""
+            raise ValueError(f"unknown setting {key} (no field {parts[0]!r}{hint}); see `gpl config show`")
         cur = out
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})

@@ -14,7 +14,9 @@ itself:
 * backpressure pauses partitions and, when a message cannot be taken now, rewinds its partition to it
   (:meth:`StageIO.pause`, :meth:`StageIO.rewind`, :meth:`StageIO.resume`): the backlog stays in Kafka,
   never in process memory;
-* a rebalance forgets the partitions handed away (their open work is the next owner's).
+* a rebalance forgets the partitions handed away (their open work is the next owner's);
+* the consumer lag of the tracked topics is exported every ``kafka.lag_interval_s``
+  (``gpl_consumer_lag_messages``, :mod:`gpl.runtime.lag`).
 
 The stage keeps its loop — each reads top to bottom in its own file — and uses this object as a
 context manager so both clients are closed however the loop ends.
@@ -33,6 +35,7 @@ from pydantic import BaseModel
 
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.lag import LagGauge
 from gpl.runtime.offsets import TP, OffsetLedger
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import KafkaSettings, SchemaRegistrySettings
@@ -67,6 +70,7 @@ class StageIO:
         self.ledger = OffsetLedger()
         self.tracked: set[str] = set()
         self.paused: set[TP] = set()
+        self.lag = LagGauge(stage, kafka.lag_interval_s)
         self._closed = False
 
     # ------------------------------------------------------------------------------ subscription
@@ -108,7 +112,15 @@ class StageIO:
             if tp[0] in self.tracked:
                 self.ledger.read(tp, m.offset() or 0)
             out.append(m)
+        if self.lag.due():
+            self.update_lag()
         return out
+
+    def update_lag(self, *, force: bool = False) -> dict[str, int]:
+        """Measure the tracked topics' lag on the owned partitions, export it, return it per topic."""
+        owned = [(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.topic in self.tracked]
+        self.lag.update(self.consumer, owned, force=force)
+        return self.lag.last
 
     def decode(self, m: Message, model: type[M]) -> M | None:
         """The message as its contract, or None after sending it to the DLQ (then it is done)."""

@@ -1,0 +1,93 @@
+"""How ``gpl`` talks back: help that shows choices and defaults, and settings errors in one line.
+
+Why a module of its own: every subcommand — including those the plugins in ``gpl/commands/`` register —
+must format its help the same way, which argparse only does when each sub-parser is built with the
+same class; and a mistyped setting should read like a compiler error ("did you mean"), not like the
+17-line pydantic traceback the settings model raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import tomllib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gpl.runtime.settings import Settings
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps hand-wrapped descriptions and appends ``(default: X)`` to every option with a default.
+
+    Nothing is appended when the help already names its default, or when there is none to show
+    (None, False of a flag, an empty list).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS  # identity: 0 and 0.0 are defaults worth showing
+        if "default" in text.lower() or nothing:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-parsers (plugins' too) inherit :class:`HelpFormatter`.
+
+    ``add_subparsers`` builds sub-parsers with ``type(self)``, so the formatter reaches every level.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The settings (sub)model that holds the field at ``path`` (None when a step is not a model)."""
+    model: type[BaseModel] = Settings
+    for step in path[:-1]:
+        field = model.model_fields.get(step)
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def did_you_mean(path: tuple[str, ...]) -> str:
+    """`` (did you mean kafka.partitions?)`` for a mistyped dotted name, else an empty string."""
+    model = _model_at(path)
+    if model is None or not path:
+        return ""
+    close = difflib.get_close_matches(path[-1], _fields(model), n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join((*path[:-1], close[0]))}?" if close else ""
+
+
+def _env_name(path: tuple[str, ...]) -> str:
+    return "GPL_" + "__".join(p.upper() for p in path)
+
+
+def explain(err: BaseException) -> list[str]:
+    """One line per problem of a settings error (a pydantic ValidationError, a bad TOML file, ...)."""
+    if isinstance(err, ValidationError):
+        lines = []
+        for e in err.errors():
+            path = tuple(str(p) for p in e["loc"])
+            name = ".".join(path)
+            if e["type"] == "extra_forbidden":
+                lines.append(f"unknown setting {name} (--set {name}=… or {_env_name(path)}){did_you_mean(path)}")
+            else:
+                lines.append(f"bad setting {name}={e.get('input')!r}: {e['msg']}")
+        return lines
+    if isinstance(err, tomllib.TOMLDecodeError):
+        return [f"config file is not valid TOML: {err}"]
+    if isinstance(err, OSError):
+        return [f"config file: {err.strerror or err}: {err.filename}"]
+    return [str(err).splitlines()[0] if str(err) else type(err).__name__]
