@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gpl.runtime.settings import Settings
+from gpl.runtime.settings import Settings, SettingsError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -76,15 +76,15 @@ def _env_name(path: tuple[str, ...]) -> str:
 
 def explain(err: BaseException) -> list[str]:
     """One line per problem of a settings error (a pydantic ValidationError, a bad TOML file, ...)."""
-    if isinstance(err, ValidationError):
+    if isinstance(err, ValidationError | SettingsError):
         lines = []
-        for e in err.errors():
+        for e in err.errors(include_input=False) if isinstance(err, ValidationError) else err.errors:
             path = tuple(str(p) for p in e["loc"])
             name = ".".join(path)
             if e["type"] == "extra_forbidden":
                 lines.append(f"unknown setting {name} (--set {name}=… or {_env_name(path)}){did_you_mean(path)}")
-            else:
-                lines.append(f"bad setting {name}={e.get('input')!r}: {e['msg']}")
+            else:  # never the value: it may be a secret in the wrong place
+                lines.append(f"bad setting {name}: {e['msg']}")
         return lines
     if isinstance(err, tomllib.TOMLDecodeError):
         return [f"config file is not valid TOML: {err}"]

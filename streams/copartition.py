@@ -16,17 +16,14 @@ import logging
 from collections.abc import Mapping
 
 from confluent_kafka.admin import AdminClient
-from prometheus_client import Counter
 
 from gpl.runtime.kafka import Accounting
+from gpl.runtime.metrics import SPLIT_REQUESTS
 from gpl.runtime.settings import KafkaSettings
 from streams.join import Pending
 
 log = logging.getLogger(__name__)
 
-SPLIT_REQUESTS = Counter("gpl_streams_split_requests_total",
-                         "Joined requests whose recall and exposure arrived on different partitions "
-                         "(a producer with another key or partitioner; docs/producers.md)")
 
 
 class CopartitionError(RuntimeError):

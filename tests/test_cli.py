@@ -94,7 +94,7 @@ def test_bad_settings_are_one_line_with_a_suggestion(monkeypatch: pytest.MonkeyP
     err = _one_line_error(["--set", "kafka.partitons=3", "config", "show"], capsys)
     assert "kafka.partitons" in err and "did you mean kafka.partitions?" in err
     err = _one_line_error(["--set", "kafka.partitions=x", "config", "show"], capsys)
-    assert err.startswith("gpl: bad setting kafka.partitions='x'")
+    assert err.startswith("gpl: bad setting kafka.partitions: ") and "'x'" not in err  # values may be secrets
     monkeypatch.setenv("GPL_TRAINER__BATCH_SIZ", "3")
     err = _one_line_error(["config", "show"], capsys)
     assert "GPL_TRAINER__BATCH_SIZ" in err and "did you mean trainer.batch_size?" in err
@@ -179,7 +179,7 @@ def test_demo_export_honours_requests_per_user(tmp_path: Path) -> None:
     per_user: dict[str, int] = {}
     for r in recalls:
         per_user[r["user_id"]] = per_user.get(r["user_id"], 0) + 1
-        assert len(r["candidates"]) <= 50
+        assert len(r["item_ids"]) <= 50  # columnar recall (schema_version 2)
     assert len(per_user) == 3 and max(per_user.values()) == 2
 
 

@@ -32,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture
 def served() -> Iterator[int]:
     port = _free_port()
-    server = metrics.serve(port, addr="127.0.0.1")
+    server = metrics.serve(port, host="127.0.0.1")
     assert server is not None
     yield port
     server.shutdown()
@@ -122,10 +122,13 @@ def test_stage_up_gauge_drops_when_a_stage_dies() -> None:
     def up(stage: str) -> float | None:
         return REGISTRY.get_sample_value("gpl_stage_up", {"stage": stage})
 
-    with Stages({"crashes": _Crashes(), "waits": _Waits()}) as stages:
-        wait_for(lambda: up("crashes") == 0 and up("waits") == 1, 10, "gauges set")
-        assert "crashes" in stages.errors
+    with Stages({"waits": _Waits()}):
+        wait_for(lambda: up("waits") == 1, 10, "gauge up while the stage runs")
     assert up("waits") == 0
+    # a crash sets its own gauge to 0 and (honest liveness) stops the other stages of the process too
+    with Stages({"crashes": _Crashes(), "waits": _Waits()}) as stages:
+        wait_for(lambda: up("crashes") == 0 and up("waits") == 0, 10, "gauges down after the crash")
+        assert "crashes" in stages.errors
 
 
 @pytest.mark.integration

@@ -139,3 +139,8 @@ GATE_SCORE = Gauge("gpl_trainer_gate_score", "Held-out AUC/GAUC of the last gate
 OFFSET_RESETS = Counter("gpl_offset_resets_total",
                         "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
                         "beginning", ["stage", "topic"])
+
+# ---- co-partitioning (streams/copartition.py): a producer keyed or partitioned differently splits requests
+SPLIT_REQUESTS = Counter("gpl_streams_split_requests_total",
+                         "Joined requests whose recall and exposure arrived on different partitions "
+                         "(a producer with another key or partitioner; docs/producers.md)")

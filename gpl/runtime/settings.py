@@ -377,9 +377,17 @@ def load(config_file: Path | str | None = None, env: Mapping[str, str] | None = 
     try:
         return Settings.model_validate(merged)
     except ValidationError as e:
-        # without the input values: a password put in the wrong variable must not reach a log
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors(include_input=False)]
-        raise ValueError("invalid settings:\n" + "\n".join(lines)) from None
+        raise SettingsError(e.errors(include_input=False)) from None
+
+
+class SettingsError(ValueError):
+    """Invalid settings, one problem per entry of ``errors`` (pydantic's, without the input values: a
+    password put in the wrong variable must not reach a terminal or a log)."""
+
+    def __init__(self, errors: list[Any]) -> None:
+        self.errors = errors
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors]
+        super().__init__("invalid settings:\n" + "\n".join(lines))
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
