@@ -87,7 +87,8 @@ STAGE = "streams"
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
 _DEADLINE = struct.Struct("<q")  # value of an expiry message: the wall-clock deadline it was sent for
-HOLD_RESEND_MS = 2_000  # a held recall found ready is handed to the agent again after this, if still held
+_ADVANCE = b"advance"  # value of a message that wakes the agent of an idle partition (streams/clock.py)
+RESEND_MS = 2_000  # the timer hands the agent the same held recall or idle partition again after this
 
 
 def now_ms() -> int:
@@ -106,8 +107,9 @@ class StreamsProcessor:
         self.waiting = 0  # inputs waiting for their partner or their items (not yet an outcome)
         self.wait_ms, self.dedup_ms = int(cfg.join_wait_s * 1000), int(cfg.dedup_window_s * 1000)
         self.guard_ms = int(cfg.join_memory_guard_s * 1000)
-        self.clock = EventClock(int(cfg.allowed_lateness_s * 1000))
+        self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000))
         self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
+        self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
         self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last handed to agent (ms)
         self.app = self._build()
 
@@ -168,8 +170,7 @@ class StreamsProcessor:
         try:
             if m.topic == self.expiry_topic_name:
                 await self.on_expiry(m.key, m.value)
-                return
-            if m.topic == RECALL.name:
+            elif m.topic == RECALL.name:
                 await self.on_recall(m)
             else:
                 await self.on_exposure(m)
@@ -342,14 +343,20 @@ class StreamsProcessor:
             rec = Pending.unpack(raw) if raw else None
             if rec is None or rec.kind != HELD:
                 self.held.pop(key, None)
-            elif now - sent >= HOLD_RESEND_MS and rec.item_ids is not None and not len(self.catalog.unknown(
+            elif now - sent >= RESEND_MS and rec.item_ids is not None and not len(self.catalog.unknown(
                     rec.item_ids)):
                 self.held[key] = now
                 await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
+        for partition in self.clock.idle_due(now):
+            if now - self._woken.get(partition, 0) >= RESEND_MS:
+                self._woken[partition] = now
+                await self.expiry_topic.send(key=b"", value=_ADVANCE, partition=partition)
         JOIN_PENDING.set(self.waiting)
 
     async def on_expiry(self, key: bytes, value: bytes) -> None:
         """Agent: act on what the timer found due (inside stream iteration, at the request's partition)."""
+        if value == _ADVANCE:
+            return  # an idle partition's event time moved: process() expires what it passed
         (deadline,) = _DEADLINE.unpack(value)
         rec = self._get(key)
         if rec is None or rec.deadline_ms != deadline:

@@ -227,3 +227,37 @@ def test_stage_io_processing_errors_and_oversized_dead_letters(tmp_path: Path, f
     assert "ValueError: a bug in the domain step" in dlq[0]["error"] and "original_size" not in dlq[0]
     assert dlq[1]["original_size"] == 500_000 and dlq[1]["sha256"] == hashlib.sha256(big).hexdigest()
     assert acc["dlq:processing_error"] == 1
+
+
+def test_idle_partition_expires_the_last_requests(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+    """The stream stops: no later event moves event time, so the idle advance (wall clock, while running)
+    expires the last request instead of the memory guard."""
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2,
+                      streams={"join_wait_s": 1.0, "allowed_lateness_s": 0.0, "idle_advance_s": 2.0})
+    create_topics(s.kafka)
+    proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
+    produce(s, "recall", [recall("last", "u1", [1, 2], ts=int(time.time() * 1000))])
+    with running(proc, "streams"):
+        wait_for(lambda: proc.accounting["recall_in"] == 1, 60, "the recall")
+        time.sleep(1.5)
+        assert proc.accounting["expired"] == 0, "not idle long enough yet"
+        wait_for(lambda: proc.accounting["expired"] == 1, 30, lambda: f"idle expiry: {proc.accounting.snapshot()}")
+    assert proc.accounting["expired_memory_guard"] == 0 and proc.waiting == 0
+
+
+def test_memory_guard_expires_apart(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+    """Event time never moves (idle advance off): the wall-clock memory guard bounds the state, counted
+    apart from event-time expiry; an exposure that the guard expires still gives its real labels."""
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2,
+                      streams={"join_wait_s": 1.0, "idle_advance_s": 0.0, "join_memory_guard_s": 3.0})
+    create_topics(s.kafka)
+    proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
+    produce(s, "recall", [recall("g1", "u1", [1, 2], ts=1_000)])
+    produce(s, "exposure", [exposure("g2", "u2", [3], {3}, ts=1_000)])
+    with running(proc, "streams"):
+        wait_for(lambda: proc.accounting["expired_memory_guard"] == 1
+                 and proc.accounting["exposure_only_memory_guard"] == 1, 60,
+                 lambda: f"the guard: {proc.accounting.snapshot()}")
+        samples = drain(s, "samples", expect=1)
+    assert [(b["request_id"], [x["item_id"] for x in b["samples"]]) for b in samples] == [("g2", [3])]
+    assert proc.accounting["expired"] == 0 and proc.waiting == 0

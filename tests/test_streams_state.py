@@ -97,3 +97,15 @@ def test_dead_letter_too_large_keeps_a_truncated_payload_size_and_digest() -> No
                         stage="streams", max_bytes=limit)
     assert small.original_size is None and small.sha256 is None and base64.b64decode(small.value) == b"{}"
     assert decode(wire, DeadLetter).original_size == len(big)
+
+
+def test_idle_partition_follows_the_wall_clock_after_idle_ms_only() -> None:
+    clock = EventClock(lateness_ms=0, idle_ms=5_000)
+    clock.observe(0, 1_000, now_ms=100_000)
+    clock.schedule(0, 3_000, b"last")  # the stream's last request: no event will move the clock past it
+    assert clock.watermark(0, now_ms=104_000) == 1_000 and clock.idle_due(now_ms=104_000) == []
+    assert clock.watermark(0, now_ms=106_000) == 2_000
+    assert clock.idle_due(now_ms=107_001) == [0] and clock.pop_due(0, now_ms=107_001) == [(3_000, b"last")]
+    clock.observe(0, 1_500, now_ms=108_000)  # an event: the idle count starts again
+    assert clock.watermark(0, now_ms=108_000) == 1_500
+    assert EventClock(0, idle_ms=0).idle_due() == []

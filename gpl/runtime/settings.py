@@ -142,6 +142,9 @@ class StreamsSettings(Section):
     allowed_lateness_s: float = Field(default=5.0, ge=0, description="a partition's watermark trails the newest "
                                       "event time seen on it by this much; a request expires when the watermark "
                                       "passes its event time + join_wait_s")
+    idle_advance_s: float = Field(default=30.0, ge=0, description="a partition without events for this long "
+                                  "(wall clock, while the processor runs; downtime never counts) lets its event "
+                                  "time follow the wall clock, so a stream's last requests expire (0: never)")
     join_memory_guard_s: float = Field(default=3600.0, gt=0, description="wall-clock bound on any join state "
                                        "(memory guard for partitions whose event time stalls); counted apart")
     unknown_items: Literal["drop", "hold", "dlq"] = Field(
