@@ -107,7 +107,8 @@ class StreamsProcessor:
         self.waiting = 0  # inputs waiting for their partner or their items (not yet an outcome)
         self.wait_ms, self.dedup_ms = int(cfg.join_wait_s * 1000), int(cfg.dedup_window_s * 1000)
         self.guard_ms = int(cfg.join_memory_guard_s * 1000)
-        self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000))
+        self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
+                                (RECALL.name, EXPOSURE.name))
         self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
         self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last handed to agent (ms)
@@ -189,7 +190,7 @@ class StreamsProcessor:
     async def on_recall(self, m: Any) -> None:
         recall = decode_recall(m.value, self.settings.streams.max_candidates)
         self.accounting.add("recall_in")
-        self.clock.observe(m.partition, recall.ts)
+        self.clock.observe(RECALL.name, m.partition, recall.ts)
         key = recall.request_id.encode()
         prev = self._get(key)
         if prev is not None and prev.recall_offset == m.offset:
@@ -229,7 +230,7 @@ class StreamsProcessor:
     async def on_exposure(self, m: Any) -> None:
         exposure = decode(m.value, ExposureEvent)
         self.accounting.add("exposure_in")
-        self.clock.observe(m.partition, exposure.ts)
+        self.clock.observe(EXPOSURE.name, m.partition, exposure.ts)
         key = exposure.request_id.encode()
         prev = self._get(key)
         if prev is not None and prev.exposure_offset == m.offset:
@@ -347,7 +348,7 @@ class StreamsProcessor:
                     rec.item_ids)):
                 self.held[key] = now
                 await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
-        for partition in self.clock.idle_due(now):
+        for partition in self.clock.due_partitions(now):
             if now - self._woken.get(partition, 0) >= RESEND_MS:
                 self._woken[partition] = now
                 await self.expiry_topic.send(key=b"", value=_ADVANCE, partition=partition)
@@ -396,7 +397,9 @@ class StreamsProcessor:
         self.clock.reset()
         for key, raw in self.pending.items():
             rec = Pending.unpack(raw)
-            self.clock.observe(rec.partition, rec.ts)
+            for source, offset in ((RECALL.name, rec.recall_offset), (EXPOSURE.name, rec.exposure_offset)):
+                if offset != NO_OFFSET:  # this input had reached about rec.ts (a joined marker: its exposure ts)
+                    self.clock.observe(source, rec.partition, rec.ts)
             self._schedule(key, rec)
             self.waiting += rec.waiting_inputs
             if rec.kind == HELD:

@@ -1,18 +1,24 @@
 """Event time of the join (pure logic, tested without a broker): per-partition watermarks and due times.
 
-A waiting request expires when its partition's *watermark* passes its event time + ``join_wait_s``; the
-watermark is the newest event time seen on the partition minus ``allowed_lateness_s``. Wall-clock deadlines
-expired every waiting request after downtime or consumer lag longer than the wait (the clock ran while no
-event could arrive); event time only moves when events do, so a restarted or lagging processor joins what it
-finds. One partition's clock never moves another's: a slow partition's requests wait for their own events.
+A waiting request expires when its partition's *watermark* passes its event time + ``join_wait_s``.
+Wall-clock deadlines expired every waiting request after downtime or consumer lag longer than the wait
+(the clock ran while no event could arrive); event time only moves when events do, so a restarted or
+lagging processor joins what it finds. One partition's clock never moves another's.
 
-The last requests of a stream that stops would then wait forever (until the memory guard), so a partition
-that saw no event for ``idle_ms`` of wall clock *while the processor runs* lets its event time advance with
-the wall clock from there (like Flink's idle sources). The idle count starts at the last event or at the
-(re)start, whichever is later, so downtime still counts for nothing; ``idle_ms`` = 0 turns it off.
+The join reads two inputs per partition (recall and exposure), and the consumer fetches each topic
+partition on its own: after a restart it may read hours of recalls before the exposures of the same
+hours. So, as in Flink, a partition's watermark is the *minimum* over its inputs of the newest event time
+seen on each, minus ``allowed_lateness_s``: a request expires only when both inputs are past it.
+
+An input that delivers nothing for ``idle_ms`` of wall clock *while the processor runs* is idle: it no
+longer holds the minimum back, and when every input of a partition is idle the watermark follows the
+wall clock from the newest event time seen (so the last requests of a stream that stops expire). An
+input never seen counts as idle ``idle_ms`` after the (re)start. The idle count starts at the last event
+or at the (re)start, whichever is later, so downtime still counts for nothing; ``idle_ms`` = 0 turns
+idleness off (an input never seen then holds its partition's event time back for good).
 
 An event time far ahead of the wall clock (a producer with a broken clock) would expire everything on its
-partition at once, so a single event moves the watermark at most to the wall clock (the event itself is
+partition at once, so one event moves its input's clock at most to the wall clock (the event itself is
 processed as is). Replays of past data are unaffected.
 """
 
@@ -23,36 +29,52 @@ import time
 
 
 class EventClock:
-    """Watermark per partition plus a heap per partition of (event-time due, request id)."""
+    """Watermark per partition over the inputs ``sources``, plus a heap per partition of (due, request id)."""
 
-    def __init__(self, lateness_ms: int, idle_ms: int = 0) -> None:
-        self.lateness_ms, self.idle_ms = lateness_ms, idle_ms
-        self.newest: dict[int, int] = {}  # partition -> newest event time seen (clamped to the wall clock)
-        self.seen_at: dict[int, int] = {}  # partition -> wall clock of its last event (or of the recovery)
+    def __init__(self, lateness_ms: int, idle_ms: int = 0, sources: tuple[str, ...] = ("recall", "exposure"),
+                 now_ms: int | None = None) -> None:
+        self.lateness_ms, self.idle_ms, self.sources = lateness_ms, idle_ms, sources
+        self.newest: dict[tuple[str, int], int] = {}  # (input, partition) -> newest event time (clamped)
+        self.seen_at: dict[tuple[str, int], int] = {}  # (input, partition) -> wall clock of its last event
+        self.started_at = _now(now_ms)
         self._due: dict[int, list[tuple[int, bytes]]] = {}
 
-    def observe(self, partition: int, ts: int, now_ms: int | None = None) -> None:
+    def observe(self, source: str, partition: int, ts: int, now_ms: int | None = None) -> None:
         wall = _now(now_ms)
-        self.seen_at[partition] = wall
+        self.seen_at[(source, partition)] = wall
         ts = min(ts, wall)
-        if ts > self.newest.get(partition, -1):
-            self.newest[partition] = ts
+        if ts > self.newest.get((source, partition), -1):
+            self.newest[(source, partition)] = ts
 
     def watermark(self, partition: int, now_ms: int | None = None) -> int | None:
-        """Newest event time − lateness (+ the wall time idle beyond ``idle_ms``); None before any event."""
-        newest = self.newest.get(partition)
-        if newest is None:
-            return None
-        idle = _now(now_ms) - self.seen_at[partition] - self.idle_ms if self.idle_ms > 0 else 0
-        return newest - self.lateness_ms + max(0, idle)
+        """min over the active inputs of their newest event time − lateness (idle ones left out; all idle:
+        the newest + the wall time idle beyond ``idle_ms``); None while an input that is not idle yet was
+        never seen."""
+        now = _now(now_ms)
+        active: list[int] = []
+        idle: list[int] = []
+        for source in self.sources:
+            key = (source, partition)
+            newest = self.newest.get(key)
+            quiet = now - self.seen_at.get(key, self.started_at) - self.idle_ms
+            if self.idle_ms > 0 and quiet > 0:
+                if newest is not None:
+                    idle.append(newest + quiet)
+            elif newest is None:
+                return None  # an input not heard from yet, and not idle: it may still bring older events
+            else:
+                active.append(newest)
+        if active:
+            return min(active) - self.lateness_ms
+        return max(idle) - self.lateness_ms if idle else None
 
-    def idle_due(self, now_ms: int | None = None) -> list[int]:
-        """Partitions whose idle advance made an entry due (stale entries included): the timer wakes their
-        agent, which expires them (only the agent may write tables)."""
+    def due_partitions(self, now_ms: int | None = None) -> list[int]:
+        """Partitions with an entry the watermark passed (stale entries included). With events flowing the
+        agent expires them after each event; the timer uses this to wake the agent of an idle partition."""
         out = []
         for partition, heap in self._due.items():
             wm = self.watermark(partition, now_ms)
-            if self.idle_ms > 0 and heap and wm is not None and heap[0][0] < wm:
+            if heap and wm is not None and heap[0][0] < wm:
                 out.append(partition)
         return out
 
@@ -69,13 +91,11 @@ class EventClock:
             out.append(heapq.heappop(heap))
         return out
 
-    def scheduled(self, partition: int) -> int:
-        return len(self._due.get(partition, ()))
-
-    def reset(self) -> None:
+    def reset(self, now_ms: int | None = None) -> None:
         self.newest.clear()
         self.seen_at.clear()
         self._due.clear()
+        self.started_at = _now(now_ms)
 
 
 def _now(now_ms: int | None) -> int:

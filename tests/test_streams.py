@@ -102,18 +102,17 @@ def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, fresh_broker:
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     produce(s, "exposure", [exposure("lonely", "u1", [1, 2], {2})])
-    # a later event of u1 (same partition) moves event time past the exposure's wait; its recall then waits
+    # a later request of u1 (same partition, both inputs) moves event time past the lonely exposure's wait
     produce(s, "recall", [recall("later", "u1", [4], ts=9_000)])
+    produce(s, "exposure", [exposure("later", "u1", [4], set(), ts=9_100)])
     with running(proc, "streams"):
         wait_for(lambda: proc.accounting["exposure_only"] == 1, 30,
                  lambda: f"the exposure to expire alone: {proc.accounting.snapshot()}")
         # later messages are still processed: a normal join after the expiry
         produce(s, "recall", [recall("after", "u2", [3, 4, 5], ts=9_000)])
         produce(s, "exposure", [exposure("after", "u2", [3], {3}, ts=9_050)])
-        wait_for(lambda: proc.accounting["joined"] == 2, 30,
+        wait_for(lambda: proc.accounting["joined"] == 4, 30,
                  lambda: f"a join after the expiry: {proc.accounting.snapshot()}")
-        produce(s, "exposure", [exposure("later", "u1", [4], set(), ts=9_100)])
-        wait_for(lambda: proc.accounting["joined"] == 4, 30, "the later request to join")
         samples = drain(s, "samples", expect=3)
         requests = drain(s, "anchor-requests", expect=2)
     labels = sorted((b["request_id"], x["item_id"], x["label"]) for b in samples for x in b["samples"])

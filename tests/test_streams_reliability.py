@@ -51,36 +51,38 @@ def users_on(partitions: int, n: int) -> list[str]:
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_event_time_expiry_out_of_order_and_per_partition(tmp_path: Path, fresh_broker: EmbeddedBroker,
                                                           partitions: int) -> None:
-    """wait 2 s, lateness 1 s: a request expires only when its own partition's events pass ts + 3 s."""
+    """wait 2 s, lateness 1 s: a request expires only when both inputs of its own partition (recall and
+    exposure) are 3 s of event time past it; wall-clock time alone expires nothing."""
     s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=partitions,
                       streams={"join_wait_s": 2.0, "allowed_lateness_s": 1.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     a, b = users_on(partitions, 2)
-    # a's partition: events out of order, the newest 2,900 ms past request a1 (wait + lateness = 3,000)
+    own = partitions > 1  # a and b on different partitions
+    # out of order: a2 is 2,900 ms past a1 and comes before a3
     produce(s, "recall", [recall("a1", a, [1, 2, 3], ts=10_000), recall("a2", a, [4, 5], ts=12_900),
-                          recall("a3", a, [6, 7], ts=11_000)])
-    produce(s, "recall", [recall("b1", b, [1, 2], ts=10_000)])
+                          recall("a3", a, [6, 7], ts=11_000), recall("b1", b, [1, 2], ts=10_000)])
     with running(proc, "streams"):
         wait_for(lambda: proc.accounting["recall_in"] == 4, 60, "the recalls")
         time.sleep(3.0)  # longer than join_wait_s on the wall clock: nothing expires without events
-        assert proc.accounting["expired"] == 0 and proc.waiting == 4
         produce(s, "exposure", [exposure("a1", a, [1], {1}, ts=10_500)])  # in time by event time
         wait_for(lambda: proc.accounting["joined"] == 2, 30, "a1 to join")
-        # a's watermark 13,001 passes a3 (11,000 + 2,000), not a2; with one partition b1 (10,000) goes too
+        assert proc.accounting["expired"] == 0 and proc.waiting == 3
+        # both inputs of a's partition reach 14,001: watermark 13,001 passes a3 (11,000 + 2,000), not a2
         produce(s, "recall", [recall("a4", a, [8], ts=14_001)])
-        own = partitions > 1
-        wait_for(lambda: proc.accounting["expired"] == (1 if own else 2), 30,
+        produce(s, "exposure", [exposure("a5", a, [8], set(), ts=14_001)])
+        wait_for(lambda: proc.accounting["expired"] == (1 if own else 2), 30,  # one partition: b1 too
                  lambda: f"a3 to expire: {proc.accounting.snapshot()}")
-        if own:  # b's partition saw nothing newer: b1 still waits
-            time.sleep(1.0)
-            assert proc.accounting["expired"] == 1 and proc.waiting == 3
-        produce(s, "exposure", [exposure("b9", b, [2], set(), ts=20_000)])  # b's clock moves: b1 expires
+        time.sleep(1.0)
+        assert proc.accounting["expired"] == (1 if own else 2), "b1 waits for its own partition's events"
+        produce(s, "recall", [recall("b10", b, [3], ts=20_000)])
+        produce(s, "exposure", [exposure("b9", b, [2], set(), ts=20_000)])
         wait_for(lambda: proc.accounting["expired"] == (2 if own else 4), 30,
                  lambda: f"b1 to expire: {proc.accounting.snapshot()}")
         time.sleep(1.0)
-        assert proc.accounting["expired"] == (2 if own else 4), "a's requests wait for a's own events"
     acc = proc.accounting.snapshot()
+    assert acc["expired"] == (2 if own else 4), "a's requests wait for a's own events"
+    assert acc.get("exposure_only", 0) == (0 if own else 1) and proc.waiting == (5 if own else 2), acc
     assert acc["joined"] == 2 and not any(k.startswith("dlq:") for k in acc), acc
 
 

@@ -51,19 +51,21 @@ def test_marker_keeps_offsets_and_due_times_follow_the_kind() -> None:
     assert event_due(Pending(HELD, 1_000, 9, "u"), 2_000, 600_000) is None
 
 
-def test_watermark_per_partition_out_of_order_and_clamped() -> None:
-    clock = EventClock(lateness_ms=500)
+def test_watermark_per_partition_min_of_inputs_out_of_order_and_clamped() -> None:
+    clock = EventClock(lateness_ms=500, idle_ms=0, sources=("recall", "exposure"), now_ms=0)
     clock.schedule(0, 3_000, b"a")  # a request of ts 1,000 with a 2 s wait
     clock.schedule(1, 3_000, b"b")
-    assert clock.pop_due(0) == []  # nothing seen yet: no watermark
-    clock.observe(0, 3_400, now_ms=10**12)
-    clock.observe(0, 1_200, now_ms=10**12)  # out of order: the watermark never goes back
-    assert clock.watermark(0) == 2_900 and clock.pop_due(0) == []
-    clock.observe(0, 3_501, now_ms=10**12)
-    assert clock.pop_due(0) == [(3_000, b"a")]
-    assert clock.pop_due(1) == [], "another partition's events do not move this one"
-    clock.observe(1, MAX_EPOCH_MS, now_ms=2_000)  # an event from a broken clock moves it to the wall clock only
-    assert clock.watermark(1) == 1_500 and clock.pop_due(1) == []
+    clock.observe("recall", 0, 9_000, now_ms=10**12)
+    assert clock.watermark(0, now_ms=10**12) is None, "exposures not read yet: they may be older"
+    clock.observe("exposure", 0, 3_400, now_ms=10**12)
+    clock.observe("exposure", 0, 1_200, now_ms=10**12)  # out of order: an input's clock never goes back
+    assert clock.watermark(0, now_ms=10**12) == 2_900 and clock.pop_due(0, now_ms=10**12) == []
+    clock.observe("exposure", 0, 3_501, now_ms=10**12)
+    assert clock.pop_due(0, now_ms=10**12) == [(3_000, b"a")]
+    assert clock.pop_due(1, now_ms=10**12) == [], "another partition's events do not move this one"
+    clock.observe("recall", 1, 10**15, now_ms=2_000)  # a broken producer clock moves it to the wall clock only
+    clock.observe("exposure", 1, 10**15, now_ms=2_000)
+    assert clock.watermark(1, now_ms=2_000) == 1_500 and clock.pop_due(1, now_ms=2_000) == []
 
 
 @pytest.mark.parametrize("over", [{"ts": 2**63}, {"ts": MAX_EPOCH_MS + 1}, {"user_id": "u" * 70_000},
@@ -99,13 +101,17 @@ def test_dead_letter_too_large_keeps_a_truncated_payload_size_and_digest() -> No
     assert decode(wire, DeadLetter).original_size == len(big)
 
 
-def test_idle_partition_follows_the_wall_clock_after_idle_ms_only() -> None:
-    clock = EventClock(lateness_ms=0, idle_ms=5_000)
-    clock.observe(0, 1_000, now_ms=100_000)
+def test_idle_inputs_stop_holding_back_and_follow_the_wall_clock() -> None:
+    clock = EventClock(lateness_ms=0, idle_ms=5_000, sources=("recall", "exposure"), now_ms=100_000)
+    clock.observe("recall", 0, 1_000, now_ms=101_000)
     clock.schedule(0, 3_000, b"last")  # the stream's last request: no event will move the clock past it
-    assert clock.watermark(0, now_ms=104_000) == 1_000 and clock.idle_due(now_ms=104_000) == []
-    assert clock.watermark(0, now_ms=106_000) == 2_000
-    assert clock.idle_due(now_ms=107_001) == [0] and clock.pop_due(0, now_ms=107_001) == [(3_000, b"last")]
-    clock.observe(0, 1_500, now_ms=108_000)  # an event: the idle count starts again
-    assert clock.watermark(0, now_ms=108_000) == 1_500
-    assert EventClock(0, idle_ms=0).idle_due() == []
+    assert clock.watermark(0, now_ms=104_000) is None, "exposures were never seen, but are not idle yet"
+    assert clock.watermark(0, now_ms=105_500) == 1_000, "exposures idle: the active recalls alone count"
+    assert clock.watermark(0, now_ms=106_500) == 1_500, "both idle: from the newest, with the wall clock"
+    assert clock.due_partitions(now_ms=107_500) == []
+    assert clock.due_partitions(now_ms=108_001) == [0] and clock.pop_due(0, now_ms=108_001) == [(3_000, b"last")]
+    clock.observe("exposure", 0, 1_500, now_ms=108_000)  # an event: its input is active again
+    assert clock.watermark(0, now_ms=108_000) == 1_500, "the idle recall input no longer holds it back"
+    off = EventClock(0, idle_ms=0, sources=("recall", "exposure"), now_ms=0)
+    off.observe("recall", 0, 1_000, now_ms=0)
+    assert off.watermark(0, now_ms=10**9) is None and off.due_partitions(now_ms=10**9) == []
