@@ -111,7 +111,7 @@ class StreamsProcessor:
                                 (RECALL.name, EXPOSURE.name))
         self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
-        self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last handed to agent (ms)
+        self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last checked (ms)
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -339,14 +339,16 @@ class StreamsProcessor:
             if raw is None or Pending.unpack(raw).deadline_ms != deadline:
                 continue
             await self.expiry_topic.send(key=key, value=_DEADLINE.pack(deadline), partition=partition)
-        for key, sent in list(self.held.items()):
+        for key, checked in list(self.held.items()):
+            if now - checked < RESEND_MS:  # each held recall asks the index at most once per RESEND_MS
+                continue
             raw = self.pending.get(key)
             rec = Pending.unpack(raw) if raw else None
             if rec is None or rec.kind != HELD:
                 self.held.pop(key, None)
-            elif now - sent >= RESEND_MS and rec.item_ids is not None and not len(self.catalog.unknown(
-                    rec.item_ids)):
-                self.held[key] = now
+                continue
+            self.held[key] = now
+            if rec.item_ids is not None and not len(self.catalog.unknown(rec.item_ids)):
                 await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
         for partition in self.clock.due_partitions(now):
             if now - self._woken.get(partition, 0) >= RESEND_MS:
