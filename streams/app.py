@@ -193,7 +193,7 @@ class StreamsProcessor:
         self.clock.observe(RECALL.name, m.partition, recall.ts)
         key = recall.request_id.encode()
         prev = self._get(key)
-        if prev is not None and prev.recall_offset == m.offset:
+        if prev is not None and (prev.partition, prev.recall_offset) == (m.partition, m.offset):
             self.accounting.add("reread")  # read again after a restart: its work is in the table already
             return
         if prev is not None and prev.recall_offset != NO_OFFSET:
@@ -233,7 +233,7 @@ class StreamsProcessor:
         self.clock.observe(EXPOSURE.name, m.partition, exposure.ts)
         key = exposure.request_id.encode()
         prev = self._get(key)
-        if prev is not None and prev.exposure_offset == m.offset:
+        if prev is not None and (prev.partition, prev.exposure_offset) == (m.partition, m.offset):
             self.accounting.add("reread")
             return
         if prev is not None and prev.exposure_offset != NO_OFFSET:
