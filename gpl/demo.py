@@ -39,6 +39,7 @@ from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.jsonl import write_events
 from schemas.wire import payload
+from streams.join import OUTCOMES
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     while time.monotonic() < deadline:
         a = {n: s.accounting.snapshot() for n, s in st.items()}
         streams = a["streams"]
-        done_in = sum(streams.get(k, 0) for k in ("joined", "expired", "exposure_only", "late_exposure",
-                                                  "late_recall")) + _sum_prefix(streams, "dlq:")
+        done_in = sum(streams.get(k, 0) for k in OUTCOMES) + _sum_prefix(streams, "dlq:")
         bar.n = done_in
         lab = a["labeler"]
         bar.set_postfix(anchors=a["anchors"].get("emitted", 0), labeled=lab.get("labeled", 0),

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from typing import TypeVar
 
@@ -51,6 +52,10 @@ def decode(raw: bytes | None, value_type: type[M]) -> M:
         raise DecodeError("schema", f"{value_type.__name__}: {loc}: {first.get('msg')}") from None
 
 
+# room left in a DLQ record for everything but the base64 payload (error text <= 2,000 chars, origin, key)
+DLQ_OVERHEAD_BYTES = 16_384
+
+
 def dead_letter(
     *,
     topic: str,
@@ -61,15 +66,29 @@ def dead_letter(
     error: str,
     reason: str,
     stage: str,
+    max_bytes: int | None = None,
 ) -> DeadLetter:
+    """The DLQ record of one input. With ``max_bytes`` (the producer's message limit) an original whose
+    record would not fit keeps only its first bytes, plus its size and sha256: a dead letter that the
+    producer refuses is a message that ends nowhere, and the stage would fail on it again after a restart."""
+    raw = value or b""
+    original_size: int | None = None
+    digest: str | None = None
+    if max_bytes is not None:
+        budget = max(0, (max_bytes - DLQ_OVERHEAD_BYTES - len(key or b"")) * 3 // 4)  # base64: 4 chars per 3 bytes
+        if len(raw) > budget:
+            original_size, digest = len(raw), hashlib.sha256(raw).hexdigest()
+            raw = raw[:budget]
     return DeadLetter(
         topic=topic,
         partition=partition,
         offset=offset,
-        key=key.decode("utf-8", "replace") if key is not None else None,
-        value=base64.b64encode(value or b"").decode("ascii"),
+        key=key.decode("utf-8", "replace")[:1024] if key is not None else None,
+        value=base64.b64encode(raw).decode("ascii"),
         error=error[:2000],
         reason=reason,
         stage=stage,
         ts=int(time.time() * 1000),
+        original_size=original_size,
+        sha256=digest,
     )

@@ -23,11 +23,15 @@ from pydantic import (
 
 SCHEMA_VERSION = 1
 MAX_INT64 = 2**63 - 1
+# year 3000 in epoch ms: a bound that no real clock reaches, and that keeps event times (and the sums the
+# join makes of them, ts + wait) far inside int64, where a 2**63 would overflow the state records
+MAX_EPOCH_MS = 32_503_680_000_000
 
 ItemId = Annotated[int, Field(ge=0, le=MAX_INT64)]
-UserId = Annotated[str, Field(min_length=1, max_length=256)]
-RequestId = Annotated[str, Field(min_length=1, max_length=256)]
-EpochMs = Annotated[int, Field(ge=0)]
+MAX_ID_CHARS = 256
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+EpochMs = Annotated[int, Field(ge=0, le=MAX_EPOCH_MS)]
 
 
 class Contract(BaseModel):
@@ -300,3 +304,7 @@ class DeadLetter(Contract):
     reason: str = Field(description="short machine-readable class: malformed_json, schema, unknown_items, ...")
     stage: str
     ts: EpochMs
+    # set only when the original was too large to fit a DLQ record under the producer's message limit:
+    # ``value`` then holds its first bytes, and these identify the whole original
+    original_size: int | None = Field(default=None, ge=0, description="bytes of the original, when truncated")
+    sha256: str | None = Field(default=None, description="hex sha256 of the whole original, when truncated")

@@ -50,13 +50,27 @@ TOPICS: dict[str, TopicSpec] = {
 """Input topics a producer may write to with ``gpl replay``."""
 EVENT_TOPICS = ("items", "recall", "exposure")
 
+# The streams processor's internal topic (streams/app.py): the memory-guard timer and the unknown-items hold
+# hand due requests to the agent through it, at the request's partition, because only the agent may write
+# tables. Declared here so operators create it with the others (same partition count: it is co-partitioned
+# with recall and exposure); its name follows the streams app id (settings streams.app_id).
+STREAMS_APP_ID = "gpl-streams"
+
+
+def expiry_topic(app_id: str = STREAMS_APP_ID) -> str:
+    return f"{app_id}-expiry"
+
+
+def internal_topics(app_id: str = STREAMS_APP_ID) -> list[str]:
+    return [expiry_topic(app_id)]
+
 
 def dlq_topics() -> list[str]:
     return [t.dlq_name for t in TOPICS.values() if t.dlq]
 
 
-def all_topic_names() -> list[str]:
-    return [*TOPICS, *dlq_topics()]
+def all_topic_names(app_id: str = STREAMS_APP_ID) -> list[str]:
+    return [*TOPICS, *dlq_topics(), *internal_topics(app_id)]
 
 
 def spec(name: str) -> TopicSpec:
@@ -66,4 +80,5 @@ def spec(name: str) -> TopicSpec:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}") from None
 
 
-__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "spec", "dlq_topics", "all_topic_names", "DeadLetter"]
+__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "STREAMS_APP_ID", "spec", "dlq_topics", "expiry_topic",
+           "internal_topics", "all_topic_names", "DeadLetter"]

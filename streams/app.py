@@ -7,21 +7,30 @@
 Both inputs are keyed by ``user_id`` with the same partition count, so one agent reads them together
 and a user's requests, interest state and anchors live in one partition: no repartition hop.
 Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
-until its partner arrives or ``join_wait_s`` passes. Expiry is decided by a timer but carried out by the
-agent: the timer only sends the due request to the internal ``<app id>-expiry`` topic, at the request's
-partition, and the agent expires it while iterating that topic. Tables can only be written inside stream
-iteration (faust raises otherwise and the agent dies), and an expiry may write both tables: an exposure
-whose recall never came still yields its real labels and updates the user's interest.
-After a request is joined or expired a small marker stays for ``dedup_window_s`` to recognise
-duplicates and late arrivals. Markers live in memory, not in the changelog: on the embedded broker every
-changelog record costs a round trip (one record per batch, docs/design.md §5), and after a restart a duplicate
-that slips past the lost markers is still harmless downstream, because sample ids are deterministic and
-the trainer drops repeats.
+until its partner arrives or its partition's *event time* passes it (streams/clock.py): the watermark is
+the newest event time seen on the partition − ``allowed_lateness_s``, and a request expires when the
+watermark passes its event time + ``join_wait_s``. Downtime and consumer lag therefore expire nothing: the
+clock moves only with the events. Expiry by event time happens in the agent, right after the event that
+moved the watermark. A wall-clock bound (``join_memory_guard_s``) only guards memory on a partition whose
+events stopped; it is counted apart (``expired_memory_guard``). The guard is decided by a timer and carried
+out by the agent: the timer sends the due request to the internal ``<app id>-expiry`` topic
+(schemas/topics.py) at the request's partition, because tables can only be written inside stream iteration
+(faust raises otherwise and the agent dies), and an expiry may write both tables: an exposure whose recall
+never came still yields its real labels and updates the user's interest.
+
+After a request is joined or expired a small marker replaces it in the same table (so it survives a
+restart) until event time passes ``dedup_window_s``: it tells a duplicate (another offset: DLQ
+``duplicate``), a late partner, and a re-read after a restart (the same offset: already done, skipped).
+
+Candidates the vector index does not know yet follow ``streams.unknown_items``: dropped from the request
+and counted (default), held in the table until the indexer has them (bounded in count and time), or the
+whole recall goes to the DLQ.
 
 Every input message ends in exactly one outcome of :attr:`StreamsProcessor.accounting`:
-``joined`` (both sides), ``expired``,
-``exposure_only``, ``late_exposure``, ``late_recall`` or ``dlq:<reason>``; until then it is counted in
-:attr:`StreamsProcessor.waiting`.
+``joined`` (both sides), ``expired``, ``expired_memory_guard``, ``exposure_only``,
+``exposure_only_memory_guard``, ``late_exposure``, ``late_recall``, ``reread`` or ``dlq:<reason>`` — any
+exception while processing a message sends it to its DLQ as ``processing_error`` and the agent keeps going;
+until then it is counted in :attr:`StreamsProcessor.waiting`.
 """
 
 from __future__ import annotations
@@ -36,12 +45,11 @@ from typing import Any, cast
 
 import faust
 import numpy as np
-from confluent_kafka import Consumer, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer
 
 from gpl.runtime.faust_config import faust_settings
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import Accounting
+from gpl.runtime.kafka import Accounting, create_topics
 from gpl.runtime.lag import LagGauge
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.serde import Wire
@@ -49,26 +57,28 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode
 from schemas.events import ExposureEvent
-from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED
+from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, expiry_topic
+from streams.catalog import Catalog, UnknownItems
+from streams.clock import EventClock
 from streams.copartition import SplitWatch, verify_copartitioned
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
 from streams.join import (
     DONE,
     EXPIRED,
+    HELD,
+    NO_OFFSET,
+    PENDING_EXPOSURE,
+    PENDING_RECALL,
     Pending,
+    Recall,
     decode_recall,
     encode_unexposed,
+    event_due,
     marker,
     pending_exposure,
     pending_recall,
     real_samples,
     unexposed,
-)
-from streams.join import (
-    EXPOSURE as PENDING_EXPOSURE,
-)
-from streams.join import (
-    RECALL as PENDING_RECALL,
 )
 from streams.transport import SCHEME
 
@@ -76,44 +86,36 @@ log = logging.getLogger(__name__)
 STAGE = "streams"
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
-_DEADLINE = struct.Struct("<q")  # value of an expiry message: the deadline it was scheduled for
+_DEADLINE = struct.Struct("<q")  # value of an expiry message: the wall-clock deadline it was sent for
+_ADVANCE = b"advance"  # value of a message that wakes the agent of an idle partition (streams/clock.py)
+RESEND_MS = 2_000  # the timer hands the agent the same held recall or idle partition again after this
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Catalog:
-    """Known item ids (sorted int64), refreshed from the vector index only for ids not seen yet."""
-
-    def __init__(self, index: VectorIndex, collection: str) -> None:
-        self.index, self.collection = index, collection
-        self._known = np.zeros(0, np.int64)
-
-    def unknown(self, ids: np.ndarray) -> np.ndarray:
-        missing = ids[~np.isin(ids, self._known, assume_unique=False)]
-        if len(missing):
-            found = self.index.retrieve(self.collection, np.unique(missing)).ids
-            if len(found):
-                self._known = np.union1d(self._known, found)
-                missing = missing[~np.isin(missing, found)]
-        return np.unique(missing)
-
-
 class StreamsProcessor:
     def __init__(self, settings: Settings, index: VectorIndex) -> None:
         self.settings = settings
+        cfg = settings.streams
         self.index = index
         self.accounting = Accounting(STAGE)
         self.splits = SplitWatch(self.accounting)  # requests whose halves came on different partitions
         self.agent_error: BaseException | None = None  # set by a crashing agent; run() raises it
-        self.catalog = Catalog(index, settings.encoder.collection)
-        self.ready = threading.Event()
-        self.waiting = 0  # inputs waiting for their partner (not yet an outcome)
-        self._deadlines: list[tuple[int, bytes, int]] = []  # (deadline ms, request id, partition)
-        self._markers: dict[bytes, Pending] = {}  # joined/expired requests, until their forget time
         self.wire = Wire(settings.schema_registry)  # plain JSON and Confluent-framed input alike
         self.lag = LagGauge(STAGE, settings.kafka.lag_interval_s)
+        self.catalog = Catalog(index, settings.encoder.collection)
+        self.unknown_items = UnknownItems(self.catalog, cfg, self.accounting)
+        self.ready = threading.Event()
+        self.waiting = 0  # inputs waiting for their partner or their items (not yet an outcome)
+        self.wait_ms, self.dedup_ms = int(cfg.join_wait_s * 1000), int(cfg.dedup_window_s * 1000)
+        self.guard_ms = int(cfg.join_memory_guard_s * 1000)
+        self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
+                                (RECALL.name, EXPOSURE.name))
+        self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
+        self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
+        self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last checked (ms)
         self.app = self._build()
 
     # ------------------------------------------------------------------ the app, top to bottom
@@ -138,16 +140,18 @@ class StreamsProcessor:
         setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010 - read by streams/transport.py
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
-        # the expiry topic is internal (declared by faust with the app's partition count) and read by the
-        # same agent as the inputs: co-partitioned with them, so an expiry runs where its request lives
-        self.expiry_topic_name = f"{cfg.app_id}-expiry"
+        # the expiry topic is internal and read by the same agent as the inputs: co-partitioned with them,
+        # so an expiry runs where its request lives
+        self.expiry_topic_name = expiry_topic(cfg.app_id)
         events = app.topic(RECALL.name, EXPOSURE.name, self.expiry_topic_name, **RAW)
         self.expiry_topic = app.topic(self.expiry_topic_name, partitions=s.kafka.partitions, internal=True, **RAW)
         self.out_samples = app.topic(SAMPLES.name, **RAW)
         self.out_unexposed = app.topic(UNEXPOSED.name, **RAW)
         self.out_anchor_requests = app.topic(ANCHOR_REQUESTS.name, **RAW)
         self.dlq = {t: app.topic(f"{t}.dlq", **RAW) for t in (RECALL.name, EXPOSURE.name)}
-        # state: pending joins by request id; interest by user id (both changelogged)
+        # a dead letter larger than the producer accepts would fail the agent on every restart
+        self.dlq_max_bytes = min(int(app.conf.producer_max_request_size), s.kafka.max_message_bytes)
+        # state: join records (waiting requests and markers) by request id; interest by user id (changelogged)
         self.pending = cast(faust.Table, app.Table("pending", partitions=s.kafka.partitions, **RAW_TABLE,
                                                    on_recover=self._on_recover))
         self.interest = cast(faust.Table, app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE))
@@ -155,17 +159,9 @@ class StreamsProcessor:
         @app.agent(events)
         async def recall_exposure(stream: faust.StreamT) -> None:
             async for event in stream.events():
-                m = event.message
                 try:
-                    if m.topic == RECALL.name:
-                        await self.on_recall(m)
-                    elif m.topic == self.expiry_topic_name:
-                        await self.on_expiry(m.key, m.value)
-                    else:
-                        await self.on_exposure(m)
-                except DecodeError as e:
-                    await self.dead_letter(m, e)
-                except Exception as e:  # faust would log it and restart the agent: end the stage instead
+                    await self.process(event.message)  # every message's own failure ends in its DLQ
+                except Exception as e:  # what is left (the DLQ itself failing): end the stage, never limp on
                     self.agent_error = e
                     raise
 
@@ -179,71 +175,106 @@ class StreamsProcessor:
 
         return app
 
+    async def process(self, m: Any) -> None:
+        """One message, whatever happens: an exception ends in the DLQ, never in a dead agent."""
+        try:
+            if m.topic == self.expiry_topic_name:
+                await self.on_expiry(m.key, m.value)
+            elif m.topic == RECALL.name:
+                await self.on_recall(m)
+            else:
+                await self.on_exposure(m)
+        except DecodeError as e:
+            await self.dead_letter(m, e, e.reason)
+        except Exception as e:  # a bug or a broken record must not stop the stream: DLQ, counted
+            log.exception("streams: %s[%d]@%d failed", m.topic, m.partition, m.offset)
+            await self.dead_letter(m, e, "processing_error")
+        try:
+            await self.advance(m.partition)
+        except Exception:  # the swept record stays in the table; the wall-clock guard retries it
+            log.exception("streams: event-time expiry on partition %d failed", m.partition)
+            self.accounting.add("expiry_error")
+
     # ------------------------------------------------------------------ recall
     async def on_recall(self, m: Any) -> None:
-        cfg = self.settings.streams
-        recall = decode_recall(self.wire.payload(m.topic, m.value), cfg.max_candidates)
+        recall = decode_recall(self.wire.payload(m.topic, m.value), self.settings.streams.max_candidates)
         self.accounting.add("recall_in")
-        unknown = self.catalog.unknown(recall.item_ids)
-        if len(unknown):
-            raise DecodeError("unknown_items", f"recall {recall.request_id}: {len(unknown)} unknown item ids, "
-                                               f"e.g. {unknown[:5].tolist()}")
-        _, first = np.unique(recall.item_ids, return_index=True)
-        if len(first) < len(recall.item_ids):  # repeated candidates: keep the first, count the rest
-            self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))
-            keep = np.sort(first)
-            recall = type(recall)(recall.request_id, recall.user_id, recall.ts,
-                                  recall.item_ids[keep], recall.scores[keep])
+        self.clock.observe(RECALL.name, m.partition, recall.ts)
         key = recall.request_id.encode()
         prev = self._get(key)
-        if prev is None:
-            self._put(key, pending_recall(recall, now_ms() + int(cfg.join_wait_s * 1000), m.partition))
-            self.waiting += 1
-        elif prev.kind == PENDING_EXPOSURE:
-            assert prev.exposure is not None
-            await self.join(recall.request_id, recall.item_ids, recall.scores, decode(prev.exposure, ExposureEvent),
-                            m.partition)
-        elif prev.kind == EXPIRED:
+        if prev is not None and (prev.partition, prev.recall_offset) == (m.partition, m.offset):
+            self.accounting.add("reread")  # read again after a restart: its work is in the table already
+            return
+        if prev is not None and prev.recall_offset != NO_OFFSET:
+            raise DecodeError("duplicate", f"recall {recall.request_id} seen before (offset {prev.recall_offset})")
+        if prev is not None and prev.kind == EXPIRED:
             self.accounting.add("late_recall")
+            self._mark(key, marker(EXPIRED, prev, prev.ts, prev.deadline_ms, recall_offset=m.offset))
+            return
+        recall = self._dedup_candidates(recall)
+        recall, unknown = self.unknown_items.screen(recall, len(self.held))
+        if len(unknown):  # hold: wait in the table (with the exposure if it came) until the indexer has them
+            deadline = now_ms() + int(self.settings.streams.unknown_hold_s * 1000)
+            self._put(key, pending_recall(recall, deadline, m.partition, m.offset, HELD, prev))
+            self.held[key] = 0
+            self.waiting += 1
+            self.accounting.add("unknown_held")
+        elif prev is None:
+            self._put(key, pending_recall(recall, now_ms() + self.guard_ms, m.partition, m.offset))
+            self.waiting += 1
         else:
-            raise DecodeError("duplicate", f"recall {recall.request_id} seen before")
+            assert prev.kind == PENDING_EXPOSURE and prev.exposure is not None
+            self.splits.joined(prev, m.partition)
+            await self.join(key, recall.item_ids, recall.scores, decode(prev.exposure, ExposureEvent), prev,
+                            m.offset, prev.exposure_offset)
+
+    def _dedup_candidates(self, recall: Recall) -> Recall:
+        _, first = np.unique(recall.item_ids, return_index=True)
+        if len(first) == len(recall.item_ids):
+            return recall
+        self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))  # keep the first
+        keep = np.sort(first)
+        return Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep])
 
     # ------------------------------------------------------------------ exposure
     async def on_exposure(self, m: Any) -> None:
-        cfg = self.settings.streams
         value = self.wire.payload(m.topic, m.value)
         exposure = decode(value, ExposureEvent)
         assert value is not None  # decode refused None
         self.accounting.add("exposure_in")
+        self.clock.observe(EXPOSURE.name, m.partition, exposure.ts)
         key = exposure.request_id.encode()
         prev = self._get(key)
+        if prev is not None and (prev.partition, prev.exposure_offset) == (m.partition, m.offset):
+            self.accounting.add("reread")
+            return
+        if prev is not None and prev.exposure_offset != NO_OFFSET:
+            raise DecodeError("duplicate", f"exposure {exposure.request_id} seen before "
+                                           f"(offset {prev.exposure_offset})")
         if prev is None:
-            deadline = now_ms() + int(cfg.join_wait_s * 1000)
-            self._put(key, pending_exposure(exposure, value, deadline, m.partition))
+            self._put(key, pending_exposure(exposure, value, now_ms() + self.guard_ms, m.partition, m.offset))
             self.waiting += 1
         elif prev.kind == PENDING_RECALL:
             assert prev.item_ids is not None and prev.scores is not None
-            await self.join(exposure.request_id, prev.item_ids, prev.scores, exposure, m.partition)
-        elif prev.kind == EXPIRED:
-            # the recall expired before this exposure came: its clicks are still real labels
+            self.splits.joined(prev, m.partition)
+            await self.join(key, prev.item_ids, prev.scores, exposure, prev, prev.recall_offset, m.offset)
+        elif prev.kind == HELD:  # the recall waits for its items: the exposure waits with it
+            self._put(key, Pending(HELD, prev.ts, prev.deadline_ms, prev.user_id, prev.partition,
+                                   prev.recall_offset, m.offset, prev.item_ids, prev.scores, value))
+            self.waiting += 1
+        else:  # the recall expired before this exposure came: its clicks are still real labels
             self.accounting.add("late_exposure")
+            self._mark(key, marker(EXPIRED, prev, prev.ts, prev.deadline_ms, exposure_offset=m.offset))
             await self.emit_real(exposure)
-        else:
-            raise DecodeError("duplicate", f"exposure {exposure.request_id} seen before")
 
     # ------------------------------------------------------------------ join → samples, unexposed
-    async def join(self, request_id: str, recall_ids: np.ndarray, recall_scores: np.ndarray,
-                   exposure: ExposureEvent, partition: int) -> None:
-        cfg = self.settings.streams
-        key = request_id.encode()
-        self.splits.joined(self.pending.get(key), partition)
-        if key in self.pending:
-            del self.pending[key]
-        self._mark(key, marker(DONE, exposure.user_id, exposure.ts, now_ms() + int(cfg.dedup_window_s * 1000),
-                               partition))
+    async def join(self, key: bytes, recall_ids: np.ndarray, recall_scores: np.ndarray,
+                   exposure: ExposureEvent, prev: Pending, recall_offset: int, exposure_offset: int) -> None:
+        self._mark(key, marker(DONE, prev, exposure.ts, now_ms() + max(self.dedup_ms, self.guard_ms),
+                               recall_offset=recall_offset, exposure_offset=exposure_offset))
         self.accounting.add("joined", 2)
-        self.waiting -= 1
-        batch = unexposed(recall_ids, recall_scores, exposure, request_id, exposure.user_id, exposure.ts)
+        self.waiting -= prev.waiting_inputs
+        batch = unexposed(recall_ids, recall_scores, exposure, exposure.request_id, exposure.user_id, exposure.ts)
         await self.emit_real(exposure)
         if batch is not None:
             value = self.wire.encode_json(UNEXPOSED.name, encode_unexposed(batch))
@@ -281,9 +312,35 @@ class StreamsProcessor:
             self.accounting.add(f"anchor_requests:{reason}")
         self.interest[key] = state.pack()
 
-    # ------------------------------------------------------------------ expiry (timer → agent)
+    # ------------------------------------------------------------------ expiry by event time (agent)
+    async def advance(self, partition: int) -> None:
+        """Expire the waiting requests and forget the markers whose due time the partition's watermark passed
+        (called by the agent after each input, so tables may be written)."""
+        for due, key in self.clock.pop_due(partition):
+            rec = self._get(key)
+            if rec is None or event_due(rec, self.wait_ms, self.dedup_ms) != due:
+                continue  # joined, rewritten or forgotten since it was scheduled
+            if rec.kind in (DONE, EXPIRED):
+                del self.pending[key]
+            else:
+                await self.expire(key, rec, guard=False)
+
+    async def expire(self, key: bytes, rec: Pending, *, guard: bool) -> None:
+        """A request whose partner did not come in time (``guard``: the wall-clock memory guard fired)."""
+        self._mark(key, marker(EXPIRED, rec, rec.ts, now_ms() + max(self.dedup_ms, self.guard_ms)))
+        self.waiting -= rec.waiting_inputs
+        suffix = "_memory_guard" if guard else ""
+        if rec.kind == PENDING_RECALL:
+            self.accounting.add("expired" + suffix)
+        else:  # an exposure whose recall never came: real labels all the same
+            self.accounting.add("exposure_only" + suffix)
+            assert rec.exposure is not None
+            await self.emit_real(decode(rec.exposure, ExposureEvent))
+
+    # ------------------------------------------------------------------ wall clock: guard, hold (timer → agent)
     async def expire_due(self) -> None:
-        """Timer: forget due markers (memory only) and hand due pending requests to the agent.
+        """Timer: hand the agent what the wall clock made due: waiting requests past the memory guard,
+        markers past their bound, held recalls whose items arrived or whose hold ended.
 
         Writes no table: faust refuses table writes outside stream iteration. The agent re-checks the record
         when the expiry message arrives (:meth:`on_expiry`), so a partner that came meanwhile, or a duplicate
@@ -292,105 +349,116 @@ class StreamsProcessor:
         now = now_ms()
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, key, partition = heapq.heappop(self._deadlines)
-            mark = self._markers.get(key)
-            if mark is not None and mark.deadline_ms == deadline:
-                del self._markers[key]
-                continue
             raw = self.pending.get(key)
-            if raw is None or self._due(Pending.unpack(raw), deadline) is None:
+            if raw is None or Pending.unpack(raw).deadline_ms != deadline:
                 continue
             await self.expiry_topic.send(key=key, value=_DEADLINE.pack(deadline), partition=partition)
+        for key, checked in list(self.held.items()):
+            if now - checked < RESEND_MS:  # each held recall asks the index at most once per RESEND_MS
+                continue
+            raw = self.pending.get(key)
+            rec = Pending.unpack(raw) if raw else None
+            if rec is None or rec.kind != HELD:
+                self.held.pop(key, None)
+                continue
+            self.held[key] = now
+            if rec.item_ids is not None and not len(self.catalog.unknown(rec.item_ids)):
+                await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
+        for partition in self.clock.due_partitions(now):
+            if now - self._woken.get(partition, 0) >= RESEND_MS:
+                self._woken[partition] = now
+                await self.expiry_topic.send(key=b"", value=_ADVANCE, partition=partition)
         JOIN_PENDING.set(self.waiting)
 
-    @staticmethod
-    def _due(rec: Pending, deadline: int) -> Pending | None:
-        """The record if it is still the one waiting for ``deadline``; None if superseded or already done."""
-        if rec.deadline_ms != deadline or rec.kind not in (PENDING_RECALL, PENDING_EXPOSURE):
-            return None
-        return rec
-
     async def on_expiry(self, key: bytes, value: bytes) -> None:
-        """Agent: expire a request the timer found due (inside stream iteration, at the request's partition)."""
+        """Agent: act on what the timer found due (inside stream iteration, at the request's partition)."""
+        if value == _ADVANCE:
+            return  # an idle partition's event time moved: process() expires what it passed
         (deadline,) = _DEADLINE.unpack(value)
-        raw = self.pending.get(key)
-        rec = self._due(Pending.unpack(raw), deadline) if raw else None
-        if rec is None or key in self._markers:
-            return  # joined or expired since the timer looked
-        cfg = self.settings.streams
-        del self.pending[key]
-        self._mark(key, marker(EXPIRED, rec.user_id, rec.ts, now_ms() + int(cfg.dedup_window_s * 1000),
-                               rec.partition))
-        self.waiting -= 1
-        if rec.kind == PENDING_RECALL:
-            self.accounting.add("expired")
-        else:  # an exposure whose recall never came: real labels all the same
-            self.accounting.add("exposure_only")
-            assert rec.exposure is not None
-            await self.emit_real(decode(rec.exposure, ExposureEvent))
+        rec = self._get(key)
+        if rec is None or rec.deadline_ms != deadline:
+            return  # joined, released or forgotten since the timer looked
+        if rec.kind == HELD:
+            await self.release(key, rec)
+        elif rec.kind in (DONE, EXPIRED):
+            del self.pending[key]
+        elif now_ms() >= deadline:
+            await self.expire(key, rec, guard=True)
+
+    async def release(self, key: bytes, rec: Pending) -> None:
+        """A held recall goes on once the indexer has its items, or at the end of its hold without the ones
+        still unknown (counted)."""
+        assert rec.item_ids is not None and rec.scores is not None
+        recall = Recall(key.decode(), rec.user_id, rec.ts, rec.item_ids, rec.scores)
+        unknown = self.catalog.unknown(recall.item_ids)
+        if len(unknown) and now_ms() < rec.deadline_ms:
+            return  # not yet: the timer asks again
+        self.held.pop(key, None)
+        if len(unknown):
+            self.accounting.add("unknown_hold_timeout")
+            recall = self.unknown_items.drop(recall, unknown)
+        else:
+            self.accounting.add("unknown_released")
+        if rec.exposure is None:  # now it waits for its exposure, like any recall
+            self._put(key, pending_recall(recall, now_ms() + self.guard_ms, rec.partition, rec.recall_offset))
+        else:
+            await self.join(key, recall.item_ids, recall.scores, decode(rec.exposure, ExposureEvent), rec,
+                            rec.recall_offset, rec.exposure_offset)
 
     async def _on_recover(self) -> None:
-        """After a restart the table comes back from its changelog: rebuild the deadline heap."""
-        self._deadlines = []
+        """After a restart the table comes back from its changelog: rebuild the heaps and the watermarks (the
+        newest event time of the recovered records: markers carry it for joined requests, so the watermark
+        resumes about where it stopped, never ahead, and nothing expires for the downtime)."""
+        self._deadlines, self.waiting, self.held = [], 0, {}
+        self.clock.reset()
         for key, raw in self.pending.items():
             rec = Pending.unpack(raw)
-            self._deadlines.append((rec.deadline_ms, key, rec.partition))
-            self.waiting += rec.kind in (PENDING_RECALL, PENDING_EXPOSURE)
-        heapq.heapify(self._deadlines)
-        log.info("streams: recovered %d pending records", len(self._deadlines))
+            for source, offset in ((RECALL.name, rec.recall_offset), (EXPOSURE.name, rec.exposure_offset)):
+                if offset != NO_OFFSET:  # this input had reached about rec.ts (a joined marker: its exposure ts)
+                    self.clock.observe(source, rec.partition, rec.ts)
+            self._schedule(key, rec)
+            self.waiting += rec.waiting_inputs
+            if rec.kind == HELD:
+                self.held[key] = 0
+        log.info("streams: recovered %d join records", len(self._deadlines))
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ state records
     def _get(self, key: bytes) -> Pending | None:
-        mark = self._markers.get(key)
-        if mark is not None:
-            return mark
         raw = self.pending.get(key)
         return Pending.unpack(raw) if raw else None
 
-    def _mark(self, key: bytes, rec: Pending) -> None:
-        self._markers[key] = rec
-        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
-
     def _put(self, key: bytes, rec: Pending) -> None:
         self.pending[key] = rec.pack()
-        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
+        self._schedule(key, rec)
 
-    async def dead_letter(self, m: Any, e: DecodeError) -> None:
+    _mark = _put  # a marker replaces the request's record under the same key, so it is changelogged too
+
+    def _schedule(self, key: bytes, rec: Pending) -> None:
+        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
+        due = event_due(rec, self.wait_ms, self.dedup_ms)
+        if due is not None:
+            self.clock.schedule(rec.partition, due, key)
+
+    async def dead_letter(self, m: Any, e: Exception, reason: str) -> None:
         dl = dead_letter(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
-                         error=str(e), reason=e.reason, stage=STAGE)
-        await self.dlq[m.topic].send(key=m.key, value=self.wire.encode(f"{m.topic}.dlq", dl))
-        self.accounting.add(f"dlq:{e.reason}")
-        log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, e.reason, e)
+                         error=f"{type(e).__name__}: {e}" if reason == "processing_error" else str(e),
+                         reason=reason, stage=STAGE, max_bytes=self.dlq_max_bytes)
+        topic = self.dlq.get(m.topic)
+        if topic is None:  # the internal expiry topic has no DLQ: its messages are re-derived from the table
+            self.accounting.add(f"internal_error:{reason}")
+            log.warning("streams: internal %s[%d]@%d failed (%s): %s", m.topic, m.partition, m.offset, reason, e)
+            return
+        await topic.send(key=m.key, value=self.wire.encode(f"{m.topic}.dlq", dl))
+        self.accounting.add(f"dlq:{reason}")
+        log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, reason, e)
 
     # ------------------------------------------------------------------ lifecycle
-    def create_internal_topics(self, timeout: float = 30.0) -> None:
-        """Create the expiry topic with the app's partition count before faust subscribes to it.
-
-        faust declares only internal topics it subscribes to alone; a topic the broker auto-creates gets the
-        broker's default count, and faust then refuses it as the source of the tables' changelogs
-        (PartitionsMismatch, docs/design.md §5). An existing topic is left alone.
-        """
-        kafka = self.settings.kafka
-        admin = AdminClient(kafka.client_config())
-        if self.expiry_topic_name in admin.list_topics(timeout=timeout).topics:
-            return
-        topic = NewTopic(self.expiry_topic_name, num_partitions=kafka.partitions,
-                         replication_factor=kafka.replication_factor)
-        try:
-            admin.create_topics([topic], operation_timeout=timeout)[self.expiry_topic_name].result(timeout)
-        except KafkaException as e:
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # consumers must see its partitions when they join
-            md = admin.list_topics(timeout=timeout).topics.get(self.expiry_topic_name)
-            if md is not None and md.partitions:
-                return
-            time.sleep(0.1)
-
     def run(self, stop: threading.Event) -> None:
         """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
         verify_copartitioned(self.settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
-        self.create_internal_topics()
+        # the internal expiry topic, with the app's partition count, before faust subscribes to it (faust
+        # declares only topics it subscribes to alone; an auto-created one would mismatch the changelogs)
+        create_topics(self.settings.kafka, [self.expiry_topic_name])
         # faust makes its datadir with mkdir(exist_ok=True) only: the parents must exist
         (self.settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)
         loop = asyncio.new_event_loop()

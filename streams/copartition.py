@@ -73,14 +73,14 @@ class SplitWatch:
         self.accounting = accounting
         self._warned = False
 
-    def joined(self, first: bytes | None, partition: int) -> bool:
-        """``first``: the packed pending record of the half that came first; ``partition``: the second's.
+    def joined(self, first: Pending | None, partition: int) -> bool:
+        """``first``: the pending record of the half that came first; ``partition``: the second's.
 
         True (and counted) when they differ. The first split is logged once, with what it means.
         """
         if first is None:
             return False
-        earlier = Pending.unpack(first).partition
+        earlier = first.partition
         if earlier == partition:
             return False
         self.accounting.add("split_partitions")

@@ -14,53 +14,98 @@ import numpy as np
 import orjson
 
 from schemas.codec import DecodeError, decode
-from schemas.events import RECALL_SCHEMA_VERSION, ExposureEvent, RecallEvent, Sample, SampleBatch, UnexposedBatch
+from schemas.events import (
+    MAX_EPOCH_MS,
+    MAX_ID_CHARS,
+    RECALL_SCHEMA_VERSION,
+    ExposureEvent,
+    RecallEvent,
+    Sample,
+    SampleBatch,
+    UnexposedBatch,
+)
 from schemas.ids import sample_id
 
-# kind byte of a pending-table record
-RECALL, EXPOSURE, DONE, EXPIRED = b"R", b"E", b"D", b"X"
-_HEAD = struct.Struct("<cqqHH")  # kind, event ts ms, deadline ms (wall clock), partition, len(user_id)
+# kind byte of a join-table record: waiting for its partner (RECALL, EXPOSURE), a recall held until the
+# indexer knows its candidates (HELD, may already carry its exposure), or a marker kept after the request
+# was joined (DONE) or expired (EXPIRED) to tell duplicates and late partners from re-reads
+RECALL, EXPOSURE, HELD, DONE, EXPIRED = b"R", b"E", b"H", b"D", b"X"
+PENDING_RECALL, PENDING_EXPOSURE = RECALL, EXPOSURE  # the names streams/app.py uses (its RECALL is a topic)
+# every final outcome of an input message besides ``dlq:<reason>`` (streams/app.py counts them)
+OUTCOMES = ("joined", "expired", "expired_memory_guard", "exposure_only", "exposure_only_memory_guard",
+            "late_exposure", "late_recall", "reread")
+WAITING = (RECALL, EXPOSURE, HELD)
+# kind, event ts ms, wall-clock deadline ms, partition, recall offset, exposure offset, len(user_id), has arrays
+_HEAD = struct.Struct("<cqqHqqH?")
+NO_OFFSET = -1
 
 
 @dataclass(frozen=True)
 class Pending:
-    """One record of the join table, keyed by request id."""
+    """One record of the join table, keyed by request id.
+
+    ``deadline_ms`` is wall clock: the memory guard of a waiting request, the end of a hold, or when a marker
+    is forgotten at the latest. The join itself expires by event time (streams/clock.py). The offsets of the
+    recall and exposure that made the record tell a re-read after a restart (same offset: already done)
+    from a duplicate (another offset).
+    """
 
     kind: bytes
     ts: int
     deadline_ms: int
     user_id: str
     partition: int = 0
-    item_ids: np.ndarray | None = None  # RECALL: candidates (int64)
-    scores: np.ndarray | None = None  # RECALL: recall scores (float32)
-    exposure: bytes | None = None  # EXPOSURE: the raw exposure event, joined when its recall arrives
+    recall_offset: int = NO_OFFSET
+    exposure_offset: int = NO_OFFSET
+    item_ids: np.ndarray | None = None  # RECALL/HELD: candidates (int64)
+    scores: np.ndarray | None = None  # RECALL/HELD: recall scores (float32)
+    exposure: bytes | None = None  # EXPOSURE/HELD: the raw exposure event, joined when its recall arrives
+
+    @property
+    def waiting_inputs(self) -> int:
+        """How many input messages this record holds back from an outcome."""
+        if self.kind not in WAITING:
+            return 0
+        return int(self.recall_offset != NO_OFFSET) + int(self.exposure_offset != NO_OFFSET)
 
     def pack(self) -> bytes:
         user = self.user_id.encode()
-        head = _HEAD.pack(self.kind, self.ts, self.deadline_ms, self.partition, len(user)) + user
-        if self.kind == RECALL:
+        arrays = self.item_ids is not None and self.kind in (RECALL, HELD)
+        head = _HEAD.pack(self.kind, self.ts, self.deadline_ms, self.partition, self.recall_offset,
+                          self.exposure_offset, len(user), arrays) + user
+        if arrays:
             assert self.item_ids is not None and self.scores is not None
             n = struct.pack("<I", len(self.item_ids))
-            return head + n + self.item_ids.astype("<i8").tobytes() + self.scores.astype("<f4").tobytes()
-        if self.kind == EXPOSURE:
-            return head + (self.exposure or b"")
+            head += n + self.item_ids.astype("<i8").tobytes() + self.scores.astype("<f4").tobytes()
+        if self.kind in (EXPOSURE, HELD):
+            head += self.exposure or b""
         return head
 
     @staticmethod
     def unpack(raw: bytes) -> Pending:
-        kind, ts, deadline, part, ulen = _HEAD.unpack_from(raw)
+        kind, ts, deadline, part, r_off, e_off, ulen, arrays = _HEAD.unpack_from(raw)
         off = _HEAD.size
         user = raw[off : off + ulen].decode()
         off += ulen
-        if kind == RECALL:
+        ids = scores = None
+        if arrays:
             (n,) = struct.unpack_from("<I", raw, off)
             off += 4
             ids = np.frombuffer(raw, dtype="<i8", count=n, offset=off)
             scores = np.frombuffer(raw, dtype="<f4", count=n, offset=off + 8 * n)
-            return Pending(kind, ts, deadline, user, part, item_ids=ids, scores=scores)
-        if kind == EXPOSURE:
-            return Pending(kind, ts, deadline, user, part, exposure=bytes(raw[off:]))
-        return Pending(kind, ts, deadline, user, part)
+            off += 12 * n
+        exposure = bytes(raw[off:]) if kind in (EXPOSURE, HELD) and off < len(raw) else None
+        return Pending(kind, ts, deadline, user, part, r_off, e_off, item_ids=ids, scores=scores, exposure=exposure)
+
+
+def event_due(rec: Pending, join_wait_ms: int, dedup_ms: int) -> int | None:
+    """Event time at which the record is due: a waiting request expires, a marker is forgotten. A held recall
+    has no event-time due: it waits for the indexer, bounded by its wall-clock hold."""
+    if rec.kind in (RECALL, EXPOSURE):
+        return rec.ts + join_wait_ms
+    if rec.kind in (DONE, EXPIRED):
+        return rec.ts + dedup_ms
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,8 +118,6 @@ class Recall:
     item_ids: np.ndarray  # int64
     scores: np.ndarray  # float32
 
-
-_MAX_ID_LEN = 256  # the contract's bound on request and user ids
 
 
 def decode_recall(raw: bytes | None, max_candidates: int) -> Recall:
@@ -90,8 +133,8 @@ def decode_recall(raw: bytes | None, max_candidates: int) -> Recall:
     try:
         obj = orjson.loads(raw)  # type: ignore[arg-type]
         rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
-        ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= _MAX_ID_LEN
-              and 0 < len(uid) <= _MAX_ID_LEN and type(ts) is int and ts >= 0)
+        ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
+              and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS)
         if ok and "candidates" not in obj:
             ids, scores, ok = _columns(obj)
         elif ok:
@@ -151,18 +194,25 @@ def _candidates(obj: dict[str, object]) -> tuple[np.ndarray, np.ndarray, bool]:
     return ids, scores, ok
 
 
-def pending_recall(ev: Recall, deadline_ms: int, partition: int) -> Pending:
-    return Pending(RECALL, ev.ts, deadline_ms, ev.user_id, partition, item_ids=ev.item_ids, scores=ev.scores)
+def pending_recall(ev: Recall, deadline_ms: int, partition: int, offset: int, kind: bytes = RECALL,
+                   exposure: Pending | None = None) -> Pending:
+    """A recall waiting for its exposure (RECALL) or for its items (HELD, with the exposure if it came)."""
+    e_off, e_raw = (exposure.exposure_offset, exposure.exposure) if exposure is not None else (NO_OFFSET, None)
+    return Pending(kind, ev.ts, deadline_ms, ev.user_id, partition, offset, e_off, item_ids=ev.item_ids,
+                   scores=ev.scores, exposure=e_raw)
 
 
-def pending_exposure(ev: ExposureEvent, raw: bytes, deadline_ms: int, partition: int) -> Pending:
-    return Pending(EXPOSURE, ev.ts, deadline_ms, ev.user_id, partition, exposure=raw)
+def pending_exposure(ev: ExposureEvent, raw: bytes, deadline_ms: int, partition: int, offset: int) -> Pending:
+    return Pending(EXPOSURE, ev.ts, deadline_ms, ev.user_id, partition, exposure_offset=offset, exposure=raw)
 
 
-def marker(kind: bytes, user_id: str, ts: int, forget_at_ms: int, partition: int) -> Pending:
+def marker(kind: bytes, rec: Pending, ts: int, forget_at_ms: int, *, recall_offset: int | None = None,
+           exposure_offset: int | None = None) -> Pending:
     """Remembered after a request is joined (DONE) or expired (EXPIRED), to catch duplicates and late
-    events; purged at ``forget_at_ms``."""
-    return Pending(kind, ts, forget_at_ms, user_id, partition)
+    partners and to recognise re-reads; forgotten by event time, or at ``forget_at_ms`` at the latest."""
+    return Pending(kind, ts, forget_at_ms, rec.user_id, rec.partition,
+                   rec.recall_offset if recall_offset is None else recall_offset,
+                   rec.exposure_offset if exposure_offset is None else exposure_offset)
 
 
 def real_samples(exposure: ExposureEvent) -> SampleBatch:

@@ -36,7 +36,7 @@ def test_split_watch_counts_only_splits() -> None:
     acc = Accounting("streams-test")
     watch = SplitWatch(acc)
     ev = ExposureEvent(request_id="r", user_id="u", ts=1, items=[ExposedItem(item_id=1, position=0, clicked=False)])
-    first = pending_exposure(ev, encode(ev), deadline_ms=10, partition=2).pack()
+    first = pending_exposure(ev, encode(ev), 10, 2, 0)
     before = SPLIT_REQUESTS._value.get()
     assert not watch.joined(first, 2) and not watch.joined(None, 1)
     assert watch.joined(first, 0) and watch.joined(first, 1)

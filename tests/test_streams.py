@@ -37,7 +37,8 @@ def exposure(rid: str, user: str, shown: list[int], clicked: set[int], ts: int =
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker, partitions: int) -> None:
     s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=partitions,
-                      streams={"join_wait_s": 2.0, "max_candidates": 30, "debounce_s": 0})
+                      streams={"join_wait_s": 2.0, "allowed_lateness_s": 0.0, "max_candidates": 30, "debounce_s": 0,
+                               "unknown_items": "dlq"})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
     proc = StreamsProcessor(s, index)
@@ -55,24 +56,29 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     produce(s, "exposure", [b'{"request_id": "r7", "user_id": "u7", "ts": 1}'], keys=["u7"])  # no items
 
     with running(proc, "streams"):
+        wait_for(lambda: proc.accounting["joined"] == 4, 60, "r1 and r2 to join")
+        # r3 expires by event time: a later request of u3 (same partition) moves the watermark past 1,000 + 2,000
+        produce(s, "recall", [recall("r8", "u3", [1, 2], ts=3_500)])
+        produce(s, "exposure", [exposure("r8", "u3", [2], set(), ts=3_600)])
         wait_for(lambda: proc.accounting["expired"] == 1, 60, "r3 to expire")
         produce(s, "exposure", [exposure("r3", "u3", [1], {1}, ts=3_000)])  # late: after expiry
         wait_for(lambda: proc.accounting["late_exposure"] == 1, 30, "late exposure")
-        unexposed = drain(s, "unexposed", expect=2)
-        samples = drain(s, "samples", expect=3)
+        unexposed = drain(s, "unexposed", expect=3)
+        samples = drain(s, "samples", expect=4)
         dlq_r = drain(s, "recall.dlq", expect=5)
         dlq_e = drain(s, "exposure.dlq", expect=1)
         requests = drain(s, "anchor-requests", expect=3)
 
     by_req = {u["request_id"]: u for u in unexposed}
-    assert set(by_req) == {"r1", "r2"}
+    assert set(by_req) == {"r1", "r2", "r8"}
     assert by_req["r1"]["item_ids"] == list(range(4, 21))
     assert by_req["r2"]["item_ids"] == list(range(7, 16))
     # every exposed item gets exactly one real label
     labels = [(b["request_id"], x["item_id"], x["label"], x["source"]) for b in samples for x in b["samples"]]
     assert sorted(labels) == sorted([
         ("r1", 1, 1.0, "click"), ("r1", 2, 0.0, "exposed-negative"), ("r1", 3, 0.0, "exposed-negative"),
-        ("r2", 5, 0.0, "exposed-negative"), ("r2", 6, 1.0, "click"), ("r3", 1, 1.0, "click")])
+        ("r2", 5, 0.0, "exposed-negative"), ("r2", 6, 1.0, "click"), ("r3", 1, 1.0, "click"),
+        ("r8", 2, 0.0, "exposed-negative")])
     assert sorted(d["reason"] for d in dlq_r) == ["duplicate", "empty_candidates", "malformed_json", "oversized",
                                                   "unknown_items"]
     assert all(d["topic"] == "recall" and d["offset"] >= 0 and d["value"] for d in dlq_r)
@@ -80,33 +86,37 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     assert sorted((r["user_id"], r["reason"]) for r in requests) == [
         ("u1", "cold_start"), ("u2", "cold_start"), ("u3", "cold_start")]
     acc = proc.accounting.snapshot()
-    # accounting: 9 recall messages + 5 exposure messages in, each in one outcome
-    assert acc["joined"] == 4 and acc["expired"] == 1 and acc["late_exposure"] == 1
+    # accounting: 10 recall messages + 6 exposure messages in, each in one outcome
+    assert acc["joined"] == 6 and acc["expired"] == 1 and acc["late_exposure"] == 1
     assert sum(v for k, v in acc.items() if k.startswith("dlq:")) == 6
     assert proc.waiting == 0
-    assert acc["unexposed_candidates"] == 17 + 9
+    assert acc["unexposed_candidates"] == 17 + 9 + 1
 
 
 def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     """A clicked exposure whose recall never comes: at expiry its real labels are still produced and the
     user's interest is updated (a table write: it must happen inside stream iteration, not in the timer,
     where faust raised and killed the agent), and the app keeps processing later messages."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2, streams={"join_wait_s": 1.0, "debounce_s": 0})
+    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2,
+                      streams={"join_wait_s": 1.0, "allowed_lateness_s": 0.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     produce(s, "exposure", [exposure("lonely", "u1", [1, 2], {2})])
+    # a later request of u1 (same partition, both inputs) moves event time past the lonely exposure's wait
+    produce(s, "recall", [recall("later", "u1", [4], ts=9_000)])
+    produce(s, "exposure", [exposure("later", "u1", [4], set(), ts=9_100)])
     with running(proc, "streams"):
         wait_for(lambda: proc.accounting["exposure_only"] == 1, 30,
                  lambda: f"the exposure to expire alone: {proc.accounting.snapshot()}")
         # later messages are still processed: a normal join after the expiry
-        produce(s, "recall", [recall("after", "u2", [3, 4, 5])])
-        produce(s, "exposure", [exposure("after", "u2", [3], {3})])
-        wait_for(lambda: proc.accounting["joined"] == 2, 30,
+        produce(s, "recall", [recall("after", "u2", [3, 4, 5], ts=9_000)])
+        produce(s, "exposure", [exposure("after", "u2", [3], {3}, ts=9_050)])
+        wait_for(lambda: proc.accounting["joined"] == 4, 30,
                  lambda: f"a join after the expiry: {proc.accounting.snapshot()}")
-        samples = drain(s, "samples", expect=2)
+        samples = drain(s, "samples", expect=3)
         requests = drain(s, "anchor-requests", expect=2)
     labels = sorted((b["request_id"], x["item_id"], x["label"]) for b in samples for x in b["samples"])
-    assert labels == [("after", 3, 1.0), ("lonely", 1, 0.0), ("lonely", 2, 1.0)]
+    assert labels == [("after", 3, 1.0), ("later", 4, 0.0), ("lonely", 1, 0.0), ("lonely", 2, 1.0)]
     assert sorted((r["user_id"], r["reason"]) for r in requests) == [("u1", "cold_start"), ("u2", "cold_start")]
     assert proc.waiting == 0
     acc = proc.accounting.snapshot()

@@ -128,11 +128,15 @@ class Accounting:
 class DeadLetters:
     """Send bad input to ``<topic>.dlq`` with its original bytes, the error and the origin offset."""
 
-    def __init__(self, producer: Producer, stage: str, accounting: Accounting, wire: Wire | None = None) -> None:
+    def __init__(self, producer: Producer, stage: str, accounting: Accounting, wire: Wire | None = None,
+                 max_bytes: int | None = None) -> None:
         self.producer = producer
         self.wire = wire
         self.stage = stage
         self.accounting = accounting
+        # the producer's message limit: a larger original keeps a truncated payload + size + sha256, because a
+        # dead letter the producer refuses raises in the stage's loop and the input would end nowhere
+        self.max_bytes = max_bytes
 
     def send(self, msg: Message, err: DecodeError | Exception, reason: str | None = None) -> None:
         self.send_raw(msg.topic() or "?", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value(), err, reason)
@@ -150,7 +154,7 @@ class DeadLetters:
         why = reason or (err.reason if isinstance(err, DecodeError) else type(err).__name__)
         dl = dead_letter(
             topic=topic, partition=partition, offset=offset, key=key, value=value,
-            error=str(err), reason=why, stage=self.stage,
+            error=str(err), reason=why, stage=self.stage, max_bytes=self.max_bytes,
         )
         dlq = f"{topic}.dlq"
         self.producer.produce(dlq, self.wire.encode(dlq, dl) if self.wire is not None else encode(dl), key=key)

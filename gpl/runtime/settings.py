@@ -197,6 +197,22 @@ class StreamsSettings(Section):
     debounce_s: float = Field(default=60.0, ge=0, description="min gap between two requests of one user")
     cold_start_min_positives: int = Field(default=1, ge=1)
     dedup_window_s: float = Field(default=600.0, gt=0, description="request ids remembered for duplicates")
+    # event-time join (streams/clock.py): downtime or consumer lag does not expire waiting requests
+    allowed_lateness_s: float = Field(default=5.0, ge=0, description="a partition's watermark trails the newest "
+                                      "event time seen on it by this much; a request expires when the watermark "
+                                      "passes its event time + join_wait_s")
+    idle_advance_s: float = Field(default=30.0, ge=0, description="a partition without events for this long "
+                                  "(wall clock, while the processor runs; downtime never counts) lets its event "
+                                  "time follow the wall clock, so a stream's last requests expire (0: never)")
+    join_memory_guard_s: float = Field(default=3600.0, gt=0, description="wall-clock bound on any join state "
+                                       "(memory guard for partitions whose event time stalls); counted apart")
+    unknown_items: Literal["drop", "hold", "dlq"] = Field(
+        default="drop", description="recall candidates the vector index does not know yet: drop them (counted), "
+        "hold the request until the indexer has them (bounded), or send the whole recall to the DLQ")
+    unknown_hold_s: float = Field(default=60.0, gt=0, description="hold: longest a recall waits for its items; "
+                                  "then the still unknown ones are dropped (counted)")
+    unknown_hold_max: int = Field(default=10_000, ge=0, description="hold: most recalls held at once; beyond it "
+                                  "unknown candidates are dropped (counted)")
 
 
 class LabelerSettings(Section):

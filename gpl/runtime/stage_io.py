@@ -7,7 +7,8 @@ itself:
 * every consumed message is counted ``in`` and recorded in the :class:`~gpl.runtime.offsets.OffsetLedger`
   as open until the stage says it is done with it (:meth:`StageIO.done`);
 * a message that does not decode goes to its topic's DLQ with the original bytes, the error and the
-  origin offset, and is done (:meth:`StageIO.decode`);
+  origin offset, and is done (:meth:`StageIO.decode`); so does one whose processing raised
+  (:meth:`StageIO.processing`, reason ``processing_error``);
 * offsets are committed only after everything the finished messages produced — outputs and dead
   letters — is flushed to the broker (:meth:`StageIO.commit`), and only up to the oldest message still
   open, so out-of-order finishing (read-ahead, deferral) never skips work on a restart;
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -66,7 +68,7 @@ class StageIO:
         self.accounting = accounting
         self.consumer = consumer(kafka, stage, **(consumer_config or {}))
         self.producer = producer(kafka)
-        self.dlq = DeadLetters(self.producer, stage, accounting, self.wire)
+        self.dlq = DeadLetters(self.producer, stage, accounting, self.wire, max_bytes=kafka.max_message_bytes)
         self.ledger = OffsetLedger()
         self.tracked: set[str] = set()
         self.paused: set[TP] = set()
@@ -134,6 +136,17 @@ class StageIO:
         """Send the message to its DLQ with the reason; it is done."""
         self.dlq.send(m, err, reason)
         self.done(m)
+
+    @contextmanager
+    def processing(self, m: Message) -> Iterator[None]:
+        """Run one message's domain step: any exception sends the message to its DLQ (``processing_error``,
+        with the exception text, original bytes and origin offset) and the loop goes on. Without it a bug
+        that one input triggers either stops the stage or, caught and logged, leaves the input nowhere."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - every exception of one message's step ends in its DLQ
+            log.exception("%s: processing %s[%d]@%d failed", self.stage, *tp_of(m), m.offset() or 0)
+            self.dead_letter(m, RuntimeError(f"{type(e).__name__}: {e}"), reason="processing_error")
 
     def done(self, m: Message) -> None:
         """The message's work is finished; its offset may be committed after the next flush."""
