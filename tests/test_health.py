@@ -157,7 +157,10 @@ def test_gpl_run_without_bootstrap_servers_refuses(tmp_path: Path) -> None:
 def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """faust would log an agent's exception and restart the agent, leaving a live process that lost
     its in-flight event; the streams stage instead ends with the error, which the runner turns into
-    a crashed stage (and ``gpl run`` into exit 1). Before that, it beat and held its partitions."""
+    a crashed stage (and ``gpl run`` into exit 1). Before that, it beat and held its partitions.
+
+    A message's own failure goes to its DLQ (``processing_error``); what escapes the agent is a failure
+    of the dead-lettering itself, simulated here by a broken recall path *and* a broken DLQ."""
     from gpl.runtime.broker import EmbeddedBroker
     from gpl.runtime.health import HEALTH
     from gpl.runtime.kafka import create_topics
@@ -177,6 +180,7 @@ def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypat
             raise ValueError("a bug in the join")
 
         monkeypatch.setattr(proc, "on_recall", boom)
+        monkeypatch.setattr(proc, "dead_letter", boom)
         stages = Stages({"streams": proc})
         with stages:
             # other tests of this process may have left stages in the global registry: look at ours

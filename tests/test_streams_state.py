@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from schemas.codec import DecodeError, dead_letter, decode, encode
-from schemas.events import MAX_EPOCH_MS, Candidate, DeadLetter, RecallEvent
+from schemas.events import MAX_EPOCH_MS, DeadLetter, RecallEvent
 from streams.clock import EventClock
 from streams.join import DONE, EXPIRED, HELD, NO_OFFSET, RECALL, Pending, decode_recall, event_due, marker
 
@@ -86,8 +86,8 @@ def test_epoch_ms_has_an_upper_bound() -> None:
 
 
 def test_dead_letter_too_large_keeps_a_truncated_payload_size_and_digest() -> None:
-    big = encode(RecallEvent(request_id="r", user_id="u", ts=1,
-                             candidates=[Candidate(item_id=i, score=0.5) for i in range(100_000)]))
+    big = encode(RecallEvent(request_id="r", user_id="u", ts=1, item_ids=list(range(100_000)),
+                             scores=[0.123456] * 100_000))
     limit = 1_000_000
     dl = dead_letter(topic="recall", partition=0, offset=7, key=b"u", value=big, error="oversized",
                      reason="oversized", stage="streams", max_bytes=limit)
