@@ -243,3 +243,32 @@ def test_exposed_only_trainer_skips_pseudo_labels_and_counts_them(tmp_path: Path
     assert t.counts["real"] == 3 and t.counts["pseudo"] == 0 and t.counts["pseudo_skipped"] == 4
     assert len(t._pending) + t.counts["holdout"] == 3 and not any(row[5] for row in t._pending)
     assert t.accounting["pseudo_skipped"] == 4 and t.directory == tmp_path / "exposed-only"
+
+
+def test_a_batch_whose_step_fails_goes_to_the_dlq_and_training_goes_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every message ends somewhere: a bug that one batch triggers sends that batch to ``samples.dlq``
+    (``processing_error``, the exception text, its origin offset) and the trainer keeps training."""
+    s = tuned(settings)
+    admit = Trainer._admit
+
+    def flaky(self: Trainer, b: SampleBatch) -> int:
+        if b.request_id == "r2":
+            raise ZeroDivisionError("a bug only r2 triggers")
+        return admit(self, b)
+
+    monkeypatch.setattr(Trainer, "_admit", flaky)
+    produce(s, [request(n) for n in range(4)])
+    trainer = Trainer(s, item_index(s), progress=False)
+    with running(trainer):
+        wait_for(lambda: trainer.accounting["dlq:processing_error"] == 1 and trainer.counts["samples"] == 21)
+    c = consumer(s.kafka, f"dlq-{time.monotonic_ns()}")
+    c.subscribe(["samples.dlq"])
+    letters = []
+    deadline = time.monotonic() + 30
+    while not letters and time.monotonic() < deadline:
+        letters = [decode(m.value(), DeadLetter) for m in c.consume(10, timeout=0.5) if m.error() is None]
+    c.close()
+    assert len(letters) == 1 and letters[0].reason == "processing_error"
+    assert "ZeroDivisionError: a bug only r2 triggers" in letters[0].error and letters[0].topic == "samples"

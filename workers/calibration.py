@@ -292,13 +292,14 @@ class CalibrationMonitor:
                         batch = io.decode(m, SampleBatch)
                         if batch is None:
                             continue
-                        n_pseudo, n_real, joined = self.book.observe(batch)
-                        self.accounting.add("processed")
-                        self.accounting.add("pseudo", n_pseudo)
-                        self.accounting.add("real", n_real)
-                        self.accounting.add("joined", joined)
-                        self.accounting.add("unmatched", n_real - joined)
-                        io.done(m)
+                        with io.processing(m):  # a failure of one batch's step: its DLQ, and go on
+                            n_pseudo, n_real, joined = self.book.observe(batch)
+                            self.accounting.add("processed")
+                            self.accounting.add("pseudo", n_pseudo)
+                            self.accounting.add("real", n_real)
+                            self.accounting.add("joined", joined)
+                            self.accounting.add("unmatched", n_real - joined)
+                            io.done(m)
                     if msgs and not io.commit(stop, what="dead letters"):  # dead letters, then their offsets
                         break
                     now = time.monotonic()

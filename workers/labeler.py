@@ -135,13 +135,14 @@ class Labeler:
                     msgs = io.poll(batch, 0.2)
                     rewound: set[int] = set()  # partitions paused mid-batch: skip the rest of their messages
                     for m in msgs:
-                        if m.topic() == ANCHORS.name:
-                            self._on_anchors(m, anchor_dlq)
-                        elif m.topic() == SAMPLES.name:
-                            self._on_samples(m)
-                        elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m):
-                            self._pause_at(m)  # deferred queue full: re-read it later
-                            rewound.add(part)
+                        with io.processing(m):  # a failure of one message's step: its DLQ, and go on
+                            if m.topic() == ANCHORS.name:
+                                self._on_anchors(m, anchor_dlq)
+                            elif m.topic() == SAMPLES.name:
+                                self._on_samples(m)
+                            elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m):
+                                self._pause_at(m)  # deferred queue full: re-read it later
+                                rewound.add(part)
                     self._expire(time.monotonic())
                     if self.ctx.label is None and time.monotonic() >= self._next_load:
                         self._load_calibrator()

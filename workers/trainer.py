@@ -174,8 +174,9 @@ class Trainer:
                         self.counts["dlq"] += 1
                         self._since_ckpt += 1
                     else:
-                        bar.update(self._admit(b))
-                        io.done(m)
+                        with io.processing(m):  # a failure of one batch's step: its DLQ, and go on
+                            bar.update(self._admit(b))
+                            io.done(m)
                     # in order: a checkpoint between two messages covers exactly the ones before it
                     tp = tp_of(m)
                     self.offsets[tp] = io.ledger.position(tp)
