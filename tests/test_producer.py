@@ -22,7 +22,15 @@ from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import consumer, create_topics, producer
 from gpl.runtime.producer import GplProducer, ProduceError
 from gpl.runtime.settings import Settings
-from schemas.events import SCHEMA_VERSION, Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
+from schemas.events import (
+    RECALL_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    Candidate,
+    ExposedItem,
+    ExposureEvent,
+    ItemEvent,
+    RecallEvent,
+)
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -70,7 +78,7 @@ def test_gpl_producer_follows_the_contract(tmp_path: Path, fresh_broker: Embedde
     where: dict[str, set[int]] = {}
     for m in msgs:
         value = orjson.loads(m.value())
-        assert value["schema_version"] == SCHEMA_VERSION
+        assert value["schema_version"] == (RECALL_SCHEMA_VERSION if m.topic() == "recall" else SCHEMA_VERSION)
         if m.topic() == "items":
             assert m.key() == b"7"
             continue

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, decode
-from schemas.events import MAX_INT64, RecallEvent, UnexposedBatch, recall_as_v2
+from schemas.events import MAX_EPOCH_MS, MAX_INT64, RecallEvent, UnexposedBatch, recall_as_v2
 from streams.join import decode_recall
 from workers.labeling.unexposed_codec import decode_unexposed
 
@@ -24,7 +24,12 @@ MAX = 5000
 ids_st = st.lists(st.integers(0, MAX_INT64), min_size=1, max_size=40, unique=True)
 score_st = st.floats(allow_nan=False, allow_infinity=False, width=32)
 head_st = st.fixed_dictionaries({"request_id": st.text(min_size=1, max_size=20),
-                                 "user_id": st.text(min_size=1, max_size=20), "ts": st.integers(0, 2**53)})
+                                 "user_id": st.text(min_size=1, max_size=20), "ts": st.integers(0, MAX_EPOCH_MS)})
+# heads the contract may refuse: times past its bound (year 3000), ids longer than 256 characters
+edge_head_st = st.fixed_dictionaries({
+    "request_id": st.text(min_size=1, max_size=20) | st.just("r" * 257),
+    "user_id": st.text(min_size=1, max_size=20) | st.just("u" * 257),
+    "ts": st.integers(0, MAX_EPOCH_MS) | st.integers(MAX_EPOCH_MS - 2, MAX_EPOCH_MS + 2) | st.integers(0, 2**63 - 1)})
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -155,7 +160,7 @@ def test_v2_decoding_builds_no_per_candidate_objects(monkeypatch: pytest.MonkeyP
 
 
 @settings(max_examples=200, deadline=None)
-@given(head=head_st, ids=st.one_of(json_value, st.lists(json_scalar, min_size=1, max_size=6), ids_st))
+@given(head=edge_head_st, ids=st.one_of(json_value, st.lists(json_scalar, min_size=1, max_size=6), ids_st))
 def test_unexposed_fast_decode_accepts_what_the_contract_accepts(head: dict[str, Any], ids: object) -> None:
     """The labeler's decoder (one numpy dtype inference instead of a Python ``sum``) agrees with the
     contract on every id list: same ids when valid, a DecodeError when not."""
@@ -186,3 +191,22 @@ def test_recall_as_v2_rewrites_only_when_exact() -> None:
     assert recall_as_v2({**head, "candidates": [{"item_id": [1]}]}) is None
     assert recall_as_v2({**head, "schema_version": 2, "item_ids": [1]}) is None
     assert recall_as_v2({**head, "candidates": "nope"}) is None
+
+
+@fast
+@given(head=edge_head_st, ids=ids_st, v2=st.booleans())
+def test_recall_fast_path_refuses_what_the_contract_refuses(head: dict[str, Any], ids: list[int], v2: bool) -> None:
+    """Bounds hold on the fast path too: an event the contract refuses (a time past year 3000, an id
+    over 256 characters) never slips through as arrays."""
+    ev = {**head, "item_ids": ids} if v2 else {**head, "candidates": [{"item_id": i} for i in ids]}
+    raw = orjson.dumps(ev)
+    try:
+        decode(raw, RecallEvent)
+        valid = True
+    except DecodeError:
+        valid = False
+    if valid:
+        assert decode_recall(raw, MAX).item_ids.tolist() == ids
+    else:
+        with pytest.raises(DecodeError):
+            decode_recall(raw, MAX)

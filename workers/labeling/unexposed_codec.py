@@ -11,12 +11,11 @@ import numpy as np
 import orjson
 
 from schemas.codec import decode
-from schemas.events import SCHEMA_VERSION, UnexposedBatch
+from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, SCHEMA_VERSION, UnexposedBatch
 
 log = logging.getLogger(__name__)
 
 
-_MAX_ID_LEN = 256  # the contracts' bound on request and user ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +44,9 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
             rid, uid, ts, ids_l = obj["request_id"], obj["user_id"], obj["ts"], obj["item_ids"]
             ver = obj.get("schema_version", 1)
             rs = obj.get("recall_scores", ())
-            ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= _MAX_ID_LEN
-                  and 0 < len(uid) <= _MAX_ID_LEN and type(ts) is int and ts >= 0 and type(ver) is int
+            ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
+                  and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
+                  and type(ver) is int
                   and 1 <= ver <= SCHEMA_VERSION and type(ids_l) is list and len(ids_l) > 0
                   and (rs == () or (type(rs) is list and _numbers(rs))))
             if ok:
