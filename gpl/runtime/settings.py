@@ -185,6 +185,13 @@ class TrainerSettings(Section):
     seed: int = 0
 
 
+class StackSettings(Section):
+    processes: bool = Field(
+        default=True, description="embedded stack: run streams, labeler, trainer and calibration each in its own "
+        "process (all cores; the GIL is per process), reading item vectors from the snapshot the indexer's "
+        "engine writes under data_dir/snapshots, since the embedded engine's directory lock admits one process")
+
+
 class Settings(BaseSettings):
     """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
 
@@ -202,6 +209,7 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     labeler: LabelerSettings = LabelerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    stack: StackSettings = StackSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
