@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--llm", default="", help="transformers: comma list of LLMs (anchors.llm values), side by side")
     ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
     ba.set_defaults(run=cmd_bench_anchors)
+    bm = bs.add_parser("memory", help="peak RSS of each stage process, per catalogue size (bytes per item)")
+    bm.add_argument("--sizes", default="20000,1000000", help="comma list of item counts")
+    bm.add_argument("--dim", type=int, default=384)
+    bm.set_defaults(run=cmd_bench_memory)
 
     for mod in PLUGINS:
         try:
@@ -308,6 +312,14 @@ def cmd_bench_anchors(args: argparse.Namespace, settings: Settings) -> int:
                          llms=[x.strip() for x in args.llm.split(",") if x.strip()], llm_batch=args.llm_batch)
     print(backends_table(res))
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.bench.memory import bench_memory
+
+    sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+    print(orjson.dumps(bench_memory(settings, sizes=sizes, dim=args.dim), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

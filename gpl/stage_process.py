@@ -137,7 +137,12 @@ def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: MpEvent,
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
     error: list[str] = []
     with open_reader_index(settings) as index:
-        stage = build_stage(name, settings, index, lambda: open_encoder(settings.encoder), **kw)
+        try:
+            stage = build_stage(name, settings, index, lambda: open_encoder(settings.encoder), **kw)
+        except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
+            conn.send({"error": repr(e)})
+            conn.close()
+            return
         tstop = threading.Event()
 
         def target() -> None:

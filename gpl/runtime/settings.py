@@ -98,6 +98,8 @@ class AnchorSettings(Section):
     retries: int = Field(default=1, ge=0, description="re-asks on unparseable output before the fallback")
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch intra-op threads (transformers); 0: default")
+    prefix_cache: bool = Field(default=True, description="transformers: compute the shared chat template and "
+                               "system prompt's KV cache once and reuse it for every batch")
     # backend "openai": any OpenAI-compatible server (vllm serve, transformers serve)
     base_url: str = Field(default="", description="OpenAI-compatible API root, e.g. http://vllm:8000/v1")
     api_key: str = ""
