@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--items", type=int, default=20_000)
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
-    ba.add_argument("--backends", default="sid,content", help="comma list of sid, content, transformers")
+    ba.add_argument("--backends", default="sid,content",
+                    help="comma list of sid, content, transformers, transformers-noprefix")
     ba.add_argument("--users", type=int, default=512)
     ba.add_argument("--batch", type=int, default=256, help="users per backend call (the worker's micro-batch)")
     ba.add_argument("--repeats", type=int, default=5)
