@@ -70,6 +70,14 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     out_dir = settings.data_dir / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=6, desc="demo", unit="phase", disable=not progress, position=0)
+    seconds: dict[str, float] = {}  # wall time per phase: where the demo waits
+    last = [t0]
+
+    def mark(phase: str) -> None:
+        now = time.monotonic()
+        seconds[phase] = round(now - last[0], 1)
+        last[0] = now
+        log.info("demo: %s took %.1f s", phase, seconds[phase])
 
     # 1. models -----------------------------------------------------------------------------------
     phases.set_postfix_str("models")
@@ -78,6 +86,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
         ensure_llm(settings.llm_dir)
     phases.update()
+    mark("models")
 
     # 2. simulate ---------------------------------------------------------------------------------
     phases.set_postfix_str("simulate")
@@ -88,8 +97,10 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         write_events(f, [("items", it) for it in items])
         write_events(f, train)
     phases.update()
+    mark("simulate")
     calibration = calibrate(settings, events_file, cfg.features) if settings.labeler.label_source == "calibrator" \
         else {"fitted": False, "reason": "labeler.label_source = map"}
+    mark("calibrate")
 
     # 3.-5. stack, index, stream ----------------------------------------------------------------
     phases.set_postfix_str("stream")
@@ -104,10 +115,14 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
             counts = replay_jsonl(s, events_file, topics={"items"}, progress=progress)
             _wait(lambda: stack.index.count(s.encoder.collection) >= len(items) - _dlq(stages, "indexer"),
                   cfg.timeout_s, "items indexed", progress)
+            mark("start stages, index items")
             counts.update(replay_jsonl(s, events_file, topics={"recall", "exposure"}, progress=progress))
             phases.update()
+            mark("replay")
             quiet = _wait_quiescent(s, stages, counts, cfg.timeout_s - (time.monotonic() - t0), progress)
+            mark("pipeline drains")
         phases.update()
+        mark("stop stages")
         accounting = stages.accounting()
         errors = {k: repr(v) for k, v in stages.errors.items()}
         monitor = stages.stages.get("calibration")
@@ -118,11 +133,13 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         metric = evaluate(s, stack, test, truth, train)
         metric["exposed_only"] = evaluate(s, stack, test, truth, train, directory=baseline_dir(s))
         metric["samples_topic"] = sample_stats(s)
+        mark("evaluate")
     phases.update()
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
     summary["calibration"] = calibration_monitor
     summary["calibrator"] = calibration
+    summary["phase_seconds"] = seconds
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
     return summary
 
@@ -135,9 +152,15 @@ def baseline_dir(s: Settings) -> Path:
 
 
 def exposed_only_trainer(s: Settings, stack: Stack) -> Any:
-    """A second trainer on the same ``samples`` topic (its own group and checkpoints), pseudo-labels off."""
+    """A second trainer on the same ``samples`` topic (its own group and checkpoints), pseudo-labels off;
+    in its own process when the stack runs reader stages in processes (it only reads item vectors)."""
     from workers.trainer import Trainer
 
+    if s.stack.processes and not s.qdrant.url:
+        from gpl.stage_process import ProcessStage
+
+        return ProcessStage("trainer", s.with_overrides(trainer={"pseudo_labels": False}), progress=False,
+                            name=BASELINE, directory=baseline_dir(s))
     return Trainer(s.with_overrides(trainer={"pseudo_labels": False}), stack.index, progress=False, name=BASELINE,
                    directory=baseline_dir(s))
 

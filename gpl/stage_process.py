@@ -50,12 +50,12 @@ class MirroredAccounting:
 class ProcessStage:
     """A stage run by a child process; build it with the stage's name and keyword arguments."""
 
-    def __init__(self, name: str, settings: Settings, *, report_s: float = 0.25, **kw: Any) -> None:
-        self.name = name
+    def __init__(self, stage: str, settings: Settings, *, report_s: float = 0.25, **kw: Any) -> None:
+        self.name = stage
         self.settings = settings
         self.kw = kw
         self.report_s = report_s
-        self.accounting = MirroredAccounting(name)
+        self.accounting = MirroredAccounting(stage)
         self._mirror: dict[str, Any] = {}
         self._accountings: dict[str, MirroredAccounting] = {}
         self.pid: int | None = None
@@ -69,6 +69,10 @@ class ProcessStage:
         if attr in self._mirror:
             return self._mirror[attr]
         raise AttributeError(f"{self.name} (in its own process) does not report {attr!r}")
+
+    def snapshot(self) -> Any:
+        """The child stage's own ``snapshot()`` as last reported (None if it has none)."""
+        return self._mirror.get("snapshot")
 
     def run(self, stop: threading.Event) -> None:
         ctx = mp.get_context("spawn")
@@ -173,6 +177,9 @@ def _report(stage: Any, error: str | None) -> dict[str, Any]:
         v = getattr(stage, a, None)
         if isinstance(v, int | float | dict):
             attrs[a] = dict(v) if isinstance(v, dict) else v
+    view = getattr(stage, "snapshot", None)  # a stage's own summary (the calibration monitor has one)
+    if callable(view):
+        attrs["snapshot"] = view()
     return {"accountings": accountings, "attrs": attrs, "error": error, "peak_rss_bytes": peak_rss_bytes(),
             "t": time.time()}
 
