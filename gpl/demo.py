@@ -104,7 +104,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
     # 3.-5. stack, index, stream ----------------------------------------------------------------
     phases.set_postfix_str("stream")
-    with Stack(settings) as stack:
+    with Stack(settings, encoder=_cached_encoder(settings)) as stack:
         s = stack.settings
         from gpl.replay import replay_jsonl
 
@@ -145,6 +145,16 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
 
 BASELINE = "trainer-exposed-only"
+
+
+def _cached_encoder(settings: Settings) -> Any:
+    """The frozen encoder behind the cache the world build and the calibrator filled: the indexer then
+    looks the catalogue's vectors up instead of embedding it a second time (a vector is never
+    recomputed under one encoder; docs/design.md §2). Cut ~90 s of the demo on a 2-core machine."""
+    from gpl.eval.embed import CachedEncoder
+    from gpl.runtime.encoder import open_encoder
+
+    return CachedEncoder(open_encoder(settings.encoder), settings.data_dir / "eval" / "cache", progress=False)
 
 
 def baseline_dir(s: Settings) -> Path:
@@ -273,7 +283,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     deadline = time.monotonic() + timeout
     stable = 0
     last: tuple[int, ...] = ()
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stages.errors:  # a crashed stage never catches up
         a = {n: s.accounting.snapshot() for n, s in st.items()}
         streams = a["streams"]
         done_in = sum(streams.get(k, 0) for k in ("joined", "expired", "exposure_only", "late_exposure",

@@ -52,12 +52,12 @@ class Stage(Protocol):
 class Stack:
     """Broker + topics + vector index (+ the frozen encoder on first use)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, encoder: Encoder | None = None) -> None:
         self._given = settings
         self.settings = settings
         self.broker: EmbeddedBroker | None = None
         self.index: VectorIndex
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | None = encoder  # given: e.g. the demo's cache of vectors already computed
         self._exit = ExitStack()
 
     def __enter__(self) -> Stack:

@@ -13,33 +13,33 @@ from gpl.runtime.vectors.index import VectorIndex
 STAGES = ("streams", "indexer", "anchors", "labeler", "trainer", "calibration")
 
 
-def build_stage(name: str, s: Settings, idx: VectorIndex, encoder: Callable[[], Encoder], **kw: Any) -> Any:
+def build_stage(stage: str, s: Settings, idx: VectorIndex, encoder: Callable[[], Encoder], **kw: Any) -> Any:
     """One stage over the given settings and index; ``encoder`` is called only by stages that embed."""
-    if name == "streams":
+    if stage == "streams":
         from streams.app import StreamsProcessor
 
         return StreamsProcessor(s, idx)
-    if name == "indexer":
+    if stage == "indexer":
         from workers.indexer import Indexer
 
         return Indexer(s, idx, encoder(), **kw)
-    if name == "anchors":
+    if stage == "anchors":
         from gpl.backends import make_generator
         from workers.anchors import AnchorWorker
 
         enc = encoder()
         gen = kw.pop("generator", None) or make_generator(s, index=idx, encoder_dim=enc.dim)
         return AnchorWorker(s, idx, enc, gen, **kw)
-    if name == "labeler":
+    if stage == "labeler":
         from workers.labeler import Labeler
 
         return Labeler(s, idx, **kw)
-    if name == "trainer":
+    if stage == "trainer":
         from workers.trainer import Trainer
 
         return Trainer(s, idx, **kw)
-    if name == "calibration":
+    if stage == "calibration":
         from workers.calibration import CalibrationMonitor
 
         return CalibrationMonitor(s, **kw)
-    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
