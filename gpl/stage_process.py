@@ -15,8 +15,10 @@ them as they would read a thread's. A child that fails raises in ``run`` with th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -158,14 +160,20 @@ def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: MpEvent,
 
         t = threading.Thread(target=target, name=f"gpl-{name}", daemon=True)
         t.start()
+        parent = os.getppid()
         while t.is_alive():
-            if stop.wait(report_s):
+            if stop.wait(report_s) or os.getppid() != parent:  # stopped, or orphaned (parent killed)
                 tstop.set()
                 t.join(60)
                 break
-            conn.send(_report(stage, None))
-        conn.send(_report(stage, error[0] if error else None))
+            _send(conn, _report(stage, None))
+        _send(conn, _report(stage, error[0] if error else None))
     conn.close()
+
+
+def _send(conn: Connection, msg: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the parent is gone (BrokenPipeError): nobody to report to
+        conn.send(msg)
 
 
 def _report(stage: Any, error: str | None) -> dict[str, Any]:

@@ -52,3 +52,13 @@ def test_a_failing_child_is_reported_like_a_crashed_thread(tmp_path: Path, fresh
     with Stages({"nope": ProcessStage("no-such-stage", s)}) as stages:
         wait_for(lambda: not stages.alive()["nope"], 60, "the child to fail")
     assert "unknown stage" in repr(stages.errors["nope"])
+
+
+def test_a_child_takes_the_stages_own_name_keyword(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+    """The demo's exposed-only trainer: ``name`` and ``directory`` go to the Trainer, not to the wrapper."""
+    s = make_settings(tmp_path, fresh_broker.bootstrap)
+    trainer = ProcessStage("trainer", s, progress=False, name="trainer-b", directory=tmp_path / "ckpt-b")
+    with Stages({"b": trainer}) as stages:
+        wait_for(lambda: "counts" in trainer._mirror, 90, "the child to report")
+    assert not stages.errors
+    assert trainer.counts["messages"] == 0
