@@ -302,6 +302,10 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
         trained = min(getattr(st[n], "counts", {}).get("messages", 0) for n in ("trainer", BASELINE) if n in st)
         outputs = sum(probe.get_watermark_offsets(tp, timeout=5)[1] for tp in samples_parts)
         snapshot = (done_in, anchors_done, lab_done, trained)
+        if int(time.monotonic() * 2) % 20 == 0:  # every ~10 s: what the wait is waiting for
+            log.info("demo: events %d/%d, anchor requests %d/%d, unexposed batches %d/%d, trained %d/%d samples "
+                     "messages (%s)", done_in, total_in, anchors_done, requests, lab_done, batches, trained,
+                     outputs, {n: getattr(st[n], "counts", {}) for n in ("trainer", BASELINE) if n in st})
         complete = done_in >= total_in and anchors_done >= requests and lab_done >= batches
         stable = stable + 1 if complete and snapshot == last else 0
         last = snapshot
