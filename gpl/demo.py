@@ -162,15 +162,9 @@ def baseline_dir(s: Settings) -> Path:
 
 
 def exposed_only_trainer(s: Settings, stack: Stack) -> Any:
-    """A second trainer on the same ``samples`` topic (its own group and checkpoints), pseudo-labels off;
-    in its own process when the stack runs reader stages in processes (it only reads item vectors)."""
+    """A second trainer on the same ``samples`` topic (its own group and checkpoints), pseudo-labels off."""
     from workers.trainer import Trainer
 
-    if s.stack.processes and not s.qdrant.url:
-        from gpl.stage_process import ProcessStage
-
-        return ProcessStage("trainer", s.with_overrides(trainer={"pseudo_labels": False}), progress=False,
-                            name=BASELINE, directory=baseline_dir(s))
     return Trainer(s.with_overrides(trainer={"pseudo_labels": False}), stack.index, progress=False, name=BASELINE,
                    directory=baseline_dir(s))
 

@@ -193,7 +193,18 @@ def _report(stage: Any, error: str | None) -> dict[str, Any]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size since it started (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux keeps it across ``execve``, so a spawned child would report the peak of
+    the parent it was forked from.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
