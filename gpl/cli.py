@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--baseline", action="store_true", help="also a bare confluent-kafka loop, same work, same run")
     be.add_argument("--fraction", type=float, default=0.0, help="then offer this fraction of the sustained rate")
     be.add_argument("--items", type=int, default=20_000)
+    be.add_argument("--streams-workers", type=int, default=1, help="streams processes in one consumer group")
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
     ba.add_argument("--backends", default="sid,content",
@@ -300,7 +301,8 @@ def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.e2e import bench_e2e
 
     res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate,
-                    baseline=args.baseline, fraction=args.fraction, items=args.items)
+                    baseline=args.baseline, fraction=args.fraction, items=args.items,
+                    streams_workers=args.streams_workers)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -16,7 +16,7 @@ reader's own assignment are done (a fixed sleep lost the first request when a jo
 ``baseline``: the same requests through :mod:`gpl.bench.bare_loop` (one bare confluent-kafka process
 doing the same work) on the same broker in the same run, and the ratio. ``fraction``: after the
 saturating run, the pipeline again offered ``fraction`` × the rate it sustained, for the latency a
-provisioned system sees.
+provisioned system sees. ``streams_workers``: that many streams processes in one consumer group.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ TS0 = 1_000_000_000_000  # placeholder event time in the pre-encoded recalls (13
 
 def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 1000, rate: float = 0.0,
               items: int = 20_000, users: int = 200, k: int = 8, dim: int = 384, seed: int = 0,
-              baseline: bool = False, fraction: float = 0.0, progress: bool = True) -> dict[str, Any]:
+              baseline: bool = False, fraction: float = 0.0, streams_workers: int = 1,
+              progress: bool = True) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     s = settings.with_overrides(kafka={"bootstrap_servers": ""}, data_dir=str(settings.data_dir / "bench-e2e"),
                                 qdrant={"url": ""}, streams={"max_candidates": max(candidates, 5000)})
     shutil.rmtree(s.data_dir, ignore_errors=True)
     out: dict[str, Any] = {"requests": requests, "candidates": candidates, "items": items,
-                           "processes": s.stack.processes}
+                           "processes": s.stack.processes, "streams_workers": streams_workers}
     with Stack(s) as stack:
         s = stack.settings
         col = s.encoder.collection
@@ -66,7 +67,9 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
         _publish_anchors(s, rng, users, k, dim)
         _save_calibrator(s)
         reqs = _requests(rng, requests, users, items, candidates)
-        stages = Stages({"streams": stack.make("streams"), "labeler": stack.make("labeler")})
+        # several streams workers split the partitions (one consumer group); separate processes only
+        workers = {f"streams-{i}" if i else "streams": stack.make("streams") for i in range(streams_workers)}
+        stages = Stages({**workers, "labeler": stack.make("labeler")})
         with stages:
             run = _run(s, "samples", "recall", "exposure", reqs, rate, "p", progress)
             out["pipeline"] = run
