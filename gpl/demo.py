@@ -71,12 +71,9 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=6, desc="demo", unit="phase", disable=not progress, position=0)
     seconds: dict[str, float] = {}  # wall time per phase: where the demo waits
-    last = [t0]
 
     def mark(phase: str) -> None:
-        now = time.monotonic()
-        seconds[phase] = round(now - last[0], 1)
-        last[0] = now
+        seconds[phase] = round(time.monotonic() - t0 - sum(seconds.values()), 1)
         log.info("demo: %s took %.1f s", phase, seconds[phase])
 
     # 1. models -----------------------------------------------------------------------------------
