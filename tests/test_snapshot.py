@@ -99,6 +99,7 @@ def test_labeler_item_matrix_loads_from_the_snapshot(tmp_path: Path) -> None:
     w.append(a.ids[1000:], a.vectors[1000:])
     m = ItemMatrix(SnapshotIndex(tmp_path), COL, "test", retry_s=0.0)
     assert m.load(batch=300) == 2000
+    assert m._mat.shape[0] == 2000  # sized once from the count: no doubling copy while loading
     rows, missing = m.lookup(np.asarray([1500, 3], np.int64))
     assert not missing.any()
     np.testing.assert_allclose(m.gather(rows), a.vectors[[1499, 2]], atol=1e-6)
