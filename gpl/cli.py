@@ -189,9 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--requests", type=int, default=3000, help="requests to push through")
     be.add_argument("--candidates", type=int, default=1000, help="recalled candidates per request")
     be.add_argument("--rate", type=float, default=0.0, help="offered requests/s (0: as fast as possible)")
+    be.add_argument("--baseline", action="store_true", help="also a bare confluent-kafka loop, same work, same run")
+    be.add_argument("--fraction", type=float, default=0.0, help="then offer this fraction of the sustained rate")
+    be.add_argument("--items", type=int, default=20_000)
+    be.add_argument("--streams-workers", type=int, default=1, help="streams processes in one consumer group")
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
-    ba.add_argument("--backends", default="sid,content", help="comma list of sid, content, transformers")
+    ba.add_argument("--backends", default="sid,content",
+                    help="comma list of sid, content, transformers, transformers-noprefix")
     ba.add_argument("--users", type=int, default=512, help="users per repeat")
     ba.add_argument("--batch", type=int, default=256, help="users per backend call (the worker's micro-batch)")
     ba.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
@@ -203,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--candidates", type=int, default=1000)
     bw.add_argument("--repeats", type=int, default=50)
     bw.set_defaults(run=cmd_bench_wire)
+    bm = bs.add_parser("memory", help="peak RSS of each stage process, per catalogue size (bytes per item)")
+    bm.add_argument("--sizes", default="20000,1000000", help="comma list of item counts")
+    bm.add_argument("--dim", type=int, default=384)
+    bm.set_defaults(run=cmd_bench_memory)
 
     for mod in PLUGINS:
         try:
@@ -409,7 +418,9 @@ def cmd_bench_labeler(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.e2e import bench_e2e
 
-    res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate)
+    res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate,
+                    baseline=args.baseline, fraction=args.fraction, items=args.items,
+                    streams_workers=args.streams_workers)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0
 
@@ -429,6 +440,14 @@ def cmd_bench_wire(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.bench.wire import bench_wire
 
     print(orjson.dumps(bench_wire(args.candidates, args.repeats), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.bench.memory import bench_memory
+
+    sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+    print(orjson.dumps(bench_memory(settings, sizes=sizes, dim=args.dim), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

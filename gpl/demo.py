@@ -72,6 +72,11 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     out_dir = settings.data_dir / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = tqdm(total=6, desc="demo", unit="phase", disable=not progress, position=0)
+    seconds: dict[str, float] = {}  # wall time per phase: where the demo waits
+
+    def mark(phase: str) -> None:
+        seconds[phase] = round(time.monotonic() - t0 - sum(seconds.values()), 1)
+        log.info("demo: %s took %.1f s", phase, seconds[phase])
 
     # 1. models -----------------------------------------------------------------------------------
     phases.set_postfix_str("models")
@@ -80,6 +85,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
         ensure_llm(settings.llm_dir)
     phases.update()
+    mark("models")
 
     # 2. simulate ---------------------------------------------------------------------------------
     phases.set_postfix_str("simulate")
@@ -90,12 +96,14 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         write_events(f, [("items", it) for it in items])
         write_events(f, train)
     phases.update()
+    mark("simulate")
     calibration = calibrate(settings, events_file, cfg.features) if settings.labeler.label_source == "calibrator" \
         else {"fitted": False, "reason": "labeler.label_source = map"}
+    mark("calibrate")
 
     # 3.-5. stack, index, stream ----------------------------------------------------------------
     phases.set_postfix_str("stream")
-    with Stack(settings) as stack:
+    with Stack(settings, encoder=_cached_encoder(settings)) as stack:
         s = stack.settings
         from gpl.replay import replay_jsonl
 
@@ -106,10 +114,14 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
             counts = replay_jsonl(s, events_file, topics={"items"}, progress=progress)
             _wait(lambda: stack.index.count(s.encoder.collection) >= len(items) - _dlq(stages, "indexer"),
                   cfg.timeout_s, "items indexed", progress)
+            mark("start stages, index items")
             counts.update(replay_jsonl(s, events_file, topics={"recall", "exposure"}, progress=progress))
             phases.update()
+            mark("replay")
             quiet = _wait_quiescent(s, stages, counts, cfg.timeout_s - (time.monotonic() - t0), progress)
+            mark("pipeline drains")
         phases.update()
+        mark("stop stages")
         accounting = stages.accounting()
         errors = {k: repr(v) for k, v in stages.errors.items()}
         monitor = stages.stages.get("calibration")
@@ -120,16 +132,28 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         metric = evaluate(s, stack, test, truth, train)
         metric["exposed_only"] = evaluate(s, stack, test, truth, train, directory=baseline_dir(s))
         metric["samples_topic"] = sample_stats(s)
+        mark("evaluate")
     phases.update()
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
     summary["calibration"] = calibration_monitor
     summary["calibrator"] = calibration
+    summary["phase_seconds"] = seconds
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
     return summary
 
 
 BASELINE = "trainer-exposed-only"
+
+
+def _cached_encoder(settings: Settings) -> Any:
+    """The frozen encoder behind the cache the world build and the calibrator filled: the indexer then
+    looks the catalogue's vectors up instead of embedding it a second time (a vector is never
+    recomputed under one encoder; docs/design.md §2). Cut ~90 s of the demo on a 2-core machine."""
+    from gpl.eval.embed import CachedEncoder
+    from gpl.runtime.encoder import open_encoder
+
+    return CachedEncoder(open_encoder(settings.encoder), settings.data_dir / "eval" / "cache", progress=False)
 
 
 def baseline_dir(s: Settings) -> Path:
@@ -252,7 +276,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     deadline = time.monotonic() + timeout
     stable = 0
     last: tuple[int, ...] = ()
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stages.errors:  # a crashed stage never catches up
         a = {n: s.accounting.snapshot() for n, s in st.items()}
         streams = a["streams"]
         done_in = sum(streams.get(k, 0) for k in OUTCOMES) + _sum_prefix(streams, "dlq:")
@@ -270,6 +294,10 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
         trained = min(getattr(st[n], "counts", {}).get("messages", 0) for n in ("trainer", BASELINE) if n in st)
         outputs = sum(probe.get_watermark_offsets(tp, timeout=5)[1] for tp in samples_parts)
         snapshot = (done_in, anchors_done, lab_done, trained)
+        if int(time.monotonic() * 2) % 20 == 0:  # every ~10 s: what the wait is waiting for
+            log.info("demo: events %d/%d, anchor requests %d/%d, unexposed batches %d/%d, trained %d/%d samples "
+                     "messages (%s)", done_in, total_in, anchors_done, requests, lab_done, batches, trained,
+                     outputs, {n: getattr(st[n], "counts", {}) for n in ("trainer", BASELINE) if n in st})
         complete = done_in >= total_in and anchors_done >= requests and lab_done >= batches
         stable = stable + 1 if complete and snapshot == last else 0
         last = snapshot

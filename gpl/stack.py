@@ -4,8 +4,10 @@
   set, creates every topic with the project's partition counts, and opens the vector index (embedded
   qdrant-edge in ``data_dir`` or a Qdrant server). It always shuts them down.
 * :class:`Stages` — runs chosen stages as threads over one stack. The embedded vector engine lives in
-  this process, so embedded mode runs the stages that need it together; with a Qdrant server each
-  stage can be its own process (``gpl run --stage labeler``).
+  this process, so the stages that write vectors (indexer, anchors) run here; with ``stack.processes``
+  the readers (streams, labeler, trainer, calibration) each get a process of their own over the item
+  snapshot (gpl/stage_process.py). With a Qdrant server each stage can be its own process
+  (``gpl run --stage labeler``).
 """
 
 from __future__ import annotations
@@ -22,17 +24,29 @@ from gpl.backends import open_index
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import Accounting, create_topics
+from gpl.runtime.kafka import create_topics
 from gpl.runtime.metrics import STAGE_UP
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
+from gpl.runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
+from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
+from gpl.stage_build import build_stage
+from gpl.stage_process import READERS, ProcessStage
 
 log = logging.getLogger(__name__)
-STAGES = ("streams", "indexer", "anchors", "labeler", "trainer", "calibration")
+
+
+class Tally(Protocol):
+    """What callers read of a stage's accounting: an :class:`Accounting`, or a child process's mirror."""
+
+    def snapshot(self) -> dict[str, int]: ...
+
+    def __getitem__(self, outcome: str) -> int: ...
 
 
 class Stage(Protocol):
-    accounting: Accounting
+    @property
+    def accounting(self) -> Tally: ...
 
     def run(self, stop: threading.Event) -> None: ...
 
@@ -40,13 +54,13 @@ class Stage(Protocol):
 class Stack:
     """Broker + topics + vector index (+ the frozen encoder on first use)."""
 
-    def __init__(self, settings: Settings, *, broker_port: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, broker_port: int | None = None, encoder: Encoder | None = None) -> None:
         self._given = settings
         self._broker_port = broker_port  # pin the embedded broker (`gpl up --port`); default a free port
         self.settings = settings
         self.broker: EmbeddedBroker | None = None
         self.index: VectorIndex
-        self._encoder: Encoder | None = None
+        self._encoder: Encoder | None = encoder  # given: e.g. the demo's cache of vectors already computed
         self._exit = ExitStack()
 
     def __enter__(self) -> Stack:
@@ -61,6 +75,9 @@ class Stack:
             self.settings = s
             create_topics(s.kafka)
             self.index = self._exit.enter_context(open_index(s))
+            if s.stack.processes and not s.qdrant.url:  # readers in other processes see the items as files
+                self.index = SnapshottingIndex(self.index, snapshot_dir(s.data_dir, s.encoder.collection),
+                                               s.encoder.collection)
         except BaseException:
             self._exit.close()
             raise
@@ -76,35 +93,14 @@ class Stack:
         return self._encoder
 
     def make(self, name: str, **kw: Any) -> Stage:
-        """Build one stage over this stack's settings, index and encoder."""
-        s, idx = self.settings, self.index
-        if name == "streams":
-            from streams.app import StreamsProcessor
+        """Build one stage over this stack's settings, index and encoder.
 
-            return StreamsProcessor(s, idx)
-        if name == "indexer":
-            from workers.indexer import Indexer
-
-            return Indexer(s, idx, self.encoder, **kw)
-        if name == "anchors":
-            from gpl.backends import make_generator
-            from workers.anchors import AnchorWorker
-
-            gen = kw.pop("generator", None) or make_generator(s, index=idx, encoder_dim=self.encoder.dim)
-            return AnchorWorker(s, idx, self.encoder, gen, **kw)
-        if name == "labeler":
-            from workers.labeler import Labeler
-
-            return Labeler(s, idx, **kw)
-        if name == "trainer":
-            from workers.trainer import Trainer
-
-            return Trainer(s, idx, **kw)
-        if name == "calibration":
-            from workers.calibration import CalibrationMonitor
-
-            return CalibrationMonitor(s, **kw)
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        With ``stack.processes`` (embedded engine), a stage that only reads vectors runs in its own
+        process over the item snapshot (gpl/stage_process.py); the others run here, over the engine.
+        """
+        if self.settings.stack.processes and not self.settings.qdrant.url and name in READERS:
+            return ProcessStage(name, self.settings, **kw)
+        return build_stage(name, self.settings, self.index, lambda: self.encoder, **kw)
 
 
 @dataclass

@@ -265,12 +265,14 @@ def bench_backends(settings: Settings, backends: Sequence[str] = ("sid", "conten
                            "backends": {}}
     runs: dict[str, Callable[[], int]] = {}
     last_gens: dict[str, list[Generation]] = {}
-    rows = [f"transformers:{m}" if n == "transformers" and llms else n
-            for n in backends for m in (llms if n == "transformers" and llms else [""])]
+    rows = [f"{n}:{m}" if n.startswith("transformers") and llms else n
+            for n in backends for m in (llms if n.startswith("transformers") and llms else [""])]
     for name in rows:
         try:
             if name.startswith("transformers"):
                 over: dict[str, Any] = {"backend": "transformers"}
+                if name.split(":", 1)[0] == "transformers-noprefix":  # the prefix KV cache off, side by side
+                    over["prefix_cache"] = False
                 if ":" in name:
                     over["llm"] = name.split(":", 1)[1]
                 if llm_batch:

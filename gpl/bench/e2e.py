@@ -1,116 +1,209 @@
 """``gpl bench e2e``: requests/s and exposure → SampleBatch latency through broker, join and labeler.
 
 Synthetic but real: the embedded Tansu broker, the embedded Qdrant engine holding ``items`` random
-unit vectors, anchor sets for every user published on ``anchors`` beforehand (so no LLM is in the
-loop: this measures the streaming path), then ``requests`` recall+exposure pairs with ``candidates``
-candidates each, produced as fast as possible (or at ``rate`` requests/s). Latency is measured per
-request from the exposure's event time (set to the wall clock when produced) to the arrival of its
-pseudo-labeled SampleBatch on ``samples``; throughput from the first to the last arrival.
+unit vectors (written through to the item snapshot the stage processes read), anchor sets for every
+user published on ``anchors`` beforehand (no LLM in the loop: this measures the streaming path), then
+``requests`` recall+exposure pairs with ``candidates`` candidates each, offered as fast as possible
+(or at ``rate`` requests/s). Recalls are encoded by the contract's encoder before the clock starts
+(``schemas.codec.encode``: whatever shape the recall producer emits; only the event time is stamped
+at send), so the driver is not the bottleneck.
+
+Latency is measured per request from the moment its exposure is produced to the arrival of its
+pseudo-labeled SampleBatch; throughput from the first to the last arrival. Before the clock starts,
+warm-up requests go through until one comes back, so spawned stage processes, group joins and the
+reader's own assignment are done (a fixed sleep lost the first request when a join was slow).
+
+``baseline``: the same requests through :mod:`gpl.bench.bare_loop` (one bare confluent-kafka process
+doing the same work) on the same broker in the same run, and the ratio. ``fraction``: after the
+saturating run, the pipeline again offered ``fraction`` × the rate it sustained, for the latency a
+provisioned system sees. ``streams_workers``: that many streams processes in one consumer group.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import orjson
 from tqdm import tqdm
 
-from gpl.runtime.kafka import consumer, producer
+from gpl.bench.bare_loop import EXPOSURE as BARE_EXPOSURE
+from gpl.bench.bare_loop import OUT as BARE_OUT
+from gpl.bench.bare_loop import RECALL as BARE_RECALL
+from gpl.bench.bare_loop import bare_loop
+from gpl.runtime.kafka import consumer, create_topics, producer
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from schemas.codec import encode
-from schemas.events import Anchor, AnchorSet
+from schemas.events import Anchor, AnchorSet, RecallEvent
 from schemas.wire import payload
+
+TS0 = 1_000_000_000_000  # placeholder event time in the pre-encoded recalls (13 digits, as every stamp)
 
 
 def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 1000, rate: float = 0.0,
               items: int = 20_000, users: int = 200, k: int = 8, dim: int = 384, seed: int = 0,
+              baseline: bool = False, fraction: float = 0.0, streams_workers: int = 1,
               progress: bool = True) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     s = settings.with_overrides(kafka={"bootstrap_servers": ""}, data_dir=str(settings.data_dir / "bench-e2e"),
                                 qdrant={"url": ""}, streams={"max_candidates": max(candidates, 5000)})
-    import shutil
-
     shutil.rmtree(s.data_dir, ignore_errors=True)
+    out: dict[str, Any] = {"requests": requests, "candidates": candidates, "items": items,
+                           "processes": s.stack.processes, "streams_workers": streams_workers}
     with Stack(s) as stack:
         s = stack.settings
         col = s.encoder.collection
-        vecs = rng.standard_normal((items, dim)).astype(np.float32)
-        vecs = normalize(vecs)
         stack.index.ensure_collection(col, dim)
-        stack.index.upsert(col, Points(np.arange(1, items + 1, dtype=np.int64), vecs,
+        stack.index.upsert(col, Points(np.arange(1, items + 1, dtype=np.int64),
+                                       normalize(rng.standard_normal((items, dim)).astype(np.float32)),
                                        [{"text": f"item {i}"} for i in range(1, items + 1)]))
-        p = producer(s.kafka)
-        now = int(time.time() * 1000)
-        for u in range(users):
-            a = rng.standard_normal((k, dim)).astype(np.float32)
-            a = normalize(a)
-            aset = AnchorSet(user_id=f"u{u}", version=1, model="bench", prompt_hash="bench", encoder=s.encoder.model,
-                             generated_at=now, anchors=[Anchor(text=f"a{j}", vector=a[j].tolist(), logprob=-1.0)
-                                                        for j in range(k)])
-            p.produce("anchors", encode(aset), key=f"u{u}".encode())
-        p.flush(30)
-        stages = Stages({"streams": stack.make("streams"), "labeler": stack.make("labeler")})
-        arrivals: dict[str, float] = {}
-        sent_ts: dict[str, int] = {}
-        stop_reader = threading.Event()
-        reader = threading.Thread(target=_read_samples, args=(s, arrivals, stop_reader), daemon=True)
+        _publish_anchors(s, rng, users, k, dim)
+        _save_calibrator(s)
+        reqs = _requests(rng, requests, users, items, candidates)
+        # several streams workers split the partitions (one consumer group); separate processes only
+        workers = {f"streams-{i}" if i else "streams": stack.make("streams") for i in range(streams_workers)}
+        stages = Stages({**workers, "labeler": stack.make("labeler")})
         with stages:
-            reader.start()
-            time.sleep(8.0)  # group joins (faust ~3 s with the tuned timeouts) before the clock starts
-            bar = tqdm(total=requests, desc="e2e requests", disable=not progress)
-            t0 = time.perf_counter()
-            for r in range(requests):
-                if rate > 0:
-                    target = t0 + r / rate
-                    delay = target - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                user = f"u{r % users}"
-                rid = f"b{r}"
-                cand = rng.choice(items, size=candidates, replace=False) + 1
-                ts = int(time.time() * 1000)
-                recall = {"schema_version": 2, "request_id": rid, "user_id": user, "ts": ts,
-                          "item_ids": cand.tolist(), "scores": [0.5] * len(cand)}
-                shown = cand[:10]
-                exposure = {"request_id": rid, "user_id": user, "ts": ts,
-                            "items": [{"item_id": int(i), "position": j, "clicked": j == 0}
-                                      for j, i in enumerate(shown)]}
-                p.produce("recall", orjson.dumps(recall), key=user.encode())
-                p.produce("exposure", orjson.dumps(exposure), key=user.encode())
-                sent_ts[rid] = ts
-                p.poll(0)
-                bar.update()
-            p.flush(60)
-            produce_s = time.perf_counter() - t0
-            deadline = time.monotonic() + 300
-            while len(arrivals) < requests and time.monotonic() < deadline:
-                time.sleep(0.2)
-            bar.close()
-            stop_reader.set()
-            reader.join(10)
-    lat = np.array([arrivals[r] - sent_ts[r] / 1000 for r in arrivals if r in sent_ts])
-    first = min(arrivals.values()) if arrivals else 0.0
-    last = max(arrivals.values()) if arrivals else 0.0
-    return {
-        "requests": requests, "candidates": candidates, "offered_rate": rate or "max",
-        "labeled_requests": len(arrivals),
-        "produce_seconds": round(produce_s, 2),
-        "throughput_requests_per_s": round(len(arrivals) / max(last - first, 1e-9), 1) if len(arrivals) > 1 else None,
-        "latency_p50_s": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
-        "latency_p99_s": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
-        "latency_max_s": round(float(lat.max()), 3) if len(lat) else None,
-    }
+            run = _run(s, "samples", "recall", "exposure", reqs, rate, "p", progress)
+            out["pipeline"] = run
+            if fraction > 0 and run["throughput_requests_per_s"]:
+                out[f"pipeline_at_{fraction:g}"] = _run(s, "samples", "recall", "exposure", reqs,
+                                                        fraction * run["throughput_requests_per_s"], "q", progress)
+            out["pipeline_accounting"] = stages.accounting()
+        out["errors"] = {n: repr(e) for n, e in stages.errors.items()}
+        if baseline:
+            out["bare_loop"] = _bare(s, reqs, rate, users, progress)
+            b = out["bare_loop"]["throughput_requests_per_s"]
+            if b and run["throughput_requests_per_s"]:
+                out["ratio_pipeline_to_bare"] = round(run["throughput_requests_per_s"] / b, 3)
+    return out
 
 
-def _read_samples(s: Settings, arrivals: dict[str, float], stop: threading.Event) -> None:
+def _publish_anchors(s: Settings, rng: np.random.Generator, users: int, k: int, dim: int) -> None:
+    p = producer(s.kafka)
+    now = int(time.time() * 1000)
+    for u in range(users):
+        a = normalize(rng.standard_normal((k, dim)).astype(np.float32))
+        aset = AnchorSet(user_id=f"u{u}", version=1, model="bench", prompt_hash="bench", encoder=s.encoder.model,
+                         generated_at=now, anchors=[Anchor(text=f"a{j}", vector=a[j].tolist(), logprob=-1.0)
+                                                    for j in range(k)])
+        p.produce("anchors", encode(aset), key=f"u{u}".encode())
+    p.flush(30)
+
+
+def _save_calibrator(s: Settings) -> None:
+    """A calibrator over every feature the labeler computes, with fixed coefficients: the labeler's
+    default path (calibrated, all features) at full cost, without fitting one on synthetic data."""
+    from workers.labeling.calibrator import Calibrator
+    from workers.labeling.features import FEATURES
+
+    n = len(FEATURES)
+    Calibrator(features=FEATURES, mean=(0.3,) * n, scale=(0.2,) * n, coef=(0.8,) + (0.1,) * (n - 1),
+               intercept=-2.0, monotone="s1", encoder=s.encoder.model, catalogue="").save(s.calibrator_file)
+
+
+Request = tuple[str, str, bytes, list[int]]  # user, request-id suffix, recall bytes (placeholder ts), shown
+
+
+def _requests(rng: np.random.Generator, n: int, users: int, items: int, candidates: int) -> list[Request]:
+    """Every request's recall encoded once, by the contract's encoder, with a placeholder event time."""
+    out: list[Request] = []
+    for r in range(n):
+        user = f"u{r % users}"
+        cand = rng.choice(items, size=candidates, replace=False) + 1
+        ev = RecallEvent(request_id=f"@{r:07d}", user_id=user, ts=TS0, item_ids=cand.tolist(),
+                         scores=[0.5] * len(cand))  # the columnar contract (schema_version 2)
+        raw = encode(ev)
+        assert raw.count(str(TS0).encode()) == 1 and raw.count(b"@") == 1, "recall encoding changed shape"
+        out.append((user, f"{r:07d}", raw, cand[:10].tolist()))
+    return out
+
+
+def _send(p: Any, recall: str, exposure: str, req: Request, rid: str) -> float:
+    """Produce one request (recall, then exposure) as ``rid``, stamped now; returns the exposure's wall time."""
+    user, suffix, raw, shown = req
+    now = time.time()
+    ts = int(now * 1000)
+    p.produce(recall, raw.replace(str(TS0).encode(), str(ts).encode()).replace(f"@{suffix}".encode(), rid.encode()),
+              key=user.encode())
+    exposure_ev = {"request_id": rid, "user_id": user, "ts": ts,
+                   "items": [{"item_id": i, "position": j, "clicked": j == 0} for j, i in enumerate(shown)]}
+    p.produce(exposure, orjson.dumps(exposure_ev), key=user.encode())
+    return now
+
+
+def _run(s: Settings, out_topic: str, recall: str, exposure: str, reqs: list[Request], rate: float, prefix: str,
+         progress: bool) -> dict[str, Any]:
+    """Warm up, then offer every request (at ``rate``, or as fast as possible) and wait for their batches."""
+    arrivals: dict[str, float] = {}
+    stop = threading.Event()
+    reader = threading.Thread(target=_read, args=(s, out_topic, arrivals, stop), daemon=True)
+    reader.start()
+    p = producer(s.kafka)
+    _warm_up(p, recall, exposure, reqs[0], prefix, lambda: any(r.startswith(f"w{prefix}") for r in arrivals))
+    sent: dict[str, float] = {}
+    bar = tqdm(total=len(reqs), desc=f"e2e {prefix}", disable=not progress)
+    t0 = time.perf_counter()
+    for r, req in enumerate(reqs):
+        if rate > 0 and (delay := t0 + r / rate - time.perf_counter()) > 0:
+            time.sleep(delay)
+        sent[f"{prefix}{req[1]}"] = _send(p, recall, exposure, req, f"{prefix}{req[1]}")
+        p.poll(0)
+        bar.update()
+    p.flush(60)
+    produce_s = time.perf_counter() - t0
+    last_count, last_move = -1, time.monotonic()
+    while time.monotonic() - last_move < 30:  # until complete, or 30 s without a new arrival
+        got = sum(1 for r in sent if r in arrivals)
+        if got == len(sent):
+            break
+        if got != last_count:
+            last_count, last_move = got, time.monotonic()
+        time.sleep(0.2)
+    bar.close()
+    stop.set()
+    reader.join(10)
+    return _figures(sent, arrivals, rate, produce_s)
+
+
+def _warm_up(p: Any, recall: str, exposure: str, req: Request, prefix: str, seen: Callable[[], bool],
+             timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while not seen():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no warm-up request came back through {recall}/{exposure} in {timeout:.0f} s")
+        _send(p, recall, exposure, req, f"w{prefix}-{n}")
+        p.flush(10)
+        n += 1
+        time.sleep(1.0)
+
+
+def _figures(sent: dict[str, float], arrivals: dict[str, float], rate: float, produce_s: float) -> dict[str, Any]:
+    got = [r for r in sent if r in arrivals]
+    lat = np.array([arrivals[r] - sent[r] for r in got])
+    t = np.array([arrivals[r] for r in got])
+    thr = round(len(got) / max(float(t.max() - t.min()), 1e-9), 1) if len(got) > 1 else None
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(lat, q)), 3) if len(lat) else None
+
+    return {"offered_rate": rate or "max", "labeled_requests": len(got), "missing": sorted(set(sent) - set(got))[:10],
+            "produce_seconds": round(produce_s, 2), "throughput_requests_per_s": thr,
+            "latency_p50_s": pct(50), "latency_p99_s": pct(99), "latency_max_s": pct(100)}
+
+
+def _read(s: Settings, topic: str, arrivals: dict[str, float], stop: threading.Event) -> None:
     c = consumer(s.kafka, f"bench-reader-{time.monotonic_ns()}", **{"auto.offset.reset": "latest"})
-    c.subscribe(["samples"])
+    c.subscribe([topic])
     try:
         while not stop.is_set():
             for m in c.consume(500, timeout=0.2):
@@ -122,3 +215,21 @@ def _read_samples(s: Settings, arrivals: dict[str, float], stop: threading.Event
                     arrivals.setdefault(b["request_id"], now)
     finally:
         c.close()
+
+
+def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: bool) -> dict[str, Any]:
+    """The same requests through the bare loop, in its own process, on the same broker."""
+    create_topics(s.kafka, [BARE_RECALL, BARE_EXPOSURE, BARE_OUT])
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=bare_loop, args=(s.model_dump_json(), users, s.labeler.cap, ready, stop), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(180):
+            raise TimeoutError("the bare loop did not start")
+        return _run(s, BARE_OUT, BARE_RECALL, BARE_EXPOSURE, reqs, rate, "b", progress)
+    finally:
+        stop.set()
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()

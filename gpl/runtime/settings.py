@@ -157,6 +157,8 @@ class AnchorSettings(Section):
     retries: int = Field(default=1, ge=0, description="re-asks on unparseable output before the fallback")
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch intra-op threads (transformers); 0: default")
+    prefix_cache: bool = Field(default=True, description="transformers: compute the shared chat template and "
+                               "system prompt's KV cache once and reuse it for every batch")
     # backend "openai": any OpenAI-compatible server (vllm serve, transformers serve)
     base_url: str = Field(default="", description="OpenAI-compatible API root, e.g. http://vllm:8000/v1")
     api_key: SecretStr = SecretStr("")
@@ -317,6 +319,13 @@ class SchemaRegistrySettings(Section):
         return self
 
 
+class StackSettings(Section):
+    processes: bool = Field(
+        default=True, description="embedded stack: run streams, labeler, trainer and calibration each in its own "
+        "process (all cores; the GIL is per process), reading item vectors from the snapshot the indexer's "
+        "engine writes under data_dir/snapshots, since the embedded engine's directory lock admits one process")
+
+
 class Settings(BaseSettings):
     """Everything a GPL stream process needs. Frozen: pass it around, never mutate it."""
 
@@ -341,6 +350,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     broker: BrokerSettings = BrokerSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+    stack: StackSettings = StackSettings()
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

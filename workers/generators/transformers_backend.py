@@ -2,18 +2,16 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpl.runtime.settings import AnchorSettings
 from workers.generators.base import AnchorPrompt
 from workers.generators.logprobs import Completion, completion_from_tokens
 from workers.generators.prompt import PREFILL, WORD_REPETITION_PENALTY, attempt_sampling, generation_budget, render_chat
 from workers.generators.retrying import RetryingGenerator
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +57,17 @@ class TransformersGenerator(RetryingGenerator):
     ``threads`` sets torch's intra-op thread count for the process (None leaves it alone). On small
     shared CPUs one thread is often faster for a 135M model: OpenMP workers spin-wait on a core that
     another process holds.
+
+    Prefix cache (``prefix_cache``): every prompt starts with the same chat template and system
+    message, so their keys and values are computed once (the tokens two different probe prompts
+    share) and reused: each call copies that cache, repeats it over the batch, and the model reads
+    only each row's own part. Rows are then padded in the *middle* (shared prefix, pads, own part)
+    instead of on the left; the pads are masked and positions follow the attention mask, so every
+    row sees the positions and tokens it sees without the cache (greedy outputs are the same).
     """
 
     def __init__(self, model_dir: Path | str, settings: AnchorSettings, *, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, prefix_cache: bool | None = None) -> None:
         super().__init__(settings, "transformers")
         import os
 
@@ -87,6 +92,8 @@ class TransformersGenerator(RetryingGenerator):
         eos_ids = eos if isinstance(eos, list) else [eos]
         self._stop_ids = {int(e) for e in [*eos_ids, self.tokenizer.eos_token_id] if e is not None}
         self._word_mask = self._word_tokens(int(self.lm.config.vocab_size))
+        self.prefix_cache = settings.prefix_cache if prefix_cache is None else prefix_cache
+        self._prefix: tuple[list[int], Any] | None = None  # shared prompt tokens and their KV cache
 
     def _word_tokens(self, vocab_size: int) -> Any:
         """Bool mask over the vocabulary: tokens whose text holds a letter or digit (0.1 s, once)."""
@@ -102,14 +109,50 @@ class TransformersGenerator(RetryingGenerator):
         """The exact text fed to the model: chat template with the generation prompt, then the pre-fill."""
         return render_chat(self.tokenizer, prompt)
 
+    def shared_prefix(self) -> tuple[list[int], Any]:
+        """The tokens every prompt starts with and their KV cache (computed once; empty if too short)."""
+        if self._prefix is None:
+            a, b = (self._tokens(self.render(p)) for p in (AnchorPrompt("a", ["x"], 1),
+                                                            AnchorPrompt("b", ["Yy zz", "w"], 3)))
+            n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            cache = None
+            if n >= 8:
+                with self._torch.inference_mode():
+                    ids = self._torch.tensor([a[:n]], device=self.device)
+                    cache = self.lm(input_ids=ids, use_cache=True).past_key_values
+            self._prefix = (a[:n] if cache is not None else [], cache)
+        return self._prefix
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _inputs(self, texts: list[str]) -> tuple[dict[str, Any], Any]:
+        """Model inputs for a batch, and the prefix cache to start from (None: no shared prefix)."""
+        torch = self._torch
+        prefix, cache = self.shared_prefix() if self.prefix_cache else ([], None)
+        rows = [self._tokens(t) for t in texts]
+        n = len(prefix)
+        if cache is None or not all(len(r) > n and r[:n] == prefix for r in rows):
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            return dict(enc), None
+        width = max(len(r) - n for r in rows)
+        pad = int(self.tokenizer.pad_token_id)
+        ids = [prefix + [pad] * (width - len(r) + n) + r[n:] for r in rows]
+        mask = [[1] * n + [0] * (width - len(r) + n) + [1] * (len(r) - n) for r in rows]
+        past = copy.deepcopy(cache)  # generate() appends to it
+        past.batch_repeat_interleave(len(rows))
+        return {"input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device)}, past
+
     def complete(self, prompts: list[AnchorPrompt], attempt: int) -> list[Completion]:
         torch = self._torch
-        enc = self.tokenizer([self.render(p) for p in prompts], return_tensors="pt", padding=True,
-                             add_special_tokens=False).to(self.device)
+        enc, past = self._inputs([self.render(p) for p in prompts])
         budget = generation_budget(max(p.k for p in prompts), self.settings.max_new_tokens)
         temperature, seed = attempt_sampling(self.settings, attempt)
         kwargs: dict[str, Any] = {"max_new_tokens": budget, "return_dict_in_generate": True,
                                   "output_logits": True, "pad_token_id": self.tokenizer.pad_token_id}
+        if past is not None:
+            kwargs["past_key_values"] = past
         if temperature > 0:
             kwargs |= {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 50}
         else:

@@ -104,8 +104,11 @@ class ItemMatrix:
             return 0
         n = 0
         try:
+            total = self.index.count(self.collection)
             for pts in self.index.scroll(self.collection, batch):
                 n += self.add(pts.ids, pts.vectors)
+                if self._mat.shape[0] < total:  # the final size at once: no doubling copies on the way
+                    self._reserve(total, exact=True)
         except KeyError:
             log.warning("item collection %s does not exist yet; vectors will be fetched on demand",
                         self.collection)
@@ -157,10 +160,10 @@ class ItemMatrix:
                     self._absent.pop(i, None)
         return m
 
-    def _reserve(self, n: int) -> None:
+    def _reserve(self, n: int, *, exact: bool = False) -> None:
         if n <= self._mat.shape[0]:
             return
-        cap = max(n, 2 * self._mat.shape[0], 1024)
+        cap = n if exact else max(n, 2 * self._mat.shape[0], 1024)
         grown = np.zeros((cap, self._dim or 0), self._mat.dtype)
         grown[: self._n] = self._mat[: self._n]
         self._mat = grown

@@ -1,0 +1,210 @@
+"""One stage in its own OS process, seen by the parent as an ordinary stage.
+
+Why: Python runs one bytecode stream per process (the GIL), so stages sharing a process share one
+core. The embedded vector engine admits one process (a lock on its directory), but the stages that
+only *read* item vectors — streams, labeler, trainer, calibration — can open the item snapshot
+(gpl/runtime/vectors/snapshot.py) instead, and so run on their own cores.
+
+:class:`ProcessStage` has the :class:`gpl.stack.Stage` shape: ``run(stop)`` starts the child (spawn: a
+clean interpreter, no inherited threads or Kafka handles), relays ``stop`` to it and returns when it
+ends; ``accounting`` and the child's public counters (``counts``, ``deferred``, …) are mirrored from
+snapshots the child sends every ``report_s``, so the demo's and the benches' progress checks read
+them as they would read a thread's. A child that fails raises in ``run`` with the child's error, so
+:class:`gpl.stack.Stages` records it like a crashed thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+from gpl.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+READERS = ("streams", "labeler", "trainer", "calibration")  # stages that never write vectors
+MIRRORED = ("counts", "deferred", "waiting")  # public counters read by the demo and benches
+
+
+class MirroredAccounting:
+    """The parent's view of a child's :class:`~gpl.runtime.kafka.Accounting` (last snapshot received)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self._c: dict[str, int] = {}
+
+    def update(self, counts: dict[str, int]) -> None:
+        self._c = dict(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._c)
+
+    def __getitem__(self, outcome: str) -> int:
+        return self._c.get(outcome, 0)
+
+
+class ProcessStage:
+    """A stage run by a child process; build it with the stage's name and keyword arguments."""
+
+    def __init__(self, stage: str, settings: Settings, *, report_s: float = 0.25, **kw: Any) -> None:
+        self.name = stage
+        self.settings = settings
+        self.kw = kw
+        self.report_s = report_s
+        self.accounting = MirroredAccounting(stage)
+        self._mirror: dict[str, Any] = {}
+        self._accountings: dict[str, MirroredAccounting] = {}
+        self.pid: int | None = None
+        self.peak_rss_bytes = 0  # the child's peak resident set, reported when it ends
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        if attr in self._accountings:
+            return self._accountings[attr]
+        if attr in self._mirror:
+            return self._mirror[attr]
+        raise AttributeError(f"{self.name} (in its own process) does not report {attr!r}")
+
+    def snapshot(self) -> Any:
+        """The child stage's own ``snapshot()`` as last reported (None if it has none)."""
+        return self._mirror.get("snapshot")
+
+    def run(self, stop: threading.Event) -> None:
+        ctx = mp.get_context("spawn")
+        recv, send = ctx.Pipe(duplex=False)
+        child_stop = ctx.Event()
+        proc = ctx.Process(target=child_main, name=f"gpl-{self.name}", daemon=True,
+                           args=(self.settings.model_dump_json(), self.name, self.kw, child_stop, send,
+                                 self.report_s))
+        proc.start()
+        send.close()  # the parent only reads; EOF then means the child is gone
+        self.pid = proc.pid
+        error: str | None = None
+        try:
+            while True:
+                if stop.is_set():
+                    child_stop.set()
+                try:
+                    ready = recv.poll(0.1)
+                    msg = recv.recv() if ready else None
+                except EOFError:
+                    break
+                if msg is not None:
+                    error = self._take(msg) or error
+        finally:
+            child_stop.set()
+            proc.join(60)
+            if proc.is_alive():
+                log.warning("stage %s (pid %s) did not stop; terminating it", self.name, proc.pid)
+                proc.terminate()
+                proc.join(10)
+            recv.close()
+        if error is not None:
+            raise RuntimeError(f"stage {self.name} failed in its process: {error}")
+        if proc.exitcode not in (0, None):
+            raise RuntimeError(f"stage {self.name} process exited with code {proc.exitcode}")
+
+    def _take(self, msg: dict[str, Any]) -> str | None:
+        for attr, counts in msg.get("accountings", {}).items():
+            if attr == "accounting":
+                self.accounting.update(counts)
+            else:
+                self._accountings.setdefault(attr, MirroredAccounting(f"{self.name}.{attr}")).update(counts)
+        self._mirror.update(msg.get("attrs", {}))
+        self.peak_rss_bytes = max(self.peak_rss_bytes, int(msg.get("peak_rss_bytes", 0)))
+        return msg.get("error")
+
+
+def open_reader_index(settings: Settings) -> Any:
+    """The vector index a reader stage opens in its own process: the snapshot, or the Qdrant server."""
+    if settings.qdrant.url:
+        from gpl.backends import open_index
+
+        return open_index(settings)
+    from gpl.runtime.vectors.snapshot import SnapshotIndex, snapshot_dir
+
+    return SnapshotIndex(snapshot_dir(settings.data_dir, settings.encoder.collection).parent)
+
+
+def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: MpEvent, conn: Connection,
+               report_s: float) -> None:
+    """The child: build the stage over a reader index, run it in a thread, report until it ends."""
+    from gpl.runtime.encoder import open_encoder
+    from gpl.stage_build import build_stage
+
+    settings = Settings.model_validate_json(settings_json)
+    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+    error: list[str] = []
+    with open_reader_index(settings) as index:
+        try:
+            stage = build_stage(name, settings, index, lambda: open_encoder(settings.encoder), **kw)
+        except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
+            conn.send({"error": repr(e)})
+            conn.close()
+            return
+        tstop = threading.Event()
+
+        def target() -> None:
+            try:
+                stage.run(tstop)
+            except BaseException as e:  # noqa: BLE001 - sent to the parent, which raises it
+                log.exception("stage %s crashed", name)
+                error.append(repr(e))
+
+        t = threading.Thread(target=target, name=f"gpl-{name}", daemon=True)
+        t.start()
+        parent = os.getppid()
+        while t.is_alive():
+            if stop.wait(report_s) or os.getppid() != parent:  # stopped, or orphaned (parent killed)
+                tstop.set()
+                t.join(60)
+                break
+            _send(conn, _report(stage, None))
+        _send(conn, _report(stage, error[0] if error else None))
+    conn.close()
+
+
+def _send(conn: Connection, msg: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the parent is gone (BrokenPipeError): nobody to report to
+        conn.send(msg)
+
+
+def _report(stage: Any, error: str | None) -> dict[str, Any]:
+    from gpl.runtime.kafka import Accounting
+
+    accountings = {k: v.snapshot() for k, v in vars(stage).items() if isinstance(v, Accounting)}
+    attrs: dict[str, Any] = {}
+    for a in MIRRORED:
+        v = getattr(stage, a, None)
+        if isinstance(v, int | float | dict):
+            attrs[a] = dict(v) if isinstance(v, dict) else v
+    view = getattr(stage, "snapshot", None)  # a stage's own summary (the calibration monitor has one)
+    if callable(view):
+        attrs["snapshot"] = view()
+    return {"accountings": accountings, "attrs": attrs, "error": error, "peak_rss_bytes": peak_rss_bytes(),
+            "t": time.time()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux keeps it across ``execve``, so a spawned child would report the peak of
+    the parent it was forked from.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
