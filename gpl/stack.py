@@ -59,7 +59,7 @@ class Stack:
         self._broker_port = broker_port  # pin the embedded broker (`gpl up --port`); default a free port
         self.settings = settings
         self.broker: EmbeddedBroker | None = None
-        self.index: VectorIndex
+        self._index: VectorIndex | None = None
         self._encoder: Encoder | None = encoder  # given: e.g. the demo's cache of vectors already computed
         self._exit = ExitStack()
 
@@ -74,10 +74,6 @@ class Stack:
                 s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
             self.settings = s
             create_topics(s.kafka)
-            self.index = self._exit.enter_context(open_index(s))
-            if s.stack.processes and not s.qdrant.url:  # readers in other processes see the items as files
-                self.index = SnapshottingIndex(self.index, snapshot_dir(s.data_dir, s.encoder.collection),
-                                               s.encoder.collection)
         except BaseException:
             self._exit.close()
             raise
@@ -85,6 +81,19 @@ class Stack:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self._exit.close()
+
+    @property
+    def index(self) -> VectorIndex:
+        """The vector index, opened on first use: a process that runs only reader stages over the item
+        snapshot (``gpl run --stage labeler`` beside ``gpl run --stage indexer``) never takes the embedded
+        engine's directory lock."""
+        if self._index is None:
+            s = self.settings
+            idx: VectorIndex = self._exit.enter_context(open_index(s))
+            if s.stack.processes and not s.qdrant.url:  # readers in other processes see the items as files
+                idx = SnapshottingIndex(idx, snapshot_dir(s.data_dir, s.encoder.collection), s.encoder.collection)
+            self._index = idx
+        return self._index
 
     @property
     def encoder(self) -> Encoder:
