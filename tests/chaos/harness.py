@@ -80,7 +80,10 @@ class Cluster:
             args += ["--stage", s]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "GPL_METRICS_PORT": "0", **self.env}
-        g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # its own process group: a kill takes the stage's children (reader stages run in a spawned child)
+        # with it, as the death of a container or pod does
+        g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                  start_new_session=True)
         log.close()
 
     def start_all(self) -> None:
@@ -98,7 +101,7 @@ class Cluster:
         g = self.groups[name]
         assert g.proc is not None
         self.check()
-        g.proc.send_signal(signal.SIGKILL)
+        os.killpg(g.proc.pid, signal.SIGKILL)  # the whole group, at once: no goodbye from any of them
         g.proc.wait(30)
         g.kills += 1
 

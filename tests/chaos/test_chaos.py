@@ -9,6 +9,7 @@ once, every (request, item) pseudo-label at most once and none missing, every re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -65,8 +66,9 @@ def stack(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Settings, Cluster]]:
             yield broker, s, cluster
         finally:
             for g in cluster.groups.values():
-                if g.proc is not None and g.proc.poll() is None:
-                    g.proc.kill()
+                if g.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(g.proc.pid, signal.SIGKILL)
 
 
 def send(settings: Settings, events: list[tuple[str, Any]], seconds: float) -> None:
