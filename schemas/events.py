@@ -298,7 +298,7 @@ class DeadLetter(Contract):
     topic: str
     partition: int
     offset: int
-    key: str | None
+    key: str | None = None  # a message without a key (encode() leaves None out)
     value: str = Field(description="original bytes, base64")
     error: str
     reason: str = Field(description="short machine-readable class: malformed_json, schema, unknown_items, ...")
