@@ -31,6 +31,16 @@ class Points:
         return int(self.ids.shape[0])
 
 
+def exact_top(pts: Points, vector: np.ndarray, limit: int) -> list[tuple[int, float]]:
+    """The ``limit`` best of ``pts`` by dot product with ``vector`` (a scan): for the adapters without an
+    ANN index of their own (the in-memory twin, the read-only snapshot)."""
+    if not len(pts):
+        return []
+    scores = pts.vectors @ np.asarray(vector, dtype=np.float32)
+    order = np.argsort(-scores)[:limit]
+    return [(int(pts.ids[j]), float(scores[j])) for j in order]
+
+
 class VectorIndex(AbstractContextManager["VectorIndex"], Protocol):
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection (cosine distance) if it does not exist."""

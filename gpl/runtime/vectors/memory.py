@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.index import Points, exact_top
 
 
 class MemoryIndex:
@@ -55,12 +55,7 @@ class MemoryIndex:
 
     def search(self, name: str, vector: np.ndarray, limit: int, *, ids: Sequence[int] | None = None
                ) -> list[tuple[int, float]]:
-        pts = self.retrieve(name, list(ids) if ids is not None else list(self._col(name)))
-        if not len(pts):
-            return []
-        scores = pts.vectors @ np.asarray(vector, dtype=np.float32)
-        order = np.argsort(-scores)[:limit]
-        return [(int(pts.ids[j]), float(scores[j])) for j in order]
+        return exact_top(self.retrieve(name, list(ids) if ids is not None else list(self._col(name))), vector, limit)
 
     def count(self, name: str) -> int:
         with self._lock:

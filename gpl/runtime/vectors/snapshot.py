@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import Points, VectorIndex
+from gpl.runtime.vectors.index import Points, VectorIndex, exact_top
 
 log = logging.getLogger(__name__)
 _SEG = re.compile(r"^seg-(\d{8})\.ids\.npy$")
@@ -171,11 +171,7 @@ class SnapshotIndex:
                ) -> list[tuple[int, float]]:
         """Exact search (a scan): snapshots serve lookups; similarity search belongs to the engine."""
         pts = self.retrieve(name, ids) if ids is not None else _concat(list(self.scroll(name, 65536)))
-        if not len(pts):
-            return []
-        scores = pts.vectors @ np.asarray(vector, dtype=np.float32)
-        order = np.argsort(-scores)[:limit]
-        return [(int(pts.ids[j]), float(scores[j])) for j in order]
+        return exact_top(pts, vector, limit)
 
     def count(self, name: str) -> int:
         return self._col(name, refresh=True).size
