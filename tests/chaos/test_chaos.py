@@ -27,7 +27,7 @@ from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import create_topics, producer
 from gpl.runtime.settings import Settings, load
 from schemas.codec import encode
-from schemas.events import DeadLetter, ExposureEvent, ItemEvent, RecallEvent
+from schemas.events import DeadLetter, ExposureEvent, RecallEvent
 from tests.chaos.bad_messages import bad_messages
 from tests.chaos.harness import Cluster, Expected, Group, Ledger, committed_lag, toml_text, wait_until, world
 from tests.helpers import drain
@@ -123,13 +123,19 @@ def finish(s: Settings, cluster: Cluster, expected: Expected) -> Ledger:
     return Ledger.read(s, expected)
 
 
-def test_kill_9_each_stage_20_times(stack: tuple[EmbeddedBroker, Settings, Cluster]) -> None:
-    _, s, cluster = stack
-    sim = world()
+def start_traffic(s: Settings, cluster: Cluster, seed: int) -> tuple[Expected, threading.Thread]:
+    """Index a simulated world's items, then produce its requests over ``TRAFFIC_S`` in a thread."""
+    sim = world(seed=seed)
     expected = Expected.of(sim)
     start_and_index(s, cluster, expected)
     producer_thread = threading.Thread(target=send, args=(s, traffic(sim.events), TRAFFIC_S))
     producer_thread.start()
+    return expected, producer_thread
+
+
+def test_kill_9_each_stage_20_times(stack: tuple[EmbeddedBroker, Settings, Cluster]) -> None:
+    _, s, cluster = stack
+    expected, producer_thread = start_traffic(s, cluster, seed=7)
     rng = random.Random(20261202)
     moments = sorted(rng.uniform(0, TRAFFIC_S + 15) for _ in range(20))
     t0 = time.monotonic()
@@ -148,11 +154,7 @@ def test_kill_9_each_stage_20_times(stack: tuple[EmbeddedBroker, Settings, Clust
 
 def test_broker_stopped_30_s(stack: tuple[EmbeddedBroker, Settings, Cluster]) -> None:
     broker, s, cluster = stack
-    sim = world(seed=8)
-    expected = Expected.of(sim)
-    start_and_index(s, cluster, expected)
-    producer_thread = threading.Thread(target=send, args=(s, traffic(sim.events), TRAFFIC_S))
-    producer_thread.start()
+    expected, producer_thread = start_traffic(s, cluster, seed=8)
     time.sleep(TRAFFIC_S / 3)
     tansu = broker.pids[0]
     os.kill(tansu, signal.SIGSTOP)
@@ -169,7 +171,7 @@ def test_10000_bad_messages_while_valid_traffic_flows(stack: tuple[EmbeddedBroke
     _, s, cluster = stack
     sim = world(seed=9)
     expected = Expected.of(sim)
-    bad = bad_messages(10_000, ExpectedItems(expected.items))
+    bad = bad_messages(10_000, [it.item_id for it in expected.items])
     assert len(bad) == 10_000
     start_and_index(s, cluster, expected)
     origins: set[tuple[str, int, int]] = set()
@@ -214,9 +216,3 @@ def test_10000_bad_messages_while_valid_traffic_flows(stack: tuple[EmbeddedBroke
     ledger.dead_letters = {}  # the bad ones are accounted for above, one by one
     assert ledger.problems(expected) == []
 
-
-class ExpectedItems:
-    """The ids the catalogue holds, so the generator can make recalls that are bad for other reasons."""
-
-    def __init__(self, items: list[ItemEvent]) -> None:
-        self.ids = [it.item_id for it in items]
