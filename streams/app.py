@@ -18,6 +18,10 @@ out by the agent: the timer sends the due request to the internal ``<app id>-exp
 (faust raises otherwise and the agent dies), and an expiry may write both tables: an exposure whose recall
 never came still yields its real labels and updates the user's interest.
 
+Both tables send their changelog as each key's latest value, at most ``changelog_coalesce_ms`` late and always
+before the input offsets that wrote them are committed (streams/changelog.py): a request joined within that
+window costs one small changelog record instead of its whole recall and then a marker.
+
 After a request is joined or expired a small marker replaces it in the same table (so it survives a
 restart) until event time passes ``dedup_window_s``: it tells a duplicate (another offset: DLQ
 ``duplicate``), a late partner, and a re-read after a restart (the same offset: already done, skipped).
@@ -35,21 +39,18 @@ until then it is counted in :attr:`StreamsProcessor.waiting`.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import struct
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 import faust
 import numpy as np
-from confluent_kafka import Consumer
 
 from gpl.runtime.faust_config import faust_settings
-from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import Accounting, create_topics
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.lag import LagGauge
 from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.serde import Wire
@@ -59,8 +60,9 @@ from schemas.codec import DecodeError, dead_letter, decode
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, expiry_topic
 from streams.catalog import Catalog, UnknownItems
+from streams.changelog import CoalescingTable
 from streams.clock import EventClock
-from streams.copartition import SplitWatch, verify_copartitioned
+from streams.copartition import SplitWatch
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
 from streams.join import (
     DONE,
@@ -72,14 +74,15 @@ from streams.join import (
     Pending,
     Recall,
     decode_recall,
+    encode_real_samples,
     encode_unexposed,
     event_due,
     marker,
     pending_exposure,
     pending_recall,
-    real_samples,
     unexposed,
 )
+from streams.lifecycle import serve
 from streams.transport import SCHEME
 
 log = logging.getLogger(__name__)
@@ -152,9 +155,15 @@ class StreamsProcessor:
         # a dead letter larger than the producer accepts would fail the agent on every restart
         self.dlq_max_bytes = min(int(app.conf.producer_max_request_size), s.kafka.max_message_bytes)
         # state: join records (waiting requests and markers) by request id; interest by user id (changelogged)
-        self.pending = cast(faust.Table, app.Table("pending", partitions=s.kafka.partitions, **RAW_TABLE,
-                                                   on_recover=self._on_recover))
-        self.interest = cast(faust.Table, app.Table("interest", partitions=s.kafka.partitions, **RAW_TABLE))
+        # both coalesce their changelog writes per key (streams/changelog.py); flushed before every commit
+        coalesce = dict(coalesce_ms=cfg.changelog_coalesce_ms, max_dirty=cfg.changelog_max_dirty,
+                        partitions=s.kafka.partitions, beacon=app.tables.beacon, **RAW_TABLE)
+        self.pending = CoalescingTable(app, name="pending", on_recover=self._on_recover, **coalesce)
+        self.interest = CoalescingTable(app, name="interest", **coalesce)
+        app.tables.add(self.pending)
+        app.tables.add(self.interest)
+        setattr(app, "gpl_before_commit", self.flush_changelogs)  # noqa: B010 - called by streams/transport.py
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it narrowly
 
         @app.agent(events)
         async def recall_exposure(stream: faust.StreamT) -> None:
@@ -194,6 +203,8 @@ class StreamsProcessor:
         except Exception:  # the swept record stays in the table; the wall-clock guard retries it
             log.exception("streams: event-time expiry on partition %d failed", m.partition)
             self.accounting.add("expiry_error")
+        if self.pending.flush_due() or self.interest.flush_due():
+            self.flush_changelogs()
 
     # ------------------------------------------------------------------ recall
     async def on_recall(self, m: Any) -> None:
@@ -229,12 +240,14 @@ class StreamsProcessor:
                             m.offset, prev.exposure_offset)
 
     def _dedup_candidates(self, recall: Recall) -> Recall:
+        if recall.unique:
+            return recall
         _, first = np.unique(recall.item_ids, return_index=True)
         if len(first) == len(recall.item_ids):
             return recall
         self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))  # keep the first
         keep = np.sort(first)
-        return Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep])
+        return Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep], True)
 
     # ------------------------------------------------------------------ exposure
     async def on_exposure(self, m: Any) -> None:
@@ -274,19 +287,20 @@ class StreamsProcessor:
                                recall_offset=recall_offset, exposure_offset=exposure_offset))
         self.accounting.add("joined", 2)
         self.waiting -= prev.waiting_inputs
-        batch = unexposed(recall_ids, recall_scores, exposure, exposure.request_id, exposure.user_id, exposure.ts)
+        rest = unexposed(recall_ids, recall_scores, exposure)
         await self.emit_real(exposure)
-        if batch is not None:
-            value = self.wire.encode_json(UNEXPOSED.name, encode_unexposed(batch))
+        if rest is not None:
+            body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, *rest)
+            value = self.wire.encode_json(UNEXPOSED.name, body)
             await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
             self.accounting.add("unexposed_batches")
-            self.accounting.add("unexposed_candidates", len(batch.item_ids))
+            self.accounting.add("unexposed_candidates", len(rest[0]))
 
     async def emit_real(self, exposure: ExposureEvent) -> None:
-        samples = real_samples(exposure)
-        if samples.samples:
-            await self.out_samples.send(key=exposure.user_id.encode(), value=self.wire.encode(SAMPLES.name, samples))
-            self.accounting.add("real_samples", len(samples.samples))
+        if exposure.items:
+            value = self.wire.encode_json(SAMPLES.name, encode_real_samples(exposure))
+            await self.out_samples.send(key=exposure.user_id.encode(), value=value)
+            self.accounting.add("real_samples", len(exposure.items))
         clicked = [it.item_id for it in exposure.items if it.clicked]
         if clicked:
             await self.update_interest(exposure.user_id, np.asarray(clicked, np.int64), exposure.ts)
@@ -452,48 +466,21 @@ class StreamsProcessor:
         self.accounting.add(f"dlq:{reason}")
         log.warning("streams: %s[%d]@%d -> dlq (%s): %s", m.topic, m.partition, m.offset, reason, e)
 
+    # ------------------------------------------------------------------ changelogs (streams/changelog.py)
+    def flush_changelogs(self, partitions: set[int] | None = None) -> None:
+        """Hand the tables' pending changelog records to the producer: when due, before every offset commit
+        (streams/transport.py), before partitions are given up, and at stop."""
+        for table in (self.pending, self.interest):
+            table.flush_changelog(partitions)
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any = None, **_: Any) -> None:
+        """The next owner recovers what this worker wrote: send it and wait, before the partitions go
+        (faust's signal: ``receiver(app, revoked, signal=...)``)."""
+        revoked: set[Any] = args[0] if args else set()
+        self.flush_changelogs({tp.partition for tp in revoked})
+        await self.app.producer.flush()
+
     # ------------------------------------------------------------------ lifecycle
     def run(self, stop: threading.Event) -> None:
-        """Run the Faust app on its own event loop until ``stop`` is set (thread or main thread)."""
-        verify_copartitioned(self.settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
-        # the internal expiry topic, with the app's partition count, before faust subscribes to it (faust
-        # declares only topics it subscribes to alone; an auto-created one would mismatch the changelogs)
-        create_topics(self.settings.kafka, [self.expiry_topic_name])
-        # faust makes its datadir with mkdir(exist_ok=True) only: the parents must exist
-        (self.settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-
-        # faust's group offsets, read by a plain client that never joins the group (it only asks)
-        lag_reader = Consumer(self.settings.kafka.client_config() | {"group.id": self.settings.streams.app_id,
-                                                                     "enable.auto.commit": False})
-
-        async def main() -> None:
-            await self.app.start()
-            try:
-                while not stop.is_set() and not self.app.should_stop:
-                    if self.agent_error is not None:  # honest liveness (gpl/runtime/health.py)
-                        raise RuntimeError(f"streams agent crashed: {self.agent_error!r}") from self.agent_error
-                    HEALTH.beat(STAGE)
-                    consumer = self.app._consumer  # noqa: SLF001 - None until faust has started it
-                    HEALTH.assigned(STAGE, len(consumer.assignment()) if consumer is not None else 0)
-                    if self.lag.due():
-                        owned = [(tp.topic, tp.partition) for tp in self.app.consumer.assignment()
-                                 if tp.topic in (RECALL.name, EXPOSURE.name)]
-                        await loop.run_in_executor(None, self.lag.update, lag_reader, owned)
-                    await asyncio.sleep(0.1)
-            finally:
-                # table changelog writes are buffered: make them durable before leaving the group,
-                # or a restart would recover a table missing its last records
-                try:
-                    await asyncio.wait_for(self.app.producer.flush(), timeout=20)
-                finally:
-                    await asyncio.wait_for(self.app.stop(), timeout=20)
-
-        try:
-            loop.run_until_complete(main())
-        except TimeoutError:
-            log.warning("streams: faust did not stop within 20 s")
-        finally:
-            lag_reader.close()
-            loop.close()
+        """Run the Faust app on its own event loop until ``stop`` is set (streams/lifecycle.py)."""
+        serve(self, stop)

@@ -115,3 +115,30 @@ def test_idle_inputs_stop_holding_back_and_follow_the_wall_clock() -> None:
     off = EventClock(0, idle_ms=0, sources=("recall", "exposure"), now_ms=0)
     off.observe("recall", 0, 1_000, now_ms=0)
     assert off.watermark(0, now_ms=10**9) is None and off.due_partitions(now_ms=10**9) == []
+
+
+def test_fast_encoders_write_what_the_contract_reads() -> None:
+    """The streams stage's orjson encoders match the contracts field for field (no pydantic on the hot path)."""
+    from schemas.events import ExposureEvent, Sample, SampleBatch, UnexposedBatch
+    from schemas.ids import sample_id
+    from streams.join import encode_real_samples, encode_unexposed, unexposed
+
+    ev = ExposureEvent.model_validate({"request_id": "r9", "user_id": "ü", "ts": 7,
+                                       "items": [{"item_id": 5, "position": 0, "clicked": True},
+                                                 {"item_id": 2**62, "position": 1, "clicked": False}]})
+    want = SampleBatch(request_id="r9", user_id="ü", ts=7, candidates_total=2, samples=[
+        Sample(sample_id=sample_id("r9", 5), item_id=5, label=1.0, weight=1.0, source="click", position=0),
+        Sample(sample_id=sample_id("r9", 2**62), item_id=2**62, label=0.0, weight=1.0, source="exposed-negative",
+               position=1)])
+    raw = encode_real_samples(ev)
+    assert SampleBatch.model_validate_json(raw) == want
+    assert orjson.loads(raw) == orjson.loads(encode(want))  # the same JSON as the contract's encoder
+
+    ids = np.array([9, 5, 3, 2**62], np.int64)
+    scores = np.array([0.1234567, 0.5, 0.25, 1.0], np.float32)
+    rest = unexposed(ids, scores, ev)
+    assert rest is not None and rest[0].tolist() == [9, 3]
+    b = UnexposedBatch.model_validate_json(encode_unexposed("r9", "ü", 7, *rest))
+    assert (b.request_id, b.user_id, b.ts, b.item_ids) == ("r9", "ü", 7, [9, 3])
+    assert b.recall_scores == [0.123457, 0.25]
+    assert unexposed(ids[[1, 3]], scores[[1, 3]], ev) is None  # everything recalled was shown

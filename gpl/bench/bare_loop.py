@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpl.runtime.kafka import consumer, producer
+from gpl.runtime.kafka import consumer, producer, take
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
@@ -50,7 +50,7 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
         center, temp = s.labeler.label_center, s.labeler.label_temperature
         try:
             while not stop.is_set():
-                msgs = c.consume(256, timeout=0.1)
+                msgs = take(c, 256, 0.1)
                 if assigned.is_set():
                     ready.set()
                 for m in msgs:

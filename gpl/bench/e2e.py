@@ -36,7 +36,7 @@ from gpl.bench.bare_loop import EXPOSURE as BARE_EXPOSURE
 from gpl.bench.bare_loop import OUT as BARE_OUT
 from gpl.bench.bare_loop import RECALL as BARE_RECALL
 from gpl.bench.bare_loop import bare_loop
-from gpl.runtime.kafka import consumer, create_topics, producer
+from gpl.runtime.kafka import consumer, create_topics, producer, take
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.normalize import normalize
@@ -171,7 +171,11 @@ def _run(s: Settings, out_topic: str, recall: str, exposure: str, reqs: list[Req
     bar.close()
     stop.set()
     reader.join(10)
-    return _figures(sent, arrivals, rate, produce_s)
+    out = _figures(sent, arrivals, rate, produce_s)
+    if out["missing"]:  # lost on the way, or only missed by the live reader? read the topic again from its start
+        found = _scan(s, out_topic, set(out["missing"]))
+        out["missing_but_in_topic"] = sorted(found)
+    return out
 
 
 def _warm_up(p: Any, recall: str, exposure: str, req: Request, prefix: str, seen: Callable[[], bool],
@@ -206,7 +210,7 @@ def _read(s: Settings, topic: str, arrivals: dict[str, float], stop: threading.E
     c.subscribe([topic])
     try:
         while not stop.is_set():
-            for m in c.consume(500, timeout=0.2):
+            for m in take(c, 500, 0.2):
                 if m.error() is not None:
                     continue
                 now = time.time()
@@ -215,6 +219,25 @@ def _read(s: Settings, topic: str, arrivals: dict[str, float], stop: threading.E
                     arrivals.setdefault(b["request_id"], now)
     finally:
         c.close()
+
+
+def _scan(s: Settings, topic: str, wanted: set[str], quiet_s: float = 5.0) -> set[str]:
+    """Which of ``wanted`` have a pseudo-labeled batch in ``topic``, read from the beginning."""
+    c = consumer(s.kafka, f"bench-scan-{time.monotonic_ns()}", **{"auto.offset.reset": "earliest"})
+    c.subscribe([topic])
+    found: set[str] = set()
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < quiet_s and found != wanted:
+            for m in take(c, 500, 0.2):
+                last = time.monotonic()
+                if m.error() is None:
+                    b = orjson.loads(payload(m.value()) or b"{}")
+                    if b.get("lineage") is not None and b.get("request_id") in wanted:
+                        found.add(b["request_id"])
+    finally:
+        c.close()
+    return found
 
 
 def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: bool) -> dict[str, Any]:

@@ -40,6 +40,16 @@ def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
     return Producer(conf | kafka.extra | kafka.producer_extra | extra)
 
 
+def take(c: Consumer, n: int, timeout: float) -> list[Message]:
+    """Up to ``n`` messages, waiting up to ``timeout`` for the first one only, then taking what is already
+    fetched. librdkafka's ``consume(n, timeout)`` waits for ``n`` messages or the whole timeout: at low load
+    that added the timeout to every hop's latency (measured with ``gpl bench e2e --rate``)."""
+    first = c.poll(timeout)
+    if first is None:
+        return []
+    return [first, *c.consume(num_messages=n - 1, timeout=0)] if n > 1 else [first]
+
+
 def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
     """A consumer of group ``<group_prefix>-<group>``; settings layered as in :func:`producer`."""
     conf = kafka.client_config() | {

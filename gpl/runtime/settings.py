@@ -208,6 +208,11 @@ class StreamsSettings(Section):
                                   "time follow the wall clock, so a stream's last requests expire (0: never)")
     join_memory_guard_s: float = Field(default=3600.0, gt=0, description="wall-clock bound on any join state "
                                        "(memory guard for partitions whose event time stalls); counted apart")
+    changelog_coalesce_ms: int = Field(default=1000, ge=0, description="table changelog writes are sent as each "
+                                       "key's latest value at most this late (and before every offset commit), "
+                                       "so a request joined within it costs one small record (streams/changelog.py);"
+                                       " 0: one record per write, as faust does")
+    changelog_max_dirty: int = Field(default=4096, ge=1, description="table keys whose changelog record may wait")
     unknown_items: Literal["drop", "hold", "dlq"] = Field(
         default="drop", description="recall candidates the vector index does not know yet: drop them (counted), "
         "hold the request until the indexer has them (bounded), or send the whole recall to the DLQ")

@@ -36,7 +36,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import BaseModel
 
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer
+from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer, take
 from gpl.runtime.lag import LagGauge
 from gpl.runtime.offsets import TP, OffsetLedger
 from gpl.runtime.serde import Wire
@@ -103,10 +103,11 @@ class StageIO:
     # ------------------------------------------------------------------------------------ consume
 
     def poll(self, n: int, timeout: float) -> list[Message]:
-        """Up to ``n`` messages; each is counted ``in`` and open in the ledger (if its topic is tracked)."""
+        """Up to ``n`` messages, waiting up to ``timeout`` for the first (:func:`~gpl.runtime.kafka.take`);
+        each is counted ``in`` and open in the ledger (if its topic is tracked)."""
         out: list[Message] = []
         HEALTH.beat(self.stage)  # the loop came round: /healthz (gpl/runtime/health.py)
-        for m in self.consumer.consume(num_messages=n, timeout=timeout):
+        for m in take(self.consumer, n, timeout):
             if m.error():
                 log.error("%s: consume error: %s", self.stage, m.error())
                 continue

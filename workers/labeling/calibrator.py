@@ -23,6 +23,7 @@ without a word. Here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,9 +93,10 @@ class Calibrator:
     fitted_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """Content digest of the parameters and what they were fitted for: the lineage of a label."""
+        """Content digest of the parameters and what they were fitted for: the lineage of a label
+        (computed once: every SampleBatch's lineage names it, and the fields are frozen)."""
         blob = json.dumps([self.features, self.mean, self.scale, self.coef, self.intercept, self.monotone,
                            self.encoder, self.catalogue], sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()

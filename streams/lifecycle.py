@@ -1,0 +1,82 @@
+"""Start, watch and stop the streams processor's faust app (streams/app.py holds the pipeline itself).
+
+Before faust starts: refuse input topics that are not co-partitioned, create the internal expiry topic with
+the app's partition count (faust declares only topics it subscribes to alone; an auto-created one would
+mismatch the changelogs), and make faust's data directory. While it runs: a liveness beat, the assignment
+and the consumer lag (read by a plain client that never joins the group). A crashed agent ends the stage
+with its error. On stop: the coalesced table writes (streams/changelog.py) and the producer are flushed
+before faust leaves the group, or a restart would recover tables missing their last records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer
+
+from gpl.runtime.health import HEALTH
+from gpl.runtime.kafka import create_topics
+from gpl.runtime.lag import LagGauge
+from gpl.runtime.settings import Settings
+from schemas.topics import EXPOSURE, RECALL
+from streams.copartition import verify_copartitioned
+
+log = logging.getLogger(__name__)
+STAGE = "streams"
+
+
+class Served(Protocol):
+    """What :func:`serve` needs of the processor (streams/app.py's StreamsProcessor)."""
+
+    settings: Settings
+    app: Any  # faust.App
+    expiry_topic_name: str
+    agent_error: BaseException | None
+    lag: LagGauge
+
+    def flush_changelogs(self, partitions: set[int] | None = None) -> None: ...
+
+
+def serve(proc: Served, stop: threading.Event) -> None:
+    """Run ``proc``'s faust app on a new event loop of this thread until ``stop`` is set or faust stops."""
+    settings = proc.settings
+    verify_copartitioned(settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
+    create_topics(settings.kafka, [proc.expiry_topic_name])
+    (settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)  # faust: mkdir(exist_ok=True) only
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    lag_reader = Consumer(settings.kafka.client_config() | {"group.id": settings.streams.app_id,
+                                                            "enable.auto.commit": False})
+    app = proc.app
+
+    async def main() -> None:
+        await app.start()
+        try:
+            while not stop.is_set() and not app.should_stop:
+                if proc.agent_error is not None:  # honest liveness (gpl/runtime/health.py)
+                    raise RuntimeError(f"streams agent crashed: {proc.agent_error!r}") from proc.agent_error
+                HEALTH.beat(STAGE)
+                consumer = app._consumer  # noqa: SLF001 - None until faust has started it
+                HEALTH.assigned(STAGE, len(consumer.assignment()) if consumer is not None else 0)
+                if proc.lag.due():
+                    owned = [(tp.topic, tp.partition) for tp in app.consumer.assignment()
+                             if tp.topic in (RECALL.name, EXPOSURE.name)]
+                    await loop.run_in_executor(None, proc.lag.update, lag_reader, owned)
+                await asyncio.sleep(0.1)
+        finally:
+            try:
+                proc.flush_changelogs()
+                await asyncio.wait_for(app.producer.flush(), timeout=20)
+            finally:
+                await asyncio.wait_for(app.stop(), timeout=20)
+
+    try:
+        loop.run_until_complete(main())
+    except TimeoutError:
+        log.warning("streams: faust did not stop within 20 s")
+    finally:
+        lag_reader.close()
+        loop.close()
