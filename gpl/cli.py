@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rate", type=float, default=0.0, help="offered requests/s (0: as fast as possible)")
     be.add_argument("--baseline", action="store_true", help="also a bare confluent-kafka loop, same work, same run")
     be.add_argument("--fraction", type=float, default=0.0, help="then offer this fraction of the sustained rate")
+    be.add_argument("--slo-p99", type=float, default=0.0, metavar="SECONDS",
+                    help="then find the highest offered rate whose exposure→samples p99 stays within this "
+                         "(bisection over paced runs; 0: skip)")
     be.add_argument("--items", type=int, default=20_000)
     be.add_argument("--streams-workers", type=int, default=1, help="streams processes in one consumer group")
     be.set_defaults(run=cmd_bench_e2e)
@@ -420,7 +423,7 @@ def cmd_bench_e2e(args: argparse.Namespace, settings: Settings) -> int:
 
     res = bench_e2e(settings, requests=args.requests, candidates=args.candidates, rate=args.rate,
                     baseline=args.baseline, fraction=args.fraction, items=args.items,
-                    streams_workers=args.streams_workers)
+                    streams_workers=args.streams_workers, slo_p99=args.slo_p99)
     print(orjson.dumps(res, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -71,7 +71,7 @@ class Stack:
                 self.broker = self._exit.enter_context(EmbeddedBroker(
                     self._broker_port or s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage,
                     data_dir=s.data_dir))
-                s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap})
+                s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap, "refetch_gaps": True})
             self.settings = s
             create_topics(s.kafka)
         except BaseException:

@@ -62,6 +62,11 @@ class KafkaSettings(Section):
     max_message_bytes: int = Field(default=4_000_000, ge=1024)
     fetch_wait_max_ms: int = Field(
         default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
+    refetch_gaps: bool = Field(
+        default=False, description="re-read an offset a consumer skipped (the embedded Tansu broker can hand a "
+        "live reader the record after one that another producer appends at the same time; gpl/runtime/kafka.py "
+        "GapGuard). The embedded stack turns it on; a real Kafka leaves gaps only on purpose (compaction, "
+        "transaction markers)")
     lag_interval_s: float = Field(
         default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
         "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")

@@ -36,7 +36,16 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import BaseModel
 
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import Accounting, DeadLetters, commit_offsets, consumer, flush_until_empty, producer, take
+from gpl.runtime.kafka import (
+    Accounting,
+    DeadLetters,
+    GapGuard,
+    commit_offsets,
+    consumer,
+    flush_until_empty,
+    producer,
+    take,
+)
 from gpl.runtime.lag import LagGauge
 from gpl.runtime.offsets import TP, OffsetLedger
 from gpl.runtime.serde import Wire
@@ -73,6 +82,7 @@ class StageIO:
         self.tracked: set[str] = set()
         self.paused: set[TP] = set()
         self.lag = LagGauge(stage, kafka.lag_interval_s)
+        self.gaps = GapGuard(self.consumer, kafka.refetch_gaps)  # records the embedded broker let us skip
         self._closed = False
 
     # ------------------------------------------------------------------------------ subscription
@@ -88,10 +98,12 @@ class StageIO:
             lost = [(tp.topic, tp.partition) for tp in parts]
             self.ledger.forget(lost)
             self.paused.difference_update(lost)
+            self.gaps.forget(lost)
 
         def assigned(c: Consumer, parts: list[TopicPartition]) -> None:
             if on_assign is not None:
                 on_assign(c, parts)
+            self.gaps.forget((tp.topic, tp.partition) for tp in parts)
             HEALTH.assigned(self.stage, len(parts))
 
         def revoked_health(c: Consumer, parts: list[TopicPartition]) -> None:
@@ -107,7 +119,8 @@ class StageIO:
         each is counted ``in`` and open in the ledger (if its topic is tracked)."""
         out: list[Message] = []
         HEALTH.beat(self.stage)  # the loop came round: /healthz (gpl/runtime/health.py)
-        for m in take(self.consumer, n, timeout):
+        refetched = self.gaps.refetched
+        for m in self.gaps.filter(take(self.consumer, n, timeout)):
             if m.error():
                 log.error("%s: consume error: %s", self.stage, m.error())
                 continue
@@ -115,6 +128,8 @@ class StageIO:
             if tp[0] in self.tracked:
                 self.ledger.read(tp, m.offset() or 0)
             out.append(m)
+        if self.gaps.refetched != refetched:
+            self.accounting.add("gaps_refetched", self.gaps.refetched - refetched)
         if self.lag.due():
             self.update_lag()
         return out
@@ -164,6 +179,7 @@ class StageIO:
         part = TopicPartition(tp[0], tp[1], offset)
         self.consumer.pause([part])
         self.consumer.seek(part)
+        self.gaps.rewound(tp, offset)
         self.ledger.rewind(tp, offset)
         self.paused.add(tp)
 
