@@ -157,7 +157,9 @@ class QueueingAccumulator(MessageAccumulator):
                 raise KafkaTimeoutError()
 
 
-class _AIOKafkaProducer(aiokafka.AIOKafkaProducer):
+class QueueingProducer(aiokafka.AIOKafkaProducer):
+    """aiokafka's producer with the :class:`QueueingAccumulator` (what the faust transport builds)."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._message_accumulator.__class__ = QueueingAccumulator  # same state, the queueing add_message
@@ -166,7 +168,7 @@ class _AIOKafkaProducer(aiokafka.AIOKafkaProducer):
 class _Producer(driver.Producer):
     @property
     def _producer_type(self) -> type[aiokafka.AIOKafkaProducer]:
-        return _AIOKafkaProducer
+        return QueueingProducer
 
 
 class Transport(driver.Transport):

@@ -34,12 +34,13 @@ def produce(settings: Settings, topic: str, msgs: list[BaseModel | bytes], keys:
     assert p.flush(10) == 0
 
 
-def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0,
-          settle: float = 1.5) -> list[Any]:
-    """Read a topic from the beginning with a throw-away group until ``expect`` messages (or quiet)."""
+def records(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0,
+            settle: float = 1.5) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every record of a topic, read from the beginning with a throw-away group, until
+    ``expect`` records (then 0.3 s more without one) or, without ``expect``, ``settle`` s without one."""
     c = consumer(settings.kafka, f"drain-{topic}-{time.monotonic_ns()}")
     c.subscribe([topic])
-    out: list[Any] = []
+    out: list[tuple[bytes | None, bytes | None]] = []
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     try:
@@ -47,7 +48,7 @@ def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout:
             msgs = c.consume(100, timeout=0.3)
             for m in msgs:
                 if m.error() is None:
-                    out.append(orjson.loads(m.value()))
+                    out.append((m.key(), m.value()))
                     last = time.monotonic()
             if expect is not None and len(out) >= expect and time.monotonic() - last > 0.3:
                 break
@@ -56,6 +57,18 @@ def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout:
     finally:
         c.close()
     return out
+
+
+def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0,
+          settle: float = 1.5) -> list[Any]:
+    """The JSON values of a topic (:func:`records`)."""
+    return [orjson.loads(v) for _, v in records(settings, topic, expect=expect, timeout=timeout, settle=settle)
+            if v is not None]
+
+
+def drain_raw(settings: Settings, topic: str, expect: int, timeout: float = 30.0) -> list[bytes]:
+    """The raw values of a topic (framed ones, or to decode with a contract)."""
+    return [v for _, v in records(settings, topic, expect=expect, timeout=timeout) if v is not None]
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str | Callable[[], str] = "condition") -> None:

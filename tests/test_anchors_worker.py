@@ -23,6 +23,7 @@ from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
+from tests.helpers import drain_raw
 from workers.anchor_policy import anchor_point_id, newest_per_user
 from workers.anchors import MAX_SLOTS, AnchorWorker
 from workers.generators.memory import MemoryGenerator
@@ -177,21 +178,6 @@ def test_fallback_sets_are_flagged_and_counted(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the loop, real broker
 
-def _collect(settings: Settings, topic: str, want: int, timeout: float = 60.0) -> list[bytes]:
-    c = consumer(settings.kafka, f"test-{topic}-{time.monotonic_ns()}")
-    c.subscribe([topic])
-    got: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < want and time.monotonic() < deadline:
-            for m in c.consume(50, timeout=0.5):
-                value = m.value()
-                if m.error() is None and value is not None:
-                    got.append(value)
-    finally:
-        c.close()
-    return got
-
 
 @pytest.mark.integration
 def test_worker_loop_requests_to_anchor_sets(settings: Settings) -> None:
@@ -215,12 +201,12 @@ def test_worker_loop_requests_to_anchor_sets(settings: Settings) -> None:
     t = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     t.start()
     try:
-        dlq = [decode(v, DeadLetter) for v in _collect(s, "anchor-requests.dlq", 3)]
+        dlq = [decode(v, DeadLetter) for v in drain_raw(s, "anchor-requests.dlq", 3, timeout=60)]
         deadline = time.monotonic() + 60
         while worker.accounting["in"] < 7 and time.monotonic() < deadline:
             time.sleep(0.1)
         acc = worker.accounting.snapshot()
-        sets = [decode(v, AnchorSet) for v in _collect(s, "anchors", acc.get("emitted", 0))]
+        sets = [decode(v, AnchorSet) for v in drain_raw(s, "anchors", acc.get("emitted", 0), timeout=60)]
     finally:
         stop.set()
         t.join(30)

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import make_settings
-
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import GapGuard, consumer, create_topics, producer, take
+from tests.conftest import make_settings
 
 
 @dataclass

@@ -14,9 +14,8 @@ from schemas.codec import encode
 from schemas.events import DeadLetter, Sample, SampleBatch
 from schemas.export import topic_schemas
 from schemas.wire import frame, unframe
-from tests.helpers import running, wait_for
+from tests.helpers import drain_raw, running, wait_for
 from tests.test_labeler import _anchors, _batch, _index
-from tests.test_streams_confluent import drain_raw
 from workers.labeler import Labeler
 
 pytestmark = pytest.mark.integration

@@ -7,33 +7,15 @@ import asyncio
 import time
 from pathlib import Path
 
-from conftest import make_settings
-from helpers import item_index, produce, running, wait_for
-from test_streams import ITEMS, exposure, recall
-
 from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import consumer, create_topics
-from gpl.runtime.settings import Settings
 from streams.app import StreamsProcessor
 from streams.join import DONE, RECALL, Pending
-from streams.transport import QueueingAccumulator, _AIOKafkaProducer
-
-
-def changelog(s: Settings, topic: str, quiet: float = 2.0, timeout: float = 30.0) -> list[tuple[bytes, bytes | None]]:
-    """Every record of ``topic`` (key, value), read from the start until ``quiet`` seconds without one."""
-    c = consumer(s.kafka, f"read-{time.monotonic_ns()}")
-    c.subscribe([topic])
-    out: list[tuple[bytes, bytes | None]] = []
-    last = deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and (not out or time.monotonic() - last < quiet):
-            for m in c.consume(200, timeout=0.3):
-                if m.error() is None:
-                    out.append((m.key(), m.value()))
-                    last = time.monotonic()
-    finally:
-        c.close()
-    return out
+from streams.transport import QueueingAccumulator, QueueingProducer
+from tests.conftest import make_settings
+from tests.helpers import item_index, produce, running, wait_for
+from tests.helpers import records as read_records
+from tests.test_streams import ITEMS, exposure, recall
 
 
 def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
@@ -50,7 +32,7 @@ def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, fre
     first = StreamsProcessor(s, index)
     with running(first, "streams-1"):
         wait_for(lambda: first.accounting["joined"] == 40, 60, lambda: f"20 joins: {first.accounting.snapshot()}")
-    records = changelog(s, f"{s.streams.app_id}-pending-changelog")
+    records = read_records(s, f"{s.streams.app_id}-pending-changelog", settle=2.0)
     last = {k: Pending.unpack(v) for k, v in records if v is not None}
     assert sorted(last) == sorted(f"c{i}".encode() for i in range(20))
     assert all(rec.kind == DONE for rec in last.values())
@@ -75,7 +57,7 @@ def test_full_batches_queue_and_keep_partition_order(fresh_broker: EmbeddedBroke
     queued: list[int] = []
 
     async def send_all() -> None:
-        p = _AIOKafkaProducer(bootstrap_servers=fresh_broker.bootstrap, max_batch_size=1, linger_ms=0)
+        p = QueueingProducer(bootstrap_servers=fresh_broker.bootstrap, max_batch_size=1, linger_ms=0)
         await p.start()
         try:
             acc = p._message_accumulator

@@ -8,40 +8,24 @@ processor writes (unexposed, samples, anchor requests, dead letters) carries its
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from gpl.runtime.broker import EmbeddedBroker
-from gpl.runtime.kafka import consumer, create_topics, producer
+from gpl.runtime.kafka import create_topics, producer
 from gpl.runtime.serde import Wire, registry_client, registry_schema
-from gpl.runtime.settings import Settings
 from schemas.codec import encode
 from schemas.events import AnchorRequest, DeadLetter, SampleBatch, UnexposedBatch
 from schemas.export import topic_schemas
 from schemas.wire import frame, unframe
 from streams.app import StreamsProcessor
 from tests.conftest import make_settings
-from tests.helpers import item_index, running, wait_for
+from tests.helpers import drain_raw, item_index, running, wait_for
 from tests.test_streams import ITEMS, exposure, recall
 
 pytestmark = pytest.mark.integration
-
-
-def drain_raw(settings: Settings, topic: str, expect: int, timeout: float = 30.0) -> list[bytes]:
-    """The raw values of a topic (helpers.drain parses JSON; these are framed)."""
-    c = consumer(settings.kafka, f"raw-{topic}-{time.monotonic_ns()}")
-    c.subscribe([topic])
-    out: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and len(out) < expect:
-            out.extend(m.value() or b"" for m in c.consume(100, timeout=0.3) if m.error() is None)
-    finally:
-        c.close()
-    return out
 
 
 def test_framed_in_framed_out(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:

@@ -273,14 +273,18 @@ def _read(s: Settings, topic: str, arrivals: dict[str, float], stop: threading.E
     try:
         while not stop.is_set():
             for m in gaps.filter(take(c, 500, 0.2)):
-                if m.error() is not None:
-                    continue
-                now = time.time()
-                b = orjson.loads(payload(m.value()) or b"{}")  # either wire format
-                if b.get("lineage") is not None:  # the pseudo-labeled batch of this request
-                    arrivals.setdefault(b["request_id"], now)
+                if (rid := _pseudo_request(m)) is not None:
+                    arrivals.setdefault(rid, time.time())
     finally:
         c.close()
+
+
+def _pseudo_request(m: Any) -> str | None:
+    """The request id of a pseudo-labeled SampleBatch message (either wire format), else None."""
+    if m.error() is not None:
+        return None
+    b = orjson.loads(payload(m.value()) or b"{}")
+    return str(b["request_id"]) if b.get("lineage") is not None else None
 
 
 def _scan(s: Settings, topic: str, wanted: set[str], quiet_s: float = 5.0) -> set[str]:
@@ -288,15 +292,13 @@ def _scan(s: Settings, topic: str, wanted: set[str], quiet_s: float = 5.0) -> se
     c = consumer(s.kafka, f"bench-scan-{time.monotonic_ns()}", **{"auto.offset.reset": "earliest"})
     c.subscribe([topic])
     found: set[str] = set()
-    last = time.monotonic()
+    last = time.monotonic() + 10.0  # the group join comes first
     try:
         while time.monotonic() - last < quiet_s and found != wanted:
             for m in take(c, 500, 0.2):
                 last = time.monotonic()
-                if m.error() is None:
-                    b = orjson.loads(payload(m.value()) or b"{}")
-                    if b.get("lineage") is not None and b.get("request_id") in wanted:
-                        found.add(b["request_id"])
+                if (rid := _pseudo_request(m)) in wanted:
+                    found.add(rid)
     finally:
         c.close()
     return found
