@@ -83,7 +83,7 @@ from streams.join import (
     unexposed,
 )
 from streams.lifecycle import serve
-from streams.transport import SCHEME
+from streams.transport import SCHEME, fetch_answers
 
 log = logging.getLogger(__name__)
 STAGE = "streams"
@@ -114,8 +114,9 @@ class StreamsProcessor:
         self.waiting = 0  # inputs waiting for their partner or their items (not yet an outcome)
         self.wait_ms, self.dedup_ms = int(cfg.join_wait_s * 1000), int(cfg.dedup_window_s * 1000)
         self.guard_ms = int(cfg.join_memory_guard_s * 1000)
+        # an input is stalled (its idle time stops) once its fetches go unanswered for a few fetch waits
         self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
-                                (RECALL.name, EXPOSURE.name))
+                                (RECALL.name, EXPOSURE.name), stall_ms=3 * settings.kafka.fetch_wait_max_ms + 2_000)
         self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
         self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last checked (ms)
@@ -378,6 +379,9 @@ class StreamsProcessor:
             self.held[key] = now
             if rec.item_ids is not None and not len(self.catalog.unknown(rec.item_ids)):
                 await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
+        for (topic, partition), answered in fetch_answers(self.app).items():
+            if topic in self.clock.sources:
+                self.clock.answered(topic, partition, answered, now)
         for partition in self.clock.due_partitions(now):
             if now - self._woken.get(partition, 0) >= RESEND_MS:
                 self._woken[partition] = now

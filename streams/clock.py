@@ -10,12 +10,19 @@ partition on its own: after a restart it may read hours of recalls before the ex
 hours. So, as in Flink, a partition's watermark is the *minimum* over its inputs of the newest event time
 seen on each, minus ``allowed_lateness_s``: a request expires only when both inputs are past it.
 
-An input that delivers nothing for ``idle_ms`` of wall clock *while the processor runs* is idle: it no
-longer holds the minimum back, and when every input of a partition is idle the watermark follows the
-wall clock from the newest event time seen (so the last requests of a stream that stops expire). An
-input never seen counts as idle ``idle_ms`` after the (re)start. The idle count starts at the last event
-or at the (re)start, whichever is later, so downtime still counts for nothing; ``idle_ms`` = 0 turns
-idleness off (an input never seen then holds its partition's event time back for good).
+An input that delivers nothing for ``idle_ms`` of *live* time is idle: it no longer holds the minimum
+back, and when every input of a partition is idle the watermark follows the live clock from the newest
+event time seen (so the last requests of a stream that stops expire). An input never seen counts as
+idle ``idle_ms`` after the (re)start. ``idle_ms`` = 0 turns idleness off (an input never seen then
+holds its partition's event time back for good).
+
+Live time is wall time during which the input could have delivered: the processor runs (downtime never
+counts: the count starts at the last event or at the (re)start, whichever is later) and, when the
+caller reports fetch answers (:meth:`EventClock.answered`), the broker answers this input's fetches. A
+broker that stalls for longer than ``idle_ms`` therefore does not make its inputs idle: otherwise, when
+it came back, the one input read first (hours of recall backlog) would move the watermark alone, and
+requests whose exposures were still unread would expire (the chaos suite's broker stop). Without
+reports (the in-memory harness), live time is the wall clock.
 
 An event time far ahead of the wall clock (a producer with a broken clock) would expire everything on its
 partition at once, so one event moves its input's clock at most to the wall clock (the event itself is
@@ -32,23 +39,44 @@ class EventClock:
     """Watermark per partition over the inputs ``sources``, plus a heap per partition of (due, request id)."""
 
     def __init__(self, lateness_ms: int, idle_ms: int = 0, sources: tuple[str, ...] = ("recall", "exposure"),
-                 now_ms: int | None = None) -> None:
-        self.lateness_ms, self.idle_ms, self.sources = lateness_ms, idle_ms, sources
+                 now_ms: int | None = None, stall_ms: int = 5_000) -> None:
+        self.lateness_ms, self.idle_ms, self.sources, self.stall_ms = lateness_ms, idle_ms, sources, stall_ms
         self.newest: dict[tuple[str, int], int] = {}  # (input, partition) -> newest event time (clamped)
-        self.seen_at: dict[tuple[str, int], int] = {}  # (input, partition) -> wall clock of its last event
+        self.seen_at: dict[tuple[str, int], int] = {}  # (input, partition) -> live time of its last event
+        self._live: dict[tuple[str, int], tuple[int, int, int]] = {}  # -> (live ms, at wall ms, answered ms)
         self.started_at = _now(now_ms)
         self._due: dict[int, list[tuple[int, bytes]]] = {}
 
+    def live_ms(self, source: str, partition: int, now_ms: int | None = None) -> int:
+        """Live time of an input since the (re)start: the wall clock, less the time its fetches went
+        unanswered beyond ``stall_ms`` (only once :meth:`answered` has reported on it)."""
+        now = _now(now_ms)
+        state = self._live.get((source, partition))
+        if state is None:
+            return now - self.started_at
+        live, at, answered = state
+        return live + max(0, min(now, answered + self.stall_ms) - at)
+
+    def answered(self, source: str, partition: int, answered_ms: int | None, now_ms: int | None = None) -> None:
+        """The broker last answered a fetch of this input at ``answered_ms`` (None: not yet). Live time
+        runs until ``stall_ms`` after each answer, so call this more often than ``stall_ms``."""
+        now = _now(now_ms)
+        key = (source, partition)
+        live = self.live_ms(source, partition, now) if key in self._live else now - self.started_at
+        if answered_ms is None:
+            answered_ms = -self.stall_ms  # no answer yet: stalled
+        self._live[key] = (live, now, answered_ms)
+
     def observe(self, source: str, partition: int, ts: int, now_ms: int | None = None) -> None:
         wall = _now(now_ms)
-        self.seen_at[(source, partition)] = wall
+        self.seen_at[(source, partition)] = self.live_ms(source, partition, wall)
         ts = min(ts, wall)
         if ts > self.newest.get((source, partition), -1):
             self.newest[(source, partition)] = ts
 
     def watermark(self, partition: int, now_ms: int | None = None) -> int | None:
         """min over the active inputs of their newest event time − lateness (idle ones left out; all idle:
-        the newest + the wall time idle beyond ``idle_ms``); None while an input that is not idle yet was
+        the newest + the live time idle beyond ``idle_ms``); None while an input that is not idle yet was
         never seen."""
         now = _now(now_ms)
         active: list[int] = []
@@ -56,7 +84,7 @@ class EventClock:
         for source in self.sources:
             key = (source, partition)
             newest = self.newest.get(key)
-            quiet = now - self.seen_at.get(key, self.started_at) - self.idle_ms
+            quiet = self.live_ms(source, partition, now) - self.seen_at.get(key, 0) - self.idle_ms
             if self.idle_ms > 0 and quiet > 0:
                 if newest is not None:
                     idle.append(newest + quiet)
@@ -94,6 +122,7 @@ class EventClock:
     def reset(self, now_ms: int | None = None) -> None:
         self.newest.clear()
         self.seen_at.clear()
+        self._live.clear()
         self._due.clear()
         self.started_at = _now(now_ms)
 

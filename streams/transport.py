@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiokafka
-from aiokafka.errors import KafkaTimeoutError, ProducerClosed
+from aiokafka.errors import IllegalStateError, KafkaTimeoutError, ProducerClosed
 from aiokafka.producer.message_accumulator import MessageAccumulator
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as driver
@@ -65,6 +65,23 @@ def fetchable(app: Any, active: set[TP]) -> set[TP]:
         changelogs = app.tables.changelog_topics
         tps = {tp for tp in tps if tp.topic in changelogs}
     return tps
+
+
+def fetch_answers(app: Any) -> dict[tuple[str, int], int | None]:
+    """(topic, partition) -> wall ms the broker last answered a fetch of it (None: not yet), for each
+    partition the consumer holds: what tells the join's clock a stalled broker from a quiet input
+    (streams/clock.py). Read from the consumer thread's aiokafka client; an assignment changing under
+    the read ends it early (the next timer tick reads again)."""
+    consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
+    out: dict[tuple[str, int], int | None] = {}
+    if consumer is None:
+        return out
+    try:
+        for tp in list(consumer.assignment()):
+            out[(tp.topic, tp.partition)] = consumer.last_poll_timestamp(tp)
+    except (AssertionError, KeyError, RuntimeError, IllegalStateError):
+        pass
+    return out
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):

@@ -142,3 +142,31 @@ def test_fast_encoders_write_what_the_contract_reads() -> None:
     assert (b.request_id, b.user_id, b.ts, b.item_ids) == ("r9", "ü", 7, [9, 3])
     assert b.recall_scores == [0.123457, 0.25]
     assert unexposed(ids[[1, 3]], scores[[1, 3]], ev) is None  # everything recalled was shown
+
+
+def test_a_stalled_broker_does_not_make_its_inputs_idle() -> None:
+    """Idle time counts only while the broker answers the input's fetches: after a 60 s stall (longer
+    than idle_ms) the input read first must not move the watermark alone (the chaos suite's broker stop)."""
+    clock = EventClock(lateness_ms=0, idle_ms=30_000, sources=("recall", "exposure"), now_ms=0, stall_ms=5_000)
+    for t in range(0, 10_001, 500):  # both inputs flow, fetches answered
+        clock.answered("recall", 0, t, now_ms=t)
+        clock.answered("exposure", 0, t, now_ms=t)
+    clock.observe("recall", 0, 1_000, now_ms=10_000)
+    clock.observe("exposure", 0, 900, now_ms=10_000)
+    for t in range(10_500, 70_001, 500):  # the broker stops answering at 10 s
+        clock.answered("recall", 0, 10_000, now_ms=t)
+        clock.answered("exposure", 0, 10_000, now_ms=t)
+    assert clock.live_ms("exposure", 0, now_ms=70_000) == 15_000, "live until stall_ms after the last answer"
+    clock.answered("recall", 0, 70_100, now_ms=70_200)  # back: the recall backlog is read first
+    clock.answered("exposure", 0, 70_100, now_ms=70_200)
+    clock.observe("recall", 0, 50_000, now_ms=70_300)
+    assert clock.watermark(0, now_ms=70_300) == 900, "the exposure input is not idle: it holds the watermark"
+    # with answers flowing and no exposure for idle_ms of live time, it is idle again
+    for t in range(70_500, 96_001, 500):
+        clock.answered("recall", 0, t, now_ms=t)
+        clock.answered("exposure", 0, t, now_ms=t)
+        if t == 94_000:
+            assert clock.watermark(0, now_ms=t) == 900
+    assert clock.watermark(0, now_ms=96_000) == 50_000, "idle after 30 s of answered fetches without events"
+    wall = EventClock(lateness_ms=0, idle_ms=30_000, now_ms=0)  # no reports: the wall clock is live time
+    assert wall.live_ms("recall", 0, now_ms=70_000) == 70_000
