@@ -210,7 +210,8 @@ class UnexposedBatch(Contract):
     user_id: UserId
     ts: EpochMs
     item_ids: list[ItemId]
-    recall_scores: list[float] = Field(default_factory=list)
+    recall_scores: list[float] = Field(default_factory=list, description="each candidate's recall score, in "
+                                       "item_ids order; empty unless streams.unexposed_scores is on")
 
 
 AnchorReason = Literal["cold_start", "drift", "new_positives", "expiry", "manual"]

@@ -291,11 +291,13 @@ class StreamsProcessor:
         rest = unexposed(recall_ids, recall_scores, exposure)
         await self.emit_real(exposure)
         if rest is not None:
-            body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, *rest)
+            ids, scores = rest
+            body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, ids,
+                                    scores if self.settings.streams.unexposed_scores else None)
             value = self.wire.encode_json(UNEXPOSED.name, body)
             await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
             self.accounting.add("unexposed_batches")
-            self.accounting.add("unexposed_candidates", len(rest[0]))
+            self.accounting.add("unexposed_candidates", len(ids))
 
     async def emit_real(self, exposure: ExposureEvent) -> None:
         if exposure.items:

@@ -238,10 +238,13 @@ def unexposed(recall_ids: np.ndarray, recall_scores: np.ndarray, exposure: Expos
     return recall_ids[keep], recall_scores[keep]
 
 
-def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarray, recall_scores: np.ndarray) -> bytes:
+def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarray,
+                     recall_scores: np.ndarray | None) -> bytes:
     """The biggest message as UnexposedBatch JSON, orjson straight from the arrays (no list, no pydantic):
-    ids as int64, scores rounded to 6 decimals as float64 (what the contract's float round-trips)."""
-    return orjson.dumps({"schema_version": SCHEMA_VERSION, "request_id": request_id, "user_id": user_id, "ts": ts,
-                         "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64),
-                         "recall_scores": np.round(recall_scores.astype(np.float64), 6)},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+    ids as int64, scores (unless None: the contract's default, no scores) rounded to 6 decimals as
+    float64 (what the contract's float round-trips)."""
+    out: dict[str, object] = {"schema_version": SCHEMA_VERSION, "request_id": request_id, "user_id": user_id,
+                              "ts": ts, "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64)}
+    if recall_scores is not None:
+        out["recall_scores"] = np.round(recall_scores.astype(np.float64), 6)
+    return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -141,6 +141,9 @@ def test_fast_encoders_write_what_the_contract_reads() -> None:
     b = UnexposedBatch.model_validate_json(encode_unexposed("r9", "ü", 7, *rest))
     assert (b.request_id, b.user_id, b.ts, b.item_ids) == ("r9", "ü", 7, [9, 3])
     assert b.recall_scores == [0.123457, 0.25]
+    bare = encode_unexposed("r9", "ü", 7, rest[0], None)  # the default: ids only
+    assert UnexposedBatch.model_validate_json(bare) == b.model_copy(update={"recall_scores": []})
+    assert b"recall_scores" not in bare
     assert unexposed(ids[[1, 3]], scores[[1, 3]], ev) is None  # everything recalled was shown
 
 

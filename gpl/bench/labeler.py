@@ -104,7 +104,7 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
         cand = ids[rng.choice(items, candidates, replace=False)]
         raws.append(orjson.dumps({
             "schema_version": 1, "request_id": f"req-{b}", "user_id": f"user-{b % users}", "ts": 2_000 + b,
-            "item_ids": cand.tolist(), "recall_scores": np.round(rng.random(candidates), 6).tolist(),
+            "item_ids": cand.tolist(),  # ids only, as the streams stage writes them by default
         }))
     return Labeling(cache, matrix, cfg, calibrator=cal), raws
 

@@ -209,8 +209,9 @@ class StreamsSettings(Section):
                                       "event time seen on it by this much; a request expires when the watermark "
                                       "passes its event time + join_wait_s")
     idle_advance_s: float = Field(default=30.0, ge=0, description="a partition without events for this long "
-                                  "(wall clock, while the processor runs; downtime never counts) lets its event "
-                                  "time follow the wall clock, so a stream's last requests expire (0: never)")
+                                  "(wall clock while the processor runs and the broker answers its fetches; downtime "
+                                  "and broker stalls never count) lets its event time follow the wall clock, so a "
+                                  "stream's last requests expire (0: never)")
     join_memory_guard_s: float = Field(default=3600.0, gt=0, description="wall-clock bound on any join state "
                                        "(memory guard for partitions whose event time stalls); counted apart")
     changelog_coalesce_ms: int = Field(default=1000, ge=0, description="table changelog writes are sent as each "
@@ -218,6 +219,9 @@ class StreamsSettings(Section):
                                        "so a request joined within it costs one small record (streams/changelog.py);"
                                        " 0: one record per write, as faust does")
     changelog_max_dirty: int = Field(default=4096, ge=1, description="table keys whose changelog record may wait")
+    unexposed_scores: bool = Field(default=False, description="unexposed batches also carry each candidate's "
+                                   "recall score (the labeler does not read them; without them the topic is "
+                                   "~35% smaller and cheaper to write and read)")
     unknown_items: Literal["drop", "hold", "dlq"] = Field(
         default="drop", description="recall candidates the vector index does not know yet: drop them (counted), "
         "hold the request until the indexer has them (bounded), or send the whole recall to the DLQ")
