@@ -1,4 +1,4 @@
-"""The item id → row index of the item matrix (workers/labeling/id_index.py): pure logic.
+"""The item id → row index of the item matrix (gpl/runtime/vectors/id_index.py): pure logic.
 
 Pinned: every inserted id is found with its row, absent ids are reported missing, ids whose home
 bucket is full overflow and are still found, and growth (rebuilds) loses nothing.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.labeling.id_index import WAYS, IdIndex
+from gpl.runtime.vectors.id_index import WAYS, IdIndex
 
 
 def test_ids_found_across_rebuilds_and_misses_reported() -> None:
@@ -43,3 +43,18 @@ def test_full_buckets_overflow_and_stay_findable() -> None:
     np.testing.assert_array_equal(rows, np.arange(100, 100 + same.size)[::-1])
     other = pool[home == home[np.isin(pool, same)][0]][WAYS + 5 : WAYS + 8]  # same bucket, never inserted
     assert ix.lookup(other)[1].all()
+
+
+def test_add_and_contains_behave_as_a_set() -> None:
+    """The streams catalogue's use: add ids in any order with repeats, ask membership of many at once."""
+    rng = np.random.default_rng(3)
+    idx = IdIndex()
+    seen: set[int] = set()
+    for _ in range(20):
+        batch = rng.integers(0, 2**62, 700)
+        batch = np.concatenate([batch, batch[:50], rng.choice(np.fromiter(seen, np.int64), 30) if seen else batch[:0]])
+        idx.add(batch)
+        seen.update(batch.tolist())
+        probe = np.concatenate([rng.choice(np.fromiter(seen, np.int64), 500), rng.integers(0, 2**62, 500)])
+        assert idx.contains(probe).tolist() == [int(x) in seen for x in probe]
+    assert len(idx) == len(seen)

@@ -26,7 +26,7 @@ from gpl.runtime.kafka import consumer, producer, take
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
-from streams.join import decode_recall
+from streams.join import decode_recall, unexposed
 from workers.labeling.item_matrix import ItemMatrix
 
 RECALL, EXPOSURE, OUT = "bench-bare.recall", "bench-bare.exposure", "bench-bare.samples"
@@ -81,11 +81,11 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
 
 def _label(r: Any, e: ExposureEvent, items: ItemMatrix, anchors: dict[str, np.ndarray], cap: int,
            center: float, temp: float) -> bytes | None:
-    shown = np.fromiter((it.item_id for it in e.items), dtype=np.int64, count=len(e.items))
-    rest = r.item_ids[~np.isin(r.item_ids, shown)]
+    left = unexposed(r.item_ids, r.scores, e)
     a = anchors.get(r.user_id)
-    if a is None or rest.size == 0:
+    if a is None or left is None:
         return None
+    rest = left[0]
     rows, missing = items.lookup(rest)
     ids, rows = rest[~missing], rows[~missing]
     sims = (items.gather(rows) @ a.T).max(axis=1)

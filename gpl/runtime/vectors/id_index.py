@@ -1,5 +1,7 @@
 """int64 item id → matrix row, for a thousand ids at once: a bucketed hash table probed in one pass.
 
+Used by the labeler's item matrix (id → row) and by the streams stage's catalogue of known items.
+
 Why buckets: the linear-probing table it replaced resolved collisions in vectorised *rounds*; at load
 1/4 about a quarter of the ids collide, so nearly every batch paid 3-4 rounds of a dozen small numpy
 calls (~90 µs per 1,000 ids on the development VM, most of it call overhead). Here an id's home is a
@@ -103,6 +105,18 @@ class IdIndex:
         used = np.flatnonzero(self._keys.reshape(-1) != self._EMPTY)
         return (np.concatenate([self._keys.reshape(-1)[used], self._over_ids]),
                 np.concatenate([self._rows[used], self._over_rows]).astype(np.int64))
+
+    def add(self, ids: np.ndarray) -> None:
+        """Insert the ids not in the index yet (any order, repeats allowed), each with row = its position
+        in the index's insertion order; for a set of ids (:meth:`contains`) rows do not matter."""
+        ids = np.unique(np.asarray(ids, np.int64))
+        new = ids[self.lookup(ids)[1]] if self._n else ids
+        if new.size:
+            self.insert(new, np.arange(self._n, self._n + new.size, dtype=np.int64))
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id is in the index (bool array)."""
+        return ~self.lookup(ids)[1]
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, missing) of int64 ``ids``; rows of missing ids are meaningless (mask them out)."""
