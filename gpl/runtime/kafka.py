@@ -184,13 +184,17 @@ class Accounting:
         self.stage = stage
         self._c: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._series: dict[str, Any] = {}  # outcome -> its Prometheus child (``labels()`` costs a lock and a lookup)
 
     def add(self, outcome: str, n: int = 1) -> None:
         if n == 0:
             return
         with self._lock:
             self._c[outcome] += n
-        MESSAGES.labels(stage=self.stage, outcome=outcome).inc(n)
+            series = self._series.get(outcome)
+            if series is None:
+                series = self._series[outcome] = MESSAGES.labels(stage=self.stage, outcome=outcome)
+        series.inc(n)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
