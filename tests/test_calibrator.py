@@ -158,3 +158,14 @@ def test_closed_loop_refit_moves_the_level_and_flags_drift() -> None:
     assert rec.drifting and rec.last_ece is not None and rec.last_ece > 0.3
     assert fresh.version != cal.version and fresh.intercept < cal.intercept
     assert fresh.info["refit_from"] == cal.version and fresh.coef == cal.coef
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_best_and_second_best_anchor_cosine_match_a_sort(k: int) -> None:
+    """s1 and s2 (the column-wise top two) are a row sort's last two values, ties included."""
+    rng = np.random.default_rng(k)
+    sims = np.round(rng.uniform(-1, 1, (500, k)), 1)  # rounded: many ties
+    f = similarity_features(sims, np.zeros(500))
+    ordered = np.sort(sims, axis=1)
+    assert np.array_equal(f["s1"], ordered[:, -1])
+    assert np.array_equal(f["s2"], ordered[:, -2] if k > 1 else ordered[:, -1])
