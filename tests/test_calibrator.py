@@ -22,7 +22,7 @@ from workers.labeling.calibrator import (
     fit_calibrator,
     load_calibrator,
 )
-from workers.labeling.features import FEATURES, prior_features, similarity_features
+from workers.labeling.features import FEATURES, anchor_weights, prior_features, similarity_features
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.recalibration import Recalibrator, intercept_offset
 from workers.labeling.unexposed_codec import decode_unexposed
@@ -169,3 +169,35 @@ def test_best_and_second_best_anchor_cosine_match_a_sort(k: int) -> None:
     ordered = np.sort(sims, axis=1)
     assert np.array_equal(f["s1"], ordered[:, -1])
     assert np.array_equal(f["s2"], ordered[:, -2] if k > 1 else ordered[:, -1])
+
+
+@pytest.mark.parametrize("source", ["calibrator", "map"])
+def test_drawing_before_scoring_gives_the_labels_of_scoring_everything(source: str) -> None:
+    """With no top part the labeler matches only the drawn candidates; their labels must equal those of
+    scoring every candidate and then drawing (every feature is per candidate)."""
+    from gpl.bench.labeler import synthetic
+    from workers.labeling.features import feature_matrix
+    from workers.labeling.sampling import sample
+
+    ctx, raws = synthetic(candidates=300, batches=6, items=3000, users=3, label_source=source)
+    assert ctx.cfg.top_n == 0
+    for raw in raws:
+        b = decode_unexposed(raw)
+        got = orjson.loads(label_decoded(b, ctx)[0])["samples"]
+        entry = ctx.cache.get(b.user_id)
+        assert entry is not None
+        rows, _ = ctx.items.lookup(b.item_ids)
+        v = ctx.items.gather(rows)
+        s_k = v @ entry.vectors.T
+        if isinstance(ctx.label, Calibrator):
+            centroid = ctx.cache.centroid(entry)
+            parts = {**similarity_features(s_k, v @ centroid, anchor_weights(entry.logprobs)),
+                     **prior_features(*ctx.stats.items(rows), ctx.stats.requests, *ctx.stats.user(b.user_id),
+                                      ctx.stats.ctr)}
+            p_all = ctx.label(feature_matrix(ctx.label.features, parts))
+        else:
+            assert ctx.label is not None
+            p_all = ctx.label(s_k.max(axis=1).astype(np.float64))
+        sel = sample(s_k.max(axis=1), 0, ctx.cfg.random_n, ctx.cfg.cap, ctx.rng(b.request_id))
+        assert [x["item_id"] for x in got] == b.item_ids[sel].tolist()
+        np.testing.assert_allclose([x["label"] for x in got], p_all[sel], atol=2e-6)

@@ -67,6 +67,11 @@ def test_bf16_matrix_stores_half_the_bytes_and_matches_float32() -> None:
     np.testing.assert_allclose(again, s16, atol=COS_TOL)
     assert none is None
     np.testing.assert_allclose(m16.best(rows16, anchors), s32.max(axis=1), atol=COS_TOL)
+    few = rows16[:40]  # the drawn candidates of the shipped policy: widened to float32, not a bfloat16 GEMM
+    s_few, c_few = m16.similarities(few, anchors, centroid)
+    np.testing.assert_array_equal(s_few, m16.gather(few) @ anchors.T)
+    assert c_few is not None and np.abs(c_few - c32[:40]).max() <= COS_TOL
+    assert np.abs(s_few - s32[:40]).max() <= COS_TOL
     # replacing an item's vector replaces its bfloat16 row too
     m16.add(ids[:1], -vecs[:1])
     np.testing.assert_allclose(m16.gather(m16.lookup(ids[:1])[0]), -m32.gather(m32.lookup(ids[:1])[0]), atol=2**-9)

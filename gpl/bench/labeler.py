@@ -45,7 +45,7 @@ from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
 from workers.labeling.matching import MatrixDtype, choose_dtype, time_dtypes
-from workers.labeling.sampling import sample
+from workers.labeling.sampling import reads_scores, sample
 from workers.labeling.unexposed_codec import decode_unexposed
 
 ENCODER = "bench-encoder"
@@ -65,15 +65,16 @@ def single_thread() -> Iterator[str]:
 
 
 def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
-              users: int = 64, seed: int = 0, label_source: str = "calibrator", dtype: MatrixDtype = "float32"
-              ) -> tuple[Labeling, list[bytes]]:
+              users: int = 64, seed: int = 0, label_source: str = "calibrator", dtype: MatrixDtype = "float32",
+              top_n: int = 0) -> tuple[Labeling, list[bytes]]:
     """An item matrix, an anchor cache of ``users`` users and ``batches`` encoded UnexposedBatches.
 
     Anchors are noisy copies of random items, so similarities spread like real ones (a few close
     candidates, a long tail) instead of all sitting near 0 as random vectors would. ``dtype`` is the item
     matrix's; the data (and the anchors, taken from float32 rows) do not depend on it. ``calibrator`` (the
     default, as in production) labels through a calibrator over the default features with fixed
-    coefficients; ``map`` through the fixed logistic map.
+    coefficients; ``map`` through the fixed logistic map. ``top_n`` > 0 replaces ``top_n`` of the
+    shipped draw (``random_n`` = ``cap`` = 40) by the most similar candidates, so every candidate is scored.
     """
     rng = np.random.default_rng(seed)
     ids = np.unique(rng.integers(0, 2**62, size=items + items // 10 + 16, dtype=np.int64))[:items]
@@ -95,7 +96,8 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
             anchors=[Anchor(text=f"interest {j}", vector=a.tolist(), logprob=float(-rng.random()))
                      for j, a in enumerate(anchors)],
         ))
-    cfg = LabelerSettings(label_source=label_source)  # type: ignore[arg-type]
+    cfg = LabelerSettings(label_source=label_source, top_n=top_n,  # type: ignore[arg-type]
+                          random_n=LabelerSettings().random_n - top_n)
     cal = Calibrator(features=FEATURES, mean=(0.3, 0.25, 0.1, 0.3, 2.0, 1.0, -1.0), scale=(0.1,) * 4 + (1.0,) * 3,
                      coef=(0.8, 0.1, 0.2, 0.3, 0.5, 0.2, 0.4), intercept=-2.5, monotone="s1", encoder=ENCODER,
                      catalogue="bench")
@@ -213,12 +215,14 @@ def limit(ctx: Labeling, raws: list[bytes]) -> Callable[[int], object]:
 
 
 def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
-    """Median CPU µs per request of each stage of the path, to say where the gap to the limit goes:
-    ``decode`` (orjson → arrays), ``lookup`` (id → row), ``match`` (gather + product, the similarities
-    the path uses), ``label_encode`` (the rest of :func:`label_decoded`: row max, sampling, labels,
-    weights, orjson; its total minus lookup and match, each measured separately on the same batch)."""
+    """Median CPU µs per request of each stage of the path, to say where the time goes: ``decode``
+    (orjson → arrays), ``lookup`` (id → row), ``match`` (gather + product of the candidates the policy
+    scores: all of them with a top part, else only the ``cap`` drawn), ``label_encode`` (the rest of
+    :func:`label_decoded`: sampling, features, labels, weights, orjson; its total minus lookup and
+    match, each measured separately on the same batch)."""
     clock = time.thread_time
     acc: dict[str, list[float]] = {"decode": [], "lookup": [], "match": [], "label_encode": []}
+    cfg = ctx.cfg
     for raw in raws:
         t0 = clock()
         b = decode_unexposed(raw)
@@ -227,6 +231,8 @@ def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
         t2 = clock()
         entry = ctx.cache.get(b.user_id)
         assert entry is not None
+        if not reads_scores(cfg.top_n, cfg.cap):
+            rows = rows[sample(len(rows), 0, cfg.random_n, cfg.cap, ctx.rng(b.request_id))]
         ctx.items.similarities(rows, entry.vectors)
         t3 = clock()
         label_decoded(b, ctx)
@@ -246,7 +252,11 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     (decode → lookup → gather → match → sample → label → orjson, fixed map) for both matrix dtypes;
     ``limit_<dtype>`` (gather + product + max alone, same dtype: what the hardware allows);
     ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
-    labels: a calibrator over features and priors, chosen dtype). ``path`` and ``limit`` repeat the
+    labels: a calibrator over features and priors, chosen dtype). These use the shipped draw (40 of the
+    candidates, uniformly), which reads no score: the path draws first and matches only the drawn ones
+    (:func:`~workers.labeling.assemble.label_candidates`), so it can pass the limit proxy, which scores
+    all. ``path_calibrated_top10`` takes the 10 most probable and draws 30: every candidate is matched
+    and gets features, the path to set against the limit (``ratio_top10_limit``). ``path`` and ``limit`` repeat the
     figures of the dtype ``dtype`` resolves to (``auto``: the start-up self-test, whose timings are in
     ``dtype_self_test_us``). ``ratio_path_limit`` = median path / median limit;
     ``max_diff_vs_float32`` the largest pseudo-label (and similarity, weight) difference of
@@ -266,8 +276,10 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     ref, raws = synthetic(candidates, k, dim, batches, items, seed=seed, label_source="map", dtype="float32")
     bf, _ = synthetic(candidates, k, dim, 0, items, seed=seed, label_source="map", dtype="bfloat16")
     cal_ctx, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen)
+    ranked, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen, top_n=10)
     impls: dict[str, Callable[[int], object]] = {}
-    for name, c in (("path_float32", ref), ("path_bfloat16", bf), ("path_calibrated", cal_ctx)):
+    for name, c in (("path_float32", ref), ("path_bfloat16", bf), ("path_calibrated", cal_ctx),
+                    ("path_calibrated_top10", ranked)):
         impls[name] = _by_index(fast(c), raws)
     slow = naive(ref)
     impls["naive"] = _by_index(slow, raws)
@@ -319,6 +331,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     out["ratio_path_limit_cpu"] = ratio("path", "limit", "cpu")
     out["ratio_path_naive"] = ratio("path", "naive")
     out["ratio_path_float32"] = ratio("path", "path_float32")
+    out["ratio_top10_limit"] = ratio("path_calibrated_top10", "limit")
     out["ratio_path_limit_by_dtype"] = {d: ratio(f"path_{d}", f"limit_{d}") for d in ("float32", "bfloat16")}
     out["max_diff_vs_float32"] = {"dtype": "bfloat16", **diff}
     with single_thread():

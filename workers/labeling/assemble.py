@@ -6,6 +6,7 @@ measures what the stream does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,7 @@ from workers.labeling.interaction_stats import InteractionStats
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
 from workers.labeling.matching import _row_max
-from workers.labeling.sampling import RequestRng, sample
+from workers.labeling.sampling import RequestRng, reads_scores, sample
 from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,16 @@ class Labeled:
     duplicate: int  # repeats of an item already labeled in this request
 
 
+Score = Callable[[np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
+"""positions (None: all) → ((k, K) anchor cosines, (k,) centroid cosines or None) of those candidates."""
+Priors = Callable[[np.ndarray | None], dict[str, np.ndarray]]
+"""positions (None: all) → the prior features of those candidates."""
+
+
 def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: UserAnchors, *, consistency: float,
                      label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator,
-                     centroid: np.ndarray | None = None, priors: dict[str, np.ndarray] | None = None,
-                     sims: tuple[np.ndarray, np.ndarray | None] | None = None) -> Labeled:
+                     centroid: np.ndarray | None = None, priors: dict[str, np.ndarray] | Priors | None = None,
+                     score: Score | None = None) -> Labeled:
     """Match → sample → label → weight one request's candidates (all with vectors; unit rows).
 
     The labeler's hot path and ``gpl eval`` both call this, so the offline comparison labels exactly as
@@ -86,37 +93,59 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: 
     candidates; with a :class:`LabelMap` it is the map of the best similarity, and ``top_n`` the most
     similar.
 
-    ``sims`` = (the (m, K) anchor cosines, the (m,) centroid cosines or None) when the caller computed
-    them already (the labeler, from its item matrix in either dtype: :meth:`ItemMatrix.similarities`);
-    then ``vectors`` is not read.
+    Scored lazily: without a top part (``top_n = 0``, the shipped policy) the draw reads no score, so
+    only the drawn candidates are matched and get features (``cap`` of them, not all ``m``); the labels
+    are those of scoring everything, since every feature is per candidate. ``score`` gives the
+    similarities of some positions when the caller has them cheaper than from ``vectors`` (the labeler,
+    from its item matrix in either dtype: :meth:`ItemMatrix.similarities`); then ``vectors`` is not
+    read. ``priors`` is a dict over all candidates or a function of positions, like ``score``.
     """
-    if sims is None:
+    if score is None:
         assert vectors is not None
-        s_all = vectors @ anchors.vectors.T  # (m, K): see _row_max for why this shape
-        cos_centroid = vectors @ centroid if centroid is not None else None
-    else:
-        s_all, cos_centroid = sims
-    sim = _row_max(s_all)
-    p_all: np.ndarray | None = None
-    if isinstance(label, Calibrator):
-        cos_c = cos_centroid if cos_centroid is not None else np.zeros(len(sim))
-        parts = {**similarity_features(s_all, cos_c, anchor_weights(anchors.logprobs)), **(priors or {})}
-        p_all = label(feature_matrix(label.features, parts))
-    sel = sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng)
-    kept = int(sel.shape[0])
-    duplicate = 0
-    if kept > 1:
-        sel_items = item_ids[sel]
-        _, first = np.unique(sel_items, return_index=True)
-        if first.shape[0] != kept:  # an item recalled twice: label it once (its first pick)
-            sel = sel[np.sort(first)]
-            duplicate = kept - int(sel.shape[0])
-    matched = s_all[sel].argmax(axis=1)
-    s = sim[sel].astype(np.float64)
-    p = label(s) if p_all is None else p_all[sel]
+
+        def score(pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+            v = vectors if pos is None else vectors[pos]
+            return v @ anchors.vectors.T, (v @ centroid if centroid is not None else None)  # (m, K): see _row_max
+
+    def prior(pos: np.ndarray | None) -> dict[str, np.ndarray]:
+        if priors is None or callable(priors):
+            return priors(pos) if priors is not None else {}
+        return priors if pos is None else {k: v[pos] for k, v in priors.items()}
+
+    def probabilities(pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(K cosines, best cosine, calibrated probability or None for a map) of the candidates ``pos``."""
+        s_k, cos_centroid = score(pos)
+        best = _row_max(s_k)
+        if not isinstance(label, Calibrator):
+            return s_k, best, None
+        cos_c = cos_centroid if cos_centroid is not None else np.zeros(len(best))
+        parts = {**similarity_features(s_k, cos_c, anchor_weights(anchors.logprobs)), **prior(pos)}
+        return s_k, best, label(feature_matrix(label.features, parts))
+
+    if not reads_scores(cfg.top_n, cfg.cap):  # draw first, then score only what was drawn
+        sel, kept, duplicate = _once_per_item(sample(int(item_ids.shape[0]), 0, cfg.random_n, cfg.cap, rng), item_ids)
+        s_sel, sim_sel, p_sel = probabilities(sel)
+    else:  # the top part ranks every candidate by its score
+        s_all, sim, p_all = probabilities(None)
+        sel, kept, duplicate = _once_per_item(
+            sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng), item_ids)
+        s_sel, sim_sel, p_sel = s_all[sel], sim[sel], (None if p_all is None else p_all[sel])
+    matched = s_sel.argmax(axis=1)
+    s = sim_sel.astype(np.float64)
+    p = label(s) if p_sel is None else p_sel
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)
     return Labeled(sel, s, p, w, matched, terms, kept, duplicate)
+
+
+def _once_per_item(sel: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(positions, kept, duplicate): an item recalled twice is labeled once, at its first pick."""
+    kept = int(sel.shape[0])
+    if kept > 1:
+        _, first = np.unique(item_ids[sel], return_index=True)
+        if first.shape[0] != kept:
+            sel = sel[np.sort(first)]
+    return sel, kept, kept - int(sel.shape[0])
 
 
 @dataclass
@@ -195,16 +224,22 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
     kept = 0
     if m:
         consistency = ctx.cache.consistency(entry) if cfg.use_consistency else 1.0
-        centroid = priors = None
+        centroid = None
+        priors: Priors | None = None
         if isinstance(ctx.label, Calibrator):
-            ctx.stats.add_recalled(rows)
+            ctx.stats.add_recalled(rows)  # every candidate counts, labeled or not
             centroid = ctx.cache.centroid(entry)
-            recalled, exposed = ctx.stats.items(rows)
-            priors = prior_features(recalled, exposed, ctx.stats.requests, *ctx.stats.user(b.user_id),
-                                    ctx.stats.ctr)
+            counts, user = ctx.stats, ctx.stats.user(b.user_id)
+
+            def priors(pos: np.ndarray | None) -> dict[str, np.ndarray]:
+                return prior_features(*counts.items(rows if pos is None else rows[pos]), counts.requests, *user,
+                                      counts.ctr)
+
+        def score(pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+            return items.similarities(rows if pos is None else rows[pos], entry.vectors, centroid)
+
         lab = label_candidates(found_ids, None, entry, consistency=consistency, label=ctx.label, cfg=cfg,
-                               rng=ctx.rng(b.request_id), centroid=centroid, priors=priors,
-                               sims=items.similarities(rows, entry.vectors, centroid))
+                               rng=ctx.rng(b.request_id), centroid=centroid, priors=priors, score=score)
         kept, duplicate = lab.kept, lab.duplicate
         rid, ver = b.request_id, entry.version
         # one rounding pass for every float column (6 decimals: well below any effect, shorter JSON)

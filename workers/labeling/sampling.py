@@ -37,24 +37,37 @@ class RequestRng:
         return self._gen
 
 
-def sample(sim: np.ndarray, top_n: int, random_n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+def reads_scores(top_n: int, cap: int) -> bool:
+    """Whether :func:`sample` reads the scores: only for a top part. Without one the draw is the same
+    whatever the scores, so the labeler draws first and scores only the candidates drawn."""
+    return min(top_n, cap) > 0
+
+
+def sample(sim: np.ndarray | int, top_n: int, random_n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of the kept candidates: top-N by similarity (best first), then uniform picks of the rest.
 
     At most ``cap`` in all; the random part is cut first. The first ``min(top_n, cap, len(sim))``
-    entries are the top part. Deterministic for a given ``rng`` state.
+    entries are the top part. Deterministic for a given ``rng`` state. ``sim`` may be just the number
+    of candidates when there is no top part (:func:`reads_scores` is False): the draw is then the same.
     """
-    n = int(sim.shape[0])
+    n = sim if isinstance(sim, int) else int(sim.shape[0])
     t = min(top_n, cap, n)
-    if t == n:
+    if t > 0 and isinstance(sim, int):
+        raise ValueError("a top part needs the scores, not only their count")
+    if t == 0:
+        top = np.zeros(0, np.int64)
+    elif t == n:
+        assert not isinstance(sim, int)
         top = np.argsort(-sim, kind="stable")
-    elif t > 0:
+    else:
+        assert not isinstance(sim, int)
         top = np.argpartition(-sim, t - 1)[:t]
         top = top[np.argsort(-sim[top], kind="stable")]
-    else:
-        top = np.zeros(0, np.int64)
     r = min(random_n, cap - t, n - t)
     if r <= 0:
         return top.astype(np.int64, copy=False)
+    if t == 0:  # the same draw as from the pool below, which would be every position
+        return rng.choice(n, r, replace=False).astype(np.int64, copy=False)
     rest = np.ones(n, bool)
     rest[top] = False
     pool = np.flatnonzero(rest)
