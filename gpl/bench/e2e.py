@@ -24,16 +24,21 @@ provisioned system sees. ``streams_workers``: that many streams processes in one
 Every measured run starts a fresh embedded stack (broker, vector engine, stages) from the same seeded
 world: the embedded Tansu broker costs more CPU per record as its partitions grow (docs/scaling.md §12),
 so a run after another would measure the broker's history, not the pipeline.
+
+Each run reports ``cpu_cores``: the cores each process used while the requests went through (the
+driver, which also holds the vector engine; the broker; each stage process; the bare loop), so a
+saturated figure says which process was full.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +50,7 @@ from gpl.bench.bare_loop import EXPOSURE as BARE_EXPOSURE
 from gpl.bench.bare_loop import OUT as BARE_OUT
 from gpl.bench.bare_loop import RECALL as BARE_RECALL
 from gpl.bench.bare_loop import bare_loop
+from gpl.bench.cpu import CpuMeter
 from gpl.runtime.kafka import GapGuard, consumer, create_topics, producer, take
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points
@@ -72,8 +78,11 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
     def paced(rate: float, reqs: list[Request], prefix: str) -> dict[str, Any]:
         """One run on a fresh stack: the embedded broker slows as its topics grow (docs/scaling.md §12), so
         no measurement inherits the records of the one before."""
-        with _stack(base, world, names) as (s, stages):
-            run = _run(s, "samples", "recall", "exposure", reqs, rate, prefix, progress)
+        with _stack(base, world, names) as (s, stages, pids):
+            def processes() -> dict[str, int | None]:  # stage processes have their pids once started
+                return {**pids, **{name: getattr(stage, "pid", None) for name, stage in stages.stages.items()}}
+
+            run = _run(s, "samples", "recall", "exposure", reqs, rate, prefix, progress, processes)
             run["accounting"] = stages.accounting()
         if stages.errors:
             run["errors"] = {n: repr(e) for n, e in stages.errors.items()}
@@ -86,8 +95,8 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
     if slo_p99 > 0 and sustained:
         out["slo"] = _slo_search(paced, world.requests, sustained, slo_p99, slo_trials)
     if baseline:
-        with _stack(base, world, []) as (s, _):
-            out["bare_loop"] = _bare(s, world.requests, rate, users, progress)
+        with _stack(base, world, []) as (s, _, pids):
+            out["bare_loop"] = _bare(s, world.requests, rate, users, progress, pids)
         b = out["bare_loop"]["throughput_requests_per_s"]
         if b and sustained:
             out["ratio_pipeline_to_bare"] = round(sustained / b, 3)
@@ -111,9 +120,11 @@ class World:
 
 
 @contextlib.contextmanager
-def _stack(base: Settings, world: World, stage_names: list[str]) -> Iterator[tuple[Settings, Stages]]:
+def _stack(base: Settings, world: World, stage_names: list[str]
+           ) -> Iterator[tuple[Settings, Stages, dict[str, int | None]]]:
     """A fresh embedded stack holding the world's items, anchors and a calibrator, with ``stage_names``
-    running (none for the bare loop): yields its settings and stages."""
+    running (none for the bare loop): yields its settings, its stages and the processes to meter (this
+    one, the driver, which also holds the vector engine; the broker's)."""
     shutil.rmtree(base.data_dir, ignore_errors=True)
     with Stack(base) as stack:
         s = stack.settings
@@ -124,8 +135,10 @@ def _stack(base: Settings, world: World, stage_names: list[str]) -> Iterator[tup
                                        [{"text": f"item {i}"} for i in range(1, n + 1)]))
         _publish_anchors(s, world.anchors)
         _save_calibrator(s)
+        pids: dict[str, int | None] = {"driver": os.getpid()}
+        pids.update({f"broker{i or ''}": pid for i, pid in enumerate(stack.broker.pids if stack.broker else [])})
         with Stages({name: stack.make(name.split("-")[0]) for name in stage_names}) as stages:
-            yield s, stages
+            yield s, stages, pids
 
 
 def _slo_search(paced: Callable[[float, list[Request], str], dict[str, Any]], reqs: list[Request],
@@ -202,8 +215,9 @@ def _send(p: Any, recall: str, exposure: str, req: Request, rid: str) -> float:
 
 
 def _run(s: Settings, out_topic: str, recall: str, exposure: str, reqs: list[Request], rate: float, prefix: str,
-         progress: bool) -> dict[str, Any]:
-    """Warm up, then offer every request (at ``rate``, or as fast as possible) and wait for their batches."""
+         progress: bool, processes: Callable[[], Mapping[str, int | None]]) -> dict[str, Any]:
+    """Warm up, then offer every request (at ``rate``, or as fast as possible) and wait for their batches;
+    ``cpu_cores`` says how many cores each of the ``processes`` used meanwhile (gpl/bench/cpu.py)."""
     arrivals: dict[str, float] = {}
     stop = threading.Event()
     reader = threading.Thread(target=_read, args=(s, out_topic, arrivals, stop), daemon=True)
@@ -212,6 +226,8 @@ def _run(s: Settings, out_topic: str, recall: str, exposure: str, reqs: list[Req
     _warm_up(p, recall, exposure, reqs[0], prefix, lambda: any(r.startswith(f"w{prefix}") for r in arrivals))
     sent: dict[str, float] = {}
     bar = tqdm(total=len(reqs), desc=f"e2e {prefix}", disable=not progress)
+    meter = CpuMeter(processes())
+    meter.start()
     t0 = time.perf_counter()
     for r, req in enumerate(reqs):
         if rate > 0 and (delay := t0 + r / rate - time.perf_counter()) > 0:
@@ -229,10 +245,12 @@ def _run(s: Settings, out_topic: str, recall: str, exposure: str, reqs: list[Req
         if got != last_count:
             last_count, last_move = got, time.monotonic()
         time.sleep(0.2)
+    cores = meter.stop()
     bar.close()
     stop.set()
     reader.join(10)
     out = _figures(sent, arrivals, rate, produce_s)
+    out["cpu_cores"] = cores
     if out["missing"]:  # lost on the way, or only missed by the live reader? read the topic again from its start
         found = _scan(s, out_topic, set(out["missing"]))
         out["missing_but_in_topic"] = sorted(found)
@@ -304,7 +322,8 @@ def _scan(s: Settings, topic: str, wanted: set[str], quiet_s: float = 5.0) -> se
     return found
 
 
-def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: bool) -> dict[str, Any]:
+def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: bool,
+          pids: Mapping[str, int | None]) -> dict[str, Any]:
     """The same requests through the bare loop, in its own process, on the same broker."""
     create_topics(s.kafka, [BARE_RECALL, BARE_EXPOSURE, BARE_OUT])
     ctx = mp.get_context("spawn")
@@ -314,7 +333,8 @@ def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: b
     try:
         if not ready.wait(180):
             raise TimeoutError("the bare loop did not start")
-        return _run(s, BARE_OUT, BARE_RECALL, BARE_EXPOSURE, reqs, rate, "b", progress)
+        return _run(s, BARE_OUT, BARE_RECALL, BARE_EXPOSURE, reqs, rate, "b", progress,
+                    lambda: {**pids, "bare_loop": proc.pid})
     finally:
         stop.set()
         proc.join(30)
