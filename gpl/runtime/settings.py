@@ -214,10 +214,11 @@ class StreamsSettings(Section):
                                   "stream's last requests expire (0: never)")
     join_memory_guard_s: float = Field(default=3600.0, gt=0, description="wall-clock bound on any join state "
                                        "(memory guard for partitions whose event time stalls); counted apart")
-    changelog_coalesce_ms: int = Field(default=1000, ge=0, description="table changelog writes are sent as each "
-                                       "key's latest value at most this late (and before every offset commit), "
-                                       "so a request joined within it costs one small record (streams/changelog.py);"
-                                       " 0: one record per write, as faust does")
+    changelog_coalesce_ms: int = Field(default=5000, ge=0, description="table changelog writes are sent as each "
+                                       "key's latest value at most this late, and always before every offset "
+                                       "commit (faust commits every 2.8 s), so a request joined before the next "
+                                       "commit costs one small record (streams/changelog.py); 0: one record per "
+                                       "write, as faust does")
     changelog_max_dirty: int = Field(default=4096, ge=1, description="table keys whose changelog record may wait")
     unexposed_scores: bool = Field(default=False, description="unexposed batches also carry each candidate's "
                                    "recall score (the labeler does not read them; without them the topic is "
