@@ -61,11 +61,10 @@ class EventClock:
         """The broker last answered a fetch of this input at ``answered_ms`` (None: not yet). Live time
         runs until ``stall_ms`` after each answer, so call this more often than ``stall_ms``."""
         now = _now(now_ms)
-        key = (source, partition)
-        live = self.live_ms(source, partition, now) if key in self._live else now - self.started_at
+        live = self.live_ms(source, partition, now)  # up to now, under what was known before this report
         if answered_ms is None:
             answered_ms = -self.stall_ms  # no answer yet: stalled
-        self._live[key] = (live, now, answered_ms)
+        self._live[(source, partition)] = (live, now, answered_ms)
 
     def observe(self, source: str, partition: int, ts: int, now_ms: int | None = None) -> None:
         wall = _now(now_ms)

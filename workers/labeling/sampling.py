@@ -52,15 +52,13 @@ def sample(sim: np.ndarray | int, top_n: int, random_n: int, cap: int, rng: np.r
     """
     n = sim if isinstance(sim, int) else int(sim.shape[0])
     t = min(top_n, cap, n)
-    if t > 0 and isinstance(sim, int):
-        raise ValueError("a top part needs the scores, not only their count")
     if t == 0:
         top = np.zeros(0, np.int64)
+    elif isinstance(sim, int):
+        raise ValueError("a top part needs the scores, not only their count")
     elif t == n:
-        assert not isinstance(sim, int)
         top = np.argsort(-sim, kind="stable")
     else:
-        assert not isinstance(sim, int)
         top = np.argpartition(-sim, t - 1)[:t]
         top = top[np.argsort(-sim[top], kind="stable")]
     r = min(random_n, cap - t, n - t)
