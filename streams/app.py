@@ -293,7 +293,8 @@ class StreamsProcessor:
         if rest is not None:
             ids, scores = rest
             body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, ids,
-                                    scores if self.settings.streams.unexposed_scores else None)
+                                    scores if self.settings.streams.unexposed_scores else None,
+                                    version=self.settings.streams.unexposed_schema_version)
             value = self.wire.encode_json(UNEXPOSED.name, body)
             await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
             self.accounting.add("unexposed_batches")

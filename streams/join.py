@@ -7,6 +7,7 @@ also goes to the changelog topic.
 
 from __future__ import annotations
 
+import base64
 import struct
 from dataclasses import dataclass
 
@@ -19,10 +20,14 @@ from schemas.events import (
     MAX_ID_CHARS,
     RECALL_SCHEMA_VERSION,
     SCHEMA_VERSION,
+    UNEXPOSED_SCHEMA_VERSION,
     ExposureEvent,
     RecallEvent,
 )
 from schemas.ids import sample_id
+
+# UnexposedBatch's packed id forms: little-endian whatever this machine's byte order
+_LE32, _LE64, _U32_MAX = np.dtype("<u4"), np.dtype("<i8"), 2**32 - 1
 
 # kind byte of a join-table record: waiting for its partner (RECALL, EXPOSURE), a recall held until the
 # indexer knows its candidates (HELD, may already carry its exposure), or a marker kept after the request
@@ -243,12 +248,22 @@ def unexposed(recall_ids: np.ndarray, recall_scores: np.ndarray, exposure: Expos
 
 
 def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarray,
-                     recall_scores: np.ndarray | None) -> bytes:
-    """The biggest message as UnexposedBatch JSON, orjson straight from the arrays (no list, no pydantic):
-    ids as int64, scores (unless None: the contract's default, no scores) rounded to 6 decimals as
-    float64 (what the contract's float round-trips)."""
-    out: dict[str, object] = {"schema_version": SCHEMA_VERSION, "request_id": request_id, "user_id": user_id,
-                              "ts": ts, "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64)}
+                     recall_scores: np.ndarray | None, *, version: int = UNEXPOSED_SCHEMA_VERSION) -> bytes:
+    """The biggest message as UnexposedBatch JSON, orjson straight from the arrays (no list, no pydantic).
+
+    ``version`` 2 (the default) packs the ids (base64 of little-endian ``item_ids_le32`` when every id
+    fits 32 unsigned bits, else ``item_ids_le64``); 1
+    writes them as a JSON list, for labelers of an older release during a rolling upgrade. Scores
+    (unless None: the contract's default, no scores) are rounded to 6 decimals as float64 (what the
+    contract's float round-trips).
+    """
+    out: dict[str, object] = {"schema_version": version, "request_id": request_id, "user_id": user_id, "ts": ts}
+    if version >= 2:  # the narrowest packed form that holds every id
+        narrow = item_ids.shape[0] == 0 or int(item_ids.max()) <= _U32_MAX
+        ids = np.ascontiguousarray(item_ids, dtype=_LE32 if narrow else _LE64)
+        out["item_ids_le32" if narrow else "item_ids_le64"] = base64.b64encode(ids.tobytes()).decode("ascii")
+    else:
+        out["item_ids"] = np.ascontiguousarray(item_ids, dtype=np.int64)
     if recall_scores is not None:
         out["recall_scores"] = np.round(recall_scores.astype(np.float64), 6)
     return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)

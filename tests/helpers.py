@@ -61,8 +61,14 @@ def records(settings: Settings, topic: str, *, expect: int | None = None, timeou
 
 def drain(settings: Settings, topic: str, *, expect: int | None = None, timeout: float = 30.0,
           settle: float = 1.5) -> list[Any]:
-    """The JSON values of a topic (:func:`records`)."""
-    return [orjson.loads(v) for _, v in records(settings, topic, expect=expect, timeout=timeout, settle=settle)
+    """The JSON values of a topic (:func:`records`); ``unexposed`` ones read through their contract, so a
+    test sees ``item_ids`` whichever id form (list or packed) the streams stage wrote."""
+    from schemas.codec import decode
+    from schemas.events import UnexposedBatch
+
+    def value(v: bytes) -> Any:
+        return decode(v, UnexposedBatch).model_dump(mode="json") if topic == "unexposed" else orjson.loads(v)
+    return [value(v) for _, v in records(settings, topic, expect=expect, timeout=timeout, settle=settle)
             if v is not None]
 
 

@@ -374,3 +374,12 @@ def test_misses_are_fetched_from_the_index_and_consistency_waits_for_history() -
     _, st = label_batch(_batch("u", [1, 2, 500, 501]), cache, items, LabelerSettings(**MAP))
     assert (st.labeled, st.no_vector) == (3, 1)  # 500 fetched on the miss, 501 still unknown
     assert entry.consistency is not None
+
+
+def test_sample_id_affixes_format_the_same_ids() -> None:
+    """The labeler formats a batch's sample ids from per-request affixes: the same ids as sample_id."""
+    from schemas.ids import sample_id, sample_id_affixes
+
+    for rid, item, ver in (("r", 0, 0), ("req:ü", 2**63 - 1, 12345678901), ("x", 42, 7)):
+        head, tail = sample_id_affixes(rid, ver)
+        assert f"{head}{item}{tail}" == sample_id(rid, item, ver)

@@ -7,6 +7,8 @@ give the same arrays; these properties compare the two on generated events (pure
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Any
 
 import numpy as np
@@ -175,6 +177,71 @@ def test_unexposed_fast_decode_accepts_what_the_contract_accepts(head: dict[str,
         return
     got = decode_unexposed(raw)
     assert got.item_ids.dtype == np.int64 and got.item_ids.tolist() == want
+
+
+def _pack(ids: list[int], code: str = "q") -> str:
+    return base64.b64encode(struct.pack(f"<{len(ids)}{code}", *ids)).decode()
+
+
+packed_st = st.one_of(
+    ids_st.map(_pack),  # what the streams stage writes for big ids
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=40).map(lambda x: _pack(x, "I")),  # for 32-bit ids
+    st.lists(st.integers(-(2**63), MAX_INT64), min_size=1, max_size=6).map(_pack),  # negative ids
+    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),  # not whole ids
+    st.text(max_size=20),  # not base64
+    st.integers() | st.none() | st.lists(st.integers(0, 9), max_size=3),  # not a string
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=edge_head_st, packed=packed_st, form=st.sampled_from(["item_ids_le32", "item_ids_le64"]),
+       version=st.integers(0, 3), also=st.sampled_from([None, "item_ids", "item_ids_le32", "item_ids_le64"]))
+def test_packed_unexposed_decodes_like_the_contract(head: dict[str, Any], packed: object, form: str, version: int,
+                                                    also: str | None) -> None:
+    """The packed forms (schema_version 2): the fast decoder and the contract agree on every value:
+    same ids when valid; a DecodeError for bad base64, a partial id, a negative id, an old version, or
+    two id forms at once."""
+    value = {**head, "schema_version": version, form: packed}
+    if also is not None and also != form:
+        value[also] = [1, 2] if also == "item_ids" else _pack([1])
+    raw = orjson.dumps(value)
+    try:
+        want: list[int] | None = decode(raw, UnexposedBatch).item_ids
+    except DecodeError:
+        want = None
+    if want is None:
+        with pytest.raises(DecodeError):
+            decode_unexposed(raw)
+        return
+    got = decode_unexposed(raw)
+    assert got.item_ids.dtype == np.int64 and got.item_ids.tolist() == want
+
+
+def test_packed_unexposed_round_trips_and_names_its_problems() -> None:
+    """What the streams stage writes reads back exactly, in both versions and both widths (the
+    narrowest that holds the ids); the DLQ reason of a bad packed value says what is wrong with it."""
+    from streams.join import encode_unexposed
+
+    for ids, form in ((np.array([0, 7, 2**32 - 1], np.int64), b"item_ids_le32"),
+                      (np.array([0, 7, 2**32, 2**62, MAX_INT64], np.int64), b"item_ids_le64")):
+        for version in (1, 2):
+            raw = encode_unexposed("r", "u", 5, ids, None, version=version)
+            assert (form in raw) == (version == 2) and (b'"item_ids"' in raw) == (version == 1)
+            assert decode_unexposed(raw).item_ids.tolist() == ids.tolist()
+            assert decode(raw, UnexposedBatch).item_ids == ids.tolist()
+    head = {"schema_version": 2, "request_id": "r", "user_id": "u", "ts": 5}
+    for packed, needle in ((_pack([-1]), "negative"), ("AAAA", "whole number of 64-bit"), ("a!", "not base64"),
+                           (7, "base64 string")):
+        with pytest.raises(DecodeError, match=needle):
+            decode(orjson.dumps({**head, "item_ids_le64": packed}), UnexposedBatch)
+    with pytest.raises(DecodeError, match="whole number of 32-bit"):
+        decode(orjson.dumps({**head, "item_ids_le32": "AAA="}), UnexposedBatch)
+    with pytest.raises(DecodeError, match="schema_version 2"):
+        decode(orjson.dumps({**head, "schema_version": 1, "item_ids_le64": _pack([1])}), UnexposedBatch)
+    with pytest.raises(DecodeError, match="one form, not 2"):
+        decode(orjson.dumps({**head, "item_ids": [1], "item_ids_le32": _pack([1], "I")}), UnexposedBatch)
+    with pytest.raises(DecodeError, match="one form, not 0"):
+        decode(orjson.dumps(head), UnexposedBatch)
 
 
 def test_recall_as_v2_rewrites_only_when_exact() -> None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from gpl.cli import build_parser, main
 from gpl.runtime.settings import load
 from schemas import SCHEMA_VERSION, DecodeError, ExposureEvent, RecallEvent, decode, encode
-from schemas.events import RECALL_SCHEMA_VERSION
+from schemas.events import RECALL_SCHEMA_VERSION, UNEXPOSED_SCHEMA_VERSION
 from schemas.export import export_json_schemas
 from schemas.jsonl import read_events, write_events
 from schemas.topics import TOPICS, all_topic_names, dlq_topics
@@ -55,7 +55,7 @@ def test_schema_export(tmp_path: Path) -> None:
         assert sch["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         ids.add(sch["$id"])
         assert (sch["properties"]["schema_version"]["minimum"], sch["properties"]["schema_version"]["maximum"]) \
-            == (1, RECALL_SCHEMA_VERSION if t == "recall" else SCHEMA_VERSION)  # recall: columnar version 2
+            == (1, {"recall": RECALL_SCHEMA_VERSION, "unexposed": UNEXPOSED_SCHEMA_VERSION}.get(t, SCHEMA_VERSION))
         if t != "anchors":  # every other contract has an event time ``ts``; anchors have generated_at
             assert "epoch milliseconds" in sch["properties"]["ts"]["description"]
     assert len(ids) == len(topics)
@@ -82,6 +82,29 @@ def test_exported_schema_agrees_with_the_contract(tmp_path: Path) -> None:
             validator.validate(bad)
         with pytest.raises(DecodeError):
             decode(orjson.dumps(bad), ExposureEvent)
+
+
+def test_exported_unexposed_schema_takes_one_id_form(tmp_path: Path) -> None:
+    """The registry's check of ``unexposed`` accepts what the streams stage writes (packed ids, version
+    2) and the version 1 list, and refuses two id forms at once, as the contract does."""
+    import numpy as np
+
+    from schemas.events import UnexposedBatch
+    from streams.join import encode_unexposed
+
+    export_json_schemas(tmp_path)
+    schema = orjson.loads((tmp_path / "unexposed-value.json").read_bytes())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for ids in ([3, 9], [3, 2**40]):
+        for version in (1, 2):
+            value = orjson.loads(encode_unexposed("r", "u", 1, np.array(ids, np.int64), None, version=version))
+            validator.validate(value)
+            assert decode(orjson.dumps(value), UnexposedBatch).item_ids == ids
+    both = {**orjson.loads(encode_unexposed("r", "u", 1, np.array([3], np.int64), None)), "item_ids": [3]}
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(both)
+    with pytest.raises(DecodeError):
+        decode(orjson.dumps(both), UnexposedBatch)
 
 
 def test_jsonl_roundtrip(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from gpl.runtime.kafka import create_topics
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor
 from tests.conftest import make_settings
-from tests.helpers import drain, item_index, produce, running, wait_for
+from tests.helpers import drain, drain_raw, item_index, produce, running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,7 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
         produce(s, "exposure", [exposure("r3", "u3", [1], {1}, ts=3_000)])  # late: after expiry
         wait_for(lambda: proc.accounting["late_exposure"] == 1, 30, "late exposure")
         unexposed = drain(s, "unexposed", expect=3)
+        raw_unexposed = drain_raw(s, "unexposed", expect=3)
         samples = drain(s, "samples", expect=4)
         dlq_r = drain(s, "recall.dlq", expect=5)
         dlq_e = drain(s, "exposure.dlq", expect=1)
@@ -73,6 +74,9 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     assert set(by_req) == {"r1", "r2", "r8"}
     assert by_req["r1"]["item_ids"] == list(range(4, 21))
     assert by_req["r2"]["item_ids"] == list(range(7, 16))
+    # on the wire: schema_version 2, the small ids packed as uint32 (streams.unexposed_schema_version)
+    assert all(b'"item_ids_le32"' in v and b'"item_ids"' not in v and b'"schema_version":2' in v
+               for v in raw_unexposed)
     # every exposed item gets exactly one real label
     labels = [(b["request_id"], x["item_id"], x["label"], x["source"]) for b in samples for x in b["samples"]]
     assert sorted(labels) == sorted([

@@ -37,6 +37,7 @@ from gpl.runtime.settings import LabelerSettings  # noqa: E402
 from schemas.codec import encode  # noqa: E402
 from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, UnexposedBatch  # noqa: E402
 from schemas.ids import sample_id  # noqa: E402
+from streams.join import encode_unexposed  # noqa: E402
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import Labeling, label_decoded
 from workers.labeling.calibrator import Calibrator
@@ -104,10 +105,8 @@ def synthetic(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int =
     raws = []
     for b in range(batches):
         cand = ids[rng.choice(items, candidates, replace=False)]
-        raws.append(orjson.dumps({
-            "schema_version": 1, "request_id": f"req-{b}", "user_id": f"user-{b % users}", "ts": 2_000 + b,
-            "item_ids": cand.tolist(),  # ids only, as the streams stage writes them by default
-        }))
+        # as the streams stage writes them by default: ids only, packed (schema_version 2)
+        raws.append(encode_unexposed(f"req-{b}", f"user-{b % users}", 2_000 + b, cand, None))
     return Labeling(cache, matrix, cfg, calibrator=cal), raws
 
 

@@ -223,6 +223,10 @@ class StreamsSettings(Section):
     unexposed_scores: bool = Field(default=False, description="unexposed batches also carry each candidate's "
                                    "recall score (the labeler does not read them; without them the topic is "
                                    "~35% smaller and cheaper to write and read)")
+    unexposed_schema_version: Literal[1, 2] = Field(
+        default=2, description="2: unexposed batches carry their ids packed (item_ids_le32 or _le64: base64 of "
+        "little-endian integers; half the bytes of 63-bit ids as text, no per-id parsing); 1: as a JSON list, "
+        "which labelers of earlier releases read (upgrade the labelers first, or keep 1 until they are)")
     unknown_items: Literal["drop", "hold", "dlq"] = Field(
         default="drop", description="recall candidates the vector index does not know yet: drop them (counted), "
         "hold the request until the indexer has them (bounded), or send the whole recall to the DLQ")

@@ -14,6 +14,7 @@ import numpy as np
 from gpl.runtime.vectors.normalize import normalize
 from schemas.events import AnchorSet
 from workers.labeling.confidence import coherence_of, consistency_of
+from workers.labeling.features import anchor_weights
 from workers.labeling.item_matrix import ItemMatrix
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,13 @@ class UserAnchors:
     consistency: float | None = None  # computed on first use, once all history vectors are known
     texts: tuple[str, ...] = ()  # the anchors' own texts (SIDs for semantic-ID anchors), for reports
     centroid: np.ndarray | None = None  # unit mean of the history vectors (computed on first use, like consistency)
+    weights: np.ndarray | None = None  # the anchors' mixture weights (computed on first use)
+
+    def anchor_weights(self) -> np.ndarray:
+        """:func:`~workers.labeling.features.anchor_weights` of the log-probs, once per set (not per request)."""
+        if self.weights is None:
+            self.weights = anchor_weights(self.logprobs)
+        return self.weights
 
     @classmethod
     def of(cls, vectors: np.ndarray, logprobs: np.ndarray, *, history: np.ndarray, user_id: str = "",

@@ -14,12 +14,11 @@ import orjson
 
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
-from schemas.ids import sample_id
+from schemas.ids import sample_id_affixes
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence, describe_weight
 from workers.labeling.features import (
-    anchor_weights,
     feature_matrix,
     needs_anchors,
     prior_features,
@@ -115,12 +114,11 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: 
     def probabilities(pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(K cosines, best cosine, calibrated probability or None for a map) of the candidates ``pos``."""
         s_k, cos_centroid = score(pos)
-        best = _row_max(s_k)
         if not isinstance(label, Calibrator):
-            return s_k, best, None
-        cos_c = cos_centroid if cos_centroid is not None else np.zeros(len(best))
-        parts = {**similarity_features(s_k, cos_c, anchor_weights(anchors.logprobs)), **prior(pos)}
-        return s_k, best, label(feature_matrix(label.features, parts))
+            return s_k, _row_max(s_k), None
+        cos_c = cos_centroid if cos_centroid is not None else np.zeros(s_k.shape[0])
+        parts = {**similarity_features(s_k, cos_c, anchors.anchor_weights()), **prior(pos)}
+        return s_k, parts["s1"], label(feature_matrix(label.features, parts))  # s1: the best cosine
 
     if not reads_scores(cfg.top_n, cfg.cap):  # draw first, then score only what was drawn
         sel, kept, duplicate = _once_per_item(sample(int(item_ids.shape[0]), 0, cfg.random_n, cfg.cap, rng), item_ids)
@@ -142,8 +140,9 @@ def _once_per_item(sel: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, i
     """(positions, kept, duplicate): an item recalled twice is labeled once, at its first pick."""
     kept = int(sel.shape[0])
     if kept > 1:
-        _, first = np.unique(item_ids[sel], return_index=True)
-        if first.shape[0] != kept:
+        picked = item_ids[sel]
+        if len(set(picked.tolist())) != kept:  # rare: a set of a few dozen ints is cheaper than np.unique
+            _, first = np.unique(picked, return_index=True)
             sel = sel[np.sort(first)]
     return sel, kept, kept - int(sel.shape[0])
 
@@ -247,8 +246,9 @@ def label_decoded(b: Unexposed, ctx: Labeling) -> tuple[bytes, LabelStats]:
         labeled_ids = found_ids[lab.pos].tolist()
         labels = floats[0]
         cols = zip(labeled_ids, *floats[:3], lab.matched.tolist(), *floats[3:], strict=True)
+        head, tail = sample_id_affixes(rid, ver)
         samples = [
-            {"sample_id": sample_id(rid, item, ver), "item_id": item, "label": lb, "weight": wt,
+            {"sample_id": f"{head}{item}{tail}", "item_id": item, "label": lb, "weight": wt,
              "source": "pseudo", "similarity": sm, "matched_anchor": k,
              "confidence": {"coherence": c1, "consistency": c2, "generation": c3, "margin": c4}}
             for item, lb, wt, sm, k, c1, c2, c3, c4 in cols

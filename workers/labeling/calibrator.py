@@ -101,9 +101,16 @@ class Calibrator:
                            self.encoder, self.catalogue], sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
+    @functools.cached_property
+    def _affine(self) -> tuple[np.ndarray, float]:
+        """(w, b) with ``logit(x) = x @ w + b``: the standardisation folded into the coefficients once,
+        so a request's labels cost one product instead of a subtraction, a division and a product."""
+        w = np.asarray(self.coef, np.float64) / np.asarray(self.scale, np.float64)
+        return w, float(self.intercept - np.asarray(self.mean, np.float64) @ w)
+
     def logit(self, x: np.ndarray) -> np.ndarray:
-        z = (np.asarray(x, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
-        return self.intercept + z @ np.asarray(self.coef)
+        w, b = self._affine
+        return np.asarray(x, np.float64) @ w + b
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return sigmoid(self.logit(x))

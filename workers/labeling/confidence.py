@@ -53,10 +53,13 @@ def confidence(*, coherence: float, consistency: float, logprobs: np.ndarray, ma
     if cfg.use_consistency:
         t[1] = consistency
     if cfg.use_generation:
-        np.minimum(np.exp(logprobs[matched].astype(np.float64)), 1.0, out=t[2])
+        np.minimum(np.exp(logprobs.astype(np.float64))[matched], 1.0, out=t[2])  # exp of K values, not m
     if cfg.use_margin:
         np.abs(2.0 * p - 1.0, out=t[3])
-    return t.prod(axis=0), dict(zip(TERMS, t, strict=True))
+    w = t[0] * t[1]  # three products: a reduction over 4 rows costs more in set-up than it computes
+    w *= t[2]
+    w *= t[3]
+    return w, dict(zip(TERMS, t, strict=True))
 
 
 def describe_weight(cfg: LabelerSettings) -> str:

@@ -56,8 +56,11 @@ class InteractionStats:
     def items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(recalled, exposed) counts of the rows (0 for rows never counted)."""
         rows = np.asarray(rows, np.int64)
-        self._grow(rows)
-        return self.recalled[rows], self.exposed[rows]
+        try:  # rows counted before (the request's own, just added) need no bounds pass
+            return self.recalled[rows], self.exposed[rows]
+        except IndexError:
+            self._grow(rows)
+            return self.recalled[rows], self.exposed[rows]
 
     def user(self, user_id: str) -> tuple[float, float]:
         """(exposures, clicks) of the user so far."""

@@ -4,6 +4,7 @@ Anything unusual falls back to the pydantic contract, whose DecodeError carries 
 """
 from __future__ import annotations
 
+import binascii
 import logging
 from dataclasses import dataclass
 
@@ -11,11 +12,12 @@ import numpy as np
 import orjson
 
 from schemas.codec import decode
-from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, SCHEMA_VERSION, UnexposedBatch
+from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch
 
 log = logging.getLogger(__name__)
 
-
+_LE: dict[int, np.dtype[np.integer]] = {4: np.dtype("<u4"), 8: np.dtype("<i8")}  # the packed forms: little-endian whatever this machine's order
+_FORMS = ("item_ids", "item_ids_le32", "item_ids_le64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,25 +39,43 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
     type check: ``sum`` of the list is an int only when every element is one (bools count as ints, as
     in pydantic's lax mode; floats give a float, strings and nesting a TypeError), then ``fromiter``
     into int64 raises on an id that does not fit (half the time of ``np.array``'s dtype inference).
+    Packed ids (``item_ids_le32``/``item_ids_le64``, version 2, what the streams stage writes) skip
+    all that: the base64 decode's bytes are the array (~20 µs for 1,000 ids, against ~50 µs for a
+    list of 63-bit ids; Python 3.11's base64 decoder is most of it).
     """
     ok = False
     if raw is not None:
         try:
             obj = orjson.loads(raw)
-            rid, uid, ts, ids_l = obj["request_id"], obj["user_id"], obj["ts"], obj["item_ids"]
+            rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
             ver = obj.get("schema_version", 1)
             rs = obj.get("recall_scores", ())
+            packed, width = obj.get("item_ids_le32"), 4
+            if packed is None:
+                packed, width = obj.get("item_ids_le64"), 8
             ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
                   and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
-                  and type(ver) is int
-                  and 1 <= ver <= SCHEMA_VERSION and type(ids_l) is list and len(ids_l) > 0
-                  and (rs == () or (type(rs) is list and _numbers(rs))))
-            if ok and type(sum(ids_l)) is int:
-                ids = np.fromiter(ids_l, np.int64, len(ids_l))
-                ok = int(ids.min()) >= 0
+                  and type(ver) is int and 1 <= ver <= UNEXPOSED_SCHEMA_VERSION
+                  and (rs == () or (type(rs) is list and _numbers(rs)))
+                  and sum(k in obj for k in _FORMS) == 1)  # one id form, as the contract asks
+            if not ok:
+                pass
+            elif packed is not None:  # version 2: one base64 decode, the bytes are the id array
+                ok = type(packed) is str and ver >= 2
+                if ok:
+                    buf = binascii.a2b_base64(packed, strict_mode=True)
+                    ok = len(buf) > 0 and len(buf) % width == 0
+                    if ok:
+                        ids = np.frombuffer(buf, _LE[width]).astype(np.int64)
+                        ok = int(ids.min()) >= 0
             else:
-                ok = False
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
+                ids_l = obj["item_ids"]
+                ok = type(ids_l) is list and len(ids_l) > 0 and type(sum(ids_l)) is int
+                if ok:
+                    ids = np.fromiter(ids_l, np.int64, len(ids_l))
+                    ok = int(ids.min()) >= 0
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError,
+                binascii.Error):
             ok = False
     if not ok:
         ev = decode(raw, UnexposedBatch)  # raises DecodeError with the contract's reason
