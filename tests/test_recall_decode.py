@@ -189,7 +189,7 @@ packed_st = st.one_of(
     st.lists(st.integers(-(2**63), MAX_INT64), min_size=1, max_size=6).map(_pack),  # negative ids
     st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),  # not whole ids
     st.text(max_size=20),  # not base64
-    st.integers() | st.none() | st.lists(st.integers(0, 9), max_size=3),  # not a string
+    st.integers(-(2**63), MAX_INT64) | st.none() | st.lists(st.integers(0, 9), max_size=3),  # not a string
 )
 
 

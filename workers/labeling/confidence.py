@@ -47,15 +47,17 @@ def confidence(*, coherence: float, consistency: float, logprobs: np.ndarray, ma
     See the module docstring for the formula. A disabled term is 1 for every sample (so lineage shows
     what the weight was made of).
     """
-    t = np.ones((len(TERMS), int(p.shape[0])))  # rows in TERMS order; a disabled term stays 1
-    if cfg.use_coherence:
-        t[0] = coherence
-    if cfg.use_consistency:
-        t[1] = consistency
+    t = np.empty((len(TERMS), int(p.shape[0])))  # rows in TERMS order; a disabled term is 1
+    t[0] = coherence if cfg.use_coherence else 1.0
+    t[1] = consistency if cfg.use_consistency else 1.0
     if cfg.use_generation:
         np.minimum(np.exp(logprobs.astype(np.float64))[matched], 1.0, out=t[2])  # exp of K values, not m
+    else:
+        t[2] = 1.0
     if cfg.use_margin:
         np.abs(2.0 * p - 1.0, out=t[3])
+    else:
+        t[3] = 1.0
     w = t[0] * t[1]  # three products: a reduction over 4 rows costs more in set-up than it computes
     w *= t[2]
     w *= t[3]

@@ -104,7 +104,8 @@ def prior_features(recalled: np.ndarray, exposed: np.ndarray, requests: float, u
     n = len(recalled)
     if isinstance(user_exposures, float | int) and isinstance(user_clicks, float | int):
         r = min(max((user_clicks + smoothing * m) / (user_exposures + smoothing), 1e-6), 1 - 1e-6)
-        user_ctr = np.full(n, math.log(r / (1 - r)))
+        user_ctr = np.empty(n)
+        user_ctr.fill(math.log(r / (1 - r)))  # np.full is empty + copyto behind a Python wrapper
     else:
         rate = (np.asarray(user_clicks, np.float64) + smoothing * m) / (
             np.asarray(user_exposures, np.float64) + smoothing)

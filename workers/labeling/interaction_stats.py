@@ -27,7 +27,7 @@ class InteractionStats:
         self.requests = 0.0  # requests whose candidates were counted (the denominator of popularity shares)
 
     def _grow(self, rows: np.ndarray) -> None:
-        need = int(rows.max()) + 1 if len(rows) else 0
+        need = int(np.maximum.reduce(rows)) + 1 if len(rows) else 0  # the ufunc: .max() adds a Python wrapper
         if need > len(self.recalled):
             size = max(need, 2 * len(self.recalled), 1024)
             self.recalled = np.concatenate([self.recalled, np.zeros(size - len(self.recalled))])

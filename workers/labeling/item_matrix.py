@@ -181,7 +181,7 @@ class ItemMatrix:
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The float32 vectors of ``rows`` (one copy; ``take`` is faster than fancy indexing)."""
-        got = np.take(self._mat, rows, axis=0)
+        got = self._mat.take(rows, axis=0)  # the method: np.take's Python wrapper costs ~1 µs a call
         return got if self.dtype == "float32" else from_bf16(got)
 
     def similarities(self, rows: np.ndarray, anchors: np.ndarray, centroid: np.ndarray | None = None

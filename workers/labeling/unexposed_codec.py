@@ -16,7 +16,8 @@ from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, UNEXPOSED_SCHEMA_VERSION,
 
 log = logging.getLogger(__name__)
 
-_LE: dict[int, np.dtype[np.integer]] = {4: np.dtype("<u4"), 8: np.dtype("<i8")}  # the packed forms: little-endian whatever this machine's order
+# the packed forms by bytes per id: little-endian whatever this machine's byte order
+_LE: dict[int, np.dtype[np.integer]] = {4: np.dtype("<u4"), 8: np.dtype("<i8")}
 _FORMS = ("item_ids", "item_ids_le32", "item_ids_le64")
 
 
@@ -67,13 +68,13 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
                     ok = len(buf) > 0 and len(buf) % width == 0
                     if ok:
                         ids = np.frombuffer(buf, _LE[width]).astype(np.int64)
-                        ok = int(ids.min()) >= 0
+                        ok = int(np.minimum.reduce(ids)) >= 0  # the ufunc: .min() adds a Python wrapper
             else:
                 ids_l = obj["item_ids"]
                 ok = type(ids_l) is list and len(ids_l) > 0 and type(sum(ids_l)) is int
                 if ok:
                     ids = np.fromiter(ids_l, np.int64, len(ids_l))
-                    ok = int(ids.min()) >= 0
+                    ok = int(np.minimum.reduce(ids)) >= 0
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError,
                 binascii.Error):
             ok = False

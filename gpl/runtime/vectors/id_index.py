@@ -122,11 +122,11 @@ class IdIndex:
         """(rows, missing) of int64 ``ids``; rows of missing ids are meaningless (mask them out)."""
         ids = np.asarray(ids, dtype=np.int64)  # no copy when it already is (the hash reads the bits)
         home = self._home(ids)
-        eq = np.take(self._keys, home, axis=0) == ids[:, None]  # (m, WAYS): at most one True per row
+        eq = self._keys.take(home, axis=0) == ids[:, None]  # (m, WAYS): at most one True per row
         hit = eq.view(np.uint32).ravel()  # the 4 bools of a row as one little-endian word: no short-axis reduce
         missing = hit == 0
         way = (hit > 0xFF).astype(np.int64) + (hit > 0xFFFF) + (hit > 0xFFFFFF)  # which byte is set
-        rows = np.take(self._rows, home * WAYS + way)
+        rows = self._rows.take(home * WAYS + way)
         if self._over_ids.size and missing.any():
             todo = np.flatnonzero(missing)
             q = ids[todo]
