@@ -43,6 +43,10 @@ UNEXPOSED = TopicSpec("unexposed", UnexposedBatch, key="user_id")
 ANCHOR_REQUESTS = TopicSpec("anchor-requests", AnchorRequest, key="user_id")
 ANCHORS = TopicSpec("anchors", AnchorSet, key="user_id", compacted=True)
 SAMPLES = TopicSpec("samples", SampleBatch, key="user_id")
+# A header on the labeler's own ``samples`` records: they hold only pseudo-labels. The labeler reads
+# ``samples`` for the real labels among them and skips its own batches by this header instead of
+# parsing ~10 kB of JSON each; a record without it (other writers, a copy that dropped headers) is parsed.
+PSEUDO_HEADER = ("gpl-labels", b"pseudo")
 
 TOPICS: dict[str, TopicSpec] = {
     t.name: t for t in (ITEMS, RECALL, EXPOSURE, UNEXPOSED, ANCHOR_REQUESTS, ANCHORS, SAMPLES)
@@ -80,5 +84,5 @@ def spec(name: str) -> TopicSpec:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}") from None
 
 
-__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "STREAMS_APP_ID", "spec", "dlq_topics", "expiry_topic",
-           "internal_topics", "all_topic_names", "DeadLetter"]
+__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "PSEUDO_HEADER", "STREAMS_APP_ID", "spec", "dlq_topics",
+           "expiry_topic", "internal_topics", "all_topic_names", "DeadLetter"]

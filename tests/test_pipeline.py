@@ -71,6 +71,9 @@ def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBro
             trainer = stages.stages["trainer"]
             wait_for(lambda: trainer.counts["messages"] == len(samples), 120,  # type: ignore[attr-defined]
                      lambda: f"trainer to consume all samples: {trainer.counts}")  # type: ignore[attr-defined]
+            # the labeler reads samples for the real labels and skips its own batches by their header
+            wait_for(lambda: labeler.accounting["own_pseudo_skipped"] == labeler.accounting["labeled"], 60,
+                     lambda: f"labeler to skip its own batches: {labeler.accounting.snapshot()}")
             labeler_counts = labeler.accounting.snapshot()
             if calibrator is not None:  # real labels reach the labeler too (they feed its priors)
                 wait_for(lambda: labeler.accounting["real_labels_seen"] >= len(real_expected), 60,

@@ -54,7 +54,7 @@ from gpl.runtime.stage_io import StageIO
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.events import AnchorSet
-from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
+from schemas.topics import ANCHORS, PSEUDO_HEADER, SAMPLES, UNEXPOSED
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import Abstained, Labeling, LabelStats, label_decoded
 from workers.labeling.calibrator import CalibratorError, load_calibrator
@@ -237,7 +237,8 @@ class Labeler:
             io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
             self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
         else:
-            io.producer.produce(SAMPLES.name, io.wire.encode_json(SAMPLES.name, out), key=b.user_id.encode())
+            io.producer.produce(SAMPLES.name, io.wire.encode_json(SAMPLES.name, out), key=b.user_id.encode(),
+                                headers=[PSEUDO_HEADER])
             io.producer.poll(0)
             self._count_labeled(st)
             if self.ctx.calibrator is not None:
@@ -283,6 +284,10 @@ class Labeler:
     def _on_samples(self, m: Message) -> None:
         """Real labels: count exposures and clicks (the calibrator's priors), join earlier pseudo-labels."""
         assert self.io is not None
+        if PSEUDO_HEADER in (m.headers() or ()):  # our own pseudo-labels: nothing real to count
+            self.accounting.add("own_pseudo_skipped")
+            self.io.done(m)
+            return
         try:
             batch = orjson.loads(self.io.wire.payload(SAMPLES.name, m.value()) or b"{}")
             real = [x for x in batch["samples"] if x["source"] != "pseudo"]
