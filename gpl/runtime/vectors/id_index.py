@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 WAYS = 4  # slots per bucket: 4 int64 keys are 32 bytes, half a cache line (lookup relies on 4: one uint32)
+_WAY_OF_BYTE = np.uint32(0x00010203)  # see IdIndex.lookup
 
 
 class IdIndex:
@@ -125,7 +126,8 @@ class IdIndex:
         eq = self._keys.take(home, axis=0) == ids[:, None]  # (m, WAYS): at most one True per row
         hit = eq.view(np.uint32).ravel()  # the 4 bools of a row as one little-endian word: no short-axis reduce
         missing = hit == 0
-        way = (hit > 0xFF).astype(np.int64) + (hit > 0xFFFF) + (hit > 0xFFFFFF)  # which byte is set
+        # which byte is set: hit is 1 << (8 * way), and the top byte of hit * 0x00010203 (mod 2^32) is `way`
+        way = (hit * _WAY_OF_BYTE) >> np.uint32(24)
         rows = self._rows.take(home * WAYS + way)
         if self._over_ids.size and missing.any():
             todo = np.flatnonzero(missing)
