@@ -48,7 +48,8 @@ class IdIndex:
 
     def _home(self, ids: np.ndarray) -> np.ndarray:
         """Home bucket of each id: the top ``bits`` bits of id × 2^64/φ (wrapping uint64 arithmetic)."""
-        return ((ids.view(np.uint64) * self._MULT) >> np.uint64(64 - self._bits)).astype(np.int64)
+        # a view, not a copy: the shifted values are below 2^bits, the same bits read as int64
+        return ((ids.view(np.uint64) * self._MULT) >> np.uint64(64 - self._bits)).view(np.int64)
 
     def _build(self, buckets: int) -> None:
         self._bits = max(8, int(buckets - 1).bit_length())
