@@ -48,7 +48,9 @@ class SentenceEncoder:
         path = cfg.path or str(packaged_minilm_dir())
         self._model = SentenceTransformer(path, device=cfg.device)
         self.id = cfg.model
-        self.dim = int(self._model.get_sentence_embedding_dimension() or 384)
+        # sentence-transformers 5 renamed the method (the old name still works, with a FutureWarning)
+        dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        self.dim = int(dim_of() or 384)
         self.batch_size = cfg.batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
