@@ -7,12 +7,12 @@ also goes to the changelog topic.
 
 from __future__ import annotations
 
-import base64
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
+import pybase64
 
 from schemas.codec import DecodeError, decode
 from schemas.events import (
@@ -261,7 +261,7 @@ def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarra
     if version >= 2:  # the narrowest packed form that holds every id
         narrow = item_ids.shape[0] == 0 or int(item_ids.max()) <= _U32_MAX
         ids = np.ascontiguousarray(item_ids, dtype=_LE32 if narrow else _LE64)
-        out["item_ids_le32" if narrow else "item_ids_le64"] = base64.b64encode(ids.tobytes()).decode("ascii")
+        out["item_ids_le32" if narrow else "item_ids_le64"] = pybase64.b64encode(ids.tobytes()).decode("ascii")
     else:
         out["item_ids"] = np.ascontiguousarray(item_ids, dtype=np.int64)
     if recall_scores is not None:
