@@ -9,10 +9,8 @@ with string item ids map them with :func:`schemas.ids.item_id_from_str`.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import struct
-from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -261,13 +259,6 @@ class UnexposedBatch(Contract):
         if data.get("schema_version", 1) < 2:
             raise ValueError(f"{form} needs schema_version 2")
         return {**data, "item_ids": unpack_ids(data[form], form), form: None}
-
-
-def pack_ids(ids: Sequence[int]) -> tuple[str, str]:
-    """(field, value): ids (≥ 0, int64) packed in the narrowest form that holds them all."""
-    form = "item_ids_le32" if not ids or max(ids) < 2**32 else "item_ids_le64"
-    code, _ = PACKED_IDS[form]
-    return form, base64.b64encode(struct.pack(f"<{len(ids)}{code}", *ids)).decode("ascii")
 
 
 def unpack_ids(packed: object, form: str = "item_ids_le64") -> list[int]:

@@ -251,9 +251,9 @@ def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarra
                      recall_scores: np.ndarray | None, *, version: int = UNEXPOSED_SCHEMA_VERSION) -> bytes:
     """The biggest message as UnexposedBatch JSON, orjson straight from the arrays (no list, no pydantic).
 
-    ``version`` 2 (the default) packs the ids (base64 of little-endian ``item_ids_le32`` when every id
-    fits 32 unsigned bits, else ``item_ids_le64``); 1
-    writes them as a JSON list, for labelers of an older release during a rolling upgrade. Scores
+    ``version`` 2 (the default) packs the ids: base64 of little-endian ``item_ids_le32`` when every id
+    fits 32 unsigned bits, else ``item_ids_le64``. Version 1 writes them as a JSON list, for labelers
+    of an older release during a rolling upgrade. Scores
     (unless None: the contract's default, no scores) are rounded to 6 decimals as float64 (what the
     contract's float round-trips).
     """
