@@ -206,7 +206,9 @@ class ExposureEvent(Contract):
 
 
 UNEXPOSED_SCHEMA_VERSION = 2  # adds the packed id forms; version 1 (a JSON list only) is still read
-PACKED_IDS = {"item_ids_le32": ("I", 4), "item_ids_le64": ("q", 8)}  # field → (struct code, bytes per id)
+# field → (struct code, numpy dtype) of the packed forms: little-endian uint32 / int64, read the same way by the
+# contract (struct) and by the fast paths that write and read them (numpy: streams/join.py, the labeler's decoder)
+PACKED_IDS = {"item_ids_le32": ("I", "<u4"), "item_ids_le64": ("q", "<i8")}
 
 
 class UnexposedBatch(Contract):
@@ -263,7 +265,8 @@ class UnexposedBatch(Contract):
 
 def unpack_ids(packed: object, form: str = "item_ids_le64") -> list[int]:
     """The ids of a packed ``form`` value; ValueError names what is wrong with it."""
-    code, width = PACKED_IDS[form]
+    code, _ = PACKED_IDS[form]
+    width = struct.calcsize(code)
     if not isinstance(packed, str):
         raise ValueError(f"{form} must be a base64 string")
     try:

@@ -18,6 +18,7 @@ from schemas.codec import DecodeError, decode
 from schemas.events import (
     MAX_EPOCH_MS,
     MAX_ID_CHARS,
+    PACKED_IDS,
     RECALL_SCHEMA_VERSION,
     SCHEMA_VERSION,
     UNEXPOSED_SCHEMA_VERSION,
@@ -26,8 +27,9 @@ from schemas.events import (
 )
 from schemas.ids import sample_id
 
-# UnexposedBatch's packed id forms: little-endian whatever this machine's byte order
-_LE32, _LE64, _U32_MAX = np.dtype("<u4"), np.dtype("<i8"), 2**32 - 1
+# UnexposedBatch's packed id forms (schemas.events.PACKED_IDS): little-endian whatever this machine's byte order
+_LE32, _LE64 = (np.dtype(PACKED_IDS[f][1]) for f in ("item_ids_le32", "item_ids_le64"))
+_U32_MAX = int(np.iinfo(_LE32).max)
 
 # kind byte of a join-table record: waiting for its partner (RECALL, EXPOSURE), a recall held until the
 # indexer knows its candidates (HELD, may already carry its exposure), or a marker kept after the request

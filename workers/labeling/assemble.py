@@ -129,7 +129,7 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: 
             sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng), item_ids)
         s_sel, sim_sel, p_sel = s_all[sel], sim[sel], (None if p_all is None else p_all[sel])
     matched = s_sel.argmax(axis=1)
-    s = sim_sel.astype(np.float64)
+    s = np.asarray(sim_sel, np.float64)  # the calibrated path's s1 already is: no copy
     p = label(s) if p_sel is None else p_sel
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)

@@ -4,7 +4,6 @@ Anything unusual falls back to the pydantic contract, whose DecodeError carries 
 """
 from __future__ import annotations
 
-import binascii
 import logging
 from dataclasses import dataclass
 
@@ -13,13 +12,13 @@ import orjson
 import pybase64
 
 from schemas.codec import decode
-from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch
+from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, PACKED_IDS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch
 
 log = logging.getLogger(__name__)
 
-# the packed forms by bytes per id: little-endian whatever this machine's byte order
-_LE: dict[int, np.dtype[np.integer]] = {4: np.dtype("<u4"), 8: np.dtype("<i8")}
-_FORMS = ("item_ids", "item_ids_le32", "item_ids_le64")
+# the packed forms' element types: little-endian whatever this machine's byte order
+_PACKED: dict[str, np.dtype[np.integer]] = {form: np.dtype(dt) for form, (_, dt) in PACKED_IDS.items()}
+_FORMS = ("item_ids", *PACKED_IDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +52,7 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
             rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
             ver = obj.get("schema_version", 1)
             rs = obj.get("recall_scores", ())
-            packed, width = obj.get("item_ids_le32"), 4
-            if packed is None:
-                packed, width = obj.get("item_ids_le64"), 8
+            packed, dtype = next(((obj[f], t) for f, t in _PACKED.items() if obj.get(f) is not None), (None, None))
             ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
                   and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
                   and type(ver) is int and 1 <= ver <= UNEXPOSED_SCHEMA_VERSION
@@ -67,9 +64,9 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
                 ok = type(packed) is str and ver >= 2
                 if ok:
                     buf = pybase64.b64decode(packed, validate=True)  # stricter than the contract: doubt falls back
-                    ok = len(buf) > 0 and len(buf) % width == 0
+                    ok = dtype is not None and len(buf) > 0 and len(buf) % dtype.itemsize == 0
                     if ok:
-                        ids = np.frombuffer(buf, _LE[width]).astype(np.int64)
+                        ids = np.frombuffer(buf, dtype).astype(np.int64)
                         ok = int(np.minimum.reduce(ids)) >= 0  # the ufunc: .min() adds a Python wrapper
             else:
                 ids_l = obj["item_ids"]
@@ -77,8 +74,8 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
                 if ok:
                     ids = np.fromiter(ids_l, np.int64, len(ids_l))
                     ok = int(np.minimum.reduce(ids)) >= 0
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError,
-                binascii.Error):
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
+            # (binascii.Error, from a base64 decoder, is a ValueError)
             ok = False
     if not ok:
         ev = decode(raw, UnexposedBatch)  # raises DecodeError with the contract's reason
