@@ -16,7 +16,7 @@ from gpl.eval.anchor_sources import training_histories
 from gpl.eval.dataset import UNKNOWN, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.report import BAR_METRICS
-from gpl.eval.run import DEFAULT_METHODS, EvalConfig, run_eval
+from gpl.eval.run import DEFAULT_METHODS, EvalConfig, fresh_pairs, run_eval
 from gpl.runtime.settings import Settings, load
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from schemas.jsonl import write_events
@@ -162,9 +162,27 @@ def test_eval_end_to_end_through_the_command(tiny_dataset: Path, tmp_path: Path)
         loop = res["closed_loop_calibration"]["gpl"]
         assert loop["counts"]["remembered"] == res["method_info"]["gpl"]["rows"]
         assert loop["counts"]["joined"] == sum(g["joined"] for g in loop["groups"])
+    # the fresh-pair scope is reported beside "all", over the same requests, and its table is in results.md
+    assert res["scopes"]["fresh"] == res["scopes"]["all"]
+    for m in ran:
+        assert res["summary"][m]["fresh"]["es_hr@10"]["n"] == 2, m
+    assert "Fresh pairs" in (out / "results.md").read_text()
     # seeds differ, results are not all identical
     runs = res["runs"]["exposed"]
     assert runs["0"]["all"]["es_auc"] != runs["1"]["all"]["es_auc"]
+
+
+def test_fresh_pairs_leave_out_pairs_exposed_in_training(tiny_dataset: Path) -> None:
+    ds = load_dataset(tiny_dataset)
+    row_test = ds.is_test[ds.row_request]
+    fresh = fresh_pairs(ds, row_test)
+    key = ds.row_user.astype(np.int64) * ds.n_items + ds.item
+    seen = set(key[ds.exposed & ~row_test].tolist())
+    assert not fresh[~row_test].any()  # training rows are never in the scope
+    test_rows = np.flatnonzero(row_test)
+    expected = np.array([int(key[r]) not in seen for r in test_rows])
+    assert (fresh[test_rows] == expected).all()
+    assert expected.any() and not expected.all()  # the tiny funnel repeats some pairs and not others
 
 
 def test_rerun_is_deterministic_and_uses_the_anchor_cache(tiny_dataset: Path, tmp_path: Path) -> None:

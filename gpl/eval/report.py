@@ -87,6 +87,14 @@ def tables(results: dict[str, Any], *, short: bool = False) -> list[tuple[str, l
             table_rows(results, EXTRA_COLS, short=short),
         ),
     ]
+    if "fresh" in results["scopes"]:
+        out.append(
+            (
+                "Fresh pairs: test candidates whose (user, item) was not exposed to that user in training",
+                ["method", *SCOPE_COLS],
+                table_rows(results, SCOPE_COLS, "fresh", short=short),
+            )
+        )
     if "anchored" in results["scopes"]:
         out.append(
             (

@@ -8,7 +8,8 @@ Nothing is fitted or chosen on the test period: the calibrators are cross-fitted
 head/tail split on training exposures, and all settings come from :class:`gpl.runtime.settings.Settings`.
 
 Evaluation scopes
-    ``all``: every test request. ``anchored``: the test requests of users that had text anchors (when
+    ``all``: every test request. ``fresh``: the same requests with only the candidates whose (user, item)
+    pair was not exposed to that user in training (:func:`fresh_pairs`): gains there cannot be pair memory. ``anchored``: the test requests of users that had text anchors (when
     the LLM covers only a capped subset of users, this is where GPL can act at all).
 
 Metrics (names in results.json)
@@ -119,9 +120,18 @@ class Evaluator:
         self.is_tail = np.ones(ds.n_items, bool)
         self.is_tail[order[: math.ceil(HEAD_FRACTION * ds.n_items)]] = False
         self.scopes: dict[str, np.ndarray] = {"all": np.flatnonzero(ds.is_test)}
+        # a scope's row filter (None: every candidate of its requests)
+        self.row_masks: dict[str, np.ndarray | None] = {"all": None}
+        # fresh pairs: test candidates whose (user, item) was never exposed to that user in training, so a
+        # score there cannot come from remembering the pair (the benchmark issue: pair memory)
+        self.fresh = fresh_pairs(ds, ctx.row_test)
+        if self.fresh[ctx.test_rows].any():
+            self.scopes["fresh"] = self.scopes["all"]
+            self.row_masks["fresh"] = self.fresh
         anchored = np.flatnonzero(ds.is_test & np.isin(ds.req_user, list(anchored_users)))
         if 0 < len(anchored) < len(self.scopes["all"]):
             self.scopes["anchored"] = anchored
+            self.row_masks["anchored"] = None
         # test row index -> position in ctx.test_rows (scores are computed once for all test rows)
         self.test_pos = np.full(len(ds.item), -1, np.int64)
         self.test_pos[ctx.test_rows] = np.arange(len(ctx.test_rows))
@@ -141,8 +151,9 @@ class Evaluator:
     def metrics(self, test_scores: np.ndarray, scope: str) -> dict[str, float]:
         ds = self.ds
         reqs = self.scopes[scope]
+        keep = self.row_masks.get(scope)
         out: dict[str, float] = {}
-        rows, ptr = self._rows(reqs)
+        rows, ptr = self._rows(reqs, keep)
         s = test_scores[self.test_pos[rows]].astype(np.float64)
         lab = ds.label[rows]
         rel = lab == 1
@@ -163,7 +174,7 @@ class Evaluator:
         out["tail_hr@10"] = M.hit_rate(s, rel & self.is_tail[items], ptr, 10, ranks)
         out["coverage@10"] = M.category_coverage(top_items, ds.item_category)
         out["ild@10"] = M.intra_list_distance(top_items, self.vectors)
-        erows, eptr = self._rows(reqs, ds.exposed)
+        erows, eptr = self._rows(reqs, ds.exposed if keep is None else ds.exposed & keep)
         es = test_scores[self.test_pos[erows]].astype(np.float64)
         elab = ds.label[erows]
         eusers = ds.req_user[ds.row_request[erows]]
@@ -174,6 +185,15 @@ class Evaluator:
             out[f"ex_hr@{k}"] = M.hit_rate(es, elab == 1, eptr, k, eranks)
         out["ex_ndcg@10"] = M.ndcg(es, elab == 1, eptr, 10, eranks)
         return out
+
+
+def fresh_pairs(ds: EvalDataset, row_test: np.ndarray) -> np.ndarray:
+    """Per flat row: True when the row's (user, item) pair was never exposed to that user in a training request.
+
+    Training rows are never fresh (the scope is for test rows only)."""
+    key = ds.row_user.astype(np.int64) * ds.n_items + ds.item
+    seen = np.unique(key[ds.exposed & ~row_test])
+    return row_test & ~np.isin(key, seen)
 
 
 def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, Any]:
@@ -477,4 +497,5 @@ def _run(
     return results
 
 
-__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "pseudo_quality", "closed_loop"]
+__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "fresh_pairs", "pseudo_quality",
+           "closed_loop"]
