@@ -9,7 +9,8 @@ head/tail split on training exposures, and all settings come from :class:`gpl.ru
 
 Evaluation scopes
     ``all``: every test request. ``fresh``: the same requests with only the candidates whose (user, item)
-    pair was not exposed to that user in training (:func:`fresh_pairs`): gains there cannot be pair memory. ``anchored``: the test requests of users that had text anchors (when
+    pair was not exposed to that user in training (:func:`fresh_pairs`): gains there cannot be pair memory.
+    ``anchored``: the test requests of users that had text anchors (when
     the LLM covers only a capped subset of users, this is where GPL can act at all).
 
 Metrics (names in results.json)
