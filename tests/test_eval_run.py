@@ -13,10 +13,10 @@ from pydantic import BaseModel
 
 from gpl.commands import eval as eval_cmd
 from gpl.eval.anchor_sources import training_histories
-from gpl.eval.dataset import UNKNOWN, load_dataset
+from gpl.eval.dataset import UNKNOWN, fresh_pairs, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.report import BAR_METRICS
-from gpl.eval.run import DEFAULT_METHODS, EvalConfig, fresh_pairs, run_eval
+from gpl.eval.run import DEFAULT_METHODS, EvalConfig, run_eval
 from gpl.runtime.settings import Settings, load
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from schemas.jsonl import write_events

@@ -319,6 +319,15 @@ def subset(ds: EvalDataset, keep: np.ndarray, is_test: np.ndarray, name: str) ->
                    digest=f"{ds.digest}:{name}")
 
 
+def fresh_pairs(ds: EvalDataset, row_test: np.ndarray) -> np.ndarray:
+    """Per flat row: True when the row's (user, item) pair was never exposed to that user in a training request.
+
+    Training rows are never fresh (the scope is for test rows only)."""
+    key = ds.row_user.astype(np.int64) * ds.n_items + ds.item
+    seen = np.unique(key[ds.exposed & ~row_test])
+    return row_test & ~np.isin(key, seen)
+
+
 def validation_view(ds: EvalDataset, fraction: float = 0.2) -> EvalDataset:
     """The training period only: each user's last ``fraction`` of TRAINING requests (≥ 1, users with ≥ 2)
     become the held-out slice, the test requests are dropped. Settings are chosen on this view, never on
@@ -334,4 +343,4 @@ def validation_view(ds: EvalDataset, fraction: float = 0.2) -> EvalDataset:
     return subset(ds, train, val, ds.name + "-validation")
 
 
-__all__ = ["EvalDataset", "load_dataset", "subset", "validation_view", "UNKNOWN"]
+__all__ = ["EvalDataset", "fresh_pairs", "load_dataset", "subset", "validation_view", "UNKNOWN"]

@@ -9,7 +9,7 @@ head/tail split on training exposures, and all settings come from :class:`gpl.ru
 
 Evaluation scopes
     ``all``: every test request. ``fresh``: the same requests with only the candidates whose (user, item)
-    pair was not exposed to that user in training (:func:`fresh_pairs`): gains there cannot be pair memory.
+    pair was not exposed to that user in training (:func:`~gpl.eval.dataset.fresh_pairs`): no pair memory.
     ``anchored``: the test requests of users that had text anchors (when
     the LLM covers only a capped subset of users, this is where GPL can act at all).
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from gpl.eval import metrics as M
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
-from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
+from gpl.eval.dataset import EvalDataset, fresh_pairs, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder
 from gpl.eval.gpl_rows import LABELS as GPL_LABELS
 from gpl.eval.gpl_rows import SPECS, GPLRows
@@ -186,15 +186,6 @@ class Evaluator:
             out[f"ex_hr@{k}"] = M.hit_rate(es, elab == 1, eptr, k, eranks)
         out["ex_ndcg@10"] = M.ndcg(es, elab == 1, eptr, 10, eranks)
         return out
-
-
-def fresh_pairs(ds: EvalDataset, row_test: np.ndarray) -> np.ndarray:
-    """Per flat row: True when the row's (user, item) pair was never exposed to that user in a training request.
-
-    Training rows are never fresh (the scope is for test rows only)."""
-    key = ds.row_user.astype(np.int64) * ds.n_items + ds.item
-    seen = np.unique(key[ds.exposed & ~row_test])
-    return row_test & ~np.isin(key, seen)
 
 
 def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, Any]:
@@ -498,5 +489,4 @@ def _run(
     return results
 
 
-__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "fresh_pairs", "pseudo_quality",
-           "closed_loop"]
+__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "pseudo_quality", "closed_loop"]
