@@ -125,14 +125,13 @@ class Evaluator:
         self.row_masks: dict[str, np.ndarray | None] = {"all": None}
         # fresh pairs: test candidates whose (user, item) was never exposed to that user in training, so a
         # score there cannot come from remembering the pair (the benchmark issue: pair memory)
-        self.fresh = fresh_pairs(ds, ctx.row_test)
-        if self.fresh[ctx.test_rows].any():
+        fresh = fresh_pairs(ds, ctx.row_test)
+        if fresh[ctx.test_rows].any():
             self.scopes["fresh"] = self.scopes["all"]
-            self.row_masks["fresh"] = self.fresh
+            self.row_masks["fresh"] = fresh
         anchored = np.flatnonzero(ds.is_test & np.isin(ds.req_user, list(anchored_users)))
         if 0 < len(anchored) < len(self.scopes["all"]):
             self.scopes["anchored"] = anchored
-            self.row_masks["anchored"] = None
         # test row index -> position in ctx.test_rows (scores are computed once for all test rows)
         self.test_pos = np.full(len(ds.item), -1, np.int64)
         self.test_pos[ctx.test_rows] = np.arange(len(ctx.test_rows))
