@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel
 from tqdm import tqdm
 
 from gpl.eval.metrics import auc, gauc
@@ -184,32 +183,22 @@ def funnel_world(cfg: DemoConfig) -> tuple[list[Any], Events, Events, dict[tuple
     train_ids = {r.request_id for r in recalls if r.ts < cut}  # type: ignore[attr-defined]
     train = [(t, e) for t, e in sim.events if getattr(e, "request_id", None) in train_ids]
     test = [(t, e) for t, e in sim.events if getattr(e, "request_id", None) not in train_ids]
-    return list(sim.items), train, test, dict(sim.truth)
+    truth = {(e.request_id, i): sim.truth[(e.user_id, i)] for t, e in test if isinstance(e, RecallEvent)
+             for i in e.item_ids if (e.user_id, i) in sim.truth}  # keyed by request, as the semisynth world
+    return list(sim.items), train, test, truth
 
 
 def semisynth_world(settings: Settings, cfg: DemoConfig, out_dir: Path
                     ) -> tuple[list[Any], Events, Events, dict[tuple[str, int], int]]:
     """The semi-synthetic benchmark (gpl/simulate/semisynth.py): clicks drawn from an oracle under the biased
     exposure for training requests, *random* exposure for held-out ones, truth known for every candidate —
-    so the held-out metric is unbiased over whole recall sets."""
-    from gpl.simulate.semisynth import build_semisynth
-    from schemas.events import ItemEvent
+    so the held-out metric is unbiased over whole recall sets. Truth is keyed by (request id, item id)."""
+    from gpl.simulate.semisynth import build_semisynth, read_world
 
     d = build_semisynth(out_dir / "world", seed=cfg.seed, users=cfg.users, data=cfg.data_path,
                         cache_dir=settings.data_dir / "eval" / "cache")
-    split = orjson.loads((d / "split.json").read_bytes())
-    per_user: dict[str, int] = split.get("user_test_start_ms", {})
-    models: dict[str, type[BaseModel]] = {"items": ItemEvent, "recall": RecallEvent, "exposure": ExposureEvent}
-    events = [(o["topic"], models[o["topic"]].model_validate(o["value"]))
-              for o in map(orjson.loads, (d / "events.jsonl").read_bytes().splitlines())]
-    items = [ev for t, ev in events if t == "items"]
-    test_ids = {ev.request_id for t, ev in events if isinstance(ev, RecallEvent)
-                and ev.user_id in per_user and ev.ts >= per_user[ev.user_id]}
-    train: Events = [(t, ev) for t, ev in events if t != "items" and getattr(ev, "request_id", "") not in test_ids]
-    test: Events = [(t, ev) for t, ev in events if t != "items" and getattr(ev, "request_id", "") in test_ids]
-    truth = {(str(t["user_id"]), int(t["item_id"])): int(t["label"])
-             for t in map(orjson.loads, (d / "truth.jsonl").read_bytes().splitlines())}
-    return items, train, test, truth
+    items, train, test, truth = read_world(d)
+    return list(items), train, test, truth
 
 
 def calibrate(settings: Settings, events_file: Path, features: str) -> dict[str, Any]:
@@ -338,7 +327,7 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
             continue
         shown = {it.item_id: it.clicked for it in exposures[e.request_id].items}
         for c in e.candidates:
-            label = int(shown[c.item_id]) if c.item_id in shown else truth.get((e.user_id, c.item_id))
+            label = int(shown[c.item_id]) if c.item_id in shown else truth.get((e.request_id, c.item_id))
             if label is None:
                 continue
             users.append(e.user_id)

@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="per-user",
         help="temporal split when DATASET is 'movielens'",
     )
+    p.add_argument("--draws", choices=("request", "pair"), default="request",
+                   help="semisynth world: an independent click draw per request (default), or the old single draw "
+                        "per user-item pair (a pair clicked in training is clicked again in test)")
+    p.add_argument("--taste-share", type=float, default=0.0, metavar="SHARE",
+                   help="semisynth world: the positive control, where cosine(user's liked-item profile, item) in the "
+                        "frozen space explains SHARE of the within-request logit variance (e.g. 0.2; default 0: off)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -77,7 +83,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.eval.run import EvalConfig, run_eval
 
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    path = dataset_path(args.dataset, settings, args.sim_seed, args.split)
+    path = dataset_path(args.dataset, settings, args.sim_seed, args.split, draws=args.draws,
+                        taste_share=args.taste_share)
     name = path.resolve().name + ("-validation" if args.validation else "")
     out = args.out or settings.data_dir / "eval" / "results" / f"{name}-{args.anchors}"
     cfg = EvalConfig(
@@ -111,8 +118,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str = "per-user") -> Path:
-    """A dataset directory, or the built-in ``movielens`` / ``semisynth`` built (once) under the data dir."""
+def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str = "per-user", *,
+                 draws: str = "request", taste_share: float = 0.0) -> Path:
+    """A dataset directory, or the built-in ``movielens`` / ``semisynth`` built (once) under the data dir.
+
+    ``draws`` and ``taste_share`` choose the semisynth world (gpl/simulate/semisynth.py)."""
     if dataset == "movielens":
         from gpl.eval.movielens import build_movielens, default_dir
 
@@ -122,6 +132,13 @@ def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str
         from gpl.simulate.semisynth import build_semisynth
         from gpl.simulate.semisynth import default_dir as ss_dir
 
-        return build_semisynth(ss_dir(settings.data_dir, sim_seed), seed=sim_seed,
-                               cache_dir=settings.data_dir / "eval" / "cache")
+        cache = settings.data_dir / "eval" / "cache"
+        encoder = None
+        if taste_share:
+            from gpl.eval.embed import CachedEncoder
+            from gpl.runtime.encoder import open_encoder
+
+            encoder = CachedEncoder(open_encoder(settings.encoder), cache)
+        return build_semisynth(ss_dir(settings.data_dir, sim_seed, draws, taste_share), seed=sim_seed,
+                               cache_dir=cache, draws=draws, content_share=taste_share, encoder=encoder)
     return Path(dataset)

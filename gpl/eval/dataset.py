@@ -9,7 +9,9 @@ Layout of a dataset directory::
 
     events.jsonl   items, recall and exposure events in the project's JSONL format (schemas/jsonl.py)
     split.json     {"test_start_ms": T, "user_test_start_ms": {"<user_id>": T_u, ...}?}
-    truth.jsonl    optional: {"user_id": ..., "item_id": ..., "label": 0|1} per line
+    truth.jsonl    optional, lines of either kind: {"user_id": ..., "item_id": ..., "label": 0|1} (the pair's
+                   label in every request), or {"request_id": ..., "positive_item_ids": [...]} (that request's
+                   positives; every other candidate of the request is 0: one draw per request)
     meta.json      optional: free-form provenance (what built the dataset, what was simulated)
 
 Joining rules (the same as the streaming join, minus time-outs): a request is the union of its recall
@@ -17,7 +19,7 @@ event and its exposure event (matched by ``request_id``, in any order). An expos
 recall did not list is added to the request's candidates (recall score NaN); a request with an
 exposure but no recall consists of its exposed items only; a recall without an exposure has every
 candidate unexposed. A candidate's ``label`` is its click when exposed, else its ``truth.jsonl``
-label, else unknown (-1). A request belongs to the test period when its time (recall ``ts``, else
+label (the request's line first, then the pair's), else unknown (-1). A request belongs to the test period when its time (recall ``ts``, else
 exposure ``ts``) is ``>= T_u`` for its user (``user_test_start_ms``) or ``>= T`` for users not listed.
 """
 
@@ -165,7 +167,8 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{events}:{n}: not a valid event line ({type(e).__name__}: {e})") from None
 
-    truth: dict[tuple[str, int], int] = {}
+    truth: dict[tuple[str, int], int] = {}  # (user, item) -> label: one draw per pair
+    req_truth: dict[str, set[int]] = {}  # request -> positives, every other candidate 0: one draw per request
     truth_file = root / "truth.jsonl"
     if truth_file.is_file():
         with open(truth_file, "rb") as f:
@@ -175,7 +178,10 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
                     continue
                 try:
                     t = orjson.loads(line)
-                    truth[(str(t["user_id"]), int(t["item_id"]))] = int(bool(t["label"]))
+                    if "request_id" in t:
+                        req_truth[str(t["request_id"])] = {int(i) for i in t["positive_item_ids"]}
+                    else:
+                        truth[(str(t["user_id"]), int(t["item_id"]))] = int(bool(t["label"]))
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{truth_file}:{n}: bad truth line ({e})") from None
         h.update(truth_file.read_bytes())
@@ -269,6 +275,10 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
         at = np.minimum(np.searchsorted(t_keys, keys), max(len(t_keys) - 1, 0))
         hit = (t_keys[at] == keys) if len(t_keys) else np.zeros(len(keys), bool)
         label[hit] = t_vals[at[hit]]
+    for r, rid in enumerate(rids):
+        positives = req_truth.get(rid)
+        if positives is not None:
+            label[ptr[r]:ptr[r + 1]] = np.isin(flat_items[ptr[r]:ptr[r + 1]], list(positives)).astype(np.int8)
     label[exposed] = clicked[exposed].astype(np.int8)
 
     cut = np.full(len(user_list), int(split["test_start_ms"]), np.int64)

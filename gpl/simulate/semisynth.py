@@ -21,10 +21,22 @@ Oracle
     Click probability ``P = sigmoid(logit + c)`` with one global offset ``c`` so that the mean P over all
     simulated recall candidates is ``target_ctr`` (0.05).
 
-Labels
-    ONE Bernoulli draw ``Z(u, i) ~ P(u, i)`` per (user, item) pair (seed 10007 + seed): the click when
-    the pair is exposed, the truth when not (the dataset format keys truth by (user, item); a repeated
-    impression gets the same answer — a clicked item that reappears unexposed is a sure positive).
+Labels (``draws``)
+    ``"request"`` (the default): an independent Bernoulli draw ``Z(r, i) ~ P(u, i)`` for every candidate ``i``
+    of every request ``r`` (seed 10007 + seed, requests in time order): the click when the candidate is
+    exposed, the truth when not. A pair's click in training says nothing about its click in test beyond
+    P(u, i), as for a real user who sees an item again on another day. ``truth.jsonl`` has one line per
+    request: ``{"request_id", "user_id", "positive_item_ids"}``; every other candidate of it is 0.
+    ``"pair"`` (the old world, kept for comparison): ONE draw ``Z(u, i)`` per (user, item) pair, shared
+    by every request that recalls it; truth lines are ``{"user_id", "item_id", "label"}``. Measured there:
+    28% of test positives were pairs the user had clicked in training, so a method could win by
+    remembering pairs (the ``fresh`` evaluation scope exists for that reason).
+
+Positive control (``content_share`` > 0, :mod:`gpl.simulate.taste`)
+    The oracle logit gains ``beta * cos(liked-item profile of the user, item)`` in the frozen content
+    space, beta solved so the term explains ``content_share`` of the within-request variance; then the
+    offset is re-solved. A world where similarity to the user's taste *is* part of the truth: if anchors
+    cannot beat priors there, the learner is the bottleneck, not the signal.
 
 Funnel (reused, not rewritten)
     :func:`gpl.simulate.simulate` makes the requests, the 200-candidate recall and the biased exposure
@@ -46,7 +58,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -54,7 +66,8 @@ import orjson
 from gpl.simulate.export import built_with
 from gpl.simulate.funnel import SimConfig, simulate
 from gpl.simulate.movielens import DEFAULT_PATH, MovieLens, load_movielens
-from schemas.events import ExposureEvent, RecallEvent
+from gpl.simulate.taste import explained_share, liked_profiles, taste_weight, within_request_moments
+from schemas.events import Contract, ExposureEvent, ItemEvent, RecallEvent
 
 FORMAT = "gpl-eval-dataset/1"
 RANK = 64  # chosen on a 10% cell hold-out (module docstring; select_oracle reruns the grid)
@@ -152,17 +165,35 @@ def offset_for(logits: np.ndarray, target: float) -> float:
     return (lo + hi) / 2
 
 
+class TextEncoder(Protocol):
+    """What the positive-control world needs of an encoder: an id (part of the dataset's key) and vectors."""
+
+    id: str
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+DRAWS = ("request", "pair")
+
+
 def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0.05, test_fraction: float = 0.2,
                     data: Path | str = DEFAULT_PATH, users: int | None = None, oracle: OracleConfig = OracleConfig(),
-                    cache_dir: Path | None = None, force: bool = False) -> Path:
+                    cache_dir: Path | None = None, force: bool = False, draws: str = "request",
+                    content_share: float = 0.0, encoder: TextEncoder | None = None) -> Path:
     """Write events.jsonl, truth.jsonl, split.json, meta.json and oracle.npz into ``out_dir``; returns it.
 
     Idempotent: a directory whose meta.json records the same configuration is left as it is.
     ``users`` limits the simulated users (the oracle is still fitted on every user: tests use few steps).
+    ``draws`` and ``content_share``: the module docstring (``encoder`` is required for a positive control).
     """
+    if draws not in DRAWS:
+        raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
+    if content_share and encoder is None:
+        raise ValueError("a positive-control world (content_share > 0) needs the frozen encoder")
     out = Path(out_dir)
     config = {"seed": seed, "target_ctr": target_ctr, "test_fraction": test_fraction, "users": users,
-              "data": str(Path(data).resolve()), "oracle": asdict(oracle), "v": 1}
+              "data": str(Path(data).resolve()), "oracle": asdict(oracle), "v": 2, "draws": draws,
+              "content_share": content_share, "encoder": encoder.id if content_share and encoder else None}
     key, built = built_with(out, config, force=force)
     if built:
         return out
@@ -177,9 +208,27 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
     recalls = {ev.request_id: ev for topic, ev in sim.events if topic == "recall" and isinstance(ev, RecallEvent)}
     cu = np.concatenate([np.full(len(r.item_ids), uidx[r.user_id]) for r in recalls.values()])
     ci = np.concatenate([np.array([iidx[i] for i in r.item_ids]) for r in recalls.values()])
+    taste: dict[str, float] = {}
+    if content_share and encoder is not None:
+        logits, taste = _add_taste(ml, sim.items, iidx, logits, cu, ci, recalls, content_share, oracle, encoder)
     offset = offset_for(logits[cu, ci], target_ctr)
     prob = (1.0 / (1.0 + np.exp(-(logits + offset)))).astype(np.float32)
-    z = np.random.default_rng(10_007 + seed).random(prob.shape) < prob  # one opinion per (user, item)
+    draw_rng = np.random.default_rng(10_007 + seed)
+    z_pair = draw_rng.random(prob.shape) < prob if draws == "pair" else None  # one opinion per (user, item)
+    z_req: dict[str, dict[int, bool]] = {}  # draws == "request": one opinion per (request, candidate)
+    if z_pair is None:
+        for rid in sorted(recalls, key=lambda r: (recalls[r].ts, r)):
+            rec = recalls[rid]
+            p_c = prob[uidx[rec.user_id], [iidx[i] for i in rec.item_ids]]
+            z_req[rid] = dict(zip(rec.item_ids, (draw_rng.random(len(p_c)) < p_c).tolist(), strict=True))
+
+    def clicked(rid: str, user: int, item: int) -> bool:
+        if z_pair is not None:
+            return bool(z_pair[user, iidx[item]])
+        got = z_req[rid].get(item)
+        if got is None:  # an exposed item outside the recall: drawn once, remembered for the truth
+            got = z_req[rid][item] = bool(draw_rng.random() < prob[user, iidx[item]])
+        return got
 
     by_user: dict[str, list[int]] = {}
     for r in recalls.values():
@@ -211,32 +260,44 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
                     ids = [cands[j] for j in pick.tolist()]
                 else:
                     ids = [x.item_id for x in sorted(ev.items, key=lambda x: x.position)]
-                v["items"] = [{"item_id": i, "position": p, "clicked": bool(z[ui, iidx[i]])} for p, i in enumerate(ids)]
+                v["items"] = [{"item_id": i, "position": p, "clicked": clicked(ev.request_id, ui, i)}
+                              for p, i in enumerate(ids)]
                 n_exp[part] += len(ids)
                 n_click[part] += sum(x["clicked"] for x in v["items"])
             f.write(orjson.dumps({"topic": topic, "value": v}) + b"\n")
     tmp.replace(out / "events.jsonl")
     pairs = np.unique(cu * ml.n_items + ci)
-    pu, pi = pairs // ml.n_items, pairs % ml.n_items
     user_str = [str(x) for x in ml.user_ids.tolist()]
     with open(out / "truth.jsonl", "wb") as f:
-        for a, b in zip(pu.tolist(), pi.tolist(), strict=True):
-            f.write(orjson.dumps({"user_id": user_str[a], "item_id": int(ml.item_ids[b]), "label": int(z[a, b])})
-                    + b"\n")
+        if z_pair is not None:
+            for a, b in zip((pairs // ml.n_items).tolist(), (pairs % ml.n_items).tolist(), strict=True):
+                f.write(orjson.dumps({"user_id": user_str[a], "item_id": int(ml.item_ids[b]),
+                                      "label": int(z_pair[a, b])}) + b"\n")
+        else:
+            for rid, zs in z_req.items():
+                f.write(orjson.dumps({"request_id": rid, "user_id": recalls[rid].user_id,
+                                      "positive_item_ids": [i for i, y in zs.items() if y]}) + b"\n")
+    truth_rate = (float(z_pair[cu, ci].mean()) if z_pair is not None
+                  else sum(sum(zs.values()) for zs in z_req.values()) / max(sum(map(len, z_req.values())), 1))
     (out / "split.json").write_text(json.dumps(split_doc, sort_keys=True))
     np.savez_compressed(out / "oracle.npz", user_ids=ml.user_ids, item_ids=ml.item_ids, probs=prob,
                         offset=np.float64(offset))
+    draw_text = ("an independent draw per (request, candidate)" if z_pair is None
+                 else "ONE draw per user-item pair, shared by every request")
+    taste_text = (f" plus a content-taste term explaining {content_share:.0%} of the within-request variance "
+                  "(positive control)" if content_share else "")
     meta: dict[str, Any] = {
-        "format": FORMAT, "name": f"semisynth-seed{seed}", "config": config, "config_key": key,
+        "format": FORMAT, "name": world_name(seed, draws, content_share), "config": config, "config_key": key,
         "simulated": (
-            "semi-synthetic: clicks and truth are Bernoulli draws (one per user-item pair) from a logistic-MF "
-            "oracle fitted on all MovieLens ratings (rated>=4 vs everything else), offset so the mean click "
-            f"probability over recall candidates is {target_ctr}; recall and the biased exposure of training "
-            "requests from gpl/simulate; TEST requests have uniform random exposure (10 of the recall)"),
-        "oracle": {**asdict(oracle), "offset": offset, "temperature": 1.0, "target_ctr": target_ctr},
+            f"semi-synthetic: clicks and truth are Bernoulli draws ({draw_text}) from a logistic-MF "
+            f"oracle fitted on all MovieLens ratings (rated>=4 vs everything else){taste_text}, offset so the "
+            f"mean click probability over recall candidates is {target_ctr}; recall and the biased exposure of "
+            "training requests from gpl/simulate; TEST requests have uniform random exposure (10 of the recall)"),
+        "oracle": {**asdict(oracle), "offset": offset, "temperature": 1.0, "target_ctr": target_ctr,
+                   "draws": draws, **taste},
         "stats": {
             "pairs_with_truth": int(len(pairs)), "mean_p_candidates": float(prob[cu, ci].mean()),
-            "truth_positive_rate_candidates": float(z[cu, ci].mean()),
+            "truth_positive_rate_candidates": truth_rate,
             "train_exposed_ctr": n_click["train"] / max(n_exp["train"], 1),
             "test_random_exposed_ctr": n_click["test"] / max(n_exp["test"], 1),
             "seconds": time.perf_counter() - t0,
@@ -247,10 +308,69 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
     return out
 
 
-def default_dir(data_dir: Path, seed: int = 0) -> Path:
-    """Where ``gpl eval semisynth`` builds the dataset: ``<data_dir>/eval/datasets/semisynth-seed<S>``."""
-    return Path(data_dir) / "eval" / "datasets" / f"semisynth-seed{seed}"
+def _add_taste(ml: MovieLens, items: list[ItemEvent], iidx: dict[int, int], logits: np.ndarray, cu: np.ndarray,
+               ci: np.ndarray, recalls: dict[str, RecallEvent], share: float, oracle: OracleConfig,
+               encoder: TextEncoder) -> tuple[np.ndarray, dict[str, float]]:
+    """The positive-control oracle (gpl/simulate/taste.py): logits + beta * cos(liked profile, item)."""
+    texts = [(iidx[it.item_id], it.text) for it in items if it.item_id in iidx]
+    got = np.asarray(encoder.encode([t for _, t in texts]), np.float32)
+    vecs = np.zeros((ml.n_items, got.shape[1]), np.float32)
+    has = np.zeros(ml.n_items, bool)
+    at = np.array([k for k, _ in texts], np.int64)
+    vecs[at] = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+    has[at] = True
+    prof = liked_profiles(ml.n_users, ml.r_user, ml.r_item, ml.r_rating >= oracle.threshold, vecs, has)
+    cos = prof @ vecs.T
+    group = np.repeat(np.arange(len(recalls)), [len(r.item_ids) for r in recalls.values()])
+    a, c = logits[cu, ci].astype(np.float64), cos[cu, ci].astype(np.float64)
+    beta = taste_weight(*within_request_moments(a, c, group), share)
+    info = {"content_share": share, "taste_beta": beta, "taste_share_measured": explained_share(a, c, group, beta),
+            "taste_corr_with_mf": float(np.corrcoef(a, c)[0, 1])}
+    return (logits + beta * cos).astype(np.float32), info
 
 
-__all__ = ["OracleConfig", "RANK", "L2", "GRID", "build_semisynth", "default_dir", "fit_lmf", "offset_for",
-           "oracle_logits", "select_oracle"]
+def world_name(seed: int, draws: str = "request", content_share: float = 0.0) -> str:
+    """``semisynth[-taste<pct>][-pairdraw]-seed<S>``: one name per world, also its default directory."""
+    taste = f"-taste{round(100 * content_share)}" if content_share else ""
+    pair = "-pairdraw" if draws == "pair" else ""
+    return f"semisynth{taste}{pair}-seed{seed}"
+
+
+def read_world(d: Path) -> tuple[list[ItemEvent], list[tuple[str, Any]], list[tuple[str, Any]],
+                                 dict[tuple[str, int], int]]:
+    """(items, training events, test events, truth by (request id, item id) for the test requests): the
+    world as the demo streams it (training events) and scores it (test events against the truth)."""
+    split = orjson.loads((d / "split.json").read_bytes())
+    per_user: dict[str, int] = split.get("user_test_start_ms", {})
+    models: dict[str, type[Contract]] = {"items": ItemEvent, "recall": RecallEvent, "exposure": ExposureEvent}
+    events = [(o["topic"], models[o["topic"]].model_validate(o["value"]))
+              for o in map(orjson.loads, (d / "events.jsonl").read_bytes().splitlines())]
+    items = [ev for t, ev in events if isinstance(ev, ItemEvent)]
+    test_recalls = {ev.request_id: ev for t, ev in events if isinstance(ev, RecallEvent)
+                    and ev.user_id in per_user and ev.ts >= per_user[ev.user_id]}
+    train = [(t, ev) for t, ev in events if t != "items" and getattr(ev, "request_id", "") not in test_recalls]
+    test = [(t, ev) for t, ev in events if t != "items" and getattr(ev, "request_id", "") in test_recalls]
+    by_user: dict[str, list[RecallEvent]] = {}
+    for rec in test_recalls.values():
+        by_user.setdefault(rec.user_id, []).append(rec)
+    truth: dict[tuple[str, int], int] = {}
+    for t in map(orjson.loads, (d / "truth.jsonl").read_bytes().splitlines()):
+        if "request_id" in t:
+            hit = test_recalls.get(t["request_id"])
+            if hit is not None:
+                pos = set(t["positive_item_ids"])
+                truth.update(((hit.request_id, i), int(i in pos)) for i in hit.item_ids)
+        else:  # the one-draw-per-pair world: the pair's label holds for every test request that recalls it
+            for rec in by_user.get(str(t["user_id"]), []):
+                if int(t["item_id"]) in rec.item_ids:
+                    truth[(rec.request_id, int(t["item_id"]))] = int(t["label"])
+    return items, train, test, truth
+
+
+def default_dir(data_dir: Path, seed: int = 0, draws: str = "request", content_share: float = 0.0) -> Path:
+    """Where ``gpl eval semisynth`` builds the dataset: ``<data_dir>/eval/datasets/<world_name>``."""
+    return Path(data_dir) / "eval" / "datasets" / world_name(seed, draws, content_share)
+
+
+__all__ = ["DRAWS", "GRID", "L2", "RANK", "OracleConfig", "TextEncoder", "build_semisynth", "default_dir",
+           "fit_lmf", "offset_for", "oracle_logits", "read_world", "select_oracle", "world_name"]
