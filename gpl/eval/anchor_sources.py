@@ -65,14 +65,20 @@ class SourceAnchors:
         return len(self.users)
 
 
-def training_histories(ds: EvalDataset, n: int, requests: np.ndarray | None = None) -> dict[int, np.ndarray]:
+def training_histories(ds: EvalDataset, n: int, requests: np.ndarray | None = None,
+                       rows: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Per user: the last ``n`` distinct items clicked in training requests (dense ids, most recent last).
 
     ``requests`` (bool per request) restricts the history to those requests instead (cross-fitting builds
-    anchors from some folds of the training period only).
+    anchors from some folds of the training period only). ``rows`` (bool per flat row) restricts it
+    further, ANDed with ``requests``: a user folded by exposure has all of their clicks in one request,
+    and the anchors of one fold must leave out that fold's exposures, not the whole request.
     """
     mask = ~ds.is_test if requests is None else np.asarray(requests, bool)
-    rows = np.flatnonzero(ds.exposed & (ds.label == 1) & mask[ds.row_request])
+    keep = ds.exposed & (ds.label == 1) & mask[ds.row_request]
+    if rows is not None:
+        keep &= np.asarray(rows, bool)
+    rows = np.flatnonzero(keep)
     req = ds.row_request[rows]
     order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
     rows, req = rows[order], req[order]

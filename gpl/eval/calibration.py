@@ -6,17 +6,27 @@ label, i.e. exposures, and those rows must be scored against anchors that did *n
 built from a user's clicks sit on those very clicks (s1 = 1), and a calibrator fitted on them learns a
 slope that fresh candidates do not have. So:
 
-1. each user's training requests are dealt into ``folds`` (3) interleaved folds, by time
-   (request j of the user → fold j mod 3);
+1. each user's training exposures are dealt into ``folds`` (3) interleaved folds (:func:`row_folds`):
+   a user shown exposures in at least ``folds`` training requests by request, in time order (request j
+   of the user → fold j mod 3, every exposure of a request in its fold); a user shown exposures in
+   fewer by exposure, in the order shown (request time, then position: exposure j → fold j mod 3).
+   Either way each exposure lies in exactly one fold, so no row is scored against anchors built from its
+   own click. Folding by request keeps one screen's exposures together, but a user with one or two
+   training requests would then have no click outside the fold being calibrated — on a data set of one
+   training request per user no anchor could be built at all, and every anchor-feature calibrator
+   would abstain for want of rows;
 2. for fold f, the user's anchors are built from the clicks of the OTHER folds only (the anchor
    source's own rule: for content anchors the stream's k-means over the last ``anchors.history_items``
    distinct clicks, :class:`~workers.vector_anchors.ContentAnchorSource`), and the history centroid
-   from the same clicks;
+   from the same clicks — for a user folded by exposure, the clicks of the other exposures of the same
+   requests (:func:`~gpl.eval.anchor_sources.training_histories` with a row mask);
 3. the calibration rows are fold f's exposures, with their similarity features against those anchors
    and their prior features computed leave-one-out (the row's own exposure and click are taken out
    of the item and user counts);
 4. :func:`workers.labeling.calibrator.fit_calibrator` fits on all rows; its 5-fold CV over *users*
-   decides abstention.
+   decides abstention. When it abstains for too few rows, the reason says why in the data's numbers
+   (users, exposures, clicks, users with clicks in two folds) and what would give rows
+   (:func:`too_little_data`).
 
 Prior features come from :class:`TrainingPriors`: the same counts the streaming labeler keeps
 (:class:`~workers.labeling.interaction_stats.InteractionStats`: recalls and exposures per item, over
@@ -30,7 +40,7 @@ Used by ``gpl eval`` (the GPL rows), ``gpl calibrate`` (writes the artifact the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -116,6 +126,38 @@ def request_folds(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> 
     return fold
 
 
+def few_requests(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
+    """Per user: True when they have training exposures in fewer than ``folds`` of ``requests``
+    (such a user is folded by exposure, :func:`row_folds`)."""
+    req = np.asarray(requests, bool)
+    shown = np.bincount(ds.row_request[ds.exposed], minlength=ds.n_requests) > 0
+    n_req = np.bincount(ds.req_user[req & shown], minlength=len(ds.users))
+    return (n_req > 0) & (n_req < folds)
+
+
+def row_folds(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
+    """Fold of each exposed row of ``requests`` (-1 for other rows: unexposed, or outside ``requests``).
+
+    A user with exposures in at least ``folds`` requests: the fold of the row's request
+    (:func:`request_folds`). A user with fewer: their exposures in the order shown (request time,
+    request, position) dealt one by one, exposure j → fold j mod ``folds`` (module docstring, why).
+    """
+    req = np.asarray(requests, bool)
+    out = np.full(len(ds.item), -1, np.int64)
+    ex = np.flatnonzero(ds.exposed & req[ds.row_request])
+    few = few_requests(ds, req, folds)
+    by_request = ex[~few[ds.row_user[ex]]]
+    out[by_request] = request_folds(ds, req & ~few[ds.req_user], folds)[ds.row_request[by_request]]
+    rows = ex[few[ds.row_user[ex]]]
+    r = ds.row_request[rows]
+    rows = rows[np.lexsort((rows, ds.position[rows], r, ds.req_ts[r], ds.req_user[r]))]
+    u = ds.row_user[rows]
+    start = np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(start, np.arange(len(rows)), 0)) if len(rows) else rows
+    out[rows] = (np.arange(len(rows)) - first) % folds
+    return out
+
+
 def similarity_parts(items: np.ndarray, anchors: UserAnchors, item_vectors: np.ndarray) -> dict[str, np.ndarray]:
     """The similarity features of ``items`` against one user's anchors, as ``label_candidates`` computes them."""
     v = item_vectors[items]
@@ -129,8 +171,9 @@ class CrossFitRows:
     y: np.ndarray  # clicks
     users: np.ndarray  # dense user of each row (CV groups)
     rows: np.ndarray  # flat dataset rows
-    fold: np.ndarray  # fold of each row's request
+    fold: np.ndarray  # fold of each row (its request's, or its own for a user folded by exposure)
     anchor_history: list[dict[int, np.ndarray]]  # per fold: the histories its anchors were built from
+    exposure_folded_users: int = 0  # users shown exposures in fewer training requests than folds (row_folds)
 
 
 def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *, features: tuple[str, ...],
@@ -138,18 +181,18 @@ def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings
                    ) -> CrossFitRows:
     """Calibration rows: each fold's exposures against anchors built from the other folds (module docstring)."""
     train = ~ds.is_test if requests is None else np.asarray(requests, bool)
-    fold = request_folds(ds, train, folds)
+    fold = row_folds(ds, train, folds)
     priors = TrainingPriors.of(ds, train)
     needs_anchors = bool(SIMILARITY & set(features))
     if needs_anchors and anchor_fn is None:
         raise ValueError(f"features {features} need anchors: pass an anchor source")
-    ex_rows = np.flatnonzero(ds.exposed & train[ds.row_request])
+    ex_rows = np.flatnonzero(fold >= 0)  # the exposed training rows
     xs, ys, us, rs, fs, hists = [], [], [], [], [], []
     for f in range(folds):
-        hist = training_histories(ds, settings.anchors.history_items, train & (fold != f))
+        hist = training_histories(ds, settings.anchors.history_items, train, rows=(fold >= 0) & (fold != f))
         hists.append(hist)
         book = anchor_fn(hist) if needs_anchors and anchor_fn is not None else {}
-        rows = ex_rows[fold[ds.row_request[ex_rows]] == f]
+        rows = ex_rows[fold[ex_rows] == f]
         users = ds.row_user[rows]
         rows, users = rows[np.argsort(users, kind="stable")], np.sort(users, kind="stable")
         bounds = np.flatnonzero(np.diff(users)) + 1
@@ -173,7 +216,38 @@ def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings
             fs.append(np.full(len(r), f))
     cat = (lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt))  # noqa: E731
     x = np.concatenate(xs) if xs else np.zeros((0, len(features)))
-    return CrossFitRows(x, cat(ys, np.float64), cat(us, np.int64), cat(rs, np.int64), cat(fs, np.int64), hists)
+    return CrossFitRows(x, cat(ys, np.float64), cat(us, np.int64), cat(rs, np.int64), cat(fs, np.int64), hists,
+                        exposure_folded_users=int(few_requests(ds, train, folds).sum()))
+
+
+def too_little_data(ds: EvalDataset, cf: CrossFitRows, requests: np.ndarray, features: tuple[str, ...],
+                    folds: int = FOLDS) -> str:
+    """Why cross-fitting gave too few rows to fit on, in the data's numbers, and what would give more.
+
+    A calibration row needs its user's anchors from a click in another fold, and the fit needs clicks
+    among the rows: so what counts is users with clicks in at least two folds, i.e. with at least two
+    clicked exposures (one to anchor on, one to learn from).
+    """
+    req = np.asarray(requests, bool)
+    fold = row_folds(ds, req, folds)
+    ex = fold >= 0
+    click = ex & (ds.label == 1)
+    users = np.unique(ds.row_user[ex])
+    pairs = np.unique(ds.row_user[click] * folds + fold[click])
+    two_folds = int((np.bincount(pairs // folds, minlength=len(ds.users)) >= 2).sum())
+    two_clicks = int((np.bincount(ds.row_user[click], minlength=len(ds.users)) >= 2).sum())
+    counts = (f"training period: {len(users)} users, {int(ex.sum())} exposures, {int(click.sum())} clicks; "
+              f"{two_clicks} users with ≥ 2 clicked exposures, {two_folds} with clicks in ≥ 2 of the {folds} folds")
+    anchored = bool(SIMILARITY & set(features))
+    if not ex.any():
+        return (f"no exposed training rows in {int(req.sum())} training requests: the calibrator learns from "
+                "exposures and their clicks — needs exposure events in the training period")
+    if anchored and not len(cf.y):
+        return (f"no user has a click in another fold to build anchors for their calibration rows from ({counts}) "
+                "— needs users with ≥ 2 clicked exposures, or the 'priors' feature set, which needs no anchors")
+    more = "more users with ≥ 2 clicked exposures" if anchored else "more clicked training exposures"
+    return (f"{len(cf.y)} cross-fitted rows with {int(cf.y.sum())} clicks from {len(np.unique(cf.users))} users "
+            f"({counts}) — fit_calibrator needs at least 50 rows, clicked and not: needs {more}")
 
 
 def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *,
@@ -192,9 +266,14 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
                         folds=folds)
     fit = fit_calibrator(cf.x, cf.y, cf.users, features, encoder=settings.encoder.model,
                          catalogue=settings.labeler.catalogue, monotone="s1" if "s1" in features else None, l2=l2)
-    fit.cv.update({"cross_fit_folds": float(folds), "cross_fit_users": float(len(np.unique(cf.users)))})
+    fit.cv.update({"cross_fit_folds": float(folds), "cross_fit_users": float(len(np.unique(cf.users))),
+                   "exposure_folded_users": float(cf.exposure_folded_users)})
+    if fit.abstain and fit.reason.startswith("too little data"):  # fit_calibrator's floor, explained here
+        train = ~ds.is_test if requests is None else np.asarray(requests, bool)
+        fit = replace(fit, reason=f"{fit.reason}: {too_little_data(ds, cf, train, features, folds)}")
     return fit
 
 
 __all__ = ["AnchorFn", "CrossFitRows", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors",
-           "cross_fit_rows", "fit_dataset_calibrator", "request_folds", "similarity_parts", "unit_centroid"]
+           "cross_fit_rows", "few_requests", "fit_dataset_calibrator", "request_folds", "row_folds",
+           "similarity_parts", "too_little_data", "unit_centroid"]
