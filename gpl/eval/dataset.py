@@ -19,8 +19,9 @@ event and its exposure event (matched by ``request_id``, in any order). An expos
 recall did not list is added to the request's candidates (recall score NaN); a request with an
 exposure but no recall consists of its exposed items only; a recall without an exposure has every
 candidate unexposed. A candidate's ``label`` is its click when exposed, else its ``truth.jsonl``
-label (the request's line first, then the pair's), else unknown (-1). A request belongs to the test period when its time (recall ``ts``, else
-exposure ``ts``) is ``>= T_u`` for its user (``user_test_start_ms``) or ``>= T`` for users not listed.
+label (the request's line first, then the pair's), else unknown (-1). A request belongs to the test
+period when its time (recall ``ts``, else exposure ``ts``) is ``>= T_u`` for its user
+(``user_test_start_ms``) or ``>= T`` for users not listed.
 """
 
 from __future__ import annotations

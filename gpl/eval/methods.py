@@ -10,12 +10,15 @@ seed. They differ only in the rows added from the unexposed training candidates:
 ``negatives``
     per training request, up to ``cap`` (labeler.cap, 40 by default, i.e. 4 per exposed item)
     unexposed candidates drawn uniformly, label 0, weight 1 as if they were real negatives.
-``kd``
+``kd``, ``ukd``
+    the fair distillation baselines (gpl/eval/kd.py): the teacher's logit through GPL's calibrator and
+    sampling, and UKD's click-adaptive teacher.
+``kd-raw``
     the same uniform draw, soft label = the teacher's probability, weight λ. The teacher
     (:class:`Teacher`) is a bigger ranker with more features than the pre-ranker — a 2-hidden-layer MLP
     that also sees the user's click history (the mean content vector of the user's earlier training
     clicks, causal) — trained on the exposed rows only, for the same epochs.
-``ukd``
+``ukd-mcdropout``
     KD whose weights are λ·exp(−σ/σ̄): σ the standard deviation of 8 MC-dropout passes of the same
     teacher, σ̄ its mean over the drawn rows (scale-free; mean weight ≈ e^-1..1). Uncertain soft
     labels count less, as in uncertainty-regularised KD.
@@ -250,9 +253,11 @@ def fit(
     *,
     desc: str = "train",
     progress: bool = True,
+    exposed: Rows | None = None,
 ) -> dict[str, float]:
-    """Train ``net`` on the exposed training rows plus ``extra``; returns the last epoch's mean losses."""
-    ex = ctx.train_exposed
+    """Train ``net`` on the exposed training rows (or the subset ``exposed``: cross-fitted teachers) plus
+    ``extra``; returns the last epoch's mean losses."""
+    ex = ctx.train_exposed if exposed is None else exposed
     n, bs = len(ex), ctx.batch_size
     steps = max(1, math.ceil(n / bs))
     rng = np.random.default_rng(seed)

@@ -27,7 +27,6 @@ Metrics (names in results.json)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
@@ -40,24 +39,15 @@ from tqdm import tqdm
 
 from gpl.eval import metrics as M
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
-from gpl.eval.dataset import EvalDataset, fresh_pairs, load_dataset, validation_view
+from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder
 from gpl.eval.gpl_rows import LABELS as GPL_LABELS
 from gpl.eval.gpl_rows import SPECS, GPLRows
-from gpl.eval.methods import (
-    MC_PASSES,
-    Context,
-    Rows,
-    StudentNet,
-    TeacherNet,
-    fit,
-    kd_rows,
-    negatives_rows,
-    predict,
-    ukd_rows,
-    uniform_unexposed,
-)
+from gpl.eval.kd import KD_METHODS, Baselines
+from gpl.eval.kd import LABELS as KD_LABELS
+from gpl.eval.methods import Context, Rows, StudentNet, fit, negatives_rows, predict, uniform_unexposed
 from gpl.eval.pseudo import PseudoLabels
+from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.redact import public_settings
 from gpl.runtime.settings import Settings
@@ -68,21 +58,17 @@ from workers.generators.memory import MemoryGenerator
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exposed", "negatives", "kd", "ukd", *SPECS)
+METHODS = ("exposed", "negatives", *KD_METHODS, *SPECS)
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "gpl-text")  # LLM anchors are opt-in (slow)
 TEACHER = "teacher"
 LABELS = {
     "exposed": "Exposed only",
     "negatives": "Unexposed as negatives",
-    "kd": "KD (ranker teacher)",
-    "ukd": "UKD (uncertainty-weighted KD)",
+    **KD_LABELS,
     **GPL_LABELS,
     TEACHER: "(ref) KD teacher: ranker + history",
 }
-HR_KS = (3, 5, 10)
 PL_KEYS = ("pl_mean", "pl_truth_rate", "pl_auc", "pl_auc_all", "pl_ece", "pl_w_auc", "pl_w_ece")
-CURVE_KS = tuple(range(1, 21))
-HEAD_FRACTION = 0.2
 
 
 @dataclass
@@ -108,83 +94,6 @@ def _nanstats(vals: list[float]) -> dict[str, float]:
     if not len(a):
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
-
-
-class Evaluator:
-    """Test-side bookkeeping shared by every method: scopes, popularity, categories, vectors."""
-
-    def __init__(self, ds: EvalDataset, ctx: Context, item_vectors: np.ndarray, anchored_users: set[int]) -> None:
-        self.ds, self.ctx, self.vectors = ds, ctx, item_vectors
-        train_ex = ds.exposed & ~ctx.row_test
-        pop = np.bincount(ds.item[train_ex], minlength=ds.n_items)
-        order = np.lexsort((np.arange(ds.n_items), -pop))
-        self.is_tail = np.ones(ds.n_items, bool)
-        self.is_tail[order[: math.ceil(HEAD_FRACTION * ds.n_items)]] = False
-        self.scopes: dict[str, np.ndarray] = {"all": np.flatnonzero(ds.is_test)}
-        # a scope's row filter (None: every candidate of its requests)
-        self.row_masks: dict[str, np.ndarray | None] = {"all": None}
-        # fresh pairs: test candidates whose (user, item) was never exposed to that user in training, so a
-        # score there cannot come from remembering the pair (the benchmark issue: pair memory)
-        fresh = fresh_pairs(ds, ctx.row_test)
-        if fresh[ctx.test_rows].any():
-            self.scopes["fresh"] = self.scopes["all"]
-            self.row_masks["fresh"] = fresh
-        anchored = np.flatnonzero(ds.is_test & np.isin(ds.req_user, list(anchored_users)))
-        if 0 < len(anchored) < len(self.scopes["all"]):
-            self.scopes["anchored"] = anchored
-        # test row index -> position in ctx.test_rows (scores are computed once for all test rows)
-        self.test_pos = np.full(len(ds.item), -1, np.int64)
-        self.test_pos[ctx.test_rows] = np.arange(len(ctx.test_rows))
-
-    def _rows(self, reqs: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Flat rows of ``reqs`` (optionally only where ``mask``) and their CSR offsets."""
-        ptr = self.ds.ptr
-        rows = np.concatenate([np.arange(ptr[r], ptr[r + 1]) for r in reqs]) if len(reqs) else np.zeros(0, np.int64)
-        sizes = np.diff(ptr)[reqs]
-        if mask is not None:
-            keep = mask[rows]
-            seg = np.repeat(np.arange(len(reqs)), sizes)
-            sizes = np.bincount(seg[keep], minlength=len(reqs))
-            rows = rows[keep]
-        return rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    def metrics(self, test_scores: np.ndarray, scope: str) -> dict[str, float]:
-        ds = self.ds
-        reqs = self.scopes[scope]
-        keep = self.row_masks.get(scope)
-        out: dict[str, float] = {}
-        rows, ptr = self._rows(reqs, keep)
-        s = test_scores[self.test_pos[rows]].astype(np.float64)
-        lab = ds.label[rows]
-        rel = lab == 1
-        known = lab >= 0
-        users = ds.req_user[ds.row_request[rows]]
-        out["es_auc"] = M.auc(s[known], lab[known])
-        out["es_gauc"] = M.gauc(s[known], lab[known], users[known])
-        ranks = M.segment_ranks(s, ptr)
-        for k in HR_KS:
-            out[f"es_hr@{k}"] = M.hit_rate(s, rel, ptr, k, ranks)
-        out["es_ndcg@10"] = M.ndcg(s, rel, ptr, 10, ranks)
-        for k in CURVE_KS:
-            out[f"curve_hr@{k}"] = M.hit_rate(s, rel, ptr, k, ranks)
-        items = ds.item[rows]
-        top = M.topk(s, ptr, 10)
-        top_items = np.where(top >= 0, items[np.maximum(top, 0)], -1)
-        out["tail_share@10"] = M.tail_share(top_items, self.is_tail)
-        out["tail_hr@10"] = M.hit_rate(s, rel & self.is_tail[items], ptr, 10, ranks)
-        out["coverage@10"] = M.category_coverage(top_items, ds.item_category)
-        out["ild@10"] = M.intra_list_distance(top_items, self.vectors)
-        erows, eptr = self._rows(reqs, ds.exposed if keep is None else ds.exposed & keep)
-        es = test_scores[self.test_pos[erows]].astype(np.float64)
-        elab = ds.label[erows]
-        eusers = ds.req_user[ds.row_request[erows]]
-        out["ex_auc"] = M.auc(es, elab)
-        out["ex_gauc"] = M.gauc(es, elab, eusers)
-        eranks = M.segment_ranks(es, eptr)
-        for k in (3, 5):
-            out[f"ex_hr@{k}"] = M.hit_rate(es, elab == 1, eptr, k, eranks)
-        out["ex_ndcg@10"] = M.ndcg(es, elab == 1, eptr, 10, eranks)
-        return out
 
 
 def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, Any]:
@@ -348,12 +257,16 @@ def _run(
     pl: dict[str, dict[str, Any]] = {}
     extra_info: dict[str, Any] = {}
     closed: dict[str, Any] = {}
-    run_methods = [m for m in cfg.methods if m not in unavailable]
-    need_teacher = any(m in ("kd", "ukd") for m in run_methods)
     if cfg.torch_threads:
         # measured on the 2-core box: 2 threads made an Adam step 5-20x slower than 1 (spin-waiting
         # OpenMP workers on a core another process holds); the LLM has its own llm_threads
         torch.set_num_threads(cfg.torch_threads)
+    t = time.perf_counter()
+    kd = Baselines(ctx, settings, cfg.methods, progress=cfg.progress)  # fair KD's calibrator: once per dataset
+    unavailable |= kd.unavailable
+    timing["calibrate_kd"] = time.perf_counter() - t
+    run_methods = [m for m in cfg.methods if m not in unavailable]
+    need_teacher = kd.needs_teacher
     train_time: dict[str, float] = {}
     seeds = list(range(cfg.seeds))
     outer = tqdm(
@@ -364,14 +277,9 @@ def _run(
     )
     for seed in seeds:
         drawn = uniform_unexposed(ctx, settings.labeler.cap, seed)
-        t_p: np.ndarray | None = None
-        t_sd: np.ndarray | None = None
         if need_teacher:
             t = time.perf_counter()
-            teacher = TeacherNet(ctx, seed)
-            fit(teacher, ctx, Rows.empty(), seed, desc=f"teacher s{seed}", progress=cfg.progress)
-            d_user, d_item, d_req = ctx.row_user[drawn], ds.item[drawn], ctx.row_request[drawn]
-            t_p, t_sd = predict(teacher, ctx, d_user, d_item, d_req, mc=MC_PASSES if "ukd" in run_methods else 0)
+            teacher = kd.train_teacher(seed)
             tr = ctx.test_rows
             scores, _ = predict(teacher, ctx, ctx.row_user[tr], ds.item[tr], ctx.row_request[tr])
             runs.setdefault(TEACHER, {})[str(seed)] = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
@@ -384,19 +292,11 @@ def _run(
             if method == "negatives":
                 extra = negatives_rows(ctx, drawn)
                 soft = (drawn, np.zeros(len(drawn)), None)
-            elif method == "kd" and t_p is not None:
-                extra = kd_rows(ctx, drawn, t_p)
-                soft = (drawn, t_p, None)
-            elif method == "ukd" and t_p is not None and t_sd is not None:
-                extra = ukd_rows(ctx, drawn, t_p, t_sd)
-                soft = (drawn, t_p, extra.weight)
-                extra_info.setdefault(
-                    "ukd",
-                    {
-                        "mean_weight": float(extra.weight.mean()) if len(extra) else 0.0,
-                        "mean_mc_std": float(t_sd.mean()) if len(t_sd) else 0.0,
-                    },
-                )
+            elif method in KD_METHODS:
+                extra, kd_soft = kd.rows(method, seed, drawn)
+                soft = (kd_soft.rows, kd_soft.p, kd_soft.w)
+                if seed == 0:
+                    extra_info[method] = kd_soft.info
             elif method in SPECS:
                 labels = gpl.rows(method, seed)
                 extra = ctx.rows_of(labels.rows, labels.p, labels.w, pseudo=True)
@@ -474,7 +374,7 @@ def _run(
         "unavailable": unavailable,
         "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
         "anchors": anchors_report,
-        "calibration": gpl.info,
+        "calibration": {**gpl.info, **kd.info},
         "pseudo_labels": {m: {k: v for k, v in q.items()} for m, q in pl.items()},
         "method_info": extra_info,
         "closed_loop_calibration": closed,
@@ -488,4 +388,5 @@ def _run(
     return results
 
 
-__all__ = ["EvalConfig", "run_eval", "METHODS", "LABELS", "Evaluator", "pseudo_quality", "closed_loop"]
+__all__ = ["CURVE_KS", "EvalConfig", "Evaluator", "HR_KS", "LABELS", "METHODS", "closed_loop", "pseudo_quality",
+           "run_eval"]
