@@ -364,7 +364,7 @@ def vector_books(settings: Settings, ds: EvalDataset, histories: dict[int, np.nd
     books: dict[str, SourceAnchors] = {}
     unavailable: dict[str, str] = {}
     k = settings.anchors.k
-    if any(m.startswith("gpl-anchors") and m not in ("gpl-sid", "gpl-text") for m in methods):
+    if any(m.startswith("gpl") and m not in ("gpl-sid", "gpl-text") for m in methods):  # the content routes
         books["content"] = content_anchors(ds, histories, users, item_vectors, k=k)
     if "gpl-sid" in methods:
         try:
