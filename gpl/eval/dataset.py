@@ -103,6 +103,11 @@ class EvalDataset:
             "test_unexposed_positives": float(((self.label == 1) & unexp & test_rows).sum()),
             "test_exposed_positives": float(((self.label == 1) & self.exposed & test_rows).sum()),
         }
+        sizes = np.diff(self.ptr)[self.is_test]
+        if len(sizes):  # what an HR@K curve over test requests ranks within
+            out |= {"test_candidates_per_request": float(sizes.mean()),
+                    "test_candidates_per_request_min": float(sizes.min()),
+                    "test_candidates_per_request_max": float(sizes.max())}
         return out
 
 

@@ -3,23 +3,33 @@
 Rules they follow, because a plot is read faster than it is checked:
 
 * titles in words ("AUC, entire space"), with the metric code in brackets after them for
-  looking it up in docs/eval.md;
+  looking it up in docs/eval.md; every axis has a label saying what is counted;
 * honest axes: counts, rates and diversities start at 0; AUC-like metrics are drawn as bars from
   0.5 (chance), with the axis said to start there, so a method below chance points down instead of
-  looking like a short bar;
+  looking like a short bar; one metric keeps one y range in every scope, so heights compare;
+* every scope drawn, in words: "all test candidates" and "fresh pairs (never exposed to the user in
+  training)" side by side, because a method can win on all candidates by remembering pairs;
+* no silent gaps: a method that was asked for but abstained or could not run keeps its slot, marked
+  with the reason word ("abstained"), and its full reason is written under the figure;
 * spread only when there is one: error bars and bands need two seeds or more; with one seed the
   title says so;
 * legends name what ran (the method's label, corrected when the anchors were the in-memory keyword
-  generator rather than an LLM), every method keeps one colour across the three plots, the legend
-  sits outside the axes, and curves that coincide are drawn once and named together.
+  generator rather than an LLM), every method keeps one colour, dash pattern and marker across the
+  three plots (gpl/eval/plots_style.py), and legends sit outside the data.
+
+HR@K curves: gpl/eval/plots_curves.py; the reliability diagram: gpl/eval/plots_reliability.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from gpl.eval.plots_curves import hr_curves
+from gpl.eval.plots_reliability import reliability
+from gpl.eval.plots_style import Style, gap, gap_notes, method_labels, scope_title, scopes, seeds, spread_note
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,171 +49,110 @@ METRICS: dict[str, tuple[str, float]] = {
     "coverage@10": ("Distinct categories in the top 10", 0.0),
     "ild@10": ("Diversity of the top 10 (mean cosine distance)", 0.0),
 }
-LINESTYLES = ("-", "--", "-.", ":")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+# code -> y-axis label: the quantity and its unit, short enough for a 3-inch panel
+YLABELS: dict[str, str] = {
+    "es_auc": "AUC (0.5 = chance)",
+    "es_gauc": "mean per-user AUC",
+    "es_hr@3": "hit rate @3 (0–1)",
+    "es_hr@5": "hit rate @5 (0–1)",
+    "es_hr@10": "hit rate @10 (0–1)",
+    "es_ndcg@10": "NDCG @10 (0–1)",
+    "ex_auc": "AUC (0.5 = chance)",
+    "ex_gauc": "mean per-user AUC",
+    "tail_share@10": "long-tail share of top 10",
+    "tail_hr@10": "hit rate @10, tail (0–1)",
+    "coverage@10": "categories per top 10",
+    "ild@10": "mean cosine distance",
+}
+COLS = 4
+GAP_STYLE: dict[str, Any] = {"rotation": 90, "ha": "center", "va": "bottom", "fontsize": 7, "color": "dimgrey",
+                             "style": "italic"}
 
 
-def method_labels(results: dict[str, Any]) -> dict[str, str]:
-    """Method -> label naming what actually ran.
-
-    ``gpl eval --anchors memory`` replaces the LLM by the deterministic keyword generator
-    (workers/generators/memory.py); the method list still calls that row "LLM text anchors".
-    """
-    labels = dict(results["methods"])
-    if results.get("anchors", {}).get("mode") == "memory":
-        for m, label in labels.items():
-            if "text anchors" in label:
-                labels[m] = label.replace("LLM text anchors", "text anchors").replace(
-                    "text anchors", "keyword text anchors (in-memory generator, no LLM)")
-    return labels
+def _stat(results: dict[str, Any], m: str, scope: str, metric: str) -> dict[str, Any]:
+    return results["summary"].get(m, {}).get(scope, {}).get(metric, {}) if gap(results, m, scope) is None else {}
 
 
-def _seeds(results: dict[str, Any]) -> int:
-    return int(results["config"].get("seeds", 1))
+def _limits(results: dict[str, Any], metric: str, floor: float, panels: list[str]) -> tuple[float, float]:
+    """One y range for ``metric`` over every scope, with its error bars, so bar heights compare."""
+    tops, lows = [floor], [floor]
+    for scope in panels:
+        for m in results["methods"]:
+            s = _stat(results, m, scope, metric)
+            mean = s.get("mean", float("nan"))
+            if math.isfinite(mean):
+                err = s.get("std", 0.0) if s.get("n", 0) > 1 else 0.0
+                tops.append(mean + err)
+                lows.append(mean - err)
+    pad = 0.08 * ((max(tops) - min(lows)) or 1.0)
+    return (min(lows) - pad if floor > 0 else 0.0), max(tops) + pad
 
 
-def _spread_note(seeds: int) -> str:
-    return f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed: no spread to show"
+def _panel(ax: Any, results: dict[str, Any], scope: str, metric: str, lim: tuple[float, float], style: Style) -> None:
+    """The bars of one metric in one scope; an empty slot says why a method has no bar there."""
+    title, floor = METRICS[metric]
+    methods = list(results["methods"])
+    stats = [_stat(results, m, scope, metric) for m in methods]
+    means = [s.get("mean", float("nan")) for s in stats]
+    spread = [s.get("std", 0.0) if s.get("n", 0) > 1 else 0.0 for s in stats]
+    ax.bar(range(len(methods)), [v - floor for v in means], bottom=floor, color=[style.color(m) for m in methods],
+           yerr=spread if seeds(results) > 1 else None, capsize=3,
+           hatch=["//" if m == "teacher" else "" for m in methods], edgecolor="white", linewidth=0)
+    marks = ax.get_xaxis_transform()  # x in data (the slot), y in axes (the panel's bottom)
+    for i, (m, v) in enumerate(zip(methods, means, strict=True)):
+        why = gap(results, m, scope) or (None if math.isfinite(v) else "no value")
+        if why:
+            ax.text(i, 0.03, why, transform=marks, **GAP_STYLE)
+    if floor > 0:
+        ax.axhline(floor, color="black", lw=0.8)
+        ax.set_title(f"{title}  [{metric}]\nbars start at 0.5 = chance", fontsize=9)
+    else:
+        ax.set_title(f"{title}  [{metric}]", fontsize=9)
+    ax.set_ylim(*lim)
+    ax.set_ylabel(YLABELS.get(metric, metric), fontsize=8)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
+    for tick, m in zip(ax.get_xticklabels(), methods, strict=True):
+        if gap(results, m, scope):
+            tick.set_color("dimgrey")
+    ax.set_xlabel("method", fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
 
 
-class _Style:
-    """One colour, line style and marker per method, the same in every plot."""
-
-    def __init__(self, methods: list[str]) -> None:
-        import matplotlib.pyplot as plt
-
-        cmap = plt.get_cmap("tab10")
-        self._i = {m: i for i, m in enumerate(methods)}
-        self._cmap = cmap
-
-    def color(self, m: str) -> Any:
-        return self._cmap(self._i.get(m, 0) % 10)
-
-    def line(self, m: str) -> dict[str, Any]:
-        i = self._i.get(m, 0)
-        return {"color": self.color(m), "linestyle": LINESTYLES[i % len(LINESTYLES)],
-                "marker": MARKERS[i % len(MARKERS)], "markersize": 4}
-
-
-def _bars(results: dict[str, Any], methods: list[str], labels: dict[str, str], style: _Style) -> Figure:
+def _bars(results: dict[str, Any], labels: dict[str, str], style: Style) -> Figure:
+    """A grid of metric panels per scope (one sub-figure each, titled in words), legend and gap note below."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    seeds = _seeds(results)
-    cols = 4
-    rows = math.ceil(len(METRICS) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.1 * rows + 1.6))
-    for ax, (metric, (title, floor)) in zip(axes.ravel(), METRICS.items(), strict=False):
-        stats = [results["summary"][m]["all"].get(metric, {}) for m in methods]
-        means = [s.get("mean", float("nan")) for s in stats]
-        spread = [s.get("std", 0.0) if s.get("n", 0) > 1 else 0.0 for s in stats]
-        x = range(len(methods))
-        ax.bar(x, [v - floor for v in means], bottom=floor, color=[style.color(m) for m in methods],
-               yerr=spread if seeds > 1 else None, capsize=3,
-               hatch=["//" if m == "teacher" else "" for m in methods], edgecolor="white", linewidth=0)
-        finite = [v for v in means if math.isfinite(v)]
-        hi = max([*finite, floor]) if finite else 1.0
-        lo = min([*finite, floor]) if finite else floor
-        pad = 0.08 * (hi - lo or 1.0)
-        if floor > 0:
-            ax.axhline(floor, color="black", lw=0.8)
-            ax.set_ylim(min(lo, floor) - pad, hi + pad)
-            ax.set_title(f"{title}  [{metric}]\nbars start at 0.5 = chance", fontsize=9)
+    panels = scopes(results)
+    rows = math.ceil(len(METRICS) / COLS)
+    fig = plt.figure(figsize=(4.4 * COLS, 3.4 * rows * len(panels) + 2.0), layout="constrained")
+    limits = {metric: _limits(results, metric, floor, panels) for metric, (_, floor) in METRICS.items()}
+    for sub, scope in zip(fig.subfigures(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
+        sub.suptitle(scope_title(results, scope), fontsize=12, fontweight="bold")
+        axes = sub.subplots(rows, COLS, squeeze=False).ravel()
+        for ax, metric in zip(axes, METRICS, strict=False):
+            _panel(ax, results, scope, metric, limits[metric], style)
+        for ax in axes[len(METRICS):]:
+            ax.axis("off")
+    handles = []
+    for m in results["methods"]:
+        why = gap(results, m)
+        if why:
+            handles.append(Patch(facecolor="none", edgecolor=style.color(m), linestyle="--",
+                                 label=f"{m}: {labels.get(m, m)}  [no bars: {why}]"))
         else:
-            ax.set_ylim(0, hi + pad)
-            ax.set_title(f"{title}  [{metric}]", fontsize=9)
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes.ravel()[len(METRICS):]:
-        ax.axis("off")
-    handles = [Patch(facecolor=style.color(m), hatch="//" if m == "teacher" else "", label=f"{m}: {labels[m]}")
-               for m in methods]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle(f"{results['dataset']['name']}: test-request metrics per method ({_spread_note(seeds)})")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return fig
-
-
-def _hr_curves(results: dict[str, Any], methods: list[str], labels: dict[str, str], style: _Style) -> Figure:
-    import matplotlib.pyplot as plt
-
-    seeds = _seeds(results)
-    curves: dict[str, tuple[list[int], list[float], list[float]]] = {}
-    for m in methods:
-        s = results["summary"][m]["all"]
-        ks = [k for k in range(1, 21) if f"curve_hr@{k}" in s]
-        curves[m] = (ks, [s[f"curve_hr@{k}"]["mean"] for k in ks], [s[f"curve_hr@{k}"]["std"] for k in ks])
-    # methods whose curves coincide are drawn once and named together (none hides another)
-    groups: dict[str, list[str]] = {}
-    for m, (ks, mean, _) in curves.items():
-        groups.setdefault(json.dumps([ks, [round(v, 12) for v in mean]]), []).append(m)
-    fig, ax = plt.subplots(figsize=(11, 5))
-    top = 0.0
-    for ms in groups.values():
-        ks, mean, std = curves[ms[0]]
-        if not ks:
-            continue
-        label = " = ".join(f"{m}: {labels[m]}" for m in ms) + (" (identical)" if len(ms) > 1 else "")
-        ax.plot(ks, mean, label=label, **style.line(ms[0]))
-        if seeds > 1:
-            ax.fill_between(ks, [a - b for a, b in zip(mean, std, strict=True)],
-                            [a + b for a, b in zip(mean, std, strict=True)], color=style.color(ms[0]), alpha=0.12)
-        top = max(top, *(a + (b if seeds > 1 else 0) for a, b in zip(mean, std, strict=True)))
-    ax.set_xlabel("K (top-K of the whole recall set)")
-    ax.set_xticks(range(1, 21))
-    ax.set_ylabel("hit rate @K")
-    ax.set_ylim(0, top * 1.08 if top > 0 else 1)
-    ax.set_title(f"{results['dataset']['name']}: hit rate @K on test requests, entire space ({_spread_note(seeds)})",
-                 fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def _points(rel: dict[str, list[Any]]) -> list[tuple[float, float]]:
-    return [(x, y) for x, y, c in zip(rel["predicted"], rel["observed"], rel["count"], strict=True)
-            if x is not None and y is not None and c > 0]
-
-
-def _reliability(results: dict[str, Any], labels: dict[str, str], style: _Style) -> Figure | None:
-    import matplotlib.pyplot as plt
-
-    pl = results.get("pseudo_labels", {})
-    closed = results.get("closed_loop_calibration", {})
-    if not pl and not closed:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 7))
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
-    # methods sharing their soft labels (kd/ukd, gpl/gpl-noconf) share one curve, named together
-    curves: dict[str, list[str]] = {}
-    for m, q in pl.items():
-        curves.setdefault(json.dumps(q["reliability"]), []).append(m)
-    for key, ms in curves.items():
-        pts, q = _points(json.loads(key)), pl[ms[0]]
-        if pts:
-            names = " = ".join(f"{m}: {labels.get(m, m)}" for m in ms)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], label=f"{names} (ECE {q['pl_ece']:.3f}, "
-                    f"mean label {q.get('pl_mean', 0):.2f})", **style.line(ms[0]))
-    for m, snap in closed.items():
-        for g in snap["groups"]:
-            pts = _points(g["reliability"])
-            if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], color="black", ls=":", marker="s", markersize=5,
-                        label=f"{m} as streamed, later met by a real label (ECE {g['label_ece']:.3f}, "
-                              f"n={g['joined']})")
-    ax.set_xlabel("soft label given (mean of the bin)")
-    ax.set_ylabel("observed positive rate (truth)")
-    ax.set_xlim(-0.02, 1.02)  # a margin, so points on the edges (a label of 0) stay visible
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    ax.set_title(f"{results['dataset']['name']}: calibration of soft labels\non unexposed training candidates "
-                 "whose truth is known (seed 0)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
-    fig.tight_layout()
+            handles.append(Patch(facecolor=style.color(m), hatch="//" if m == "teacher" else "",
+                                 label=f"{m}: {labels.get(m, m)}"))
+    notes = gap_notes(results, labels)
+    # the reasons head the legend, so the layout reserves room for them and they sit next to their swatches
+    note = "\n".join(["Empty slots (asked for, no numbers):",
+                      *(w for n in notes for w in textwrap.wrap(n, 170, subsequent_indent="    "))]) if notes else None
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False, title=note,
+               title_fontsize=8)
+    fig.suptitle(f"{results['dataset']['name']}: test-request metrics per method ({spread_note(seeds(results))})",
+                 fontsize=13)
     return fig
 
 
@@ -212,12 +161,10 @@ def figures(results: dict[str, Any]) -> dict[str, Figure]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    methods = [m for m in results["methods"] if m in results["summary"]]
     labels = method_labels(results)
-    style = _Style(list(results["methods"]))
-    out = {"metrics.png": _bars(results, methods, labels, style),
-           "hr_curves.png": _hr_curves(results, methods, labels, style)}
-    rel = _reliability(results, labels, style)
+    style = Style(list(results["methods"]))
+    out = {"metrics.png": _bars(results, labels, style), "hr_curves.png": hr_curves(results, labels, style)}
+    rel = reliability(results, labels, style)
     if rel is not None:
         out["reliability.png"] = rel
     return out
@@ -229,10 +176,10 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
     written = []
     for name, fig in figures(results).items():
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")  # bbox: keeps the legends outside the axes
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")  # bbox: keeps the legends and notes in the file
         plt.close(fig)
         written.append(out / name)
     return written
 
 
-__all__ = ["METRICS", "figures", "method_labels", "plot"]
+__all__ = ["METRICS", "YLABELS", "figures", "method_labels", "plot"]
