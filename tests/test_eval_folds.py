@@ -165,3 +165,29 @@ def test_too_few_rows_is_explained_with_the_numbers(single: EvalDataset, tmp_pat
     assert fit.abstain and fit.reason.startswith("too little data to fit (0 rows, 0 positives): no user has a click")
     assert f"training period: 40 users, {exposures} exposures, 0 clicks" in fit.reason
     assert "needs users with ≥ 2 clicked exposures" in fit.reason
+
+
+def test_every_anchor_route_labels_a_one_request_per_user_dataset(single: EvalDataset, tmp_path: Path) -> None:
+    """``gpl eval`` on the one-request shape: content, no-confidence and SID routes all make pseudo-labels,
+    and so does fair KD (its teacher is cross-fitted on the same exposure folds)."""
+    from gpl.commands.sid import sid_dir
+    from gpl.eval.run import EvalConfig, run_eval
+    from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
+
+    settings = load(env={}, data_dir=str(tmp_path / "data"), encoder={"model": "hash-bow-64"},
+                    trainer={"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64},
+                    anchors={"backend": "memory", "k": 3, "history_items": 20})
+    enc = HashEncoder()
+    vecs = enc.encode(single.item_text)
+    model, _ = train_rqvae(vecs, RQVAEConfig(in_dim=enc.dim, hidden=(32,), latent_dim=8, levels=2, codebook_size=8,
+                                             kmeans_iters=3), epochs=3, batch_size=256)
+    build_tokenizer(model, single.item_ids, vecs, enc.id).save(sid_dir(settings))
+    routes = ["gpl-anchors", "gpl-noconf", "gpl-sid", "kd"]
+    res = run_eval(single, settings, EvalConfig(methods=["exposed", *routes], seeds=1, epochs=1, anchors="memory",
+                                                out=tmp_path / "o", progress=False, plots=False, sid_epochs=1),
+                   encoder=enc)
+    assert not res["unavailable"], res["unavailable"]
+    for m in routes:
+        assert res["method_info"][m]["rows"] > 0, m
+        assert res["summary"][m]["all"]["es_auc"]["n"] == 1, m
+    assert res["calibration"]["gpl-anchors"]["cv"]["exposure_folded_users"] == len(single.users)
