@@ -21,10 +21,11 @@ from workers.trainer import Trainer, load_checkpoint
 ROWS = 1000
 
 
-@pytest.fixture
-def trained(tmp_path: Path) -> tuple[Path, Path]:
-    """(data dir, checkpoint) of a pre-ranker trained on the small world, also published."""
-    s = world_settings(tmp_path)
+@pytest.fixture(params=[0, 8], ids=["ids-content", "with-history"])
+def trained(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """(data dir, checkpoint) of a pre-ranker trained on the small world, also published; with and without
+    the history input."""
+    s = world_settings(tmp_path, history_items=request.param)
     t = Trainer(s, world_index(s), dim=DIM, progress=False)
     ckpt = feed(t, requests(0, 120))
     assert ckpt is not None and t.publisher.area.current() is not None
@@ -51,6 +52,22 @@ def raw_rows(n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     return users, items, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def history_from_spec(n: int, spec: dict[str, Any]) -> np.ndarray:
+    """A serving team's history input, built as the spec says: the unit mean of the vectors of the user's
+    last ``history_items`` distinct clicks (here drawn at random), zeros for a user without clicks."""
+    assert spec["dtype"] == "float32" and spec["shape"] == ["n", DIM] and "distinct clicked items" in spec["source"]
+    rng = np.random.default_rng(11)
+    out = np.zeros((n, DIM), np.float32)
+    for r in range(n):
+        k = int(rng.integers(0, spec["history_items"] + 1))  # 0: a user without clicks
+        if k:
+            clicked = rng.normal(size=(k, DIM)).astype(np.float32)
+            clicked /= np.linalg.norm(clicked, axis=1, keepdims=True)
+            m = clicked.mean(axis=0)
+            out[r] = m / np.linalg.norm(m)
+    return out
+
+
 def export(data_dir: Path, source: Path, fmt: str, out: Path) -> dict[str, Any]:
     assert main(["--data-dir", str(data_dir), "export", str(source), "--format", fmt, "--out", str(out)]) == 0
     spec: dict[str, Any] = json.loads((out / "feature_spec.json").read_text())
@@ -69,16 +86,21 @@ def test_onnx_matches_torch_on_1000_rows_built_from_the_spec(trained: tuple[Path
         "item_bucket": np.array([bucket_from_spec(int(i), inputs["item_bucket"]) for i in items], np.int64),
         "content": vectors,
     }
+    model, _ = load_checkpoint(ckpt)
+    history = None
+    if model.cfg.history_items:  # the history input is in the spec and in the graph, built from the spec
+        history = feed_["history"] = history_from_spec(ROWS, inputs["history"])
+    else:
+        assert "history" not in inputs
     session = ort.InferenceSession(str(tmp_path / "onnx" / spec["files"]["weights"]),
                                    providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(inputs) and [i.type for i in session.get_inputs()] == [
-        "tensor(int64)", "tensor(int64)", "tensor(float)"]
+        "tensor(int64)", "tensor(int64)", "tensor(float)", *(["tensor(float)"] if history is not None else [])]
     logit, prob = session.run(["logit", "probability"], feed_)
 
-    model, _ = load_checkpoint(ckpt)
-    want_prob = model.score(users, items, vectors)  # the repository's own hashing and forward pass
+    want_prob = model.score(users, items, vectors, history)  # the repository's own hashing and forward pass
     with torch.no_grad():
-        want_logit = model.logits(users, items, vectors).numpy()
+        want_logit = model.logits(users, items, vectors, history).numpy()
     diff = float(max(np.abs(prob - want_prob).max(), np.abs(logit - want_logit).max()))
     print(f"ONNX Runtime vs torch, {ROWS} rows: max abs diff {diff:.3g}")
     assert diff < 1e-5
@@ -96,7 +118,8 @@ def test_safetensors_round_trip_and_lineage(trained: tuple[Path, Path], tmp_path
     for (k, a), (k2, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     users, items, vectors = raw_rows(200)
-    assert np.array_equal(reloaded.score(users, items, vectors), model.score(users, items, vectors))
+    hist = vectors[::-1].copy() if model.cfg.history_items else None
+    assert np.array_equal(reloaded.score(users, items, vectors, hist), model.score(users, items, vectors, hist))
     assert spec["tensors"] == {k: list(v.shape) for k, v in model.state_dict().items()}
     # weights only: a fraction of the checkpoint, which also holds optimizer moments, seen-set and holdout
     assert (tmp_path / "st" / "model.safetensors").stat().st_size < ckpt.stat().st_size / 2

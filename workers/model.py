@@ -8,7 +8,13 @@ A COLD-style pre-ranker: cheap features of (user, item) go through one small MLP
   vector from the items collection, projected down (generalises to long-tail and new items, and is the
   same space the GPL anchors live in);
 * interactions: the user embedding times the projected content and times the item embedding, so the MLP
-  does not have to discover the dot product of a two-tower model on its own.
+  does not have to discover the dot product of a two-tower model on its own;
+* behaviour (``history_items`` > 0): the user's recent positives as the unit mean of their frozen vectors
+  (:func:`workers.history.history_profile`: the last ``history_items`` distinct clicked items before the
+  request), projected, times the projected content, plus the cross feature cos(history, item). A hashed id
+  learns a user only from that user's own rows; the history lets every row teach the model how taste
+  carries over to similar items — the very relation GPL's anchor labels express, which a student without
+  it cannot represent.
 
 Ids are hashed with blake2b, never Python's ``hash()``: the bucket of an id must be the same in every
 process and after every restart, or a checkpoint would map users to someone else's row.
@@ -48,8 +54,14 @@ def item_buckets(item_ids: Sequence[int] | np.ndarray, buckets: int) -> np.ndarr
     return np.fromiter((_bucket(b"i:" + int(i).to_bytes(8, "big"), buckets) for i in ids), np.int64, len(ids))
 
 
-INPUTS = ("user_bucket", "item_bucket", "content")  # the network's inputs, in forward()'s order
+INPUTS = ("user_bucket", "item_bucket", "content")  # the network's inputs without history, in forward()'s order
+HISTORY_INPUT = "history"
 OUTPUTS = ("logit", "probability")
+
+
+def model_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The exported network's inputs, in forward()'s order: the history only when the model reads one."""
+    return (*INPUTS, HISTORY_INPUT) if cfg.history_items else INPUTS
 
 
 def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
@@ -63,14 +75,21 @@ def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
                 "key": f"ascii {prefix!r} followed by the id encoded as {id_encoding}", "prefix": prefix,
                 "id_encoding": id_encoding, "digest_to_int": "big-endian unsigned", "modulo": cfg.hash_buckets}
 
+    inputs: dict[str, Any] = {
+        "user_bucket": hashed("u:", "utf-8", "user_id (string)"),
+        "item_bucket": hashed("i:", "uint64 big-endian (8 bytes)", "item_id (non-negative integer)"),
+        "content": {"dtype": "float32", "shape": ["n", cfg.content_dim],
+                    "source": "the item's vector in the item collection: normalize(E(item text)) under the "
+                              "frozen encoder; the very vector the trainer read, never recomputed"},
+    }
+    if cfg.history_items:
+        inputs[HISTORY_INPUT] = {
+            "dtype": "float32", "shape": ["n", cfg.content_dim], "history_items": cfg.history_items,
+            "source": f"the user's last {cfg.history_items} distinct clicked items BEFORE the request (most recent "
+                      "click of an item counts), their vectors in the item collection averaged and L2-normalised; "
+                      "all zeros for a user without clicks (workers/history.py history_profile)"}
     return {
-        "inputs": {
-            "user_bucket": hashed("u:", "utf-8", "user_id (string)"),
-            "item_bucket": hashed("i:", "uint64 big-endian (8 bytes)", "item_id (non-negative integer)"),
-            "content": {"dtype": "float32", "shape": ["n", cfg.content_dim],
-                        "source": "the item's vector in the item collection: normalize(E(item text)) under the "
-                                  "frozen encoder; the very vector the trainer read, never recomputed"},
-        },
+        "inputs": inputs,
         "outputs": {
             "logit": {"dtype": "float32", "shape": ["n"], "meaning": "click logit"},
             "probability": {"dtype": "float32", "shape": ["n"], "meaning": "sigmoid(logit): click probability"},
@@ -92,6 +111,7 @@ class ModelConfig:
     hidden: int
     content_dim: int
     seed: int = 0
+    history_items: int = 0  # 0: no behaviour input (checkpoints from before it load as such)
 
     @classmethod
     def from_settings(cls, t: TrainerSettings, content_dim: int) -> ModelConfig:
@@ -101,6 +121,7 @@ class ModelConfig:
             hidden=t.hidden,
             content_dim=content_dim,
             seed=t.seed,
+            history_items=t.history_items,
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -108,36 +129,49 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**{k: int(d[k]) for k in ("hash_buckets", "id_dim", "hidden", "content_dim", "seed")})
+        return cls(**{k: int(d[k]) for k in ("hash_buckets", "id_dim", "hidden", "content_dim", "seed")},
+                   history_items=int(d.get("history_items", 0)))
 
 
 class PreRanker(nn.Module):
-    """f(u, i) -> click logit from hashed ids and the frozen content vector."""
+    """f(u, i) -> click logit from hashed ids, the frozen content vector and (optionally) the user's history."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.id_dim
+        h = 2 * d + 1 if cfg.history_items else 0  # projected history, history x content, cos(history, item)
         # Same seed, same initial weights, without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.user_emb = nn.Embedding(cfg.hash_buckets, d)
             self.item_emb = nn.Embedding(cfg.hash_buckets, d)
             self.content = nn.Linear(cfg.content_dim, d)
-            self.mlp = nn.Sequential(nn.Linear(5 * d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
+            self.mlp = nn.Sequential(nn.Linear(5 * d + h, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
             # small id embeddings: an unseen id starts near "no opinion" instead of N(0, 1) noise
             nn.init.normal_(self.user_emb.weight, std=0.05)
             nn.init.normal_(self.item_emb.weight, std=0.05)
+            # created last: a model without history draws exactly the weights it always drew
+            self.history = nn.Linear(cfg.content_dim, d) if cfg.history_items else None
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """Logits (n,) from user buckets (n,), item buckets (n,) and content vectors (n, content_dim)."""
+    def forward(self, users: torch.Tensor, items: torch.Tensor, vectors: torch.Tensor,
+                history: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (n,) from user buckets (n,), item buckets (n,), content vectors (n, content_dim) and, for a
+        model with ``history_items``, history profiles (n, content_dim; zeros for a user without clicks)."""
         u = self.user_emb(users)
         i = self.item_emb(items)
         c = self.content(vectors)
-        return self.mlp(torch.cat([u, i, c, u * c, u * i], dim=1)).squeeze(1)
+        parts = [u, i, c, u * c, u * i]
+        if self.history is not None:
+            if history is None:
+                raise ValueError("this pre-ranker reads the user's history: pass the history profiles")
+            hp = self.history(history)
+            parts += [hp, hp * c, (history * vectors).sum(1, keepdim=True)]
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
 
     def logits(
-        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray
+        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray,
+        history: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Hash the raw ids and run the network (with grad; training goes through here too)."""
         b = self.cfg.hash_buckets
@@ -145,11 +179,13 @@ class PreRanker(nn.Module):
             torch.from_numpy(user_buckets(user_ids, b)),
             torch.from_numpy(item_buckets(item_ids, b)),
             torch.as_tensor(np.asarray(item_vectors, dtype=np.float32)),
+            None if history is None else torch.as_tensor(np.asarray(history, dtype=np.float32)),
         )
 
     @torch.no_grad()
     def score(
-        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray
+        self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray,
+        history: np.ndarray | None = None,
     ) -> np.ndarray:
         """Click probabilities (float32, n) for inference and offline evaluation."""
         was_training = self.training
@@ -157,7 +193,7 @@ class PreRanker(nn.Module):
         try:
             if len(user_ids) == 0:
                 return np.zeros(0, np.float32)
-            p = torch.sigmoid(self.logits(user_ids, item_ids, item_vectors))
+            p = torch.sigmoid(self.logits(user_ids, item_ids, item_vectors, history))
             return p.numpy().astype(np.float32)
         finally:
             self.train(was_training)
@@ -186,6 +222,7 @@ class Batch:
     labels: np.ndarray  # float32 (n,)
     weight: np.ndarray  # float32 (n,)
     is_pseudo: np.ndarray  # bool (n,)
+    history: np.ndarray | None = None  # float32 (n, content_dim): for a model with history_items
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -232,5 +269,5 @@ def train_step(
 ) -> dict[str, float]:
     """One step of the pre-ranker on a :class:`Batch` (see :func:`objective_step`)."""
     model.train()
-    logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors)
+    logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors, batch.history)
     return objective_step(opt, logits, batch.labels, batch.is_pseudo, batch.weight, pseudo_lambda)

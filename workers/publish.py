@@ -45,6 +45,7 @@ import torch
 from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
+from workers.history import history_profile
 from workers.labeling.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
 
@@ -72,6 +73,7 @@ class HoldoutRows:
     items: np.ndarray  # int64 (n,)
     vectors: np.ndarray  # float32 (n, dim)
     labels: np.ndarray  # float32 (n,), 0 or 1
+    history: np.ndarray | None = None  # float32 (n, dim): the rows' history profiles (a model with history)
 
     _buckets: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -86,42 +88,57 @@ class HoldoutRows:
 
 
 class Holdout:
-    """The most recent held-out real labels (user, item, label), bounded, saved in every checkpoint."""
+    """The most recent held-out real labels (user, item, label, history items or None), bounded, saved in
+    every checkpoint. The history items are the user's clicks before the row's request (a model that reads
+    history is scored with the history it would have had)."""
 
     def __init__(self, capacity: int) -> None:
-        self.rows: deque[tuple[str, int, float]] = deque(maxlen=capacity)
+        self.rows: deque[tuple[str, int, float, tuple[int, ...] | None]] = deque(maxlen=capacity)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, user_id: str, item_id: int, label: float) -> None:
-        self.rows.append((user_id, int(item_id), float(label)))
+    def add(self, user_id: str, item_id: int, label: float, history: list[int] | None = None) -> None:
+        self.rows.append((user_id, int(item_id), float(label), None if history is None else tuple(history)))
 
     def state(self) -> dict[str, Any]:
         """Plain lists and tensors only: checkpoints are loaded with ``weights_only``."""
-        return {
+        out: dict[str, Any] = {
             "users": [r[0] for r in self.rows],
             "items": torch.tensor([r[1] for r in self.rows], dtype=torch.int64),
             "labels": torch.tensor([r[2] for r in self.rows], dtype=torch.float32),
         }
+        if any(r[3] is not None for r in self.rows):
+            out["history"] = [list(r[3] or ()) for r in self.rows]
+        return out
 
     def restore(self, state: dict[str, Any] | None) -> None:
         self.rows.clear()
         if state:
-            for u, i, y in zip(state["users"], state["items"].tolist(), state["labels"].tolist(), strict=True):
-                self.add(u, i, y)
+            hist = state.get("history") or [None] * len(state["users"])
+            for u, i, y, h in zip(state["users"], state["items"].tolist(), state["labels"].tolist(), hist,
+                                  strict=True):
+                self.add(u, i, y, h)
 
     def item_ids(self) -> set[int]:
-        return {r[1] for r in self.rows}
+        return {r[1] for r in self.rows} | {i for r in self.rows for i in (r[3] or ())}
 
-    def with_vectors(self, vectors: dict[int, np.ndarray], dim: int) -> HoldoutRows:
-        """The rows whose item has a vector (an item deleted from the index since is left out)."""
+    def with_vectors(self, vectors: dict[int, np.ndarray], dim: int, history: bool = False) -> HoldoutRows:
+        """The rows whose item has a vector (an item deleted from the index since is left out); with
+        ``history``, each row's history profile from its history items' vectors."""
         kept = [r for r in self.rows if r[1] in vectors]
+        hist = None
+        if history:
+            empty = np.zeros((0, dim), np.float32)
+            hist = np.stack([history_profile(np.stack([vectors[i] for i in (r[3] or ()) if i in vectors])
+                                             if any(i in vectors for i in (r[3] or ())) else empty)
+                             for r in kept]) if kept else empty
         return HoldoutRows(
             users=[r[0] for r in kept],
             items=np.asarray([r[1] for r in kept], np.int64),
             vectors=np.stack([vectors[r[1]] for r in kept]) if kept else np.zeros((0, dim), np.float32),
             labels=np.asarray([r[2] >= 0.5 for r in kept], np.float32),
+            history=hist,
         )
 
 
@@ -175,8 +192,12 @@ def measure(model: PreRanker, rows: HoldoutRows) -> Scores:
     was_training = model.training
     try:
         with torch.no_grad():
+            hist = None
+            if model.cfg.history_items:
+                h = rows.history if rows.history is not None else np.zeros_like(rows.vectors)
+                hist = torch.from_numpy(np.ascontiguousarray(h, np.float32))
             p = model.eval()(torch.from_numpy(rows.buckets("user", b)), torch.from_numpy(rows.buckets("item", b)),
-                             torch.from_numpy(rows.vectors)).numpy()
+                             torch.from_numpy(rows.vectors), hist).numpy()
     finally:
         model.train(was_training)
     g, users = gauc(p, rows.labels, rows.users)

@@ -13,6 +13,11 @@ between checkpoint and commit re-reads nothing the checkpoint covers, and a cras
 before the checkpoint re-reads (and trains, and counts) those samples exactly once more, because the
 model, seen-set and counts roll back together with the offsets.
 
+History (``trainer.history_items`` > 0, or a checkpoint of such a model): the pre-ranker also reads the
+user's recent clicks. The trainer keeps them (:class:`~workers.click_memory.ClickMemory`, saved in every
+checkpoint) from the real labels it reads, and gives each batch the history its request had: the clicks
+strictly before the batch's ``ts``.
+
 Serving: a deterministic share of real-label samples is held out, never trained, and after every
 checkpoint a quality gate scores the checkpoint and the published model on it; only a checkpoint that
 passes is published for serving (``workers/publish.py``).
@@ -51,6 +56,8 @@ from workers.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
+from workers.click_memory import ClickMemory
+from workers.history import history_profile
 from workers.model import Batch, ModelConfig, PreRanker, make_optimizer, sample_key, train_step
 from workers.publish import Holdout, Publisher, is_holdout
 
@@ -96,7 +103,8 @@ class Trainer:
         self.version = 0
         self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
         self._vectors: dict[int, np.ndarray] = {}
-        self._pending: list[tuple[str, int, np.ndarray, float, float, bool]] = []
+        # (user, item, vector, label, weight, pseudo, history profile or None)
+        self._pending: list[tuple[str, int, np.ndarray, float, float, bool, np.ndarray | None]] = []
         self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
         self._dirty = False
         self._closing = False
@@ -105,11 +113,15 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.holdout = Holdout(self.cfg.holdout_max)  # real labels never trained: the publishing gate's slice
         self.publisher = Publisher(self.directory, self.cfg)
+        self.memory: ClickMemory | None = None  # the users' recent clicks: for a model that reads history
         found = latest_checkpoint(self.directory)
         if found is not None:
             self._restore(read_checkpoint(found))
         elif dim is not None:
             self._build(ModelConfig.from_settings(self.cfg, dim))
+        n = self.model.cfg.history_items if self.model is not None else self.cfg.history_items
+        if n and self.memory is None:
+            self.memory = ClickMemory(n)
 
     # model and state ---------------------------------------------------------------------------
 
@@ -136,6 +148,10 @@ class Trainer:
         self.durable_offsets = dict(self.offsets)
         self.seen = set(ckpt["seen"].tolist())
         self.holdout.restore(ckpt.get("holdout"))
+        memory = ckpt.get("click_memory")
+        if memory:
+            self.memory = ClickMemory(int(memory["n"]))
+            self.memory.restore(memory)
         CHECKPOINT_VERSION.set(self.version)
         log.info(
             "trainer: resumed from %s (version %d, %d samples)",
@@ -236,8 +252,22 @@ class Trainer:
         if self._dirty and not self._closing:
             self.checkpoint()
 
+    def _history(self, b: SampleBatch) -> tuple[list[int], np.ndarray | None]:
+        """(history items, profile) of the batch's request: the user's clicks before its ``ts``."""
+        if self.memory is None:
+            return [], None
+        items = self.memory.before(b.user_id, b.ts)
+        if any(i not in self._vectors for i in items):
+            self._fetch_vectors(set(items))
+        vecs = [self._vectors[i] for i in items if i in self._vectors]  # an item gone from the index is left out
+        dim = self.model.cfg.content_dim if self.model is not None else (len(vecs[0]) if vecs else 0)
+        if not dim:  # no model and no vector yet: the profile's size is not known, and it would be zeros
+            return items, None
+        return items, history_profile(np.stack(vecs) if vecs else np.zeros((0, dim), np.float32))
+
     def _admit(self, b: SampleBatch) -> int:
         """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
+        hist_items, hist = self._history(b)
         for s in b.samples:
             # one key per (request, item), whatever anchor set labeled it: a request relabeled after a restart
             # with newer anchors is the same example, trained at most once (real labels use this id already)
@@ -261,10 +291,12 @@ class Trainer:
             self.counts["pseudo" if pseudo else "real"] += 1
             self.counts["clicks"] += int(s.source == "click")
             if not pseudo and is_holdout(key, self.cfg.holdout_fraction):  # never trained, in any run
-                self.holdout.add(b.user_id, s.item_id, s.label)
+                self.holdout.add(b.user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
                 self.counts["holdout"] += 1
                 continue
-            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo))
+            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist))
+        if self.memory is not None:  # after the batch's own rows: a row never sees its own click
+            self.memory.add(b.user_id, b.ts, [s.item_id for s in b.samples if s.source == "click"])
         self._since_ckpt += len(b.samples)
         return len(b.samples)
 
@@ -301,12 +333,21 @@ class Trainer:
             labels=np.asarray([r[3] for r in rows], np.float32),
             weight=np.asarray([r[4] for r in rows], np.float32),
             is_pseudo=np.asarray([r[5] for r in rows], bool),
+            history=self._history_matrix(rows) if self.model.cfg.history_items else None,
         )
         parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda)
         self.counts["steps"] += 1
         for k, v in parts.items():
             if v == v:  # NaN: that part was absent from the batch
                 TRAINER_LOSS.labels(part=k).set(v)
+
+    def _history_matrix(self, rows: list[tuple[str, int, np.ndarray, float, float, bool, np.ndarray | None]]
+                        ) -> np.ndarray:
+        """(n, dim) history profiles of buffered rows (zeros for a row buffered before the size was known)."""
+        assert self.model is not None
+        dim = self.model.cfg.content_dim
+        zero = np.zeros(dim, np.float32)
+        return np.stack([r[6] if r[6] is not None and len(r[6]) == dim else zero for r in rows])
 
     # checkpoint + commit -----------------------------------------------------------------------
 
@@ -344,7 +385,8 @@ class Trainer:
         """
         assert self.model is not None
         self._fetch_vectors(self.holdout.item_ids())
-        rows = self.holdout.with_vectors(self._vectors, self.model.cfg.content_dim)
+        rows = self.holdout.with_vectors(self._vectors, self.model.cfg.content_dim,
+                                         history=bool(self.model.cfg.history_items))
         try:
             self.publisher.gate(payload, self.model, rows)
         except (OSError, ValueError, RuntimeError):
@@ -366,6 +408,7 @@ class Trainer:
             "counts": dict(self.counts),
             "seen": torch.tensor(sorted(self.seen), dtype=torch.int64),
             "holdout": self.holdout.state(),
+            "click_memory": self.memory.state() if self.memory is not None else None,
         }
 
     def _commit(self) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from gpl.runtime.settings import Settings
 from workers.checkpoints import load_checkpoint
-from workers.model import INPUTS, OUTPUTS, ModelConfig, PreRanker, feature_spec
+from workers.model import HISTORY_INPUT, OUTPUTS, ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.publish import POINTER, PublishedArea
 
 EXPORT_FORMAT = "gpl-preranker-export/1"
@@ -85,7 +85,8 @@ def build_spec(model: PreRanker, meta: dict[str, Any], fmt: str, settings: Setti
         "format": EXPORT_FORMAT,
         "weights_format": fmt,
         "model": "PreRanker (workers/model.py): MLP over [u, i, c, u*c, u*i] of hashed-id embeddings and the "
-                 "projected content vector",
+                 "projected content vector" + (", plus [h, h*c, cos(history, content)] of the user's history profile"
+                                               if model.cfg.history_items else ""),
         "model_config": model.cfg.to_dict(),
         "encoder": {"id": meta["encoder"], "collection": meta["collection"],
                     "version": encoder_version(meta["encoder"], settings),
@@ -114,8 +115,9 @@ class _Served(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor, content: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logit = self.model(users, items, content)
+    def forward(self, users: torch.Tensor, items: torch.Tensor, content: torch.Tensor,
+                history: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        logit = self.model(users, items, content, history)
         return logit, torch.sigmoid(logit)
 
 
@@ -124,8 +126,15 @@ def random_inputs(cfg: ModelConfig, n: int, seed: int = 0) -> dict[str, np.ndarr
     rng = np.random.default_rng(seed)
     content = rng.normal(size=(n, cfg.content_dim)).astype(np.float32)
     content /= np.linalg.norm(content, axis=1, keepdims=True)
-    return {"user_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64),
-            "item_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64), "content": content}
+    out: dict[str, np.ndarray] = {"user_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64),
+                                  "item_bucket": rng.integers(0, cfg.hash_buckets, n, dtype=np.int64),
+                                  "content": content}
+    if cfg.history_items:  # unit profiles, and a user without clicks (zeros) among them
+        hist = rng.normal(size=(n, cfg.content_dim)).astype(np.float32)
+        hist /= np.linalg.norm(hist, axis=1, keepdims=True)
+        hist[::7] = 0.0
+        out[HISTORY_INPUT] = hist
+    return out
 
 
 def onnx_parity(model: PreRanker, onnx_path: Path, n: int = PARITY_ROWS) -> float:
@@ -136,7 +145,7 @@ def onnx_parity(model: PreRanker, onnx_path: Path, n: int = PARITY_ROWS) -> floa
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(list(OUTPUTS), feed)
     with torch.no_grad():
-        logit = model.eval()(*(torch.from_numpy(feed[k]) for k in INPUTS))
+        logit = model.eval()(*(torch.from_numpy(feed[k]) for k in model_inputs(model.cfg)))
     want = [logit.numpy(), torch.sigmoid(logit).numpy()]
     return float(max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)))
 
@@ -145,10 +154,11 @@ def write_onnx(model: PreRanker, path: Path) -> None:
     # the TorchScript exporter: the network is static (gathers, linears, a ReLU), and the dynamo one needs
     # onnxscript, one more dependency for nothing this graph uses
     example = tuple(torch.from_numpy(v) for v in random_inputs(model.cfg, 4).values())
-    axes = {name: {0: "n"} for name in (*INPUTS, *OUTPUTS)}
+    names = model_inputs(model.cfg)
+    axes = {name: {0: "n"} for name in (*names, *OUTPUTS)}
     with warnings.catch_warnings():  # "legacy exporter" deprecation: chosen knowingly, see above
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(_Served(model.eval()), example, str(path), input_names=list(INPUTS),
+        torch.onnx.export(_Served(model.eval()), example, str(path), input_names=list(names),
                           output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=17, dynamo=False)
 
 

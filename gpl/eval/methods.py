@@ -46,6 +46,7 @@ from tqdm import tqdm
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize
+from workers.history import history_profile, recent_distinct
 from workers.model import ModelConfig, PreRanker, item_buckets, make_optimizer, objective_step, user_buckets
 
 MC_PASSES = 8
@@ -103,6 +104,8 @@ class Context:
         self.train_unexposed = np.flatnonzero(~ds.exposed & ~self.row_test)
         self.test_rows = np.flatnonzero(self.row_test)
         self.profiles = torch.from_numpy(history_profiles(ds, item_vectors))
+        n = self.model_config.history_items  # the pre-ranker's own history input (the stream's rule)
+        self.recent = torch.from_numpy(recent_profiles(ds, item_vectors, n)) if n else None
 
     def rows_of(self, flat: np.ndarray, label: np.ndarray, weight: np.ndarray, pseudo: bool) -> Rows:
         return Rows(
@@ -113,6 +116,28 @@ class Context:
             weight.astype(np.float32),
             np.full(len(flat), pseudo),
         )
+
+
+def recent_profiles(ds: EvalDataset, item_vectors: np.ndarray, n: int) -> np.ndarray:
+    """(R, dim): per request the pre-ranker's history input as the trainer builds it
+    (:func:`workers.history.history_profile` of the user's last ``n`` distinct clicked items in EARLIER
+    training requests); test requests get every training click (what is known at the cut)."""
+    R = ds.n_requests
+    out = np.zeros((R, item_vectors.shape[1]), np.float32)
+    click = ds.exposed & (ds.label == 1) & ~ds.is_test[ds.row_request]
+    rows = np.flatnonzero(click)
+    by_req: dict[int, list[int]] = {}
+    for r, it in zip(ds.row_request[rows].tolist(), ds.item[rows].tolist(), strict=True):
+        by_req.setdefault(r, []).append(it)
+    seen: dict[int, list[int]] = {}  # user -> clicked items so far, in time order
+    for r in np.lexsort((np.arange(R), ds.is_test, ds.req_ts, ds.req_user)).tolist():
+        u = int(ds.req_user[r])
+        h = seen.get(u, [])
+        if h:
+            out[r] = history_profile(item_vectors[h])
+        if r in by_req:  # the last n distinct of (the last n distinct so far + these) is exact
+            seen[u] = recent_distinct([*h, *by_req[r]], n)
+    return out
 
 
 def history_profiles(ds: EvalDataset, item_vectors: np.ndarray) -> np.ndarray:
@@ -203,7 +228,8 @@ class StudentNet:
 
     def logits(self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray) -> torch.Tensor:
         it = torch.from_numpy(item)
-        return self.model(ctx.user_bucket[torch.from_numpy(user)], ctx.item_bucket[it], ctx.vectors[it])
+        hist = ctx.recent[torch.from_numpy(req)] if ctx.recent is not None else None
+        return self.model(ctx.user_bucket[torch.from_numpy(user)], ctx.item_bucket[it], ctx.vectors[it], hist)
 
     @property
     def module(self) -> nn.Module:

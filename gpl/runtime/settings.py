@@ -278,6 +278,8 @@ class TrainerSettings(Section):
     hash_buckets: int = Field(default=1 << 16, ge=16)
     id_dim: int = Field(default=16, ge=1)
     hidden: int = Field(default=64, ge=1)
+    history_items: int = Field(default=0, ge=0, description="the pre-ranker also reads the user's history: the "
+                               "unit mean vector of their last N distinct clicked items (0: ids and content only)")
     checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
     pseudo_labels: bool = Field(default=True, description="train on pseudo-labels too; false: the exposed-only "
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
