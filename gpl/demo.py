@@ -32,6 +32,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
+from gpl.demo_history import held_out_histories
 from gpl.eval.metrics import auc, gauc
 from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
@@ -344,7 +345,9 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
     vecs = pts.vectors[[row[int(i)] for i in ids[keep]]]
     y = np.asarray(labels)[keep]
     ex = np.asarray(exposed)[keep]
-    scores = model.score([u for u, k in zip(users, keep, strict=True) if k], ids[keep], vecs)
+    kept_users = [u for u, k in zip(users, keep, strict=True) if k]
+    hist = held_out_histories(settings.encoder.collection, stack.index, train, kept_users, model.cfg)
+    scores = model.score(kept_users, ids[keep], vecs, hist)
     popularity = np.asarray([pop[int(i)] for i in ids[keep]], np.float64)
     return {
         "checkpoint": str(ckpt.name),

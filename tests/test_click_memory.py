@@ -50,3 +50,20 @@ def test_trainer_trains_and_checkpoints_a_history_model(tmp_path: Path) -> None:
     assert any(r[3] for r in t.holdout.rows)
     again = Trainer(s, world_index(s), dim=DIM, progress=False)
     assert again.memory is not None and again.memory.state() == t.memory.state()
+
+
+def test_demo_scores_held_out_users_with_their_streamed_clicks(tmp_path: Path) -> None:
+    from gpl.demo_history import held_out_histories
+    from schemas.events import ExposedItem, ExposureEvent
+    from workers.model import ModelConfig
+
+    s = world_settings(tmp_path)
+    idx = world_index(s)
+    train = [("exposure", ExposureEvent(request_id="r", user_id="u1", ts=1, items=[
+        ExposedItem(item_id=3, position=0, clicked=True), ExposedItem(item_id=4, position=1, clicked=False)]))]
+    cfg = ModelConfig(hash_buckets=64, id_dim=4, hidden=8, content_dim=DIM, history_items=5)
+    h = held_out_histories(s.encoder.collection, idx, train, ["u1", "new"], cfg)
+    assert h is not None and h.shape == (2, DIM)
+    want = history_profile(idx.retrieve(s.encoder.collection, np.asarray([3])).vectors)
+    assert np.allclose(h[0], want) and not h[1].any()
+    assert held_out_histories(s.encoder.collection, idx, train, ["u1"], ModelConfig(64, 4, 8, DIM)) is None
