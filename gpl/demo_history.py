@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
-from workers.history import history_profile, recent_distinct
+from workers.history import profile_of, recent_distinct
 from workers.model import ModelConfig
 
 
@@ -28,11 +28,9 @@ def held_out_histories(collection: str, index: VectorIndex, train: list[tuple[st
     need = np.asarray(sorted({i for h in per_user.values() for i in h}), np.int64)
     pts = index.retrieve(collection, need)
     vec = dict(zip(pts.ids.tolist(), pts.vectors, strict=True))
-    empty = np.zeros((0, cfg.content_dim), np.float32)
-    prof = {u: history_profile(np.stack([vec[i] for i in h if i in vec]) if any(i in vec for i in h) else empty)
-            for u, h in per_user.items()}
+    prof = {u: profile_of(h, vec, cfg.content_dim) for u, h in per_user.items()}
     zero = np.zeros(cfg.content_dim, np.float32)
-    return np.stack([prof.get(u, zero) for u in users]) if users else empty
+    return np.stack([prof.get(u, zero) for u in users]) if users else np.zeros((0, cfg.content_dim), np.float32)
 
 
 __all__ = ["held_out_histories"]

@@ -8,7 +8,7 @@ would crowd others out of a short prompt; most recent last because that is how t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -28,3 +28,10 @@ def history_profile(vectors: np.ndarray) -> np.ndarray:
     m = v.mean(axis=0)
     n = float(np.linalg.norm(m))
     return (m / n).astype(np.float32) if n > 1e-12 else np.zeros_like(m)
+
+
+def profile_of(items: Iterable[int], vectors: Mapping[int, np.ndarray], dim: int) -> np.ndarray:
+    """:func:`history_profile` of ``items`` looked up in ``vectors``; an item without a vector (gone from
+    the index) is left out. One rule for the trainer, its publishing gate and the demo's held-out scoring."""
+    found = [vectors[i] for i in items if i in vectors]
+    return history_profile(np.stack(found) if found else np.zeros((0, dim), np.float32))

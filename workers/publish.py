@@ -45,7 +45,7 @@ import torch
 from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
-from workers.history import history_profile
+from workers.history import profile_of
 from workers.labeling.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
 
@@ -129,10 +129,8 @@ class Holdout:
         kept = [r for r in self.rows if r[1] in vectors]
         hist = None
         if history:
-            empty = np.zeros((0, dim), np.float32)
-            hist = np.stack([history_profile(np.stack([vectors[i] for i in (r[3] or ()) if i in vectors])
-                                             if any(i in vectors for i in (r[3] or ())) else empty)
-                             for r in kept]) if kept else empty
+            profiles = [profile_of(r[3] or (), vectors, dim) for r in kept]
+            hist = np.stack(profiles) if profiles else np.zeros((0, dim), np.float32)
         return HoldoutRows(
             users=[r[0] for r in kept],
             items=np.asarray([r[1] for r in kept], np.int64),

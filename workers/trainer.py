@@ -57,7 +57,7 @@ from workers.checkpoints import (
     save_checkpoint,
 )
 from workers.click_memory import ClickMemory
-from workers.history import history_profile
+from workers.history import profile_of
 from workers.model import Batch, ModelConfig, PreRanker, make_optimizer, sample_key, train_step
 from workers.publish import Holdout, Publisher, is_holdout
 
@@ -259,11 +259,11 @@ class Trainer:
         items = self.memory.before(b.user_id, b.ts)
         if any(i not in self._vectors for i in items):
             self._fetch_vectors(set(items))
-        vecs = [self._vectors[i] for i in items if i in self._vectors]  # an item gone from the index is left out
-        dim = self.model.cfg.content_dim if self.model is not None else (len(vecs[0]) if vecs else 0)
+        known = [i for i in items if i in self._vectors]
+        dim = self.model.cfg.content_dim if self.model is not None else (len(self._vectors[known[0]]) if known else 0)
         if not dim:  # no model and no vector yet: the profile's size is not known, and it would be zeros
             return items, None
-        return items, history_profile(np.stack(vecs) if vecs else np.zeros((0, dim), np.float32))
+        return items, profile_of(items, self._vectors, dim)
 
     def _admit(self, b: SampleBatch) -> int:
         """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
