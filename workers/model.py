@@ -22,6 +22,13 @@ process and after every restart, or a checkpoint would map users to someone else
 The objective is docs/design.md §2: L = Σ_exposed BCE(f, y) + λ · Σ_unexposed w · BCE(f, ỹ), computed per
 mini-batch and divided by the batch size (not by Σ weights, which would change an exposed sample's
 effective weight with the batch's pseudo share).
+
+Beside it, an optional *rank* term (``trainer.rank_weight`` > 0): per request, the softmax of the
+student's logits over that request's pseudo-labeled candidates is pulled towards the softmax of the label
+logits, both at ``trainer.rank_temperature`` (listwise distillation, KL · T²). The pointwise term at p ≈ 0.04
+turns a whole logit of difference between two candidates into ~0.04 of gradient; the listwise term sees
+the *order* the labels put the request's candidates in, whatever their level. It carries no confidence
+weight: the margin weight |2p − 1| is lowest exactly where the labels depart from the priors.
 """
 
 from __future__ import annotations
@@ -206,6 +213,32 @@ def loss_weights(is_pseudo: np.ndarray, weight: np.ndarray, pseudo_lambda: float
     )
 
 
+def listwise_kl(logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over groups of KL(softmax(logit(ỹ)/T) ‖ softmax(f/T)) · T², per group of rows (``group``: int64
+    ids, any order). Groups of one row carry no order and are left out; 0 when no group has two rows."""
+    if logits.numel() == 0:
+        return logits.sum()
+    _, g = torch.unique(group, return_inverse=True)
+    n_groups = int(g.max()) + 1
+    size = torch.zeros(n_groups, dtype=logits.dtype).index_add_(0, g, torch.ones_like(logits))
+    keep = size[g] >= 2
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    y = labels.clamp(1e-6, 1 - 1e-6)
+    t = torch.logit(y) / temperature
+    s = logits / temperature
+
+    def log_softmax(x: torch.Tensor) -> torch.Tensor:
+        mx = torch.full((n_groups,), -torch.inf, dtype=x.dtype).scatter_reduce(0, g, x.detach(), "amax")
+        e = torch.exp(x - mx[g])
+        return x - mx[g] - torch.log(torch.zeros(n_groups, dtype=x.dtype).index_add(0, g, e))[g]
+
+    lq, ls = log_softmax(t), log_softmax(s)
+    per_row = torch.exp(lq) * (lq - ls)
+    per_group = torch.zeros(n_groups, dtype=logits.dtype).index_add(0, g, torch.where(keep, per_row, 0.0))
+    return per_group[size >= 2].mean() * temperature**2
+
+
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ w·BCE(logit, label) / n: soft labels allowed (ỹ in [0, 1])."""
     per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
@@ -223,6 +256,7 @@ class Batch:
     weight: np.ndarray  # float32 (n,)
     is_pseudo: np.ndarray  # bool (n,)
     history: np.ndarray | None = None  # float32 (n, content_dim): for a model with history_items
+    group: np.ndarray | None = None  # int64 (n,): the row's request, for the rank term (pseudo rows only)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -238,19 +272,40 @@ def make_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Opt
         return torch.optim.Adam(params, lr=lr)
 
 
+@dataclass(frozen=True)
+class RankTerm:
+    """The listwise term of the objective: its weight beside the pointwise loss and its temperature."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+
+    @classmethod
+    def from_settings(cls, t: TrainerSettings) -> RankTerm:
+        return cls(t.rank_weight, t.rank_temperature)
+
+
 def objective_step(opt: torch.optim.Optimizer, logits: torch.Tensor, labels: np.ndarray, is_pseudo: np.ndarray,
-                   weight: np.ndarray, pseudo_lambda: float) -> dict[str, float]:
+                   weight: np.ndarray, pseudo_lambda: float, *, group: np.ndarray | None = None,
+                   rank: RankTerm | None = None) -> dict[str, float]:
     """One optimizer step on L = Σ_exposed BCE(f, y) + λ · Σ_pseudo w · BCE(f, ỹ), given the batch's logits.
 
     The trainer and ``gpl eval`` (whose KD teacher has other inputs than the pre-ranker) both step through
     here, so every method of the comparison optimises exactly the stream's objective. Returns ``total``
-    (the optimised value) and the unweighted mean BCE of the ``exposed`` and ``pseudo`` parts (NaN when a
-    part is absent).
+    (the optimised value), the unweighted mean BCE of the ``exposed`` and ``pseudo`` parts and the
+    listwise ``rank`` term (NaN when a part is absent). ``group`` (the row's request) and ``rank`` add the
+    listwise term over each request's pseudo rows.
     """
     y = torch.from_numpy(np.asarray(labels, np.float32))
     pseudo_np = np.asarray(is_pseudo, bool)
     w = torch.from_numpy(loss_weights(pseudo_np, weight, pseudo_lambda))
     loss = weighted_bce(logits, y, w)
+    ranked = float("nan")
+    if rank is not None and rank.weight > 0 and group is not None and pseudo_np.any():
+        sel = torch.from_numpy(pseudo_np)
+        term = listwise_kl(logits[sel], y[sel], torch.from_numpy(np.asarray(group, np.int64)[pseudo_np]),
+                           rank.temperature)
+        ranked = float(term.detach())
+        loss = loss + rank.weight * term
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -261,13 +316,15 @@ def objective_step(opt: torch.optim.Optimizer, logits: torch.Tensor, labels: np.
             "total": float(loss.detach()),
             "exposed": float(per[~pseudo].mean()) if bool((~pseudo).any()) else float("nan"),
             "pseudo": float(per[pseudo].mean()) if bool(pseudo.any()) else float("nan"),
+            "rank": ranked,
         }
 
 
 def train_step(
-    model: PreRanker, opt: torch.optim.Optimizer, batch: Batch, pseudo_lambda: float
+    model: PreRanker, opt: torch.optim.Optimizer, batch: Batch, pseudo_lambda: float, rank: RankTerm | None = None
 ) -> dict[str, float]:
     """One step of the pre-ranker on a :class:`Batch` (see :func:`objective_step`)."""
     model.train()
     logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors, batch.history)
-    return objective_step(opt, logits, batch.labels, batch.is_pseudo, batch.weight, pseudo_lambda)
+    return objective_step(opt, logits, batch.labels, batch.is_pseudo, batch.weight, pseudo_lambda,
+                          group=batch.group, rank=rank)

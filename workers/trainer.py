@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from workers.checkpoints import (
 )
 from workers.click_memory import ClickMemory
 from workers.history import profile_of
-from workers.model import Batch, ModelConfig, PreRanker, make_optimizer, sample_key, train_step
+from workers.model import Batch, ModelConfig, PreRanker, RankTerm, make_optimizer, sample_key, train_step
 from workers.publish import Holdout, Publisher, is_holdout
 
 # the checkpoint files moved to workers/checkpoints.py; callers still import them from here
@@ -72,6 +72,19 @@ COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "pseudo_
 
 
 # --- the worker ------------------------------------------------------------------------------------
+
+
+class Pending(NamedTuple):
+    """A sample buffered for the next optimizer step."""
+
+    user_id: str
+    item_id: int
+    vector: np.ndarray
+    label: float
+    weight: float
+    pseudo: bool
+    history: np.ndarray | None  # the request's history profile (model with history_items), else None
+    group: int  # the SampleBatch (request) it came in: the rank term compares a request's rows
 
 
 class Trainer:
@@ -103,8 +116,8 @@ class Trainer:
         self.version = 0
         self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
         self._vectors: dict[int, np.ndarray] = {}
-        # (user, item, vector, label, weight, pseudo, history profile or None)
-        self._pending: list[tuple[str, int, np.ndarray, float, float, bool, np.ndarray | None]] = []
+        self._pending: list[Pending] = []
+        self._batches = 0  # SampleBatches admitted: a row's request group for the rank term
         self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
         self._dirty = False
         self._closing = False
@@ -113,6 +126,7 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.holdout = Holdout(self.cfg.holdout_max)  # real labels never trained: the publishing gate's slice
         self.publisher = Publisher(self.directory, self.cfg)
+        self.rank = RankTerm.from_settings(self.cfg)
         self.memory: ClickMemory | None = None  # the users' recent clicks: for a model that reads history
         found = latest_checkpoint(self.directory)
         if found is not None:
@@ -294,10 +308,11 @@ class Trainer:
                 self.holdout.add(b.user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
                 self.counts["holdout"] += 1
                 continue
-            self._pending.append((b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist))
+            self._pending.append(Pending(b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, self._batches))
         if self.memory is not None:  # after the batch's own rows: a row never sees its own click
             self.memory.add(b.user_id, b.ts, [s.item_id for s in b.samples if s.source == "click"])
         self._since_ckpt += len(b.samples)
+        self._batches += 1
         return len(b.samples)
 
     def _fetch_vectors(self, item_ids: set[int]) -> None:
@@ -317,7 +332,7 @@ class Trainer:
         rows, self._pending = self._pending[:n], self._pending[n:]
         if not rows:
             return
-        vectors = np.stack([r[2] for r in rows])
+        vectors = np.stack([r.vector for r in rows])
         if self.model is None:
             self._build(ModelConfig.from_settings(self.cfg, int(vectors.shape[1])))
         assert self.model is not None and self.opt is not None
@@ -327,27 +342,27 @@ class Trainer:
                 f"{self.model.cfg.content_dim}: the collection changed under the model"
             )
         batch = Batch(
-            user_ids=[r[0] for r in rows],
-            item_ids=np.asarray([r[1] for r in rows], np.int64),
+            user_ids=[r.user_id for r in rows],
+            item_ids=np.asarray([r.item_id for r in rows], np.int64),
             vectors=vectors,
-            labels=np.asarray([r[3] for r in rows], np.float32),
-            weight=np.asarray([r[4] for r in rows], np.float32),
-            is_pseudo=np.asarray([r[5] for r in rows], bool),
+            labels=np.asarray([r.label for r in rows], np.float32),
+            weight=np.asarray([r.weight for r in rows], np.float32),
+            is_pseudo=np.asarray([r.pseudo for r in rows], bool),
             history=self._history_matrix(rows) if self.model.cfg.history_items else None,
+            group=np.asarray([r.group for r in rows], np.int64),
         )
-        parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda)
+        parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda, self.rank)
         self.counts["steps"] += 1
         for k, v in parts.items():
             if v == v:  # NaN: that part was absent from the batch
                 TRAINER_LOSS.labels(part=k).set(v)
 
-    def _history_matrix(self, rows: list[tuple[str, int, np.ndarray, float, float, bool, np.ndarray | None]]
-                        ) -> np.ndarray:
+    def _history_matrix(self, rows: list[Pending]) -> np.ndarray:
         """(n, dim) history profiles of buffered rows (zeros for a row buffered before the size was known)."""
         assert self.model is not None
         dim = self.model.cfg.content_dim
         zero = np.zeros(dim, np.float32)
-        return np.stack([r[6] if r[6] is not None and len(r[6]) == dim else zero for r in rows])
+        return np.stack([r.history if r.history is not None and len(r.history) == dim else zero for r in rows])
 
     # checkpoint + commit -----------------------------------------------------------------------
 

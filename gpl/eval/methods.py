@@ -47,7 +47,15 @@ from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize
 from workers.history import history_profile, recent_distinct
-from workers.model import ModelConfig, PreRanker, item_buckets, make_optimizer, objective_step, user_buckets
+from workers.model import (
+    ModelConfig,
+    PreRanker,
+    RankTerm,
+    item_buckets,
+    make_optimizer,
+    objective_step,
+    user_buckets,
+)
 
 MC_PASSES = 8
 TEACHER_HIDDEN = 128
@@ -85,6 +93,7 @@ class Context:
         self.lr = t.lr
         self.batch_size = t.batch_size
         self.pseudo_lambda = t.pseudo_lambda
+        self.rank = RankTerm.from_settings(t)
         self.vectors = torch.from_numpy(np.ascontiguousarray(item_vectors, np.float32))
         self.user_bucket = torch.from_numpy(user_buckets(ds.users, t.hash_buckets))
         self.item_bucket = torch.from_numpy(item_buckets(ds.item_ids, t.hash_buckets))
@@ -294,7 +303,7 @@ def fit(
     last: dict[str, float] = {}
     for _ in range(ctx.epochs):
         perm = rng.permutation(n)
-        chunks = np.array_split(rng.permutation(len(extra)), steps) if len(extra) else None
+        chunks = _chunks(extra, steps, rng, by_request=ctx.rank.weight > 0) if len(extra) else None
         tot = 0.0
         for s in range(steps):
             a = perm[s * bs : (s + 1) * bs]
@@ -309,13 +318,27 @@ def fit(
                 lab = np.concatenate([lab, extra.label[b]])
                 w = np.concatenate([w, extra.weight[b]])
                 pseudo = np.concatenate([pseudo, extra.pseudo[b]])
-            parts = objective_step(opt, net.logits(ctx, user, item, req), lab, pseudo, w, ctx.pseudo_lambda)
+            parts = objective_step(opt, net.logits(ctx, user, item, req), lab, pseudo, w, ctx.pseudo_lambda,
+                                   group=req, rank=ctx.rank)
             tot += parts["total"]
             bar.update(1)
         last = {"loss": tot / steps}
     bar.close()
     model.eval()
     return last
+
+
+def _chunks(extra: Rows, steps: int, rng: np.random.Generator, *, by_request: bool) -> list[np.ndarray]:
+    """The added rows split over an epoch's steps: shuffled rows, or — for the rank term, which compares the
+    candidates of one request — shuffled whole requests, so each request's rows share a step (as in the
+    stream, where a SampleBatch's rows are buffered together)."""
+    if not by_request:
+        return np.array_split(rng.permutation(len(extra)), steps)
+    reqs, inv = np.unique(extra.req, return_inverse=True)
+    slot = rng.permutation(len(reqs))[inv]  # each request's place in the epoch
+    order = np.argsort(slot, kind="stable")
+    bounds = np.searchsorted(slot[order], [len(reqs) * s // steps for s in range(1, steps)])
+    return np.split(order, bounds)
 
 
 @torch.no_grad()

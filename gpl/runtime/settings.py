@@ -32,7 +32,7 @@ _MURMUR2 = ("murmur2_random", "murmur2")
 
 class KafkaSettings(Section):
     bootstrap_servers: str = Field(
-        default="", description="empty: start the embedded Tansu broker; else a Kafka bootstrap list"
+        default="", description="empty: start the local broker (broker.kind); else a Kafka bootstrap list"
     )
     partitions: int = Field(default=4, ge=1, description="partition count of every user-keyed topic")
     replication_factor: int = Field(default=1, ge=1)
@@ -55,18 +55,24 @@ class KafkaSettings(Section):
         default_factory=dict, description="faust App settings for the streams stage, applied last "
         '(e.g. {"producer_compression_type": "zstd"})')
     group_prefix: str = "gpl"
-    # Tansu 0.6 reports a batch's base offset + 1 as the high watermark: one record per batch keeps
-    # watermark readers (table recovery, lag) exact. Raise for a real Kafka.
-    producer_batch_messages: int = Field(default=1, ge=1)
-    linger_ms: int = Field(default=0, ge=0)
+    # Apache Kafka's defaults. The embedded broker's remedies (one record per batch, a short fetch wait, gap
+    # re-reads, checked time look-ups) are applied by its profile alone: EmbeddedBroker.profile()
+    producer_batch_messages: int = Field(default=10_000, ge=1, description="records per produce batch "
+                                         "(librdkafka batch.num.messages; 1 also makes faust send one per batch)")
+    linger_ms: int = Field(default=5, ge=0, description="how long a producer waits to fill a batch")
     max_message_bytes: int = Field(default=4_000_000, ge=1024)
-    fetch_wait_max_ms: int = Field(
-        default=50, ge=1, description="longest a fetch waits for data; the embedded broker holds fetches this long")
+    fetch_wait_max_ms: int | None = Field(
+        default=None, ge=1, description="longest a fetch waits for data; unset: the clients' own (librdkafka 500 "
+        "ms, faust 1,500 ms: a Kafka broker answers as soon as data comes)")
     refetch_gaps: bool = Field(
         default=False, description="re-read an offset a consumer skipped (the embedded Tansu broker can hand a "
         "live reader the record after one that another producer appends at the same time; gpl/runtime/kafka.py "
-        "GapGuard). The embedded stack turns it on; a real Kafka leaves gaps only on purpose (compaction, "
+        "GapGuard). The embedded profile turns it on; a real Kafka leaves gaps only on purpose (compaction, "
         "transaction markers)")
+    check_time_lookup: bool = Field(
+        default=False, description="check the broker's offsets_for_times answer before a time-range replay "
+        "starts there, else scan the partition (the embedded Tansu broker answers 0 whatever the time; its "
+        "profile turns this on)")
     lag_interval_s: float = Field(
         default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
         "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")
@@ -280,6 +286,9 @@ class TrainerSettings(Section):
     hidden: int = Field(default=64, ge=1)
     history_items: int = Field(default=0, ge=0, description="the pre-ranker also reads the user's history: the "
                                "unit mean vector of their last N distinct clicked items (0: ids and content only)")
+    rank_weight: float = Field(default=0.0, ge=0, description="weight of the listwise rank term: per request, "
+                               "KL between the softmax of the pseudo-labels' logits and the student's (0: off)")
+    rank_temperature: float = Field(default=1.0, gt=0, description="temperature of both softmaxes of the rank term")
     checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
     pseudo_labels: bool = Field(default=True, description="train on pseudo-labels too; false: the exposed-only "
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
@@ -308,7 +317,10 @@ class HealthSettings(Section):
 
 
 class BrokerSettings(Section):
-    """The embedded Tansu broker of `gpl up` / `gpl run --embedded` (ignored with kafka.bootstrap_servers)."""
+    """The broker that `gpl up` / `gpl run --embedded` start (ignored with kafka.bootstrap_servers)."""
+
+    kind: Literal["embedded", "kafka"] = Field(default="embedded", description="embedded: Tansu (PyPI only); "
+                                               "kafka: Apache Kafka (needs Java 17+ and Maven: `gpl kafka fetch`)")
 
     port: int = Field(default=0, ge=0, le=65535, description="loopback port; 0: a free one, remembered in "
                       "data_dir/broker.json so a restart with durable storage comes back on the same port")
