@@ -127,3 +127,21 @@ def test_top10_diversity_and_tail_match_loops() -> None:
     assert M.category_coverage(top, cat) == pytest.approx(float(np.mean(cov)))
     assert M.tail_share(top, tail) == pytest.approx(float(np.mean(share)))
     assert M.intra_list_distance(top, vec) == pytest.approx(float(np.mean(ild)), rel=1e-5)
+
+
+def test_label_fidelity_is_rank_correlation_and_top_overlap_per_request() -> None:
+    from gpl.eval.metrics import label_fidelity
+
+    rng = np.random.default_rng(0)
+    y = rng.random(60)
+    g = np.repeat(np.arange(3), 20)
+    same = label_fidelity(y * 5 - 1, y, g)  # a monotone map of the labels: perfect fidelity
+    assert same["spearman"] == pytest.approx(1.0) and same["overlap@10"] == pytest.approx(1.0)
+    rev = label_fidelity(-y, y, g)
+    assert rev["spearman"] == pytest.approx(-1.0) and rev["overlap@10"] == pytest.approx(0.0)
+    # by hand, one request: scores order 2 of 3 pairs right
+    one = label_fidelity(np.array([1.0, 3.0, 2.0]), np.array([0.1, 0.2, 0.3]), np.zeros(3, np.int64), k=1)
+    assert one["spearman"] == pytest.approx(0.5)
+    assert one["overlap@1"] == pytest.approx(0.0)  # the label's best (row 2) is not the student's best (row 1)
+    flat = label_fidelity(np.ones(3), np.array([0.1, 0.2, 0.3]), np.zeros(3, np.int64))
+    assert np.isnan(flat["spearman"])

@@ -211,3 +211,31 @@ __all__ = [
     "category_coverage",
     "intra_list_distance",
 ]
+
+
+def label_fidelity(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int = 10) -> dict[str, float]:
+    """How faithfully a student reproduces the order of its training labels, per request (``groups``).
+
+    ``spearman``: mean over requests with at least 3 labeled rows and some spread in both of the rank
+    correlation of student score and label (ties at average rank); ``overlap@k``: mean share of the
+    label's top k (k capped at the request's rows - 1, so a request is never trivially full) that the
+    student's top k holds. NaN when no request qualifies.
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, np.float64)
+    _, g = np.unique(np.asarray(groups, np.int64), return_inverse=True)
+    n = np.bincount(g)
+    rs, ry = _average_ranks(s, g), _average_ranks(y, g)
+    mean_s = np.bincount(g, rs) / n
+    mean_y = np.bincount(g, ry) / n
+    ds, dy = rs - mean_s[g], ry - mean_y[g]
+    cov = np.bincount(g, ds * dy)
+    var = np.bincount(g, ds * ds) * np.bincount(g, dy * dy)
+    ok = (n >= 3) & (var > 0)
+    rho = cov[ok] / np.sqrt(var[ok])
+    kk = np.minimum(k, n - 1)[g]  # per row: its request's k
+    top_s, top_y = (rs > n[g] - kk), (ry > n[g] - kk)  # ranks are ascending: the top k hold the largest
+    hit = np.bincount(g, top_s & top_y) / np.maximum(np.bincount(g, top_y), 1)
+    ok_k = ok & (np.bincount(g, top_y) > 0)
+    return {"spearman": float(rho.mean()) if len(rho) else float("nan"),
+            f"overlap@{k}": float(hit[ok_k].mean()) if ok_k.any() else float("nan")}

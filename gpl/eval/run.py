@@ -46,6 +46,7 @@ from gpl.eval.gpl_rows import SPECS, GPLRows
 from gpl.eval.kd import KD_METHODS, Baselines
 from gpl.eval.kd import LABELS as KD_LABELS
 from gpl.eval.methods import Context, Rows, StudentNet, fit, negatives_rows, predict, uniform_unexposed
+from gpl.eval.metrics import label_fidelity
 from gpl.eval.pseudo import PseudoLabels
 from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
 from gpl.runtime.encoder import Encoder, open_encoder
@@ -120,6 +121,16 @@ def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarr
             "count": cnt.tolist(),
         },
     }
+
+
+def student_fidelity(student: StudentNet, ctx: Context, rows: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """The trained student's agreement with the order of its own added labels, per training request
+    (``fid_spearman``, ``fid_overlap@10``; :func:`gpl.eval.metrics.label_fidelity`)."""
+    if not len(rows):
+        return {}
+    scores, _ = predict(student, ctx, ctx.row_user[rows], ctx.ds.item[rows], ctx.row_request[rows])
+    fid = label_fidelity(scores, p, ctx.row_request[rows])
+    return {f"fid_{k}": v for k, v in fid.items()}
 
 
 def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors) -> dict[str, Any]:
@@ -312,7 +323,7 @@ def _run(
             res = {sc: ev.metrics(scores, sc) for sc in ev.scopes}
             if soft is not None:
                 q = pseudo_quality(ds, *soft)
-                res["all"] |= {k: q[k] for k in PL_KEYS}
+                res["all"] |= {k: q[k] for k in PL_KEYS} | student_fidelity(student, ctx, soft[0], soft[1])
                 if seed == 0:
                     pl[method] = q
             runs.setdefault(method, {})[str(seed)] = res
