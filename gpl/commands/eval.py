@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--validation", action="store_true",
                    help="training period only: each user's last 20%% of training requests are the held-out slice")
+    p.add_argument("--space", choices=("content", "collab"), default="content",
+                   help="the frozen space every method matches and reads items in: the encoder's content vectors, "
+                        "or a collaborative space fitted on the training period's clicks (PureSVD, content "
+                        "adapter for rarely clicked items)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; mean ± std over them (default 3)")
     p.add_argument("--epochs", type=int, default=2, help="epochs over the exposed training rows, every method")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <data_dir>/eval/results/<name>)")
@@ -86,6 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     path = dataset_path(args.dataset, settings, args.sim_seed, args.split, draws=args.draws,
                         taste_share=args.taste_share)
     name = path.resolve().name + ("-validation" if args.validation else "")
+    name += "-collab" if args.space == "collab" else ""
     out = args.out or settings.data_dir / "eval" / "results" / f"{name}-{args.anchors}"
     cfg = EvalConfig(
         methods=methods,
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         torch_threads=args.threads,
         plots=not args.no_plots,
         validation=args.validation,
+        space=args.space,
     )
     try:
         results = run_eval(path, settings, cfg)

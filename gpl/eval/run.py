@@ -40,7 +40,7 @@ from tqdm import tqdm
 from gpl.eval import metrics as M
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
 from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
-from gpl.eval.embed import CachedEncoder
+from gpl.eval.embed import CachedEncoder, training_collab_space
 from gpl.eval.gpl_rows import LABELS as GPL_LABELS
 from gpl.eval.gpl_rows import SPECS, GPLRows
 from gpl.eval.kd import KD_METHODS, Baselines
@@ -88,6 +88,7 @@ class EvalConfig:
     plots: bool = True
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/sid default)
     validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
+    space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (workers/collab_space.py)
 
 
 def _nanstats(vals: list[float]) -> dict[str, float]:
@@ -221,6 +222,10 @@ def _run(
     t = time.perf_counter()
     enc = CachedEncoder(encoder or open_encoder(settings.encoder), cache_dir, progress=cfg.progress)
     item_vectors = enc.encode(ds.item_text, desc="embed items")
+    space_info: dict[str, Any] = {"space": cfg.space}
+    if cfg.space == "collab":  # fitted on the training period's clicks only
+        space = training_collab_space(ds, item_vectors)
+        item_vectors, space_info = space.vectors, space_info | {"name": space.name, **space.info}
     timing["embed_items"] = time.perf_counter() - t
 
     ctx = Context(ds, item_vectors, settings, epochs=cfg.epochs)
@@ -385,6 +390,7 @@ def _run(
         "unavailable": unavailable,
         "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
         "anchors": anchors_report,
+        "space": space_info,
         "calibration": {**gpl.info, **kd.info},
         "pseudo_labels": {m: {k: v for k, v in q.items()} for m, q in pl.items()},
         "method_info": extra_info,
