@@ -196,6 +196,10 @@ class ExposureEvent(Contract):
     ts: EpochMs
     items: list[ExposedItem] = Field(json_schema_extra={"uniqueItems": True, "x-unique-by": "item_id"},
                                      description="no item_id twice (the contract checks it by item_id)")
+    exploration: bool = Field(default=False, description=(
+        "true when these items were drawn uniformly at random from the request's recall (an exploration or "
+        "A/B slice), not chosen by the ranker: the calibrator then learns from the candidates it labels "
+        "instead of the ones a ranker selected (preferred when there are enough such requests)"))
 
     @model_validator(mode="after")
     def _unique_items(self) -> ExposureEvent:

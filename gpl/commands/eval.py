@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--taste-share", type=float, default=0.0, metavar="SHARE",
                    help="semisynth world: the positive control, where cosine(user's liked-item profile, item) in the "
                         "frozen space explains SHARE of the within-request logit variance (e.g. 0.2; default 0: off)")
+    p.add_argument("--explore-share", type=float, default=0.0, metavar="SHARE",
+                   help="semisynth world: SHARE of the training requests exposed uniformly at random and flagged as "
+                        "exploration in their exposure events (the calibrator prefers them; default 0: none)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     path = dataset_path(args.dataset, settings, args.sim_seed, args.split, draws=args.draws,
-                        taste_share=args.taste_share)
+                        taste_share=args.taste_share, explore_share=args.explore_share)
     name = path.resolve().name + ("-validation" if args.validation else "")
     name += "-collab" if args.space == "collab" else ""
     out = args.out or settings.data_dir / "eval" / "results" / f"{name}-{args.anchors}"
@@ -125,10 +128,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str = "per-user", *,
-                 draws: str = "request", taste_share: float = 0.0) -> Path:
+                 draws: str = "request", taste_share: float = 0.0, explore_share: float = 0.0) -> Path:
     """A dataset directory, or the built-in ``movielens`` / ``semisynth`` built (once) under the data dir.
 
-    ``draws`` and ``taste_share`` choose the semisynth world (gpl/simulate/semisynth.py)."""
+    ``draws``, ``taste_share`` and ``explore_share`` choose the semisynth world (gpl/simulate/semisynth.py)."""
     if dataset == "movielens":
         from gpl.eval.movielens import build_movielens, default_dir
 
@@ -145,6 +148,7 @@ def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str
             from gpl.runtime.encoder import open_encoder
 
             encoder = CachedEncoder(open_encoder(settings.encoder), cache)
-        return build_semisynth(ss_dir(settings.data_dir, sim_seed, draws, taste_share), seed=sim_seed,
-                               cache_dir=cache, draws=draws, content_share=taste_share, encoder=encoder)
+        return build_semisynth(ss_dir(settings.data_dir, sim_seed, draws, taste_share, explore_share), seed=sim_seed,
+                               cache_dir=cache, draws=draws, content_share=taste_share, encoder=encoder,
+                               explore_share=explore_share)
     return Path(dataset)

@@ -64,6 +64,8 @@ DEFAULT_FEATURE_SET = "priors"  # the validation rule's winner (docs/eval.md, "H
 SIMILARITY = frozenset({"s1", "s2", "s_mean", "s_cent"})
 FOLDS = 3
 L2 = 1e-4
+EXPLORATION_MIN_ROWS = 500  # exposures of exploration requests before the calibrator prefers them
+EXPLORATION_MIN_CLICKS = 50
 
 AnchorFn = Callable[[dict[int, np.ndarray]], dict[int, UserAnchors]]
 """Histories (dense user → dense item ids, most recent last) → that source's anchors per user."""
@@ -177,16 +179,19 @@ class CrossFitRows:
 
 
 def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *, features: tuple[str, ...],
-                   anchor_fn: AnchorFn | None, requests: np.ndarray | None = None, folds: int = FOLDS
-                   ) -> CrossFitRows:
-    """Calibration rows: each fold's exposures against anchors built from the other folds (module docstring)."""
+                   anchor_fn: AnchorFn | None, requests: np.ndarray | None = None, folds: int = FOLDS,
+                   targets: np.ndarray | None = None) -> CrossFitRows:
+    """Calibration rows: each fold's exposures against anchors built from the other folds (module docstring).
+
+    ``targets`` (bool per flat row) keeps only those exposures as calibration rows (the exploration slice);
+    the anchors and histories still come from every click of the other folds."""
     train = ~ds.is_test if requests is None else np.asarray(requests, bool)
     fold = row_folds(ds, train, folds)
     priors = TrainingPriors.of(ds, train)
     needs_anchors = bool(SIMILARITY & set(features))
     if needs_anchors and anchor_fn is None:
         raise ValueError(f"features {features} need anchors: pass an anchor source")
-    ex_rows = np.flatnonzero(fold >= 0)  # the exposed training rows
+    ex_rows = np.flatnonzero((fold >= 0) & (True if targets is None else np.asarray(targets, bool)))
     xs, ys, us, rs, fs, hists = [], [], [], [], [], []
     for f in range(folds):
         hist = training_histories(ds, settings.anchors.history_items, train, rows=(fold >= 0) & (fold != f))
@@ -250,6 +255,23 @@ def too_little_data(ds: EvalDataset, cf: CrossFitRows, requests: np.ndarray, fea
             f"({counts}) — fit_calibrator needs at least 50 rows, clicked and not: needs {more}")
 
 
+def exploration_slice(ds: EvalDataset, requests: np.ndarray) -> tuple[np.ndarray | None, dict[str, float]]:
+    """(rows to calibrate on, what was found): the exposures of exploration requests when there are enough of
+    them, else None (every exposure).
+
+    Why: a ranker chose the ordinary exposures, so their click rate is the rate of what a ranker liked, while
+    the labeler labels what it did NOT show; an exposure drawn uniformly from the recall is a sample of the
+    very candidates being labeled. The rule (fixed before measuring): prefer the slice when it holds at least
+    ``EXPLORATION_MIN_CLICKS`` clicks and ``EXPLORATION_MIN_ROWS`` exposures, enough for the calibrator's
+    few weights; below that its variance costs more than the selection bias it removes.
+    """
+    rows = ds.exposed & ds.explored[ds.row_request] & np.asarray(requests, bool)[ds.row_request]
+    n, clicks = int(rows.sum()), int((ds.label[rows] == 1).sum())
+    use = n >= EXPLORATION_MIN_ROWS and clicks >= EXPLORATION_MIN_CLICKS
+    return (rows if use else None), {"exploration_rows": float(n), "exploration_clicks": float(clicks),
+                                     "exploration_used": float(use)}
+
+
 def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *,
                            features: tuple[str, ...] = FEATURES, anchor_fn: AnchorFn | None = None,
                            requests: np.ndarray | None = None, folds: int = FOLDS, l2: float = L2) -> CalibrationFit:
@@ -262,18 +284,21 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
     """
     if anchor_fn is None and SIMILARITY & set(features):
         anchor_fn = content_anchors(ds, {}, [], item_vectors, k=settings.anchors.k).make
+    train = ~ds.is_test if requests is None else np.asarray(requests, bool)
+    slice_rows, slice_info = exploration_slice(ds, train)
+    if not settings.labeler.prefer_exploration:
+        slice_rows, slice_info["exploration_used"] = None, 0.0
     cf = cross_fit_rows(ds, item_vectors, settings, features=features, anchor_fn=anchor_fn, requests=requests,
-                        folds=folds)
+                        folds=folds, targets=slice_rows)
     fit = fit_calibrator(cf.x, cf.y, cf.users, features, encoder=settings.encoder.model,
                          catalogue=settings.labeler.catalogue, monotone="s1" if "s1" in features else None, l2=l2)
     fit.cv.update({"cross_fit_folds": float(folds), "cross_fit_users": float(len(np.unique(cf.users))),
-                   "exposure_folded_users": float(cf.exposure_folded_users)})
+                   "exposure_folded_users": float(cf.exposure_folded_users), **slice_info})
     if fit.abstain and fit.reason.startswith("too little data"):  # fit_calibrator's floor, explained here
-        train = ~ds.is_test if requests is None else np.asarray(requests, bool)
         fit = replace(fit, reason=f"{fit.reason}: {too_little_data(ds, cf, train, features, folds)}")
     return fit
 
 
-__all__ = ["AnchorFn", "CrossFitRows", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors",
+__all__ = ["AnchorFn", "CrossFitRows", "exploration_slice", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors",
            "cross_fit_rows", "few_requests", "fit_dataset_calibrator", "request_folds", "row_folds",
            "similarity_parts", "too_little_data", "unit_centroid"]

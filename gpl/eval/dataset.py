@@ -64,6 +64,12 @@ class EvalDataset:
     split: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     digest: str = ""
+    req_explore: np.ndarray | None = None  # bool [R]: exposure flagged ``exploration`` (None: no such request)
+
+    @property
+    def explored(self) -> np.ndarray:
+        """bool [R]: requests whose exposure was a uniform draw of the recall (the contract's flag)."""
+        return self.req_explore if self.req_explore is not None else np.zeros(self.n_requests, bool)
 
     @property
     def n_requests(self) -> int:
@@ -141,6 +147,7 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
     items: dict[int, tuple[str, str]] = {}
     recalls: dict[str, tuple[str, int, list[int], list[float]]] = {}
     exposures: dict[str, tuple[str, int, list[int], list[int], list[bool]]] = {}
+    explored: set[str] = set()  # requests whose exposure was a uniform draw of the recall (the contract's flag)
     with open(events, "rb") as f:
         for n, line in enumerate(f, 1):
             h.update(line)
@@ -170,6 +177,8 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
                         [int(c.get("position", j)) for j, c in enumerate(its)],
                         [bool(c["clicked"]) for c in its],
                     )
+                    if v.get("exploration"):
+                        explored.add(v["request_id"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{events}:{n}: not a valid event line ({type(e).__name__}: {e})") from None
 
@@ -314,6 +323,7 @@ def load_dataset(path: Path | str, *, training_only: bool = False) -> EvalDatase
         split=split,
         meta=meta,
         digest=h.hexdigest(),
+        req_explore=np.fromiter((r in explored for r in rids), bool, len(rids)) if explored else None,
     )
 
 
@@ -332,7 +342,7 @@ def subset(ds: EvalDataset, keep: np.ndarray, is_test: np.ndarray, name: str) ->
                    ptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), item=ds.item[rows],
                    recall_score=ds.recall_score[rows], exposed=ds.exposed[rows], position=ds.position[rows],
                    label=ds.label[rows], split={"rule": f"validation view of {ds.name}"},
-                   digest=f"{ds.digest}:{name}")
+                   digest=f"{ds.digest}:{name}", req_explore=None if ds.req_explore is None else ds.req_explore[reqs])
 
 
 def fresh_pairs(ds: EvalDataset, row_test: np.ndarray) -> np.ndarray:

@@ -257,6 +257,8 @@ class LabelerSettings(Section):
     calibrator_path: Path | None = Field(default=None, description="calibrator artifact; default "
                                          "<data_dir>/calibrator/calibrator.json")
     catalogue: str = Field(default="", description="catalogue version the calibrator must have been fitted for")
+    prefer_exploration: bool = Field(default=True, description="gpl calibrate fits on the exposures flagged "
+                                     "exploration (uniform draws of the recall) when there are enough of them")
     recalibrate_every: int = Field(default=500, ge=0, description="refit the calibrator's intercept from this "
                                    "many pseudo-labels later met by real labels (0: never)")
     ece_alert: float = Field(default=0.05, gt=0, description="closed-loop ECE above this raises the drift alert")

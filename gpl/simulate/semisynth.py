@@ -179,13 +179,18 @@ DRAWS = ("request", "pair")
 def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0.05, test_fraction: float = 0.2,
                     data: Path | str = DEFAULT_PATH, users: int | None = None, oracle: OracleConfig = OracleConfig(),
                     cache_dir: Path | None = None, force: bool = False, draws: str = "request",
-                    content_share: float = 0.0, encoder: TextEncoder | None = None) -> Path:
+                    content_share: float = 0.0, encoder: TextEncoder | None = None,
+                    explore_share: float = 0.0) -> Path:
     """Write events.jsonl, truth.jsonl, split.json, meta.json and oracle.npz into ``out_dir``; returns it.
 
     Idempotent: a directory whose meta.json records the same configuration is left as it is.
     ``users`` limits the simulated users (the oracle is still fitted on every user: tests use few steps).
     ``draws`` and ``content_share``: the module docstring (``encoder`` is required for a positive control).
+    ``explore_share``: that share of TRAINING requests (chosen by a hash of the request id) is exposed like the
+    test requests, uniformly at random from the recall, and flagged ``exploration`` in its exposure event.
     """
+    if not 0.0 <= explore_share < 1.0:
+        raise ValueError(f"explore_share must be in [0, 1), got {explore_share}")
     if draws not in DRAWS:
         raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
     if content_share and encoder is None:
@@ -193,7 +198,8 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
     out = Path(out_dir)
     config = {"seed": seed, "target_ctr": target_ctr, "test_fraction": test_fraction, "users": users,
               "data": str(Path(data).resolve()), "oracle": asdict(oracle), "v": 2, "draws": draws,
-              "content_share": content_share, "encoder": encoder.id if content_share and encoder else None}
+              "content_share": content_share, "encoder": encoder.id if content_share and encoder else None,
+              **({"explore_share": explore_share} if explore_share else {})}
     key, built = built_with(out, config, force=force)
     if built:
         return out
@@ -242,8 +248,8 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
                  "rule": f"per-user: last {test_fraction:.0%} of each user's requests (>= 1) are test"}
 
     ex_rng = np.random.default_rng(20_011 + seed)
-    n_click = {"train": 0, "test": 0}
-    n_exp = {"train": 0, "test": 0}
+    n_click = {"train": 0, "test": 0, "explore": 0}
+    n_exp = {"train": 0, "test": 0, "explore": 0}
     tmp = out / ".events.jsonl.tmp"
     with open(tmp, "wb") as f:
         for it in sim.items:
@@ -254,7 +260,10 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
                 ui = uidx[ev.user_id]
                 rec = recalls[ev.request_id]
                 part = "test" if rec.user_id in per_user and rec.ts >= per_user[rec.user_id] else "train"
-                if part == "test":  # random exposure: uniform draw of the recall, random positions
+                if part == "train" and explore_share and _unit_hash(ev.request_id) < explore_share:
+                    part = "explore"
+                    v["exploration"] = True
+                if part != "train":  # random exposure: uniform draw of the recall, random positions
                     cands = rec.item_ids
                     pick = ex_rng.choice(len(cands), size=min(len(ev.items), len(cands)), replace=False)
                     ids = [cands[j] for j in pick.tolist()]
@@ -300,6 +309,8 @@ def build_semisynth(out_dir: Path | str, *, seed: int = 0, target_ctr: float = 0
             "truth_positive_rate_candidates": truth_rate,
             "train_exposed_ctr": n_click["train"] / max(n_exp["train"], 1),
             "test_random_exposed_ctr": n_click["test"] / max(n_exp["test"], 1),
+            **({"exploration_exposures": n_exp["explore"],
+                "exploration_ctr": n_click["explore"] / max(n_exp["explore"], 1)} if explore_share else {}),
             "seconds": time.perf_counter() - t0,
         },
         "source": "gpl.simulate.semisynth.build_semisynth",
@@ -329,11 +340,17 @@ def _add_taste(ml: MovieLens, items: list[ItemEvent], iidx: dict[int, int], logi
     return (logits + beta * cos).astype(np.float32), info
 
 
-def world_name(seed: int, draws: str = "request", content_share: float = 0.0) -> str:
-    """``semisynth[-taste<pct>][-pairdraw]-seed<S>``: one name per world, also its default directory."""
+def world_name(seed: int, draws: str = "request", content_share: float = 0.0, explore_share: float = 0.0) -> str:
+    """``semisynth[-taste<pct>][-pairdraw][-explore<pct>]-seed<S>``: one name per world, also its directory."""
     taste = f"-taste{round(100 * content_share)}" if content_share else ""
     pair = "-pairdraw" if draws == "pair" else ""
-    return f"semisynth{taste}{pair}-seed{seed}"
+    explore = f"-explore{round(100 * explore_share)}" if explore_share else ""
+    return f"semisynth{taste}{pair}{explore}-seed{seed}"
+
+
+def _unit_hash(request_id: str) -> float:
+    """A request's place in [0, 1): the same in every build, independent of the other random draws."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big") / 2.0**64
 
 
 def read_world(d: Path) -> tuple[list[ItemEvent], list[tuple[str, Any]], list[tuple[str, Any]],
@@ -367,9 +384,10 @@ def read_world(d: Path) -> tuple[list[ItemEvent], list[tuple[str, Any]], list[tu
     return items, train, test, truth
 
 
-def default_dir(data_dir: Path, seed: int = 0, draws: str = "request", content_share: float = 0.0) -> Path:
+def default_dir(data_dir: Path, seed: int = 0, draws: str = "request", content_share: float = 0.0,
+                explore_share: float = 0.0) -> Path:
     """Where ``gpl eval semisynth`` builds the dataset: ``<data_dir>/eval/datasets/<world_name>``."""
-    return Path(data_dir) / "eval" / "datasets" / world_name(seed, draws, content_share)
+    return Path(data_dir) / "eval" / "datasets" / world_name(seed, draws, content_share, explore_share)
 
 
 __all__ = ["DRAWS", "GRID", "L2", "RANK", "OracleConfig", "TextEncoder", "build_semisynth", "default_dir",
