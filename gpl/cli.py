@@ -31,11 +31,13 @@ from gpl.stack import STAGES
 EPILOG = """\
 settings: every field of `gpl config show` can be set in a TOML file (--config), in the environment
 as GPL_<SECTION>__<FIELD> (e.g. GPL_KAFKA__BOOTSTRAP_SERVERS=kafka:9092, GPL_QDRANT__URL=http://qdrant:6333,
-GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstrap servers the embedded
-Tansu broker is started; without a Qdrant URL the embedded Qdrant engine runs in --data-dir.
+GPL_ANCHORS__BACKEND=openai) or with --set section.field=value. Without bootstrap servers a local broker
+is started (broker.kind: the embedded Tansu one, or Apache Kafka); without a Qdrant URL the embedded Qdrant
+engine runs in --data-dir.
 """
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
-           "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics")
+           "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics",
+           "gpl.commands.kafka")
 # stages that draw tqdm bars: bars only on a terminal, never in a service's log
 PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "bootstrap", None):  # commands that can target another cluster
         overrides.setdefault("kafka", {})["bootstrap_servers"] = args.bootstrap
+    if getattr(args, "broker", None):  # commands that start a local broker: which one
+        overrides.setdefault("broker", {})["kind"] = args.broker
     try:
         settings = load(args.config, **overrides)
     except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
@@ -99,7 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     install(settings)  # URL credentials and configured secrets never reach a log line
     if settings.metrics_port:
         serve_http(settings.metrics_port, settings.metrics_host)  # /metrics, /healthz, /readyz
-    return int(args.run(args, settings) or 0)
+    from gpl.runtime.kafka_dist import KafkaUnavailable
+
+    try:
+        return int(args.run(args, settings) or 0)
+    except KafkaUnavailable as e:  # no Java or Maven: one line that says what to install
+        print(f"gpl: {e}", file=sys.stderr)
+        return 2
+
+
+BROKER_HELP = ("the local broker to start: embedded (Tansu, from PyPI) or kafka (Apache Kafka; needs Java 17+ "
+               "and Maven, `gpl kafka fetch`) (default: broker.kind, embedded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max requests per user; funnel world and --export-jsonl only (default 20; the semisynth "
                         "world keeps every request of the benchmark)")
     d.add_argument("--seed", type=int, default=0, help="simulation seed")
+    d.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
     d.add_argument("--export-jsonl", type=Path, help="only write the simulated (funnel) events as JSONL and exit")
     d.set_defaults(run=cmd_demo)
 
@@ -138,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=None,
                    help="pin the embedded broker to this loopback port (default: a free one); clients then "
                         "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
+    u.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
     u.set_defaults(run=cmd_up)
 
     r = sub.add_parser("run", help="run one or more pipeline stages until interrupted",
@@ -147,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stage", action="append", required=True, choices=STAGES, metavar="STAGE",
                    help=f"stage to run, one of {', '.join(STAGES)}; repeat for several")
     r.add_argument("--embedded", action="store_true",
-                   help="without kafka.bootstrap_servers, start the embedded Tansu broker (else: refused)")
+                   help="without kafka.bootstrap_servers, start the local broker (broker.kind; else: refused)")
     r.set_defaults(run=cmd_run)
 
     rp = sub.add_parser("replay", help="replay a JSONL event file, or a time range of a topic",
@@ -292,7 +308,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     with Stack(settings, broker_port=args.port) as stack:
         bootstrap = stack.settings.kafka.bootstrap_servers
         metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
-        print(f"broker    {bootstrap}" + (f"  ({settings.broker.storage} storage)" if stack.broker is not None else ""))
+        kind = "" if stack.broker is None else (f"  (kafka, {settings.data_dir / 'kafka-broker'})"
+                                                if stack.broker.name == "kafka"
+                                                else f"  (embedded, {settings.broker.storage} storage)")
+        print(f"broker    {bootstrap}{kind}")
         print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
         # one parseable line once everything is up: scripts wait for it

@@ -210,14 +210,18 @@ def _read_one(c: KafkaConsumer, topic: str, partition: int, offset: int, timeout
 
 
 def _start_offset(c: KafkaConsumer, topic: str, partition: int, start_ms: int, low: int, high: int,
-                  answer: int, timeout: float) -> tuple[int, bool]:
+                  answer: int, timeout: float, check: bool = False) -> tuple[int, bool]:
     """Where a scan of one partition must begin for records at or after ``start_ms``; True if trusted.
 
-    The broker's ``offsets_for_times`` answer is trusted only if the record it names is at or after
-    ``start_ms`` and the record before it is earlier (Kafka's contract: the *earliest* such offset).
-    Tansu 0.6 answers 0 whatever the time (docs/design.md §5); an answer that fails the check, or -1 (which
-    cannot be checked without a scan), falls back to scanning from the low watermark.
+    Kafka's contract: ``offsets_for_times`` names the *earliest* offset whose timestamp is at or after
+    ``start_ms``, -1 when there is none. Without ``check`` (``kafka.check_time_lookup``) that answer is
+    taken as it is. With it (the embedded profile: Tansu 0.6 answers 0 whatever the time, docs/design.md
+    §5) the answer is trusted only if the record it names is at or after ``start_ms`` and the record before
+    it is earlier; an answer that fails the check, or -1 (which cannot be checked without a scan), falls
+    back to scanning from the low watermark.
     """
+    if not check:
+        return (min(max(answer, low), high) if answer >= 0 else high), True
     if answer < low or answer >= high:
         return low, False
     at = _read_one(c, topic, partition, answer, timeout)
@@ -255,8 +259,8 @@ def replay_topic(
     check, else at its beginning (:func:`_start_offset`). Records whose timestamps are out of order
     (an exposure before its recall) can sit anywhere, so a partition is always read to its high
     watermark as it was when the replay began (records appended later are not part of the range).
-    Tansu 0.6 reports "last batch's base offset + 1" as the high watermark: exact for data written
-    one record per batch (our producers' setting), too low for batched data (then the tail is missed).
+    (Tansu 0.6 reports "last batch's base offset + 1" as the high watermark: exact for data written
+    one record per batch, as the embedded profile has every producer do.)
 
     Order: a k-way merge that always sends the earliest-timestamped head among the partitions, each
     partition's own order kept (so a user's events keep theirs); ties go to the lower partition. Every
@@ -304,9 +308,12 @@ def replay_topic(
             answers = c.offsets_for_times(
                 [TopicPartition(source_topic, p, start_ms) for p in range(n_parts)], timeout=timeout_s)
             for tp in answers:
+                if tp.error is not None:  # no answer for this partition: scan it
+                    stats["fallback_scans"] += 1
+                    continue
                 start[tp.partition], trusted = _start_offset(
                     c, source_topic, tp.partition, start_ms, low[tp.partition], high[tp.partition],
-                    tp.offset if tp.error is None else -1, timeout_s)
+                    tp.offset, timeout_s, kafka.check_time_lookup)
                 stats["fallback_scans"] += not trusted
 
         live = {p for p in range(n_parts) if start[p] < high[p]}

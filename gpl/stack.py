@@ -1,8 +1,10 @@
 """The local stack and the stage runner: one code path for the embedded default and production.
 
-* :class:`Stack` — a context manager: starts the embedded Tansu broker when no bootstrap servers are
-  set, creates every topic with the project's partition counts, and opens the vector index (embedded
-  qdrant-edge in ``data_dir`` or a Qdrant server). It always shuts them down.
+* :class:`Stack` — a context manager: starts a local broker when no bootstrap servers are set
+  (``broker.kind``: the embedded Tansu one, or Apache Kafka) and applies that broker's settings profile
+  (the embedded one carries every Tansu remedy: :data:`gpl.runtime.broker.EMBEDDED_PROFILE`), creates
+  every topic with the project's partition counts, and opens the vector index (embedded qdrant-edge in
+  ``data_dir`` or a Qdrant server). It always shuts them down.
 * :class:`Stages` — runs chosen stages as threads over one stack. The embedded vector engine lives in
   this process, so the stages that write vectors (indexer, anchors) run here; with ``stack.processes``
   the readers (streams, labeler, trainer, calibration) each get a process of their own over the item
@@ -21,7 +23,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from gpl.backends import open_index
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker, EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import create_topics
@@ -51,6 +53,23 @@ class Stage(Protocol):
     def run(self, stop: threading.Event) -> None: ...
 
 
+def local_broker(s: Settings, port: int | None = None) -> Broker:
+    """The broker ``broker.kind`` names, not started: Tansu (embedded) or Apache Kafka, in ``data_dir``."""
+    port = port or s.broker.port or None
+    if s.broker.kind == "kafka":
+        from gpl.runtime.kafka_broker import KafkaBroker
+
+        return KafkaBroker(s.data_dir, port)
+    return EmbeddedBroker(port, s.data_dir / "tansu.log", storage=s.broker.storage, data_dir=s.data_dir)
+
+
+def with_profile(s: Settings, profile: dict[str, Any], **kafka: Any) -> Settings:
+    """The settings with a broker's profile applied (section by section), then the given kafka fields."""
+    sections = {k: dict(v) for k, v in profile.items()}
+    sections["kafka"] = {**sections.get("kafka", {}), **kafka}
+    return s.with_overrides(**sections)
+
+
 class Stack:
     """Broker + topics + vector index (+ the frozen encoder on first use)."""
 
@@ -58,7 +77,7 @@ class Stack:
         self._given = settings
         self._broker_port = broker_port  # pin the embedded broker (`gpl up --port`); default a free port
         self.settings = settings
-        self.broker: EmbeddedBroker | None = None
+        self.broker: Broker | None = None
         self._index: VectorIndex | None = None
         self._encoder: Encoder | None = encoder  # given: e.g. the demo's cache of vectors already computed
         self._exit = ExitStack()
@@ -68,10 +87,8 @@ class Stack:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not s.kafka.bootstrap_servers:
-                self.broker = self._exit.enter_context(EmbeddedBroker(
-                    self._broker_port or s.broker.port or None, s.data_dir / "tansu.log", storage=s.broker.storage,
-                    data_dir=s.data_dir))
-                s = s.with_overrides(kafka={"bootstrap_servers": self.broker.bootstrap, "refetch_gaps": True})
+                self.broker = self._exit.enter_context(local_broker(s, self._broker_port))
+                s = with_profile(s, self.broker.profile(), bootstrap_servers=self.broker.bootstrap)
             self.settings = s
             create_topics(s.kafka)
         except BaseException:

@@ -83,7 +83,7 @@ from streams.join import (
     unexposed,
 )
 from streams.lifecycle import serve
-from streams.transport import SCHEME, fetch_answers
+from streams.transport import SCHEME, fetch_answers, fetch_wait_ms
 
 log = logging.getLogger(__name__)
 STAGE = "streams"
@@ -116,7 +116,7 @@ class StreamsProcessor:
         self.guard_ms = int(cfg.join_memory_guard_s * 1000)
         # an input is stalled (its idle time stops) once its fetches go unanswered for a few fetch waits
         self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
-                                (RECALL.name, EXPOSURE.name), stall_ms=3 * settings.kafka.fetch_wait_max_ms + 2_000)
+                                (RECALL.name, EXPOSURE.name), stall_ms=3 * fetch_wait_ms(settings.kafka) + 2_000)
         self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
         self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last checked (ms)
@@ -131,8 +131,9 @@ class StreamsProcessor:
             store="memory://",
             datadir=str(s.data_dir / "streams"),  # faust's own state files, not in the working directory
             topic_partitions=s.kafka.partitions,
-            # faust counts bytes: 1 byte means one record per batch (the Tansu remedy), else 1 MiB
+            # faust counts bytes: 1 byte means one record per batch (the embedded profile's remedy), else 1 MiB
             producer_max_batch_size=1 if s.kafka.producer_batch_messages == 1 else 1 << 20,
+            # faust joins its group in ~3 s with these, ~30 s with its defaults (any broker)
             broker_rebalance_timeout=5,
             broker_session_timeout=6,
             broker_heartbeat_interval=1,
@@ -141,7 +142,8 @@ class StreamsProcessor:
             topic_allow_declare=True,
             stream_wait_empty=False,
         )))
-        setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010 - read by streams/transport.py
+        # the embedded profile's fetch wait (None: faust's own), read by streams/transport.py
+        setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010
         # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
         # reaches its DLQ with the original bytes instead of crashing the agent)
         # the expiry topic is internal and read by the same agent as the inputs: co-partitioned with them,

@@ -1,8 +1,14 @@
-"""The project's faust transport (``gplkafka://``): the stock aiokafka one with three corrections.
+"""The project's faust transport (``gplkafka://``): the stock aiokafka one with five corrections.
 
-1. **Fetch wait.** faust 0.15 builds its aiokafka consumer with a hard-coded ``fetch_max_wait_ms=1500``. The
-   embedded Tansu broker holds a fetch for the whole wait when no data is there at the time it is asked, so
-   every hop through the streams processor cost up to 1.5 s of latency. The number comes from the settings.
+Only 1. is about the embedded broker (and applies only where its profile asks); 2. to 5. correct faust and
+aiokafka themselves and stay on every broker: lost records around a rebalance (2., 3.), a producer that
+blocks every send behind one full partition (4.), table writes ordered before their commit (5.).
+
+1. **Fetch wait (the embedded profile only).** faust 0.15 builds its aiokafka consumer with a hard-coded
+   ``fetch_max_wait_ms=1500``. The embedded Tansu broker holds a fetch for the whole wait when no data is there
+   at the time it is asked, so every hop through the streams processor cost up to 1.5 s of latency; its
+   profile sets ``kafka.fetch_wait_max_ms`` and this transport applies it. Unset (Apache Kafka, which answers
+   a fetch as soon as data comes), faust's own wait stays.
 
 2. **No stream records while a rebalance is in progress.** On assignment faust marks *every* assigned
    partition active, and only a few awaits later pauses the stream partitions for table recovery. A fetch
@@ -55,6 +61,12 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP
 
 SCHEME = "gplkafka"
+FAUST_FETCH_WAIT_MS = 1500  # faust 0.15's hard-coded aiokafka fetch_max_wait_ms
+
+
+def fetch_wait_ms(kafka: Any) -> int:
+    """The streams consumer's fetch wait: ``kafka.fetch_wait_max_ms`` where a profile sets it, else faust's."""
+    return int(kafka.fetch_wait_max_ms or FAUST_FETCH_WAIT_MS)
 
 
 def fetchable(app: Any, active: set[TP]) -> set[TP]:
@@ -88,7 +100,9 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # read by AIOKafkaConsumer.start() when it builds its fetcher
-        consumer._fetch_max_wait_ms = int(getattr(self.app, "gpl_fetch_wait_max_ms", 1500))
+        wait = getattr(self.app, "gpl_fetch_wait_max_ms", None)
+        if wait is not None:  # the embedded profile's wait; else faust's own stays (see the docstring, 1.)
+            consumer._fetch_max_wait_ms = int(wait)
         return consumer
 
     async def _fetch_records(self, consumer: Any, active_partitions: set[TP],

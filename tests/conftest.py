@@ -1,15 +1,27 @@
-"""Shared fixtures: the real embedded broker (one per session) and settings pointing at it.
+"""Shared fixtures: the real brokers and settings pointing at them.
 
-Integration tests use the real Tansu broker and the real embedded Qdrant engine, started here.
-Each test gets its own topic namespace? No: topics are fixed names, so each test that needs a clean
-slate gets its own broker via ``fresh_broker``; cheap (Tansu starts in ~100 ms).
+Integration tests use real brokers and the real embedded Qdrant engine, started here:
+
+* ``fresh_broker``: an embedded Tansu broker per test (it starts in ~100 ms), so topics are fresh;
+* ``kafka_broker``: ONE Apache Kafka broker for the whole session (KRaft, ~3 s to start); the jars are
+  fetched with Maven on first use (``gpl kafka fetch``), and the Kafka tests are skipped, with the line
+  that says what to install, where Java or Maven is missing;
+* ``kafka``: that broker, with every topic of the previous test deleted first and the test's consumer
+  groups and faust app id under a prefix of its own (:class:`KafkaSlot`);
+* ``any_broker``: parametrised over both (``embedded``, ``kafka``): the test runs on each.
+
+Settings for a broker come from :func:`make_settings`, which applies the broker's profile first (the
+embedded one carries the Tansu remedies; Apache Kafka's is empty: the product's defaults are Kafka's).
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +31,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gpl.runtime.broker import EmbeddedBroker  # noqa: E402
 from gpl.runtime.kafka import create_topics  # noqa: E402
+from gpl.runtime.kafka_broker import KafkaBroker  # noqa: E402
+from gpl.runtime.kafka_dist import KafkaUnavailable, ensure  # noqa: E402
 from gpl.runtime.settings import Settings, load  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_DIST = REPO / ".gpl"  # where `make setup` (gpl kafka fetch) put the jars
+
+
+class KafkaSlot:
+    """The session's Kafka broker as one test sees it: same ``bootstrap``, a profile that adds a namespace
+    for the test's consumer groups and faust app (topic names are fixed: the fixture deleted the previous
+    test's topics)."""
+
+    name = "kafka"
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker, self.bootstrap = broker, broker.bootstrap
+        self.ns = f"t{uuid.uuid4().hex[:8]}"
+
+    def profile(self) -> dict[str, Any]:
+        p = {k: dict(v) for k, v in self.broker.profile().items()}
+        p.setdefault("kafka", {})["group_prefix"] = self.ns
+        p.setdefault("streams", {})["app_id"] = f"{self.ns}-streams"
+        return p
+
+    @property
+    def pids(self) -> list[int]:
+        return self.broker.pids
 
 
 @pytest.fixture
@@ -28,16 +67,76 @@ def fresh_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
         yield b
 
 
-def make_settings(tmp_path: Path, bootstrap: str, partitions: int = 2, **overrides: object) -> Settings:
-    base: dict[str, object] = {
+@pytest.fixture(scope="session")
+def kafka_dist() -> Path:
+    """Where the Kafka jars are (fetched now if `make setup` did not); skips without Java or Maven."""
+    try:
+        ensure(KAFKA_DIST)
+    except KafkaUnavailable as e:
+        pytest.skip(f"Apache Kafka: {e}")
+    return KAFKA_DIST
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    with KafkaBroker(tmp_path_factory.mktemp("kafka"), dist_dir=kafka_dist) as b:
+        yield b
+
+
+def wipe_topics(bootstrap: str, timeout: float = 30.0) -> None:
+    """Delete every topic but Kafka's internal ones, and wait until the broker no longer lists them."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = [t for t in admin.list_topics(timeout=10).topics if not t.startswith("__")]
+    if not names:
+        return
+    for f in admin.delete_topics(names, operation_timeout=timeout).values():
+        try:
+            f.result()
+        except Exception as e:  # noqa: BLE001 - already gone is fine
+            if "UNKNOWN_TOPIC" not in str(e):
+                raise
+    deadline = time.monotonic() + timeout
+    while set(names) & set(admin.list_topics(timeout=10).topics):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics still listed {timeout}s after their deletion")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def kafka(kafka_broker: KafkaBroker) -> KafkaSlot:
+    wipe_topics(kafka_broker.bootstrap)
+    return KafkaSlot(kafka_broker)
+
+
+@pytest.fixture(params=["embedded", "kafka"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "kafka":
+        yield request.getfixturevalue("kafka")
+        return
+    with EmbeddedBroker(log_file=tmp_path / "tansu.log") as b:
+        yield b
+
+
+def make_settings(tmp_path: Path, broker: Any, partitions: int = 2, **overrides: object) -> Settings:
+    """Settings for a test on ``broker`` (a started broker: its profile is applied first; or a bootstrap
+    address, taken as it is), then ``overrides`` section by section."""
+    profile: dict[str, Any] = {}
+    if isinstance(broker, str):
+        bootstrap = broker
+    else:
+        bootstrap, profile = broker.bootstrap, broker.profile()
+    base: dict[str, Any] = {
+        **{k: dict(v) for k, v in profile.items()},
         "data_dir": str(tmp_path / "data"),
-        "kafka": {"bootstrap_servers": bootstrap, "partitions": partitions},
         # the fixed map unless a test asks for the calibrator (tests/test_calibrated_labeler.py does)
         "labeler": {"label_source": "map"},
     }
+    base["kafka"] = {**base.get("kafka", {}), "bootstrap_servers": bootstrap, "partitions": partitions}
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}  # type: ignore[dict-item]
+            base[k] = {**base[k], **v}
         else:
             base[k] = v
     return load(env={}, **base)
@@ -45,6 +144,6 @@ def make_settings(tmp_path: Path, bootstrap: str, partitions: int = 2, **overrid
 
 @pytest.fixture
 def settings(tmp_path: Path, fresh_broker: EmbeddedBroker) -> Settings:
-    s = make_settings(tmp_path, fresh_broker.bootstrap)
+    s = make_settings(tmp_path, fresh_broker)
     create_topics(s.kafka)
     return s

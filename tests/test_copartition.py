@@ -45,7 +45,7 @@ def test_split_watch_counts_only_splits() -> None:
 
 @pytest.mark.integration
 def test_streams_refuses_to_start_on_mismatched_topics(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2)
+    s = make_settings(tmp_path, fresh_broker, partitions=2)
     admin = AdminClient(s.kafka.client_config())
     for f in admin.create_topics([NewTopic("recall", num_partitions=2, replication_factor=1),
                                   NewTopic("exposure", num_partitions=3, replication_factor=1)]).values():
@@ -63,7 +63,7 @@ def test_streams_refuses_to_start_on_mismatched_topics(tmp_path: Path, fresh_bro
 def test_split_request_is_counted_and_contract_requests_are_not(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     """GplProducer's requests join in one partition; a recall sent by hand to another partition than its
     exposure (a foreign partitioner) still joins in this single process, and is counted as split."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=3, streams={"join_wait_s": 30.0})
+    s = make_settings(tmp_path, fresh_broker, partitions=3, streams={"join_wait_s": 30.0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     with GplProducer(s.kafka) as p:

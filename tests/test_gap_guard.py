@@ -85,7 +85,7 @@ def test_live_reader_misses_nothing_of_three_concurrent_producers(tmp_path: Path
                                                                   fresh_broker: EmbeddedBroker) -> None:
     """Three producers append to the same partitions while a consumer reads the tail: every record reaches
     it once (without the guard the embedded broker let such a reader skip a few in 30,000)."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2)
+    s = make_settings(tmp_path, fresh_broker, partitions=2)
     create_topics(s.kafka, ["tail"])
     c = consumer(s.kafka, "tail-reader", **{"auto.offset.reset": "earliest"})
     g = GapGuard(c, enabled=True)

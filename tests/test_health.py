@@ -171,7 +171,7 @@ def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypat
     from tests.helpers import item_index, produce, wait_for
 
     with EmbeddedBroker(log_file=tmp_path / "tansu.log") as broker:
-        s = make_settings(tmp_path, broker.bootstrap, partitions=1)
+        s = make_settings(tmp_path, broker, partitions=1)
         create_topics(s.kafka)
         index = item_index([ItemEvent(item_id=i, text=f"item {i}") for i in range(1, 6)], s.encoder.collection)
         proc = StreamsProcessor(s, index)

@@ -137,7 +137,7 @@ def test_streams_stage_exports_its_group_lag(tmp_path: Path, fresh_broker: Embed
     from streams.app import StreamsProcessor
     from tests.test_streams import ITEMS, exposure, recall
 
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=1, kafka={"lag_interval_s": 0.5},
+    s = make_settings(tmp_path, fresh_broker, partitions=1, kafka={"lag_interval_s": 0.5},
                       streams={"join_wait_s": 2.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))

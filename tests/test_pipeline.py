@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
@@ -34,7 +34,7 @@ def fixed_calibrator(encoder: str) -> Calibrator:
 
 
 @pytest.mark.parametrize("label_source", ["map", "calibrator"])
-def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBroker, label_source: str) -> None:
+def test_event_file_through_all_stages(tmp_path: Path, any_broker: Broker, label_source: str) -> None:
     from gpl.replay import replay_jsonl
     from workers.trainer import latest_checkpoint
 
@@ -42,7 +42,7 @@ def test_event_file_through_all_stages(tmp_path: Path, fresh_broker: EmbeddedBro
                                                    exposure_first_fraction=0.3))
     events = tmp_path / "events.jsonl"
     write_jsonl(sim, events)
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=3,
+    s = make_settings(tmp_path, any_broker, partitions=3,
                       encoder={"model": "hash-bow-64"}, anchors={"backend": "memory", "k": 3},
                       streams={"debounce_s": 0, "join_wait_s": 30},
                       labeler={"wait_for_anchors_s": 60, "top_n": 5, "random_n": 5, "cap": 8,

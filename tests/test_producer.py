@@ -58,7 +58,7 @@ def read_all(s: Settings, topics: list[str], expect: int, timeout: float = 30.0)
 
 
 def test_gpl_producer_follows_the_contract(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=4,
+    s = make_settings(tmp_path, fresh_broker, partitions=4,
                       kafka={"producer_extra": {"compression.type": "zstd"}})
     create_topics(s.kafka)
     users = [f"user-{i}" for i in range(12)] + ["ünïcode-ユーザー"]
@@ -91,7 +91,7 @@ def test_gpl_producer_follows_the_contract(tmp_path: Path, fresh_broker: Embedde
 
 
 def test_wrong_record_type_is_refused_before_sending(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap)
+    s = make_settings(tmp_path, fresh_broker)
     with GplProducer(s.kafka) as p, pytest.raises(TypeError, match="takes RecallEvent"):
         p.send_recall(ExposureEvent(request_id="r", user_id="u", ts=1, items=[]))  # type: ignore[arg-type]
     assert p.sent == 0
@@ -119,7 +119,7 @@ def _stats_client_id(client: Producer | Consumer, seen: list[str], timeout: floa
 
 def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     """``kafka.extra`` reaches every client, ``producer_extra``/``consumer_extra`` only their role."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, kafka={
+    s = make_settings(tmp_path, fresh_broker, kafka={
         "extra": {"client.id": "gpl-common", "statistics.interval.ms": 100},
         "producer_extra": {"client.id": "gpl-producer", "compression.type": "zstd"},
     })
@@ -133,7 +133,7 @@ def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broke
     finally:
         c.close()
     # an unknown property is librdkafka's to refuse: it proves the dict arrives unfiltered, in its role only
-    bad = make_settings(tmp_path, fresh_broker.bootstrap, kafka={"producer_extra": {"no.such.property": 1}})
+    bad = make_settings(tmp_path, fresh_broker, kafka={"producer_extra": {"no.such.property": 1}})
     with pytest.raises(KafkaException, match="no.such.property"):
         producer(bad.kafka)
     consumer(bad.kafka, "unaffected").close()

@@ -88,7 +88,7 @@ def test_replay_jsonl_topic_filter(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_replay_refuses_a_missing_topic(fresh_broker: EmbeddedBroker, tmp_path: Path) -> None:
-    bare = make_settings(tmp_path, fresh_broker.bootstrap)  # no topics created
+    bare = make_settings(tmp_path, fresh_broker)  # no topics created
     path = _small_file(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         replay_jsonl(bare, path, progress=False)

@@ -20,7 +20,7 @@ DIM = 64
 
 
 def test_labeler_in_its_own_process_labels_from_the_snapshot(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap, encoder={"model": "hash-bow-64"},
+    s = make_settings(tmp_path, fresh_broker, encoder={"model": "hash-bow-64"},
                       labeler={"random_n": 5, "cap": 5})
     rng = np.random.default_rng(0)
     vecs = normalize(rng.standard_normal((50, DIM)).astype(np.float32))
@@ -48,7 +48,7 @@ def test_labeler_in_its_own_process_labels_from_the_snapshot(tmp_path: Path, fre
 
 
 def test_a_failing_child_is_reported_like_a_crashed_thread(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap)
+    s = make_settings(tmp_path, fresh_broker)
     with Stages({"nope": ProcessStage("no-such-stage", s)}) as stages:
         wait_for(lambda: not stages.alive()["nope"], 60, "the child to fail")
     assert "unknown stage" in repr(stages.errors["nope"])
@@ -56,7 +56,7 @@ def test_a_failing_child_is_reported_like_a_crashed_thread(tmp_path: Path, fresh
 
 def test_a_child_takes_the_stages_own_name_keyword(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     """The demo's exposed-only trainer: ``name`` and ``directory`` go to the Trainer, not to the wrapper."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap)
+    s = make_settings(tmp_path, fresh_broker)
     trainer = ProcessStage("trainer", s, progress=False, name="trainer-b", directory=tmp_path / "ckpt-b")
     with Stages({"b": trainer}) as stages:
         wait_for(lambda: "counts" in trainer._mirror, 90, "the child to report")

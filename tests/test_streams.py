@@ -36,7 +36,7 @@ def exposure(rid: str, user: str, shown: list[int], clicked: set[int], ts: int =
 
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker, partitions: int) -> None:
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=partitions,
+    s = make_settings(tmp_path, fresh_broker, partitions=partitions,
                       streams={"join_wait_s": 2.0, "allowed_lateness_s": 0.0, "max_candidates": 30, "debounce_s": 0,
                                "unknown_items": "dlq"})
     create_topics(s.kafka)
@@ -101,7 +101,7 @@ def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, fresh_broker:
     """A clicked exposure whose recall never comes: at expiry its real labels are still produced and the
     user's interest is updated (a table write: it must happen inside stream iteration, not in the timer,
     where faust raised and killed the agent), and the app keeps processing later messages."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2,
+    s = make_settings(tmp_path, fresh_broker, partitions=2,
                       streams={"join_wait_s": 1.0, "allowed_lateness_s": 0.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
@@ -169,7 +169,7 @@ def restart_and_join(tmp_path: Path, fresh_broker: EmbeddedBroker, partitions: i
     """60 recalls wait in the table of a first worker; 60 exposures are produced while no worker runs, so they
     sit in partitions without a committed offset while the second worker rebalances and recovers: every
     request must be joined by the second worker, once."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=partitions, streams={"join_wait_s": 120.0})
+    s = make_settings(tmp_path, fresh_broker, partitions=partitions, streams={"join_wait_s": 120.0})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
     first = StreamsProcessor(s, index)

@@ -22,7 +22,7 @@ def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, fre
     """20 requests joined within the coalescing window: the join table's changelog gets fewer than the 40
     records faust would write (recall, then marker), each request's last record is its DONE marker, and a
     second worker recovers the markers: the same recalls sent again are duplicates, not new requests."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2,
+    s = make_settings(tmp_path, fresh_broker, partitions=2,
                       streams={"join_wait_s": 120.0, "changelog_coalesce_ms": 60_000})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
@@ -51,7 +51,7 @@ def test_full_batches_queue_and_keep_partition_order(fresh_broker: EmbeddedBroke
     """With one record per batch (the embedded broker's remedy) a send to a partition whose batch is full
     queues a new batch instead of waiting for the broker: many batches wait at once, and every partition
     still gets its records in the order they were sent."""
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2)
+    s = make_settings(tmp_path, fresh_broker, partitions=2)
     create_topics(s.kafka, ["ordered"])
     n = 3000
     queued: list[int] = []

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 def test_framed_in_framed_out(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
     cfg = {"url": f"mock://{uuid.uuid4().hex}", "output_format": "confluent"}
-    s = make_settings(tmp_path, fresh_broker.bootstrap, partitions=2, schema_registry=cfg,
+    s = make_settings(tmp_path, fresh_broker, partitions=2, schema_registry=cfg,
                       streams={"join_wait_s": 5.0, "debounce_s": 0})
     create_topics(s.kafka)
     client = registry_client(s.schema_registry)

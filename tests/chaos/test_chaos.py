@@ -42,7 +42,8 @@ def tree(tmp_path: Path, bootstrap: str) -> dict[str, Any]:
     return {
         "data_dir": str(tmp_path / "data"),
         "log_level": "INFO",
-        "kafka": {"bootstrap_servers": bootstrap, "partitions": 3},
+        # the embedded broker's profile (its Tansu remedies), as the stack would apply it
+        "kafka": {**EmbeddedBroker.profile()["kafka"], "bootstrap_servers": bootstrap, "partitions": 3},
         "encoder": {"model": "hash-bow-64"},
         "anchors": {"backend": "memory", "k": 3},
         "streams": {"debounce_s": 0, "join_wait_s": 30},
