@@ -272,3 +272,21 @@ def test_a_batch_whose_step_fails_goes_to_the_dlq_and_training_goes_on(
     c.close()
     assert len(letters) == 1 and letters[0].reason == "processing_error"
     assert "ZeroDivisionError: a bug only r2 triggers" in letters[0].error and letters[0].topic == "samples"
+
+
+def test_the_rank_term_compares_the_pseudo_samples_of_one_request(tmp_path: Path) -> None:
+    """trainer.rank_weight > 0: each SampleBatch's rows share a group, the step reports the listwise term
+    (gpl_trainer_loss{part="rank"}) beside the pointwise parts."""
+    from gpl.runtime.metrics import TRAINER_LOSS
+
+    s = tuned(Settings(data_dir=tmp_path)).with_overrides(trainer={"rank_weight": 1.0, "holdout_fraction": 0.0})
+    t = Trainer(s, item_index(s), dim=DIM, progress=False, directory=tmp_path / "ckpt")
+    t._fetch_vectors(set(range(1, 41)))
+    TRAINER_LOSS.labels(part="rank").set(-1.0)
+    t._admit(request(1))
+    t._admit(request(2))
+    groups = [row.group for row in t._pending]
+    assert groups == [0] * 7 + [1] * 7  # one group per request, in arrival order
+    t._train(len(t._pending))
+    assert TRAINER_LOSS.labels(part="rank")._value.get() >= 0.0  # set by this step (a KL is never negative)
+    assert t.counts["steps"] == 1
