@@ -37,7 +37,7 @@ engine runs in --data-dir.
 """
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
            "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics",
-           "gpl.commands.kafka")
+           "gpl.commands.kafka", "gpl.commands.space")
 # stages that draw tqdm bars: bars only on a terminal, never in a service's log
 PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
 

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from gpl.runtime.encoder import Encoder
+from gpl.runtime.encoder import Encoder, encode_items
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
@@ -99,9 +99,9 @@ class Indexer:
         new = [it for it in items if it.item_id not in known]
         if not new:
             return 0
-        vectors = self.encoder.encode([it.text for it in new])
-        payloads = [{"text": it.text, "category": it.category} for it in new]
         ids = np.asarray([it.item_id for it in new], np.int64)
+        vectors = encode_items(self.encoder, ids, [it.text for it in new])
+        payloads = [{"text": it.text, "category": it.category} for it in new]
         self.index.upsert(self.collection, Points(ids, vectors, payloads))
         self.accounting.add("indexed", len(new))
         return len(new)

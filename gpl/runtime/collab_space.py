@@ -54,6 +54,8 @@ class CollabSpace:
     vectors: np.ndarray
     config: CollabConfig
     version: str
+    adapter: np.ndarray  # (content dim, dim): content vector → this space, for items the fit never saw
+    content_id: str = ""  # the encoder whose vectors the adapter reads
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,9 +66,10 @@ class CollabSpace:
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, item_ids=self.item_ids, vectors=self.vectors, version=self.version,
-                 config=np.asarray([self.config.dim, self.config.popularity_beta, self.config.min_clicks,
-                                    self.config.ridge, self.config.seed], np.float64))
+        c = self.config
+        np.savez(tmp, item_ids=self.item_ids, vectors=self.vectors, version=self.version, adapter=self.adapter,
+                 content_id=self.content_id,
+                 config=np.asarray([c.dim, c.popularity_beta, c.min_clicks, c.ridge, c.seed], np.float64))
         tmp.replace(path)
         return path
 
@@ -75,7 +78,24 @@ class CollabSpace:
         with np.load(path) as z:
             c = z["config"].tolist()
             cfg = CollabConfig(int(c[0]), float(c[1]), int(c[2]), float(c[3]), int(c[4]))
-            return cls(z["item_ids"].astype(np.int64), z["vectors"].astype(np.float32), cfg, str(z["version"]))
+            return cls(z["item_ids"].astype(np.int64), z["vectors"].astype(np.float32), cfg, str(z["version"]),
+                       z["adapter"].astype(np.float32), str(z["content_id"]))
+
+    def place(self, content: np.ndarray) -> np.ndarray:
+        """Unit vectors in this space for content vectors (n, content dim): the adapter, for new items and
+        for text anchors, which have no clicks."""
+        return _unit(np.asarray(content, np.float64) @ self.adapter)
+
+    def lookup(self, item_ids: np.ndarray, content: np.ndarray) -> np.ndarray:
+        """The fitted vector of each known item, the adapter's placement of the others."""
+        ids = np.asarray(item_ids, np.int64)
+        order = np.argsort(self.item_ids)
+        at = np.minimum(np.searchsorted(self.item_ids, ids, sorter=order), max(len(order) - 1, 0))
+        pos = order[at] if len(order) else np.zeros(len(ids), np.int64)
+        known = self.item_ids[pos] == ids if len(order) else np.zeros(len(ids), bool)
+        out = self.place(content) if (~known).any() else np.zeros((len(ids), self.vectors.shape[1]), np.float32)
+        out[known] = self.vectors[pos[known]]
+        return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -84,7 +104,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def fit_collab_space(user: np.ndarray, item: np.ndarray, n_items: int, content: np.ndarray,
-                     cfg: CollabConfig | None = None, item_ids: np.ndarray | None = None) -> CollabSpace:
+                     cfg: CollabConfig | None = None, item_ids: np.ndarray | None = None,
+                     content_id: str = "") -> CollabSpace:
     """Fit the space from click pairs (dense user index, dense item index < ``n_items``) and the items'
     content vectors (``n_items`` × content dim, the adapter's input).
 
@@ -116,11 +137,11 @@ def fit_collab_space(user: np.ndarray, item: np.ndarray, n_items: int, content: 
     content = np.asarray(content, np.float64)
     train = count >= cfg.min_clicks
     if train.sum() < cfg.dim:  # too few well-clicked items to fit a map: the content side stays empty
-        mapped = np.zeros_like(own)
+        w = np.zeros((content.shape[1], cfg.dim))
     else:
         a = content[train]
         w = np.linalg.solve(a.T @ a + cfg.ridge * np.eye(a.shape[1]), a.T @ own[train])
-        mapped = _unit(content @ w)
+    mapped = _unit(content @ w)
     share = (count / (count + cfg.min_clicks))[:, None]
     vectors = _unit(share * own + (1.0 - share) * mapped)
     digest = hashlib.blake2b(digest_size=6)
@@ -129,7 +150,7 @@ def fit_collab_space(user: np.ndarray, item: np.ndarray, n_items: int, content: 
     digest.update(np.ascontiguousarray(content, np.float32).tobytes())
     info = {"users": users, "items": n_items, "clicked_items": clicked, "clicks": int(x.nnz),
             "adapted_items": int((count < cfg.min_clicks).sum()), "singular_values_top3": s[order][:3].tolist()}
-    return CollabSpace(ids, vectors, cfg, digest.hexdigest(), info)
+    return CollabSpace(ids, vectors, cfg, digest.hexdigest(), w.astype(np.float32), content_id, info)
 
 
 __all__ = ["CollabConfig", "CollabSpace", "KIND", "fit_collab_space"]
