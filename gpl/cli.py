@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     install(settings)  # URL credentials and configured secrets never reach a log line
     if settings.metrics_port:
-        serve_http(settings.metrics_port, settings.metrics_host)  # /metrics, /healthz, /readyz
+        serve_http(settings.metrics_port, settings.metrics_host, stall_s=settings.health.stall_s)  # + probes
     from gpl.runtime.kafka_dist import KafkaUnavailable
 
     try:
@@ -312,6 +312,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                                                 if stack.broker.name == "kafka"
                                                 else f"  (embedded, {settings.broker.storage} storage)")
         print(f"broker    {bootstrap}{kind}")
+        if stack.broker is not None and (profile := stack.broker.profile()):  # what this broker's clients need
+            env = {f"GPL_{sec.upper()}__{k.upper()}": str(v).lower() if isinstance(v, bool) else v
+                   for sec, fields in profile.items() for k, v in fields.items()}
+            print("profile   " + " ".join(f"{k}={v}" for k, v in env.items()))
         print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
         # one parseable line once everything is up: scripts wait for it

@@ -193,12 +193,16 @@ def test_streams_state_lives_under_the_data_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["embedded", "kafka"])
+def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path, broker: str, request: pytest.FixtureRequest) -> None:
+    if broker == "kafka":
+        request.getfixturevalue("kafka_dist")  # skips without Java or Maven
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")} | {
         "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(tmp_path / "data"), "GPL_METRICS_PORT": str(metrics_port)}
-    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # --broker kafka fetches the jars into this data dir with Maven (from its local repository after `make setup`)
+    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--port", str(port), "--broker", broker],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -215,6 +219,9 @@ def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path) -> None:
         md = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
         assert set(all_topic_names()) <= set(md)
         assert not (tmp_path / "gpl-streams-data").exists()
+        assert any(ln.startswith("broker") and f"({broker}" in ln for ln in lines), lines
+        # the embedded broker's clients are told its profile; Apache Kafka's need nothing beyond the defaults
+        assert any("GPL_KAFKA__PRODUCER_BATCH_MESSAGES=1" in ln for ln in lines) == (broker == "embedded")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
