@@ -74,3 +74,28 @@ def test_eval_steps_keep_a_requests_rows_together_for_the_rank_term() -> None:
     assert all(len(c) for c in chunks)
     rows = _chunks(extra, 6, np.random.default_rng(0), by_request=False)
     assert any(len(set(req[c].tolist())) > 12 for c in rows)  # the plain split scatters requests
+
+
+def test_the_residual_target_ranks_what_the_priors_do_not_explain() -> None:
+    """With the priors' part as offset: a constant residual (priors-only labels) carries no order and adds
+    nothing; otherwise the optimum is still the labels' own logits (up to a constant)."""
+    y = torch.tensor([0.02, 0.04, 0.08, 0.5])
+    g = torch.zeros(4, dtype=torch.int64)
+    prior = torch.logit(y)  # the labels ARE their priors: no residual
+    f = torch.tensor([3.0, -1.0, 0.0, 2.0], requires_grad=True)
+    term = listwise_kl(f, y, g, 1.0, prior)
+    assert float(term) == 0.0
+    term.backward()
+    assert f.grad is not None and float(f.grad.abs().sum()) == 0.0
+    half = 0.5 * torch.logit(y)  # the priors explain half of each logit
+    assert float(listwise_kl(torch.logit(y) + 1.0, y, g, 1.0, half)) == pytest.approx(0.0, abs=1e-6)
+    assert float(listwise_kl(torch.logit(y).flip(0), y, g, 1.0, half)) > 0.1
+
+
+def test_a_residual_rank_term_without_prior_logits_is_refused() -> None:
+    cfg = ModelConfig(hash_buckets=64, id_dim=4, hidden=8, content_dim=3)
+    m = PreRanker(cfg)
+    b = Batch(["u", "u"], np.array([1, 2]), np.eye(3, dtype=np.float32)[[0, 1]], np.array([0.1, 0.2], np.float32),
+              np.ones(2, np.float32), np.ones(2, bool), group=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="prior logit"):
+        train_step(m, make_optimizer(m.parameters(), 1e-2), b, 1.0, RankTerm(1.0, 1.0, "residual"))

@@ -213,20 +213,30 @@ def loss_weights(is_pseudo: np.ndarray, weight: np.ndarray, pseudo_lambda: float
     )
 
 
-def listwise_kl(logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over groups of KL(softmax(logit(ỹ)/T) ‖ softmax(f/T)) · T², per group of rows (``group``: int64
-    ids, any order). Groups of one row carry no order and are left out; 0 when no group has two rows."""
+def listwise_kl(logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, temperature: float,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over groups of KL(softmax((logit(ỹ) − o)/T) ‖ softmax((f − o)/T)) · T², per group of rows
+    (``group``: int64 ids, any order; ``o`` the ``offset``, 0 when None).
+
+    With ``o`` the priors' part of each label's logit the term ranks by the *residual* over the priors:
+    its optimum is still f = logit(ỹ) + c, but popular candidates no longer hold most of the target's mass.
+    Groups of one row, and groups whose target has no spread (a residual of priors-only labels is constant),
+    carry no order and are left out; 0 when no group is left."""
     if logits.numel() == 0:
         return logits.sum()
     _, g = torch.unique(group, return_inverse=True)
     n_groups = int(g.max()) + 1
     size = torch.zeros(n_groups, dtype=logits.dtype).index_add_(0, g, torch.ones_like(logits))
-    keep = size[g] >= 2
+    y = labels.clamp(1e-6, 1 - 1e-6)
+    o = offset if offset is not None else torch.zeros_like(logits)
+    t = (torch.logit(y) - o) / temperature
+    s = (logits - o) / temperature
+    t_max = torch.full((n_groups,), -torch.inf, dtype=t.dtype).scatter_reduce(0, g, t, "amax")
+    t_min = torch.full((n_groups,), torch.inf, dtype=t.dtype).scatter_reduce(0, g, t, "amin")
+    ordered = (size >= 2) & (t_max - t_min > 1e-6)
+    keep = ordered[g]
     if not bool(keep.any()):
         return logits.sum() * 0.0
-    y = labels.clamp(1e-6, 1 - 1e-6)
-    t = torch.logit(y) / temperature
-    s = logits / temperature
 
     def log_softmax(x: torch.Tensor) -> torch.Tensor:
         mx = torch.full((n_groups,), -torch.inf, dtype=x.dtype).scatter_reduce(0, g, x.detach(), "amax")
@@ -236,7 +246,7 @@ def listwise_kl(logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor,
     lq, ls = log_softmax(t), log_softmax(s)
     per_row = torch.exp(lq) * (lq - ls)
     per_group = torch.zeros(n_groups, dtype=logits.dtype).index_add(0, g, torch.where(keep, per_row, 0.0))
-    return per_group[size >= 2].mean() * temperature**2
+    return per_group[ordered].mean() * temperature**2
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -278,15 +288,16 @@ class RankTerm:
 
     weight: float = 0.0
     temperature: float = 1.0
+    target: str = "label"  # "label": the labels' logits; "residual": minus each label's priors part
 
     @classmethod
     def from_settings(cls, t: TrainerSettings) -> RankTerm:
-        return cls(t.rank_weight, t.rank_temperature)
+        return cls(t.rank_weight, t.rank_temperature, t.rank_target)
 
 
 def objective_step(opt: torch.optim.Optimizer, logits: torch.Tensor, labels: np.ndarray, is_pseudo: np.ndarray,
                    weight: np.ndarray, pseudo_lambda: float, *, group: np.ndarray | None = None,
-                   rank: RankTerm | None = None) -> dict[str, float]:
+                   rank: RankTerm | None = None, offset: np.ndarray | None = None) -> dict[str, float]:
     """One optimizer step on L = Σ_exposed BCE(f, y) + λ · Σ_pseudo w · BCE(f, ỹ), given the batch's logits.
 
     The trainer and ``gpl eval`` (whose KD teacher has other inputs than the pre-ranker) both step through
@@ -302,8 +313,13 @@ def objective_step(opt: torch.optim.Optimizer, logits: torch.Tensor, labels: np.
     ranked = float("nan")
     if rank is not None and rank.weight > 0 and group is not None and pseudo_np.any():
         sel = torch.from_numpy(pseudo_np)
+        off = None
+        if rank.target == "residual":
+            if offset is None:
+                raise ValueError("trainer.rank_target=residual needs each pseudo-label's prior logit")
+            off = torch.from_numpy(np.asarray(offset, np.float32)[pseudo_np])
         term = listwise_kl(logits[sel], y[sel], torch.from_numpy(np.asarray(group, np.int64)[pseudo_np]),
-                           rank.temperature)
+                           rank.temperature, off)
         ranked = float(term.detach())
         loss = loss + rank.weight * term
     opt.zero_grad(set_to_none=True)

@@ -72,6 +72,7 @@ class Rows:
     label: np.ndarray  # float32 in [0, 1]
     weight: np.ndarray  # float32 (w; λ is applied by loss_weights)
     pseudo: np.ndarray  # bool: weight by λ·w (True) or 1 (False)
+    offset: np.ndarray | None = None  # float32: the priors' part of each label's logit (rank_target=residual)
 
     def __len__(self) -> int:
         return len(self.user)
@@ -116,7 +117,8 @@ class Context:
         n = self.model_config.history_items  # the pre-ranker's own history input (the stream's rule)
         self.recent = torch.from_numpy(recent_profiles(ds, item_vectors, n)) if n else None
 
-    def rows_of(self, flat: np.ndarray, label: np.ndarray, weight: np.ndarray, pseudo: bool) -> Rows:
+    def rows_of(self, flat: np.ndarray, label: np.ndarray, weight: np.ndarray, pseudo: bool,
+                offset: np.ndarray | None = None) -> Rows:
         return Rows(
             self.row_user[flat],
             self.ds.item[flat],
@@ -124,6 +126,7 @@ class Context:
             label.astype(np.float32),
             weight.astype(np.float32),
             np.full(len(flat), pseudo),
+            None if offset is None else offset.astype(np.float32),
         )
 
 
@@ -310,6 +313,7 @@ def fit(
             user, item, req, lab = ex.user[a], ex.item[a], ex.req[a], ex.label[a]
             w = np.ones(len(a), np.float32)
             pseudo = np.zeros(len(a), bool)
+            off = np.zeros(len(a), np.float32)
             if chunks is not None and len(chunks[s]):
                 b = chunks[s]
                 user = np.concatenate([user, extra.user[b]])
@@ -318,8 +322,10 @@ def fit(
                 lab = np.concatenate([lab, extra.label[b]])
                 w = np.concatenate([w, extra.weight[b]])
                 pseudo = np.concatenate([pseudo, extra.pseudo[b]])
+                extra_off = extra.offset[b] if extra.offset is not None else np.zeros(len(b), np.float32)
+                off = np.concatenate([off, extra_off])
             parts = objective_step(opt, net.logits(ctx, user, item, req), lab, pseudo, w, ctx.pseudo_lambda,
-                                   group=req, rank=ctx.rank)
+                                   group=req, rank=ctx.rank, offset=off)
             tot += parts["total"]
             bar.update(1)
         last = {"loss": tot / steps}

@@ -26,7 +26,7 @@ from gpl.runtime.settings import LabelerSettings
 from workers.labeling.assemble import label_candidates, no_anchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, consistency_of
-from workers.labeling.features import needs_anchors
+from workers.labeling.features import PRIOR_FEATURES, needs_anchors
 from workers.labeling.label_map import LabelMap
 from workers.labeling.sampling import RequestRng
 
@@ -39,11 +39,25 @@ class PseudoLabels:
     sim: np.ndarray
     terms: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    prior: np.ndarray | None = None  # float64: the priors' part of each label's logit (the rank term's offset)
 
     @staticmethod
     def empty(info: dict[str, Any]) -> PseudoLabels:
         z = np.zeros(0)
-        return PseudoLabels(np.zeros(0, np.int64), z, z, z, {t: z for t in TERMS}, info)
+        return PseudoLabels(np.zeros(0, np.int64), z, z, z, {t: z for t in TERMS}, info, z)
+
+
+def prior_logit(label: LabelMap | Calibrator, parts: dict[str, np.ndarray] | None, n: int) -> np.ndarray:
+    """Σ over the calibrator's prior features of coef · x / scale: what popularity and the user's click rate
+    contribute to each label's logit (0 for the fixed map, which reads no priors). Constants per request
+    cancel in a softmax, so the intercept and the means are left out."""
+    out = np.zeros(n)
+    if not isinstance(label, Calibrator) or parts is None:
+        return out
+    for f, c, sc in zip(label.features, label.coef, label.scale, strict=True):
+        if f in PRIOR_FEATURES:
+            out += c / sc * np.asarray(parts[f], np.float64)
+    return out
 
 
 def gpl_labels(
@@ -76,7 +90,7 @@ def gpl_labels(
     req = ds.row_request[rows]
     request_rng = RequestRng(cfg.seed + seed)
     per_user: dict[int, tuple[float, np.ndarray]] = {}
-    out_rows, out_p, out_w, out_sim = [], [], [], []
+    out_rows, out_p, out_w, out_sim, out_prior = [], [], [], [], []
     out_terms: dict[str, list[np.ndarray]] = {t: [] for t in TERMS}
     bounds = np.flatnonzero(np.diff(req)) + 1
     for part in np.split(np.arange(len(rows)), bounds):
@@ -97,6 +111,8 @@ def gpl_labels(
         out_p.append(lab.label)
         out_w.append(lab.weight)
         out_sim.append(lab.sim)
+        out_prior.append(prior_logit(label, None if pri is None else {k: v[lab.pos] for k, v in pri.items()},
+                                     len(lab.pos)))
         for t in TERMS:
             out_terms[t].append(lab.terms[t])
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731
@@ -105,6 +121,7 @@ def gpl_labels(
     sel_rows = sel_rows[order]
     p, w, sim = cat(out_p, np.float64)[order], cat(out_w, np.float64)[order], cat(out_sim, np.float64)[order]
     terms = {t: cat(v, np.float64)[order] for t, v in out_terms.items()}
+    prior = cat(out_prior, np.float64)[order]
     labeled_users = ds.row_user[sel_rows]
     info = {
         "rows": int(len(sel_rows)),
@@ -114,7 +131,7 @@ def gpl_labels(
         "mean_w": float(w.mean()) if len(w) else 0.0,
         "mean_terms": {t: float(v.mean()) if len(v) else 0.0 for t, v in terms.items()},
     }
-    return PseudoLabels(rows=sel_rows, p=p, w=w, sim=sim, terms=terms, info=info)
+    return PseudoLabels(rows=sel_rows, p=p, w=w, sim=sim, terms=terms, info=info, prior=prior)
 
 
 __all__ = ["PseudoLabels", "gpl_labels"]

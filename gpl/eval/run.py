@@ -315,7 +315,7 @@ def _run(
                     extra_info[method] = kd_soft.info
             elif method in SPECS:
                 labels = gpl.rows(method, seed)
-                extra = ctx.rows_of(labels.rows, labels.p, labels.w, pseudo=True)
+                extra = ctx.rows_of(labels.rows, labels.p, labels.w, pseudo=True, offset=labels.prior)
                 soft = (labels.rows, labels.p, labels.w)
                 if seed == 0:
                     extra_info[method] = labels.info

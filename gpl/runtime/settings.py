@@ -294,6 +294,8 @@ class TrainerSettings(Section):
     rank_weight: float = Field(default=0.0, ge=0, description="weight of the listwise rank term: per request, "
                                "KL between the softmax of the pseudo-labels' logits and the student's (0: off)")
     rank_temperature: float = Field(default=1.0, gt=0, description="temperature of both softmaxes of the rank term")
+    rank_target: Literal["label", "residual"] = Field(default="label", description="rank by the labels' logits, or "
+                                                      "by their residual over the priors' part (eval only so far)")
     checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
     pseudo_labels: bool = Field(default=True, description="train on pseudo-labels too; false: the exposed-only "
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
