@@ -30,6 +30,7 @@ extrapolates the wrong way — measured on the semi-synthetic benchmark (docs/ev
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -67,29 +68,89 @@ def similarity_features(sims: np.ndarray, centroid_cos: np.ndarray,
     return {"s1": s1, "s2": s2, "s_mean": s @ w, "s_cent": np.asarray(centroid_cos, np.float64)}
 
 
-SMALL_ROWS = 128  # up to this many candidates a row sort beats the column loop (the drawn ones: 40)
+def calibrator_inputs(names: tuple[str, ...], sims: np.ndarray, centroid_cos: np.ndarray, weights: np.ndarray,
+                      priors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, s1): ``feature_matrix(names, {**similarity_features(sims, centroid_cos, weights), **priors})``
+    and the best cosine ``s1`` as float64, the same values bit for bit, built in place.
 
-
-def _top_two(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Largest and second-largest of each row (a repeated maximum is both).
-
-    Many rows (every candidate, with a top part): ``np.partition(s, K - 2, axis=1)`` gives the same
-    values but pays a per-row setup on the short axis (~75 µs for 1,000 x 8); 3 vectorised operations
-    per column of the transposed copy are ~40 µs. Few rows (the 40 drawn): those 21 operations cost
-    ~9 µs of call overhead, one row sort ~3 µs.
+    The labeler's path when every candidate is scored (a top part): the top two go straight into their
+    columns of ``x`` and nothing else is copied twice (~half the numpy calls of the dict route, whose
+    every call costs a few µs on a core whose caches the gather has just flushed). ``s_mean`` is the
+    same ``(m, K) float64 @ (K,)`` product as :func:`similarity_features` (another layout would sum in
+    another order).
     """
-    if s.shape[0] <= SMALL_ROWS:
-        srt = np.sort(s, axis=1)
-        return srt[:, -1], srt[:, -2]
-    cols = np.ascontiguousarray(s.T)
-    best = cols[0].copy()
-    second = np.full_like(best, -np.inf)
-    tmp = np.empty_like(best)
-    for col in cols[1:]:
-        np.minimum(best, col, out=tmp)
-        np.maximum(second, tmp, out=second)
-        np.maximum(best, col, out=best)
+    m = int(sims.shape[0])
+    x = np.empty((m, len(names)))
+    col = _columns(names)
+    s = np.asarray(sims, np.float64)
+    j1, j2 = col.get("s1"), col.get("s2")
+    s1 = x[:, j1] if j1 is not None else np.empty(m)
+    if s.shape[1] == 1:
+        s1[...] = s[:, 0]
+        if j2 is not None:
+            x[:, j2] = s1
+    else:
+        _top_two(s, s1, x[:, j2] if j2 is not None else np.empty(m))
+    if "s_mean" in col:
+        x[:, col["s_mean"]] = s @ np.asarray(weights, np.float64)
+    if "s_cent" in col:
+        x[:, col["s_cent"]] = centroid_cos
+    for name, j in col.items():
+        if name not in SIMILARITY_FEATURES:
+            x[:, j] = priors[name]  # a KeyError names the feature nobody computed
+    return x, s1
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(names: tuple[str, ...]) -> dict[str, int]:
+    return {n: j for j, n in enumerate(names)}
+
+
+def _top_two(s: np.ndarray, best: np.ndarray | None = None, second: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and second-largest of each row of an (m, K >= 2) array (a repeated maximum is both),
+    written into ``best`` and ``second`` when given (e.g. columns of a feature matrix).
+
+    A tournament over the columns of the transposed copy: pair the first half of the columns with the
+    second, keep each pair's (larger, smaller), then merge pairs of (top, second) as
+    ``top = max(a1, b1)``, ``second = max(min(a1, b1), max(a2, b2))`` until one lane is left; an odd
+    column out joins lane 0. Every step is one numpy call over a contiguous (lanes, m) block, ~10
+    calls for K = 8: ``np.partition(s, K - 2, axis=1)`` pays a per-row setup on the short axis (~75
+    µs for 1,000 x 8), a column-by-column loop 21 calls, a row sort ~20 µs. Only max and min: the
+    values are the array's own, in its dtype, so they equal a sort's exactly.
+    """
+    t = np.ascontiguousarray(s.T)
+    h = t.shape[0] // 2
+    hi = np.maximum(t[:h], t[h : 2 * h])
+    lo = np.minimum(t[:h], t[h : 2 * h])
+    if t.shape[0] % 2:  # the odd column joins lane 0 as (c, -inf)
+        _join(hi, lo, t[2 * h :], None)
+    written = False  # the last step wrote into best and second
+    while hi.shape[0] > 1:
+        n = hi.shape[0]
+        h = n // 2
+        written = n == 2 and best is not None and second is not None
+        nlo = np.maximum(np.minimum(hi[:h], hi[h : 2 * h]), np.maximum(lo[:h], lo[h : 2 * h]),
+                         out=second[None, :] if written else None)  # type: ignore[index]
+        nhi = np.maximum(hi[:h], hi[h : 2 * h], out=best[None, :] if written else None)  # type: ignore[index]
+        if n % 2:
+            _join(nhi, nlo, hi[2 * h :], lo[2 * h :])
+        hi, lo = nhi, nlo
+    if best is None or second is None:
+        return hi[0], lo[0]
+    if not written:
+        best[...] = hi[0]
+        second[...] = lo[0]
     return best, second
+
+
+def _join(hi: np.ndarray, lo: np.ndarray, c_hi: np.ndarray, c_lo: np.ndarray | None) -> None:
+    """Merge one more lane (its top ``c_hi``, second ``c_lo``; None: -inf) into lane 0, in place."""
+    cand = np.minimum(hi[:1], c_hi)
+    if c_lo is not None:
+        np.maximum(cand, c_lo, out=cand)
+    np.maximum(lo[:1], cand, out=lo[:1])
+    np.maximum(hi[:1], c_hi, out=hi[:1])
 
 
 def prior_features(recalled: np.ndarray, exposed: np.ndarray, requests: float, user_exposures: float | np.ndarray,
