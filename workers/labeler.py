@@ -56,7 +56,7 @@ from schemas.codec import DecodeError
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, PSEUDO_HEADER, SAMPLES, UNEXPOSED
 from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import Abstained, Labeling, LabelStats, label_decoded
+from workers.labeling.assemble import MICRO_BATCH, Abstained, Labeling, LabelStats, label_many
 from workers.labeling.calibrator import CalibratorError, load_calibrator
 from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
@@ -113,6 +113,9 @@ class Labeler:
         self._deferred_candidates = 0
         self._stopping = False
         self.io: StageIO | None = None  # the Kafka side, while run() runs
+        # consecutive unexposed batches whose users have anchors, labeled together (label_many) before any
+        # other message is handled, at MICRO_BATCH of them, and at the end of every polled batch
+        self._pending: list[tuple[Message, Unexposed]] = []
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -135,6 +138,8 @@ class Labeler:
                     msgs = io.poll(batch, 0.2)
                     rewound: set[int] = set()  # partitions paused mid-batch: skip the rest of their messages
                     for m in msgs:
+                        if m.topic() != UNEXPOSED.name:
+                            self._flush()  # anchors and real labels change what the pending batches would get
                         with io.processing(m):  # a failure of one message's step: its DLQ, and go on
                             if m.topic() == ANCHORS.name:
                                 self._on_anchors(m, anchor_dlq)
@@ -143,6 +148,9 @@ class Labeler:
                             elif (part := m.partition() or 0) not in rewound and not self._on_unexposed(m):
                                 self._pause_at(m)  # deferred queue full: re-read it later
                                 rewound.add(part)
+                        if len(self._pending) >= MICRO_BATCH:
+                            self._flush()
+                    self._flush()
                     self._expire(time.monotonic())
                     if self.ctx.label is None and time.monotonic() >= self._next_load:
                         self._load_calibrator()
@@ -217,26 +225,41 @@ class Labeler:
                                  time.monotonic() + self.cfg.wait_for_anchors_s))
         else:
             self._count_in(b)
-            self._label(b, m.key(), raw or b"", part, off)
+            self._pending.append((m, b))  # labeled by the next _flush, before any other message
         return True
+
+    def _flush(self) -> None:
+        """Label the pending batches together (stage by stage, the same samples as one by one) and emit
+        each one's outcome under its own message's DLQ guard."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        assert self.io is not None
+        for (m, b), got in zip(pending, label_many([b for _, b in pending], self.ctx), strict=True):
+            with self.io.processing(m):
+                self._emit(b, m.key(), m.value() or b"", m.partition() or 0, m.offset() or 0, got)
 
     def _count_in(self, b: Unexposed) -> None:
         self.accounting.add("in")
         self.accounting.add("candidates", int(b.item_ids.shape[0]))
 
     def _label(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int) -> None:
+        self._emit(b, key, raw, part, off, label_many([b], self.ctx)[0])
+
+    def _emit(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int,
+              got: tuple[bytes, LabelStats] | Exception) -> None:
+        """Produce a labeled batch's samples, or count its abstention, or dead-letter it (a bug's exception)."""
         io = self.io
         assert io is not None
-        try:
-            out, st = label_decoded(b, self.ctx)
-        except Abstained:
+        if isinstance(got, Abstained):
             self.accounting.add("abstained")
             self.accounting.add("candidates_abstained", int(b.item_ids.shape[0]))
-        except Exception as e:  # a bug must not stop the stream: the batch goes to the DLQ, counted
-            log.exception("labeling %s failed", b.request_id)
-            io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, e, reason="label_error")
+        elif isinstance(got, Exception):  # a bug must not stop the stream: the batch goes to the DLQ, counted
+            log.error("labeling %s failed", b.request_id, exc_info=got)
+            io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, got, reason="label_error")
             self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
         else:
+            out, st = got
             io.producer.produce(SAMPLES.name, io.wire.encode_json(SAMPLES.name, out), key=b.user_id.encode(),
                                 headers=[PSEUDO_HEADER])
             io.producer.poll(0)
