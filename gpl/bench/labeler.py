@@ -1,12 +1,13 @@
 """Benchmarks that are measurements, not tests: ``python -m gpl.bench.labeler [--batches N ...]``.
 
-``bench_labeler`` times the labeler's fast path (:func:`workers.labeling.label_decoded` after
-:func:`workers.labeling.decode_unexposed`: orjson → arrays → searchsorted → one gather → one (K, N)
-matmul → sampling → orjson) on synthetic data, and, side by side in the same run and interleaved
-repeat by repeat so both see the same machine state, the naive way of writing the same stage: the
-contract decoded with pydantic, a per-candidate Python loop mapping item ids to matrix rows, the same
-vectorised scoring and sampling, and pydantic ``Sample``/``SampleBatch`` objects encoded by
-``schemas.codec.encode``. Both produce the same samples (checked before timing).
+``bench_labeler`` times the labeler's fast path as the worker runs it (consecutive requests decoded by
+:func:`workers.labeling.decode_unexposed`, then labeled ``MICRO_BATCH`` at a time by
+:func:`workers.labeling.assemble.label_many`, stage by stage: orjson → arrays → hash lookup → one
+gather → one (N, K) matmul → features → sampling → orjson) on synthetic data, and, side by side in
+the same run and interleaved repeat by repeat so both see the same machine state, the naive way of
+writing the same stage: the contract decoded with pydantic, a per-candidate Python loop mapping item
+ids to matrix rows, the same vectorised scoring and sampling, and pydantic ``Sample``/``SampleBatch``
+objects encoded by ``schemas.codec.encode``. Both produce the same samples (checked before timing).
 
 One core: the target is candidates per second *per core*, and a (8 x 384) x (384 x 1000) matmul would
 otherwise spread over BLAS threads. Run as a program, this module pins OpenBLAS/OpenMP/MKL to one
@@ -39,7 +40,7 @@ from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, Unex
 from schemas.ids import sample_id  # noqa: E402
 from streams.join import encode_unexposed  # noqa: E402
 from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import Labeling, label_decoded
+from workers.labeling.assemble import MICRO_BATCH, Labeling, label_decoded, label_many
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence
 from workers.labeling.features import FEATURES
@@ -192,8 +193,30 @@ def max_label_difference(ctx: Labeling, ref: Labeling, raws: list[bytes]) -> dic
     return {k: round(v, 6) for k, v in worst.items()}
 
 
-def _by_index(fn: Callable[[bytes], bytes], raws: list[bytes]) -> Callable[[int], object]:
-    return lambda i: fn(raws[i])
+Chunk = Callable[[range], object]
+"""What the benchmark times: one call labels (or scores) the requests of a range of indices."""
+
+
+def _by_index(fn: Callable[[int], object]) -> Chunk:
+    def run(chunk: range) -> None:
+        for i in chunk:
+            fn(i)
+    return run
+
+
+def by_micro_batch(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -> Chunk:
+    """The labeler's path as the worker runs it: consecutive requests decoded, then labeled ``micro``
+    at a time by :func:`~workers.labeling.assemble.label_many` (stage by stage)."""
+    def run(chunk: range) -> None:
+        for s in range(chunk.start, chunk.stop, micro):
+            label_many([decode_unexposed(raws[i]) for i in range(s, min(s + micro, chunk.stop))], ctx)
+    return run
+
+
+def one_by_one(ctx: Labeling, raws: list[bytes]) -> Chunk:
+    """The same path one request at a time (:func:`~workers.labeling.assemble.label_decoded`)."""
+    f = fast(ctx)
+    return _by_index(lambda i: f(raws[i]))
 
 
 def limit(ctx: Labeling, raws: list[bytes]) -> Callable[[int], object]:
@@ -243,24 +266,41 @@ def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
     return {k: round(float(np.median(v)) * 1e6, 1) for k, v in acc.items()}
 
 
+def stage_breakdown_many(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -> dict[str, float]:
+    """Mean CPU µs per request of each stage of :func:`~workers.labeling.assemble.label_many`, run as
+    the worker runs it: ``decode``, ``arrive`` (lookup, counts, the draw of a policy without a top
+    part), ``score`` (gather + product), ``label`` (features, calibrator, sampling, weights),
+    ``encode`` (orjson)."""
+    times: dict[str, float] = {"decode": 0.0}
+    for s in range(0, len(raws), micro):
+        t0 = time.thread_time()
+        bs = [decode_unexposed(raw) for raw in raws[s : s + micro]]
+        times["decode"] += time.thread_time() - t0
+        label_many(bs, ctx, times)
+    return {k: round(v / max(len(raws), 1) * 1e6, 1) for k, v in times.items()}
+
+
 def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: int = 2000, items: int = 20000,
                   *, per_repeat: int = 50, seed: int = 0, dtype: MatrixDtype = "auto") -> dict[str, Any]:
     """Median / p10 / p90 candidates per second (one thread) of the labeler's path, its limit and the naive loop.
 
     In ONE run, interleaved repeat by repeat so all see the same machine state: ``path_<dtype>``
-    (decode → lookup → gather → match → sample → label → orjson, fixed map) for both matrix dtypes;
+    (decode → lookup → gather → match → sample → label → orjson, fixed map; as the worker runs it, in
+    micro-batches of ``MICRO_BATCH`` consecutive requests: :func:`by_micro_batch`) for both matrix dtypes;
     ``limit_<dtype>`` (gather + product + max alone, same dtype: what the hardware allows);
     ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
     labels: a calibrator over features and priors, chosen dtype). These use the shipped draw (40 of the
     candidates, uniformly), which reads no score: the path draws first and matches only the drawn ones
     (:func:`~workers.labeling.assemble.label_candidates`), so it can pass the limit proxy, which scores
     all. ``path_calibrated_top10`` takes the 10 most probable and draws 30: every candidate is matched
-    and gets features, the path to set against the limit (``ratio_top10_limit``). ``path`` and ``limit`` repeat the
+    and gets features, the path to set against the limit (``ratio_top10_limit``; the same path one request
+    at a time, :func:`one_by_one`: ``path_calibrated_top10_one_by_one``). ``path`` and ``limit`` repeat the
     figures of the dtype ``dtype`` resolves to (``auto``: the start-up self-test, whose timings are in
     ``dtype_self_test_us``). ``ratio_path_limit`` = median path / median limit;
     ``max_diff_vs_float32`` the largest pseudo-label (and similarity, weight) difference of
     bfloat16 labels against float32 ones on the benchmark's requests; ``stages_cpu_us`` where a
-    request's time goes (:func:`stage_breakdown`).
+    request's time goes (:func:`stage_breakdown`), ``stages_top10_cpu_us`` the same for the top-10 path
+    stage by stage (:func:`stage_breakdown_many`).
 
     ``batches`` requests are split into repeats of ``per_repeat``; the throughput of a repeat is
     ``per_repeat * candidates / seconds``. Two clocks: wall time (``median_cand_per_s``) and the
@@ -276,19 +316,19 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     bf, _ = synthetic(candidates, k, dim, 0, items, seed=seed, label_source="map", dtype="bfloat16")
     cal_ctx, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen)
     ranked, _ = synthetic(candidates, k, dim, 0, items, seed=seed, dtype=chosen, top_n=10)
-    impls: dict[str, Callable[[int], object]] = {}
+    impls: dict[str, Chunk] = {}
     for name, c in (("path_float32", ref), ("path_bfloat16", bf), ("path_calibrated", cal_ctx),
                     ("path_calibrated_top10", ranked)):
-        impls[name] = _by_index(fast(c), raws)
+        impls[name] = by_micro_batch(c, raws)
+    impls["path_calibrated_top10_one_by_one"] = one_by_one(ranked, raws)
     slow = naive(ref)
-    impls["naive"] = _by_index(slow, raws)
-    impls["limit_float32"] = limit(ref, raws)
-    impls["limit_bfloat16"] = limit(bf, raws)
+    impls["naive"] = _by_index(lambda i: slow(raws[i]))
+    impls["limit_float32"] = _by_index(limit(ref, raws))
+    impls["limit_bfloat16"] = _by_index(limit(bf, raws))
     for raw in raws[:5]:  # same answers, and warm the paths up
         assert same_samples(fast(ref)(raw), slow(raw)), "fast and naive paths disagree"
-    for i in range(5):
-        for impl in impls.values():
-            impl(i)
+    for impl in impls.values():
+        impl(range(min(len(raws), MICRO_BATCH)))
     diff = max_label_difference(bf, ref, raws[: min(len(raws), 200)])
     rates: dict[str, list[float]] = {name: [] for name in impls}
     cpu_rates: dict[str, list[float]] = {name: [] for name in impls}
@@ -300,8 +340,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
             for name in names if r % 2 == 0 else names[::-1]:
                 run = impls[name]
                 c0, t0 = time.thread_time(), time.perf_counter()
-                for i in chunk:
-                    run(i)
+                run(chunk)
                 t1, c1 = time.perf_counter(), time.thread_time()
                 rates[name].append(len(chunk) * candidates / (t1 - t0))
                 cpu_rates[name].append(len(chunk) * candidates / max(c1 - c0, 1e-9))
@@ -331,11 +370,14 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     out["ratio_path_naive"] = ratio("path", "naive")
     out["ratio_path_float32"] = ratio("path", "path_float32")
     out["ratio_top10_limit"] = ratio("path_calibrated_top10", "limit")
+    out["ratio_top10_limit_cpu"] = ratio("path_calibrated_top10", "limit", "cpu")
+    out["ratio_top10_one_by_one_limit"] = ratio("path_calibrated_top10_one_by_one", "limit")
     out["ratio_path_limit_by_dtype"] = {d: ratio(f"path_{d}", f"limit_{d}") for d in ("float32", "bfloat16")}
     out["max_diff_vs_float32"] = {"dtype": "bfloat16", **diff}
     with single_thread():
         out["stages_cpu_us"] = {d: stage_breakdown(c, raws[: min(len(raws), 300)])
                                 for d, c in (("float32", ref), ("bfloat16", bf))}
+        out["stages_top10_cpu_us"] = stage_breakdown_many(ranked, raws[: min(len(raws), 320)])
     return out
 
 
