@@ -269,8 +269,8 @@ def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
 def stage_breakdown_many(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -> dict[str, float]:
     """Mean CPU µs per request of each stage of :func:`~workers.labeling.assemble.label_many`, run as
     the worker runs it: ``decode``, ``arrive`` (lookup, counts, the draw of a policy without a top
-    part), ``score`` (gather + product), ``label`` (features, calibrator, sampling, weights),
-    ``encode`` (orjson)."""
+    part), ``score`` (gather + product), ``label`` (features, calibrator), ``choose`` (sampling,
+    labels of the chosen, weights), ``encode`` (orjson)."""
     times: dict[str, float] = {"decode": 0.0}
     for s in range(0, len(raws), micro):
         t0 = time.thread_time()

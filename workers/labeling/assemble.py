@@ -128,18 +128,31 @@ def draw(item_ids: np.ndarray, cfg: LabelerSettings, rng: np.random.Generator) -
 
 def finish(item_ids: np.ndarray, s_k: np.ndarray, cos_centroid: np.ndarray | None, priors: dict[str, np.ndarray],
            drawn: tuple[np.ndarray, int, int] | None, anchors: UserAnchors, *, consistency: float,
-           label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator) -> Labeled:
+           label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator | None) -> Labeled:
     """Label → sample → weight, from the scores of the candidates :func:`draw` chose (all of them when it
     returned None: the top part then ranks every candidate by its probability, or similarity for a map)
     and, for a calibrator, their prior features. ``rng`` is the request's (:class:`RequestRng`), used
     only when ``drawn`` is None."""
+    sim, p_all = probabilities(s_k, cos_centroid, priors, anchors, label)
+    return choose(item_ids, s_k, sim, p_all, drawn, anchors, consistency=consistency, label=label, cfg=cfg, rng=rng)
+
+
+def probabilities(s_k: np.ndarray, cos_centroid: np.ndarray | None, priors: dict[str, np.ndarray],
+                  anchors: UserAnchors, label: LabelMap | Calibrator) -> tuple[np.ndarray, np.ndarray | None]:
+    """(best cosine, calibrated probability or None for a map) of scored candidates."""
     if isinstance(label, Calibrator):
         cos_c = cos_centroid if cos_centroid is not None else np.zeros(s_k.shape[0])
         x, sim = calibrator_inputs(label.features, s_k, cos_c, anchors.anchor_weights(), priors)
-        p_all: np.ndarray | None = label(x)  # sim: s1, the best cosine
-    else:
-        sim, p_all = _row_max(s_k), None
+        return sim, label(x)  # sim: s1, the best cosine
+    return _row_max(s_k), None
+
+
+def choose(item_ids: np.ndarray, s_k: np.ndarray, sim: np.ndarray, p_all: np.ndarray | None,
+           drawn: tuple[np.ndarray, int, int] | None, anchors: UserAnchors, *, consistency: float,
+           label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator | None) -> Labeled:
+    """Sample (unless :func:`draw` did), label and weigh, from :func:`probabilities`."""
     if drawn is None:  # the top part ranks every candidate by its score
+        assert rng is not None
         sel, kept, duplicate = _once_per_item(
             sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng), item_ids)
         s_sel, sim_sel, p_sel = s_k[sel], sim[sel], (None if p_all is None else p_all[sel])
@@ -236,6 +249,7 @@ class _Request:
     counts: tuple[np.ndarray, np.ndarray, float, float, float, float] | None = None  # prior inputs, at arrival
     drawn: tuple[np.ndarray, int, int] | None = None
     scores: tuple[np.ndarray, np.ndarray | None] | None = None
+    probs: tuple[np.ndarray, np.ndarray | None] | None = None  # (best cosine, probability)
     labeled: Labeled | None = None
 
 
@@ -253,7 +267,7 @@ def label_many(bs: Sequence[Unexposed], ctx: Labeling, times: dict[str, float] |
     a policy without a top part, the matching, then features, labels, sampling and weights, then the
     encoding. Every function gets the inputs it would get one by one: the bytes are the same (tested).
     ``times``, when given, accumulates each stage's CPU seconds (``arrive``, ``score``, ``label``,
-    ``encode``; the benchmark's breakdown).
+    ``choose``, ``encode``; the benchmark's breakdown).
     """
     out: list[tuple[bytes, LabelStats] | Exception | None] = [None] * len(bs)
     todo: list[tuple[int, _Request]] = []
@@ -263,7 +277,8 @@ def label_many(bs: Sequence[Unexposed], ctx: Labeling, times: dict[str, float] |
             todo.append((i, _arrive(b, ctx)))
         except Exception as e:  # noqa: BLE001 - the batch's outcome, as label_decoded would raise it
             out[i] = e
-    for name, stage in (("arrive", None), ("score", _score), ("label", _label), ("encode", _encode)):
+    for name, stage in (("arrive", None), ("score", _score), ("label", _label), ("choose", _choose),
+                        ("encode", _encode)):
         if stage is not None:
             keep: list[tuple[int, _Request]] = []
             for i, r in todo:
@@ -305,7 +320,8 @@ def _arrive(b: Unexposed, ctx: Labeling) -> _Request:
     r = _Request(b, entry, ids, rows)
     if int(ids.shape[0]):
         r.consistency = ctx.cache.consistency(entry) if ctx.cfg.use_consistency else 1.0
-        r.drawn = draw(ids, ctx.cfg, ctx.rng(b.request_id))
+        if not reads_scores(ctx.cfg.top_n, ctx.cfg.cap):  # seeding costs ~5 µs: only for a draw
+            r.drawn = draw(ids, ctx.cfg, ctx.rng(b.request_id))
         if isinstance(ctx.label, Calibrator):
             st = ctx.stats
             st.add_recalled(rows)  # every candidate counts, labeled or not
@@ -323,12 +339,20 @@ def _score(r: _Request, ctx: Labeling) -> None:
 
 
 def _label(r: _Request, ctx: Labeling) -> None:
-    """Features, labels, sampling and weights (:func:`finish`)."""
+    """Features and probabilities (:func:`probabilities`)."""
     if r.scores is not None:
         assert ctx.label is not None
         priors = prior_features(*r.counts) if r.counts is not None else {}
-        r.labeled = finish(r.found_ids, *r.scores, priors, r.drawn, r.entry, consistency=r.consistency,
-                           label=ctx.label, cfg=ctx.cfg, rng=ctx.rng(r.b.request_id))
+        r.probs = probabilities(*r.scores, priors, r.entry, ctx.label)
+
+
+def _choose(r: _Request, ctx: Labeling) -> None:
+    """Sampling (a top part; the request's generator is seeded only then), labels and weights."""
+    if r.scores is not None and r.probs is not None:
+        assert ctx.label is not None
+        rng = ctx.rng(r.b.request_id) if r.drawn is None else None
+        r.labeled = choose(r.found_ids, r.scores[0], *r.probs, r.drawn, r.entry, consistency=r.consistency,
+                           label=ctx.label, cfg=ctx.cfg, rng=rng)
 
 
 def _encode(r: _Request, ctx: Labeling) -> tuple[bytes, LabelStats]:
