@@ -7,12 +7,17 @@ that no longer works. Here every stage reports into one registry (:data:`HEALTH`
 * ``beat`` — its loop came round (``StageIO.poll`` does it for the workers, the faust runner for the
   streams stage); a loop silent for longer than ``health.stall_s`` is *stalled*;
 * ``assigned`` — how many partitions its consumer holds (rebalance callbacks);
-* ``crashed`` / ``stopped`` — how its thread ended (:class:`gpl.stack.Stages`).
+* ``crashed`` / ``stopped`` — how its thread ended (:class:`gpl.stack.Stages`);
+* ``relay`` — a stage run by a child process (gpl/stage_process.py): its beats, idle time and partitions
+  as the child's own registry saw them, sent to the parent with each report, so the parent's probes
+  answer for it as for a thread (the child's death ends its stage in the parent: ``crashed``).
 
 ``/healthz`` answers 200 while every registered stage is running and not stalled, 503 otherwise;
 ``/readyz`` 200 when, besides, every stage holds at least one partition (it can serve), 503 otherwise.
-Both answer the per-stage state as JSON. A crash also ends the process with a non-zero exit (the stage
-runner in ``gpl run``/``gpl up``): the probes are for what an exit cannot show, a hung loop.
+Both answer the per-stage state as JSON. ``health.stall_s`` (gpl/runtime/settings.py) is the stall
+time; :func:`serve_http` applies it to the registry it serves. A crash also ends the process with a
+non-zero exit (the stage runner in ``gpl run``/``gpl up``): the probes are for what an exit cannot
+show, a hung loop.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 import orjson
 
 from gpl.runtime.metrics import ROUTES, serve, serve_ephemeral
+from gpl.runtime.metrics_relay import metrics_route
+from gpl.runtime.settings import HealthSettings
 
 STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped"
 
@@ -44,7 +51,7 @@ class StageState:
 class Health:
     """Thread-safe per-stage state; ``live()`` and ``ready()`` answer (ok, JSON-able report)."""
 
-    def __init__(self, stall_s: float = 600.0) -> None:
+    def __init__(self, stall_s: float = HealthSettings.model_fields["stall_s"].default) -> None:
         self.stall_s = stall_s
         self._stages: dict[str, StageState] = {}
         self._lock = threading.Lock()
@@ -70,6 +77,20 @@ class Health:
     def assigned(self, stage: str, partitions: int) -> None:
         with self._lock:
             self._get(stage).partitions = max(0, partitions)
+
+    def relay(self, stage: str, *, beats: int, idle_s: float, partitions: int) -> None:
+        """A child process's view of its stage: ``beats`` so far, ``idle_s`` since its last one (measured
+        in the child, so a hung loop looks hung here too), the partitions it holds. A stage that ended
+        (crashed, stopped) stays so."""
+        with self._lock:
+            st = self._get(stage)
+            if st.state not in (STARTING, RUNNING):
+                return
+            st.partitions = max(0, partitions)
+            if beats > 0:
+                st.state = RUNNING
+                st.last_beat = time.monotonic() - max(0.0, idle_s)
+                st.beats = beats
 
     def crashed(self, stage: str, error: BaseException | str) -> None:
         with self._lock:
@@ -120,12 +141,19 @@ def _probe(check: str) -> Callable[[], tuple[int, str, bytes]]:
     return route
 
 
+ROUTES["/metrics"] = metrics_route  # this process's metrics with those its child stages relayed
 ROUTES["/healthz"] = _probe("live")
 ROUTES["/readyz"] = _probe("ready")
 
 
-def serve_http(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - probed from outside
-    """Start the metrics + probes server in a daemon thread; returns it (``server_address`` has the port)."""
+def serve_http(port: int, host: str = "0.0.0.0", *,  # noqa: S104 - probed from outside
+               stall_s: float | None = None) -> ThreadingHTTPServer:
+    """Start the metrics + probes server in a daemon thread; returns it (``server_address`` has the port).
+
+    ``stall_s`` (``health.stall_s``): how long a stage loop may stay silent before ``/healthz`` says so.
+    """
+    if stall_s is not None:
+        HEALTH.stall_s = stall_s
     server = serve(port, host) if port else serve_ephemeral(host)
     assert server is not None
     return server
