@@ -11,6 +11,12 @@ ends; ``accounting`` and the child's public counters (``counts``, ``deferred``, 
 snapshots the child sends every ``report_s``, so the demo's and the benches' progress checks read
 them as they would read a thread's. A child that fails raises in ``run`` with the child's error, so
 :class:`gpl.stack.Stages` records it like a crashed thread.
+
+Each report also carries the child's health (beats, idle time, partitions: relayed into the parent's
+:data:`~gpl.runtime.health.HEALTH` under the stage's name) and its ``gpl_*`` metrics (relayed into the
+parent's ``/metrics``, gpl/runtime/metrics_relay.py): the parent's ``/healthz``, ``/readyz`` and
+``/metrics`` answer for the stage as for a thread, on the parent's ``metrics_port`` (children serve no
+port of their own). A child that dies ends its stage in the parent (``crashed``) and drops its metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import os
 import threading
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
+from gpl.runtime.health import HEALTH
+from gpl.runtime.metrics_relay import RELAYED, export_families
 from gpl.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class ProcessStage:
         self._mirror: dict[str, Any] = {}
         self._accountings: dict[str, MirroredAccounting] = {}
         self.pid: int | None = None
+        self._relay_key = stage  # the child's key among the relayed metrics (stage[pid] once started)
         self.peak_rss_bytes = 0  # the child's peak resident set, reported when it ends
 
     def __getattr__(self, attr: str) -> Any:
@@ -79,18 +87,22 @@ class ProcessStage:
     def run(self, stop: threading.Event) -> None:
         ctx = mp.get_context("spawn")
         recv, send = ctx.Pipe(duplex=False)
-        child_stop = ctx.Event()
+        # stop goes down a pipe, not an mp.Event: Event.set() waits for every waiter to wake, and a child
+        # killed while waiting never does (the parent would hang in set() on a dead child's stage)
+        stop_recv, child_stop = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=child_main, name=f"gpl-{self.name}", daemon=True,
-                           args=(self.settings.model_dump_json(), self.name, self.kw, child_stop, send,
+                           args=(self.settings.model_dump_json(), self.name, self.kw, stop_recv, send,
                                  self.report_s))
         proc.start()
         send.close()  # the parent only reads; EOF then means the child is gone
+        stop_recv.close()
         self.pid = proc.pid
+        self._relay_key = f"{self.name}[{proc.pid}]"
         error: str | None = None
         try:
             while True:
                 if stop.is_set():
-                    child_stop.set()
+                    _stop_child(child_stop)
                 try:
                     ready = recv.poll(0.1)
                     msg = recv.recv() if ready else None
@@ -98,14 +110,18 @@ class ProcessStage:
                     break
                 if msg is not None:
                     error = self._take(msg) or error
+                elif proc.exitcode is not None:  # gone, and no EOF: a process it started holds the pipe
+                    break
         finally:
-            child_stop.set()
+            _stop_child(child_stop)
             proc.join(60)
             if proc.is_alive():
                 log.warning("stage %s (pid %s) did not stop; terminating it", self.name, proc.pid)
                 proc.terminate()
                 proc.join(10)
             recv.close()
+            child_stop.close()
+            RELAYED.drop(self._relay_key)  # a child that ended serves no metrics (its stage is down)
         if error is not None:
             raise RuntimeError(f"stage {self.name} failed in its process: {error}")
         if proc.exitcode not in (0, None):
@@ -119,6 +135,11 @@ class ProcessStage:
                 self._accountings.setdefault(attr, MirroredAccounting(f"{self.name}.{attr}")).update(counts)
         self._mirror.update(msg.get("attrs", {}))
         self.peak_rss_bytes = max(self.peak_rss_bytes, int(msg.get("peak_rss_bytes", 0)))
+        health = msg.get("health")
+        if health is not None and msg.get("error") is None:
+            HEALTH.relay(self.name, **health)
+        if "metrics" in msg:
+            RELAYED.put(self._relay_key, msg["metrics"])
         return msg.get("error")
 
 
@@ -133,7 +154,15 @@ def open_reader_index(settings: Settings) -> Any:
     return SnapshotIndex(snapshot_dir(settings.data_dir, settings.encoder.collection).parent)
 
 
-def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: MpEvent, conn: Connection,
+def _stop_child(conn: Connection) -> None:
+    """Ask the child to stop (once; a child that is gone already needs no asking)."""
+    if not conn.closed:
+        with contextlib.suppress(OSError):
+            conn.send(True)
+        conn.close()
+
+
+def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: Connection, conn: Connection,
                report_s: float) -> None:
     """The child: build the stage over a reader index, run it in a thread, report until it ends."""
     from gpl.runtime.encoder import open_encoder
@@ -162,7 +191,7 @@ def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: MpEvent,
         t.start()
         parent = os.getppid()
         while t.is_alive():
-            if stop.wait(report_s) or os.getppid() != parent:  # stopped, or orphaned (parent killed)
+            if stop.poll(report_s) or os.getppid() != parent:  # stopped (or EOF: parent gone), or orphaned
                 tstop.set()
                 t.join(60)
                 break
@@ -189,7 +218,16 @@ def _report(stage: Any, error: str | None) -> dict[str, Any]:
     if callable(view):
         attrs["snapshot"] = view()
     return {"accountings": accountings, "attrs": attrs, "error": error, "peak_rss_bytes": peak_rss_bytes(),
-            "t": time.time()}
+            "health": _health(), "metrics": export_families(), "t": time.time()}
+
+
+def _health() -> dict[str, Any]:
+    """The child's stage as its own health registry sees it (every loop of the stage in this process):
+    beats so far, seconds since the latest, partitions held."""
+    stages = list(HEALTH.report().values())
+    beating = [s["idle_s"] for s in stages if s["beats"]]
+    return {"beats": sum(s["beats"] for s in stages), "idle_s": min(beating) if beating else 0.0,
+            "partitions": sum(s["partitions"] for s in stages)}
 
 
 def peak_rss_bytes() -> int:
