@@ -1,20 +1,28 @@
 """Build one stage from settings, an index and an encoder: shared by the stack (threads) and by a stage's
-own process (gpl/stage_process.py), so both run exactly the same construction."""
+own process (gpl/stage_process.py), so both run exactly the same construction.
+
+The stages that only look item vectors up (streams, labeler, trainer) see the index through
+:class:`~gpl.runtime.vectors.index.MissingAsEmpty`: before the indexer's first item snapshot, or before it
+created its collection on a Qdrant server, no item is known yet — the ``streams.unknown_items`` policy's
+case (the labeler waits for unknown items, the trainer skips them), never a dead-lettered message."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from gpl.runtime.encoder import Encoder
 from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from gpl.runtime.vectors.index import MissingAsEmpty, VectorIndex
 
 STAGES = ("streams", "indexer", "anchors", "labeler", "trainer", "calibration")
+ITEM_READERS = ("streams", "labeler", "trainer")  # look item vectors up, never write them
 
 
 def build_stage(stage: str, s: Settings, idx: VectorIndex, encoder: Callable[[], Encoder], **kw: Any) -> Any:
     """One stage over the given settings and index; ``encoder`` is called only by stages that embed."""
+    if stage in ITEM_READERS:
+        idx = cast(VectorIndex, MissingAsEmpty(idx))
     if stage == "streams":
         from streams.app import StreamsProcessor
 

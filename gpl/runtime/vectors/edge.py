@@ -44,7 +44,7 @@ from typing import Any, cast
 import numpy as np
 import qdrant_edge as qe
 
-from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.index import MissingCollection, Points
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class EdgeIndex:
             shard = self._shards.get(name)
             if shard is None:
                 if not self._exists(d):
-                    raise KeyError(f"no collection {name!r} in {self.path}")
+                    raise MissingCollection(f"no collection {name!r} in {self.path}")
                 dim = self._persisted_dim(d)
                 shard = self._open(d, dim)
                 self._shards[name] = shard

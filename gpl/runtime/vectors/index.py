@@ -41,6 +41,14 @@ def exact_top(pts: Points, vector: np.ndarray, limit: int) -> list[tuple[int, fl
     return [(int(pts.ids[j]), float(scores[j])) for j in order]
 
 
+class MissingCollection(KeyError):
+    """The collection does not exist (yet): no snapshot of it, or the server or engine lacks it.
+
+    A ``KeyError`` (what every adapter raised before), of its own type so that a reader can tell "the
+    indexer has not created it yet" from any other lookup failure.
+    """
+
+
 class VectorIndex(AbstractContextManager["VectorIndex"], Protocol):
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection (cosine distance) if it does not exist."""
@@ -62,3 +70,53 @@ class VectorIndex(AbstractContextManager["VectorIndex"], Protocol):
     def delete(self, name: str, ids: Sequence[int]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class MissingAsEmpty:
+    """A reader's view of an index in which a missing collection (:class:`MissingCollection`) reads as an
+    empty one: ``retrieve`` finds nothing, ``search`` nothing, ``count`` 0, ``scroll`` no batch.
+
+    For the stages that only look item vectors up (streams, trainer): before the indexer's first item
+    snapshot, or before it created the collection on a Qdrant server, no item is known yet; that is the
+    ``streams.unknown_items`` policy's case (or the stage's own wait for unknown items), never an error
+    that dead-letters a valid message. Writes and every other failure pass through unchanged.
+    """
+
+    def __init__(self, inner: VectorIndex) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> MissingAsEmpty:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inner.__exit__(*exc)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def retrieve(self, name: str, ids: Sequence[int] | np.ndarray, *, with_payload: bool = False) -> Points:
+        try:
+            return self.inner.retrieve(name, ids, with_payload=with_payload)
+        except MissingCollection:
+            return Points(np.zeros(0, np.int64), np.zeros((0, 0), np.float32), [])
+
+    def search(self, name: str, vector: np.ndarray, limit: int, *, ids: Sequence[int] | None = None
+               ) -> list[tuple[int, float]]:
+        try:
+            return self.inner.search(name, vector, limit, ids=ids)
+        except MissingCollection:
+            return []
+
+    def count(self, name: str) -> int:
+        try:
+            return self.inner.count(name)
+        except MissingCollection:
+            return 0
+
+    def scroll(self, name: str, batch: int = 1024, *, with_payload: bool = False) -> Iterator[Points]:
+        try:
+            yield from self.inner.scroll(name, batch, with_payload=with_payload)
+        except MissingCollection:
+            return

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import Points, exact_top
+from gpl.runtime.vectors.index import MissingCollection, Points, exact_top
 
 
 class MemoryIndex:
@@ -34,7 +34,7 @@ class MemoryIndex:
 
     def _col(self, name: str) -> dict[int, tuple[np.ndarray, dict[str, Any]]]:
         if name not in self._cols:
-            raise KeyError(f"no collection {name!r}")
+            raise MissingCollection(f"no collection {name!r}")
         return self._cols[name]
 
     def upsert(self, name: str, points: Points) -> None:

@@ -10,8 +10,8 @@ What the server API does not promise and this class adds:
 * ``retrieve`` answers in no particular order: points are put back in the order of the ids.
 * writes are sent in bounded batches with ``wait=True``: the indexer commits its offsets after an
   upsert returns, so the upsert must be applied (visible to ``retrieve``) by then.
-* an unknown collection raises ``KeyError`` like the other engines (checked once per name, then
-  remembered), instead of a transport-specific error.
+* an unknown collection raises ``MissingCollection`` (a ``KeyError``) like the other engines (checked
+  once per name, then remembered), instead of a transport-specific error.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from gpl.runtime.vectors.index import Points
+from gpl.runtime.vectors.index import MissingCollection, Points
 
 
 class ServerIndex:
@@ -87,7 +87,7 @@ class ServerIndex:
             if name in self._dims:
                 return
         if not self.client.collection_exists(name):
-            raise KeyError(f"no collection {name!r}")
+            raise MissingCollection(f"no collection {name!r}")
         dim = self._server_dim(name)
         with self._lock:
             self._dims[name] = dim

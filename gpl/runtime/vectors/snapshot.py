@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import Points, VectorIndex, exact_top
+from gpl.runtime.vectors.index import MissingCollection, Points, VectorIndex, exact_top
 
 log = logging.getLogger(__name__)
 _SEG = re.compile(r"^seg-(\d{8})\.ids\.npy$")
@@ -120,8 +120,9 @@ class SnapshotIndex:
 
     Each collection's segments are memory-mapped; the id index (ids sorted, with segment and row) costs
     16 bytes per item in this process. New segments are picked up when a lookup misses an id or the
-    last look is older than ``refresh_s``. Collections it has no directory for raise ``KeyError`` (as
-    the engines do for a missing collection); writes raise ``PermissionError``: stages that write
+    last look is older than ``refresh_s``. Collections it has no directory for raise
+    ``MissingCollection``, a ``KeyError`` (as the engines do for a missing collection; readers see it
+    as empty through ``MissingAsEmpty``); writes raise ``PermissionError``: stages that write
     vectors (indexer, anchors) need the engine itself.
     """
 
@@ -142,7 +143,7 @@ class SnapshotIndex:
             col = self._cols.get(name)
             if col is None:
                 if not (self.root / name).is_dir():
-                    raise KeyError(f"no snapshot of collection {name!r} under {self.root}")
+                    raise MissingCollection(f"no snapshot of collection {name!r} under {self.root}")
                 col = self._cols[name] = _Collection(self.root / name)
                 refresh = True
             if refresh or time.monotonic() - col.looked >= self.refresh_s:
