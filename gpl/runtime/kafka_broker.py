@@ -87,6 +87,10 @@ def server_properties(port: int, controller_port: int, log_dir: Path, **extra: A
         "share.coordinator.state.topic.replication.factor": 1,
         "share.coordinator.state.topic.min.isr": 1,
         "group.initial.rebalance.delay.ms": 0,
+        # keep every record: retention counts from the record's own timestamp, and a replayed event file
+        # (MovieLens: 1996-2018) carries its event times, so the default 7 days deleted a replay ~30 s after
+        # the broker started (its first retention check) while the stages were still reading it
+        "log.retention.ms": -1,
         # as compose.yaml and deploy/: the stack creates every topic with its partition count (an auto-created
         # one would take num.partitions, and faust refuses a changelog whose count differs from its source)
         "auto.create.topics.enable": "false",
