@@ -342,6 +342,10 @@ class Sample(BaseModel):
     matched_anchor: int | None = None
     confidence: dict[str, float] | None = None
     position: int | None = None
+    prior_logit: float | None = Field(default=None, description=(
+        "pseudo samples of a calibrator that reads more than the priors: what the prior features "
+        "(popularity, the user's click rate) add to the label's logit; the trainer's residual rank term "
+        "ranks by the rest"))
 
 
 class Lineage(BaseModel):

@@ -120,8 +120,10 @@ def _reference(ctx: Labeling, raws: list[bytes]) -> list[list[dict[str, object]]
             terms = {"coherence": entry.coherence, "consistency": ctx.cache.consistency(entry),
                      "generation": min(math.exp(float(entry.logprobs[k])), 1.0), "margin": abs(2 * p[j] - 1)}
             terms = {t: x if getattr(cfg, f"use_{t}") else 1.0 for t, x in terms.items()}
+            prior = sum(c / sc * feats[j][n] for n, c, sc in zip(cal.features, cal.coef, cal.scale, strict=True)
+                        if n in ("log_recall", "log_exposed", "user_ctr"))  # the residual rank term's offset
             samples.append({"item_id": found[j], "label": p[j], "similarity": feats[j]["s1"], "matched_anchor": k,
-                            "weight": math.prod(terms.values())})
+                            "weight": math.prod(terms.values()), "prior_logit": prior})
         out.append(samples)
     return out
 
@@ -145,6 +147,6 @@ def test_scoring_every_candidate_matches_a_plain_reference(micro: int) -> None:
         samples = orjson.loads(g[0])["samples"]
         assert [x["item_id"] for x in samples] == [x["item_id"] for x in w]
         assert [x["matched_anchor"] for x in samples] == [x["matched_anchor"] for x in w]
-        for key in ("label", "weight", "similarity"):
+        for key in ("label", "weight", "similarity", "prior_logit"):
             np.testing.assert_allclose([x[key] for x in samples], [float(x[key]) for x in w],  # type: ignore[arg-type]
                                        atol=1.5e-6, err_msg=key)

@@ -290,3 +290,26 @@ def test_the_rank_term_compares_the_pseudo_samples_of_one_request(tmp_path: Path
     t._train(len(t._pending))
     assert TRAINER_LOSS.labels(part="rank")._value.get() >= 0.0  # set by this step (a KL is never negative)
     assert t.counts["steps"] == 1
+
+
+def test_the_residual_rank_term_reads_each_pseudo_samples_prior_part(tmp_path: Path) -> None:
+    """A pseudo sample that carries ``prior_logit`` (a calibrator reading anchors) offsets its label by it; one
+    without (priors-only labels) is all prior, so its request has no residual order to rank."""
+    from workers.model import whole_logit
+
+    s = tuned(Settings(data_dir=tmp_path)).with_overrides(
+        trainer={"rank_weight": 1.0, "rank_target": "residual", "holdout_fraction": 0.0})
+    t = Trainer(s, item_index(s), dim=DIM, progress=False, directory=tmp_path / "ckpt")
+    t._fetch_vectors(set(range(1, 41)))
+    plain = request(1)
+    with_prior = request(2)
+    with_prior = with_prior.model_copy(update={"samples": [
+        x.model_copy(update={"prior_logit": -1.5 + 0.1 * k}) if x.source == "pseudo" else x
+        for k, x in enumerate(with_prior.samples)]})
+    t._admit(plain)
+    t._admit(with_prior)
+    pseudo = [r for r in t._pending if r.pseudo]
+    assert [r.prior_logit for r in pseudo[:4]] == pytest.approx([float(whole_logit(r.label)) for r in pseudo[:4]])
+    assert [r.prior_logit for r in pseudo[4:]] == pytest.approx([-1.5 + 0.1 * k for k in range(3, 7)])
+    t._train(len(t._pending))
+    assert t.counts["steps"] == 1

@@ -213,6 +213,13 @@ def loss_weights(is_pseudo: np.ndarray, weight: np.ndarray, pseudo_lambda: float
     )
 
 
+def whole_logit(p: float | np.ndarray) -> np.ndarray:
+    """logit(p), p clamped to [1e-6, 1 − 1e-6] as the rank term clamps it: the offset of a label that is all
+    prior (its residual is then constant and the request carries no order)."""
+    q = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
+
+
 def listwise_kl(logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, temperature: float,
                 offset: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over groups of KL(softmax((logit(ỹ) − o)/T) ‖ softmax((f − o)/T)) · T², per group of rows
@@ -268,6 +275,7 @@ class Batch:
     is_pseudo: np.ndarray  # bool (n,)
     history: np.ndarray | None = None  # float32 (n, content_dim): for a model with history_items
     group: np.ndarray | None = None  # int64 (n,): the row's request, for the rank term (pseudo rows only)
+    offset: np.ndarray | None = None  # float32 (n,): each label's prior part (trainer.rank_target=residual)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -344,4 +352,4 @@ def train_step(
     model.train()
     logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors, batch.history)
     return objective_step(opt, logits, batch.labels, batch.is_pseudo, batch.weight, pseudo_lambda,
-                          group=batch.group, rank=rank)
+                          group=batch.group, rank=rank, offset=batch.offset)

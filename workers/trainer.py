@@ -58,7 +58,16 @@ from workers.checkpoints import (
 )
 from workers.click_memory import ClickMemory
 from workers.history import profile_of
-from workers.model import Batch, ModelConfig, PreRanker, RankTerm, make_optimizer, sample_key, train_step
+from workers.model import (
+    Batch,
+    ModelConfig,
+    PreRanker,
+    RankTerm,
+    make_optimizer,
+    sample_key,
+    train_step,
+    whole_logit,
+)
 from workers.publish import Holdout, Publisher, is_holdout
 
 # the checkpoint files moved to workers/checkpoints.py; callers still import them from here
@@ -85,6 +94,7 @@ class Pending(NamedTuple):
     pseudo: bool
     history: np.ndarray | None  # the request's history profile (model with history_items), else None
     group: int  # the SampleBatch (request) it came in: the rank term compares a request's rows
+    prior_logit: float  # the label's prior part (its whole logit when the labeler sent none): residual rank term
 
 
 class Trainer:
@@ -308,7 +318,10 @@ class Trainer:
                 self.holdout.add(b.user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
                 self.counts["holdout"] += 1
                 continue
-            self._pending.append(Pending(b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, self._batches))
+            # no prior part sent (priors-only labels, a label map): the whole label is prior, no residual to rank
+            prior = s.prior_logit if s.prior_logit is not None else float(whole_logit(s.label))
+            self._pending.append(Pending(b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, self._batches,
+                                         prior))
         if self.memory is not None:  # after the batch's own rows: a row never sees its own click
             self.memory.add(b.user_id, b.ts, [s.item_id for s in b.samples if s.source == "click"])
         self._since_ckpt += len(b.samples)
@@ -350,6 +363,7 @@ class Trainer:
             is_pseudo=np.asarray([r.pseudo for r in rows], bool),
             history=self._history_matrix(rows) if self.model.cfg.history_items else None,
             group=np.asarray([r.group for r in rows], np.int64),
+            offset=np.asarray([r.prior_logit for r in rows], np.float32),
         )
         parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda, self.rank)
         self.counts["steps"] += 1

@@ -26,9 +26,10 @@ from gpl.runtime.settings import LabelerSettings
 from workers.labeling.assemble import label_candidates, no_anchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, consistency_of
-from workers.labeling.features import PRIOR_FEATURES, needs_anchors
+from workers.labeling.features import needs_anchors
 from workers.labeling.label_map import LabelMap
 from workers.labeling.sampling import RequestRng
+from workers.model import whole_logit
 
 
 @dataclass
@@ -45,19 +46,6 @@ class PseudoLabels:
     def empty(info: dict[str, Any]) -> PseudoLabels:
         z = np.zeros(0)
         return PseudoLabels(np.zeros(0, np.int64), z, z, z, {t: z for t in TERMS}, info, z)
-
-
-def prior_logit(label: LabelMap | Calibrator, parts: dict[str, np.ndarray] | None, n: int) -> np.ndarray:
-    """Σ over the calibrator's prior features of coef · x / scale: what popularity and the user's click rate
-    contribute to each label's logit (0 for the fixed map, which reads no priors). Constants per request
-    cancel in a softmax, so the intercept and the means are left out."""
-    out = np.zeros(n)
-    if not isinstance(label, Calibrator) or parts is None:
-        return out
-    for f, c, sc in zip(label.features, label.coef, label.scale, strict=True):
-        if f in PRIOR_FEATURES:
-            out += c / sc * np.asarray(parts[f], np.float64)
-    return out
 
 
 def gpl_labels(
@@ -111,8 +99,7 @@ def gpl_labels(
         out_p.append(lab.label)
         out_w.append(lab.weight)
         out_sim.append(lab.sim)
-        out_prior.append(prior_logit(label, None if pri is None else {k: v[lab.pos] for k, v in pri.items()},
-                                     len(lab.pos)))
+        out_prior.append(lab.prior if lab.prior is not None else whole_logit(lab.label))  # all prior: no residual
         for t in TERMS:
             out_terms[t].append(lab.terms[t])
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))  # noqa: E731

@@ -68,6 +68,7 @@ class Labeled:
     terms: dict[str, np.ndarray]  # the confidence terms actually used (1 for a disabled term)
     kept: int  # chosen by the sampling policy, before repeats of an item were dropped
     duplicate: int  # repeats of an item already labeled in this request
+    prior: np.ndarray | None = None  # float64: the prior features' part of each logit (a calibrator only)
 
 
 Score = Callable[[np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
@@ -133,29 +134,35 @@ def finish(item_ids: np.ndarray, s_k: np.ndarray, cos_centroid: np.ndarray | Non
     returned None: the top part then ranks every candidate by its probability, or similarity for a map)
     and, for a calibrator, their prior features. ``rng`` is the request's (:class:`RequestRng`), used
     only when ``drawn`` is None."""
-    sim, p_all = probabilities(s_k, cos_centroid, priors, anchors, label)
-    return choose(item_ids, s_k, sim, p_all, drawn, anchors, consistency=consistency, label=label, cfg=cfg, rng=rng)
+    sim, p_all, prior = probabilities(s_k, cos_centroid, priors, anchors, label)
+    return choose(item_ids, s_k, sim, p_all, drawn, anchors, consistency=consistency, label=label, cfg=cfg, rng=rng,
+                  prior=prior)
 
 
 def probabilities(s_k: np.ndarray, cos_centroid: np.ndarray | None, priors: dict[str, np.ndarray],
-                  anchors: UserAnchors, label: LabelMap | Calibrator) -> tuple[np.ndarray, np.ndarray | None]:
-    """(best cosine, calibrated probability or None for a map) of scored candidates."""
+                  anchors: UserAnchors, label: LabelMap | Calibrator
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(best cosine, calibrated probability or None for a map, the prior features' part of the logit or None)
+    of scored candidates (the part only for a calibrator that reads more than the priors: else it is the
+    whole label and the trainer's residual rank term has nothing to rank)."""
     if isinstance(label, Calibrator):
         cos_c = cos_centroid if cos_centroid is not None else np.zeros(s_k.shape[0])
         x, sim = calibrator_inputs(label.features, s_k, cos_c, anchors.anchor_weights(), priors)
-        return sim, label(x)  # sim: s1, the best cosine
-    return _row_max(s_k), None
+        return sim, label(x), (label.prior_part(x) if label.reads_beyond_priors else None)  # sim: s1
+    return _row_max(s_k), None, None
 
 
 def choose(item_ids: np.ndarray, s_k: np.ndarray, sim: np.ndarray, p_all: np.ndarray | None,
            drawn: tuple[np.ndarray, int, int] | None, anchors: UserAnchors, *, consistency: float,
-           label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator | None) -> Labeled:
+           label: LabelMap | Calibrator, cfg: LabelerSettings, rng: np.random.Generator | None,
+           prior: np.ndarray | None = None) -> Labeled:
     """Sample (unless :func:`draw` did), label and weigh, from :func:`probabilities`."""
     if drawn is None:  # the top part ranks every candidate by its score
         assert rng is not None
         sel, kept, duplicate = _once_per_item(
             sample(sim if p_all is None else p_all, cfg.top_n, cfg.random_n, cfg.cap, rng), item_ids)
         s_sel, sim_sel, p_sel = s_k[sel], sim[sel], (None if p_all is None else p_all[sel])
+        prior = None if prior is None else prior[sel]
     else:
         (sel, kept, duplicate), s_sel, sim_sel, p_sel = drawn, s_k, sim, p_all
     matched = s_sel.argmax(axis=1)
@@ -163,7 +170,7 @@ def choose(item_ids: np.ndarray, s_k: np.ndarray, sim: np.ndarray, p_all: np.nda
     p = label(s) if p_sel is None else p_sel
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)
-    return Labeled(sel, s, p, w, matched, terms, kept, duplicate)
+    return Labeled(sel, s, p, w, matched, terms, kept, duplicate, prior)
 
 
 def _once_per_item(sel: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -249,7 +256,7 @@ class _Request:
     counts: tuple[np.ndarray, np.ndarray, float, float, float, float] | None = None  # prior inputs, at arrival
     drawn: tuple[np.ndarray, int, int] | None = None
     scores: tuple[np.ndarray, np.ndarray | None] | None = None
-    probs: tuple[np.ndarray, np.ndarray | None] | None = None  # (best cosine, probability)
+    probs: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None  # (best cosine, p, prior part)
     labeled: Labeled | None = None
 
 
@@ -351,7 +358,8 @@ def _choose(r: _Request, ctx: Labeling) -> None:
     if r.scores is not None and r.probs is not None:
         assert ctx.label is not None
         rng = ctx.rng(r.b.request_id) if r.drawn is None else None
-        r.labeled = choose(r.found_ids, r.scores[0], *r.probs, r.drawn, r.entry, consistency=r.consistency,
+        sim, p, prior = r.probs
+        r.labeled = choose(r.found_ids, r.scores[0], sim, p, r.drawn, r.entry, consistency=r.consistency, prior=prior,
                            label=ctx.label, cfg=ctx.cfg, rng=rng)
 
 
@@ -380,6 +388,9 @@ def _encode(r: _Request, ctx: Labeling) -> tuple[bytes, LabelStats]:
              "confidence": {"coherence": c1, "consistency": c2, "generation": c3, "margin": c4}}
             for item, lb, wt, sm, k, c1, c2, c3, c4 in cols
         ]
+        if lab.prior is not None:  # the calibrator reads anchors: the trainer's residual rank term needs it
+            for smp, pr in zip(samples, lab.prior.round(6).tolist(), strict=True):
+                smp["prior_logit"] = pr
     else:
         labeled_ids, labels = [], []
     labeled = len(samples)

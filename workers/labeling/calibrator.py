@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.labeling.features import PRIOR_FEATURES
+
 FORMAT = "gpl-calibrator/1"
 
 
@@ -114,6 +116,21 @@ class Calibrator:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return sigmoid(self.logit(x))
+
+    @functools.cached_property
+    def _prior_weights(self) -> np.ndarray:
+        w, _ = self._affine
+        return np.where([f in PRIOR_FEATURES for f in self.features], w, 0.0)
+
+    @property
+    def reads_beyond_priors(self) -> bool:
+        """Whether any feature is not a prior (similarity): only then do labels differ from their priors' part."""
+        return any(f not in PRIOR_FEATURES for f in self.features)
+
+    def prior_part(self, x: np.ndarray) -> np.ndarray:
+        """What the prior features (popularity, the user's click rate) add to each logit, without the
+        intercept: the offset of the trainer's residual rank term (constants per request cancel there)."""
+        return np.asarray(x, np.float64) @ self._prior_weights
 
     def describe(self) -> str:
         terms = " ".join(f"{c:+.3g}·{f}" for f, c in zip(self.features, self.coef, strict=True))
