@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,7 @@ from workers.trainer import LATEST, Trainer, list_checkpoints, load_checkpoint
 pytestmark = pytest.mark.integration
 
 DIM = 16
-MISSING_ITEM = 999  # never indexed: its samples count as no_vector
+MISSING_ITEM = 999  # never indexed: its samples wait for a vector, then go to samples.dlq as no_vector
 
 
 def tuned(settings: Settings, **kafka: object) -> Settings:
@@ -145,11 +146,12 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     s = tuned(settings)
     index = item_index(s)
 
-    # run 1: 6 requests (42 samples), one re-sent request (7 duplicates), one sample without a vector,
-    # a message that is not JSON and one that is JSON but not a SampleBatch
+    # run 1: 6 requests (42 samples), one re-sent request (7 duplicates), one sample whose item never gets
+    # a vector (it waits 1 s, then is dead-lettered), a message that is not JSON and one that is JSON but not
+    # a SampleBatch
     first = [request(n, extra_missing=n == 5) for n in range(6)]
     produce(s, [*first, first[0], b"{not json", b'{"request_id": "x"}'])
-    trainer = Trainer(s, index, progress=False)
+    trainer = Trainer(s, index, progress=False, vector_wait_s=1.0)
     with running(trainer):
         wait_for(reached(trainer, samples=42, duplicates=7, no_vector=1, dlq=2))
     _, meta = load_checkpoint(s.checkpoints_dir)
@@ -157,6 +159,7 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     assert (c["samples"], c["real"], c["clicks"], c["pseudo"]) == (42, 18, 6, 24)
     assert (c["duplicates"], c["no_vector"], c["dlq"], c["messages"]) == (7, 1, 2, 9)
     assert trainer.accounting["dlq:malformed_json"] == 1 and trainer.accounting["dlq:schema"] == 1
+    assert trainer.accounting["dlq:no_vector"] == 1 and c["vector_waits"] == 1 and trainer.balance() == 0
     # real labels whose sample id hashes into the holdout are counted, never trained; every checkpoint is
     # gated, and this holdout is far too small to publish anything
     held = [x for b in first for x in b.samples if x.source != "pseudo" and x.item_id != MISSING_ITEM
@@ -179,16 +182,21 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     probe.close()
     assert {("samples", tp.partition): tp.offset for tp in committed if tp.offset >= 0} == offsets
 
-    # both bad messages are in the DLQ with their origin
+    # both bad messages and the sample without a vector are in the DLQ with their origin; the sample's
+    # letter holds a one-sample SampleBatch of its request (replayable into samples once the item is indexed)
     dl = consumer(s.kafka, "dlq-probe")
     dl.assign([TopicPartition("samples.dlq", p, 0) for p in range(s.kafka.partitions)])
     letters: list[DeadLetter] = []
     deadline = time.monotonic() + 10
-    while len(letters) < 2 and time.monotonic() < deadline:
+    while len(letters) < 3 and time.monotonic() < deadline:
         letters += [decode(m.value(), DeadLetter) for m in dl.consume(10, 0.2) if not m.error()]
     dl.close()
-    assert sorted(x.reason for x in letters) == ["malformed_json", "schema"]
-    assert all(x.topic == "samples" and x.stage == "trainer" for x in letters)
+    assert sorted(x.reason for x in letters) == ["malformed_json", "no_vector", "schema"]
+    assert all(x.topic == "samples" and x.stage == "trainer" and x.offset >= 0 for x in letters)
+    (lost,) = [x for x in letters if x.reason == "no_vector"]
+    one = SampleBatch.model_validate_json(base64.b64decode(lost.value))
+    assert (one.request_id, [x.item_id for x in one.samples]) == ("r5", [MISSING_ITEM])
+    assert str(MISSING_ITEM) in lost.error and lost.key == "u5"
 
     # run 2, a new process: 3 new requests and a re-send of a request trained in run 1
     produce(s, [request(n) for n in range(6, 9)] + [first[2]])
@@ -253,10 +261,10 @@ def test_a_batch_whose_step_fails_goes_to_the_dlq_and_training_goes_on(
     s = tuned(settings)
     admit = Trainer._admit
 
-    def flaky(self: Trainer, b: SampleBatch) -> int:
+    def flaky(self: Trainer, b: SampleBatch, origin: tuple[str, int, int] = ("samples", -1, -1)) -> int:
         if b.request_id == "r2":
             raise ZeroDivisionError("a bug only r2 triggers")
-        return admit(self, b)
+        return admit(self, b, origin)
 
     monkeypatch.setattr(Trainer, "_admit", flaky)
     produce(s, [request(n) for n in range(4)])

@@ -1,14 +1,18 @@
 """Trainer: ``samples`` → incremental pre-ranker → versioned checkpoints.
 
 Reads top to bottom: poll SampleBatches, dead-letter the bad ones, drop samples already seen (a set of
-64-bit hashes of sample ids), look up each item's frozen content vector (cached; an item not in the
-index is counted ``no_vector`` and skipped), and train in mini-batches on the GPL objective. Every
-``checkpoint_every`` samples, on a partition revoke and on a clean stop: train what is buffered, write a
-numbered checkpoint atomically, and only then commit the Kafka offsets.
+64-bit hashes of sample ids), look up each item's frozen content vector (cached; a sample whose item is not in the
+index yet waits for it, bounded, and is dead-lettered as ``no_vector`` past the bound:
+workers/vector_wait.py), and train in mini-batches on the GPL objective. Every ``checkpoint_every``
+samples, every ``checkpoint_every_s`` seconds (when anything changed), on a partition revoke and on a
+clean stop: train what is buffered, write a numbered checkpoint atomically, and only then commit the
+Kafka offsets.
 
 The checkpoint is the source of truth, not the committed offsets: it holds the model, the optimizer,
 the seen-set, the counts *and* the next offset of every partition, written in one atomic file. On start
-the trainer loads it and, when the group assigns it partitions, seeks to those offsets. So a crash
+the trainer loads it and, when the group assigns it partitions, seeks to those offsets. Samples still
+waiting for a vector are part of the checkpoint too, so its offsets may pass them: a restart resumes
+their wait instead of re-reading their messages. So a crash
 between checkpoint and commit re-reads nothing the checkpoint covers, and a crash after training but
 before the checkpoint re-reads (and trains, and counts) those samples exactly once more, because the
 model, seen-set and counts roll back together with the offsets.
@@ -31,7 +35,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +47,8 @@ from gpl.runtime.metrics import CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError
-from schemas.events import SampleBatch
+from schemas.codec import DecodeError, decode, encode
+from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from schemas.topics import SAMPLES
 from workers.checkpoints import (
@@ -59,7 +63,6 @@ from workers.checkpoints import (
 from workers.click_memory import ClickMemory
 from workers.history import profile_of
 from workers.model import (
-    Batch,
     ModelConfig,
     PreRanker,
     RankTerm,
@@ -69,6 +72,8 @@ from workers.model import (
     whole_logit,
 )
 from workers.publish import Holdout, Publisher, is_holdout
+from workers.trainer_rows import Pending, make_batch
+from workers.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting
 
 # the checkpoint files moved to workers/checkpoints.py; callers still import them from here
 __all__ = ["FORMAT", "LATEST", "Trainer", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
@@ -76,39 +81,28 @@ __all__ = ["FORMAT", "LATEST", "Trainer", "latest_checkpoint", "list_checkpoints
 log = logging.getLogger(__name__)
 STAGE = "trainer"
 VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full
+VECTOR_RETRY_S = 1.0  # how often the index is asked again for the items samples wait for
+# no_vector: samples dead-lettered after waiting for a vector in vain; vector_waits: samples that had to wait
 COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "pseudo_skipped", "duplicates", "no_vector",
-              "steps", "holdout")
-
-
-# --- the worker ------------------------------------------------------------------------------------
-
-
-class Pending(NamedTuple):
-    """A sample buffered for the next optimizer step."""
-
-    user_id: str
-    item_id: int
-    vector: np.ndarray
-    label: float
-    weight: float
-    pseudo: bool
-    history: np.ndarray | None  # the request's history profile (model with history_items), else None
-    group: int  # the SampleBatch (request) it came in: the rank term compares a request's rows
-    prior_logit: float  # the label's prior part (its whole logit when the labeler sent none): residual rank term
+              "vector_waits", "steps", "holdout")
 
 
 class Trainer:
     """Consume ``samples``, train the pre-ranker incrementally, checkpoint, then commit.
 
     ``counts`` are cumulative over the model's whole life (restored from the checkpoint);
-    ``accounting`` counts what this process saw (Prometheus ``gpl_messages_total``).
+    ``accounting`` counts what this process saw (Prometheus ``gpl_messages_total``): per message ``in``,
+    per sample ``samples = trained + holdout + duplicate + pseudo_skipped + dlq:no_vector + waiting``
+    (plus ``resumed_waiting``, the waiting samples a checkpoint handed over, on the left): :meth:`balance`.
+    ``vector_wait_max``/``vector_wait_s`` bound the wait for an item's vector (workers/vector_wait.py).
     ``dim`` is the content-vector size; without it (and without a checkpoint) it is read from the
     first vectors fetched.
     """
 
     def __init__(
         self, settings: Settings, index: VectorIndex, *, dim: int | None = None, progress: bool = True,
-        name: str = STAGE, directory: Path | None = None,
+        name: str = STAGE, directory: Path | None = None, vector_wait_max: int = VECTOR_WAIT_MAX,
+        vector_wait_s: float = VECTOR_WAIT_S,
     ) -> None:
         self.settings = settings
         self.cfg = settings.trainer
@@ -127,6 +121,9 @@ class Trainer:
         self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
         self._vectors: dict[int, np.ndarray] = {}
         self._pending: list[Pending] = []
+        self.waiting = VectorWait(vector_wait_max, vector_wait_s)  # samples whose item has no vector yet
+        self._retry_at = 0.0  # monotonic time of the next index lookup for the waiting items
+        self._ckpt_at = time.monotonic()  # of the last checkpoint: the time bound counts from it
         self._batches = 0  # SampleBatches admitted: a row's request group for the rank term
         self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
         self._dirty = False
@@ -172,6 +169,7 @@ class Trainer:
         self.durable_offsets = dict(self.offsets)
         self.seen = set(ckpt["seen"].tolist())
         self.holdout.restore(ckpt.get("holdout"))
+        self.accounting.add("resumed_waiting", self.waiting.restore(ckpt.get("vector_wait")))
         memory = ckpt.get("click_memory")
         if memory:
             self.memory = ClickMemory(int(memory["n"]))
@@ -202,9 +200,12 @@ class Trainer:
                         parsed.append(e)
                 # one index round trip per poll, then message by message so a checkpoint can fall
                 # between any two messages and cover exactly the ones before it
-                self._fetch_vectors(
-                    {s.item_id for b in parsed if isinstance(b, SampleBatch) for s in b.samples}
-                )
+                wanted = {s.item_id for b in parsed if isinstance(b, SampleBatch) for s in b.samples}
+                if self.waiting and time.monotonic() >= self._retry_at:  # the waiting items, now and then
+                    wanted |= self.waiting.items()
+                    self._retry_at = time.monotonic() + VECTOR_RETRY_S
+                self._fetch_vectors(wanted)
+                self._release()
                 for m, b in zip(msgs, parsed, strict=True):
                     self.counts["messages"] += 1
                     self._dirty = True
@@ -215,7 +216,7 @@ class Trainer:
                         self._since_ckpt += 1
                     else:
                         with io.processing(m):  # a failure of one batch's step: its DLQ, and go on
-                            bar.update(self._admit(b))
+                            bar.update(self._admit(b, (*tp_of(m), m.offset() or 0)))
                             io.done(m)
                     # in order: a checkpoint between two messages covers exactly the ones before it
                     tp = tp_of(m)
@@ -224,6 +225,8 @@ class Trainer:
                         self._train(self.cfg.batch_size)
                     if self._since_ckpt >= self.cfg.checkpoint_every:
                         self.checkpoint()
+                if time.monotonic() - self._ckpt_at >= self.cfg.checkpoint_every_s:  # a no-op when clean
+                    self.checkpoint()
             self.checkpoint()  # clean stop: nothing trained is left behind
         finally:
             self._closing = True  # close() revokes: no checkpoint from a failed or finished loop
@@ -281,17 +284,26 @@ class Trainer:
         if self.memory is None:
             return [], None
         items = self.memory.before(b.user_id, b.ts)
+        return items, self._profile(items)
+
+    def _profile(self, items: list[int]) -> np.ndarray | None:
+        """The history profile of ``items`` (None while neither a model nor a vector tells its size)."""
         if any(i not in self._vectors for i in items):
             self._fetch_vectors(set(items))
         known = [i for i in items if i in self._vectors]
         dim = self.model.cfg.content_dim if self.model is not None else (len(self._vectors[known[0]]) if known else 0)
         if not dim:  # no model and no vector yet: the profile's size is not known, and it would be zeros
-            return items, None
-        return items, profile_of(items, self._vectors, dim)
+            return None
+        return profile_of(items, self._vectors, dim)
 
-    def _admit(self, b: SampleBatch) -> int:
-        """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled."""
+    def _admit(self, b: SampleBatch, origin: tuple[str, int, int] = (SAMPLES.name, -1, -1)) -> int:
+        """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled.
+
+        A sample whose item has no vector yet waits (:meth:`_wait`); ``origin`` (topic, partition, offset)
+        is its message's, for the dead letter should the wait end in vain.
+        """
         hist_items, hist = self._history(b)
+        self.accounting.add("samples", len(b.samples))
         for s in b.samples:
             # one key per (request, item), whatever anchor set labeled it: a request relabeled after a restart
             # with newer anchors is the same example, trained at most once (real labels use this id already)
@@ -300,33 +312,78 @@ class Trainer:
                 self.counts["duplicates"] += 1
                 self.accounting.add("duplicate")
                 continue
-            vec = self._vectors.get(s.item_id)
-            if vec is None:
-                self.counts["no_vector"] += 1
-                self.accounting.add("no_vector")
-                continue
-            pseudo = s.source == "pseudo"
-            if pseudo and not self.cfg.pseudo_labels:
+            if s.source == "pseudo" and not self.cfg.pseudo_labels:
                 self.counts["pseudo_skipped"] += 1
                 self.accounting.add("pseudo_skipped")
                 continue
-            self.seen.add(key)
-            self.counts["samples"] += 1
-            self.counts["pseudo" if pseudo else "real"] += 1
-            self.counts["clicks"] += int(s.source == "click")
-            if not pseudo and is_holdout(key, self.cfg.holdout_fraction):  # never trained, in any run
-                self.holdout.add(b.user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
-                self.counts["holdout"] += 1
+            self.seen.add(key)  # also while it waits: a re-sent copy is a duplicate, not a second wait
+            vec = self._vectors.get(s.item_id)
+            if vec is None:
+                self._wait(b, s, key, hist_items, origin)
                 continue
-            # no prior part sent (priors-only labels, a label map): the whole label is prior, no residual to rank
-            prior = s.prior_logit if s.prior_logit is not None else float(whole_logit(s.label))
-            self._pending.append(Pending(b.user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, self._batches,
-                                         prior))
+            self._take(b.user_id, s, key, vec, hist_items, hist, self._batches)
         if self.memory is not None:  # after the batch's own rows: a row never sees its own click
             self.memory.add(b.user_id, b.ts, [s.item_id for s in b.samples if s.source == "click"])
         self._since_ckpt += len(b.samples)
         self._batches += 1
         return len(b.samples)
+
+    def _take(self, user_id: str, s: Sample, key: int, vec: np.ndarray, hist_items: list[int],
+              hist: np.ndarray | None, group: int) -> None:
+        """Count a sample with its vector and hold it out or buffer it for the next step."""
+        pseudo = s.source == "pseudo"
+        self.counts["samples"] += 1
+        self.counts["pseudo" if pseudo else "real"] += 1
+        self.counts["clicks"] += int(s.source == "click")
+        if not pseudo and is_holdout(key, self.cfg.holdout_fraction):  # never trained, in any run
+            self.holdout.add(user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
+            self.counts["holdout"] += 1
+            self.accounting.add("holdout")
+            return
+        # no prior part sent (priors-only labels, a label map): the whole label is prior, no residual to rank
+        prior = s.prior_logit if s.prior_logit is not None else float(whole_logit(s.label))
+        self._pending.append(Pending(user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, group, prior))
+        self.accounting.add("trained")  # buffered: trained by the next step, at the latest before the checkpoint
+
+    def _wait(self, b: SampleBatch, s: Sample, key: int, hist_items: list[int], origin: tuple[str, int, int]) -> None:
+        """Hold a sample until its item's vector is in the index (bounded: workers/vector_wait.py)."""
+        one = encode(b.model_copy(update={"samples": [s]}))
+        self.counts["vector_waits"] += 1  # a passage, not an outcome: it ends trained, held out or dead-lettered
+        for w in self.waiting.add(Waiting(s.item_id, key, self.waiting.clock(), *origin, one, tuple(hist_items))):
+            self._no_vector(w, f"{self.waiting.max_samples} samples were already waiting for vectors")
+
+    def _release(self) -> None:
+        """Take the waiting samples whose vectors arrived; dead-letter the ones that waited too long."""
+        groups: dict[str, int] = {}  # one rank-term group per request among the released samples
+        for w in self.waiting.release(lambda i: i in self._vectors):
+            b = decode(w.value, SampleBatch)
+            if b.request_id not in groups:
+                groups[b.request_id], self._batches = self._batches, self._batches + 1
+            hist = self._profile(list(w.history)) if self.memory is not None else None
+            self._take(b.user_id, b.samples[0], w.key, self._vectors[w.item_id], list(w.history), hist,
+                       groups[b.request_id])
+            self._dirty = True
+        for w in self.waiting.expired():
+            self._no_vector(w, f"not in the index after waiting {self.waiting.max_age_s:.0f}s")
+
+    def _no_vector(self, w: Waiting, why: str) -> None:
+        """A sample's wait ended in vain: to ``samples.dlq`` (reason ``no_vector``), counted, out of the seen-set
+        (so a replay of the dead letter, once its item is indexed, trains it)."""
+        self.seen.discard(w.key)
+        self.counts["no_vector"] += 1
+        self._dirty = True
+        err = LookupError(f"item {w.item_id} has no vector in {self.collection!r}: {why}")
+        if self.io is None:  # outside run(): nowhere to send it, but still counted and logged
+            self.accounting.add("dlq:no_vector")
+            return log.warning("%s: sample dropped (no DLQ outside run): %s", self.name, err)
+        self.io.dlq.send_raw(w.topic, w.partition, w.offset, decode(w.value, SampleBatch).user_id.encode(), w.value,
+                             err, "no_vector")
+
+    def balance(self) -> int:
+        """What the per-sample accounting identity leaves over (0 when every sample is somewhere)."""
+        a = self.accounting.snapshot()
+        out = ("trained", "holdout", "duplicate", "pseudo_skipped", "dlq:no_vector")
+        return a.get("samples", 0) + a.get("resumed_waiting", 0) - sum(a.get(k, 0) for k in out) - len(self.waiting)
 
     def _fetch_vectors(self, item_ids: set[int]) -> None:
         """Fill the cache with the vectors of ``item_ids`` (never recomputed under one encoder)."""
@@ -350,33 +407,14 @@ class Trainer:
             self._build(ModelConfig.from_settings(self.cfg, int(vectors.shape[1])))
         assert self.model is not None and self.opt is not None
         if vectors.shape[1] != self.model.cfg.content_dim:
-            raise ValueError(
-                f"content vectors have dim {vectors.shape[1]}, the model expects "
-                f"{self.model.cfg.content_dim}: the collection changed under the model"
-            )
-        batch = Batch(
-            user_ids=[r.user_id for r in rows],
-            item_ids=np.asarray([r.item_id for r in rows], np.int64),
-            vectors=vectors,
-            labels=np.asarray([r.label for r in rows], np.float32),
-            weight=np.asarray([r.weight for r in rows], np.float32),
-            is_pseudo=np.asarray([r.pseudo for r in rows], bool),
-            history=self._history_matrix(rows) if self.model.cfg.history_items else None,
-            group=np.asarray([r.group for r in rows], np.int64),
-            offset=np.asarray([r.prior_logit for r in rows], np.float32),
-        )
+            raise ValueError(f"content vectors have dim {vectors.shape[1]}, the model expects "
+                             f"{self.model.cfg.content_dim}: the collection changed under the model")
+        batch = make_batch(rows, vectors, self.model.cfg.content_dim if self.model.cfg.history_items else None)
         parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda, self.rank)
         self.counts["steps"] += 1
         for k, v in parts.items():
             if v == v:  # NaN: that part was absent from the batch
                 TRAINER_LOSS.labels(part=k).set(v)
-
-    def _history_matrix(self, rows: list[Pending]) -> np.ndarray:
-        """(n, dim) history profiles of buffered rows (zeros for a row buffered before the size was known)."""
-        assert self.model is not None
-        dim = self.model.cfg.content_dim
-        zero = np.zeros(dim, np.float32)
-        return np.stack([r.history if r.history is not None and len(r.history) == dim else zero for r in rows])
 
     # checkpoint + commit -----------------------------------------------------------------------
 
@@ -384,6 +422,8 @@ class Trainer:
         """Train the buffer, write the next version durably, then commit the offsets it covers.
 
         No-op when nothing was read since the last checkpoint (a restart writes no empty versions).
+        Samples waiting for a vector are saved in it (``vector_wait``), so the offsets may pass their messages
+        (holding the commit before the oldest one instead would re-read all after it on a restart).
         """
         if not self._dirty and not self._pending:
             return None
@@ -395,6 +435,7 @@ class Trainer:
         payload = self._payload()
         path = save_checkpoint(self.directory, payload, self.cfg.keep_checkpoints)
         self.durable_offsets = dict(self.offsets)
+        self._ckpt_at = time.monotonic()
         self._since_ckpt = 0
         self._dirty = False
         CHECKPOINT_VERSION.set(self.version)
@@ -438,6 +479,7 @@ class Trainer:
             "seen": torch.tensor(sorted(self.seen), dtype=torch.int64),
             "holdout": self.holdout.state(),
             "click_memory": self.memory.state() if self.memory is not None else None,
+            "vector_wait": self.waiting.state(),
         }
 
     def _commit(self) -> None:

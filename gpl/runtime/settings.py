@@ -297,6 +297,8 @@ class TrainerSettings(Section):
     rank_target: Literal["label", "residual"] = Field(default="label", description="rank by the labels' logits, or "
                                                       "by their residual over the priors' part (eval only so far)")
     checkpoint_every: int = Field(default=2000, ge=1, description="samples between checkpoints")
+    checkpoint_every_s: float = Field(default=60.0, gt=0, description="seconds between checkpoints while anything "
+                                      "changed: at low rates samples are not held unsaved for long")
     pseudo_labels: bool = Field(default=True, description="train on pseudo-labels too; false: the exposed-only "
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
     keep_checkpoints: int = Field(default=5, ge=1)
