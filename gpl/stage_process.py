@@ -37,6 +37,7 @@ from gpl.runtime.settings import Settings
 log = logging.getLogger(__name__)
 READERS = ("streams", "labeler", "trainer", "calibration")  # stages that never write vectors
 MIRRORED = ("counts", "deferred", "waiting")  # public counters read by the demo and benches
+METRICS_S = 1.0  # the child's metrics ride on a report at most this often (a scrape is ~15 s anyway)
 
 
 class MirroredAccounting:
@@ -190,12 +191,15 @@ def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: Connecti
         t = threading.Thread(target=target, name=f"gpl-{name}", daemon=True)
         t.start()
         parent = os.getppid()
+        sent_metrics = 0.0
         while t.is_alive():
             if stop.poll(report_s) or os.getppid() != parent:  # stopped (or EOF: parent gone), or orphaned
                 tstop.set()
                 t.join(60)
                 break
-            _send(conn, _report(stage, None))
+            with_metrics = time.monotonic() - sent_metrics >= METRICS_S
+            sent_metrics = time.monotonic() if with_metrics else sent_metrics
+            _send(conn, _report(stage, None, metrics=with_metrics))
         _send(conn, _report(stage, error[0] if error else None))
     conn.close()
 
@@ -205,7 +209,7 @@ def _send(conn: Connection, msg: dict[str, Any]) -> None:
         conn.send(msg)
 
 
-def _report(stage: Any, error: str | None) -> dict[str, Any]:
+def _report(stage: Any, error: str | None, *, metrics: bool = True) -> dict[str, Any]:
     from gpl.runtime.kafka import Accounting
 
     accountings = {k: v.snapshot() for k, v in vars(stage).items() if isinstance(v, Accounting)}
@@ -217,8 +221,12 @@ def _report(stage: Any, error: str | None) -> dict[str, Any]:
     view = getattr(stage, "snapshot", None)  # a stage's own summary (the calibration monitor has one)
     if callable(view):
         attrs["snapshot"] = view()
-    return {"accountings": accountings, "attrs": attrs, "error": error, "peak_rss_bytes": peak_rss_bytes(),
-            "health": _health(), "metrics": export_families(), "t": time.time()}
+    msg: dict[str, Any] = {"accountings": accountings, "attrs": attrs, "error": error,
+                           "peak_rss_bytes": peak_rss_bytes(),
+                           "health": _health(), "t": time.time()}
+    if metrics:
+        msg["metrics"] = export_families()
+    return msg
 
 
 def _health() -> dict[str, Any]:
