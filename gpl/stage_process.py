@@ -12,11 +12,12 @@ snapshots the child sends every ``report_s``, so the demo's and the benches' pro
 them as they would read a thread's. A child that fails raises in ``run`` with the child's error, so
 :class:`gpl.stack.Stages` records it like a crashed thread.
 
-Each report also carries the child's health (beats, idle time, partitions: relayed into the parent's
-:data:`~gpl.runtime.health.HEALTH` under the stage's name) and its ``gpl_*`` metrics (relayed into the
-parent's ``/metrics``, gpl/runtime/metrics_relay.py): the parent's ``/healthz``, ``/readyz`` and
-``/metrics`` answer for the stage as for a thread, on the parent's ``metrics_port`` (children serve no
-port of their own). A child that dies ends its stage in the parent (``crashed``) and drops its metrics.
+Each report also carries the child's health (beats, idle time, partitions of each stage loop, relayed
+into the parent's :data:`~gpl.runtime.health.HEALTH` under the names a thread would report) and its
+``gpl_*`` metrics (relayed into the parent's ``/metrics``, gpl/runtime/metrics_relay.py): the parent's
+``/healthz``, ``/readyz`` and ``/metrics`` answer for the stage as for a thread, on the parent's
+``metrics_port`` (children serve no port of their own). A child that dies ends its stage in the parent
+(``crashed``) and drops its metrics.
 """
 
 from __future__ import annotations
@@ -136,9 +137,9 @@ class ProcessStage:
                 self._accountings.setdefault(attr, MirroredAccounting(f"{self.name}.{attr}")).update(counts)
         self._mirror.update(msg.get("attrs", {}))
         self.peak_rss_bytes = max(self.peak_rss_bytes, int(msg.get("peak_rss_bytes", 0)))
-        health = msg.get("health")
-        if health is not None and msg.get("error") is None:
-            HEALTH.relay(self.name, **health)
+        if msg.get("error") is None:  # a failed child is the stage's crash (run raises), not a beat
+            for stage, h in msg.get("health", {}).items():
+                HEALTH.relay(stage, **h)
         if "metrics" in msg:
             RELAYED.put(self._relay_key, msg["metrics"])
         return msg.get("error")
@@ -229,13 +230,12 @@ def _report(stage: Any, error: str | None, *, metrics: bool = True) -> dict[str,
     return msg
 
 
-def _health() -> dict[str, Any]:
-    """The child's stage as its own health registry sees it (every loop of the stage in this process):
-    beats so far, seconds since the latest, partitions held."""
-    stages = list(HEALTH.report().values())
-    beating = [s["idle_s"] for s in stages if s["beats"]]
-    return {"beats": sum(s["beats"] for s in stages), "idle_s": min(beating) if beating else 0.0,
-            "partitions": sum(s["partitions"] for s in stages)}
+def _health() -> dict[str, dict[str, Any]]:
+    """The child's stage loops as its own health registry sees them, under the names they report as
+    threads too (``streams``, ``labeler``, a trainer's ``name``): beats so far, seconds since the
+    latest, partitions held."""
+    return {name: {"beats": s["beats"], "idle_s": s["idle_s"], "partitions": s["partitions"]}
+            for name, s in HEALTH.report().items()}
 
 
 def peak_rss_bytes() -> int:
