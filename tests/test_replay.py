@@ -57,7 +57,7 @@ def _small_file(tmp_path: Path) -> Path:
 def test_replay_jsonl_delivers_exactly_the_file(settings: Settings, tmp_path: Path) -> None:
     path = _small_file(tmp_path)
     expected = list(read_events(path))
-    counts = replay_jsonl(settings, path, progress=False)
+    counts = replay_jsonl(settings, path, progress=False, index_wait_s=0)  # no indexer here to wait for
     assert counts == dict(Counter(ev.topic for ev in expected))
     for topic in counts:
         want = [ev for ev in expected if ev.topic == topic]
