@@ -16,7 +16,8 @@ Each entry is self-contained: its ``value`` is the encoded one-sample :class:`~s
 (the original request's fields, this sample only), so a dead letter's payload can be replayed into
 ``samples`` as it is, and the whole buffer is plain values, saved in every checkpoint
 (:meth:`VectorWait.state`, weights-only loadable). Ages are wall-clock (``time.time()``), so they count
-across a restart too.
+across a restart too. A dead letter is at least once: a crash after sending it but before the next
+checkpoint restores the sample as waiting, and it is dead-lettered again.
 """
 
 from __future__ import annotations
