@@ -283,8 +283,8 @@ def replay_topic(
     check, else at its beginning (:func:`_start_offset`). Records whose timestamps are out of order
     (an exposure before its recall) can sit anywhere, so a partition is always read to its high
     watermark as it was when the replay began (records appended later are not part of the range).
-    (Tansu 0.6 reports "last batch's base offset + 1" as the high watermark: exact for data written
-    one record per batch, as the embedded profile has every producer do.)
+    (A broker whose high watermark is inexact is the embedded profile's business: see
+    ``EMBEDDED_PROFILE`` in gpl/runtime/broker.py.)
 
     Order: a k-way merge that always sends the earliest-timestamped head among the partitions, each
     partition's own order kept (so a user's events keep theirs); ties go to the lower partition. Every

@@ -44,20 +44,16 @@ def default_path(settings: Settings) -> Path:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpl.commands.eval import dataset_path
+    from gpl.commands.eval import content_encoder, training_dataset
     from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
-    from gpl.eval.dataset import load_dataset
-    from gpl.eval.embed import CachedEncoder
-    from gpl.runtime.encoder import encode_items, open_encoder, with_space
+    from gpl.runtime.encoder import encode_items, with_space
 
-    path = dataset_path(args.dataset, settings, args.sim_seed)
     try:
-        ds = load_dataset(path, training_only=not (path / "split.json").is_file())
+        ds = training_dataset(args.dataset, settings, args.sim_seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"gpl calibrate: {e}")
         return 2
-    content = CachedEncoder(open_encoder(settings.encoder.model_copy(update={"space": ""})),
-                            settings.data_dir / "eval" / "cache", progress=False)
+    content = content_encoder(settings)
     vectors = encode_items(with_space(content, settings.encoder), ds.item_ids, ds.item_text)
     fit = fit_dataset_calibrator(ds, vectors, settings, features=FEATURE_SETS[args.features])
     cv = {k: round(v, 4) for k, v in fit.cv.items()}

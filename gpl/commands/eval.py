@@ -13,8 +13,13 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpl.runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from gpl.eval.dataset import EvalDataset
+    from gpl.eval.embed import CachedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +157,22 @@ def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str
                                cache_dir=cache, draws=draws, content_share=taste_share, encoder=encoder,
                                explore_share=explore_share)
     return Path(dataset)
+
+
+def training_dataset(dataset: str, settings: Settings, sim_seed: int = 0) -> EvalDataset:
+    """A dataset to fit on (``gpl calibrate``, ``gpl space fit``): without split.json every request is
+    training. Raises FileNotFoundError / ValueError with a message for the user."""
+    from gpl.eval.dataset import load_dataset
+
+    path = dataset_path(dataset, settings, sim_seed)
+    return load_dataset(path, training_only=not (path / "split.json").is_file())
+
+
+def content_encoder(settings: Settings) -> CachedEncoder:
+    """The encoder's content vectors (never through ``encoder.space``), cached under the eval cache."""
+    from gpl.eval.embed import CachedEncoder
+    from gpl.runtime.encoder import open_encoder
+
+    return CachedEncoder(open_encoder(settings.encoder.model_copy(update={"space": ""})),
+                         settings.data_dir / "eval" / "cache", progress=False)
+

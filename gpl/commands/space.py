@@ -41,20 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpl.commands.eval import dataset_path
-    from gpl.eval.dataset import load_dataset
-    from gpl.eval.embed import CachedEncoder, training_collab_space
+    from gpl.commands.eval import content_encoder, training_dataset
+    from gpl.eval.embed import training_collab_space
     from gpl.runtime.collab_space import CollabConfig
-    from gpl.runtime.encoder import open_encoder
 
-    path = dataset_path(args.dataset, settings, args.sim_seed)
     try:
-        ds = load_dataset(path, training_only=not (path / "split.json").is_file())
+        ds = training_dataset(args.dataset, settings, args.sim_seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"gpl space fit: {e}")
         return 2
-    content = CachedEncoder(open_encoder(settings.encoder.model_copy(update={"space": ""})),
-                            settings.data_dir / "eval" / "cache", progress=False)
+    content = content_encoder(settings)
     cfg = CollabConfig(dim=args.dim, popularity_beta=args.popularity_beta, min_clicks=args.min_clicks)
     try:
         space = training_collab_space(ds, content.encode(ds.item_text, desc="embed items"), cfg,

@@ -54,10 +54,8 @@ class GapGuard:
     """Re-read records the embedded broker let a live consumer skip (``kafka.refetch_gaps``, set by the
     embedded profile alone: EmbeddedBroker.profile()).
 
-    Tansu 0.6 gives each produced batch its offset first and makes it visible later; with several producers
-    on one partition, a consumer at the tail can be handed offset n+1 while n is still invisible, and then
-    never sees n (measured: 2 to 6 of 30,000 records with three producers; a full re-read finds them all).
-    On the embedded broker every record is its own batch, so offsets are dense: a consumer that receives
+    Why the embedded broker needs it is written beside ``EMBEDDED_PROFILE`` (gpl/runtime/broker.py). With
+    one record per batch (that profile) offsets are dense, so a consumer that receives
     an offset past the one it expects seeks back to the expected one and drops the rest of that partition's
     messages from the batch (they come again). A gap that persists ``max_tries`` reads is accepted and
     logged: it is a real one (compaction, a transaction marker).
