@@ -47,6 +47,7 @@ from gpl.runtime.kafka import consumer, create_topics, producer
 from gpl.runtime.settings import KafkaSettings, Settings
 from schemas.events import recall_as_v2
 from schemas.jsonl import JsonlEvent
+from schemas.topics import spec
 
 log = logging.getLogger(__name__)
 # One request in flight: a retry cannot reorder records of one partition (see the module docstring).
@@ -160,7 +161,7 @@ def replay_jsonl(
     order = scan(path, topics)
     order.check(max_sort_bytes)
     existing = _existing_topics(settings.kafka, timeout_s)
-    missing = sorted(order.topics - set(existing))
+    missing = sorted(spec(t).name for t in order.topics if spec(t).name not in existing)  # file: logical names
     if missing:  # before anything is sent
         raise ValueError(f"topic {missing[0]!r} does not exist; create it first (create_topics)")
     if order.disorder is not None:
@@ -173,7 +174,7 @@ def replay_jsonl(
 
     def send(ev: JsonlEvent) -> None:
         pacer.wait(ev.ts)
-        sink.send(ev.topic, _recall_v2(ev.value) if ev.topic == "recall" else ev.value, ev.key, ev.ts)
+        sink.send(spec(ev.topic).name, _recall_v2(ev.value) if ev.topic == "recall" else ev.value, ev.key, ev.ts)
         bar.update(1)
 
     with tqdm(total=order.items + order.events, desc=f"replay {Path(path).name}", unit="ev",

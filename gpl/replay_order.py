@@ -71,7 +71,7 @@ def scan(path: Path | str, topics: set[str] | None = None) -> FileOrder:
     last_ts, last_line = 0, 0
     for ev in _kept(path, topics):
         order.topics.add(ev.topic)
-        if ev.topic == ITEMS.name:
+        if ev.topic == ITEMS.logical:
             order.items += 1
             continue
         order.events += 1
@@ -87,8 +87,8 @@ def scan(path: Path | str, topics: set[str] | None = None) -> FileOrder:
 def ordered_events(order: FileOrder, topics: set[str] | None = None
                    ) -> tuple[Iterator[JsonlEvent], Iterator[JsonlEvent]]:
     """(the items, the other events in event-time order) of a scanned file; see the module docstring."""
-    items = (ev for ev in _kept(order.path, topics) if ev.topic == ITEMS.name)
-    rest = (ev for ev in _kept(order.path, topics) if ev.topic != ITEMS.name)
+    items = (ev for ev in _kept(order.path, topics) if ev.topic == ITEMS.logical)
+    rest = (ev for ev in _kept(order.path, topics) if ev.topic != ITEMS.logical)
     if order.sorted:
         return items, rest
     keyed: list[tuple[int, int, JsonlEvent]] = []

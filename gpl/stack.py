@@ -26,7 +26,7 @@ from gpl.backends import open_index
 from gpl.runtime.broker import Broker, EmbeddedBroker
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import create_topics
+from gpl.runtime.kafka import create_topics, use_topic_names
 from gpl.runtime.metrics import STAGE_UP
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
@@ -34,6 +34,7 @@ from gpl.runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
 from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
 from gpl.stage_build import build_stage
 from gpl.stage_process import READERS, ProcessStage
+from schemas.topics import configure
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Stack:
     def __enter__(self) -> Stack:
         s = self._given
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        self._exit.callback(configure, use_topic_names(s.kafka))  # this stack's topic names, restored on exit
         try:
             if not s.kafka.bootstrap_servers:
                 self.broker = self._exit.enter_context(local_broker(s, self._broker_port))

@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel
 
 from schemas.events import SCHEMA_VERSION, DeadLetter, EpochMs
-from schemas.topics import TOPICS
+from schemas.topics import TOPICS, by_name
 from schemas.wire import subject
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -44,7 +44,7 @@ def json_schema(topic: str) -> dict[str, Any]:
         nested = _models_of(model).get(name)
         if nested is not None:
             _annotate(nested, sub)
-    spec = TOPICS.get(topic)
+    spec = by_name(topic) if not topic.endswith(".dlq") else None
     x_topic: dict[str, Any] = {"name": topic, "subject": subj}
     if spec is not None:
         x_topic |= {"key": spec.key, "compacted": spec.compacted, "dlq": spec.dlq_name}

@@ -7,7 +7,8 @@ partition count so a user's recall, exposure, interest state and anchors live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -24,12 +25,55 @@ from schemas.events import (
 
 
 @dataclass(frozen=True)
+class Naming:
+    """Where the logical names meet a shared cluster: ``prefix`` before every topic (``team-a.`` gives
+    ``team-a.recall``, ``team-a.recall.dlq`` and the streams app's ``team-a.gpl-streams-…`` internal topics)
+    and ``renames`` of single topics by logical name (``{"recall": "search.recall.v2"}``: taken as is, no
+    prefix). A topic's dead-letter topic follows its physical name (``<name>.dlq``)."""
+
+    prefix: str = ""
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    def physical(self, logical: str) -> str:
+        return self.renames.get(logical) or f"{self.prefix}{logical}"
+
+    def check(self) -> Naming:
+        """Refuse a rename of a topic this table does not declare (a typo would rename nothing)."""
+        unknown = sorted(set(self.renames) - set(TOPICS))
+        if unknown:
+            raise ValueError(f"kafka.topic_names: unknown topic(s) {', '.join(unknown)}; known: {', '.join(TOPICS)}")
+        return self
+
+
+# Process-wide, like the logging configuration: set once at the edge from the settings (kafka.topic_prefix,
+# kafka.topic_names; gpl/runtime/settings.py KafkaSettings.apply_topic_names) by the CLI, the stack and a
+# stage's child process, and read by every TopicSpec.name below: one registry, no name built elsewhere.
+_naming = Naming()
+
+
+def configure(naming: Naming) -> Naming:
+    """Use ``naming`` from now on in this process; returns the previous one (to restore it)."""
+    global _naming
+    before, _naming = _naming, naming.check()
+    return before
+
+
+def naming() -> Naming:
+    return _naming
+
+
+@dataclass(frozen=True)
 class TopicSpec:
-    name: str
+    logical: str  # the name in this table, in event files (JSONL ``topic``) and in the docs
     value_type: type[BaseModel]
     key: str  # the field whose value is the message key
     compacted: bool = False
     dlq: bool = True  # whether a <name>.dlq topic exists for its bad input
+
+    @property
+    def name(self) -> str:
+        """The topic on the broker: the logical name under this process's :class:`Naming`."""
+        return _naming.physical(self.logical)
 
     @property
     def dlq_name(self) -> str:
@@ -48,8 +92,8 @@ SAMPLES = TopicSpec("samples", SampleBatch, key="user_id")
 # parsing ~10 kB of JSON each; a record without it (other writers, a copy that dropped headers) is parsed.
 PSEUDO_HEADER = ("gpl-labels", b"pseudo")
 
-TOPICS: dict[str, TopicSpec] = {
-    t.name: t for t in (ITEMS, RECALL, EXPOSURE, UNEXPOSED, ANCHOR_REQUESTS, ANCHORS, SAMPLES)
+TOPICS: dict[str, TopicSpec] = {  # by logical name
+    t.logical: t for t in (ITEMS, RECALL, EXPOSURE, UNEXPOSED, ANCHOR_REQUESTS, ANCHORS, SAMPLES)
 }
 """Input topics a producer may write to with ``gpl replay``."""
 EVENT_TOPICS = ("items", "recall", "exposure")
@@ -61,28 +105,42 @@ EVENT_TOPICS = ("items", "recall", "exposure")
 STREAMS_APP_ID = "gpl-streams"
 
 
-def expiry_topic(app_id: str = STREAMS_APP_ID) -> str:
-    return f"{app_id}-expiry"
+def app_id(configured: str = STREAMS_APP_ID) -> str:
+    """The streams app id on the broker (faust's group id and the stem of its internal topics: changelogs,
+    the assignor's, the expiry topic): under the prefix, so a shared cluster sees no name outside it."""
+    return f"{_naming.prefix}{configured}"
 
 
-def internal_topics(app_id: str = STREAMS_APP_ID) -> list[str]:
-    return [expiry_topic(app_id)]
+def expiry_topic(configured_app_id: str = STREAMS_APP_ID) -> str:
+    return f"{app_id(configured_app_id)}-expiry"
+
+
+def internal_topics(configured_app_id: str = STREAMS_APP_ID) -> list[str]:
+    return [expiry_topic(configured_app_id)]
 
 
 def dlq_topics() -> list[str]:
     return [t.dlq_name for t in TOPICS.values() if t.dlq]
 
 
-def all_topic_names(app_id: str = STREAMS_APP_ID) -> list[str]:
-    return [*TOPICS, *dlq_topics(), *internal_topics(app_id)]
+def all_topic_names(configured_app_id: str = STREAMS_APP_ID) -> list[str]:
+    return [*(t.name for t in TOPICS.values()), *dlq_topics(), *internal_topics(configured_app_id)]
+
+
+def by_name(name: str) -> TopicSpec | None:
+    """The spec of a topic (or of its dead-letter topic) by its name on the broker, or by its logical name."""
+    base = name.removesuffix(".dlq")
+    return next((t for t in TOPICS.values() if t.name == base), None) or TOPICS.get(base)
 
 
 def spec(name: str) -> TopicSpec:
+    """The spec of a logical topic name (event files and commands name topics this way)."""
     try:
         return TOPICS[name]
     except KeyError:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}") from None
 
 
-__all__ = ["TopicSpec", "TOPICS", "EVENT_TOPICS", "PSEUDO_HEADER", "STREAMS_APP_ID", "spec", "dlq_topics",
+__all__ = ["Naming", "configure", "naming", "app_id", "by_name",
+           "TopicSpec", "TOPICS", "EVENT_TOPICS", "PSEUDO_HEADER", "STREAMS_APP_ID", "spec", "dlq_topics",
            "expiry_topic", "internal_topics", "all_topic_names", "DeadLetter"]

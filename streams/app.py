@@ -58,7 +58,7 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode
 from schemas.events import ExposureEvent
-from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, expiry_topic
+from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, app_id, expiry_topic
 from streams.catalog import Catalog, UnknownItems
 from streams.changelog import CoalescingTable
 from streams.clock import EventClock
@@ -126,7 +126,7 @@ class StreamsProcessor:
     def _build(self) -> faust.App:
         s, cfg = self.settings, self.settings.streams
         # the stage's own settings, then the deployment's: security, client properties (gpl/runtime/faust_config.py)
-        app = faust.App(cfg.app_id, **faust_settings(s.kafka, dict(
+        app = faust.App(app_id(cfg.app_id), **faust_settings(s.kafka, dict(
             broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",
             datadir=str(s.data_dir / "streams"),  # faust's own state files, not in the working directory

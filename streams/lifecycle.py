@@ -18,10 +18,10 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer
 
 from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import create_topics
+from gpl.runtime.kafka import create_topics, reader_config
 from gpl.runtime.lag import LagGauge
 from gpl.runtime.settings import Settings
-from schemas.topics import EXPOSURE, RECALL
+from schemas.topics import EXPOSURE, RECALL, app_id
 from streams.copartition import verify_copartitioned
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def serve(proc: Served, stop: threading.Event) -> None:
     (settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)  # faust: mkdir(exist_ok=True) only
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    lag_reader = Consumer(settings.kafka.client_config() | {"group.id": settings.streams.app_id,
-                                                            "enable.auto.commit": False})
+    lag_reader = Consumer(reader_config(settings.kafka, app_id(settings.streams.app_id)))  # faust's group
     app = proc.app
 
     async def main() -> None:

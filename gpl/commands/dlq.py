@@ -33,7 +33,7 @@ from gpl.runtime.serde import Wire
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DeadLetter
-from schemas.topics import TOPICS
+from schemas.topics import TOPICS, by_name
 from schemas.wire import is_framed, unframe
 
 PREVIEW = 60
@@ -68,10 +68,10 @@ class Letter:
 
 def dlq_name(topic: str) -> str:
     """``recall`` or ``recall.dlq`` → ``recall.dlq``; unknown topics are refused."""
-    base = topic.removesuffix(".dlq")
-    if base not in TOPICS or not TOPICS[base].dlq:
+    t = by_name(topic)  # a logical name, or the name on the broker (kafka.topic_prefix, kafka.topic_names)
+    if t is None or not t.dlq:
         raise ValueError(f"no dead-letter topic for {topic!r}; known: {', '.join(t for t in TOPICS)}")
-    return TOPICS[base].dlq_name
+    return t.dlq_name
 
 
 def read_letters(c: Consumer, wire: Wire, topic: str, start: dict[int, int], timeout: float = 10.0) -> Iterator[Letter]:

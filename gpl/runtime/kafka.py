@@ -21,7 +21,7 @@ from gpl.runtime.metrics import MESSAGES
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import KafkaSettings
 from schemas.codec import DecodeError, dead_letter, encode
-from schemas.topics import TOPICS
+from schemas.topics import Naming, by_name, configure
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,18 @@ def consumer(kafka: KafkaSettings, group: str, **extra: Any) -> Consumer:
     return Consumer(conf | kafka.extra | kafka.consumer_extra | extra)
 
 
+def reader_config(kafka: KafkaSettings, group_id: str) -> dict[str, Any]:
+    """A consumer that only looks positions up (lag, committed offsets) under an exact group id, never
+    committing: the same properties as every other consumer (``extra`` and ``consumer_extra``)."""
+    return kafka.client_config() | kafka.consumer_extra | {"group.id": group_id, "enable.auto.commit": False}
+
+
+def use_topic_names(kafka: KafkaSettings) -> Naming:
+    """This process names its topics as ``kafka.topic_prefix`` and ``kafka.topic_names`` say
+    (schemas/topics.py); returns the naming it replaced, for a caller that restores it."""
+    return configure(Naming(kafka.topic_prefix, dict(kafka.topic_names)))
+
+
 def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[str]:
     """Create the project's topics with their partition counts; existing ones are left alone.
 
@@ -143,7 +155,7 @@ def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, time
     for name in names if names is not None else _all_names():
         if name in existing:
             continue
-        base = TOPICS.get(name.removesuffix(".dlq"))
+        base = by_name(name)
         parts = kafka.partitions  # one count for all: co-partitioned by user, no repartition hop
         config = {"cleanup.policy": "compact"} if base and base.compacted and not name.endswith(".dlq") else {}
         wanted.append(NewTopic(name, num_partitions=parts, replication_factor=kafka.replication_factor, config=config))

@@ -55,6 +55,10 @@ class KafkaSettings(Section):
         default_factory=dict, description="faust App settings for the streams stage, applied last "
         '(e.g. {"producer_compression_type": "zstd"})')
     group_prefix: str = "gpl"
+    topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$", description="before every topic name, "
+                              "DLQs and the streams app id included (a shared cluster's namespace, e.g. team-a.)")
+    topic_names: dict[str, str] = Field(default_factory=dict, description='rename topics by logical name, e.g. '
+                                        '{"recall": "search.recall.v2"} (as is: no prefix); schemas/topics.py')
     # Apache Kafka's defaults. The embedded broker's remedies (one record per batch, a short fetch wait, gap
     # re-reads, checked time look-ups) are applied by its profile alone: EmbeddedBroker.profile()
     producer_batch_messages: int = Field(default=10_000, ge=1, description="records per produce batch "
@@ -77,7 +81,7 @@ class KafkaSettings(Section):
         default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
         "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")
 
-    @field_validator("extra", "producer_extra", "consumer_extra", "faust_extra", mode="before")
+    @field_validator("extra", "producer_extra", "consumer_extra", "faust_extra", "topic_names", mode="before")
     @classmethod
     def _json_object(cls, v: Any) -> Any:
         """``GPL_KAFKA__EXTRA='{"client.id": "x"}'`` and ``--set`` give a string: read it as a JSON object."""

@@ -1,0 +1,97 @@
+"""Shared-cluster names: ``kafka.topic_prefix`` and ``kafka.topic_names`` reach every topic the stack touches.
+
+The unit tests check the one registry (schemas/topics.py); the integration test runs the pipeline on the
+session's Apache Kafka broker with a prefix and a rename, stages in child processes included, and then
+lists the broker's topics: none may sit outside the prefix (faust's changelogs and assignor topic included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from gpl.runtime.kafka import use_topic_names
+from gpl.runtime.settings import KafkaSettings
+from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
+from gpl.stack import Stack, Stages
+from schemas.events import RecallEvent
+from schemas.topics import SAMPLES, TOPICS, Naming, all_topic_names, app_id, by_name, configure, spec
+from tests.conftest import KafkaSlot, make_settings
+from tests.helpers import drain, wait_for
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "movielens-small"
+PREFIX = "team-a."
+
+
+@pytest.fixture
+def prefixed() -> Iterator[None]:
+    before = configure(Naming(PREFIX, {"samples": "team-a.labels"}))
+    yield
+    configure(before)
+
+
+def test_prefix_and_rename_reach_every_registry_name(prefixed: None) -> None:
+    names = all_topic_names("gpl-streams")
+    assert all(n.startswith(PREFIX) for n in names), names
+    assert "team-a.recall" in names and "team-a.recall.dlq" in names and "team-a.labels.dlq" in names
+    assert "team-a.gpl-streams-expiry" in names and app_id("gpl-streams") == "team-a.gpl-streams"
+    assert SAMPLES.name == "team-a.labels" and spec("samples") is SAMPLES  # files and commands: logical names
+    assert by_name("team-a.labels.dlq") is SAMPLES and by_name("recall") is TOPICS["recall"]
+    assert by_name("recall.v0") is None
+
+
+def test_unknown_rename_is_refused_and_the_naming_restored() -> None:
+    with pytest.raises(ValueError, match="unknown topic.*recal"):
+        use_topic_names(KafkaSettings(topic_names={"recal": "x"}))
+    assert TOPICS["recall"].name == "recall"
+
+
+def test_prefix_must_be_a_topic_name() -> None:
+    with pytest.raises(ValueError, match="topic_prefix"):
+        KafkaSettings(topic_prefix="team a/")
+
+
+@pytest.mark.integration
+def test_prefixed_pipeline_on_kafka_leaves_nothing_outside_the_prefix(tmp_path: Path, kafka: KafkaSlot) -> None:
+    from gpl.replay import replay_jsonl
+
+    sim = simulate(load_movielens(DATA), SimConfig(seed=5, users=4, candidates=30, max_requests_per_user=4,
+                                                   exposure_first_fraction=0.3))
+    events = tmp_path / "events.jsonl"
+    write_jsonl(sim, events)  # logical topic names, as every event file has them
+    s = make_settings(tmp_path, kafka, partitions=2, encoder={"model": "hash-bow-64"},
+                      kafka={"topic_prefix": PREFIX, "topic_names": {"samples": "team-a.labels"}},
+                      anchors={"backend": "memory", "k": 3}, streams={"debounce_s": 0, "join_wait_s": 30},
+                      labeler={"wait_for_anchors_s": 60, "top_n": 5, "random_n": 5, "cap": 8},
+                      trainer={"checkpoint_every": 20, "batch_size": 16})
+    recalls = [e for _, e in sim.events if isinstance(e, RecallEvent)]
+    with Stack(s) as stack:  # stack.processes: streams, labeler and trainer in child processes
+        assert SAMPLES.name == "team-a.labels"
+        names = ("indexer", "streams", "anchors", "labeler", "trainer")
+        stages = Stages({n: stack.make(n, **({"progress": False} if n in ("indexer", "trainer") else {}))
+                         for n in names})
+        with stages:
+            counts = replay_jsonl(s, events, topics={"items"}, progress=False)
+            assert set(counts) == {"team-a.items"}
+            wait_for(lambda: stack.index.count(s.encoder.collection) == len(sim.items), 120, "items indexed")
+            replay_jsonl(s, events, topics={"recall", "exposure"}, progress=False)
+            streams, labeler = stages.stages["streams"], stages.stages["labeler"]
+            wait_for(lambda: streams.accounting["joined"] == 2 * len(recalls), 120,
+                     lambda: f"all requests joined: {streams.accounting.snapshot()}")
+            wait_for(lambda: labeler.accounting["labeled"] >= 1, 120,
+                     lambda: f"a batch labeled: {labeler.accounting.snapshot()}")
+            samples = drain(s, "team-a.labels")
+            trainer = stages.stages["trainer"]
+            wait_for(lambda: trainer.counts["messages"] >= 1, 120,  # type: ignore[attr-defined]
+                     lambda: f"trainer to consume samples: {trainer.counts}")  # type: ignore[attr-defined]
+        assert not stages.errors, stages.errors
+    assert TOPICS["samples"].name == "samples"  # the stack restored this process's naming
+    assert any(x["source"] == "pseudo" for b in samples for x in b["samples"])
+    on_broker = [t for t in AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics
+                 if not t.startswith("__")]
+    assert [t for t in on_broker if not t.startswith(PREFIX)] == []
+    assert any(t.endswith("-changelog") for t in on_broker), on_broker  # faust's tables: under the prefix too
+    assert "team-a.labels" in on_broker and "team-a.samples" not in on_broker
