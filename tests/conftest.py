@@ -8,7 +8,11 @@ Integration tests use real brokers and the real embedded Qdrant engine, started 
   that says what to install, where Java or Maven is missing;
 * ``kafka``: that broker, with every topic of the previous test deleted first and the test's consumer
   groups and faust app id under a prefix of its own (:class:`KafkaSlot`);
-* ``any_broker``: parametrised over both (``embedded``, ``kafka``): the test runs on each.
+* ``any_broker``: parametrised over both (``embedded``, ``kafka``): the test runs on each;
+* ``broker``: THE integration tests' broker: the session's Apache Kafka (``kafka`` above), or the embedded
+  one where ``TEST_BROKER=embedded`` or where Kafka cannot run here (no Java/Maven: said once in the
+  header), so a PyPI-only machine still runs every integration test; ``broker_settings``: settings on it,
+  topics created. ``settings`` (embedded) stays for the embedded set: the demo path and Tansu's remedies.
 
 Settings for a broker come from :func:`make_settings`, which applies the broker's profile first (the
 embedded one carries the Tansu remedies; Apache Kafka's is empty: the product's defaults are Kafka's).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +122,40 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         return
     with EmbeddedBroker(log_file=tmp_path / "tansu.log") as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def broker_kind() -> str:
+    """``kafka`` unless ``TEST_BROKER=embedded`` or Kafka cannot run here (not a ``GPL_`` name: the
+    settings refuse unknown ones)."""
+    if os.environ.get("TEST_BROKER", "kafka") == "embedded":
+        return "embedded"
+    try:
+        ensure(KAFKA_DIST)
+    except KafkaUnavailable as e:
+        warnings.warn(f"integration tests on the embedded broker: Apache Kafka cannot run here ({e})", stacklevel=1)
+        return "embedded"
+    return "kafka"
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest, broker_kind: str, tmp_path: Path) -> Iterator[Any]:
+    if broker_kind == "kafka":
+        yield request.getfixturevalue("kafka")
+        return
+    with EmbeddedBroker(log_file=tmp_path / "tansu.log") as b:
+        yield b
+
+
+@pytest.fixture
+def broker_settings(tmp_path: Path, broker: Any) -> Settings:
+    s = make_settings(tmp_path, broker)
+    create_topics(s.kafka)
+    return s
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"integration broker: {os.environ.get('TEST_BROKER', 'kafka')} (TEST_BROKER=embedded for Tansu)"
 
 
 def make_settings(tmp_path: Path, broker: Any, partitions: int = 2, **overrides: object) -> Settings:

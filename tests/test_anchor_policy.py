@@ -31,6 +31,13 @@ from workers.generators.base import AnchorPrompt, Generation, GeneratorUnavailab
 from workers.generators.memory import MemoryGenerator
 from workers.indexer import Indexer
 
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
+
 ITEMS = {1: "trail running shoes", 2: "gps running watch", 3: "fantasy novel dragons",
          4: "cast iron skillet", 5: "chef knife steel", 6: "jazz vinyl record",
          **{10 + i: f"gadget model {i} deluxe" for i in range(20)}}

@@ -32,6 +32,13 @@ from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import label_batch
 from workers.labeling.item_matrix import ItemMatrix
 
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
+
 ITEMS = {
     1: "trail running shoes lightweight",
     2: "gps running watch",

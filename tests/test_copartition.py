@@ -8,7 +8,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import Accounting, create_topics, producer
 from gpl.runtime.producer import GplProducer
 from gpl.runtime.vectors.memory import MemoryIndex
@@ -44,8 +44,8 @@ def test_split_watch_counts_only_splits() -> None:
 
 
 @pytest.mark.integration
-def test_streams_refuses_to_start_on_mismatched_topics(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=2)
+def test_streams_refuses_to_start_on_mismatched_topics(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, partitions=2)
     admin = AdminClient(s.kafka.client_config())
     for f in admin.create_topics([NewTopic("recall", num_partitions=2, replication_factor=1),
                                   NewTopic("exposure", num_partitions=3, replication_factor=1)]).values():
@@ -60,10 +60,10 @@ def test_streams_refuses_to_start_on_mismatched_topics(tmp_path: Path, fresh_bro
 
 
 @pytest.mark.integration
-def test_split_request_is_counted_and_contract_requests_are_not(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_split_request_is_counted_and_contract_requests_are_not(tmp_path: Path, broker: Broker) -> None:
     """GplProducer's requests join in one partition; a recall sent by hand to another partition than its
     exposure (a foreign partitioner) still joins in this single process, and is counted as split."""
-    s = make_settings(tmp_path, fresh_broker, partitions=3, streams={"join_wait_s": 30.0})
+    s = make_settings(tmp_path, broker, partitions=3, streams={"join_wait_s": 30.0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     with GplProducer(s.kafka) as p:

@@ -1,4 +1,4 @@
-"""``gpl dlq show`` and ``gpl dlq redrive`` on the real embedded broker.
+"""``gpl dlq show`` and ``gpl dlq redrive`` on the suite's real broker (Apache Kafka; TEST_BROKER=embedded for Tansu).
 
 Dead letters are written by the stages' own :class:`~gpl.runtime.kafka.DeadLetters` (the same bytes a
 stage writes), then shown, filtered, redriven in a dry run (nothing sent, nothing committed), redriven
@@ -20,6 +20,13 @@ from gpl.runtime.kafka import Accounting, DeadLetters, consumer, producer
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError
 from schemas.wire import frame
+
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +73,11 @@ def end_offsets(settings: Settings, topic: str) -> int:
 
 
 def cli(settings: Settings, *args: str) -> int:
+    """``gpl dlq ARGS`` on the test's broker, its consumer groups under the test's prefix (the session's
+    Kafka broker is shared: tests/conftest.py)."""
     return main(["--set", f"kafka.bootstrap_servers={settings.kafka.bootstrap_servers}",
-                 "--set", f"kafka.partitions={settings.kafka.partitions}", "dlq", *args])
+                 "--set", f"kafka.partitions={settings.kafka.partitions}",
+                 "--set", f"kafka.group_prefix={settings.kafka.group_prefix}", "dlq", *args])
 
 
 def test_show_lists_filters_and_previews(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:

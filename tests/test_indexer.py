@@ -26,6 +26,13 @@ from schemas.codec import decode, encode
 from schemas.events import DeadLetter, ItemEvent
 from workers.indexer import Indexer
 
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
+
 pytestmark = pytest.mark.integration
 
 

@@ -1,4 +1,4 @@
-"""GplProducer and the client settings on the real embedded broker (docs/producers.md).
+"""GplProducer and the client settings on the suite's real broker (docs/producers.md; tests/conftest.py).
 
 The contract is checked on what the broker holds: key, partition (the one faust/aiokafka's murmur2
 picks for the same key), timestamp, value; the client settings by what librdkafka reports about itself.
@@ -18,7 +18,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Consumer, KafkaException, Message, Producer
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import consumer, create_topics, producer
 from gpl.runtime.producer import GplProducer, ProduceError
 from gpl.runtime.settings import Settings
@@ -57,8 +57,8 @@ def read_all(s: Settings, topics: list[str], expect: int, timeout: float = 30.0)
     return out
 
 
-def test_gpl_producer_follows_the_contract(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=4,
+def test_gpl_producer_follows_the_contract(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, partitions=4,
                       kafka={"producer_extra": {"compression.type": "zstd"}})
     create_topics(s.kafka)
     users = [f"user-{i}" for i in range(12)] + ["ünïcode-ユーザー"]
@@ -90,8 +90,8 @@ def test_gpl_producer_follows_the_contract(tmp_path: Path, fresh_broker: Embedde
     assert len(set().union(*where.values())) > 1  # and users spread over the partitions
 
 
-def test_wrong_record_type_is_refused_before_sending(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker)
+def test_wrong_record_type_is_refused_before_sending(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker)
     with GplProducer(s.kafka) as p, pytest.raises(TypeError, match="takes RecallEvent"):
         p.send_recall(ExposureEvent(request_id="r", user_id="u", ts=1, items=[]))  # type: ignore[arg-type]
     assert p.sent == 0
@@ -117,9 +117,9 @@ def _stats_client_id(client: Producer | Consumer, seen: list[str], timeout: floa
     return seen[0] if seen else ""
 
 
-def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, broker: Broker) -> None:
     """``kafka.extra`` reaches every client, ``producer_extra``/``consumer_extra`` only their role."""
-    s = make_settings(tmp_path, fresh_broker, kafka={
+    s = make_settings(tmp_path, broker, kafka={
         "extra": {"client.id": "gpl-common", "statistics.interval.ms": 100},
         "producer_extra": {"client.id": "gpl-producer", "compression.type": "zstd"},
     })
@@ -133,7 +133,7 @@ def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, fresh_broke
     finally:
         c.close()
     # an unknown property is librdkafka's to refuse: it proves the dict arrives unfiltered, in its role only
-    bad = make_settings(tmp_path, fresh_broker, kafka={"producer_extra": {"no.such.property": 1}})
+    bad = make_settings(tmp_path, broker, kafka={"producer_extra": {"no.such.property": 1}})
     with pytest.raises(KafkaException, match="no.such.property"):
         producer(bad.kafka)
     consumer(bad.kafka, "unaffected").close()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import create_topics, producer
 from gpl.runtime.serde import Wire, registry_client, registry_schema
 from schemas.codec import encode
@@ -28,9 +28,9 @@ from tests.test_streams import ITEMS, exposure, recall
 pytestmark = pytest.mark.integration
 
 
-def test_framed_in_framed_out(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_framed_in_framed_out(tmp_path: Path, broker: Broker) -> None:
     cfg = {"url": f"mock://{uuid.uuid4().hex}", "output_format": "confluent"}
-    s = make_settings(tmp_path, fresh_broker, partitions=2, schema_registry=cfg,
+    s = make_settings(tmp_path, broker, partitions=2, schema_registry=cfg,
                       streams={"join_wait_s": 5.0, "debounce_s": 0})
     create_topics(s.kafka)
     client = registry_client(s.schema_registry)

@@ -29,6 +29,13 @@ from streams.join import decode_recall
 from workers.indexer import Indexer
 from workers.labeling.unexposed_codec import decode_unexposed
 
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
+
 EXPOSURE = ExposureEvent(request_id="r1", user_id="u1", ts=1_700_000_000_000,
                          items=[{"item_id": 4, "position": 0, "clicked": True}])  # type: ignore[list-item]
 
