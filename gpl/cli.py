@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--slo-p99", type=float, default=0.0, metavar="SECONDS",
                     help="then find the highest offered rate whose exposure→samples p99 stays within this "
                          "(bisection over paced runs; 0: skip)")
-    be.add_argument("--items", type=int, default=20_000)
+    be.add_argument("--items", type=int, default=20_000, help="catalogue size (items indexed first)")
     be.add_argument("--streams-workers", type=int, default=1, help="streams processes in one consumer group")
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
@@ -224,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--llm-batch", type=int, default=0, help="transformers: users per call (0: anchors.batch_size)")
     ba.set_defaults(run=cmd_bench_anchors)
     bw = bs.add_parser("wire", help="ms per message of each wire path: plain JSON, Confluent, registry checks")
-    bw.add_argument("--candidates", type=int, default=1000)
-    bw.add_argument("--repeats", type=int, default=50)
+    bw.add_argument("--candidates", type=int, default=1000, help="candidates per recall message")
+    bw.add_argument("--repeats", type=int, default=50, help="timed repeats (the median is reported)")
     bw.set_defaults(run=cmd_bench_wire)
     bm = bs.add_parser("memory", help="peak RSS of each stage process, per catalogue size (bytes per item)")
     bm.add_argument("--sizes", default="20000,1000000", help="comma list of item counts")
-    bm.add_argument("--dim", type=int, default=384)
+    bm.add_argument("--dim", type=int, default=384, help="item vector dimension")
     bm.set_defaults(run=cmd_bench_memory)
 
     for mod in PLUGINS:

@@ -14,6 +14,7 @@ import struct
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,7 +34,25 @@ ItemId = Annotated[int, Field(ge=0, le=MAX_INT64)]
 MAX_ID_CHARS = 256
 UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-EpochMs = Annotated[int, Field(ge=0, le=MAX_EPOCH_MS)]
+# The plausibility bound on event times: epoch *seconds* of any date from 2001-09-09 to year 5138 lie in
+# [1e9, 1e11), where milliseconds would mean January 1970 to March 1973, when no event of ours happened.
+# So a value there is refused as a producer sending seconds (the first mistake docs/producers.md warns
+# about); small values (synthetic clocks and tests count from 0) and real milliseconds pass.
+SECONDS_LOW, SECONDS_HIGH = 10**9, 10**11
+
+
+def looks_like_seconds(ts: int) -> bool:
+    """True for an event time that is implausible as milliseconds and plausible as seconds."""
+    return SECONDS_LOW <= ts < SECONDS_HIGH
+
+
+def _not_seconds(ts: int) -> int:
+    if looks_like_seconds(ts):
+        raise ValueError(f"{ts} is epoch seconds? event times are epoch milliseconds (send {ts * 1000})")
+    return ts
+
+
+EpochMs = Annotated[int, Field(ge=0, le=MAX_EPOCH_MS), AfterValidator(_not_seconds)]
 
 
 class Contract(BaseModel):
@@ -87,7 +106,8 @@ class RecallEvent(Contract):
     request_id: RequestId
     user_id: UserId
     ts: EpochMs
-    item_ids: list[ItemId] = Field(description="recalled items, unique (schema_version 2)")
+    item_ids: list[ItemId] = Field(description="recalled items, unique (schema_version 2)",
+                                   json_schema_extra={"uniqueItems": True})
     scores: list[float] | None = Field(default=None, description="recall score of each item (absent: all 0)")
     sources: list[str] | None = Field(default=None, description="recall source of each item (optional)")
 

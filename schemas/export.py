@@ -16,13 +16,17 @@ from typing import Any, get_args
 import orjson
 from pydantic import BaseModel
 
-from schemas.events import SCHEMA_VERSION, DeadLetter, EpochMs
+from schemas.events import SCHEMA_VERSION, SECONDS_HIGH, SECONDS_LOW, DeadLetter, EpochMs
+from schemas.plain import plain
 from schemas.topics import TOPICS, by_name
 from schemas.wire import subject
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "urn:gpl-stream:schema:"
 EPOCH_MS = "epoch milliseconds (UTC)"
+# what the contract's plausibility bound refuses (schemas.events.looks_like_seconds), said in JSON Schema
+NOT_SECONDS = {"not": {"minimum": SECONDS_LOW, "exclusiveMaximum": SECONDS_HIGH},
+               "x-refused-as-seconds": f"{SECONDS_LOW} <= ts < {SECONDS_HIGH}: epoch seconds, not milliseconds"}
 
 
 def topic_schemas() -> dict[str, tuple[str, type[BaseModel]]]:
@@ -48,7 +52,21 @@ def json_schema(topic: str) -> dict[str, Any]:
     x_topic: dict[str, Any] = {"name": topic, "subject": subj}
     if spec is not None:
         x_topic |= {"key": spec.key, "compacted": spec.compacted, "dlq": spec.dlq_name}
+    _plain_descriptions(schema)
     return {"$schema": DRAFT, "$id": f"{ID_BASE}{subj}:v{_version(model)}", **schema, "x-topic": x_topic}
+
+
+def _plain_descriptions(node: Any) -> None:
+    """Every ``description`` in plain text: pydantic copies the class docstrings, written for Sphinx."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "description" and isinstance(value, str):
+                node[key] = plain(value)
+            else:
+                _plain_descriptions(value)
+    elif isinstance(node, list):
+        for value in node:
+            _plain_descriptions(value)
 
 
 def _version(model: type[BaseModel]) -> int:
@@ -90,6 +108,7 @@ def _annotate(model: type[BaseModel], schema: dict[str, Any]) -> None:
             desc = prop.get("description", "")
             if EPOCH_MS not in desc:
                 prop["description"] = f"{desc}; {EPOCH_MS}" if desc else f"event time in {EPOCH_MS}"
+            prop |= NOT_SECONDS
         if name == "schema_version":  # its default is the newest version of this contract (recall: 2)
             top = _version(model)
             prop |= {"minimum": 1, "maximum": top, "description": f"contract version; this build reads 1..{top}"}

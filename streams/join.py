@@ -21,6 +21,8 @@ from schemas.events import (
     PACKED_IDS,
     RECALL_SCHEMA_VERSION,
     SCHEMA_VERSION,
+    SECONDS_HIGH,
+    SECONDS_LOW,
     UNEXPOSED_SCHEMA_VERSION,
     ExposureEvent,
     RecallEvent,
@@ -140,7 +142,8 @@ def decode_recall(raw: bytes | None, max_candidates: int) -> Recall:
         obj = orjson.loads(raw)  # type: ignore[arg-type]
         rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
         ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
-              and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS)
+              and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
+              and not SECONDS_LOW <= ts < SECONDS_HIGH)  # seconds? the contract says so
         if ok and "candidates" not in obj:
             ids, scores, ok = _columns(obj)
         elif ok:

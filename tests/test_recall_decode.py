@@ -18,20 +18,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.codec import DecodeError, decode
-from schemas.events import MAX_EPOCH_MS, MAX_INT64, RecallEvent, UnexposedBatch, recall_as_v2
+from schemas.events import (
+    MAX_EPOCH_MS,
+    MAX_INT64,
+    SECONDS_HIGH,
+    SECONDS_LOW,
+    RecallEvent,
+    UnexposedBatch,
+    recall_as_v2,
+)
 from streams.join import decode_recall
 from workers.labeling.unexposed_codec import decode_unexposed
 
 MAX = 5000
+# event times the contract takes: milliseconds, not the [1e9, 1e11) window refused as seconds
+ts_ms_st = st.integers(0, SECONDS_LOW - 1) | st.integers(SECONDS_HIGH, MAX_EPOCH_MS)
 ids_st = st.lists(st.integers(0, MAX_INT64), min_size=1, max_size=40, unique=True)
 score_st = st.floats(allow_nan=False, allow_infinity=False, width=32)
 head_st = st.fixed_dictionaries({"request_id": st.text(min_size=1, max_size=20),
-                                 "user_id": st.text(min_size=1, max_size=20), "ts": st.integers(0, MAX_EPOCH_MS)})
+                                 "user_id": st.text(min_size=1, max_size=20), "ts": ts_ms_st})
 # heads the contract may refuse: times past its bound (year 3000), ids longer than 256 characters
 edge_head_st = st.fixed_dictionaries({
     "request_id": st.text(min_size=1, max_size=20) | st.just("r" * 257),
     "user_id": st.text(min_size=1, max_size=20) | st.just("u" * 257),
-    "ts": st.integers(0, MAX_EPOCH_MS) | st.integers(MAX_EPOCH_MS - 2, MAX_EPOCH_MS + 2) | st.integers(0, 2**63 - 1)})
+    "ts": st.integers(0, MAX_EPOCH_MS) | st.integers(MAX_EPOCH_MS - 2, MAX_EPOCH_MS + 2) | st.integers(0, 2**63 - 1)
+    | st.sampled_from([SECONDS_LOW - 1, SECONDS_LOW, SECONDS_HIGH - 1, SECONDS_HIGH])})
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

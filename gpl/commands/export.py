@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, metavar="CKPT",
                    help="checkpoint file, checkpoints directory (latest) or published area (current)")
-    p.add_argument("--format", choices=("safetensors", "onnx"), default="onnx")
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="onnx",
+                   help="onnx: a graph any runtime serves; safetensors: the weights for a PyTorch server")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.set_defaults(run=run)
 

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc = sub.add_parser("schemas", help="contracts: JSON Schema export, registry, file validation")
     act = sc.add_subparsers(metavar="ACTION")
     ex = act.add_parser("export", help="write one JSON Schema per topic, named <topic>-value.json")
-    ex.add_argument("out", type=Path, nargs="?", default=Path("schemas/json"))
+    ex.add_argument("out", type=Path, nargs="?", default=Path("schemas/json"), help="directory to write into")
     ex.set_defaults(run=run_export)
     rg = act.add_parser("register", help="register every topic's schema under <topic>-value (schema_registry.url)")
     rg.add_argument("--compatibility", type=str.upper, choices=COMPATIBILITY, default=None,

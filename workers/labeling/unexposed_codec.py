@@ -12,7 +12,15 @@ import orjson
 import pybase64
 
 from schemas.codec import decode
-from schemas.events import MAX_EPOCH_MS, MAX_ID_CHARS, PACKED_IDS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch
+from schemas.events import (
+    MAX_EPOCH_MS,
+    MAX_ID_CHARS,
+    PACKED_IDS,
+    SECONDS_HIGH,
+    SECONDS_LOW,
+    UNEXPOSED_SCHEMA_VERSION,
+    UnexposedBatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ def decode_unexposed(raw: bytes | None) -> Unexposed:
             packed, dtype = next(((obj[f], t) for f, t in _PACKED.items() if obj.get(f) is not None), (None, None))
             ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
                   and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
+                  and not SECONDS_LOW <= ts < SECONDS_HIGH
                   and type(ver) is int and 1 <= ver <= UNEXPOSED_SCHEMA_VERSION
                   and (rs == () or (type(rs) is list and _numbers(rs)))
                   and sum(k in obj for k in _FORMS) == 1)  # one id form, as the contract asks
