@@ -21,6 +21,7 @@ from workers.labeling.calibrator import (
     calibration_error,
     fit_calibrator,
     load_calibrator,
+    sigmoid,
 )
 from workers.labeling.features import FEATURES, anchor_weights, prior_features, similarity_features
 from workers.labeling.item_matrix import ItemMatrix
@@ -146,6 +147,11 @@ def test_closed_loop_refit_moves_the_level_and_flags_drift() -> None:
     assert intercept_offset(np.zeros(1000), np.r_[np.ones(500), np.zeros(500)]) == pytest.approx(0.0, abs=1e-6)
     d = intercept_offset(np.zeros(1000), np.r_[np.ones(100), np.zeros(900)])
     assert d == pytest.approx(np.log(0.1 / 0.9), abs=1e-4)
+    # far from the outcomes (0.4 % claimed, 2 in 3 clicked): up to the bound, never the wrong way (Newton overshot)
+    far = np.r_[np.full(9, -5.6), -0.64, -1.56, 1.43]
+    assert intercept_offset(far, np.r_[np.ones(8), np.zeros(4)]) == pytest.approx(5.0)
+    d_far = intercept_offset(far, np.r_[np.ones(2), np.zeros(10)])  # inside the bound: the maximum likelihood
+    assert 0 < d_far < 5 and float(sigmoid(far + d_far).sum()) == pytest.approx(2.0, abs=1e-6)
     x, y, g = synthetic_rows()
     cal = fit_calibrator(x, y, g, FEATURES, encoder=ENC, catalogue="").calibrator
     assert cal is not None

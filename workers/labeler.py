@@ -11,6 +11,9 @@ the vector index once at start. Then, per polled batch of messages:
   score, pseudo-label, weigh, sample, one SampleBatch to ``samples`` keyed by user) when its user has
   anchors; otherwise it is *deferred*: it waits at most ``labeler.wait_for_anchors_s`` for them and is
   then dropped and counted ``timed_out``;
+* without a usable calibrator the labeler abstains: a batch is *held*, uncommitted, and relabelled when
+  one loads (at most ``labeler.keep_abstained``; the oldest past it goes to ``unexposed.dlq``, reason
+  ``abstained``): workers/labeling/abstention.py. The gauge ``gpl_labeler_abstaining`` is 1 meanwhile;
 * expired deferrals are dropped, paused partitions resumed once the deferred queue has room, the
   producer flushed, and only then offsets committed.
 
@@ -24,14 +27,15 @@ compacted table, not a queue: it is read from the beginning on every assignment 
 so a restarted labeler rebuilds its cache.
 
 Accounting. ``accounting`` counts unexposed batches and their candidates; for batches
-``in = labeled + timed_out + dlq:<reason> + deferred (still waiting) + deferred_at_stop + released``
-(``released``: deferred batches handed back on a rebalance; the new owner re-reads them). For
-candidates of decoded batches ``candidates = pseudo + sampled_out + duplicate + no_vector +
-candidates_timed_out + candidates_dlq + candidates_deferred_at_stop + candidates_released +
-(waiting)``. :meth:`Labeler.balance` checks both. ``anchor_accounting`` counts anchor sets:
-``in = accepted + stale + tombstone + dlq:<reason>``; ``anchors_refused`` counts the refusals among
-the dead letters (``dlq:encoder_mismatch``, ``dlq:dim_mismatch``, ``dlq:bad_vectors``). Passages, not
-outcomes: ``deferred`` (batches that had to wait) and ``paused`` (times a partition was paused).
+``in = labeled + timed_out + dlq:<reason> + deferred and held (still waiting) + deferred_at_stop +
+abstained_at_stop + released`` (``released``: deferred or held batches handed back on a rebalance; the
+new owner re-reads them). For candidates of decoded batches ``candidates = pseudo + sampled_out +
+duplicate + no_vector + candidates_timed_out + candidates_dlq + candidates_deferred_at_stop +
+candidates_abstained_at_stop + candidates_released + (waiting)``. :meth:`Labeler.balance` checks both.
+``anchor_accounting`` counts anchor sets: ``in = accepted + stale + tombstone + dlq:<reason>``;
+``anchors_refused`` counts the refusals among the dead letters (``dlq:encoder_mismatch``, ``dlq:dim_mismatch``, ``dlq:bad_vectors``). Passages, not
+outcomes: ``deferred`` (batches that had to wait), ``abstained`` (batches held for a calibrator; then
+``relabelled``, or dead-lettered past the bound) and ``paused`` (times a partition was paused).
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, PSEUDO_HEADER, SAMPLES, UNEXPOSED
+from workers.labeling.abstention import AbstainedHold, Held, file_signature, missing_calibrator_hint
 from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import MICRO_BATCH, Abstained, Labeling, LabelStats, label_many
+from workers.labeling.assemble import MICRO_BATCH, Abstained, Labeling, LabelStats, NoAnchors, label_many
 from workers.labeling.calibrator import CalibratorError, load_calibrator
 from workers.labeling.features import FEATURES
 from workers.labeling.item_matrix import ItemMatrix
@@ -102,7 +107,8 @@ class Labeler:
         self.cache = AnchorBook(settings.encoder.model, self.items)
         self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
         self.recalibrator = Recalibrator(self.cfg.recalibrate_every, self.cfg.ece_alert)
-        self._next_load = 0.0  # when to look for a calibrator again while abstaining
+        self._cal_seen: tuple[int, int] | None = None  # the calibrator file as last loaded (stat)
+        self.held = AbstainedHold(self.cfg.keep_abstained)  # batches abstained on (workers/labeling/abstention.py)
         self.accounting = Accounting(STAGE)
         self.anchor_accounting = Accounting(f"{STAGE}-anchors")
         self.progress = progress
@@ -152,8 +158,8 @@ class Labeler:
                             self._flush()
                     self._flush()
                     self._expire(time.monotonic())
-                    if self.ctx.label is None and time.monotonic() >= self._next_load:
-                        self._load_calibrator()
+                    if self.ctx.label is None and file_signature(self.settings.calibrator_file) != self._cal_seen:
+                        self._load_calibrator()  # just written (`gpl calibrate`)? then relabel
                     self._resume_if_room()
                     DEFERRED.set(self._deferred)
                     if not io.commit(stop, what="samples"):
@@ -165,6 +171,7 @@ class Labeler:
                 self._stopping = True
                 io.commit()
                 self._drop_all("deferred_at_stop")
+                self._count_held(self.held.take(), "abstained_at_stop")
                 self.io = None
 
     # ------------------------------------------------------------------------------------- anchors
@@ -248,12 +255,20 @@ class Labeler:
 
     def _emit(self, b: Unexposed, key: bytes | None, raw: bytes, part: int, off: int,
               got: tuple[bytes, LabelStats] | Exception) -> None:
-        """Produce a labeled batch's samples, or count its abstention, or dead-letter it (a bug's exception)."""
+        """Produce a labeled batch's samples, or hold it while abstaining, or dead-letter it (a bug's exception)."""
         io = self.io
         assert io is not None
-        if isinstance(got, Abstained):
+        if isinstance(got, Abstained):  # a passage: held uncommitted until a calibrator loads (or the bound)
             self.accounting.add("abstained")
             self.accounting.add("candidates_abstained", int(b.item_ids.shape[0]))
+            for old in self.held.hold(Held(b, key, raw, part, off)):
+                io.dlq.send_raw(UNEXPOSED.name, old.partition, old.offset, old.key, old.raw, got, reason="abstained")
+                self.accounting.add("candidates_dlq", old.candidates)
+                io.ledger.done((UNEXPOSED.name, old.partition), old.offset)
+            return
+        if isinstance(got, NoAnchors):  # a held batch whose user's anchors were withdrawn meanwhile
+            io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, got, reason="no_anchors")
+            self.accounting.add("candidates_dlq", int(b.item_ids.shape[0]))
         elif isinstance(got, Exception):  # a bug must not stop the stream: the batch goes to the DLQ, counted
             log.error("labeling %s failed", b.request_id, exc_info=got)
             io.dlq.send_raw(UNEXPOSED.name, part, off, key, raw, got, reason="label_error")
@@ -282,12 +297,12 @@ class Labeler:
     # --------------------------------------------------------------------- calibrator, closed loop
 
     def _load_calibrator(self) -> None:
-        """Take the calibrator artifact, or abstain (no pseudo-labels, counted) saying exactly why."""
-        self._next_load = time.monotonic() + 30.0
+        """Take the calibrator artifact, or abstain (no pseudo-labels, batches held) saying exactly why."""
         if self.cfg.label_source != "calibrator":
             ABSTAINING.set(0)
             return
         s = self.settings
+        self._cal_seen = file_signature(s.calibrator_file)
         try:
             cal = load_calibrator(s.calibrator_file, encoder=s.encoder.model, catalogue=self.cfg.catalogue)
             unknown = set(cal.features) - set(FEATURES)
@@ -296,13 +311,31 @@ class Labeler:
                                       f"compute: {sorted(unknown)}")
         except CalibratorError as e:
             if self.ctx.abstain_reason != str(e):
-                log.error("labeler abstains (no pseudo-labels until this is fixed): %s", e)
+                log.error("labeler abstains (no pseudo-labels until this is fixed): %s",
+                          missing_calibrator_hint(s) if self._cal_seen is None else e)
             self.ctx.use(None, str(e))
             ABSTAINING.set(1)
             return
         log.info("labeler: %s", cal.describe())
         self.ctx.use(cal)
         ABSTAINING.set(0)
+        self._relabel()
+
+    def _relabel(self) -> None:
+        """Label the batches held while abstaining, oldest first, micro-batch by micro-batch."""
+        held = self.held.take()
+        if held:
+            log.info("labeler: relabelling the %d batches held while it abstained", len(held))
+        for i in range(0, len(held), MICRO_BATCH):
+            chunk = held[i:i + MICRO_BATCH]
+            for h, got in zip(chunk, label_many([h.batch for h in chunk], self.ctx), strict=True):
+                self.accounting.add("relabelled")
+                self._emit(h.batch, h.key, h.raw, h.partition, h.offset, got)
+
+    def _count_held(self, held: list[Held], outcome: str) -> None:
+        """Held batches given up uncommitted (at stop, on a rebalance): the next reader re-reads them."""
+        self.accounting.add(outcome, len(held))
+        self.accounting.add(f"candidates_{outcome}", sum(h.candidates for h in held))
 
     def _on_samples(self, m: Message) -> None:
         """Real labels: count exposures and clicks (the calibrator's priors), join earlier pseudo-labels."""
@@ -425,6 +458,7 @@ class Labeler:
             return
         self.io.commit(offsets=self.io.ledger.committable({(UNEXPOSED.name, part) for part in lost}))
         self._drop_all("released", lost)  # StageIO forgets the partitions' ledger entries after this
+        self._count_held(self.held.take(lost), "released")
 
     # ----------------------------------------------------------------------------------- reporting
 
@@ -437,12 +471,13 @@ class Labeler:
         """What the accounting identities leave over (all zero when every count is somewhere)."""
         a = self.accounting.snapshot()
         dlq = sum(v for k, v in a.items() if k.startswith("dlq:"))
-        batches = a.get("in", 0) - (a.get("labeled", 0) + a.get("abstained", 0) + a.get("timed_out", 0) + dlq
-                                    + self._deferred
-                                    + a.get("deferred_at_stop", 0) + a.get("released", 0))
-        cand_out = ("pseudo", "sampled_out", "duplicate", "no_vector", "candidates_timed_out", "candidates_abstained",
-                    "candidates_dlq", "candidates_deferred_at_stop", "candidates_released")
-        candidates = a.get("candidates", 0) - sum(a.get(k, 0) for k in cand_out) - self._deferred_candidates
+        batches = a.get("in", 0) - (a.get("labeled", 0) + a.get("timed_out", 0) + dlq + self._deferred + len(self.held)
+                                    + a.get("deferred_at_stop", 0) + a.get("abstained_at_stop", 0)
+                                    + a.get("released", 0))
+        cand_out = ("pseudo", "sampled_out", "duplicate", "no_vector", "candidates_timed_out", "candidates_dlq",
+                    "candidates_deferred_at_stop", "candidates_abstained_at_stop", "candidates_released")
+        candidates = (a.get("candidates", 0) - sum(a.get(k, 0) for k in cand_out) - self._deferred_candidates
+                      - self.held.candidates)
         b = self.anchor_accounting.snapshot()
         anchor_dlq = sum(v for k, v in b.items() if k.startswith("dlq:"))
         anchors = b.get("in", 0) - (b.get("accepted", 0) + b.get("stale", 0) + b.get("tombstone", 0)

@@ -257,6 +257,9 @@ class LabelerSettings(Section):
     cap: int = Field(default=40, ge=1, description="max pseudo-labels per request")
     wait_for_anchors_s: float = Field(default=120.0, ge=0, description="a batch waits this long for anchors")
     max_deferred: int = Field(default=10_000, ge=1, description="bound of batches waiting for anchors")
+    keep_abstained: int = Field(
+        default=10_000, ge=0, description="batches abstained on (no calibrator yet) kept uncommitted and relabelled "
+        "once one loads; past it the oldest goes to unexposed.dlq, reason abstained (redrivable)")
     label_source: Literal["calibrator", "map"] = Field(
         default="calibrator", description="calibrator: the fitted artifact (labeler.calibrator_path); missing or "
         "made for another encoder/catalogue -> the labeler abstains, counted. map: the fixed logistic map of "

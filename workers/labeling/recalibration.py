@@ -31,23 +31,34 @@ from workers.labeling.calibrator import Calibrator, calibration_error, sigmoid
 log = logging.getLogger(__name__)
 
 
-def intercept_offset(logits: np.ndarray, y: np.ndarray, iters: int = 30) -> float:
-    """δ maximising Σ log-likelihood of y under sigmoid(logit + δ) (Newton; 0 when there is no signal)."""
+def intercept_offset(logits: np.ndarray, y: np.ndarray, iters: int = 60, bound: float = 5.0) -> float:
+    """δ in [-bound, bound] maximising Σ log-likelihood of y under sigmoid(logit + δ) (0 when there is no signal).
+
+    The score Σ (y − sigmoid(logit + δ)) falls monotonically in δ, so its root is bracketed and found by
+    bisection (to bound·2^-iters). Not Newton: from logits far from the outcomes (a calibrator that says 0.4 %
+    where two in three are clicked) its first step overshoots to where every p is ~1, and it diverged to
+    the wrong bound.
+    """
     z = np.asarray(logits, np.float64)
     t = np.asarray(y, np.float64)
     if not len(z) or t.min() == t.max():
         return 0.0
-    d = 0.0
+
+    def score(d: float) -> float:
+        return float((t - sigmoid(z + d)).sum())
+
+    lo, hi = -bound, bound
+    if score(lo) <= 0:
+        return lo
+    if score(hi) >= 0:
+        return hi
     for _ in range(iters):
-        p = sigmoid(z + d)
-        h = float((p * (1 - p)).sum())
-        if h <= 1e-12:
-            break
-        step = float((p - t).sum()) / h
-        d -= step
-        if abs(step) < 1e-9:
-            break
-    return float(np.clip(d, -5.0, 5.0))
+        mid = 0.5 * (lo + hi)
+        if score(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 class Recalibrator:
