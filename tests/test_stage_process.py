@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
@@ -19,8 +19,8 @@ from tests.helpers import drain, produce, wait_for
 DIM = 64
 
 
-def test_labeler_in_its_own_process_labels_from_the_snapshot(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, encoder={"model": "hash-bow-64"},
+def test_labeler_in_its_own_process_labels_from_the_snapshot(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, encoder={"model": "hash-bow-64"},
                       labeler={"random_n": 5, "cap": 5})
     rng = np.random.default_rng(0)
     vecs = normalize(rng.standard_normal((50, DIM)).astype(np.float32))
@@ -47,16 +47,16 @@ def test_labeler_in_its_own_process_labels_from_the_snapshot(tmp_path: Path, fre
         assert [b["request_id"] for b in batches] == ["r1"] and len(batches[0]["samples"]) == 5
 
 
-def test_a_failing_child_is_reported_like_a_crashed_thread(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker)
+def test_a_failing_child_is_reported_like_a_crashed_thread(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker)
     with Stages({"nope": ProcessStage("no-such-stage", s)}) as stages:
         wait_for(lambda: not stages.alive()["nope"], 60, "the child to fail")
     assert "unknown stage" in repr(stages.errors["nope"])
 
 
-def test_a_child_takes_the_stages_own_name_keyword(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_a_child_takes_the_stages_own_name_keyword(tmp_path: Path, broker: Broker) -> None:
     """The demo's exposed-only trainer: ``name`` and ``directory`` go to the Trainer, not to the wrapper."""
-    s = make_settings(tmp_path, fresh_broker)
+    s = make_settings(tmp_path, broker)
     trainer = ProcessStage("trainer", s, progress=False, name="trainer-b", directory=tmp_path / "ckpt-b")
     with Stages({"b": trainer}) as stages:
         wait_for(lambda: "counts" in trainer._mirror, 90, "the child to report")

@@ -12,7 +12,7 @@ from typing import Any
 import faust.transport.consumer
 import pytest
 
-from gpl.runtime.broker import Broker, EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import create_topics
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor
@@ -35,8 +35,8 @@ def exposure(rid: str, user: str, shown: list[int], clicked: set[int], ts: int =
 
 
 @pytest.mark.parametrize("partitions", [1, 3])
-def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker, partitions: int) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=partitions,
+def test_join_unexposed_expiry_dlq(tmp_path: Path, broker: Broker, partitions: int) -> None:
+    s = make_settings(tmp_path, broker, partitions=partitions,
                       streams={"join_wait_s": 2.0, "allowed_lateness_s": 0.0, "max_candidates": 30, "debounce_s": 0,
                                "unknown_items": "dlq"})
     create_topics(s.kafka)
@@ -97,11 +97,11 @@ def test_join_unexposed_expiry_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker,
     assert acc["unexposed_candidates"] == 17 + 9 + 1
 
 
-def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_exposure_only_expires_and_app_keeps_going(tmp_path: Path, broker: Broker) -> None:
     """A clicked exposure whose recall never comes: at expiry its real labels are still produced and the
     user's interest is updated (a table write: it must happen inside stream iteration, not in the timer,
     where faust raised and killed the agent), and the app keeps processing later messages."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2,
+    s = make_settings(tmp_path, broker, partitions=2,
                       streams={"join_wait_s": 1.0, "allowed_lateness_s": 0.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
@@ -158,19 +158,19 @@ def test_pending_table_survives_restart(tmp_path: Path, any_broker: Broker) -> N
     restart_and_join(tmp_path, any_broker, partitions=2)
 
 
-def test_restart_loses_nothing_fetched_during_rebalance(tmp_path: Path, fresh_broker: EmbeddedBroker,
+def test_restart_loses_nothing_fetched_during_rebalance(tmp_path: Path, broker: Broker,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same with the race of the test above forced (DESIGN.md §5.1, streams/transport.py)."""
-    fetched = restart_and_join(tmp_path, fresh_broker, partitions=3, force_race=monkeypatch)
+    fetched = restart_and_join(tmp_path, broker, partitions=3, force_race=monkeypatch)
     assert fetched, "the hook ran"
 
 
-def restart_and_join(tmp_path: Path, fresh_broker: Broker, partitions: int,
+def restart_and_join(tmp_path: Path, broker: Broker, partitions: int,
                      force_race: pytest.MonkeyPatch | None = None) -> list[int]:
     """60 recalls wait in the table of a first worker; 60 exposures are produced while no worker runs, so they
     sit in partitions without a committed offset while the second worker rebalances and recovers: every
     request must be joined by the second worker, once."""
-    s = make_settings(tmp_path, fresh_broker, partitions=partitions, streams={"join_wait_s": 120.0})
+    s = make_settings(tmp_path, broker, partitions=partitions, streams={"join_wait_s": 120.0})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
     first = StreamsProcessor(s, index)

@@ -1,6 +1,7 @@
 """Reliability of the streams stage on the real broker: event-time expiry, restarts, bad input, unknown items.
 
-Each test starts the real embedded broker (Tansu) and the faust app; events carry explicit event times.
+Each test runs on the suite's real broker (Apache Kafka, topics per test; tests/conftest.py) and starts
+the faust app; events carry explicit event times.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.encoder import HashEncoder
 from gpl.runtime.kafka import Accounting, create_topics
 from gpl.runtime.stage_io import StageIO
@@ -49,11 +50,11 @@ def users_on(partitions: int, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("partitions", [1, 3])
-def test_event_time_expiry_out_of_order_and_per_partition(tmp_path: Path, fresh_broker: EmbeddedBroker,
+def test_event_time_expiry_out_of_order_and_per_partition(tmp_path: Path, broker: Broker,
                                                           partitions: int) -> None:
     """wait 2 s, lateness 1 s: a request expires only when both inputs of its own partition (recall and
     exposure) are 3 s of event time past it; wall-clock time alone expires nothing."""
-    s = make_settings(tmp_path, fresh_broker, partitions=partitions,
+    s = make_settings(tmp_path, broker, partitions=partitions,
                       streams={"join_wait_s": 2.0, "allowed_lateness_s": 1.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
@@ -86,12 +87,12 @@ def test_event_time_expiry_out_of_order_and_per_partition(tmp_path: Path, fresh_
     assert acc["joined"] == 2 and not any(k.startswith("dlq:") for k in acc), acc
 
 
-def test_downtime_restart_reread_and_duplicates(tmp_path: Path, fresh_broker: EmbeddedBroker,
+def test_downtime_restart_reread_and_duplicates(tmp_path: Path, broker: Broker,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped for longer than join_wait_s: nothing expires. The first worker never commits (a crash after
     processing), so the second re-reads every recall it already holds: re-reads, not duplicates. A real
     duplicate after the restart (same request, new offset) is still caught: the markers are durable."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2, streams={"join_wait_s": 1.0})
+    s = make_settings(tmp_path, broker, partitions=2, streams={"join_wait_s": 1.0})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
     first = StreamsProcessor(s, index)
@@ -129,8 +130,8 @@ class FaultyIndex(MemoryIndex):
         return super().retrieve(name, ids, with_payload=with_payload)
 
 
-def test_bad_input_and_failures_end_in_the_dlq(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=1,
+def test_bad_input_and_failures_end_in_the_dlq(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, partitions=1,
                       streams={"max_candidates": 30, "join_wait_s": 5.0})
     create_topics(s.kafka)
     enc = HashEncoder()
@@ -162,8 +163,8 @@ def test_bad_input_and_failures_end_in_the_dlq(tmp_path: Path, fresh_broker: Emb
     assert proc.accounting["dlq:processing_error"] == 1 and proc.waiting == 0
 
 
-def test_unknown_items_dropped_by_default(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=2, streams={"join_wait_s": 30.0})
+def test_unknown_items_dropped_by_default(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, partitions=2, streams={"join_wait_s": 30.0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
     produce(s, "recall", [recall("r1", "u1", [1, 998, 2, 3, 999], ts=10), recall("r2", "u2", [997], ts=10)])
@@ -177,10 +178,10 @@ def test_unknown_items_dropped_by_default(tmp_path: Path, fresh_broker: Embedded
     assert not any(k.startswith("dlq:") for k in acc), acc
 
 
-def test_unknown_items_held_until_indexed_or_timeout(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_unknown_items_held_until_indexed_or_timeout(tmp_path: Path, broker: Broker) -> None:
     """hold: r1 waits until the indexer has item 60 and then joins with it; r2's item never comes, so at
     the end of its hold it goes on without it (counted); r3 comes when the hold is full: dropped at once."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2,
+    s = make_settings(tmp_path, broker, partitions=2,
                       streams={"join_wait_s": 60.0, "unknown_items": "hold", "unknown_hold_s": 6.0,
                                "unknown_hold_max": 2})
     create_topics(s.kafka)
@@ -205,8 +206,8 @@ def test_unknown_items_held_until_indexed_or_timeout(tmp_path: Path, fresh_broke
     assert acc["unknown_candidates_dropped"] == 2 and proc.waiting == 0 and not proc.held
 
 
-def test_stage_io_processing_errors_and_oversized_dead_letters(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
-    s = make_settings(tmp_path, fresh_broker, partitions=1, kafka={"max_message_bytes": 200_000})
+def test_stage_io_processing_errors_and_oversized_dead_letters(tmp_path: Path, broker: Broker) -> None:
+    s = make_settings(tmp_path, broker, partitions=1, kafka={"max_message_bytes": 200_000})
     assert expiry_topic() in create_topics(s.kafka), "operators create the internal topic with the others"
     produce(s, "items", [ItemEvent(item_id=1, text="a"), ItemEvent(item_id=2, text="b")])
     acc = Accounting("test")
@@ -231,10 +232,10 @@ def test_stage_io_processing_errors_and_oversized_dead_letters(tmp_path: Path, f
     assert acc["dlq:processing_error"] == 1
 
 
-def test_idle_partition_expires_the_last_requests(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_idle_partition_expires_the_last_requests(tmp_path: Path, broker: Broker) -> None:
     """The stream stops: no later event moves event time, so the idle advance (wall clock, while running)
     expires the last request instead of the memory guard."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2,
+    s = make_settings(tmp_path, broker, partitions=2,
                       streams={"join_wait_s": 1.0, "allowed_lateness_s": 0.0, "idle_advance_s": 2.0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
@@ -247,10 +248,10 @@ def test_idle_partition_expires_the_last_requests(tmp_path: Path, fresh_broker: 
     assert proc.accounting["expired_memory_guard"] == 0 and proc.waiting == 0
 
 
-def test_memory_guard_expires_apart(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_memory_guard_expires_apart(tmp_path: Path, broker: Broker) -> None:
     """Event time never moves (idle advance off): the wall-clock memory guard bounds the state, counted
     apart from event-time expiry; an exposure that the guard expires still gives its real labels."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2,
+    s = make_settings(tmp_path, broker, partitions=2,
                       streams={"join_wait_s": 1.0, "idle_advance_s": 0.0, "join_memory_guard_s": 3.0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
