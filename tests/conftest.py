@@ -1,6 +1,7 @@
 """Shared fixtures: the real brokers and settings pointing at them.
 
-Integration tests use real brokers and the real embedded Qdrant engine, started here:
+Integration tests use real brokers, started here (the vector side: the real embedded Qdrant engine where
+vectors are under test, its numpy twin ``MemoryIndex`` in stage tests whose subject is the stage):
 
 * ``fresh_broker``: an embedded Tansu broker per test (it starts in ~100 ms), so topics are fresh;
 * ``kafka_broker``: ONE Apache Kafka broker for the whole session (KRaft, ~3 s to start); the jars are
