@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(bisection over paced runs; 0: skip)")
     be.add_argument("--items", type=int, default=20_000, help="catalogue size (items indexed first)")
     be.add_argument("--streams-workers", type=int, default=1, help="streams processes in one consumer group")
+    be.add_argument("--broker", choices=("embedded", "kafka"), default=None,
+                    help="started afresh for each run: " + BROKER_HELP.removeprefix("the local broker to start: "))
     be.set_defaults(run=cmd_bench_e2e)
     ba = bs.add_parser("anchors", help="users/s of the anchor backends side by side (sid, content; one core)")
     ba.add_argument("--backends", default="sid,content",

@@ -1,6 +1,7 @@
 """``gpl bench e2e``: requests/s and exposure → SampleBatch latency through broker, join and labeler.
 
-Synthetic but real: the embedded Tansu broker, the embedded Qdrant engine holding ``items`` random
+Synthetic but real: a local broker (``broker.kind``: the embedded Tansu one, or Apache Kafka with
+``--broker kafka``), the embedded Qdrant engine holding ``items`` random
 unit vectors (written through to the item snapshot the stage processes read), anchor sets for every
 user published on ``anchors`` beforehand (no LLM in the loop: this measures the streaming path), then
 ``requests`` recall+exposure pairs with ``candidates`` candidates each, offered as fast as possible
@@ -40,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
               slo_trials: int = 5, progress: bool = True) -> dict[str, Any]:
     base = settings.with_overrides(kafka={"bootstrap_servers": ""}, data_dir=str(settings.data_dir / "bench-e2e"),
                                    qdrant={"url": ""}, streams={"max_candidates": max(candidates, 5000)})
+    jars = settings.data_dir / "kafka"  # Apache Kafka's, fetched once (`gpl kafka fetch`): kept across runs
     world = World.make(np.random.default_rng(seed), requests, items, users, k, dim, candidates)
     # several streams workers split the partitions (one consumer group); separate processes only
     names = [f"streams-{i}" if i else "streams" for i in range(streams_workers)] + ["labeler"]
@@ -78,7 +81,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
     def paced(rate: float, reqs: list[Request], prefix: str) -> dict[str, Any]:
         """One run on a fresh stack: the embedded broker slows as its topics grow (docs/scaling.md §12), so
         no measurement inherits the records of the one before."""
-        with _stack(base, world, names) as (s, stages, pids):
+        with _stack(base, world, names, jars) as (s, stages, pids):
             def processes() -> dict[str, int | None]:  # stage processes have their pids once started
                 return {**pids, **{name: getattr(stage, "pid", None) for name, stage in stages.stages.items()}}
 
@@ -95,7 +98,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
     if slo_p99 > 0 and sustained:
         out["slo"] = _slo_search(paced, world.requests, sustained, slo_p99, slo_trials)
     if baseline:
-        with _stack(base, world, []) as (s, _, pids):
+        with _stack(base, world, [], jars) as (s, _, pids):
             out["bare_loop"] = _bare(s, world.requests, rate, users, progress, pids)
         b = out["bare_loop"]["throughput_requests_per_s"]
         if b and sustained:
@@ -120,12 +123,16 @@ class World:
 
 
 @contextlib.contextmanager
-def _stack(base: Settings, world: World, stage_names: list[str]
+def _stack(base: Settings, world: World, stage_names: list[str], jars: Path
            ) -> Iterator[tuple[Settings, Stages, dict[str, int | None]]]:
-    """A fresh embedded stack holding the world's items, anchors and a calibrator, with ``stage_names``
-    running (none for the bare loop): yields its settings, its stages and the processes to meter (this
-    one, the driver, which also holds the vector engine; the broker's)."""
+    """A fresh local stack (a new broker of ``broker.kind``, its data wiped) holding the world's items,
+    anchors and a calibrator, with ``stage_names`` running (none for the bare loop): yields its settings, its
+    stages and the processes to meter (this one, the driver, which also holds the vector engine; the
+    broker's). ``jars``: Apache Kafka's, linked into the wiped data directory rather than fetched again."""
     shutil.rmtree(base.data_dir, ignore_errors=True)
+    if base.broker.kind == "kafka" and jars.is_dir():
+        base.data_dir.mkdir(parents=True)
+        (base.data_dir / "kafka").symlink_to(jars.resolve(), target_is_directory=True)
     with Stack(base) as stack:
         s = stack.settings
         col = s.encoder.collection
