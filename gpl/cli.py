@@ -16,17 +16,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import importlib
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gpl.parser import HelpFormatter, Parser, explain
-from gpl.runtime.settings import Settings, load
-from gpl.stack import STAGES
+from gpl.up import _run_stages as _run_stages  # noqa: F401 - tests run stages the way `gpl up` does
+from gpl.up import cmd_run, cmd_up, stage_options
+
+# `gpl --version` answers without them (pydantic, the clients, the stages: seconds of imports)
+if TYPE_CHECKING:
+    from gpl.runtime.settings import Settings
 
 EPILOG = """\
 settings: every field of `gpl config show` can be set in a TOML file (--config), in the environment
@@ -38,8 +39,6 @@ engine runs in --data-dir.
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
            "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics",
            "gpl.commands.kafka", "gpl.commands.space")
-# stages that draw tqdm bars: bars only on a terminal, never in a service's log
-PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
 
 
 def version() -> str:
@@ -65,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # no parser, no settings: < 0.3 s
+        print(f"gpl {version()}")
+        raise SystemExit(0)  # as argparse's --version action does
+    from gpl.parser import explain
+    from gpl.runtime.kafka import use_topic_names
+    from gpl.runtime.settings import load
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "no_progress") and not progress():  # plugins' --no-progress: implied off a terminal
         args.no_progress = True
     overrides: dict[str, Any] = {}
-    for item in args.set or []:
+    for item in [*(args.set or []), *getattr(args, "set_late", [])]:  # --set before or after the command
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             parser.error(f"--set {item!r}: expected SECTION.FIELD=VALUE")
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault("broker", {})["kind"] = args.broker
     try:
         settings = load(args.config, **overrides)
+        use_topic_names(settings.kafka)  # kafka.topic_prefix, kafka.topic_names: for every command
     except (ValueError, OSError) as e:  # pydantic's ValidationError is a ValueError
         for line in explain(e):
             print(f"gpl: {line}", file=sys.stderr)
@@ -113,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BROKER_HELP = ("the local broker to start: embedded (Tansu, from PyPI) or kafka (Apache Kafka; needs Java 17+ "
+    from gpl.parser import Parser
+    from gpl.stage_build import STAGES
+
                "and Maven, `gpl kafka fetch`) (default: broker.kind, embedded)")
 
 
@@ -148,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start the embedded stack (broker, topics, Qdrant engine) and keep it up",
                        description="Start the embedded stack; with --stages also run pipeline stages. Ctrl-C stops.")
-    u.add_argument("--stages", nargs="*", default=[], choices=(*STAGES, "all"), metavar="STAGE",
-                   help=f"stages to run too: {', '.join(STAGES)} or all (default: none)")
+    stage_options(u, f"stages to run too: {', '.join(STAGES)} or all (default: none)")
     u.add_argument("--port", type=int, default=None,
                    help="pin the embedded broker to this loopback port (default: a free one); clients then "
                         "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
@@ -160,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run stages (streams, indexer, anchors, labeler, trainer, calibration) against "
                                    "the configured broker and vector index. With the embedded Qdrant engine, "
                                    "stages that share it must run in one process.")
-    r.add_argument("--stage", action="append", required=True, choices=STAGES, metavar="STAGE",
-                   help=f"stage to run, one of {', '.join(STAGES)}; repeat for several")
+    stage_options(r, f"stages to run: {', '.join(STAGES)} or all")
     r.add_argument("--embedded", action="store_true",
                    help="without kafka.bootstrap_servers, start the local broker (broker.kind; else: refused)")
     r.set_defaults(run=cmd_run)
@@ -247,7 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_all(parser: argparse.ArgumentParser) -> None:
-    """Every (sub)parser shows choices and defaults the same way, whoever built it (plugins too)."""
+    """Every (sub)parser shows choices and defaults the same way, whoever built it (plugins too), and every
+    if "run" in parser._defaults and "--set" not in parser._option_string_actions:
+        parser.add_argument("--set", action="append", dest="set_late", default=argparse.SUPPRESS,
+                            metavar="SECTION.FIELD=VALUE", help="override one setting (also before the command)")
+    command takes ``--set`` after its name too (``gpl up --set broker.storage=s3``)."""
+    from gpl.parser import HelpFormatter
+
     parser.formatter_class = HelpFormatter
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -283,105 +297,6 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     summary = run_demo(demo_settings(settings), cfg, progress=progress())
     print_summary(summary)
     return 0 if summary["quiescent"] and not summary["stage_errors"] else 1
-
-
-def _until_interrupted(stop: threading.Event) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        stop.set()
-
-
-def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.redact import mask_url
-    from gpl.stack import Stack
-
-    names = list(STAGES) if "all" in args.stages else list(dict.fromkeys(args.stages))
-    if args.port is not None and settings.kafka.bootstrap_servers:
-        print("gpl up: --port pins the embedded broker, but kafka.bootstrap_servers is set (no embedded broker)",
-              file=sys.stderr)
-        return 2
-    if args.port is not None and not _port_free(args.port):
-        print(f"gpl up: port {args.port} on 127.0.0.1 is in use (another broker?); pick another --port",
-              file=sys.stderr)
-        return 2
-    with Stack(settings, broker_port=args.port) as stack:
-        bootstrap = stack.settings.kafka.bootstrap_servers
-        metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
-        kind = "" if stack.broker is None else (f"  (kafka, {settings.data_dir / 'kafka-broker'})"
-                                                if stack.broker.name == "kafka"
-                                                else f"  (embedded, {settings.broker.storage} storage)")
-        print(f"broker    {bootstrap}{kind}")
-        if stack.broker is not None and (profile := stack.broker.profile()):  # what this broker's clients need
-            env = {f"GPL_{sec.upper()}__{k.upper()}": str(v).lower() if isinstance(v, bool) else v
-                   for sec, fields in profile.items() for k, v in fields.items()}
-            print("profile   " + " ".join(f"{k}={v}" for k, v in env.items()))
-        print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
-        print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
-        # one parseable line once everything is up: scripts wait for it
-        return _run_stages(stack, names, ready=f"ready     bootstrap={bootstrap} metrics={metrics}")
-
-
-def _port_free(port: int) -> bool:
-    """Whether the embedded broker can bind 127.0.0.1:port (checked before it starts, not after 30 s)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _stage_kw(name: str) -> dict[str, Any]:
-    return {"progress": False} if name in PROGRESS_STAGES and not progress() else {}
-
-
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.stack import Stack
-
-    if not settings.kafka.bootstrap_servers and not args.embedded:
-        print("gpl run: no kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS); pass --embedded to start the "
-              "embedded broker", file=sys.stderr)
-        return 2
-    with Stack(settings) as stack:
-        return _run_stages(stack, list(dict.fromkeys(args.stage)))
-
-
-def _run_stages(stack: Any, names: list[str], ready: str = "") -> int:
-    """Run the stages until interrupted or until one crashes; a crash exits non-zero.
-
-    Honest liveness (gpl/runtime/health.py): a stage that died takes the process down so the
-    orchestrator restarts it. The other stages get ``health.exit_grace_s`` to stop cleanly; a stage
-    that hangs in its shutdown cannot keep a broken process alive past it.
-    """
-    from gpl.stack import Stages
-
-    stages = Stages({n: stack.make(n, **_stage_kw(n)) for n in names})
-    with stages:
-        if ready:
-            print(ready, flush=True)
-        _until_interrupted(stages.stop_event)
-        if stages.errors:
-            grace = stack.settings.health.exit_grace_s
-            print(f"gpl: stage(s) crashed: {', '.join(f'{k}: {v!r}' for k, v in stages.errors.items())}; "
-                  f"exiting 1 (within {grace:.0f} s)", file=sys.stderr, flush=True)
-            _exit_after(grace, 1)
-    return 1 if stages.errors else 0
-
-
-def _exit_after(seconds: float, code: int) -> None:
-    """Arm a watchdog that ends the process with ``code`` if a clean shutdown takes longer."""
-    def die() -> None:
-        print(f"gpl: shutdown took over {seconds:.0f} s; exiting {code} now", file=sys.stderr, flush=True)
-        os._exit(code)
-
-    t = threading.Timer(seconds, die)
-    t.daemon = True
-    t.start()
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:

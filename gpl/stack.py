@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -169,6 +170,21 @@ class Stages:
                 STAGE_UP.labels(stage=name).set(0)
 
         return target
+
+    def wait_ready(self, note_every_s: float = 30.0) -> bool:
+        """Wait until /readyz would answer 200 (every stage came round and holds partitions): ``gpl up``
+        prints its ready line only then, so a script that waits for it finds the stages consuming. False
+        when a stage crashed or a stop came first; a wait that drags on is said on stderr, not hidden."""
+        started = noted = time.monotonic()
+        while self.stages and not HEALTH.ready()[0]:
+            if self.stop_event.wait(0.1) or self.errors:
+                return False
+            if time.monotonic() - noted > note_every_s:
+                noted = time.monotonic()
+                waiting = [n for n, st in HEALTH.report().items() if st["state"] != "running" or not st["partitions"]]
+                log.warning("still waiting after %.0f s for stage(s) to hold partitions: %s",
+                            noted - started, ", ".join(waiting))
+        return not self.stop_event.is_set()
 
     def alive(self) -> dict[str, bool]:
         return {n: t.is_alive() for n, t in self.threads.items()}

@@ -78,8 +78,8 @@ def test_stage_typos_fail_before_anything_starts(monkeypatch: pytest.MonkeyPatch
         err = capsys.readouterr().err
         assert "invalid choice" in err and "labeler" in err
     run = next(p for path, p in _walk(cli.build_parser()) if path == ("gpl", "run"))
-    stage = next(a for a in run._actions if a.dest == "stage")
-    assert tuple(stage.choices or ()) == STAGES
+    stage = next(a for a in run._actions if a.dest == "stages")
+    assert tuple(stage.choices or ()) == (*STAGES, "all")
 
 
 def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -246,9 +246,9 @@ def test_compose_services(compose) -> None:
     svcs = compose["services"]
     for name in ("kafka", "topics", "qdrant", "vllm", *STAGES, "anchors-gpu", "replay", "prometheus"):
         assert name in svcs, f"compose.yaml has no service {name!r}"
-    # one service per stage, each running `gpl run --stage <stage>`
+    # one service per stage, each running `gpl run --stages <stage>`
     for stage in STAGES:
-        runners = [n for n, s in svcs.items() if s.get("command") == ["run", "--stage", stage]]
+        runners = [n for n, s in svcs.items() if s.get("command") == ["run", "--stages", stage]]
         assert runners, f"no service runs the {stage} stage"
     assert svcs["topics"]["command"] == ["topics", "create"]
     # profiles: vLLM + GPU anchors under gpu, CPU anchors under cpu, the demo replay under demo
@@ -896,7 +896,7 @@ def test_stage_deployments(rendered, overlay: str) -> None:
         labels = pod["metadata"]["labels"]
         assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
         (c,) = pod["spec"]["containers"]
-        assert c["args"] == ["run", "--stage", stage]
+        assert c["args"] == ["run", "--stages", stage]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == settings.metrics_port
         for probe, path in PROBE_PATHS.items():

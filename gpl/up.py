@@ -1,0 +1,139 @@
+"""``gpl up`` and ``gpl run``: start the stack, run stages until interrupted, and exit honestly.
+
+Apart from gpl/cli.py so the command line's module stays light (``gpl --version`` imports none of this
+module's dependencies: they are imported when a command runs) and within its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gpl.runtime.settings import Settings
+
+# stages that draw tqdm bars: bars only on a terminal, never in a service's log
+PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
+
+
+def stage_options(p: argparse.ArgumentParser, help: str) -> None:
+    """One stage-list syntax for `up` and `run`: ``--stages a b`` (documented); ``--stage a --stage b`` too."""
+    from gpl.stage_build import STAGES
+
+    p.add_argument("--stages", nargs="+", action="extend", default=[], choices=(*STAGES, "all"), metavar="STAGE",
+                   help=help)
+    p.add_argument("--stage", action="append", dest="stages", choices=(*STAGES, "all"), help=argparse.SUPPRESS)
+
+
+def _until_interrupted(stop: threading.Event) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.runtime.redact import mask_url
+    from gpl.stack import Stack
+
+    names = _stage_names(args.stages)
+    if args.port is not None and settings.kafka.bootstrap_servers:
+        print("gpl up: --port pins the embedded broker, but kafka.bootstrap_servers is set (no embedded broker)",
+              file=sys.stderr)
+        return 2
+    if args.port is not None and not _port_free(args.port):
+        print(f"gpl up: port {args.port} on 127.0.0.1 is in use (another broker?); pick another --port",
+              file=sys.stderr)
+        return 2
+    with Stack(settings, broker_port=args.port) as stack:
+        bootstrap = stack.settings.kafka.bootstrap_servers
+        metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+        kind = "" if stack.broker is None else (f"  (kafka, {settings.data_dir / 'kafka-broker'})"
+                                                if stack.broker.name == "kafka"
+                                                else f"  (embedded, {settings.broker.storage} storage)")
+        print(f"broker    {bootstrap}{kind}")
+        if stack.broker is not None and (profile := stack.broker.profile()):  # what this broker's clients need
+            env = {f"GPL_{sec.upper()}__{k.upper()}": str(v).lower() if isinstance(v, bool) else v
+                   for sec, fields in profile.items() for k, v in fields.items()}
+            print("profile   " + " ".join(f"{k}={v}" for k, v in env.items()))
+        print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
+        print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
+        # one parseable line once everything is up: scripts wait for it
+        return _run_stages(stack, names, ready=f"ready     bootstrap={bootstrap} metrics={metrics}")
+
+
+def _port_free(port: int) -> bool:
+    """Whether the embedded broker can bind 127.0.0.1:port (checked before it starts, not after 30 s)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stage_kw(name: str) -> dict[str, Any]:
+    from gpl.cli import progress
+
+    return {"progress": False} if name in PROGRESS_STAGES and not progress() else {}
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from gpl.stack import Stack
+
+    if not settings.kafka.bootstrap_servers and not args.embedded:
+        print("gpl run: no kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS); pass --embedded to start the "
+              "embedded broker", file=sys.stderr)
+        return 2
+    if not args.stages:
+        print("gpl run: name the stages to run: --stages STAGE [STAGE ...] (or all)", file=sys.stderr)
+        return 2
+    with Stack(settings) as stack:
+        return _run_stages(stack, _stage_names(args.stages))
+
+
+def _stage_names(given: list[str]) -> list[str]:
+    from gpl.stage_build import STAGES
+
+    return list(STAGES) if "all" in given else list(dict.fromkeys(given))
+
+
+def _run_stages(stack: Any, names: list[str], ready: str = "") -> int:
+    """Run the stages until interrupted or until one crashes; a crash exits non-zero.
+
+    Honest liveness (gpl/runtime/health.py): a stage that died takes the process down so the
+    orchestrator restarts it. The other stages get ``health.exit_grace_s`` to stop cleanly; a stage
+    that hangs in its shutdown cannot keep a broken process alive past it.
+    """
+    from gpl.stack import Stages
+
+    stages = Stages({n: stack.make(n, **_stage_kw(n)) for n in names})
+    with stages:
+        if ready and stages.wait_ready():  # the ready line once every stage holds its partitions
+            print(ready, flush=True)
+        _until_interrupted(stages.stop_event)
+        if stages.errors:
+            grace = stack.settings.health.exit_grace_s
+            print(f"gpl: stage(s) crashed: {', '.join(f'{k}: {v!r}' for k, v in stages.errors.items())}; "
+                  f"exiting 1 (within {grace:.0f} s)", file=sys.stderr, flush=True)
+            _exit_after(grace, 1)
+    return 1 if stages.errors else 0
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """Arm a watchdog that ends the process with ``code`` if a clean shutdown takes longer."""
+    def die() -> None:
+        print(f"gpl: shutdown took over {seconds:.0f} s; exiting {code} now", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    t = threading.Timer(seconds, die)
+    t.daemon = True
+    t.start()
