@@ -22,8 +22,10 @@ from cryptography.x509.oid import NameOID
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
+from gpl.parser import explain
 from gpl.runtime.faust_config import credentials, faust_settings, mapped_properties, ssl_context
-from gpl.runtime.settings import KafkaSettings, load
+from gpl.runtime.kafka import reader_config
+from gpl.runtime.settings import KafkaSettings, SettingsError, load
 from gpl.runtime.vectors.memory import MemoryIndex
 from streams.app import StreamsProcessor
 
@@ -186,3 +188,25 @@ def test_the_streams_app_is_built_with_credentials_and_properties(pki: dict[str,
     assert isinstance(auth["ssl_context"], ssl.SSLContext)
     assert conf.broker_client_id == "gpl-streams-eu" and conf.producer_compression_type == "lz4"
     assert conf.broker_session_timeout == 6  # the stage's own choice stays where the deployment is silent
+
+
+@pytest.mark.parametrize("section", ["extra", "producer_extra", "consumer_extra"])
+@pytest.mark.parametrize(("prop", "field"), [("sasl.password", "kafka.sasl_password"),
+                                             ("security.protocol", "kafka.security_protocol"),
+                                             ("ssl.ca.location", "kafka.ssl_ca_location"),
+                                             ("sasl.oauthbearer.config", "kafka.sasl_*")])
+def test_security_properties_in_the_extras_are_refused_in_one_line(section: str, prop: str, field: str) -> None:
+    """They reached the librdkafka clients but not faust, silently: the streams stage connected without them."""
+    with pytest.raises(SettingsError) as e:
+        load(env={}, kafka={section: {prop: "s3cr3t-value"}})
+    lines = explain(e.value)
+    assert len(lines) == 1 and f"kafka.{section}: {prop}" in lines[0] and field in lines[0], lines
+    assert "s3cr3t-value" not in lines[0]
+
+
+def test_every_extra_that_faust_can_take_reaches_it_and_the_lag_reader_gets_consumer_extra() -> None:
+    kafka = load(env={}, kafka={"extra": {"ssl.endpoint.identification.algorithm": "none", "client.id": "x"},
+                                "consumer_extra": {"session.timeout.ms": 9000, "fetch.max.bytes": 1 << 20}}).kafka
+    assert faust_settings(kafka)["broker_session_timeout"] == 9.0 and mapped_properties(kafka)[1] == []
+    reader = reader_config(kafka, "gpl-streams")
+    assert reader["session.timeout.ms"] == 9000 and reader["client.id"] == "x" and reader["group.id"] == "gpl-streams"

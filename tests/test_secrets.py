@@ -88,14 +88,18 @@ def test_config_show_masks_every_secret(capsys: pytest.CaptureFixture[str], monk
     for k, v in secret_env().items():
         monkeypatch.setenv(k, v)
     extra = json.dumps({"sasl.password": SASL, "client.id": "gpl-test"})
-    assert main(["--set", f"kafka.extra={extra}", "config", "show"]) == 0
+    assert main(["--set", f"kafka.extra={extra}", "config", "show"]) == 2  # refused: kafka.sasl_password is its place
+    err = capsys.readouterr().err
+    assert "kafka.sasl_password" in err and SASL not in err and len(err.strip().splitlines()) == 1, err
+    extra = json.dumps({"broker_credentials_password": SASL, "client.id": "gpl-test"})  # faust's free-form dict
+    assert main(["--set", f"kafka.faust_extra={extra}", "config", "show"]) == 0
     out = capsys.readouterr().out
     assert not [x for x in ALL if x in out], out
     shown = json.loads(out)
     assert shown["kafka"]["sasl_password"] == MASK and shown["qdrant"]["api_key"] == MASK
     assert shown["kafka"]["ssl_key_password"] == MASK and shown["anchors"]["api_key"] == MASK
     assert shown["qdrant"]["url"] == f"https://{MASK}@qdrant.example:6333"  # the host is still visible
-    assert shown["kafka"]["extra"] == {"sasl.password": MASK, "client.id": "gpl-test"}
+    assert shown["kafka"]["faust_extra"] == {"broker_credentials_password": MASK, "client.id": "gpl-test"}
     assert shown["kafka"]["ssl_ca_location"] == "" and shown["kafka"]["sasl_username"] == MASK
 
 

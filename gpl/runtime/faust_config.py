@@ -68,10 +68,9 @@ _COMMON: dict[str, tuple[tuple[str, ...], Callable[[Any], Any]]] = {
     # librdkafka's partitioner names are checked in KafkaSettings; faust/aiokafka hash keys with murmur2 already
     "partitioner": ((), str),
 }
-# handled through the credentials or meaningless for faust: never reported as unmapped
-_HANDLED = {"bootstrap.servers", "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username",
-            "sasl.password", "ssl.ca.location", "ssl.certificate.location", "ssl.key.location",
-            "ssl.key.password", "ssl.endpoint.identification.algorithm", "log.connection.close"}
+# handled through the credentials (ssl_context) or meaningless for faust: never reported as unmapped. The
+# other security properties never get here: the settings refuse them in the extras (gpl/runtime/client_props.py)
+_HANDLED = {"bootstrap.servers", "ssl.endpoint.identification.algorithm", "log.connection.close"}
 
 
 def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext | None:

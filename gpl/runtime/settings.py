@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpl.runtime.client_props import refuse_security_extras
+
 
 class Section(BaseModel):
     # hide_input_in_errors: a mistyped or invalid setting must not echo its value (it may be a password)
@@ -95,7 +97,9 @@ class KafkaSettings(Section):
     @model_validator(mode="after")
     def _coherent(self) -> KafkaSettings:
         """Refuse what would silently misroute or half-configure a client (see docs/producers.md)."""
-        for name, props in (("extra", self.extra), ("producer_extra", self.producer_extra)):
+        for name, props in (("extra", self.extra), ("producer_extra", self.producer_extra),
+                            ("consumer_extra", self.consumer_extra)):
+            refuse_security_extras(name, props)  # they have fields of their own, which faust reads too
             part = props.get("partitioner")
             if part is not None and part not in _MURMUR2:
                 raise ValueError(f"kafka.{name}: partitioner {part!r} would place a user's events on other "
