@@ -1,7 +1,7 @@
 """``gpl demo``: the whole system on MovieLens, on the embedded stack, in one command.
 
 1. models     the frozen encoder (PyPI package) and SmolLM2 (PyPI wheel → plain HF dir), offline;
-2. simulate   a seeded, biased recommender funnel over MovieLens (gpl/simulate.py), split in time:
+2. simulate   a seeded, biased recommender funnel over MovieLens (gpl/simulate/), split in time:
               the first ``train_fraction`` of requests is streamed, the rest is held out for the metric;
 3. calibrate  the pseudo-label calibrator fitted on the training events only (cross-fitted, as ``gpl
               calibrate`` does) and written where the labeler loads it; if the fit abstains the labeler

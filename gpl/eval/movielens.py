@@ -1,6 +1,6 @@
 """Build an evaluation dataset (docs/eval.md) from MovieLens with the seeded funnel simulator.
 
-What is real and what is simulated (the report repeats this; gpl/simulate.py has the exact model):
+What is real and what is simulated (the report repeats this; gpl/simulate/__init__.py has the exact model):
 
 * real: the users, the movies and their texts (title, genres, tags), the order and time of each
   user's ratings, and every label. A request's *targets* are 5 consecutive ratings of the user; a
@@ -37,7 +37,7 @@ FORMAT = "gpl-eval-dataset/1"
 SIMULATED = (
     "recall candidates (popular/genre/random routes, 200 per request, targets injected), the exposure "
     "policy (top 10 by popularity + 0.3 affinity + noise) and clicks (shown and rated >= 4) are simulated "
-    "by gpl/simulate.py; users, items, rating times and all labels are real MovieLens data"
+    "by gpl/simulate/; users, items, rating times and all labels are real MovieLens data"
 )
 
 
