@@ -366,6 +366,9 @@ class Sample(BaseModel):
         "pseudo samples of a calibrator that reads more than the priors: what the prior features "
         "(popularity, the user's click rate) add to the label's logit; the trainer's residual rank term "
         "ranks by the rest"))
+    anchor_cross: list[float] | None = Field(default=None, min_length=2, max_length=2, description=(
+        "the candidate's cosine to the user's anchors: [best, mean of the top two] (workers/anchor_cross.py), "
+        "as the labeler scored it; absent (real labels, older labelers): the trainer reads the user's anchors"))
 
 
 class Lineage(BaseModel):

@@ -17,6 +17,7 @@ from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.events import Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
+from workers.anchor_policy import anchor_point_id
 from workers.trainer import Trainer
 
 DIM = 16
@@ -42,6 +43,18 @@ def world_index(settings: Settings) -> MemoryIndex:
     idx.ensure_collection(settings.encoder.collection, DIM)
     idx.upsert(settings.encoder.collection, Points(np.arange(1, ITEMS + 1, dtype=np.int64), item_vectors()))
     return idx
+
+
+def put_anchors(settings: Settings, index: MemoryIndex, users: list[str], k: int = 3) -> None:
+    """``k`` anchors for each of ``users`` in the anchors collection, as the anchors worker writes them (point ids
+    from (user, slot), ``generated_at`` in the payload): what the trainer reads for the anchor cross feature."""
+    name = settings.qdrant.anchors_collection
+    index.ensure_collection(name, DIM)
+    vec = item_vectors()
+    for n, u in enumerate(users):
+        rows = vec[[(n * 7 + j * 11) % ITEMS for j in range(k)]]
+        index.upsert(name, Points(np.asarray([anchor_point_id(u, j) for j in range(k)], np.int64), rows,
+                                  [{"user_id": u, "slot": j, "generated_at": 1000 + n} for j in range(k)]))
 
 
 def requests(first: int, n: int, seed: int = 1) -> list[SampleBatch]:

@@ -15,18 +15,22 @@ import torch
 
 from gpl.cli import main
 from gpl.commands.export import load_safetensors
-from tests.preranker_world import DIM, feed, requests, world_index, world_settings
+from tests.preranker_world import DIM, feed, put_anchors, requests, world_index, world_settings
 from workers.trainer import Trainer, load_checkpoint
 
 ROWS = 1000
 
 
-@pytest.fixture(params=[0, 8], ids=["ids-content", "with-history"])
+@pytest.fixture(params=[(0, False), (8, False), (0, True)], ids=["ids-content", "with-history", "with-anchors"])
 def trained(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, Path]:
     """(data dir, checkpoint) of a pre-ranker trained on the small world, also published; with and without
-    the history input."""
-    s = world_settings(tmp_path, history_items=request.param)
-    t = Trainer(s, world_index(s), dim=DIM, progress=False)
+    the history input, and with the anchor cross feature (half the users have anchors in the index)."""
+    history, anchors = request.param
+    s = world_settings(tmp_path, history_items=history, anchor_cross=anchors)
+    index = world_index(s)
+    if anchors:
+        put_anchors(s, index, [f"u{k}" for k in range(0, 40, 2)])
+    t = Trainer(s, index, dim=DIM, progress=False)
     ckpt = feed(t, requests(0, 120))
     assert ckpt is not None and t.publisher.area.current() is not None
     return s.data_dir, ckpt
@@ -68,6 +72,22 @@ def history_from_spec(n: int, spec: dict[str, Any]) -> np.ndarray:
     return out
 
 
+def anchor_cross_from_spec(vectors: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """A serving team's anchor cross feature, built as the spec says from a user's anchor vectors (here
+    2-4 random unit anchors per row): max cosine and mean of the two largest; zeros for a user without."""
+    assert spec["dtype"] == "float32" and spec["shape"] == ["n", 2] and spec["columns"] == ["best", "top2_mean"]
+    assert "anchors collection" in spec["source"] and "anchor_point_id" in spec["source"]
+    rng = np.random.default_rng(13)
+    out = np.zeros((len(vectors), 2), np.float32)
+    for r, v in enumerate(vectors):
+        k = int(rng.integers(0, 5))  # 0: a user without anchors
+        if k:
+            a = rng.normal(size=(k, DIM)).astype(np.float32)
+            cos = sorted((a / np.linalg.norm(a, axis=1, keepdims=True)) @ v, reverse=True)
+            out[r] = (cos[0], (cos[0] + cos[min(1, k - 1)]) / 2)
+    return out
+
+
 def export(data_dir: Path, source: Path, fmt: str, out: Path) -> dict[str, Any]:
     assert main(["--data-dir", str(data_dir), "export", str(source), "--format", fmt, "--out", str(out)]) == 0
     spec: dict[str, Any] = json.loads((out / "feature_spec.json").read_text())
@@ -92,15 +112,21 @@ def test_onnx_matches_torch_on_1000_rows_built_from_the_spec(trained: tuple[Path
         history = feed_["history"] = history_from_spec(ROWS, inputs["history"])
     else:
         assert "history" not in inputs
+    anchor = None
+    if model.cfg.anchor_cross:  # the anchor cross feature is in the spec and in the graph, built from the spec
+        anchor = feed_["anchor_cross"] = anchor_cross_from_spec(vectors, inputs["anchor_cross"])
+    else:
+        assert "anchor_cross" not in inputs
     session = ort.InferenceSession(str(tmp_path / "onnx" / spec["files"]["weights"]),
                                    providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(inputs) and [i.type for i in session.get_inputs()] == [
-        "tensor(int64)", "tensor(int64)", "tensor(float)", *(["tensor(float)"] if history is not None else [])]
+        "tensor(int64)", "tensor(int64)", "tensor(float)", *(["tensor(float)"] if history is not None else []),
+        *(["tensor(float)"] if anchor is not None else [])]
     logit, prob = session.run(["logit", "probability"], feed_)
 
-    want_prob = model.score(users, items, vectors, history)  # the repository's own hashing and forward pass
+    want_prob = model.score(users, items, vectors, history, anchor)  # the repository's own hashing and forward pass
     with torch.no_grad():
-        want_logit = model.logits(users, items, vectors, history).numpy()
+        want_logit = model.logits(users, items, vectors, history, anchor).numpy()
     diff = float(max(np.abs(prob - want_prob).max(), np.abs(logit - want_logit).max()))
     print(f"ONNX Runtime vs torch, {ROWS} rows: max abs diff {diff:.3g}")
     assert diff < 1e-5
@@ -119,7 +145,9 @@ def test_safetensors_round_trip_and_lineage(trained: tuple[Path, Path], tmp_path
         assert k == k2 and torch.equal(a, b)
     users, items, vectors = raw_rows(200)
     hist = vectors[::-1].copy() if model.cfg.history_items else None
-    assert np.array_equal(reloaded.score(users, items, vectors, hist), model.score(users, items, vectors, hist))
+    anc = vectors[:, :2].copy() if model.cfg.anchor_cross else None
+    assert np.array_equal(reloaded.score(users, items, vectors, hist, anc),
+                          model.score(users, items, vectors, hist, anc))
     assert spec["tensors"] == {k: list(v.shape) for k, v in model.state_dict().items()}
     # weights only: a fraction of the checkpoint, which also holds optimizer moments, seen-set and holdout
     assert (tmp_path / "st" / "model.safetensors").stat().st_size < ckpt.stat().st_size / 2

@@ -123,7 +123,8 @@ def _reference(ctx: Labeling, raws: list[bytes]) -> list[list[dict[str, object]]
             prior = sum(c / sc * feats[j][n] for n, c, sc in zip(cal.features, cal.coef, cal.scale, strict=True)
                         if n in ("log_recall", "log_exposed", "user_ctr"))  # the residual rank term's offset
             samples.append({"item_id": found[j], "label": p[j], "similarity": feats[j]["s1"], "matched_anchor": k,
-                            "weight": math.prod(terms.values()), "prior_logit": prior})
+                            "weight": math.prod(terms.values()), "prior_logit": prior,
+                            "anchor_cross": [feats[j]["s1"], (feats[j]["s1"] + feats[j]["s2"]) / 2]})
         out.append(samples)
     return out
 
@@ -150,3 +151,5 @@ def test_scoring_every_candidate_matches_a_plain_reference(micro: int) -> None:
         for key in ("label", "weight", "similarity", "prior_logit"):
             np.testing.assert_allclose([x[key] for x in samples], [float(x[key]) for x in w],  # type: ignore[arg-type]
                                        atol=1.5e-6, err_msg=key)
+        np.testing.assert_allclose([x["anchor_cross"] for x in samples], [x["anchor_cross"] for x in w],
+                                   atol=1.5e-6, err_msg="anchor_cross")  # the student's input, as the stream sends it

@@ -256,6 +256,8 @@ def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, Anch
         assert s.sample_id == sample_id("req-1", s.item_id, 1)
         assert s.similarity == pytest.approx(float(sims[j]), abs=1e-6)
         assert s.matched_anchor == int(matched[j])
+        best_two = np.sort(entry.vectors @ items.gather(items.lookup(np.asarray([s.item_id]))[0])[0])[::-1][:2]
+        assert s.anchor_cross == pytest.approx([best_two[0], best_two.mean()], abs=1e-6)  # the student's input
         assert s.label == pytest.approx(float(label_map(np.array([sims[j]]), cfg)[0]), abs=1e-6)
         assert s.confidence is not None and set(s.confidence) == set(TERMS)
         assert s.weight == pytest.approx(math.prod(s.confidence.values()), abs=2e-6)

@@ -15,6 +15,9 @@ A COLD-style pre-ranker: cheap features of (user, item) go through one small MLP
   learns a user only from that user's own rows; the history lets every row teach the model how taste
   carries over to similar items — the very relation GPL's anchor labels express, which a student without
   it cannot represent.
+* anchors (``anchor_cross``): the candidate's cosine to the user's current interest anchors, best and mean of
+  the top two (:mod:`workers.anchor_cross`), straight into the MLP: a COLD-style cross feature that says
+  what the anchors know about this candidate at serving time as well, not only through the labels.
 
 Ids are hashed with blake2b, never Python's ``hash()``: the bucket of an id must be the same in every
 process and after every restart, or a checkpoint would map users to someone else's row.
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpl.runtime.settings import TrainerSettings
+from workers.anchor_cross import ANCHOR_CROSS_DIM, ANCHOR_CROSS_INPUT
 
 
 def _bucket(key: bytes, buckets: int) -> int:
@@ -67,8 +71,10 @@ OUTPUTS = ("logit", "probability")
 
 
 def model_inputs(cfg: ModelConfig) -> tuple[str, ...]:
-    """The exported network's inputs, in forward()'s order: the history only when the model reads one."""
-    return (*INPUTS, HISTORY_INPUT) if cfg.history_items else INPUTS
+    """The exported network's inputs, in forward()'s order: the history and the anchor cross feature only
+    when the model reads them."""
+    return (*INPUTS, *((HISTORY_INPUT,) if cfg.history_items else ()), *((ANCHOR_CROSS_INPUT,) if cfg.anchor_cross
+                                                                         else ()))
 
 
 def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
@@ -95,6 +101,15 @@ def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
             "source": f"the user's last {cfg.history_items} distinct clicked items BEFORE the request (most recent "
                       "click of an item counts), their vectors in the item collection averaged and L2-normalised; "
                       "all zeros for a user without clicks (workers/history.py history_profile)"}
+    if cfg.anchor_cross:
+        inputs[ANCHOR_CROSS_INPUT] = {
+            "dtype": "float32", "shape": ["n", ANCHOR_CROSS_DIM], "columns": ["best", "top2_mean"],
+            "source": "the user's current anchor set: the points of the anchors collection (settings "
+                      "qdrant.anchors_collection) with ids anchor_point_id(user_id, slot) (workers/anchor_policy.py), "
+                      "the newest generated_at among them; per candidate the cosines of its item vector (the content "
+                      "input) with those anchor vectors: column 0 their max, column 1 the mean of the two largest "
+                      "(the max again for a set of one anchor); all zeros for a user without anchors "
+                      "(workers/anchor_cross.py anchor_cross)"}
     return {
         "inputs": inputs,
         "outputs": {
@@ -119,6 +134,7 @@ class ModelConfig:
     content_dim: int
     seed: int = 0
     history_items: int = 0  # 0: no behaviour input (checkpoints from before it load as such)
+    anchor_cross: int = 0  # 1: the anchor cross feature is an input (0 for checkpoints from before it)
 
     @classmethod
     def from_settings(cls, t: TrainerSettings, content_dim: int) -> ModelConfig:
@@ -129,6 +145,7 @@ class ModelConfig:
             content_dim=content_dim,
             seed=t.seed,
             history_items=t.history_items,
+            anchor_cross=int(t.anchor_cross),
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -137,7 +154,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return cls(**{k: int(d[k]) for k in ("hash_buckets", "id_dim", "hidden", "content_dim", "seed")},
-                   history_items=int(d.get("history_items", 0)))
+                   history_items=int(d.get("history_items", 0)), anchor_cross=int(d.get("anchor_cross", 0)))
 
 
 class PreRanker(nn.Module):
@@ -148,6 +165,7 @@ class PreRanker(nn.Module):
         self.cfg = cfg
         d = cfg.id_dim
         h = 2 * d + 1 if cfg.history_items else 0  # projected history, history x content, cos(history, item)
+        h += ANCHOR_CROSS_DIM if cfg.anchor_cross else 0  # best and top-2 mean anchor cosine, as they are
         # Same seed, same initial weights, without disturbing the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -162,9 +180,10 @@ class PreRanker(nn.Module):
             self.history = nn.Linear(cfg.content_dim, d) if cfg.history_items else None
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, vectors: torch.Tensor,
-                history: torch.Tensor | None = None) -> torch.Tensor:
+                history: torch.Tensor | None = None, anchor: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (n,) from user buckets (n,), item buckets (n,), content vectors (n, content_dim) and, for a
-        model with ``history_items``, history profiles (n, content_dim; zeros for a user without clicks)."""
+        model with ``history_items``, history profiles (n, content_dim; zeros for a user without clicks), for
+        a model with ``anchor_cross``, the anchor cross feature (n, 2; zeros for a user without anchors)."""
         u = self.user_emb(users)
         i = self.item_emb(items)
         c = self.content(vectors)
@@ -174,11 +193,15 @@ class PreRanker(nn.Module):
                 raise ValueError("this pre-ranker reads the user's history: pass the history profiles")
             hp = self.history(history)
             parts += [hp, hp * c, (history * vectors).sum(1, keepdim=True)]
+        if self.cfg.anchor_cross:
+            if anchor is None:
+                raise ValueError("this pre-ranker reads the anchor cross feature: pass it (workers/anchor_cross.py)")
+            parts.append(anchor)
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
 
     def logits(
         self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray,
-        history: np.ndarray | None = None,
+        history: np.ndarray | None = None, anchor: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Hash the raw ids and run the network (with grad; training goes through here too)."""
         b = self.cfg.hash_buckets
@@ -187,12 +210,13 @@ class PreRanker(nn.Module):
             torch.from_numpy(item_buckets(item_ids, b)),
             torch.as_tensor(np.asarray(item_vectors, dtype=np.float32)),
             None if history is None else torch.as_tensor(np.asarray(history, dtype=np.float32)),
+            None if anchor is None else torch.as_tensor(np.asarray(anchor, dtype=np.float32)),
         )
 
     @torch.no_grad()
     def score(
         self, user_ids: Sequence[str], item_ids: Sequence[int] | np.ndarray, item_vectors: np.ndarray,
-        history: np.ndarray | None = None,
+        history: np.ndarray | None = None, anchor: np.ndarray | None = None,
     ) -> np.ndarray:
         """Click probabilities (float32, n) for inference and offline evaluation."""
         was_training = self.training
@@ -200,7 +224,7 @@ class PreRanker(nn.Module):
         try:
             if len(user_ids) == 0:
                 return np.zeros(0, np.float32)
-            p = torch.sigmoid(self.logits(user_ids, item_ids, item_vectors, history))
+            p = torch.sigmoid(self.logits(user_ids, item_ids, item_vectors, history, anchor))
             return p.numpy().astype(np.float32)
         finally:
             self.train(was_training)
@@ -276,6 +300,7 @@ class Batch:
     history: np.ndarray | None = None  # float32 (n, content_dim): for a model with history_items
     group: np.ndarray | None = None  # int64 (n,): the row's request, for the rank term (pseudo rows only)
     offset: np.ndarray | None = None  # float32 (n,): each label's prior part (trainer.rank_target=residual)
+    anchor: np.ndarray | None = None  # float32 (n, 2): the anchor cross feature, for a model with anchor_cross
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -350,6 +375,6 @@ def train_step(
 ) -> dict[str, float]:
     """One step of the pre-ranker on a :class:`Batch` (see :func:`objective_step`)."""
     model.train()
-    logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors, batch.history)
+    logits = model.logits(batch.user_ids, batch.item_ids, batch.vectors, batch.history, batch.anchor)
     return objective_step(opt, logits, batch.labels, batch.is_pseudo, batch.weight, pseudo_lambda,
                           group=batch.group, rank=rank, offset=batch.offset)

@@ -74,6 +74,7 @@ class HoldoutRows:
     vectors: np.ndarray  # float32 (n, dim)
     labels: np.ndarray  # float32 (n,), 0 or 1
     history: np.ndarray | None = None  # float32 (n, dim): the rows' history profiles (a model with history)
+    anchor: np.ndarray | None = None  # float32 (n, 2): the rows' anchor cross feature (a model with anchor_cross)
 
     _buckets: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -90,16 +91,19 @@ class HoldoutRows:
 class Holdout:
     """The most recent held-out real labels (user, item, label, history items or None), bounded, saved in
     every checkpoint. The history items are the user's clicks before the row's request (a model that reads
-    history is scored with the history it would have had)."""
+    history is scored with the history it would have had), and the anchor cross feature it was trained with."""
 
     def __init__(self, capacity: int) -> None:
-        self.rows: deque[tuple[str, int, float, tuple[int, ...] | None]] = deque(maxlen=capacity)
+        self.rows: deque[tuple[str, int, float, tuple[int, ...] | None, tuple[float, ...] | None]] = deque(
+            maxlen=capacity)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, user_id: str, item_id: int, label: float, history: list[int] | None = None) -> None:
-        self.rows.append((user_id, int(item_id), float(label), None if history is None else tuple(history)))
+    def add(self, user_id: str, item_id: int, label: float, history: list[int] | None = None,
+            anchor: np.ndarray | list[float] | None = None) -> None:
+        self.rows.append((user_id, int(item_id), float(label), None if history is None else tuple(history),
+                          None if anchor is None else tuple(float(a) for a in anchor)))
 
     def state(self) -> dict[str, Any]:
         """Plain lists and tensors only: checkpoints are loaded with ``weights_only``."""
@@ -110,15 +114,18 @@ class Holdout:
         }
         if any(r[3] is not None for r in self.rows):
             out["history"] = [list(r[3] or ()) for r in self.rows]
+        if any(r[4] is not None for r in self.rows):
+            out["anchor"] = [list(r[4] or ()) or None for r in self.rows]
         return out
 
     def restore(self, state: dict[str, Any] | None) -> None:
         self.rows.clear()
         if state:
             hist = state.get("history") or [None] * len(state["users"])
-            for u, i, y, h in zip(state["users"], state["items"].tolist(), state["labels"].tolist(), hist,
-                                  strict=True):
-                self.add(u, i, y, h)
+            anchor = state.get("anchor") or [None] * len(state["users"])
+            for u, i, y, h, a in zip(state["users"], state["items"].tolist(), state["labels"].tolist(), hist, anchor,
+                                     strict=True):
+                self.add(u, i, y, h, a)
 
     def item_ids(self) -> set[int]:
         return {r[1] for r in self.rows} | {i for r in self.rows for i in (r[3] or ())}
@@ -137,6 +144,7 @@ class Holdout:
             vectors=np.stack([vectors[r[1]] for r in kept]) if kept else np.zeros((0, dim), np.float32),
             labels=np.asarray([r[2] >= 0.5 for r in kept], np.float32),
             history=hist,
+            anchor=np.asarray([r[4] if r[4] is not None else (0.0, 0.0) for r in kept], np.float32).reshape(-1, 2),
         )
 
 
@@ -194,8 +202,12 @@ def measure(model: PreRanker, rows: HoldoutRows) -> Scores:
             if model.cfg.history_items:
                 h = rows.history if rows.history is not None else np.zeros_like(rows.vectors)
                 hist = torch.from_numpy(np.ascontiguousarray(h, np.float32))
+            anchor = None  # a row held out before the model read anchors has zeros (as a user without anchors)
+            if model.cfg.anchor_cross:
+                a = rows.anchor if rows.anchor is not None else np.zeros((len(rows), 2), np.float32)
+                anchor = torch.from_numpy(np.ascontiguousarray(a, np.float32))
             p = model.eval()(torch.from_numpy(rows.buckets("user", b)), torch.from_numpy(rows.buckets("item", b)),
-                             torch.from_numpy(rows.vectors), hist).numpy()
+                             torch.from_numpy(rows.vectors), hist, anchor).numpy()
     finally:
         model.train(was_training)
     g, users = gauc(p, rows.labels, rows.users)

@@ -20,7 +20,8 @@ model, seen-set and counts roll back together with the offsets.
 History (``trainer.history_items`` > 0, or a checkpoint of such a model): the pre-ranker also reads the
 user's recent clicks. The trainer keeps them (:class:`~workers.click_memory.ClickMemory`, saved in every
 checkpoint) from the real labels it reads, and gives each batch the history its request had: the clicks
-strictly before the batch's ``ts``.
+strictly before the batch's ``ts``. The anchor cross feature (``trainer.anchor_cross``): as a pseudo sample
+carries it, else from the user's set in the anchors collection (workers/trainer_rows.py AnchorInput).
 
 Serving: a deterministic share of real-label samples is held out, never trained, and after every
 checkpoint a quality gate scores the checkpoint and the published model on it; only a checkpoint that
@@ -69,10 +70,9 @@ from workers.model import (
     make_optimizer,
     sample_key,
     train_step,
-    whole_logit,
 )
 from workers.publish import Holdout, Publisher, is_holdout
-from workers.trainer_rows import Pending, make_batch
+from workers.trainer_rows import AnchorInput, Pending, make_batch, pending
 from workers.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting
 
 # the checkpoint files moved to workers/checkpoints.py; callers still import them from here
@@ -135,6 +135,7 @@ class Trainer:
         self.publisher = Publisher(self.directory, self.cfg)
         self.rank = RankTerm.from_settings(self.cfg)
         self.memory: ClickMemory | None = None  # the users' recent clicks: for a model that reads history
+        self.anchor_input = AnchorInput(settings, index)  # each row's anchor cross feature (trainer.anchor_cross)
         found = latest_checkpoint(self.directory)
         if found is not None:
             self._restore(read_checkpoint(found))
@@ -335,14 +336,13 @@ class Trainer:
         self.counts["samples"] += 1
         self.counts["pseudo" if pseudo else "real"] += 1
         self.counts["clicks"] += int(s.source == "click")
+        anchor = self.anchor_input.of(self.model.cfg if self.model is not None else None, user_id, s, vec)
         if not pseudo and is_holdout(key, self.cfg.holdout_fraction):  # never trained, in any run
-            self.holdout.add(user_id, s.item_id, s.label, hist_items if self.memory is not None else None)
+            self.holdout.add(user_id, s.item_id, s.label, hist_items if self.memory is not None else None, anchor)
             self.counts["holdout"] += 1
             self.accounting.add("holdout")
             return
-        # no prior part sent (priors-only labels, a label map): the whole label is prior, no residual to rank
-        prior = s.prior_logit if s.prior_logit is not None else float(whole_logit(s.label))
-        self._pending.append(Pending(user_id, s.item_id, vec, s.label, s.weight, pseudo, hist, group, prior))
+        self._pending.append(pending(user_id, s, vec, pseudo, hist, group, anchor))
         self.accounting.add("trained")  # buffered: trained by the next step, at the latest before the checkpoint
 
     def _wait(self, b: SampleBatch, s: Sample, key: int, hist_items: list[int], origin: tuple[str, int, int]) -> None:
@@ -409,7 +409,7 @@ class Trainer:
         if vectors.shape[1] != self.model.cfg.content_dim:
             raise ValueError(f"content vectors have dim {vectors.shape[1]}, the model expects "
                              f"{self.model.cfg.content_dim}: the collection changed under the model")
-        batch = make_batch(rows, vectors, self.model.cfg.content_dim if self.model.cfg.history_items else None)
+        batch = make_batch(rows, vectors, self.model.cfg)
         parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda, self.rank)
         self.counts["steps"] += 1
         for k, v in parts.items():

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gpl.runtime.settings import Settings
+from workers.anchor_cross import ANCHOR_CROSS_INPUT
 from workers.checkpoints import load_checkpoint
 from workers.model import HISTORY_INPUT, OUTPUTS, ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.publish import POINTER, PublishedArea
@@ -87,7 +88,9 @@ def build_spec(model: PreRanker, meta: dict[str, Any], fmt: str, settings: Setti
         "weights_format": fmt,
         "model": "PreRanker (workers/model.py): MLP over [u, i, c, u*c, u*i] of hashed-id embeddings and the "
                  "projected content vector" + (", plus [h, h*c, cos(history, content)] of the user's history profile"
-                                               if model.cfg.history_items else ""),
+                                               if model.cfg.history_items else "")
+                 + (", plus the anchor cross feature [best, top-2 mean cosine to the user's anchors]"
+                    if model.cfg.anchor_cross else ""),
         "model_config": model.cfg.to_dict(),
         "encoder": {"id": meta["encoder"], "collection": meta["collection"],
                     "version": encoder_version(meta["encoder"], settings),
@@ -117,9 +120,17 @@ class _Served(nn.Module):
         self.model = model
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, content: torch.Tensor,
-                history: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        logit = self.model(users, items, content, history)
+                *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logit = forward(self.model, users, items, content, *optional)
         return logit, torch.sigmoid(logit)
+
+
+def forward(model: PreRanker, users: torch.Tensor, items: torch.Tensor, content: torch.Tensor,
+            *optional: torch.Tensor) -> torch.Tensor:
+    """The network on its inputs in :func:`model_inputs` order (history and anchor cross feature only where the
+    model reads them)."""
+    named = dict(zip(model_inputs(model.cfg)[3:], optional, strict=True))
+    return model(users, items, content, named.get(HISTORY_INPUT), named.get(ANCHOR_CROSS_INPUT))
 
 
 def random_inputs(cfg: ModelConfig, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -135,6 +146,11 @@ def random_inputs(cfg: ModelConfig, n: int, seed: int = 0) -> dict[str, np.ndarr
         hist /= np.linalg.norm(hist, axis=1, keepdims=True)
         hist[::7] = 0.0
         out[HISTORY_INPUT] = hist
+    if cfg.anchor_cross:  # cosines in [-1, 1], best >= top-2 mean, and a user without anchors (zeros) among them
+        best = rng.uniform(-0.2, 1.0, n).astype(np.float32)
+        anchor = np.stack([best, best - rng.uniform(0, 0.3, n).astype(np.float32)], axis=1)
+        anchor[::5] = 0.0
+        out[ANCHOR_CROSS_INPUT] = anchor
     return out
 
 
@@ -146,7 +162,7 @@ def onnx_parity(model: PreRanker, onnx_path: Path, n: int = PARITY_ROWS) -> floa
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(list(OUTPUTS), feed)
     with torch.no_grad():
-        logit = model.eval()(*(torch.from_numpy(feed[k]) for k in model_inputs(model.cfg)))
+        logit = forward(model.eval(), *(torch.from_numpy(feed[k]) for k in model_inputs(model.cfg)))
     want = [logit.numpy(), torch.sigmoid(logit).numpy()]
     return float(max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)))
 

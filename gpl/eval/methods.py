@@ -35,6 +35,7 @@ and sees each exposed row equally often.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,6 +117,12 @@ class Context:
         self.profiles = torch.from_numpy(history_profiles(ds, item_vectors))
         n = self.model_config.history_items  # the pre-ranker's own history input (the stream's rule)
         self.recent = torch.from_numpy(recent_profiles(ds, item_vectors, n)) if n else None
+        self.anchor_x: torch.Tensor | None = None  # (rows, 2): the student's anchor cross feature per flat row
+        self.row_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None  # (request, item) -> flat row
+
+    def use_anchor_cross(self, x: np.ndarray, row_of: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Give the student (``trainer.anchor_cross``) its per-row feature (gpl/eval/anchor_feature.py)."""
+        self.anchor_x, self.row_of = torch.from_numpy(np.asarray(x, np.float32)), row_of
 
     def rows_of(self, flat: np.ndarray, label: np.ndarray, weight: np.ndarray, pseudo: bool,
                 offset: np.ndarray | None = None) -> Rows:
@@ -241,7 +248,13 @@ class StudentNet:
     def logits(self, ctx: Context, user: np.ndarray, item: np.ndarray, req: np.ndarray) -> torch.Tensor:
         it = torch.from_numpy(item)
         hist = ctx.recent[torch.from_numpy(req)] if ctx.recent is not None else None
-        return self.model(ctx.user_bucket[torch.from_numpy(user)], ctx.item_bucket[it], ctx.vectors[it], hist)
+        anchor = None
+        if self.model.cfg.anchor_cross:
+            if ctx.anchor_x is None or ctx.row_of is None:
+                raise ValueError("trainer.anchor_cross is on but the context has no anchor feature (use_anchor_cross)")
+            anchor = ctx.anchor_x[torch.from_numpy(ctx.row_of(req, item))]
+        return self.model(ctx.user_bucket[torch.from_numpy(user)], ctx.item_bucket[it], ctx.vectors[it], hist,
+                          anchor)
 
     @property
     def module(self) -> nn.Module:

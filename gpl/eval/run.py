@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from gpl.eval import metrics as M
+from gpl.eval.anchor_feature import attach as attach_anchor_cross
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
 from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder, training_collab_space
@@ -257,6 +258,7 @@ def _run(
                                        cfg.methods, cache_dir=cache_dir, sid_epochs=cfg.sid_epochs,
                                        progress=cfg.progress)  # content, gpl-sid (gpl/eval/anchor_sources.py)
     books |= vbooks
+    anchor_cross_info = attach_anchor_cross(ctx, ds, item_vectors, settings, books)  # trainer.anchor_cross only
     timing["anchors"] = time.perf_counter() - t
     anchored = set(books["text"].users) if "text" in books else set()
     ev = Evaluator(ds, ctx, item_vectors, anchored)
@@ -391,6 +393,7 @@ def _run(
         "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
         "anchors": anchors_report,
         "space": space_info,
+        "anchor_cross": anchor_cross_info,
         "calibration": {**gpl.info, **kd.info},
         "pseudo_labels": {m: {k: v for k, v in q.items()} for m, q in pl.items()},
         "method_info": extra_info,

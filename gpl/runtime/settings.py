@@ -302,6 +302,8 @@ class TrainerSettings(Section):
     hidden: int = Field(default=64, ge=1)
     history_items: int = Field(default=0, ge=0, description="the pre-ranker also reads the user's history: the "
                                "unit mean vector of their last N distinct clicked items (0: ids and content only)")
+    anchor_cross: bool = Field(default=False, description="the pre-ranker also reads the candidate's cosine to the "
+                               "user's current anchors (best, top-2 mean; workers/anchor_cross.py)")
     rank_weight: float = Field(default=0.0, ge=0, description="weight of the listwise rank term: per request, "
                                "KL between the softmax of the pseudo-labels' logits and the student's (0: off)")
     rank_temperature: float = Field(default=1.0, gt=0, description="temperature of both softmaxes of the rank term")

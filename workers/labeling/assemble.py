@@ -16,6 +16,7 @@ import orjson
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
 from schemas.ids import sample_id_affixes
+from workers.anchor_cross import anchor_cross
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.confidence import TERMS, confidence, describe_weight
@@ -69,6 +70,7 @@ class Labeled:
     kept: int  # chosen by the sampling policy, before repeats of an item were dropped
     duplicate: int  # repeats of an item already labeled in this request
     prior: np.ndarray | None = None  # float64: the prior features' part of each logit (a calibrator only)
+    cross: np.ndarray | None = None  # float32 (n, 2): the student's anchor cross feature (workers/anchor_cross.py)
 
 
 Score = Callable[[np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
@@ -170,7 +172,8 @@ def choose(item_ids: np.ndarray, s_k: np.ndarray, sim: np.ndarray, p_all: np.nda
     p = label(s) if p_sel is None else p_sel
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)
-    return Labeled(sel, s, p, w, matched, terms, kept, duplicate, prior)
+    # the student's input, from the same cosines (a stand-in set of a user without anchors gives zeros)
+    return Labeled(sel, s, p, w, matched, terms, kept, duplicate, prior, anchor_cross(s_sel))
 
 
 def _once_per_item(sel: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -391,6 +394,9 @@ def _encode(r: _Request, ctx: Labeling) -> tuple[bytes, LabelStats]:
         if lab.prior is not None:  # the calibrator reads anchors: the trainer's residual rank term needs it
             for smp, pr in zip(samples, lab.prior.round(6).tolist(), strict=True):
                 smp["prior_logit"] = pr
+        if lab.cross is not None:  # the pre-ranker's anchor cross feature, as scored here (Sample.anchor_cross)
+            for smp, ac in zip(samples, lab.cross.astype(np.float64).round(6).tolist(), strict=True):
+                smp["anchor_cross"] = ac
     else:
         labeled_ids, labels = [], []
     labeled = len(samples)
