@@ -38,7 +38,7 @@ engine runs in --data-dir.
 """
 PLUGINS = ("gpl.commands.eval", "gpl.commands.sid", "gpl.commands.calibrate", "gpl.commands.export",
            "gpl.commands.publish", "gpl.commands.schemas", "gpl.commands.dlq", "gpl.commands.topics",
-           "gpl.commands.kafka", "gpl.commands.space")
+           "gpl.commands.kafka", "gpl.commands.space", "gpl.commands.groups")
 
 
 def version() -> str:
@@ -120,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BROKER_HELP = ("the local broker to start: embedded (Tansu, from PyPI) or kafka (Apache Kafka; needs Java 17+ "
-    from gpl.parser import Parser
-    from gpl.stage_build import STAGES
-
                "and Maven, `gpl kafka fetch`) (default: broker.kind, embedded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gpl.parser import Parser
+    from gpl.stage_build import STAGES
+
     p = Parser(prog="gpl", description="GPL stream: streaming Generative Pseudo-Labeling for pre-ranking.",
                epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -256,13 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _format_all(parser: argparse.ArgumentParser) -> None:
     """Every (sub)parser shows choices and defaults the same way, whoever built it (plugins too), and every
-    if "run" in parser._defaults and "--set" not in parser._option_string_actions:
-        parser.add_argument("--set", action="append", dest="set_late", default=argparse.SUPPRESS,
-                            metavar="SECTION.FIELD=VALUE", help="override one setting (also before the command)")
     command takes ``--set`` after its name too (``gpl up --set broker.storage=s3``)."""
     from gpl.parser import HelpFormatter
 
     parser.formatter_class = HelpFormatter
+    if "run" in parser._defaults and "--set" not in parser._option_string_actions:
+        parser.add_argument("--set", action="append", dest="set_late", default=argparse.SUPPRESS,
+                            metavar="SECTION.FIELD=VALUE", help="override one setting (also before the command)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
