@@ -79,6 +79,7 @@ from gpl.runtime.metrics import (
 from gpl.runtime.offsets import TP
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
+from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import Points, VectorIndex
 from gpl.runtime.vectors.normalize import normalize
 from schemas.events import Anchor, AnchorRequest, AnchorSet
@@ -163,9 +164,11 @@ class AnchorWorker:
         self.index.ensure_collection(self.items, encoder.dim)
         self.index.ensure_collection(self.collection, encoder.dim)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, *, io: StagePort | None = None) -> None:
+        """Serve requests until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
         cfg = self.settings.anchors
-        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
+        if io is None:
+            io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         st = _LoopState()
 
         def on_assign(consumer_: Any, parts: list[Any]) -> None:
@@ -213,7 +216,7 @@ class AnchorWorker:
             ANCHOR_PAUSED.set(0)
             io.close()
 
-    def _admit(self, msgs: list[Any], st: _LoopState, io: StageIO) -> None:
+    def _admit(self, msgs: list[Any], st: _LoopState, io: StagePort) -> None:
         """Decode, dead-letter, debounce and queue a poll's messages (superseding per user)."""
         for m in msgs:
             origin = Origin(m, (m.topic() or ANCHOR_REQUESTS.name, m.partition() or 0), m.offset() or 0)
@@ -232,7 +235,7 @@ class AnchorWorker:
         self.max_queued = max(self.max_queued, len(st.queue))
         ANCHOR_QUEUED.set(len(st.queue))
 
-    def _backpressure(self, io: StageIO, st: _LoopState) -> None:
+    def _backpressure(self, io: StagePort, st: _LoopState) -> None:
         """Pause the partitions when the queue is full, resume them when it has drained to half."""
         cap = self.settings.anchors.max_pending
         if not st.paused and len(st.queue) >= cap:
@@ -248,7 +251,7 @@ class AnchorWorker:
             log.info("anchors: %d requests pending, partitions resumed", len(st.queue))
         ANCHOR_QUEUED.set(len(st.queue))
 
-    def _dispatch(self, io: StageIO, st: _LoopState, batch: list[QueuedRequest[Origin]]) -> int:
+    def _dispatch(self, io: StagePort, st: _LoopState, batch: list[QueuedRequest[Origin]]) -> int:
         """Generate, store, publish and commit one micro-batch; on failure put it back and back off."""
         t0 = time.monotonic()
         by_user = {e.req.user_id: e for e in batch}

@@ -21,6 +21,7 @@ from gpl.runtime.encoder import Encoder, encode_items
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
+from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import Points, VectorIndex
 from schemas.events import ItemEvent
 from schemas.topics import ITEMS
@@ -42,8 +43,10 @@ class Indexer:
         self.progress = progress
         self.index.ensure_collection(self.collection, encoder.dim)
 
-    def run(self, stop: threading.Event, *, batch: int = 512) -> None:
-        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
+    def run(self, stop: threading.Event, *, batch: int = 512, io: StagePort | None = None) -> None:
+        """Index until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
+        if io is None:
+            io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         io.subscribe([ITEMS.name])
         bar = tqdm(desc="index items", unit="item", disable=not self.progress, leave=False)
         dirty = False  # points added since the last optimize

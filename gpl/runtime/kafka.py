@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -24,6 +24,20 @@ from schemas.codec import DecodeError, dead_letter, encode
 from schemas.topics import Naming, by_name, configure
 
 log = logging.getLogger(__name__)
+# a record's headers as confluent-kafka takes them: [(name, value)] or {name: value}
+Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
+
+
+class Produces(Protocol):
+    """What a stage and its dead letters ask of a producer: confluent's :class:`Producer`, or the
+    in-memory twin's (gpl/runtime/stage_io_memory.py)."""
+
+    def produce(self, topic: str, value: str | bytes | None = None, key: str | bytes | None = None,
+                partition: int = -1, *, headers: Headers | None = None) -> None: ...
+
+    def poll(self, timeout: float = -1) -> int: ...
+
+    def flush(self, timeout: float = -1) -> int: ...
 
 
 def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
@@ -220,7 +234,7 @@ class Accounting:
 class DeadLetters:
     """Send bad input to ``<topic>.dlq`` with its original bytes, the error and the origin offset."""
 
-    def __init__(self, producer: Producer, stage: str, accounting: Accounting, wire: Wire | None = None,
+    def __init__(self, producer: Produces, stage: str, accounting: Accounting, wire: Wire | None = None,
                  max_bytes: int | None = None) -> None:
         self.producer = producer
         self.wire = wire
@@ -255,7 +269,7 @@ class DeadLetters:
         log.warning("%s: %s[%d]@%d -> dlq (%s): %s", self.stage, topic, partition, offset, why, err)
 
 
-def flush_until_empty(p: Producer, stop: threading.Event, what: str = "messages") -> bool:
+def flush_until_empty(p: Produces, stop: threading.Event, what: str = "messages") -> bool:
     """Flush until the producer queue is empty: the outputs a batch produced are durable before its
     offsets are committed. False if ``stop`` was set first (the offsets then stay where they were)."""
     while p.flush(5) > 0:
