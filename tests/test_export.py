@@ -166,3 +166,25 @@ def test_export_of_the_published_area_takes_its_current_model(trained: tuple[Pat
     spec = export(data_dir, data_dir / "checkpoints" / "published", "safetensors", tmp_path / "pub")
     assert spec["lineage"]["checkpoint"].endswith("published/model-000001.pt")
     assert spec["lineage"]["version"] == load_checkpoint(ckpt)[1]["version"]
+
+
+def test_exported_files_are_readable_alike_and_times_in_ms(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """model.safetensors was written 0600 beside a 0644 spec; lineage.wall_time was in seconds."""
+    import time
+
+    from workers.checkpoints import read_checkpoint
+
+    data_dir, ckpt = trained
+    export(data_dir, ckpt, "safetensors", tmp_path / "st")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "st").iterdir()}
+    assert modes["model.safetensors"] == modes["feature_spec.json"] == 0o644, modes
+    now_ms = time.time() * 1000
+    meta = load_checkpoint(ckpt)[1]
+    assert isinstance(meta["wall_time"], int) and now_ms - 600_000 < meta["wall_time"] <= now_ms
+    spec = json.loads((tmp_path / "st" / "feature_spec.json").read_text())
+    assert spec["lineage"]["wall_time"] == meta["wall_time"]
+    # a checkpoint written before (epoch seconds) still loads, its time read in ms
+    old = read_checkpoint(ckpt) | {"wall_time": 1_700_000_000.5}
+    old.pop("path")
+    torch.save(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")[1]["wall_time"] == 1_700_000_000_500

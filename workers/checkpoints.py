@@ -91,6 +91,11 @@ def save_checkpoint(directory: Path, payload: dict[str, Any], keep: int) -> Path
     return path
 
 
+# below this a checkpoint's wall_time is epoch seconds (as written before it was ms): 1e11 s is the year 5138,
+# 1e11 ms is 1973, so no checkpoint time is read either way
+LEGACY_SECONDS = 1e11
+
+
 def read_checkpoint(path_or_dir: Path | str) -> dict[str, Any]:
     """The raw checkpoint dict (tensors and plain values only, so ``weights_only`` loading is safe)."""
     p = Path(path_or_dir)
@@ -103,6 +108,9 @@ def read_checkpoint(path_or_dir: Path | str) -> dict[str, Any]:
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{p}: not a {FORMAT} checkpoint (format {ckpt.get('format')!r})")
     ckpt["path"] = str(p)
+    wall = ckpt.get("wall_time")
+    if isinstance(wall, float) and wall < LEGACY_SECONDS:  # written in epoch seconds before: read in ms
+        ckpt["wall_time"] = round(wall * 1000)
     return ckpt
 
 

@@ -467,7 +467,7 @@ class Trainer:
         return {
             "format": FORMAT,
             "version": self.version,
-            "wall_time": time.time(),
+            "wall_time": int(time.time() * 1000),  # epoch ms like every time here (read_checkpoint: older in s)
             "model_config": m.cfg.to_dict() if m is not None else None,
             "model_state": m.state_dict() if m is not None else {},
             "optimizer_state": self.opt.state_dict() if self.opt is not None else {},

@@ -184,6 +184,7 @@ def write_safetensors(model: PreRanker, path: Path) -> None:
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"model_config": json.dumps(model.cfg.to_dict()), "format": EXPORT_FORMAT})
+    path.chmod(0o644)  # safetensors writes 0600; an export is for a serving team to read, like its spec
 
 
 def load_safetensors(directory: Path) -> PreRanker:
