@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from gpl.runtime.redact import install
 
     install(settings)  # URL credentials and configured secrets never reach a log line
-    if settings.metrics_port:
+    # only the commands that run stages serve /metrics and the probes: a one-shot command (replay, topics, dlq)
+    # run in the shell of a stack that exported GPL_METRICS_PORT must not take the stack's port (or die on it)
+    if settings.metrics_port and getattr(args, "serves_metrics", False):
         serve_http(settings.metrics_port, settings.metrics_host, stall_s=settings.health.stall_s)  # + probes
     from gpl.runtime.kafka_dist import KafkaUnavailable
 
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="simulation seed")
     d.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
     d.add_argument("--export-jsonl", type=Path, help="only write the simulated (funnel) events as JSONL and exit")
-    d.set_defaults(run=cmd_demo)
+    d.set_defaults(run=cmd_demo, serves_metrics=True)
 
     u = sub.add_parser("up", help="start the embedded stack (broker, topics, Qdrant engine) and keep it up",
                        description="Start the embedded stack; with --stages also run pipeline stages. Ctrl-C stops.")
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the embedded broker to this loopback port (default: a free one); clients then "
                         "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
     u.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
-    u.set_defaults(run=cmd_up)
+    u.set_defaults(run=cmd_up, serves_metrics=True)
 
     r = sub.add_parser("run", help="run one or more pipeline stages until interrupted",
                        description="Run stages (streams, indexer, anchors, labeler, trainer, calibration) against "
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage_options(r, f"stages to run: {', '.join(STAGES)} or all")
     r.add_argument("--embedded", action="store_true",
                    help="without kafka.bootstrap_servers, start the local broker (broker.kind; else: refused)")
-    r.set_defaults(run=cmd_run)
+    r.set_defaults(run=cmd_run, serves_metrics=True)
 
     rp = sub.add_parser("replay", help="replay a JSONL event file, or a time range of a topic",
                         description="Replay events into their topics at original pacing × --speed (0: as fast "
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-wait", type=float, default=60.0, metavar="SECONDS",
                     help="cap on any single pacing sleep, so idle gaps of months do not stall a replay; "
                          "0: no cap")
+    rp.add_argument("--index-wait", type=float, default=300.0, metavar="SECONDS",
+                    help="a file with items and events: after the items, wait up to this long for the stack's "
+                         "indexer to index them before sending the events; 0: no wait")
     rp.add_argument("--bootstrap", help="Kafka bootstrap servers to replay into (overrides kafka.bootstrap_servers)")
     rp.add_argument("--topics", nargs="*", help="only these topics of the file (default: all of them)")
     rp.add_argument("--topic", help="replay this existing topic instead of a file ...")
@@ -306,8 +311,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         print("gpl replay needs a broker: give --bootstrap or set GPL_KAFKA__BOOTSTRAP_SERVERS (see `gpl up`)",
               file=sys.stderr)
         return 2
-    if args.speed < 0 or args.max_wait < 0:
-        print("gpl replay: --speed and --max-wait must be >= 0", file=sys.stderr)
+    if args.speed < 0 or args.max_wait < 0 or args.index_wait < 0:
+        print("gpl replay: --speed, --max-wait and --index-wait must be >= 0", file=sys.stderr)
         return 2
     max_wait = args.max_wait or None
     if args.topic:
@@ -318,7 +323,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                               speed=args.speed, max_wait_s=max_wait, progress=progress(), create_target=True)
     elif args.file:
         counts = replay_jsonl(settings, args.file, speed=args.speed, topics=set(args.topics) if args.topics else None,
-                              max_wait_s=max_wait, progress=progress())
+                              max_wait_s=max_wait, progress=progress(), index_wait_s=args.index_wait)
     else:
         print("give a JSONL file or --topic/--to", file=sys.stderr)
         return 2
