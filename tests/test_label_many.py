@@ -134,6 +134,7 @@ def test_scoring_every_candidate_matches_a_plain_reference(micro: int) -> None:
     """top_n 10 + 30 drawn: every candidate is matched and gets features; the optimised path chooses the
     reference's items and gives its labels, weights and similarities (to the 6 decimals written)."""
     ctx, _ = synthetic(candidates=250, batches=0, items=3000, users=4, dtype="float32", top_n=10, seed=5)
+    ctx.cfg = ctx.cfg.model_copy(update={"send_anchor_cross": True})  # the student's input rides along
     ref_ctx, _ = synthetic(candidates=250, batches=0, items=3000, users=4, dtype="float32", top_n=10, seed=5)
     raws = _requests(ctx, 20, seed=11)
     want = _reference(ref_ctx, raws)

@@ -232,7 +232,8 @@ def test_sampling_top_n_random_cap_and_determinism() -> None:
 
 def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, AnchorBook, np.ndarray]) -> None:
     items, cache, ids = world
-    cfg = LabelerSettings(**MAP, top_n=5, random_n=5, cap=8, label_center=0.2, label_temperature=0.1)
+    cfg = LabelerSettings(**MAP, top_n=5, random_n=5, cap=8, label_center=0.2, label_temperature=0.1,
+                          send_anchor_cross=True)
     cand = ids[20:120].tolist()
     out, st = label_batch(_batch("u", cand, ts=4_000), cache, items, cfg)
     sb = SampleBatch.model_validate_json(out)  # the contract accepts what the fast encoder wrote
@@ -262,6 +263,9 @@ def test_label_batch_output_validates_with_lineage(world: tuple[ItemMatrix, Anch
         assert s.confidence is not None and set(s.confidence) == set(TERMS)
         assert s.weight == pytest.approx(math.prod(s.confidence.values()), abs=2e-6)
         assert all(0.0 <= v <= 1.0 for v in s.confidence.values())
+    plain = LabelerSettings(**{**cfg.model_dump(), "send_anchor_cross": False})  # the default: not sent
+    assert all(x.anchor_cross is None for x in SampleBatch.model_validate_json(
+        label_batch(_batch("u", cand, ts=4_000), cache, items, plain)[0]).samples)
     # a replay labels the same items with the same ids and values
     again, _ = label_batch(_batch("u", cand, ts=4_000), cache, items, cfg)
     assert again == out

@@ -36,15 +36,24 @@ LOOKUP_MAX_USERS = 100_000  # users whose anchor sets the trainer keeps (least r
 
 def anchor_cross(sims: np.ndarray) -> np.ndarray:
     """(m, 2) float32 [best, mean of the top two] of (m, K) cosines to the user's K anchors (K >= 1);
-    (m, 2) zeros when K = 0 (a user without anchors)."""
+    (m, 2) zeros when K = 0 (a user without anchors).
+
+    Column by column over a contiguous (K, m) copy (K is a few anchors): ~2 numpy calls per anchor on the
+    labeler's hot path, where ``np.partition`` along the short axis pays a per-row setup (~30 µs for 40 x 3)."""
     s = np.asarray(sims, np.float32)
     m = int(s.shape[0])
+    out = np.zeros((m, ANCHOR_CROSS_DIM), np.float32)
     if s.ndim != 2 or s.shape[1] == 0:
-        return np.zeros((m, ANCHOR_CROSS_DIM), np.float32)
-    if s.shape[1] == 1:
-        return np.repeat(s, 2, axis=1)
-    top = -np.partition(-s, 1, axis=1)[:, :2]  # the two largest, best first
-    return np.stack([top[:, 0], top.mean(axis=1)], axis=1).astype(np.float32)
+        return out
+    t = np.ascontiguousarray(s.T)
+    best = t[0].copy()
+    second = best.copy() if len(t) == 1 else np.full(m, -np.inf, np.float32)
+    for col in t[1:]:
+        np.maximum(second, np.minimum(best, col), out=second)
+        np.maximum(best, col, out=best)
+    out[:, 0] = best
+    out[:, 1] = (best + second) * np.float32(0.5)
+    return out
 
 
 def cross_of(anchors: np.ndarray | None, vectors: np.ndarray) -> np.ndarray:

@@ -259,6 +259,9 @@ class LabelerSettings(Section):
                        "candidates kept per request")
     random_n: int = Field(default=40, ge=0, description="uniform sample of the rest, kept per request")
     cap: int = Field(default=40, ge=1, description="max pseudo-labels per request")
+    send_anchor_cross: bool = Field(default=False, description="send each pseudo sample's anchor cross feature "
+                                    "(Sample.anchor_cross, ~10% of a request's labeling time); off: a trainer with "
+                                    "trainer.anchor_cross reads the anchors collection for them, as for real labels")
     wait_for_anchors_s: float = Field(default=120.0, ge=0, description="a batch waits this long for anchors")
     max_deferred: int = Field(default=10_000, ge=1, description="bound of batches waiting for anchors")
     keep_abstained: int = Field(

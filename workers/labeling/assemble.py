@@ -173,7 +173,8 @@ def choose(item_ids: np.ndarray, s_k: np.ndarray, sim: np.ndarray, p_all: np.nda
     w, terms = confidence(coherence=anchors.coherence, consistency=consistency, logprobs=anchors.logprobs,
                           matched=matched, p=p, cfg=cfg)
     # the student's input, from the same cosines (a stand-in set of a user without anchors gives zeros)
-    return Labeled(sel, s, p, w, matched, terms, kept, duplicate, prior, anchor_cross(s_sel))
+    cross = anchor_cross(s_sel) if cfg.send_anchor_cross else None
+    return Labeled(sel, s, p, w, matched, terms, kept, duplicate, prior, cross)
 
 
 def _once_per_item(sel: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
