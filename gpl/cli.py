@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in explain(e):
             print(f"gpl: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gpl.runtime.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)  # text, or one JSON object a line
     for noisy in ("aiokafka", "faust", "mode", "httpx", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     from gpl.runtime.health import serve_http

@@ -169,11 +169,14 @@ def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: Connecti
     """The child: build the stage over a reader index, run it in a thread, report until it ends."""
     from gpl.runtime.encoder import open_encoder
     from gpl.runtime.kafka import use_topic_names
+    from gpl.runtime.logs import configure_logging
+    from gpl.runtime.redact import install
     from gpl.stage_build import build_stage
 
     settings = Settings.model_validate_json(settings_json)
     use_topic_names(settings.kafka)  # a spawned process starts with the logical names: take the stack's
-    logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format, stage=name)
+    install(settings)  # the child's log lines are masked like the parent's (gpl/runtime/redact.py)
     error: list[str] = []
     with open_reader_index(settings) as index:
         try:

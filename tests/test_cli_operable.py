@@ -129,3 +129,26 @@ def test_up_says_ready_once_its_stages_hold_partitions(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@pytest.mark.integration
+def test_json_log_format_reaches_the_parent_and_the_stage_children(tmp_path: Path) -> None:
+    """GPL_LOG_FORMAT=json: every log line of `gpl up` and of its stage process is one JSON object."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")} | {
+        "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(tmp_path / "data"), "GPL_LABELER__LABEL_SOURCE": "map",
+        "GPL_LOG_FORMAT": "json", "GPL_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--stages", "labeler"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.strip() for ln in proc.stdout or ()), daemon=True).start()
+    try:
+        wait_for(lambda: any(ln.startswith("ready") for ln in lines) or proc.poll() is not None, 180, "ready")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    logged = [ln for ln in err.splitlines() if ln.strip()]
+    assert not [ln for ln in logged if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", ln)], err  # no text lines
+    records = [orjson.loads(ln) for ln in logged if ln.startswith("{")]
+    assert {"ts", "level", "logger", "msg", "pid"} <= set(records[0]), records[0]
+    assert any(r.get("stage") == "labeler" for r in records), err  # from the child process
+    assert any("stage" not in r for r in records), err  # from gpl up itself

@@ -394,6 +394,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".gpl"), description="broker logs, vector engine, checkpoints, models")
     log_level: str = "WARNING"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log line "
+                                                "(ts in ms, level, logger, msg, pid, stage); GPL_LOG_FORMAT=json")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0: no Prometheus endpoint")
     metrics_host: str = Field(default="0.0.0.0", description="address the Prometheus endpoint binds; all "
                               "interfaces so a scraper in another container or pod reaches it, 127.0.0.1 to "
