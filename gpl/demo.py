@@ -38,6 +38,7 @@ from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.jsonl import write_events
+from schemas.topics import SAMPLES
 from schemas.wire import payload
 from streams.join import OUTCOMES
 
@@ -260,7 +261,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
 
     st = stages.stages
     probe = consumer(settings.kafka, "demo-probe")
-    samples_parts = [TopicPartition("samples", p) for p in range(settings.kafka.partitions)]
+    samples_parts = [TopicPartition(SAMPLES.name, p) for p in range(settings.kafka.partitions)]
     total_in = produced.get("recall", 0) + produced.get("exposure", 0)
     bar = tqdm(total=total_in, desc="pipeline", unit="event", disable=not progress, position=1)
     deadline = time.monotonic() + timeout
@@ -370,7 +371,7 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
     from gpl.runtime.kafka import consumer
 
     c = consumer(settings.kafka, f"demo-stats-{time.monotonic_ns()}")
-    parts = [TopicPartition("samples", p, 0) for p in range(settings.kafka.partitions)]
+    parts = [TopicPartition(SAMPLES.name, p, 0) for p in range(settings.kafka.partitions)]
     ends = {p.partition: c.get_watermark_offsets(p, timeout=10)[1] for p in parts}
     c.assign(parts)
     pos = {p: 0 for p in ends}
