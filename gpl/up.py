@@ -64,6 +64,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             print("profile   " + " ".join(f"{k}={v}" for k, v in env.items()))
         print(f"qdrant    {mask_url(settings.qdrant.url) or settings.data_dir / 'qdrant'}")
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
+        calibrated = settings.labeler.label_source == "calibrator"
+        if "labeler" in names and calibrated and not settings.calibrator_file.is_file():
+            from workers.labeling.abstention import missing_calibrator_hint
+
+            print(f"hint      {missing_calibrator_hint(settings)}")  # the first run on a user's own events
         # one parseable line once everything is up: scripts wait for it
         return _run_stages(stack, names, ready=f"ready     bootstrap={bootstrap} metrics={metrics}")
 

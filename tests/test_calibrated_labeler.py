@@ -8,6 +8,7 @@ Items live in the numpy twin of the vector index (tests/helpers.py ``item_index`
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -43,12 +44,15 @@ def calibrated(settings: Settings) -> Settings:
     return settings.with_overrides(labeler={"label_source": "calibrator", "random_n": 4, "cap": 4})
 
 
-def test_abstains_holds_then_relabels_when_the_calibrator_is_written(calibrated: Settings) -> None:
+def test_abstains_holds_then_relabels_when_the_calibrator_is_written(calibrated: Settings,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     s = calibrated
     assert not s.calibrator_file.exists()
     labeler = Labeler(s, _index(s))
-    with running(labeler, "labeler"):
+    with running(labeler, "labeler"), caplog.at_level(logging.ERROR, logger="workers.labeler"):
         wait_for(lambda: _abstaining() == 1, 20, "the abstaining gauge at 1")
+        # the first-run hint: what is missing and the one command that fits it
+        assert any("labeler abstains" in r.getMessage() and "calibrate DIR" in r.getMessage() for r in caplog.records)
         produce(s, "anchors", [_anchors(s, "u1", ["running shoes"]), _anchors(s, "u2", ["fantasy dragons"])])
         produce(s, "unexposed", [_batch("u1", "r0"), _batch("u2", "r1"), _batch("u1", "r2"), _batch("u2", "r3")])
         wait_for(lambda: len(labeler.held) == 4, 30, "four batches held while abstaining")

@@ -21,8 +21,8 @@ Bounded memory: at most ``labeler.max_deferred`` batches wait. A batch that woul
 not taken: its partition is paused and rewound to it (``seek``), and resumed when the queue has room
 (timeouts and arriving anchors drain it). Batches of other partitions keep flowing.
 
-Offsets: ``unexposed`` commits stop at the oldest batch still deferred on each partition, so a crash
-re-reads deferred work (sample ids are deterministic, the trainer drops repeats). ``anchors`` is a
+Offsets: ``unexposed`` commits stop at the oldest batch still deferred (or held) on each partition, so a
+crash re-reads that work (sample ids are deterministic, the trainer drops repeats). ``anchors`` is a
 compacted table, not a queue: it is read from the beginning on every assignment and never committed,
 so a restarted labeler rebuilds its cache.
 

@@ -98,6 +98,6 @@ def missing_calibrator_hint(settings: Settings) -> str:
     """The first-run hint: what the labeler does without a calibrator, and the one command that fits one."""
     keep = settings.labeler.keep_abstained
     return (f"no calibrator at {settings.calibrator_file}: the labeler abstains (no pseudo-labels) until one is "
-            f"fitted; fit it on your event file: `gpl calibrate DIR` (DIR holds it as events.jsonl). It is loaded "
-            f"as soon as it is written, and the last {keep} batches abstained on are relabelled "
-            f"(labeler.keep_abstained)")
+            f"fitted; fit it on your event file: `gpl --data-dir {settings.data_dir} calibrate DIR` (DIR holds the "
+            f"file as events.jsonl). It is loaded as soon as it is written, and the last {keep} batches abstained "
+            f"on are relabelled (labeler.keep_abstained)")
