@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from qdrant_client import QdrantClient
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import create_topics
 from gpl.runtime.metrics_relay import RELAYED, metrics_route
@@ -138,10 +138,10 @@ def test_gpl_up_answers_for_a_stage_in_its_child_process(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
 
 
-def test_a_child_that_dies_takes_its_stage_down(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_a_child_that_dies_takes_its_stage_down(tmp_path: Path, broker: Broker) -> None:
     """Live and ready while the child works; killed, the stage is crashed (not live, not ready) and its
     relayed metrics are gone with it."""
-    s = make_settings(tmp_path, fresh_broker, kafka={"lag_interval_s": 0.5})
+    s = make_settings(tmp_path, broker, kafka={"lag_interval_s": 0.5})
     create_topics(s.kafka)
     labeler = ProcessStage("labeler", s)
     try:
@@ -177,12 +177,12 @@ def _recall_before_items(s: Any, proc: Any) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("catalogue", ["snapshot", "qdrant"])
-def test_no_item_catalogue_yet_is_the_unknown_items_case(tmp_path: Path, fresh_broker: EmbeddedBroker,
+def test_no_item_catalogue_yet_is_the_unknown_items_case(tmp_path: Path, broker: Broker,
                                                           catalogue: str) -> None:
     """Streams started before the indexer: no item snapshot (the child-process layout), or no collection
     on the Qdrant server (qdrant-client's local mode standing in). Without the fix the recall and the
     exposure are dead-lettered as ``processing_error`` (a KeyError: "no snapshot of collection ...")."""
-    s = make_settings(tmp_path, fresh_broker, partitions=1, streams={"join_wait_s": 30.0})
+    s = make_settings(tmp_path, broker, partitions=1, streams={"join_wait_s": 30.0})
     create_topics(s.kafka)
     if catalogue == "snapshot":
         with Stack(s) as stack:

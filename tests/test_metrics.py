@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.runtime import metrics
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import Accounting, create_topics
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
@@ -21,6 +21,12 @@ from gpl.stack import Stages
 from schemas.events import ItemEvent
 from tests.conftest import make_settings
 from tests.helpers import item_index, produce, running, wait_for
+
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
 
 
 def _free_port() -> int:
@@ -132,12 +138,12 @@ def test_stage_up_gauge_drops_when_a_stage_dies() -> None:
 
 
 @pytest.mark.integration
-def test_streams_stage_exports_its_group_lag(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_streams_stage_exports_its_group_lag(tmp_path: Path, broker: Broker) -> None:
     """The faust stage's lag is read for its own group (app id) and falls to 0 once it committed."""
     from streams.app import StreamsProcessor
     from tests.test_streams import ITEMS, exposure, recall
 
-    s = make_settings(tmp_path, fresh_broker, partitions=1, kafka={"lag_interval_s": 0.5},
+    s = make_settings(tmp_path, broker, partitions=1, kafka={"lag_interval_s": 0.5},
                       streams={"join_wait_s": 2.0, "debounce_s": 0})
     create_topics(s.kafka)
     proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))

@@ -7,7 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import consumer, create_topics
 from streams.app import StreamsProcessor
 from streams.join import DONE, RECALL, Pending
@@ -18,11 +18,11 @@ from tests.helpers import records as read_records
 from tests.test_streams import ITEMS, exposure, recall
 
 
-def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, fresh_broker: EmbeddedBroker) -> None:
+def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, broker: Broker) -> None:
     """20 requests joined within the coalescing window: the join table's changelog gets fewer than the 40
     records faust would write (recall, then marker), each request's last record is its DONE marker, and a
     second worker recovers the markers: the same recalls sent again are duplicates, not new requests."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2,
+    s = make_settings(tmp_path, broker, partitions=2,
                       streams={"join_wait_s": 120.0, "changelog_coalesce_ms": 60_000})
     create_topics(s.kafka)
     index = item_index(ITEMS, s.encoder.collection)
@@ -47,17 +47,17 @@ def test_joined_requests_leave_their_marker_not_their_recall(tmp_path: Path, fre
     assert second.accounting["joined"] == 0
 
 
-def test_full_batches_queue_and_keep_partition_order(fresh_broker: EmbeddedBroker, tmp_path: Path) -> None:
+def test_full_batches_queue_and_keep_partition_order(broker: Broker, tmp_path: Path) -> None:
     """With one record per batch (the embedded broker's remedy) a send to a partition whose batch is full
     queues a new batch instead of waiting for the broker: many batches wait at once, and every partition
     still gets its records in the order they were sent."""
-    s = make_settings(tmp_path, fresh_broker, partitions=2)
+    s = make_settings(tmp_path, broker, partitions=2)
     create_topics(s.kafka, ["ordered"])
     n = 3000
     queued: list[int] = []
 
     async def send_all() -> None:
-        p = QueueingProducer(bootstrap_servers=fresh_broker.bootstrap, max_batch_size=1, linger_ms=0)
+        p = QueueingProducer(bootstrap_servers=broker.bootstrap, max_batch_size=1, linger_ms=0)
         await p.start()
         try:
             acc = p._message_accumulator
