@@ -17,15 +17,7 @@ import torch
 from workers.sid.beam import SIDTrie, beam_search
 from workers.sid.evaluate import evaluate_sid
 from workers.sid.generator import BOS, SIDAnchorGenerator
-from workers.sid.rqvae import (
-    RQVAEConfig,
-    SIDTokenizer,
-    build_tokenizer,
-    code_usage,
-    collision_stats,
-    disambiguate,
-    train_rqvae,
-)
+from workers.sid.rqvae import RQVAEConfig, train_rqvae
 from workers.sid.sequence_model import (
     GeneratorConfig,
     SIDTransformer,
@@ -35,6 +27,7 @@ from workers.sid.sequence_model import (
     train_generator,
 )
 from workers.sid.split import leave_last_out
+from workers.sid.tokenizer import SIDTokenizer, build_tokenizer, code_usage, collision_stats, disambiguate
 
 DIM = 32
 N_ITEMS = 384

@@ -23,9 +23,10 @@ from workers.anchors import AnchorWorker
 from workers.sid.beam import SIDTrie, beam_search, beam_search_many
 from workers.sid.decode import extend, prefill, reorder
 from workers.sid.generator import SIDAnchorGenerator
-from workers.sid.rqvae import RQVAE, RQVAEConfig, SIDTokenizer, build_tokenizer
+from workers.sid.rqvae import RQVAE, RQVAEConfig
 from workers.sid.sequence_model import BOS, GeneratorConfig, SIDTransformer, save_generator
 from workers.sid.source import SIDAnchorSource, SIDArtifactError, load_sid_generator
+from workers.sid.tokenizer import SIDTokenizer, build_tokenizer
 from workers.vector_anchors import ContentAnchorSource, VectorAnchorSource, cluster_count, spherical_kmeans
 
 TOPICS = ["running shoes trail", "fantasy dragons novel", "cast iron cooking", "jazz vinyl records"]

@@ -113,7 +113,8 @@ def train_tokenizer(settings: Settings, out_dir: Path | None = None, epochs: int
                     batch_size: int = 1024, lr: float = 3e-3, latent_dim: int = 64, seed: int = 0,
                     threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the RQ-VAE on the catalogue's frozen vectors, assign SIDs, save; returns the metrics."""
-    from workers.sid.rqvae import RQVAEConfig, build_tokenizer, train_rqvae
+    from workers.sid.rqvae import RQVAEConfig, train_rqvae
+    from workers.sid.tokenizer import build_tokenizer
 
     _threads(threads)
     out = out_dir or sid_artifacts(settings)
@@ -143,10 +144,10 @@ def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int
     """
     from gpl.simulate import load_movielens
     from gpl.simulate.movielens import positive_sequences
-    from workers.sid.rqvae import SIDTokenizer
     from workers.sid.sequence_model import GeneratorConfig, save_generator
     from workers.sid.sequence_model import train_generator as fit
     from workers.sid.split import leave_last_out
+    from workers.sid.tokenizer import SIDTokenizer
 
     _threads(threads)
     out = out_dir or sid_artifacts(settings)

@@ -42,8 +42,9 @@ from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.history import recent_distinct
 from workers.labeling.anchor_book import UserAnchors
 from workers.sid.generator import SIDAnchorGenerator
-from workers.sid.rqvae import TOKENIZER_FILE, RQVAEConfig, SIDTokenizer, build_tokenizer, train_rqvae
+from workers.sid.rqvae import RQVAEConfig, train_rqvae
 from workers.sid.sequence_model import GENERATOR_FILE, load_generator, save_generator, train_generator
+from workers.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer, build_tokenizer
 from workers.vector_anchors import ContentAnchorSource
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Semantic-ID anchors (docs/design.md §2, the paper's own route), trained from scratch on CPU.
 
-* :mod:`workers.sid.rqvae` — an RQ-VAE tokenizer: every item vector gets a hierarchical semantic ID
-  (3 residual codes + a collision suffix), and any 3-level code decodes back into the frozen space.
+* :mod:`workers.sid.rqvae` — an RQ-VAE: every item vector gets a hierarchical semantic ID (3 residual
+  codes), and any 3-level code decodes back into the frozen space; :mod:`workers.sid.tokenizer` — the
+  trained model plus the catalogue's SID table (with a collision suffix), saved and loaded as one artifact.
 * :mod:`workers.sid.generator` — a small causal transformer over users' positive SID sequences and a
   beam search constrained to the SIDs that exist; :class:`~workers.sid.generator.SIDAnchorGenerator`
   turns a history of item ids into K anchor vectors with their sequence log-probs.

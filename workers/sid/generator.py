@@ -58,8 +58,8 @@ from typing import Any
 import numpy as np
 
 from workers.sid.beam import SIDTrie, beam_search_many, sid_string
-from workers.sid.rqvae import SIDTokenizer
 from workers.sid.sequence_model import BOS, SIDTransformer, _state_hash, item_tokens, load_generator
+from workers.sid.tokenizer import SIDTokenizer
 
 
 class SIDAnchorGenerator:

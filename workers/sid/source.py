@@ -19,8 +19,8 @@ import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
 from workers.sid.generator import SIDAnchorGenerator
-from workers.sid.rqvae import TOKENIZER_FILE, SIDTokenizer
 from workers.sid.sequence_model import GENERATOR_FILE, load_generator
+from workers.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer
 from workers.vector_anchors import VectorAnchors
 
 HINT = "train it with `gpl anchors train-tokenizer` then `gpl anchors train-generator`"
