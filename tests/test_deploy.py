@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel
 
 from gpl.runtime.settings import Settings, load
-from schemas.topics import TOPICS, all_topic_names
+from schemas.topics import Naming, all_topic_names, app_id, by_name, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
@@ -50,7 +50,7 @@ CONSUMED = {
     "anchors": ("anchor-requests",),
     "labeler": ("unexposed",),
 }
-OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/prod-gpu-workers")
+OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/prod-gpu-workers", "overlays/shared-cluster")
 
 # Settings fields that deploy files already use but the settings model does not have yet. Allowed
 # only while the field is missing; once it lands it is checked like every other name.
@@ -797,8 +797,13 @@ def test_validation_rejects_typos(rendered) -> None:
 def test_topics_match_the_contracts(rendered, overlay: str) -> None:
     resources = rendered[overlay]
     topics = {t["spec"]["topicName"]: t for t in _find(resources, "KafkaTopic")}
-    assert sorted(topics) == sorted(all_topic_names()), "KafkaTopics must be exactly schemas/topics.py + DLQs"
     settings = _settings_map(resources)
+    before = configure(Naming(settings.get("GPL_KAFKA__TOPIC_PREFIX", "")))  # the names the stages will use
+    try:
+        assert sorted(topics) == sorted(all_topic_names()), "KafkaTopics must be exactly schemas/topics.py + DLQs"
+        specs = {name: by_name(name) for name in topics}
+    finally:
+        configure(before)
     partitions = int(settings["GPL_KAFKA__PARTITIONS"])
     replication = int(settings["GPL_KAFKA__REPLICATION_FACTOR"])
     brokers = sum(
@@ -811,7 +816,7 @@ def test_topics_match_the_contracts(rendered, overlay: str) -> None:
         assert spec["replicas"] <= brokers, f"{name}: more replicas than brokers"
         min_isr = int(spec.get("config", {}).get("min.insync.replicas", 1))
         assert min_isr <= spec["replicas"] and (spec["replicas"] == 1 or min_isr < spec["replicas"]), name
-        base = TOPICS.get(name.removesuffix(".dlq"))
+        base = specs[name]
         compacted = spec.get("config", {}).get("cleanup.policy") == "compact"
         assert compacted == bool(base and base.compacted and not name.endswith(".dlq")), (
             f"{name}: cleanup.policy"
@@ -826,6 +831,25 @@ def test_topics_match_the_contracts(rendered, overlay: str) -> None:
     assert ("authentication" in listener) == sasl
     roles = {r for p in _find(resources, "KafkaNodePool") for r in p["spec"]["roles"]}
     assert roles == {"controller", "broker"}, "KRaft: controllers and brokers in node pools"
+
+
+def test_shared_cluster_overlay_names_no_topic_outside_its_prefix(rendered) -> None:
+    """overlays/shared-cluster: the stages' prefix (GPL_KAFKA__TOPIC_PREFIX), every KafkaTopic and every KEDA
+    trigger agree; the streams trigger watches faust's group, the streams app id under the prefix."""
+    resources = rendered["overlays/shared-cluster"]
+    prefix = _settings_map(resources)["GPL_KAFKA__TOPIC_PREFIX"]
+    assert prefix and prefix != Settings().kafka.topic_prefix
+    names = [t["spec"]["topicName"] for t in _find(resources, "KafkaTopic")]
+    assert names and [n for n in names if not n.startswith(prefix)] == []
+    triggers = [tr["metadata"] for so in _find(resources, "ScaledObject") for tr in so["spec"]["triggers"]]
+    assert triggers and all(tr["topic"] in names for tr in triggers), triggers
+    before = configure(Naming(prefix))
+    try:
+        streams_group = app_id(Settings().streams.app_id)
+    finally:
+        configure(before)
+    groups = {tr["consumerGroup"] for tr in triggers if tr["topic"].endswith(("recall", "exposure"))}
+    assert groups == {streams_group}, groups
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -855,9 +879,10 @@ def test_keda_never_scales_past_the_partitions(rendered, overlay: str) -> None:
         stage = target.removeprefix("gpl-")
         if stage in CONSUMED:
             s = Settings()
-            group = s.streams.app_id if stage == "streams" else f"{s.kafka.group_prefix}-{stage}"
+            prefix = settings.get("GPL_KAFKA__TOPIC_PREFIX", "")  # the streams app id and topics go under it
+            group = prefix + s.streams.app_id if stage == "streams" else f"{s.kafka.group_prefix}-{stage}"
             assert {t["metadata"]["consumerGroup"] for t in spec["triggers"]} == {group}
-            assert {t["metadata"]["topic"] for t in spec["triggers"]} == set(CONSUMED[stage])
+            assert {t["metadata"]["topic"] for t in spec["triggers"]} == {prefix + t for t in CONSUMED[stage]}
             assert all(t["metadata"]["allowIdleConsumers"] == "false" for t in spec["triggers"])
 
 
@@ -997,6 +1022,7 @@ def test_gpu_workloads(rendered, overlay: str) -> None:
         "overlays/dev": set(),
         "overlays/prod": {"gpl-vllm"},
         "overlays/prod-gpu-workers": {"gpl-anchors"},
+        "overlays/shared-cluster": set(),
     }[overlay]
     assert set(gpu) == expected
     for name, dep in gpu.items():
