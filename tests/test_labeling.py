@@ -1,4 +1,4 @@
-"""Pure labeler logic (workers/labeling.py): no broker, numpy twins of the stores.
+"""Pure labeler logic (workers/labeling/): no broker, numpy twins of the stores.
 
 What is pinned here: scores equal a brute-force double loop, the label map is monotone and can be
 calibrated, every confidence term can be switched off, sampling is exact and reproducible, and the
