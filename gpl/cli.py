@@ -114,13 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     # run in the shell of a stack that exported GPL_METRICS_PORT must not take the stack's port (or die on it)
     if settings.metrics_port and getattr(args, "serves_metrics", False):
         serve_http(settings.metrics_port, settings.metrics_host, stall_s=settings.health.stall_s)  # + probes
-    from gpl.runtime.kafka_dist import KafkaUnavailable
+    from gpl.oneline import run_command
 
-    try:
-        return int(args.run(args, settings) or 0)
-    except KafkaUnavailable as e:  # no Java or Maven: one line that says what to install
-        print(f"gpl: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.run, args, settings)  # fixable failures in one line, a closed pipe quietly
 
 
 BROKER_HELP = ("the local broker to start: embedded (Tansu, from PyPI) or kafka (Apache Kafka; needs Java 17+ "

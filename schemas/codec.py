@@ -14,7 +14,7 @@ from typing import TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import DeadLetter
+from schemas.events import REDRIVE_HEADER, DeadLetter
 from schemas.wire import FrameError, is_framed, unframe
 
 M = TypeVar("M", bound=BaseModel)
@@ -67,10 +67,15 @@ def dead_letter(
     reason: str,
     stage: str,
     max_bytes: int | None = None,
+    redrives: int = 0,
 ) -> DeadLetter:
     """The DLQ record of one input. With ``max_bytes`` (the producer's message limit) an original whose
     record would not fit keeps only its first bytes, plus its size and sha256: a dead letter that the
-    producer refuses is a message that ends nowhere, and the stage would fail on it again after a restart."""
+    producer refuses is a message that ends nowhere, and the stage would fail on it again after a restart.
+    A record that ``gpl dlq redrive`` sent (``redrives`` > 0, from :func:`redrive_count`) and that failed
+    again is ``redrive_exhausted`` whatever went wrong; the first reason leads its error text."""
+    if redrives > 0:
+        error, reason = f"{reason} after {redrives} redrive(s): {error}", "redrive_exhausted"
     raw = value or b""
     original_size: int | None = None
     digest: str | None = None
@@ -91,4 +96,20 @@ def dead_letter(
         ts=int(time.time() * 1000),
         original_size=original_size,
         sha256=digest,
+        redrives=redrives or None,
     )
+
+
+def redrive_count(headers: object) -> int:
+    """The redrive count a record carries in its headers (0: none, or unreadable); headers as the clients
+    give them: confluent-kafka's list of (name, bytes) or None, faust's list of pairs or dict."""
+    if not headers:
+        return 0
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    try:
+        for name, value in pairs:  # type: ignore[attr-defined]
+            if name == REDRIVE_HEADER:
+                return max(0, int(bytes(value).decode("ascii")))
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return 0
+    return 0

@@ -56,7 +56,7 @@ from gpl.runtime.metrics import JOIN_PENDING
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError, dead_letter, decode
+from schemas.codec import DecodeError, dead_letter, decode, redrive_count
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, app_id, expiry_topic
 from streams.catalog import Catalog, UnknownItems
@@ -465,7 +465,9 @@ class StreamsProcessor:
     async def dead_letter(self, m: Any, e: Exception, reason: str) -> None:
         dl = dead_letter(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
                          error=f"{type(e).__name__}: {e}" if reason == "processing_error" else str(e),
-                         reason=reason, stage=STAGE, max_bytes=self.dlq_max_bytes)
+                         reason=reason, stage=STAGE, max_bytes=self.dlq_max_bytes,
+                         redrives=redrive_count(getattr(m, "headers", None)))
+        reason = dl.reason  # redrive_exhausted for a redriven record that failed again
         topic = self.dlq.get(m.topic)
         if topic is None:  # the internal expiry topic has no DLQ: its messages are re-derived from the table
             self.accounting.add(f"internal_error:{reason}")

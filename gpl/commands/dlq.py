@@ -10,8 +10,11 @@ reason, the error and the origin topic/partition/offset.
   ``--yes`` it commits its position in the consumer group ``<group_prefix>-dlq-redrive-<dlq>-<reason>``
   after the re-produced messages are flushed, so a second run starts after them and redrives nothing
   twice. The group is per reason filter: redriving ``--reason unknown_items`` today and ``--reason
-  schema`` tomorrow each see their whole DLQ. A redriven message that fails again is dead-lettered
-  again, as a new dead letter.
+  schema`` tomorrow each see their whole DLQ. Each record sent carries the header ``gpl-redrive-count``
+  (the original's redrives + 1); a stage that fails on it again dead-letters it as ``redrive_exhausted``
+  with that count, and redrive skips a dead letter already redriven ``--max-redrives`` times
+  (``past_limit``) or already sent by a run with another filter (``already_redriven``: the other redrive
+  groups' committed positions say so), so a still-broken message is not sent round again and again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from gpl.runtime.kafka import commit_offsets, consumer, producer
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError
-from schemas.events import DeadLetter
+from schemas.events import DLQ_REASONS, REDRIVE_HEADER, DeadLetter
 from schemas.topics import TOPICS, by_name
 from schemas.wire import is_framed, unframe
 
@@ -45,14 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     act = d.add_subparsers(metavar="ACTION")
     sh = act.add_parser("show", help="table of recent dead letters of a topic")
     sh.add_argument("topic", help="origin topic (recall) or its DLQ (recall.dlq)")
-    sh.add_argument("--reason", default="", help="only this reason (malformed_json, schema, ...)")
+    sh.add_argument("--reason", default="", help=f"only this reason: {', '.join(DLQ_REASONS)}")
     sh.add_argument("--limit", type=int, default=20, help="most recent N (default %(default)s)")
     sh.add_argument("--json", action="store_true", help="one JSON object per dead letter instead of a table")
+    sh.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     sh.set_defaults(run=run_show)
     rd = act.add_parser("redrive", help="re-produce dead letters' original bytes to their origin topic")
     rd.add_argument("topic", help="origin topic (recall) or its DLQ (recall.dlq)")
-    rd.add_argument("--reason", default="", help="only this reason")
+    rd.add_argument("--reason", default="", help="only this reason (gpl dlq show --help lists them)")
     rd.add_argument("--yes", action="store_true", help="really send and commit (default: a dry run that counts)")
+    rd.add_argument("--max-redrives", type=int, default=1,
+                    help="skip a dead letter whose original was already redriven this many times")
+    rd.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     rd.set_defaults(run=run_redrive)
 
 
@@ -136,19 +143,23 @@ def recent(settings: Settings, topic: str, reason: str = "", limit: int = 20) ->
     return found[-limit:] if limit > 0 else found
 
 
-def _no_broker(settings: Settings) -> bool:
-    if settings.kafka.bootstrap_servers:
-        return False
-    print("set kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS; `gpl up` prints the embedded one)",
-          file=sys.stderr)
-    return True
+def _checked(args: argparse.Namespace, settings: Settings) -> str:
+    """The DLQ topic of the command, after the checks that need no broker and then a live broker."""
+    from gpl.oneline import OperatorError, require_broker
+
+    if args.reason and args.reason not in DLQ_REASONS:
+        raise OperatorError(f"unknown reason {args.reason!r}; the reasons are: {', '.join(DLQ_REASONS)}")
+    try:
+        topic = dlq_name(args.topic)
+    except ValueError as e:
+        raise OperatorError(str(e)) from None
+    require_broker(settings)
+    return topic
 
 
 def run_show(args: argparse.Namespace, settings: Settings) -> int:
-    if _no_broker(settings):
-        return 2
+    topic = _checked(args, settings)
     try:
-        topic = dlq_name(args.topic)
         letters = recent(settings, topic, args.reason, args.limit)
     except ValueError as e:
         print(e, file=sys.stderr)
@@ -159,28 +170,31 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
             print(orjson.dumps({"dlq_partition": x.partition, "dlq_offset": x.offset, **row,
                                 "preview": preview(x.letter.value) if x.letter else ""}).decode())
         return 0
-    print(f"{'time (UTC)':19}  {'reason':16}  {'origin':24}  {'stage':10}  {'error':40}  payload")
+    # the error last and whole: its useful part (which field, which item) is often past any fixed width
+    print(f"{'time (UTC)':19}  {'reason':17}  {'origin':24}  {'stage':10}  {'payload':{PREVIEW}}  error")
     for x in letters:
         if x.letter is None:
-            print(f"{'?':19}  {'unreadable':16}  {f'{topic}[{x.partition}]@{x.offset}':24}  {'':10}  {x.error}")
+            print(f"{'?':19}  {'unreadable':17}  {f'{topic}[{x.partition}]@{x.offset}':24}  {'':10}  "
+                  f"{'':{PREVIEW}}  {x.error}")
             continue
         d = x.letter
         when = datetime.fromtimestamp(d.ts / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
         origin = f"{d.topic}[{d.partition}]@{d.offset}"
         error = d.error.replace("\n", " ")
-        error = error if len(error) <= 40 else error[:39] + "…"
-        print(f"{when:19}  {d.reason:16}  {origin:24}  {d.stage:10}  {error:40}  {preview(d.value)}")
+        print(f"{when:19}  {d.reason:17}  {origin:24}  {d.stage:10}  {preview(d.value):{PREVIEW}}  {error}")
     print(f"{len(letters)} dead letters shown", file=sys.stderr)
     return 0
 
 
 # ---------------------------------------------------------------------------------------- redrive
-def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = False) -> dict[str, int]:
+def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = False,
+            max_redrives: int = 1) -> dict[str, int]:
     """Re-produce the matching dead letters of ``topic`` (a DLQ) from the group's committed position.
 
     Returns counts: ``scanned``, ``matched``, ``redriven`` (0 in a dry run), ``unreadable``,
-    ``foreign_origin`` (claims another origin topic: never sent) and ``reason:<r>`` per matched reason.
-    Offsets are committed only with ``yes``, after the flush.
+    ``foreign_origin`` (claims another origin topic: never sent), ``past_limit`` (redriven
+    ``max_redrives`` times already), ``already_redriven`` (sent by a run with another filter) and
+    ``reason:<r>`` per matched reason. Offsets are committed only with ``yes``, after the flush.
     """
     group = f"dlq-redrive-{topic}-{reason or 'all'}"
     origin = topic.removesuffix(".dlq")
@@ -190,6 +204,7 @@ def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = Fal
     nxt: dict[tuple[str, int], int] = {}
     try:
         parts = partitions(c, topic)
+        others = other_runs(settings, topic, parts, reason or "all")
         start = {}
         for tp in c.committed([TopicPartition(topic, q) for q in parts], timeout=10):
             low = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)[0]
@@ -206,11 +221,18 @@ def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = Fal
             if d.topic != origin:  # a record that claims another origin is not this DLQ's to send there
                 counts["foreign_origin"] += 1
                 continue
+            if (d.redrives or 0) >= max_redrives:
+                counts["past_limit"] += 1
+                continue
+            if any(f in ("all", d.reason) and o.get(x.partition, -1) > x.offset for f, o in others.items()):
+                counts["already_redriven"] += 1
+                continue
             counts["matched"] += 1
             counts[f"reason:{d.reason}"] += 1
             if p is not None:
                 key = d.key.encode() if d.key is not None else None
-                p.produce(origin, base64.b64decode(d.value), key=key)
+                p.produce(origin, base64.b64decode(d.value), key=key,
+                          headers=[(REDRIVE_HEADER, str((d.redrives or 0) + 1).encode())])
                 p.poll(0)
                 counts["redriven"] += 1
         if p is not None:
@@ -222,12 +244,30 @@ def redrive(settings: Settings, topic: str, reason: str = "", *, yes: bool = Fal
     return {"scanned": 0, "matched": 0, "redriven": 0} | dict(counts)
 
 
+def other_runs(settings: Settings, topic: str, parts: list[int], own: str) -> dict[str, dict[int, int]]:
+    """filter (a reason, or ``all``) → partition → next offset committed by the other redrive groups of
+    ``topic``: a dead letter below such a position, of a reason that group's filter matches, was sent."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka.admin import AdminClient
+
+    prefix = f"{settings.kafka.group_prefix}-dlq-redrive-{topic}-"
+    admin = AdminClient({**settings.kafka.client_config(), "log_level": 0})
+    listed = admin.list_consumer_groups(request_timeout=10).result(timeout=15)
+    out: dict[str, dict[int, int]] = {}
+    for g in listed.valid:
+        f = g.group_id.removeprefix(prefix)
+        if not g.group_id.startswith(prefix) or f == own:
+            continue
+        req = [ConsumerGroupTopicPartitions(g.group_id, [TopicPartition(topic, q) for q in parts])]
+        got = admin.list_consumer_group_offsets(req)[g.group_id].result(timeout=15)
+        out[f] = {tp.partition: tp.offset for tp in got.topic_partitions or [] if tp.offset >= 0}
+    return out
+
+
 def run_redrive(args: argparse.Namespace, settings: Settings) -> int:
-    if _no_broker(settings):
-        return 2
+    topic = _checked(args, settings)
     try:
-        topic = dlq_name(args.topic)
-        counts = redrive(settings, topic, args.reason, yes=args.yes)
+        counts = redrive(settings, topic, args.reason, yes=args.yes, max_redrives=args.max_redrives)
     except (ValueError, RuntimeError) as e:
         print(e, file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

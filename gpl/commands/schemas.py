@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -71,7 +72,7 @@ def run_register(args: argparse.Namespace, settings: Settings) -> int:
         subj = known[topic][0]
         try:
             if args.compatibility:
-                client.set_compatibility(subject_name=subj, level=args.compatibility)
+                _set_compatibility(client, settings, subj, args.compatibility)
             schema_id = client.register_schema(subj, registry_schema(topic))
             version = client.lookup_schema(subj, registry_schema(topic)).version
         except SchemaRegistryError as e:
@@ -81,6 +82,24 @@ def run_register(args: argparse.Namespace, settings: Settings) -> int:
         level = args.compatibility or "(registry default)"
         print(f"{subj}: id {schema_id}, version {version}, compatibility {level}")
     return 1 if failed else 0
+
+
+def _set_compatibility(client: Any, settings: Settings, subject: str, level: str) -> None:
+    """Set a subject's level; confluent's in-memory registry (mock://) has no such endpoint and fails with
+    an HTTP error about the URL scheme, which says nothing useful: it is refused in one line instead."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    from gpl.oneline import OperatorError
+
+    try:
+        client.set_compatibility(subject_name=subject, level=level)
+    except SchemaRegistryError:
+        raise
+    except Exception:
+        if settings.schema_registry.url.startswith("mock://"):
+            raise OperatorError("the mock registry (mock://) keeps no compatibility levels: drop --compatibility, "
+                                "or use a real registry URL") from None
+        raise
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Every topic of schemas/topics.py with its record type, key, cleanup policy "
                                    "and DLQ; with kafka.bootstrap_servers set also its partition count on the "
                                    "broker (or 'missing').")
+    ls.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     ls.set_defaults(run=cmd_list)
     cr = tp.add_parser("create", help="create topics with the project's partition count",
                        description="Create the named topics (default: every registry topic and its DLQ) with "
@@ -49,6 +50,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     if settings.kafka.bootstrap_servers:
         from confluent_kafka.admin import AdminClient
 
+        from gpl.oneline import require_broker
+
+        require_broker(settings)  # an unreachable broker: one line, not librdkafka's retries and a traceback
         md = AdminClient(settings.kafka.client_config()).list_topics(timeout=10).topics
 
         def parts(name: str) -> str:
@@ -69,6 +73,9 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         print("gpl topics create: no broker: give --bootstrap or set GPL_KAFKA__BOOTSTRAP_SERVERS "
               "(the embedded broker of `gpl up` creates the registry's topics itself)", file=sys.stderr)
         return 2
+    from gpl.oneline import require_broker
+
+    require_broker(settings)
     names = args.names or all_topic_names()
     created = create_topics(settings.kafka, names)
     for name in names:

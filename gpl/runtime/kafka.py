@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from gpl.runtime.metrics import MESSAGES
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import KafkaSettings
-from schemas.codec import DecodeError, dead_letter, encode
+from schemas.codec import DecodeError, dead_letter, encode, redrive_count
 from schemas.topics import Naming, by_name, configure
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,9 @@ class DeadLetters:
         self.max_bytes = max_bytes
 
     def send(self, msg: Message, err: DecodeError | Exception, reason: str | None = None) -> None:
-        self.send_raw(msg.topic() or "?", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value(), err, reason)
+        headers = getattr(msg, "headers", None)  # a redriven record's count (gpl dlq redrive) rides in them
+        self.send_raw(msg.topic() or "?", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value(), err, reason,
+                      redrives=redrive_count(headers() if callable(headers) else None))
 
     def send_raw(
         self,
@@ -256,12 +258,14 @@ class DeadLetters:
         value: bytes | None,
         err: DecodeError | Exception,
         reason: str | None = None,
+        redrives: int = 0,
     ) -> None:
         why = reason or (err.reason if isinstance(err, DecodeError) else type(err).__name__)
         dl = dead_letter(
             topic=topic, partition=partition, offset=offset, key=key, value=value,
-            error=str(err), reason=why, stage=self.stage, max_bytes=self.max_bytes,
+            error=str(err), reason=why, stage=self.stage, max_bytes=self.max_bytes, redrives=redrives,
         )
+        why = dl.reason  # redrive_exhausted for a redriven record that failed again
         dlq = f"{topic}.dlq"
         self.producer.produce(dlq, self.wire.encode(dlq, dl) if self.wire is not None else encode(dl), key=key)
         self.producer.poll(0)
