@@ -9,15 +9,17 @@ where the rules are millisecond unit tests instead of broker tests).
 :class:`StageRules` holds the rules themselves, once, for both adapters: where a message's offset goes
 (the :class:`~gpl.runtime.offsets.OffsetLedger`), when it is done, what a decode or processing failure
 sends to the DLQ, that a commit follows a flush and covers only up to the oldest open message, what a
-rewind and a rebalance do to the ledger. An adapter supplies only the client calls (``_fetch``,
-``_pause``, ``_resume``, ``_seek``, ``_commit_offsets``, ``_join``, ``close``), so the twin cannot drift
-from the Kafka implementation in the rules the tests check.
+rewind and a rebalance do to the ledger. An adapter supplies only the client calls (the abstract
+methods: ``_fetch``, ``_owned``, ``_pause``, ``_resume``, ``_seek``, ``_commit_offsets``, ``_join``,
+``update_lag``, ``close``), so the twin cannot drift from the Kafka implementation in the rules the
+tests check.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
@@ -101,7 +103,7 @@ class StagePort(Protocol):
                  tb: TracebackType | None) -> None: ...
 
 
-class StageRules:
+class StageRules(ABC):
     """The consume → decode → dead-letter → flush → commit rules over an adapter's clients.
 
     ``tracked`` names the topics whose offsets the ledger commits (default: all subscribed topics);
@@ -126,33 +128,37 @@ class StageRules:
 
     # ------------------------------------------------------------------------------ adapter hooks
 
+    @abstractmethod
     def _fetch(self, n: int, timeout: float) -> list[Message]:
         """Up to ``n`` good messages, waiting up to ``timeout`` for the first."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _owned(self) -> list[TP]:
         """The partitions assigned now."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _pause(self, tps: list[TP]) -> None:
-        raise NotImplementedError
+        """Stop fetching these partitions."""
 
+    @abstractmethod
     def _resume(self, tps: list[TP]) -> None:
-        raise NotImplementedError
+        """Fetch these partitions again."""
 
+    @abstractmethod
     def _seek(self, tp: TP, offset: int) -> None:
         """Pause ``tp`` and move its fetch position back to ``offset``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _commit_offsets(self, offsets: dict[TP, int]) -> None:
         """Commit next-offsets; a failure is logged, not raised (the next owner re-reads)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _join(self, topics: list[str], on_assign: Rebalance, on_revoke: Rebalance) -> None:
-        raise NotImplementedError
+        """Subscribe; the callbacks run when partitions are assigned and revoked."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Flush what is queued and release the clients (idempotent)."""
 
     # ------------------------------------------------------------------------------ subscription
 
@@ -173,7 +179,7 @@ class StageRules:
 
         self._join(list(topics), assigned, revoked)
 
-    def _assigned(self, tps: list[TP]) -> None:
+    def _assigned(self, tps: list[TP]) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """After the stage's ``on_assign``: nothing the rules keep (an adapter may add its own)."""
 
     def _revoked(self, lost: list[TP]) -> None:
@@ -193,9 +199,9 @@ class StageRules:
                 self.ledger.read(tp, m.offset() or 0)
         return out
 
+    @abstractmethod
     def update_lag(self, *, force: bool = False) -> dict[str, int]:
         """Records still to commit per tracked topic over the owned partitions."""
-        raise NotImplementedError
 
     def decode(self, m: Message, model: type[M]) -> M | None:
         """The message as its contract, or None after sending it to the DLQ (then it is done)."""
