@@ -147,3 +147,25 @@ def test_eval_rows_see_anchors_without_their_own_requests_clicks(small: EvalData
     rows = np.arange(0, len(ds.item), 7)
     found = RowLookup(ds)(ds.row_request[rows], ds.item[rows])
     assert (ds.item[found] == ds.item[rows]).all() and (ds.row_request[found] == ds.row_request[rows]).all()
+
+
+def test_every_method_of_the_eval_trains_the_student_with_the_feature(tmp_path: Path) -> None:
+    """``trainer.anchor_cross`` in ``gpl eval``: one feature for every method (content anchors built even when no
+    method asked for them), recorded in results.json, and the students differ from those without it."""
+    from gpl.eval.run import EvalConfig, run_eval
+    from gpl.runtime.settings import load
+
+    ds = build_movielens(tmp_path / "ml", users=15, max_requests_per_user=8, candidates=60)
+    results = {}
+    for on in (False, True):
+        s = load(env={}, data_dir=str(tmp_path / "data"), encoder={"model": "hash-bow-64"},
+                 trainer={"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64, "anchor_cross": on},
+                 anchors={"backend": "memory", "k": 3})
+        cfg = EvalConfig(methods=["exposed", "negatives"], seeds=1, epochs=1, anchors="memory",
+                         out=tmp_path / f"out-{on}", progress=False, plots=False)
+        results[on] = run_eval(ds, s, cfg, encoder=HashEncoder())
+    assert results[False]["anchor_cross"] == {}
+    info = results[True]["anchor_cross"]
+    assert 0 < info["anchor_cross_rows_with_anchors"] <= 1 and info["anchor_cross_best_mean"] != 0
+    for m in ("exposed", "negatives"):
+        assert results[True]["runs"][m] != results[False]["runs"][m]
