@@ -216,8 +216,12 @@ def export(checkpoint: Path, fmt: str, out: Path, settings: Settings) -> dict[st
         write_safetensors(model, out / "model.safetensors")
         spec["files"] = {"weights": "model.safetensors", "spec": SPEC}
         spec["tensors"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+        hist, anc = model.cfg.history_items, model.cfg.anchor_cross
         spec["forward"] = ("u = user_emb.weight[user_bucket]; i = item_emb.weight[item_bucket]; "
-                           "c = content @ content.weight.T + content.bias; x = concat([u, i, c, u*c, u*i], axis=1); "
+                           "c = content @ content.weight.T + content.bias; "
+                           + ("hp = history @ history.weight.T + history.bias; " if hist else "")
+                           + "x = concat([u, i, c, u*c, u*i" + (", hp, hp*c, sum(history*content)" if hist else "")
+                           + (", anchor_cross" if anc else "") + "], axis=1); "
                            "logit = mlp.2(relu(mlp.0(x))) with mlp.k(x) = x @ mlp.k.weight.T + mlp.k.bias")
     else:
         raise ValueError(f"unknown export format {fmt!r}")
