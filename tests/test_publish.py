@@ -137,6 +137,8 @@ def test_worse_is_refused_better_published_and_rollback_restores(
     worse = area.decisions()[-1]
     assert worse["candidate"] == 2 and worse["outcome"] == "refused" and worse["published"] == 1
     assert worse["candidate_scores"]["auc"] < worse["published_scores"]["auc"] - s.trainer.publish_margin
+    # refused beyond the slice's noise: the paired bootstrap's upper bound is below -margin, and recorded
+    assert worse["interval"]["auc"][2] < -s.trainer.publish_margin and worse["interval"]["resamples"] > 0
     assert area.current() == area.directory / "model-000001.pt" and not (area.directory / "model-000002.pt").exists()
     assert PUBLISH_DECISIONS.labels(outcome="refused")._value.get() == refused_before + 1
     assert any("checkpoint 2 refused for serving" in r.getMessage() for r in caplog.records)

@@ -4,7 +4,15 @@ A checkpoint is the trainer's recovery point, not a serving decision: one bad st
 broken labeler, a skewed replay) is checkpointed like any other. So every checkpoint is *gated*: it and
 the currently published model are scored on the same held-out slice of recent real labels, and it is
 published only when its AUC and GAUC (per-user AUC, impression-weighted) are not worse than the
-published model's minus ``trainer.publish_margin``.
+published model's minus ``trainer.publish_margin`` *beyond the slice's own sampling noise*.
+
+* The noise: a held-out slice of 1,000–2,000 rows measures a GAUC only to about ±0.02, so a fixed margin of
+  0.005 refused checkpoints for differences the slice cannot see. The gate therefore scores both models on
+  the same rows and takes a paired bootstrap of the difference (candidate − published; rows resampled
+  for AUC, users for GAUC, the same draw for both models, seeded by the candidate's version):
+  ``workers/gate_noise.py``. A checkpoint is refused only when even the upper end of the difference's
+  90 % interval lies below ``-publish_margin``: worse with 95 % confidence, by more than the margin.
+  The interval goes to ``gate.jsonl`` with the decision.
 
 * The slice: a deterministic ``trainer.holdout_fraction`` of real-label samples, chosen by the hash of
   the sample id, is never trained (by any checkpoint, after any restart or replay), and the most recent
@@ -13,8 +21,9 @@ published model's minus ``trainer.publish_margin``.
   the candidate must beat it strictly. A holdout smaller than ``trainer.publish_min_holdout`` rows, or
   without both clicks and non-clicks, measures nothing: the decision is ``insufficient`` and nothing
   is published.
-* Every decision (published, refused, insufficient) goes to ``gate.jsonl`` with its figures, to the
-  ``gpl_trainer_publish_decisions_total`` metric and to the log.
+* Every decision (published, refused, insufficient) goes to ``gate.jsonl`` with its figures and interval,
+  to the ``gpl_trainer_publish_decisions_total`` metric and to the log at INFO: a refusal is the gate
+  working, not an incident (alert on the metric: deploy/prometheus/alerts.yml); ``gpl demo`` sums them up.
 
 The published area (``<checkpoints dir>/published/``):
 
@@ -45,6 +54,7 @@ import torch
 from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
+from workers.gate_noise import Paired, paired_bootstrap, per_user_auc
 from workers.history import profile_of
 from workers.labeling.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
@@ -157,28 +167,10 @@ def gauc(scores: np.ndarray, labels: np.ndarray, users: list[str]) -> tuple[floa
     Vectorised (one sort, ties share their average rank within the user): the gate runs at every
     checkpoint, and a per-user loop cost 0.2 s on 20,000 rows.
     """
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(labels).astype(bool)
-    if s.size == 0:
+    per_user, weight = per_user_auc(scores, labels, users)
+    if per_user.size == 0:
         return float("nan"), 0
-    _, g = np.unique(np.asarray(users), return_inverse=True)
-    order = np.lexsort((s, g))
-    gs, ss, n = g[order], s[order], len(s)
-    new_run = np.r_[True, (gs[1:] != gs[:-1]) | (ss[1:] != ss[:-1])]  # a tie run: same user, same score
-    run_start = np.flatnonzero(new_run)
-    run_end = np.r_[run_start[1:], n]
-    group_first = np.searchsorted(gs, np.arange(int(gs[-1]) + 1))
-    avg = (run_start + run_end - 1) / 2.0  # 0-based mean position of each run
-    ranks = np.empty(n)
-    ranks[order] = avg[np.cumsum(new_run) - 1] - group_first[gs] + 1.0
-    n_all = np.bincount(g).astype(np.float64)
-    n_pos = np.bincount(g, weights=y)
-    rank_pos = np.bincount(g, weights=np.where(y, ranks, 0.0))
-    ok = (n_pos > 0) & (n_pos < n_all)
-    if not ok.any():
-        return float("nan"), 0
-    per_user = (rank_pos[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * (n_all[ok] - n_pos[ok]))
-    return float((per_user * n_all[ok]).sum() / n_all[ok].sum()), int(ok.sum())
+    return float((per_user * weight).sum() / weight.sum()), int(per_user.size)
 
 
 @dataclass(frozen=True)
@@ -194,6 +186,16 @@ class Scores:
 
 def measure(model: PreRanker, rows: HoldoutRows) -> Scores:
     """Held-out AUC and GAUC of ``model`` (on logits: both are rank metrics, the sigmoid changes nothing)."""
+    return scores_of(predict(model, rows), rows)
+
+
+def scores_of(p: np.ndarray, rows: HoldoutRows) -> Scores:
+    g, users = gauc(p, rows.labels, rows.users)
+    return Scores(binary_auc(p, rows.labels), g, len(rows), int(rows.labels.sum()), users)
+
+
+def predict(model: PreRanker, rows: HoldoutRows) -> np.ndarray:
+    """The model's logits on the held-out rows (eval mode, no gradient; the training mode is restored)."""
     b = model.cfg.hash_buckets
     was_training = model.training
     try:
@@ -210,12 +212,15 @@ def measure(model: PreRanker, rows: HoldoutRows) -> Scores:
                              torch.from_numpy(rows.vectors), hist, anchor).numpy()
     finally:
         model.train(was_training)
-    g, users = gauc(p, rows.labels, rows.users)
-    return Scores(binary_auc(p, rows.labels), g, len(rows), int(rows.labels.sum()), users)
+    return np.asarray(p)
 
 
-def decide(candidate: Scores, published: Scores | None, margin: float, min_rows: int) -> tuple[str, str]:
-    """(outcome, reason): ``published``, ``refused`` or ``insufficient``. Pure: both figures are on one slice."""
+def decide(candidate: Scores, published: Scores | None, margin: float, min_rows: int,
+           paired: Paired | None = None) -> tuple[str, str]:
+    """(outcome, reason): ``published``, ``refused`` or ``insufficient``. Pure: both figures are on one slice.
+
+    With ``paired`` (the bootstrap interval of candidate − published on that slice) a metric fails only
+    when the interval's upper end is below ``-margin``; without it, when the point difference is."""
     if candidate.rows < min_rows or math.isnan(candidate.auc):
         return "insufficient", (f"holdout has {candidate.rows} rows ({candidate.positives} clicks); the gate needs "
                                 f"{min_rows} with clicks and non-clicks")
@@ -225,14 +230,20 @@ def decide(candidate: Scores, published: Scores | None, margin: float, min_rows:
             "refused", f"nothing published and AUC {candidate.auc:.4f} / GAUC {candidate.gauc:.4f} do not beat "
                        f"a constant scorer ({BASELINE})")
     failures = []
-    if candidate.auc < published.auc - margin:
-        failures.append(f"AUC {candidate.auc:.4f} < published {published.auc:.4f} - {margin}")
-    # groups depend on the labels only, so GAUC is NaN for both models or for neither
-    if not math.isnan(candidate.gauc) and candidate.gauc < published.gauc - margin:
-        failures.append(f"GAUC {candidate.gauc:.4f} < published {published.gauc:.4f} - {margin}")
+    for name, c, p in (("AUC", candidate.auc, published.auc), ("GAUC", candidate.gauc, published.gauc)):
+        if math.isnan(c):  # groups depend on the labels only, so GAUC is NaN for both models or for neither
+            continue
+        hi = paired.interval(name)[1] if paired is not None else c - p
+        if hi < -margin:
+            noise = "" if paired is None else f" (difference {c - p:+.4f}, {paired.confidence:.0%} interval up to " \
+                                               f"{hi:+.4f} on {paired.resamples} paired resamples)"
+            failures.append(f"{name} {c:.4f} < published {p:.4f} - {margin}{noise}")
     if failures:
         return "refused", "; ".join(failures)
-    return "published", f"AUC and GAUC within {margin} of the published model or better"
+    if paired is None:
+        return "published", f"AUC and GAUC within {margin} of the published model or better"
+    return "published", (f"AUC and GAUC not worse than the published model by more than {margin} beyond the "
+                         f"slice's noise (differences' {paired.confidence:.0%} intervals reach above -{margin})")
 
 
 @dataclass(frozen=True)
@@ -247,6 +258,7 @@ class Decision:
     candidate_scores: Scores
     published_scores: Scores | None
     at: float
+    interval: dict[str, Any] | None = None  # the paired bootstrap of candidate - published (Paired.to_json)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -377,13 +389,20 @@ class Publisher:
         return self._published[1], self._published[2]
 
     def gate(self, payload: dict[str, Any], model: PreRanker, rows: HoldoutRows) -> Decision:
-        cand = measure(model, rows)
+        p_cand = predict(model, rows)
+        cand = scores_of(p_cand, rows)
         pub = self.published_model()
-        pub_scores = measure(pub[1], rows) if pub is not None else None
-        outcome, reason = decide(cand, pub_scores, self.cfg.publish_margin, self.cfg.publish_min_holdout)
+        pub_scores = paired = None
+        if pub is not None:
+            p_pub = predict(pub[1], rows)
+            pub_scores = scores_of(p_pub, rows)
+            if len(rows):  # the same rows, the same draws for both models: the noise of the difference
+                paired = paired_bootstrap(p_cand, p_pub, rows.labels, rows.users, seed=int(payload["version"]))
+        outcome, reason = decide(cand, pub_scores, self.cfg.publish_margin, self.cfg.publish_min_holdout, paired)
         decision = Decision(candidate=int(payload["version"]), published=pub[0] if pub is not None else None,
                             outcome=outcome, reason=reason, margin=self.cfg.publish_margin, candidate_scores=cand,
-                            published_scores=pub_scores, at=time.time())
+                            published_scores=pub_scores, at=time.time(),
+                            interval=paired.to_json() if paired is not None else None)
         if outcome == "published":
             self.area.publish(payload, decision)
         self.area.record(decision)
@@ -392,8 +411,7 @@ class Publisher:
             if s is not None:
                 GATE_SCORE.labels(model=name, metric="auc").set(s.auc)
                 GATE_SCORE.labels(model=name, metric="gauc").set(s.gauc)
-        log.log(logging.WARNING if outcome == "refused" else logging.INFO,
-                "trainer: checkpoint %d %s for serving (AUC %.4f, GAUC %.4f on %d held-out rows; published %s): %s",
+        log.info("trainer: checkpoint %d %s for serving (AUC %.4f, GAUC %.4f on %d held-out rows; published %s): %s",
                 decision.candidate, outcome, cand.auc, cand.gauc, cand.rows,
                 "none" if pub_scores is None else f"v{pub[0] if pub else '?'} AUC {pub_scores.auc:.4f} "
                                                   f"GAUC {pub_scores.gauc:.4f}", reason)
