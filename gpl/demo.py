@@ -124,6 +124,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
         errors = {k: repr(v) for k, v in stages.errors.items()}
         monitor = stages.stages.get("calibration")
         calibration_monitor = monitor.snapshot() if monitor is not None else None  # type: ignore[attr-defined]
+        closed_loop = labeler_closed_loop(stages.stages.get("labeler"))
 
         # 6. evaluate -----------------------------------------------------------------------------
         phases.set_postfix_str("evaluate")
@@ -135,6 +136,8 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     phases.close()
     summary = _summary(counts, accounting, metric, quiet, errors, time.monotonic() - t0, cfg, s)
     summary["calibration"] = calibration_monitor
+    summary["closed_loop"] = closed_loop
+    summary["gate"] = gate_summary(s)
     summary["calibrator"] = calibration
     summary["phase_seconds"] = seconds
     (out_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2, default=str))
@@ -142,6 +145,30 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
 
 BASELINE = "trainer-exposed-only"
+
+
+def labeler_closed_loop(labeler: Any) -> dict[str, Any] | None:
+    """What the labeler's own recalibration saw: its pseudo-labels joined with later real labels, the last
+    ECE and whether it warned of drift. The summary's closed-loop line reports this beside the calibration
+    monitor's figures, so the two never contradict each other in one run's output."""
+    r = getattr(labeler, "recalibrator", None)
+    if r is None:
+        return None
+    return {"joined": int(r.joined), "refits": int(r.refits), "last_ece": r.last_ece, "drifting": bool(r.drifting),
+            "alert": float(r.alert)}
+
+
+def gate_summary(s: Settings) -> dict[str, Any]:
+    """The publication gate's decisions of this run (gate.jsonl), counted by outcome: one summary line
+    instead of a log line per refusal."""
+    from workers.publish import PublishedArea
+
+    decisions = PublishedArea(s.checkpoints_dir / "published").decisions()
+    by: dict[str, int] = {}
+    for d in decisions:
+        by[d["outcome"]] = by.get(d["outcome"], 0) + 1
+    return {"decisions": len(decisions), "by_outcome": by,
+            "last_refusal": next((d["reason"] for d in reversed(decisions) if d["outcome"] == "refused"), None)}
 
 
 def _cached_encoder(settings: Settings) -> Any:

@@ -125,13 +125,36 @@ def _gauc(scores: np.ndarray, y: np.ndarray, users: list[str]) -> float | None:
     return None if math.isnan(g) else round(g, 4)
 
 
-def _calibration_lines(calib: dict[str, Any] | None) -> list[str]:
-    """Closed loop: pseudo-labels whose (user, item) was exposed later, against the real outcome."""
-    if not calib or not calib.get("groups"):
-        return ["  closed-loop check    no pseudo-labeled item was exposed later to the same user"]
-    return [f"  closed-loop check    {g['model']} ({g['prompt_hash'][:8]}{', fallback' if g['fallback'] else ''}): "
-            f"{g['joined']} pseudo-labels met their real outcome later; mean p {g['mean_p']:.3f} vs observed "
-            f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in calib["groups"]]
+def _calibration_lines(calib: dict[str, Any] | None, labeler: dict[str, Any] | None = None) -> list[str]:
+    """Closed loop: pseudo-labels whose (user, item) was exposed later, against the real outcome.
+
+    Two components measure it: the calibration monitor (``calib``, which reads the samples topic in
+    arrival order) and the labeler's recalibration (``labeler``, which warns of drift in the log). Both
+    are reported, so "none met" is never printed beside a drift warning about hundreds of them."""
+    lines = [f"  closed-loop check    {g['model']} ({g['prompt_hash'][:8]}{', fallback' if g['fallback'] else ''}): "
+             f"{g['joined']} pseudo-labels met their real outcome later; mean p {g['mean_p']:.3f} vs observed "
+             f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in (calib or {}).get("groups", [])]
+    if labeler and labeler.get("joined"):
+        ece = labeler.get("last_ece")
+        drift = (f"ECE {ece:.3f} at its last refit, {'above' if labeler.get('drifting') else 'within'} the drift "
+                 f"alert {labeler.get('alert', 0):.3f}" if ece is not None else "no refit yet")
+        lines.append(f"  closed-loop check    labeler: {labeler['joined']} of its pseudo-labels met a later real "
+                     f"label of the same user ({drift}; {labeler.get('refits', 0)} intercept refits)")
+    if not lines:
+        lines.append("  closed-loop check    no pseudo-labeled item was exposed later to the same user "
+                     "(calibration monitor and labeler agree)")
+    return lines
+
+
+def _gate_line(gate: dict[str, Any] | None) -> str:
+    """The publication gate's decisions in one line (each is in gate.jsonl, and counted in
+    gpl_trainer_publish_decisions_total), not a log line per refused checkpoint."""
+    if not gate or not gate.get("decisions"):
+        return "  quality gate         no checkpoint gated"
+    by = gate.get("by_outcome", {})
+    parts = ", ".join(f"{by[k]} {k}" for k in ("published", "refused", "insufficient") if by.get(k))
+    last = f"; last refusal: {gate['last_refusal']}" if gate.get("last_refusal") else ""
+    return f"  quality gate         {gate['decisions']} checkpoints: {parts} (noise-aware; gate.jsonl){last}"
 
 
 def _calibrator_line(c: dict[str, Any]) -> str:
@@ -175,7 +198,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  popularity baseline  AUC entire space {m.get('popularity_auc_entire_space')}  unexposed"
         f" {m.get('popularity_auc_unexposed')}  ({m.get('test_candidates')} held-out candidates)",
         f"  did the labels help  {_verdict(m, b)}",
-        *_calibration_lines(summary.get("calibration")),
+        *_calibration_lines(summary.get("calibration"), summary.get("closed_loop")),
+        _gate_line(summary.get("gate")),
         f"  all accounted for    {summary['quiescent']}   errors: {summary['stage_errors'] or 'none'}",
         f"  wall time            {summary['seconds']} s",
     ]

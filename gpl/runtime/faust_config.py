@@ -120,11 +120,38 @@ def mapped_properties(kafka: KafkaSettings) -> tuple[dict[str, Any], list[str]]:
     return out, unmapped
 
 
+class BackpressureToMetric(logging.Filter):
+    """faust's "producer buffer full size N" warning, one per stall of its table-changelog buffer, as a
+    count (``gpl_streams_producer_backpressure_total``) and a DEBUG line: it is flow control doing its
+    job (processing waits until the buffer drains), and ~15 of them drowned a demo's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("producer buffer full"):
+            from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
+
+            PRODUCER_BACKPRESSURE.inc()
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+FAUST_PRODUCER_LOGGER = "faust.transport.producer"
+
+
+def count_backpressure() -> None:
+    """Install :class:`BackpressureToMetric` on faust's producer logger, once per process."""
+    logger = logging.getLogger(FAUST_PRODUCER_LOGGER)
+    if not any(isinstance(f, BackpressureToMetric) for f in logger.filters):
+        logger.addFilter(BackpressureToMetric())
+
+
 def faust_settings(kafka: KafkaSettings, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The keyword settings of ``faust.App``: ``base`` (the stage's own), then what the Kafka settings ask.
 
-    The user's settings win over the stage's defaults: they are explicit and per deployment.
+    The user's settings win over the stage's defaults: they are explicit and per deployment. Building
+    them also routes faust's back-pressure warnings to a metric (:func:`count_backpressure`).
     """
+    count_backpressure()
     conf = dict(base or {})
     creds = credentials(kafka)
     if creds is not None:

@@ -140,6 +140,11 @@ OFFSET_RESETS = Counter("gpl_offset_resets_total",
                         "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
                         "beginning", ["stage", "topic"])
 
+# ---- faust's producer back-pressure (gpl/runtime/faust_config.py): its "producer buffer full" warnings, counted
+PRODUCER_BACKPRESSURE = Counter("gpl_streams_producer_backpressure_total",
+                                "Times the streams stage's faust producer buffer was full and processing waited "
+                                "for it to drain (flow control, logged at DEBUG)")
+
 # ---- co-partitioning (streams/copartition.py): a producer keyed or partitioned differently splits requests
 SPLIT_REQUESTS = Counter("gpl_streams_split_requests_total",
                          "Joined requests whose recall and exposure arrived on different partitions "

@@ -1,0 +1,61 @@
+"""The demo's output (issue 22, item 6): gate decisions summed up in one line, the closed-loop line
+consistent with the labeler's calibration-drift warning, faust's back-pressure warnings counted instead
+of printed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from gpl.demo import gate_summary, labeler_closed_loop
+from gpl.demo_report import _calibration_lines, _gate_line
+from gpl.runtime.faust_config import FAUST_PRODUCER_LOGGER, count_backpressure
+from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
+from gpl.runtime.settings import load
+from workers.labeling.recalibration import Recalibrator
+from workers.publish import Decision, PublishedArea, Scores
+
+
+def test_closed_loop_line_agrees_with_the_labelers_drift_warning() -> None:
+    r = Recalibrator(every=500, alert=0.1)
+    rng_items = list(range(600))
+    r.remember("u1", rng_items, np.full(600, 0.9))
+    r.observe("u1", rng_items[:500], [0.0] * 500)  # all later real labels say no: a drifting calibrator
+    r.last_ece, r.drifting, r.refits = 0.119, True, 1
+    closed = labeler_closed_loop(SimpleNamespace(recalibrator=r))
+    assert closed is not None and closed["joined"] == 500
+    text = "\n".join(_calibration_lines({"groups": []}, closed))
+    assert "no pseudo-labeled item was exposed later" not in text
+    assert "500 of its pseudo-labels" in text and "ECE 0.119" in text and "above the drift alert 0.100" in text
+    assert "agree" in _calibration_lines(None, {"joined": 0})[0]
+
+
+def test_gate_decisions_are_one_summary_line(tmp_path: Path) -> None:
+    s = load(env={}, data_dir=str(tmp_path))
+    area = PublishedArea(s.checkpoints_dir / "published")
+    sc = Scores(0.7, 0.7, 1000, 200, 80)
+    for v, outcome in enumerate(("published", "refused", "published", "refused", "insufficient"), 1):
+        area.record(Decision(candidate=v, published=1, outcome=outcome, reason=f"why {v}", margin=0.005,
+                             candidate_scores=sc, published_scores=sc, at=time.time()))
+    g = gate_summary(s)
+    assert g["decisions"] == 5 and g["by_outcome"] == {"published": 2, "refused": 2, "insufficient": 1}
+    line = _gate_line(g)
+    assert "5 checkpoints: 2 published, 2 refused, 1 insufficient" in line and "last refusal: why 4" in line
+
+
+def test_faust_backpressure_is_counted_not_warned(caplog: pytest.LogCaptureFixture) -> None:
+    count_backpressure()
+    count_backpressure()  # idempotent: one filter
+    before = PRODUCER_BACKPRESSURE._value.get()
+    log = logging.getLogger(FAUST_PRODUCER_LOGGER)
+    with caplog.at_level(logging.INFO):
+        log.warning("producer buffer full size 1001")
+        log.warning("producer buffer full size 1002")
+        log.warning("something else")
+    assert PRODUCER_BACKPRESSURE._value.get() == before + 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["something else"]
