@@ -1235,8 +1235,12 @@ def test_alert_rules_are_valid_and_query_defined_metrics(rendered) -> None:
             for ref in re.findall(r"\{\{\s*\$(\w+)", text):
                 assert ref in {"labels", "value"}, f"{r['alert']}: unknown template variable ${ref}"
     # what the issue asks the alerts to watch
-    for needed in ("gpl_consumer_lag_messages", "gpl_messages_total", "gpl_stage_up", "up", "gpl_calibration_drift"):
+    for needed in ("gpl_consumer_lag_messages", "gpl_messages_total", "gpl_stage_up", "up", "gpl_calibration_drift",
+                   # issue 22: split requests, exposure → samples p99, a stalled checkpoint or publication
+                   "gpl_streams_split_requests_total", "gpl_exposure_to_samples_seconds_bucket",
+                   "gpl_trainer_last_checkpoint_timestamp_seconds", "gpl_trainer_publish_decisions_total"):
         assert needed in used, f"no alert on {needed}"
+    assert {"GplSplitRequests", "GplExposureToSamplesSlow", "GplCheckpointStalled", "GplPublishStalled"} <= set(names)
 
 
 def test_alert_rule_schema_rejects_typos(rendered) -> None:

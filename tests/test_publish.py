@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpl.cli import main
-from gpl.runtime.metrics import PUBLISH_DECISIONS
+from gpl.runtime.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings
@@ -120,6 +120,8 @@ def test_worse_is_refused_better_published_and_rollback_restores(
     first = area.decisions()[-1]
     assert first["outcome"] == "published" and first["published"] is None
     assert first["candidate_scores"]["auc"] > 0.8 and first["candidate_scores"]["rows"] >= 50
+    # the clocks of the stalled-checkpoint and stalled-publication alerts (deploy/base/alerts.yaml)
+    assert CHECKPOINT_TIME._value.get() >= first["at"] - 60 and PUBLISH_TIME._value.get() == first["at"]
 
     # the serving copy: the model and its lineage, without the optimizer and the seen-set
     served, meta = load_checkpoint(area.directory / "model-000001.pt")

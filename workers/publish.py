@@ -51,7 +51,7 @@ import numpy as np
 import orjson
 import torch
 
-from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISHED_VERSION
+from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
 from workers.gate_noise import Paired, paired_bootstrap, per_user_auc
@@ -345,6 +345,7 @@ class PublishedArea:
                 if old.name not in live:
                     old.unlink(missing_ok=True)
         PUBLISHED_VERSION.set(int(payload["version"]))
+        PUBLISH_TIME.set(decision.at)
         return path
 
     def rollback(self) -> dict[str, Any]:
@@ -360,6 +361,7 @@ class PublishedArea:
                                                     "version": back["version"], "to": to["file"], "at": time.time()})
             self._point(to["file"])
         PUBLISHED_VERSION.set(int(to["version"]))
+        PUBLISH_TIME.set(time.time())
         return to
 
     def record(self, decision: Decision) -> None:

@@ -44,7 +44,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tqdm import tqdm
 
 from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
+from gpl.runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO, tp_of
 from gpl.runtime.vectors.index import VectorIndex
@@ -176,6 +176,7 @@ class Trainer:
             self.memory = ClickMemory(int(memory["n"]))
             self.memory.restore(memory)
         CHECKPOINT_VERSION.set(self.version)
+        CHECKPOINT_TIME.set(float(ckpt.get("wall_time") or time.time() * 1000) / 1000.0)
         log.info(
             "trainer: resumed from %s (version %d, %d samples)",
             ckpt["path"],
@@ -439,6 +440,7 @@ class Trainer:
         self._since_ckpt = 0
         self._dirty = False
         CHECKPOINT_VERSION.set(self.version)
+        CHECKPOINT_TIME.set(time.time())
         self.accounting.add("checkpoints")
         log.info("trainer: checkpoint %s (%d samples)", path.name, self.counts["samples"])
         self._commit()

@@ -35,6 +35,9 @@ CALIBRATION_DRIFT = Gauge("gpl_calibration_drift",
 JOIN_PENDING = Gauge("gpl_join_pending_requests", "Recall or exposure events waiting for their partner")
 TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker", ["part"])
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
+# when the last checkpoint was written (restored one: its wall time): the stalled-checkpoint alert's clock
+CHECKPOINT_TIME = Gauge("gpl_trainer_last_checkpoint_timestamp_seconds",
+                        "Unix time of the last durable checkpoint (at a restart: the restored one's)")
 
 
 STAGE_UP = Gauge("gpl_stage_up", "1 while the stage's loop runs in this process, 0 once it stopped or failed",
@@ -132,6 +135,8 @@ PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
 PUBLISH_DECISIONS = Counter("gpl_trainer_publish_decisions_total",
                             "Gate decisions on checkpoints (published, refused, insufficient)", ["outcome"])
 PUBLISHED_VERSION = Gauge("gpl_trainer_published_version", "Checkpoint version currently published for serving")
+PUBLISH_TIME = Gauge("gpl_trainer_last_publish_timestamp_seconds",
+                     "Unix time the serving pointer last moved (a publication or a rollback)")
 GATE_SCORE = Gauge("gpl_trainer_gate_score", "Held-out AUC/GAUC of the last gated candidate and the published model",
                    ["model", "metric"])
 
