@@ -6,6 +6,9 @@
 
 Both inputs are keyed by ``user_id`` with the same partition count, so one agent reads them together
 and a user's requests, interest state and anchors live in one partition: no repartition hop.
+The join's rules below are :class:`~streams.join_engine.JoinEngine`'s, a pure state machine over the
+``pending`` table (unit-tested without a broker); this module binds it to faust: decode, feed the
+engine, send what it yields, and the timer, changelogs and interest around it.
 Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
 until its partner arrives or its partition's *event time* passes it (streams/clock.py): the watermark is
 the newest event time seen on the partition − ``allowed_lateness_s``, and a request expires when the
@@ -39,11 +42,10 @@ until then it is counted in :attr:`StreamsProcessor.waiting`.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import struct
 import threading
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -59,29 +61,12 @@ from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, redrive_count
 from schemas.events import ExposureEvent
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, app_id, expiry_topic
-from streams.catalog import Catalog, UnknownItems
+from streams.catalog import Catalog
 from streams.changelog import CoalescingTable
 from streams.clock import EventClock
-from streams.copartition import SplitWatch
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
-from streams.join import (
-    DONE,
-    EXPIRED,
-    HELD,
-    NO_OFFSET,
-    PENDING_EXPOSURE,
-    PENDING_RECALL,
-    Pending,
-    Recall,
-    decode_recall,
-    encode_real_samples,
-    encode_unexposed,
-    event_due,
-    marker,
-    pending_exposure,
-    pending_recall,
-    unexposed,
-)
+from streams.join import decode_recall, encode_real_samples, encode_unexposed
+from streams.join_engine import RESEND_MS, JoinEngine, Output, RealLabels, Unexposed, now_ms
 from streams.lifecycle import serve
 from streams.transport import SCHEME, fetch_answers, fetch_wait_ms
 
@@ -91,11 +76,6 @@ RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer":
 RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
 _DEADLINE = struct.Struct("<q")  # value of an expiry message: the wall-clock deadline it was sent for
 _ADVANCE = b"advance"  # value of a message that wakes the agent of an idle partition (streams/clock.py)
-RESEND_MS = 2_000  # the timer hands the agent the same held recall or idle partition again after this
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class StreamsProcessor:
@@ -104,23 +84,29 @@ class StreamsProcessor:
         cfg = settings.streams
         self.index = index
         self.accounting = Accounting(STAGE)
-        self.splits = SplitWatch(self.accounting)  # requests whose halves came on different partitions
         self.agent_error: BaseException | None = None  # set by a crashing agent; run() raises it
         self.wire = Wire(settings.schema_registry)  # plain JSON and Confluent-framed input alike
         self.lag = LagGauge(STAGE, settings.kafka.lag_interval_s)
         self.catalog = Catalog(index, settings.encoder.collection)
-        self.unknown_items = UnknownItems(self.catalog, cfg, self.accounting)
         self.ready = threading.Event()
-        self.waiting = 0  # inputs waiting for their partner or their items (not yet an outcome)
-        self.wait_ms, self.dedup_ms = int(cfg.join_wait_s * 1000), int(cfg.dedup_window_s * 1000)
-        self.guard_ms = int(cfg.join_memory_guard_s * 1000)
         # an input is stalled (its idle time stops) once its fetches go unanswered for a few fetch waits
         self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
                                 (RECALL.name, EXPOSURE.name), stall_ms=3 * fetch_wait_ms(settings.kafka) + 2_000)
-        self._deadlines: list[tuple[int, bytes, int]] = []  # wall clock: (deadline ms, request id, partition)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
-        self.held: dict[bytes, int] = {}  # recalls held for unknown items: request id -> last checked (ms)
         self.app = self._build()
+        # the join's state machine over the changelogged table (streams/join_engine.py)
+        self.engine = JoinEngine(self.pending, cfg, self.accounting, self.catalog, self.clock)
+        self.splits = self.engine.splits  # requests whose halves came on different partitions
+
+    @property
+    def waiting(self) -> int:
+        """Inputs waiting for their partner or their items (not yet an outcome)."""
+        return self.engine.waiting
+
+    @property
+    def held(self) -> dict[bytes, int]:
+        """Recalls held for unknown items: request id -> when the index was last asked (ms)."""
+        return self.engine.held
 
     # ------------------------------------------------------------------ the app, top to bottom
     def _build(self) -> faust.App:
@@ -209,98 +195,40 @@ class StreamsProcessor:
         if self.pending.flush_due() or self.interest.flush_due():
             self.flush_changelogs()
 
-    # ------------------------------------------------------------------ recall
+    # ------------------------------------------------------------------ inputs → the join (streams/join_engine.py)
     async def on_recall(self, m: Any) -> None:
         recall = decode_recall(self.wire.payload(m.topic, m.value), self.settings.streams.max_candidates)
-        self.accounting.add("recall_in")
-        self.clock.observe(RECALL.name, m.partition, recall.ts)
-        key = recall.request_id.encode()
-        prev = self._get(key)
-        if prev is not None and (prev.partition, prev.recall_offset) == (m.partition, m.offset):
-            self.accounting.add("reread")  # read again after a restart: its work is in the table already
-            return
-        if prev is not None and prev.recall_offset != NO_OFFSET:
-            raise DecodeError("duplicate", f"recall {recall.request_id} seen before (offset {prev.recall_offset})")
-        if prev is not None and prev.kind == EXPIRED:
-            self.accounting.add("late_recall")
-            self._mark(key, marker(EXPIRED, prev, prev.ts, prev.deadline_ms, recall_offset=m.offset))
-            return
-        recall = self._dedup_candidates(recall)
-        recall, unknown = self.unknown_items.screen(recall, len(self.held))
-        if len(unknown):  # hold: wait in the table (with the exposure if it came) until the indexer has them
-            deadline = now_ms() + int(self.settings.streams.unknown_hold_s * 1000)
-            self._put(key, pending_recall(recall, deadline, m.partition, m.offset, HELD, prev))
-            self.held[key] = 0
-            self.waiting += 1
-            self.accounting.add("unknown_held")
-        elif prev is None:
-            self._put(key, pending_recall(recall, now_ms() + self.guard_ms, m.partition, m.offset))
-            self.waiting += 1
-        else:
-            assert prev.kind == PENDING_EXPOSURE and prev.exposure is not None
-            self.splits.joined(prev, m.partition)
-            await self.join(key, recall.item_ids, recall.scores, decode(prev.exposure, ExposureEvent), prev,
-                            m.offset, prev.exposure_offset)
+        await self.perform(self.engine.on_recall(recall, m.partition, m.offset))
 
-    def _dedup_candidates(self, recall: Recall) -> Recall:
-        if recall.unique:
-            return recall
-        _, first = np.unique(recall.item_ids, return_index=True)
-        if len(first) == len(recall.item_ids):
-            return recall
-        self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))  # keep the first
-        keep = np.sort(first)
-        return Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep], True)
-
-    # ------------------------------------------------------------------ exposure
     async def on_exposure(self, m: Any) -> None:
         value = self.wire.payload(m.topic, m.value)
         exposure = decode(value, ExposureEvent)
         assert value is not None  # decode refused None
-        self.accounting.add("exposure_in")
-        self.clock.observe(EXPOSURE.name, m.partition, exposure.ts)
-        key = exposure.request_id.encode()
-        prev = self._get(key)
-        if prev is not None and (prev.partition, prev.exposure_offset) == (m.partition, m.offset):
-            self.accounting.add("reread")
-            return
-        if prev is not None and prev.exposure_offset != NO_OFFSET:
-            raise DecodeError("duplicate", f"exposure {exposure.request_id} seen before "
-                                           f"(offset {prev.exposure_offset})")
-        if prev is None:
-            self._put(key, pending_exposure(exposure, value, now_ms() + self.guard_ms, m.partition, m.offset))
-            self.waiting += 1
-        elif prev.kind == PENDING_RECALL:
-            assert prev.item_ids is not None and prev.scores is not None
-            self.splits.joined(prev, m.partition)
-            await self.join(key, prev.item_ids, prev.scores, exposure, prev, prev.recall_offset, m.offset)
-        elif prev.kind == HELD:  # the recall waits for its items: the exposure waits with it
-            self._put(key, Pending(HELD, prev.ts, prev.deadline_ms, prev.user_id, prev.partition,
-                                   prev.recall_offset, m.offset, prev.item_ids, prev.scores, value))
-            self.waiting += 1
-        else:  # the recall expired before this exposure came: its clicks are still real labels
-            self.accounting.add("late_exposure")
-            self._mark(key, marker(EXPIRED, prev, prev.ts, prev.deadline_ms, exposure_offset=m.offset))
-            await self.emit_real(exposure)
+        await self.perform(self.engine.on_exposure(exposure, value, m.partition, m.offset))
+
+    async def advance(self, partition: int) -> None:
+        """Expire the waiting requests and forget the markers whose due time the partition's watermark passed
+        (called by the agent after each input, so tables may be written)."""
+        await self.perform(self.engine.advance(partition))
+
+    async def perform(self, outputs: Iterator[Output]) -> None:
+        """Send what the join produced, one output at a time: the engine goes on only after each send."""
+        for out in outputs:
+            if isinstance(out, RealLabels):
+                await self.emit_real(out.exposure)
+            else:
+                await self.emit_unexposed(out)
 
     # ------------------------------------------------------------------ join → samples, unexposed
-    async def join(self, key: bytes, recall_ids: np.ndarray, recall_scores: np.ndarray,
-                   exposure: ExposureEvent, prev: Pending, recall_offset: int, exposure_offset: int) -> None:
-        self._mark(key, marker(DONE, prev, exposure.ts, now_ms() + max(self.dedup_ms, self.guard_ms),
-                               recall_offset=recall_offset, exposure_offset=exposure_offset))
-        self.accounting.add("joined", 2)
-        self.waiting -= prev.waiting_inputs
-        rest = unexposed(recall_ids, recall_scores, exposure)
-        await self.emit_real(exposure)
-        if rest is not None:
-            ids, scores = rest
-            body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, ids,
-                                    scores if self.settings.streams.unexposed_scores else None,
-                                    version=self.settings.streams.unexposed_schema_version)
-            value = self.wire.encode_json(UNEXPOSED.name, body)
-            await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
-            self.accounting.add("unexposed_batches")
-            self.accounting.add("unexposed_candidates", len(ids))
+    async def emit_unexposed(self, out: Unexposed) -> None:
+        exposure = out.exposure
+        body = encode_unexposed(exposure.request_id, exposure.user_id, exposure.ts, out.item_ids,
+                                out.scores if self.settings.streams.unexposed_scores else None,
+                                version=self.settings.streams.unexposed_schema_version)
+        value = self.wire.encode_json(UNEXPOSED.name, body)
+        await self.out_unexposed.send(key=exposure.user_id.encode(), value=value)
+        self.accounting.add("unexposed_batches")
+        self.accounting.add("unexposed_candidates", len(out.item_ids))
 
     async def emit_real(self, exposure: ExposureEvent) -> None:
         if exposure.items:
@@ -332,31 +260,6 @@ class StreamsProcessor:
             self.accounting.add(f"anchor_requests:{reason}")
         self.interest[key] = state.pack()
 
-    # ------------------------------------------------------------------ expiry by event time (agent)
-    async def advance(self, partition: int) -> None:
-        """Expire the waiting requests and forget the markers whose due time the partition's watermark passed
-        (called by the agent after each input, so tables may be written)."""
-        for due, key in self.clock.pop_due(partition):
-            rec = self._get(key)
-            if rec is None or event_due(rec, self.wait_ms, self.dedup_ms) != due:
-                continue  # joined, rewritten or forgotten since it was scheduled
-            if rec.kind in (DONE, EXPIRED):
-                del self.pending[key]
-            else:
-                await self.expire(key, rec, guard=False)
-
-    async def expire(self, key: bytes, rec: Pending, *, guard: bool) -> None:
-        """A request whose partner did not come in time (``guard``: the wall-clock memory guard fired)."""
-        self._mark(key, marker(EXPIRED, rec, rec.ts, now_ms() + max(self.dedup_ms, self.guard_ms)))
-        self.waiting -= rec.waiting_inputs
-        suffix = "_memory_guard" if guard else ""
-        if rec.kind == PENDING_RECALL:
-            self.accounting.add("expired" + suffix)
-        else:  # an exposure whose recall never came: real labels all the same
-            self.accounting.add("exposure_only" + suffix)
-            assert rec.exposure is not None
-            await self.emit_real(decode(rec.exposure, ExposureEvent))
-
     # ------------------------------------------------------------------ wall clock: guard, hold (timer → agent)
     async def expire_due(self) -> None:
         """Timer: hand the agent what the wall clock made due: waiting requests past the memory guard,
@@ -367,23 +270,8 @@ class StreamsProcessor:
         expiry message (after a restart the heap is rebuilt and may schedule it again), changes nothing.
         """
         now = now_ms()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            deadline, key, partition = heapq.heappop(self._deadlines)
-            raw = self.pending.get(key)
-            if raw is None or Pending.unpack(raw).deadline_ms != deadline:
-                continue
+        for key, deadline, partition in self.engine.due(now):
             await self.expiry_topic.send(key=key, value=_DEADLINE.pack(deadline), partition=partition)
-        for key, checked in list(self.held.items()):
-            if now - checked < RESEND_MS:  # each held recall asks the index at most once per RESEND_MS
-                continue
-            raw = self.pending.get(key)
-            rec = Pending.unpack(raw) if raw else None
-            if rec is None or rec.kind != HELD:
-                self.held.pop(key, None)
-                continue
-            self.held[key] = now
-            if rec.item_ids is not None and not len(self.catalog.unknown(rec.item_ids)):
-                await self.expiry_topic.send(key=key, value=_DEADLINE.pack(rec.deadline_ms), partition=rec.partition)
         for (topic, partition), answered in fetch_answers(self.app).items():
             if topic in self.clock.sources:
                 self.clock.answered(topic, partition, answered, now)
@@ -398,69 +286,12 @@ class StreamsProcessor:
         if value == _ADVANCE:
             return  # an idle partition's event time moved: process() expires what it passed
         (deadline,) = _DEADLINE.unpack(value)
-        rec = self._get(key)
-        if rec is None or rec.deadline_ms != deadline:
-            return  # joined, released or forgotten since the timer looked
-        if rec.kind == HELD:
-            await self.release(key, rec)
-        elif rec.kind in (DONE, EXPIRED):
-            del self.pending[key]
-        elif now_ms() >= deadline:
-            await self.expire(key, rec, guard=True)
-
-    async def release(self, key: bytes, rec: Pending) -> None:
-        """A held recall goes on once the indexer has its items, or at the end of its hold without the ones
-        still unknown (counted)."""
-        assert rec.item_ids is not None and rec.scores is not None
-        recall = Recall(key.decode(), rec.user_id, rec.ts, rec.item_ids, rec.scores)
-        unknown = self.catalog.unknown(recall.item_ids)
-        if len(unknown) and now_ms() < rec.deadline_ms:
-            return  # not yet: the timer asks again
-        self.held.pop(key, None)
-        if len(unknown):
-            self.accounting.add("unknown_hold_timeout")
-            recall = self.unknown_items.drop(recall, unknown)
-        else:
-            self.accounting.add("unknown_released")
-        if rec.exposure is None:  # now it waits for its exposure, like any recall
-            self._put(key, pending_recall(recall, now_ms() + self.guard_ms, rec.partition, rec.recall_offset))
-        else:
-            await self.join(key, recall.item_ids, recall.scores, decode(rec.exposure, ExposureEvent), rec,
-                            rec.recall_offset, rec.exposure_offset)
+        await self.perform(self.engine.on_deadline(key, deadline))
 
     async def _on_recover(self) -> None:
-        """After a restart the table comes back from its changelog: rebuild the heaps and the watermarks (the
-        newest event time of the recovered records: markers carry it for joined requests, so the watermark
-        resumes about where it stopped, never ahead, and nothing expires for the downtime)."""
-        self._deadlines, self.waiting, self.held = [], 0, {}
-        self.clock.reset()
-        for key, raw in self.pending.items():
-            rec = Pending.unpack(raw)
-            for source, offset in ((RECALL.name, rec.recall_offset), (EXPOSURE.name, rec.exposure_offset)):
-                if offset != NO_OFFSET:  # this input had reached about rec.ts (a joined marker: its exposure ts)
-                    self.clock.observe(source, rec.partition, rec.ts)
-            self._schedule(key, rec)
-            self.waiting += rec.waiting_inputs
-            if rec.kind == HELD:
-                self.held[key] = 0
-        log.info("streams: recovered %d join records", len(self._deadlines))
-
-    # ------------------------------------------------------------------ state records
-    def _get(self, key: bytes) -> Pending | None:
-        raw = self.pending.get(key)
-        return Pending.unpack(raw) if raw else None
-
-    def _put(self, key: bytes, rec: Pending) -> None:
-        self.pending[key] = rec.pack()
-        self._schedule(key, rec)
-
-    _mark = _put  # a marker replaces the request's record under the same key, so it is changelogged too
-
-    def _schedule(self, key: bytes, rec: Pending) -> None:
-        heapq.heappush(self._deadlines, (rec.deadline_ms, key, rec.partition))
-        due = event_due(rec, self.wait_ms, self.dedup_ms)
-        if due is not None:
-            self.clock.schedule(rec.partition, due, key)
+        """After a restart the table comes back from its changelog: the engine rebuilds its schedules and the
+        watermarks from it (nothing expires for the downtime)."""
+        log.info("streams: recovered %d join records", self.engine.recover())
 
     async def dead_letter(self, m: Any, e: Exception, reason: str) -> None:
         dl = dead_letter(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
