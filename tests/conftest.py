@@ -86,7 +86,35 @@ def kafka_dist() -> Path:
 @pytest.fixture(scope="session")
 def kafka_broker(kafka_dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     with KafkaBroker(tmp_path_factory.mktemp("kafka"), dist_dir=kafka_dist) as b:
+        warm_group_coordinator(b.bootstrap)
         yield b
+
+
+def warm_group_coordinator(bootstrap: str) -> None:
+    """One consumer-group commit on the new broker, so ``__consumer_offsets`` exists before the first test:
+    a fresh KRaft node creates it on the first group's request, and a faust app that joined then saw no
+    message for 60 s once (the first test of a session, on a loaded machine)."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("__gpl_warm", 1, 1)])["__gpl_warm"].result(30)
+    p = Producer({"bootstrap.servers": bootstrap})
+    p.produce("__gpl_warm", b"x")
+    p.flush(30)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "__gpl_warm", "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False})
+    c.subscribe(["__gpl_warm"])
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and m.error() is None:
+                c.commit(m, asynchronous=False)
+                return
+        raise TimeoutError(f"no consumer group could commit on the new Kafka broker {bootstrap} in 60 s")
+    finally:
+        c.close()
 
 
 def wipe_topics(bootstrap: str, timeout: float = 30.0) -> None:
