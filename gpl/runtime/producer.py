@@ -9,7 +9,7 @@ orjson encoding with its ``schema_version``. Security, codecs and any librdkafka
 same :class:`KafkaSettings` as the stages (``kafka.extra``, ``kafka.producer_extra``).
 
     with GplProducer(settings.kafka) as p:
-        p.send_recall(RecallEvent(request_id="r1", user_id="42", ts=now_ms, candidates=[...]))
+        p.send_recall(RecallEvent(request_id="r1", user_id="42", ts=now_ms, item_ids=[...], scores=[...]))
         p.send_exposure(ExposureEvent(...))
     # leaving the block flushes; a record the broker refused raises ProduceError
 """
