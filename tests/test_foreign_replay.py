@@ -30,6 +30,7 @@ import orjson
 import pytest
 
 from gpl.runtime.broker import EmbeddedBroker
+from gpl.runtime.metrics_relay import MERGED
 from gpl.stack import Stack, Stages
 from schemas.events import DeadLetter
 from tests.conftest import make_settings
@@ -113,9 +114,12 @@ def test_a_user_ordered_foreign_file_accounts_for_every_candidate(tmp_path: Path
                      lambda: f"every batch abstained on: {labeler.accounting.snapshot()}")
             held = labeler.accounting["abstained"] - labeler.accounting["dlq:abstained"]
             assert held == KEEP and labeler.accounting["labeled"] == 0
+            # the gauge as this process's /metrics serves it, relayed from the labeler's own process
+            wait_for(lambda: _served("gpl_labeler_abstaining") == 1, 10, "the abstaining gauge at 1 on /metrics")
             fixed_calibrator(s.encoder.model).save(s.calibrator_file)  # `gpl calibrate`
             wait_for(lambda: labeler.accounting["labeled"] == KEEP, 30,
                      lambda: f"the held batches relabelled: {labeler.accounting.snapshot()}")
+            wait_for(lambda: _served("gpl_labeler_abstaining") == 0, 10, "the abstaining gauge back at 0")
             samples = drain(s, "samples")
             wait_for(lambda: trainer.accounting["samples"] == sum(len(b["samples"]) for b in samples), 60,
                      lambda: f"the trainer took every sample: {trainer.accounting.snapshot()}")
@@ -151,6 +155,11 @@ def test_a_user_ordered_foreign_file_accounts_for_every_candidate(tmp_path: Path
     # trainer: every sample (real and pseudo) trained or held out, once; no vector was missing
     assert tr["samples"] == USERS * SHOWN + len(pseudo) and "dlq:no_vector" not in tr
     assert tr["samples"] == tr.get("trained", 0) + tr.get("holdout", 0) + tr.get("duplicate", 0)
+
+
+def _served(name: str) -> float:
+    """A metric's value on this process's /metrics (its own registry merged with its child stages')."""
+    return sum(x.value for m in MERGED.collect() for x in m.samples if x.name == name)
 
 
 def _raw(s: Any, topic: str, expect: int) -> list[tuple[bytes | None, bytes]]:
