@@ -61,8 +61,10 @@ def explain(e: BaseException, settings: Settings) -> str | None:
         where = settings.kafka.bootstrap_servers or "(none configured)"
         return f"Kafka at {where}: {_kafka_text(e)}; {BROKER_HINT}"
     if isinstance(e, FileNotFoundError):
-        return f"{e.filename or e}: no such file or directory; check the path (a checkpoint: gpl run --stage trainer " \
-               "writes them under <data_dir>/checkpoints)"
+        what = str(e.filename or e)
+        hint = " (checkpoints: gpl run --stage trainer writes them under <data_dir>/checkpoints)" \
+            if "checkpoint" in what or what.endswith(".pt") else ""
+        return f"{what}: no such file or directory; check the path{hint}"
     if isinstance(e, PermissionError):
         return f"{e.filename or e}: permission denied"
     if type(e).__module__.split(".")[0].startswith("httpx") and "Error" in type(e).__name__:

@@ -66,6 +66,8 @@ def test_compatibility_on_the_mock_registry_is_one_line() -> None:
 def test_missing_file_and_checkpoint_are_one_line(tmp_path: Path) -> None:
     one_line(gpl("export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")), "nope.pt", "no such file")
     one_line(gpl("export", str(tmp_path), "--out", str(tmp_path / "o")), "no checkpoint", str(tmp_path))
+    line = one_line(gpl("replay", str(tmp_path / "events.jsonl"), "--bootstrap", DEAD), "events.jsonl", "no such file")
+    assert "checkpoint" not in line  # the hint fits the file
 
 
 def test_unknown_reason_lists_the_reasons() -> None:
