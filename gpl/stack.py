@@ -35,7 +35,7 @@ from gpl.runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
 from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
 from gpl.stage_build import build_stage
 from gpl.stage_process import READERS, ProcessStage
-from schemas.topics import configure
+from schemas.topics import all_topic_names, configure
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Stack:
                 self.broker = self._exit.enter_context(local_broker(s, self._broker_port))
                 s = with_profile(s, self.broker.profile(), bootstrap_servers=self.broker.bootstrap)
             self.settings = s
-            create_topics(s.kafka)
+            create_topics(s.kafka, all_topic_names(s.streams.app_id))  # this app id's expiry topic
         except BaseException:
             self._exit.close()
             raise

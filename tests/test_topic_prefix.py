@@ -95,3 +95,4 @@ def test_prefixed_pipeline_on_kafka_leaves_nothing_outside_the_prefix(tmp_path: 
     assert [t for t in on_broker if not t.startswith(PREFIX)] == []
     assert any(t.endswith("-changelog") for t in on_broker), on_broker  # faust's tables: under the prefix too
     assert "team-a.labels" in on_broker and "team-a.samples" not in on_broker
+    assert f"{PREFIX}{s.streams.app_id}-expiry" in on_broker and "team-a.gpl-streams-expiry" not in on_broker
