@@ -1,7 +1,8 @@
 """The shipped labeler path on the real broker: ``label_source = calibrator`` (every other broker test forces the
 fixed map). Abstention without a calibrator (batches held uncommitted, the gauge at 1), the relabelling when one
-is written, the bound past which held batches are dead-lettered, a restart re-reading what was held, a labeling
-bug dead-lettered as ``label_error``, and the closed-loop refit whose new version reaches the lineage.
+is written, the bound past which held batches are dead-lettered, a restart re-reading what was held, a rebalance
+handing held batches to the next owner, a labeling bug dead-lettered as ``label_error``, and the closed-loop refit
+whose new version reaches the lineage.
 
 Items live in the numpy twin of the vector index (tests/helpers.py ``item_index``); the broker is real.
 """
@@ -18,7 +19,7 @@ from prometheus_client import REGISTRY
 from gpl.runtime.settings import Settings
 from schemas.events import DeadLetter, Sample, SampleBatch
 from tests.helpers import produce, running, wait_for
-from tests.test_labeler import ALL_IDS, _anchors, _batch, _committed_everything, _index, _read
+from tests.test_labeler import ALL_IDS, _anchors, _batch, _committed_everything, _index, _produce_where, _read
 from workers.labeler import Labeler
 from workers.labeling.calibrator import Calibrator
 
@@ -151,3 +152,33 @@ def test_real_labels_met_by_pseudo_labels_refit_the_calibrator(calibrated: Setti
     assert before is not None and after is not None and before.calibrator == cal.version != after.calibrator
     assert np.mean([x.label for x in batches["r1"].samples]) > np.mean([x.label for x in batches["r0"].samples])
     assert labeler.balance() == BALANCED
+
+
+def test_a_rebalance_hands_held_batches_to_the_next_owner(calibrated: Settings) -> None:
+    """Two labelers in one group: on the rebalance the first one's held batches are released uncommitted
+    (counted ``released``) and read again by whichever owns their partition next, and every batch is labeled
+    once, by one of them, when the calibrator is written."""
+    s = calibrated
+    users = [f"u{i}" for i in range(6)]  # keys that land on both partitions
+    first = Labeler(s, _index(s))
+    with running(first, "labeler-1"):
+        produce(s, "anchors", [_anchors(s, u, ["running shoes"]) for u in users])
+        where = _produce_where(s, "unexposed", [_batch(u, f"r-{u}") for u in users])
+        assert {p for p, _ in where.values()} == {0, 1}
+        wait_for(lambda: len(first.held) == len(users), 30, "every batch held by the first labeler")
+        second = Labeler(s, _index(s))
+        with running(second, "labeler-2"):
+            # a rebalance revokes (the range assignor: all of the first's partitions), each owner reads again
+            wait_for(lambda: first.accounting["released"] > 0 and len(second.held) > 0
+                     and len(first.held) + len(second.held) == len(users), 60,
+                     lambda: f"a partition handed over: {first.accounting.snapshot()} {second.accounting.snapshot()}")
+            _calibrator(s).save(s.calibrator_file)
+            wait_for(lambda: first.accounting["labeled"] + second.accounting["labeled"] == len(users), 30,
+                     "every batch labeled by one of them")
+            wait_for(lambda: _committed_everything(s), 20, "offsets committed to the end")
+            samples = [SampleBatch.model_validate(x) for x in _read(s, "samples", expect=len(users))]
+    assert sorted(b.request_id for b in samples) == sorted(f"r-{u}" for u in users)  # each once
+    a, b = first.accounting.snapshot(), second.accounting.snapshot()
+    assert a["candidates_released"] == a["released"] * len(ALL_IDS) and b["labeled"] > 0
+    assert a["in"] - a["released"] == a["labeled"] and b["in"] == b["labeled"]  # what was released, read again
+    assert first.balance() == second.balance() == BALANCED
