@@ -7,6 +7,7 @@ lists the broker's topics: none may sit outside the prefix (faust's changelogs a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,3 +97,15 @@ def test_prefixed_pipeline_on_kafka_leaves_nothing_outside_the_prefix(tmp_path: 
     assert any(t.endswith("-changelog") for t in on_broker), on_broker  # faust's tables: under the prefix too
     assert "team-a.labels" in on_broker and "team-a.samples" not in on_broker
     assert f"{PREFIX}{s.streams.app_id}-expiry" in on_broker and "team-a.gpl-streams-expiry" not in on_broker
+
+
+def test_no_stage_or_command_names_a_registry_topic_by_a_literal() -> None:
+    """Every broker-side name comes from schemas/topics.py, so the prefix reaches it: a literal "recall" handed
+    to a client (produce, subscribe, a TopicPartition, a faust topic) would escape it."""
+    names = "|".join(sorted((t.logical for t in TOPICS.values()), key=len, reverse=True))
+    literal = re.compile(rf"""(produce|subscribe|TopicPartition|\.topic)\(\s*\[?\s*["']({names})(\.dlq)?["']""")
+    root = Path(__file__).resolve().parent.parent
+    sources = [p for d in ("gpl", "streams", "workers") for p in sorted((root / d).rglob("*.py"))]
+    hits = [f"{p.relative_to(root)}:{n}" for p in sources
+            for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert hits == []

@@ -26,6 +26,7 @@ from gpl.runtime.kafka import consumer, producer, take
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
+from schemas.topics import ANCHORS
 from streams.join import decode_recall, unexposed
 from workers.labeling.item_matrix import ItemMatrix
 
@@ -102,7 +103,7 @@ def _label(r: Any, e: ExposureEvent, items: ItemMatrix, anchors: dict[str, np.nd
 def _read_anchors(s: Settings, users: int, timeout: float = 60.0) -> dict[str, np.ndarray]:
     """The users' anchor matrices from the compacted ``anchors`` topic, as the labeler reads them."""
     c = consumer(s.kafka, f"bench-bare-anchors-{time.monotonic_ns()}")
-    c.subscribe(["anchors"])
+    c.subscribe([ANCHORS.name])
     out: dict[str, np.ndarray] = {}
     deadline = time.monotonic() + timeout
     try:

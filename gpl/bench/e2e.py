@@ -60,6 +60,7 @@ from gpl.runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, RecallEvent
+from schemas.topics import ANCHORS, EXPOSURE, RECALL, SAMPLES
 from schemas.wire import payload
 
 TS0 = 1_000_000_000_000  # placeholder event time in the pre-encoded recalls (13 digits, as every stamp)
@@ -85,7 +86,7 @@ def bench_e2e(settings: Settings, *, requests: int = 3000, candidates: int = 100
             def processes() -> dict[str, int | None]:  # stage processes have their pids once started
                 return {**pids, **{name: getattr(stage, "pid", None) for name, stage in stages.stages.items()}}
 
-            run = _run(s, "samples", "recall", "exposure", reqs, rate, prefix, progress, processes)
+            run = _run(s, SAMPLES.name, RECALL.name, EXPOSURE.name, reqs, rate, prefix, progress, processes)
             run["accounting"] = stages.accounting()
         if stages.errors:
             run["errors"] = {n: repr(e) for n, e in stages.errors.items()}
@@ -176,7 +177,7 @@ def _publish_anchors(s: Settings, anchors: np.ndarray) -> None:
         aset = AnchorSet(user_id=f"u{u}", version=1, model="bench", prompt_hash="bench", encoder=s.encoder.model,
                          generated_at=now, anchors=[Anchor(text=f"a{j}", vector=v.tolist(), logprob=-1.0)
                                                     for j, v in enumerate(a)])
-        p.produce("anchors", encode(aset), key=f"u{u}".encode())
+        p.produce(ANCHORS.name, encode(aset), key=f"u{u}".encode())
     p.flush(30)
 
 
