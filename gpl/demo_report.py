@@ -125,21 +125,28 @@ def _gauc(scores: np.ndarray, y: np.ndarray, users: list[str]) -> float | None:
     return None if math.isnan(g) else round(g, 4)
 
 
-def _calibration_lines(calib: dict[str, Any] | None, labeler: dict[str, Any] | None = None) -> list[str]:
+def _calibration_lines(calib: dict[str, Any] | None, counts: dict[str, int] | None = None) -> list[str]:
     """Closed loop: pseudo-labels whose (user, item) was exposed later, against the real outcome.
 
-    Two components measure it: the calibration monitor (``calib``, which reads the samples topic in
-    arrival order) and the labeler's recalibration (``labeler``, which warns of drift in the log). Both
-    are reported, so "none met" is never printed beside a drift warning about hundreds of them."""
+    Two components measure it: the calibration monitor (per generator, ``calib``: its groups, when it ran
+    in this process; else its join count) and the labeler's recalibration (``counts``, from the stages'
+    accounting; it warns of drift in the log). Both are reported, so "none met" is never printed beside a
+    drift warning about hundreds of them."""
+    counts = counts or {}
+    groups = (calib or {}).get("groups", [])
     lines = [f"  closed-loop check    {g['model']} ({g['prompt_hash'][:8]}{', fallback' if g['fallback'] else ''}): "
              f"{g['joined']} pseudo-labels met their real outcome later; mean p {g['mean_p']:.3f} vs observed "
-             f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in (calib or {}).get("groups", [])]
-    if labeler and labeler.get("joined"):
-        ece = labeler.get("last_ece")
-        drift = (f"ECE {ece:.3f} at its last refit, {'above' if labeler.get('drifting') else 'within'} the drift "
-                 f"alert {labeler.get('alert', 0):.3f}" if ece is not None else "no refit yet")
-        lines.append(f"  closed-loop check    labeler: {labeler['joined']} of its pseudo-labels met a later real "
-                     f"label of the same user ({drift}; {labeler.get('refits', 0)} intercept refits)")
+             f"{g['observed_rate']:.3f}, ECE {g['label_ece']:.3f}" for g in groups]
+    if not groups and counts.get("monitor_joined"):
+        lines.append(f"  closed-loop check    calibration monitor: {counts['monitor_joined']} pseudo-labels met their "
+                     "real outcome later (per generator: gpl_pseudo_label_ece on /metrics)")
+    if counts.get("labeler_joined"):
+        drift, ok = counts.get("drift_refits", 0), counts.get("calibrated_refits", 0)
+        verdict = (f"{drift} of {drift + ok} intercept refits found calibration drift (ECE above labeler.ece_alert: "
+                   "the labeler's warning)" if drift else f"{ok} intercept refits, no drift") if drift + ok \
+            else "too few for a refit"
+        lines.append(f"  closed-loop check    labeler: {counts['labeler_joined']} of its pseudo-labels met a later "
+                     f"real label of the same user; {verdict}")
     if not lines:
         lines.append("  closed-loop check    no pseudo-labeled item was exposed later to the same user "
                      "(calibration monitor and labeler agree)")

@@ -7,32 +7,39 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from gpl.demo import gate_summary, labeler_closed_loop
+from gpl.demo import closed_loop_counts, gate_summary
 from gpl.demo_report import _calibration_lines, _gate_line
 from gpl.runtime.faust_config import FAUST_PRODUCER_LOGGER, count_backpressure
+from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
 from gpl.runtime.settings import load
+from workers.labeling.calibrator import Calibrator
 from workers.labeling.recalibration import Recalibrator
 from workers.publish import Decision, PublishedArea, Scores
 
 
-def test_closed_loop_line_agrees_with_the_labelers_drift_warning() -> None:
-    r = Recalibrator(every=500, alert=0.1)
-    rng_items = list(range(600))
-    r.remember("u1", rng_items, np.full(600, 0.9))
-    r.observe("u1", rng_items[:500], [0.0] * 500)  # all later real labels say no: a drifting calibrator
-    r.last_ece, r.drifting, r.refits = 0.119, True, 1
-    closed = labeler_closed_loop(SimpleNamespace(recalibrator=r))
-    assert closed is not None and closed["joined"] == 500
-    text = "\n".join(_calibration_lines({"groups": []}, closed))
+def test_closed_loop_line_agrees_with_the_labelers_drift_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """The labeler's refit warns of drift and counts it; the summary line reads the same counts (the
+    accounting child processes relay), never "none met"."""
+    r = Recalibrator(every=500, alert=0.05)
+    items = list(range(600))
+    r.remember("u1", items, np.full(600, 0.9))
+    acc = Accounting("labeler")
+    acc.add("closed_loop_joins", r.observe("u1", items[:500], [0.0] * 500))  # real labels say no: drift
+    with caplog.at_level(logging.WARNING):
+        r.refit(Calibrator(features=("log_recall",), mean=(0.0,), scale=(1.0,), coef=(0.0,), intercept=0.0,
+                           monotone="none", encoder="hash", catalogue="test"))
+    acc.add("closed_loop_drift" if r.drifting else "closed_loop_calibrated")
+    assert r.drifting and any("calibration drift" in m for m in caplog.messages)
+    counts = closed_loop_counts({"labeler": acc.snapshot(), "calibration": {"joined": 0}})
+    text = "\n".join(_calibration_lines({"groups": []}, counts))
     assert "no pseudo-labeled item was exposed later" not in text
-    assert "500 of its pseudo-labels" in text and "ECE 0.119" in text and "above the drift alert 0.100" in text
-    assert "agree" in _calibration_lines(None, {"joined": 0})[0]
+    assert "500 of its pseudo-labels" in text and "1 of 1 intercept refits found calibration drift" in text
+    assert "agree" in _calibration_lines(None, closed_loop_counts({}))[0]
 
 
 def test_gate_decisions_are_one_summary_line(tmp_path: Path) -> None:
@@ -57,5 +64,6 @@ def test_faust_backpressure_is_counted_not_warned(caplog: pytest.LogCaptureFixtu
         log.warning("producer buffer full size 1001")
         log.warning("producer buffer full size 1002")
         log.warning("something else")
+        logging.getLogger("mode.timers").warning("Timer %s is overlapping (interval=%r runtime=%r)", "commit", 2.8, 3.2)
     assert PRODUCER_BACKPRESSURE._value.get() == before + 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["something else"]

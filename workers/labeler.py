@@ -363,6 +363,7 @@ class Labeler:
             if cal is not None and self.recalibrator.due():
                 fresh = self.recalibrator.refit(cal)
                 CALIBRATION_DRIFT.set(1 if self.recalibrator.drifting else 0)
+                self.accounting.add("closed_loop_drift" if self.recalibrator.drifting else "closed_loop_calibrated")
                 if fresh is not cal:
                     log.info("labeler: calibrator %s refitted from %d closed-loop joins -> %s", cal.version,
                              fresh.info.get("refit_joins", 0), fresh.version)
