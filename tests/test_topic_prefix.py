@@ -109,3 +109,21 @@ def test_no_stage_or_command_names_a_registry_topic_by_a_literal() -> None:
     hits = [f"{p.relative_to(root)}:{n}" for p in sources
             for n, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
     assert hits == []
+
+
+@pytest.mark.integration
+def test_topics_create_and_list_under_a_prefix(kafka: KafkaSlot, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpl.cli import main
+
+    given = ["--set", "kafka.topic_prefix=team-b.", "--set", "streams.app_id=b-streams", "--set", "kafka.partitions=1"]
+    try:
+        assert main([*given, "topics", "create", "--bootstrap", kafka.bootstrap]) == 0
+        assert main([*given, "--set", f"kafka.bootstrap_servers={kafka.bootstrap}", "topics", "list"]) == 0
+    finally:
+        configure(Naming())  # main set this process's naming, as it does for every command
+    listed = capsys.readouterr().out
+    on_broker = [t for t in AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics
+                 if not t.startswith("__")]
+    assert sorted(on_broker) == sorted(["team-b.b-streams-expiry", *(f"team-b.{t}" for t in TOPICS),
+                                        *(f"team-b.{t}.dlq" for t in TOPICS)])
+    assert "team-b.recall.dlq" in listed and "missing" not in listed

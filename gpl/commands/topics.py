@@ -76,7 +76,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.oneline import require_broker
 
     require_broker(settings)
-    names = args.names or all_topic_names()
+    names = args.names or all_topic_names(settings.streams.app_id)  # its expiry topic, under the prefix
     created = create_topics(settings.kafka, names)
     for name in names:
         state = "created" if name in created else "exists"
