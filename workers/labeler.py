@@ -33,9 +33,10 @@ new owner re-reads them). For candidates of decoded batches ``candidates = pseud
 duplicate + no_vector + candidates_timed_out + candidates_dlq + candidates_deferred_at_stop +
 candidates_abstained_at_stop + candidates_released + (waiting)``. :meth:`Labeler.balance` checks both.
 ``anchor_accounting`` counts anchor sets: ``in = accepted + stale + tombstone + dlq:<reason>``;
-``anchors_refused`` counts the refusals among the dead letters (``dlq:encoder_mismatch``, ``dlq:dim_mismatch``, ``dlq:bad_vectors``). Passages, not
-outcomes: ``deferred`` (batches that had to wait), ``abstained`` (batches held for a calibrator; then
-``relabelled``, or dead-lettered past the bound) and ``paused`` (times a partition was paused).
+``anchors_refused`` counts the refusals among the dead letters (``dlq:encoder_mismatch``,
+``dlq:dim_mismatch``, ``dlq:bad_vectors``). Passages, not outcomes: ``deferred`` (batches that had to
+wait), ``abstained`` (batches held for a calibrator; then ``relabelled``, or dead-lettered past the
+bound) and ``paused`` (times a partition was paused).
 """
 
 from __future__ import annotations
