@@ -25,6 +25,12 @@ from workers.model import sample_key
 from workers.publish import PublishedArea, is_holdout
 from workers.trainer import LATEST, Trainer, list_checkpoints, load_checkpoint
 
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
 pytestmark = pytest.mark.integration
 
 DIM = 16
@@ -212,7 +218,7 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
 
     # run 3: as if every commit had been lost (a new group has none): only the checkpoint's offsets
     # keep it from re-reading. One new request per partition; anything re-read would count as duplicate.
-    lost = tuned(settings, group_prefix="no-commits")
+    lost = tuned(settings, group_prefix=f"{settings.kafka.group_prefix}-no-commits")  # a group of its own
     for part, n in enumerate((9, 10)):
         produce(lost, [request(n)], partition=part)
     third = Trainer(lost, index, progress=False)

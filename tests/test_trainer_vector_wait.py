@@ -2,7 +2,7 @@
 trained once the indexer catches up, survives a restart in the checkpoint, and past the bound goes to
 ``samples.dlq`` as ``no_vector``; the trainer also checkpoints on a time bound (``checkpoint_every_s``).
 
-The unit part drives the trainer's steps in memory; the last test runs it on the real embedded broker
+The unit part drives the trainer's steps in memory; the last test runs it on the suite's real broker
 while the index catches up (a one-shot replay of items + events races the indexer)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points
@@ -18,6 +19,13 @@ from schemas.ids import sample_id
 from tests.test_trainer import DIM, MISSING_ITEM, item_index, produce, reached, request, running, tuned, wait_for
 from workers.model import sample_key
 from workers.trainer import Trainer, load_checkpoint
+
+
+@pytest.fixture
+def settings(broker_settings: Settings) -> Settings:
+    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    return broker_settings
+
 
 
 def index_missing_item(s: Settings, index: MemoryIndex) -> None:
