@@ -312,6 +312,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.speed < 0 or args.max_wait < 0 or args.index_wait < 0:
         print("gpl replay: --speed, --max-wait and --index-wait must be >= 0", file=sys.stderr)
         return 2
+    from gpl.oneline import require_broker
+
+    require_broker(settings)  # a dead broker: one line now, not a minute of librdkafka retries
     max_wait = args.max_wait or None
     if args.topic:
         if not args.to:

@@ -48,7 +48,7 @@ def one_line(out: subprocess.CompletedProcess[str], *words: str) -> str:
 
 
 @pytest.mark.parametrize("argv", [("topics", "list"), ("topics", "create"), ("dlq", "show", "recall"),
-                                  ("dlq", "redrive", "recall")])
+                                  ("dlq", "redrive", "recall"), ("replay", str(ROOT / "README.md"))])
 def test_unreachable_broker_is_one_line(argv: tuple[str, ...]) -> None:
     one_line(gpl(*argv, "--bootstrap", DEAD), f"cannot reach the Kafka broker at {DEAD}", "--bootstrap")
 
@@ -66,7 +66,7 @@ def test_compatibility_on_the_mock_registry_is_one_line() -> None:
 def test_missing_file_and_checkpoint_are_one_line(tmp_path: Path) -> None:
     one_line(gpl("export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")), "nope.pt", "no such file")
     one_line(gpl("export", str(tmp_path), "--out", str(tmp_path / "o")), "no checkpoint", str(tmp_path))
-    line = one_line(gpl("replay", str(tmp_path / "events.jsonl"), "--bootstrap", DEAD), "events.jsonl", "no such file")
+    line = one_line(gpl("schemas", "validate", str(tmp_path / "events.jsonl")), "events.jsonl", "no such file")
     assert "checkpoint" not in line  # the hint fits the file
 
 

@@ -124,7 +124,7 @@ def validate_jsonl(path: Path) -> tuple[int, list[LineError]]:
 
 def run_validate(args: argparse.Namespace, settings: Settings) -> int:
     if not args.file.is_file():
-        print(f"{args.file}: no such file", file=sys.stderr)
+        print(f"gpl: {args.file}: no such file or directory; check the path", file=sys.stderr)
         return 2
     checked, errors = validate_jsonl(args.file)
     for e in errors[: args.max_errors]:
