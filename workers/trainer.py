@@ -176,7 +176,6 @@ class Trainer:
             self.memory = ClickMemory(int(memory["n"]))
             self.memory.restore(memory)
         CHECKPOINT_VERSION.set(self.version)
-        CHECKPOINT_TIME.set(float(ckpt.get("wall_time") or time.time() * 1000) / 1000.0)
         log.info(
             "trainer: resumed from %s (version %d, %d samples)",
             ckpt["path"],

@@ -35,9 +35,9 @@ CALIBRATION_DRIFT = Gauge("gpl_calibration_drift",
 JOIN_PENDING = Gauge("gpl_join_pending_requests", "Recall or exposure events waiting for their partner")
 TRAINER_LOSS = Gauge("gpl_trainer_loss", "Last mini-batch loss of the pre-ranker", ["part"])
 CHECKPOINT_VERSION = Gauge("gpl_trainer_checkpoint_version", "Last durable checkpoint version")
-# when the last checkpoint was written (restored one: its wall time): the stalled-checkpoint alert's clock
+# when the last checkpoint was written: the stalled-checkpoint alert's clock (0 until the first one)
 CHECKPOINT_TIME = Gauge("gpl_trainer_last_checkpoint_timestamp_seconds",
-                        "Unix time of the last durable checkpoint (at a restart: the restored one's)")
+                        "Unix time of the last durable checkpoint this process wrote")
 
 
 STAGE_UP = Gauge("gpl_stage_up", "1 while the stage's loop runs in this process, 0 once it stopped or failed",
