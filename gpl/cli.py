@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gpl.up import _run_stages as _run_stages  # noqa: F401 - tests run stages the way `gpl up` does
-from gpl.up import cmd_run, cmd_up, stage_options
+from gpl.up import cmd_run, cmd_up, progress, stage_options
 
 # `gpl --version` answers without them (pydantic, the clients, the stages: seconds of imports)
 if TYPE_CHECKING:
@@ -53,11 +53,6 @@ def version() -> str:
 
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-
-
-def progress() -> bool:
-    """Progress bars only when a person watches: stderr is a terminal (not a pipe or a service log)."""
-    return sys.stderr.isatty()
 
 
 def main(argv: list[str] | None = None) -> int:

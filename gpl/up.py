@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gpl.runtime.settings import Settings
 
+def progress() -> bool:
+    """Progress bars only when a person watches: stderr is a terminal (not a pipe or a service log)."""
+    return sys.stderr.isatty()
+
+
 # stages that draw tqdm bars: bars only on a terminal, never in a service's log
 PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
 
@@ -86,8 +91,6 @@ def _port_free(port: int) -> bool:
 
 
 def _stage_kw(name: str) -> dict[str, Any]:
-    from gpl.cli import progress
-
     return {"progress": False} if name in PROGRESS_STAGES and not progress() else {}
 
 
