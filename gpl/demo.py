@@ -93,7 +93,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     with open(events_file, "wb") as f:
         write_events(f, [("items", it) for it in items])
         # in event-time order, as a producer's stream is: replay would otherwise warn and sort it
-        write_events(f, sorted(train, key=lambda te: te[1].ts))  # stable: a request's recall stays first
+        write_events(f, sorted(train, key=lambda te: int(getattr(te[1], "ts", 0))))  # stable: recall stays first
     phases.update()
     mark("simulate")
     calibration = calibrate(settings, events_file, cfg.features) if settings.labeler.label_source == "calibrator" \
