@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,9 +35,12 @@ def stage_options(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--stage", action="append", dest="stages", choices=(*STAGES, "all"), help=argparse.SUPPRESS)
 
 
-def _until_interrupted(stop: threading.Event) -> None:
+def _until_interrupted(stop: threading.Event, first: Callable[[], None] = lambda: None) -> None:
+    """Until SIGTERM, Ctrl-C or ``stop``; ``first`` (the wait for the ready line) runs under the same
+    handling, so a stop while the stages are still joining is as clean as one later."""
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        first()
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -124,10 +128,12 @@ def _run_stages(stack: Any, names: list[str], ready: str = "") -> int:
     from gpl.stack import Stages
 
     stages = Stages({n: stack.make(n, **_stage_kw(n)) for n in names})
-    with stages:
-        if ready and stages.wait_ready():  # the ready line once every stage holds its partitions
+    def say_ready() -> None:  # the ready line once every stage holds its partitions
+        if ready and stages.wait_ready():
             print(ready, flush=True)
-        _until_interrupted(stages.stop_event)
+
+    with stages:
+        _until_interrupted(stages.stop_event, say_ready)
         if stages.errors:
             grace = stack.settings.health.exit_grace_s
             print(f"gpl: stage(s) crashed: {', '.join(f'{k}: {v!r}' for k, v in stages.errors.items())}; "

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -152,3 +153,24 @@ def test_json_log_format_reaches_the_parent_and_the_stage_children(tmp_path: Pat
     assert {"ts", "level", "logger", "msg", "pid"} <= set(records[0]), records[0]
     assert any(r.get("stage") == "labeler" for r in records), err  # from the child process
     assert any("stage" not in r for r in records), err  # from gpl up itself
+
+
+@pytest.mark.integration
+def test_a_stop_while_the_stages_join_is_clean(tmp_path: Path) -> None:
+    """SIGTERM (an orchestrator's stop) before the ready line: the stages stop and `gpl up` exits 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")} | {
+        "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(tmp_path / "data"), "GPL_LABELER__LABEL_SOURCE": "map"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--stages", "labeler"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.strip() for ln in proc.stdout or ()), daemon=True).start()
+    try:
+        wait_for(lambda: any(ln.startswith("stages") for ln in lines) or proc.poll() is not None, 120, "stages")
+        time.sleep(1.0)  # the labeler's process is still starting: no partitions yet
+        assert not any(ln.startswith("ready") for ln in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err[-2000:])
