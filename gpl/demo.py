@@ -35,7 +35,7 @@ from gpl.runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import RecallEvent
 from schemas.jsonl import write_events
-from schemas.topics import SAMPLES
+from schemas.topics import EXPOSURE, RECALL, SAMPLES
 from streams.join import OUTCOMES
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     st = stages.stages
     probe = consumer(settings.kafka, "demo-probe")
     samples_parts = [TopicPartition(SAMPLES.name, p) for p in range(settings.kafka.partitions)]
-    total_in = produced.get("recall", 0) + produced.get("exposure", 0)
+    total_in = produced.get(RECALL.name, 0) + produced.get(EXPOSURE.name, 0)  # replay counts broker names
     bar = tqdm(total=total_in, desc="pipeline", unit="event", disable=not progress, position=1)
     deadline = time.monotonic() + timeout
     stable = 0
