@@ -94,7 +94,7 @@ class RecallEvent(Contract):
     Version 2 (what producers should send): ``item_ids``, ``scores`` and optional ``sources`` are
     parallel arrays of equal length and the item ids are unique. Why columns: a recall is the largest
     message of the system, and a list of ``{"item_id", "score", "source"}`` objects costs the reader one
-    dict per candidate; arrays go from orjson straight into numpy (``streams.join.decode_recall``).
+    dict per candidate; arrays go from orjson straight into numpy (``schemas.fast_codec.decode_recall``).
     Version 1 (``candidates``: a list of Candidate objects) is still accepted and converted to columns
     on validation, so the model is columnar whatever was sent; its repeats of an item are kept, as
     version 1 never forbade them.

@@ -60,12 +60,12 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, redrive_count
 from schemas.events import ExposureEvent
+from schemas.fast_codec import decode_recall, encode_real_samples, encode_unexposed
 from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, app_id, expiry_topic
 from streams.catalog import Catalog
 from streams.changelog import CoalescingTable
 from streams.clock import EventClock
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
-from streams.join import decode_recall, encode_real_samples, encode_unexposed
 from streams.join_engine import RESEND_MS, JoinEngine, Output, RealLabels, Unexposed, now_ms
 from streams.lifecycle import serve
 from streams.transport import SCHEME, fetch_answers, fetch_wait_ms

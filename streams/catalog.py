@@ -21,7 +21,7 @@ from gpl.runtime.settings import StreamsSettings
 from gpl.runtime.vectors.id_index import IdIndex
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
-from streams.join import Recall
+from schemas.fast_codec import Recall
 
 
 class Catalog:

@@ -11,27 +11,14 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
-import pybase64
 
-from schemas.codec import DecodeError, decode
-from schemas.events import (
-    MAX_EPOCH_MS,
-    MAX_ID_CHARS,
-    PACKED_IDS,
-    RECALL_SCHEMA_VERSION,
-    SCHEMA_VERSION,
-    SECONDS_HIGH,
-    SECONDS_LOW,
-    UNEXPOSED_SCHEMA_VERSION,
-    ExposureEvent,
-    RecallEvent,
-)
-from schemas.ids import sample_id
+from schemas.events import ExposureEvent
 
-# UnexposedBatch's packed id forms (schemas.events.PACKED_IDS): little-endian whatever this machine's byte order
-_LE32, _LE64 = (np.dtype(PACKED_IDS[f][1]) for f in ("item_ids_le32", "item_ids_le64"))
-_U32_MAX = int(np.iinfo(_LE32).max)
+# the wire codecs live beside the contract (schemas/fast_codec.py); re-exported for gpl/bench and older imports
+from schemas.fast_codec import Recall as Recall
+from schemas.fast_codec import decode_recall as decode_recall
+from schemas.fast_codec import encode_real_samples as encode_real_samples
+from schemas.fast_codec import encode_unexposed as encode_unexposed
 
 # kind byte of a join-table record: waiting for its partner (RECALL, EXPOSURE), a recall held until the
 # indexer knows its candidates (HELD, may already carry its exposure), or a marker kept after the request
@@ -115,96 +102,6 @@ def event_due(rec: Pending, join_wait_ms: int, dedup_ms: int) -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class Recall:
-    """A decoded recall event in array form (the fast path: no per-candidate objects)."""
-
-    request_id: str
-    user_id: str
-    ts: int
-    item_ids: np.ndarray  # int64
-    scores: np.ndarray  # float32
-    unique: bool = False  # every item id once (version 2 guarantees it; version 1 may repeat one)
-
-
-
-def decode_recall(raw: bytes | None, max_candidates: int) -> Recall:
-    """Parse a RecallEvent straight into arrays; any doubt falls back to the pydantic contract so the
-    error message (and DLQ reason) is the contract's own.
-
-    Version 2 (columns) never builds a per-candidate Python object: orjson gives lists, numpy infers
-    one dtype per list in C (int64 only when every id is an int that fits, so floats, strings, bools
-    alone and out-of-range ids all fall back), and ``"".join`` type-checks the sources. Version 1
-    (candidate objects) still decodes, one dict per candidate, as before. ``None`` (a tombstone) goes
-    to the contract, which calls it 'empty'.
-    """
-    try:
-        obj = orjson.loads(raw)  # type: ignore[arg-type]
-        rid, uid, ts = obj["request_id"], obj["user_id"], obj["ts"]
-        ok = (type(rid) is str and type(uid) is str and 0 < len(rid) <= MAX_ID_CHARS
-              and 0 < len(uid) <= MAX_ID_CHARS and type(ts) is int and 0 <= ts <= MAX_EPOCH_MS
-              and not SECONDS_LOW <= ts < SECONDS_HIGH)  # seconds? the contract says so
-        if ok and "candidates" not in obj:
-            ids, scores, ok = _columns(obj)
-        elif ok:
-            ids, scores, ok = _candidates(obj)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError, AttributeError):
-        ok = False
-    unique = ok and "candidates" not in obj  # the version 2 fast path rejected repeats
-    if not ok:
-        ev = decode(raw, RecallEvent)  # raises DecodeError with the contract's reason
-        unique = False  # a version 1 recall arrives here converted to columns, repeats and all
-        ids = np.asarray(ev.item_ids, dtype=np.int64)
-        scores = (np.zeros(len(ids), np.float32) if ev.scores is None else np.asarray(ev.scores, dtype=np.float32))
-        rid, uid, ts = ev.request_id, ev.user_id, ev.ts
-    if len(ids) == 0:
-        raise DecodeError("empty_candidates", f"recall {rid} has no candidates")
-    if len(ids) > max_candidates:
-        raise DecodeError("oversized", f"recall {rid} has {len(ids)} candidates > max {max_candidates}")
-    return Recall(rid, uid, ts, ids, scores, unique)
-
-
-_NO_ARRAYS = (np.zeros(0, np.int64), np.zeros(0, np.float32), False)
-
-
-def _columns(obj: dict[str, object]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(ids, scores, ok) of a version 2 recall; ok is False whenever the contract must judge."""
-    ids_l, scores_l, sources = obj["item_ids"], obj.get("scores"), obj.get("sources")
-    if obj.get("schema_version", RECALL_SCHEMA_VERSION) != RECALL_SCHEMA_VERSION or type(ids_l) is not list:
-        return _NO_ARRAYS
-    n = len(ids_l)
-    ids = np.array(ids_l)
-    if ids.dtype != np.int64 or ids.ndim != 1 or (n and int(ids.min()) < 0):
-        return _NO_ARRAYS
-    if n > 1:
-        srt = np.sort(ids)
-        if (srt[1:] == srt[:-1]).any():
-            return _NO_ARRAYS  # a repeated item: the contract names the error
-    if scores_l is None:
-        scores = np.zeros(n, np.float32)
-    else:
-        if type(scores_l) is not list or len(scores_l) != n:
-            return _NO_ARRAYS
-        sc = np.array(scores_l)
-        if n and (sc.ndim != 1 or sc.dtype.kind not in "if"):
-            return _NO_ARRAYS
-        scores = sc.astype(np.float32)
-    if sources is not None and (type(sources) is not list or len(sources) != n or type("".join(sources)) is not str):
-        return _NO_ARRAYS
-    return ids, scores, True
-
-
-def _candidates(obj: dict[str, object]) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(ids, scores, ok) of a version 1 recall (candidate objects): one dict per candidate, as v1 costs."""
-    cands = obj["candidates"]
-    if obj.get("schema_version", 1) != 1 or "item_ids" in obj or type(cands) is not list:
-        return _NO_ARRAYS
-    ids = np.array([c["item_id"] for c in cands], dtype=np.int64)
-    scores = np.array([c.get("score", 0.0) for c in cands], dtype=np.float32)
-    ok = all(type(c["item_id"]) is int for c in cands) and (len(ids) == 0 or int(ids.min()) >= 0)
-    return ids, scores, ok
-
-
 def pending_recall(ev: Recall, deadline_ms: int, partition: int, offset: int, kind: bytes = RECALL,
                    exposure: Pending | None = None) -> Pending:
     """A recall waiting for its exposure (RECALL) or for its items (HELD, with the exposure if it came)."""
@@ -226,18 +123,6 @@ def marker(kind: bytes, rec: Pending, ts: int, forget_at_ms: int, *, recall_offs
                    rec.exposure_offset if exposure_offset is None else exposure_offset)
 
 
-def encode_real_samples(exposure: ExposureEvent) -> bytes:
-    """The real labels of a request as SampleBatch JSON: every exposed item exactly once, 1 if clicked, else
-    an exposed negative. Written by orjson from plain dicts (the contract's own encoding, field for field,
-    tested), since pydantic objects per exposed item were a tenth of the streams stage's time."""
-    rid = exposure.request_id
-    samples = [{"sample_id": sample_id(rid, it.item_id), "item_id": it.item_id, "label": 1.0 if it.clicked else 0.0,
-                "weight": 1.0, "source": "click" if it.clicked else "exposed-negative", "position": it.position}
-               for it in exposure.items]
-    return orjson.dumps({"schema_version": SCHEMA_VERSION, "request_id": rid, "user_id": exposure.user_id,
-                         "ts": exposure.ts, "samples": samples, "candidates_total": len(samples), "sampled_out": 0})
-
-
 def unexposed(recall_ids: np.ndarray, recall_scores: np.ndarray, exposure: ExposureEvent
               ) -> tuple[np.ndarray, np.ndarray] | None:
     """recall − exposure as (item ids, recall scores), in recall order; None when everything recalled was shown."""
@@ -251,24 +136,3 @@ def unexposed(recall_ids: np.ndarray, recall_scores: np.ndarray, exposure: Expos
         return None
     return recall_ids[keep], recall_scores[keep]
 
-
-def encode_unexposed(request_id: str, user_id: str, ts: int, item_ids: np.ndarray,
-                     recall_scores: np.ndarray | None, *, version: int = UNEXPOSED_SCHEMA_VERSION) -> bytes:
-    """The biggest message as UnexposedBatch JSON, orjson straight from the arrays (no list, no pydantic).
-
-    ``version`` 2 (the default) packs the ids: base64 of little-endian ``item_ids_le32`` when every id
-    fits 32 unsigned bits, else ``item_ids_le64``. Version 1 writes them as a JSON list, for labelers
-    of an older release during a rolling upgrade. Scores
-    (unless None: the contract's default, no scores) are rounded to 6 decimals as float64 (what the
-    contract's float round-trips).
-    """
-    out: dict[str, object] = {"schema_version": version, "request_id": request_id, "user_id": user_id, "ts": ts}
-    if version >= 2:  # the narrowest packed form that holds every id
-        narrow = item_ids.shape[0] == 0 or int(item_ids.max()) <= _U32_MAX
-        ids = np.ascontiguousarray(item_ids, dtype=_LE32 if narrow else _LE64)
-        out["item_ids_le32" if narrow else "item_ids_le64"] = pybase64.b64encode(ids.tobytes()).decode("ascii")
-    else:
-        out["item_ids"] = np.ascontiguousarray(item_ids, dtype=np.int64)
-    if recall_scores is not None:
-        out["recall_scores"] = np.round(recall_scores.astype(np.float64), 6)
-    return orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -26,6 +26,7 @@ from gpl.runtime.kafka import Accounting
 from gpl.runtime.settings import StreamsSettings
 from schemas.codec import DecodeError, decode
 from schemas.events import ExposureEvent
+from schemas.fast_codec import Recall
 from schemas.topics import EXPOSURE, RECALL
 from streams.catalog import Catalog, UnknownItems
 from streams.clock import EventClock
@@ -38,7 +39,6 @@ from streams.join import (
     PENDING_EXPOSURE,
     PENDING_RECALL,
     Pending,
-    Recall,
     event_due,
     marker,
     pending_exposure,

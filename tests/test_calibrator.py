@@ -12,6 +12,7 @@ import pytest
 
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import Anchor, AnchorSet, SampleBatch
+from schemas.fast_codec import decode_unexposed
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import Abstained, Labeling, label_decoded
 from workers.labeling.calibrator import (
@@ -26,7 +27,6 @@ from workers.labeling.calibrator import (
 from workers.labeling.features import FEATURES, anchor_weights, prior_features, similarity_features
 from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.recalibration import Recalibrator, intercept_offset
-from workers.labeling.unexposed_codec import decode_unexposed
 
 ENC = "enc-test"
 

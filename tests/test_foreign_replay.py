@@ -33,10 +33,10 @@ from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.metrics_relay import MERGED
 from gpl.stack import Stack, Stages
 from schemas.events import DeadLetter
+from schemas.fast_codec import decode_unexposed
 from tests.conftest import make_settings
 from tests.helpers import drain, wait_for
 from tests.test_pipeline import fixed_calibrator
-from workers.labeling.unexposed_codec import decode_unexposed
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

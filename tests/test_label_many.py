@@ -15,11 +15,10 @@ import orjson
 import pytest
 
 from gpl.bench.labeler import synthetic
-from streams.join import encode_unexposed
+from schemas.fast_codec import decode_unexposed, encode_unexposed
 from workers.labeling.assemble import Abstained, Labeling, NoAnchors, label_decoded, label_many
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.sampling import RequestRng
-from workers.labeling.unexposed_codec import decode_unexposed
 
 
 def _requests(ctx: Labeling, n: int, seed: int) -> list[bytes]:

@@ -19,6 +19,7 @@ from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import DecodeError
 from schemas.events import Anchor, AnchorSet, Sample, SampleBatch, UnexposedBatch
+from schemas.fast_codec import decode_unexposed
 from schemas.ids import sample_id
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import NoAnchors, label_batch
@@ -27,7 +28,6 @@ from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap, fit_label_map, label_map, score_exposed
 from workers.labeling.matching import score
 from workers.labeling.sampling import RequestRng, sample
-from workers.labeling.unexposed_codec import decode_unexposed
 
 # the fixed map with every confidence term on: what these tests pin down (the shipped defaults differ)
 MAP: dict[str, object] = {"label_source": "map", "use_coherence": True, "use_consistency": True,

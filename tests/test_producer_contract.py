@@ -28,9 +28,8 @@ from gpl.runtime.kafka import create_topics
 from schemas.codec import DecodeError, decode
 from schemas.events import RECALL_SCHEMA_VERSION, ExposureEvent, ItemEvent, RecallEvent
 from schemas.export import json_schema, topic_schemas
+from schemas.fast_codec import decode_recall, decode_unexposed
 from schemas.plain import has_markup, plain
-from streams.join import decode_recall
-from workers.labeling.unexposed_codec import decode_unexposed
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = 1_700_000_000  # 2023-11-14 in epoch seconds: the mistake

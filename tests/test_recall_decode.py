@@ -1,4 +1,4 @@
-"""The recall decoder (``streams.join.decode_recall``), property-based: both schema versions, and
+"""The recall decoder (``schemas.fast_codec.decode_recall``), property-based: both schema versions, and
 malformed arrays turned into a clear :class:`DecodeError`, never an exception that escapes.
 
 The fast path must accept exactly what the contract (:class:`schemas.events.RecallEvent`) accepts and
@@ -27,8 +27,7 @@ from schemas.events import (
     UnexposedBatch,
     recall_as_v2,
 )
-from streams.join import decode_recall
-from workers.labeling.unexposed_codec import decode_unexposed
+from schemas.fast_codec import decode_recall, decode_unexposed
 
 MAX = 5000
 # event times the contract takes: milliseconds, not the [1e9, 1e11) window refused as seconds
@@ -165,7 +164,7 @@ def test_v2_decoding_builds_no_per_candidate_objects(monkeypatch: pytest.MonkeyP
     """The columnar fast path never reaches the pydantic contract (which builds the per-item objects)."""
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("the v2 fast path fell back to the contract")
-    monkeypatch.setattr("streams.join.decode", refuse)
+    monkeypatch.setattr("schemas.fast_codec.decode", refuse)
     raw = orjson.dumps({"schema_version": 2, "request_id": "r", "user_id": "u", "ts": 7,
                         "item_ids": list(range(1000)), "scores": [0.25] * 1000, "sources": ["a"] * 1000})
     got = decode_recall(raw, MAX)
@@ -225,7 +224,7 @@ def test_packed_unexposed_decodes_like_the_contract(head: dict[str, Any], packed
 def test_packed_unexposed_round_trips_and_names_its_problems() -> None:
     """What the streams stage writes reads back exactly, in both versions and both widths (the
     narrowest that holds the ids); the DLQ reason of a bad packed value says what is wrong with it."""
-    from streams.join import encode_unexposed
+    from schemas.fast_codec import encode_unexposed
 
     for ids, form in ((np.array([0, 7, 2**32 - 1], np.int64), b"item_ids_le32"),
                       (np.array([0, 7, 2**32, 2**62, MAX_INT64], np.int64), b"item_ids_le64")):

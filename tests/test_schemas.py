@@ -90,7 +90,7 @@ def test_exported_unexposed_schema_takes_one_id_form(tmp_path: Path) -> None:
     import numpy as np
 
     from schemas.events import UnexposedBatch
-    from streams.join import encode_unexposed
+    from schemas.fast_codec import encode_unexposed
 
     export_json_schemas(tmp_path)
     schema = orjson.loads((tmp_path / "unexposed-value.json").read_bytes())

@@ -120,8 +120,9 @@ def test_idle_inputs_stop_holding_back_and_follow_the_wall_clock() -> None:
 def test_fast_encoders_write_what_the_contract_reads() -> None:
     """The streams stage's orjson encoders match the contracts field for field (no pydantic on the hot path)."""
     from schemas.events import ExposureEvent, Sample, SampleBatch, UnexposedBatch
+    from schemas.fast_codec import encode_real_samples, encode_unexposed
     from schemas.ids import sample_id
-    from streams.join import encode_real_samples, encode_unexposed, unexposed
+    from streams.join import unexposed
 
     ev = ExposureEvent.model_validate({"request_id": "r9", "user_id": "ü", "ts": 7,
                                        "items": [{"item_id": 5, "position": 0, "clicked": True},

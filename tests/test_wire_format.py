@@ -24,10 +24,9 @@ from gpl.runtime.settings import SchemaRegistrySettings, Settings, load
 from gpl.runtime.vectors.edge import EdgeIndex
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import ExposureEvent, ItemEvent, RecallEvent, UnexposedBatch
+from schemas.fast_codec import decode_recall, decode_unexposed
 from schemas.wire import frame, is_framed, subject, unframe
-from streams.join import decode_recall
 from workers.indexer import Indexer
-from workers.labeling.unexposed_codec import decode_unexposed
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpl.runtime.settings import Settings
-from workers.labeling.unexposed_codec import Unexposed
+from schemas.fast_codec import Unexposed
 
 
 @dataclass(frozen=True, slots=True)

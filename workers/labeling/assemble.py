@@ -15,6 +15,7 @@ import orjson
 
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
+from schemas.fast_codec import Unexposed, decode_unexposed
 from schemas.ids import sample_id_affixes
 from workers.anchor_cross import anchor_cross
 from workers.labeling.anchor_book import AnchorBook, UserAnchors
@@ -26,7 +27,6 @@ from workers.labeling.item_matrix import ItemMatrix
 from workers.labeling.label_map import LabelMap
 from workers.labeling.matching import _row_max
 from workers.labeling.sampling import RequestRng, reads_scores, sample
-from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
 
 log = logging.getLogger(__name__)
 
