@@ -390,6 +390,21 @@ class Publisher:
             self._published = (path, int(meta["version"]), model)
         return self._published[1], self._published[2]
 
+    def gate_holdout(self, payload: dict[str, Any], model: PreRanker, holdout: Holdout,
+                     vectors: dict[int, np.ndarray]) -> Decision | None:
+        """Gate a checkpoint the trainer just committed on its held-out rows (``vectors``: their items').
+
+        After the commit: the checkpoint is durable whatever the gate says, and a failing gate (a corrupt
+        published file, a full disk) is logged and retried at the next checkpoint, never fatal (None).
+        """
+        rows = holdout.with_vectors(vectors, model.cfg.content_dim, history=bool(model.cfg.history_items))
+        try:
+            return self.gate(payload, model, rows)
+        except (OSError, ValueError, RuntimeError):
+            log.exception("trainer: publishing gate failed for checkpoint %d; it stays unpublished",
+                          int(payload["version"]))
+            return None
+
     def gate(self, payload: dict[str, Any], model: PreRanker, rows: HoldoutRows) -> Decision:
         p_cand = predict(model, rows)
         cand = scores_of(p_cand, rows)

@@ -40,15 +40,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
 from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, OFFSET_RESETS, TRAINER_LOSS
+from gpl.runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO, tp_of
+from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import VectorIndex
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import DecodeError, decode
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from schemas.topics import SAMPLES
@@ -62,25 +63,20 @@ from workers.checkpoints import (
     save_checkpoint,
 )
 from workers.click_memory import ClickMemory
-from workers.history import profile_of
-from workers.model import (
-    ModelConfig,
-    PreRanker,
-    RankTerm,
-    make_optimizer,
-    sample_key,
-    train_step,
-)
+from workers.model import ModelConfig, PreRanker, RankTerm, sample_key
 from workers.publish import Holdout, Publisher, is_holdout
-from workers.trainer_rows import AnchorInput, Pending, make_batch, pending
-from workers.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting
+from workers.trainer_offsets import commit_durable, reset_past_end, start_at_checkpoint
+from workers.trainer_rows import AnchorInput, Pending, pending, step
+from workers.trainer_state import build, restore_memory, restore_model
+from workers.trainer_state import payload as checkpoint_payload
+from workers.trainer_vectors import VECTOR_CACHE_MAX, VectorCache
+from workers.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting, by_request, waiting_sample
 
 # the checkpoint files moved to workers/checkpoints.py; callers still import them from here
-__all__ = ["FORMAT", "LATEST", "Trainer", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "read_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "LATEST", "VECTOR_CACHE_MAX", "Trainer", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "read_checkpoint", "save_checkpoint"]
 log = logging.getLogger(__name__)
 STAGE = "trainer"
-VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full
 VECTOR_RETRY_S = 1.0  # how often the index is asked again for the items samples wait for
 # no_vector: samples dead-lettered after waiting for a vector in vain; vector_waits: samples that had to wait
 COUNT_KEYS = ("messages", "dlq", "samples", "real", "clicks", "pseudo", "pseudo_skipped", "duplicates", "no_vector",
@@ -119,7 +115,7 @@ class Trainer:
         self.seen: set[int] = set()
         self.version = 0
         self.checkpointed = threading.Event()  # set after every durable checkpoint (tests, demo)
-        self._vectors: dict[int, np.ndarray] = {}
+        self.vectors = VectorCache(index, self.collection)  # the frozen item vectors asked for so far
         self._pending: list[Pending] = []
         self.waiting = VectorWait(vector_wait_max, vector_wait_s)  # samples whose item has no vector yet
         self._retry_at = 0.0  # monotonic time of the next index lookup for the waiting items
@@ -128,7 +124,7 @@ class Trainer:
         self._since_ckpt = 0  # inputs (samples, bad messages) handled since the last checkpoint
         self._dirty = False
         self._closing = False
-        self.io: StageIO | None = None  # the Kafka side, while run() runs
+        self.io: StagePort | None = None  # the Kafka side (or its in-memory twin), while run() runs
         self.model: PreRanker | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.holdout = Holdout(self.cfg.holdout_max)  # real labels never trained: the publishing gate's slice
@@ -148,22 +144,13 @@ class Trainer:
     # model and state ---------------------------------------------------------------------------
 
     def _build(self, mc: ModelConfig) -> None:
-        self.model = PreRanker(mc)
-        self.opt = make_optimizer(self.model.parameters(), self.cfg.lr)
+        self.model, self.opt = build(mc, self.cfg.lr)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt["collection"] != self.collection:
-            raise ValueError(
-                f"checkpoint {ckpt['path']} was trained on {ckpt['collection']!r}, settings say "
-                f"{self.collection!r}: a new encoder needs a new model (another data_dir)"
-            )
-        if ckpt["model_config"] is not None:  # None: checkpointed before the first sample trained
-            self._build(ModelConfig.from_dict(ckpt["model_config"]))
-            assert self.model is not None and self.opt is not None
-            self.model.load_state_dict(ckpt["model_state"])
-            self.opt.load_state_dict(ckpt["optimizer_state"])
-            for g in self.opt.param_groups:  # the operator may change lr between runs
-                g["lr"] = self.cfg.lr
+        """Take the checkpoint's model, offsets, seen-set, counts and held state (workers/trainer_state.py)."""
+        restored = restore_model(ckpt, self.collection, self.cfg.lr)
+        if restored is not None:
+            self.model, self.opt = restored
         self.version = int(ckpt["version"])
         self.counts.update({k: int(v) for k, v in ckpt["counts"].items()})
         self.offsets = {(str(t), int(p)): int(o) for t, p, o in ckpt["offsets"]}
@@ -171,22 +158,18 @@ class Trainer:
         self.seen = set(ckpt["seen"].tolist())
         self.holdout.restore(ckpt.get("holdout"))
         self.accounting.add("resumed_waiting", self.waiting.restore(ckpt.get("vector_wait")))
-        memory = ckpt.get("click_memory")
-        if memory:
-            self.memory = ClickMemory(int(memory["n"]))
-            self.memory.restore(memory)
+        self.memory = restore_memory(ckpt)
         CHECKPOINT_VERSION.set(self.version)
-        log.info(
-            "trainer: resumed from %s (version %d, %d samples)",
-            ckpt["path"],
-            self.version,
-            self.counts["samples"],
-        )
+        log.info("trainer: resumed from %s (version %d, %d samples)", ckpt["path"], self.version,
+                 self.counts["samples"])
 
     # the loop ----------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        io = self.io = StageIO(self.settings.kafka, self.name, self.accounting, registry=self.settings.schema_registry)
+    def run(self, stop: threading.Event, *, poll: int = 256, io: StagePort | None = None) -> None:
+        """Train until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
+        if io is None:
+            io = StageIO(self.settings.kafka, self.name, self.accounting, registry=self.settings.schema_registry)
+        self.io = io
         self._closing = False
         io.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
         bar = tqdm(desc="train samples", unit="sample", disable=not self.progress, leave=False)
@@ -235,67 +218,24 @@ class Trainer:
             io.close()
             self.io = None
 
-    def _on_assign(self, c: Consumer, partitions: list[TopicPartition]) -> None:
-        """Start every partition the checkpoint knows at the checkpoint's offset, not the committed one."""
-        for tp in partitions:
-            off = self.durable_offsets.get((tp.topic, tp.partition))
-            if off is not None:
-                tp.offset = off
-        self._reset_past_end(c, partitions)
+    def _on_assign(self, c: Any, partitions: list[TopicPartition]) -> None:
+        """Start every partition the checkpoint knows at the checkpoint's offset, not the committed one;
+        one past its end at its beginning (workers/trainer_offsets.py)."""
+        start_at_checkpoint(partitions, self.durable_offsets)
+        for t, p, start, low in reset_past_end(c, partitions, self.name):
+            self.offset_resets.append((t, p, start, low))
+            self.durable_offsets[(t, p)] = self.offsets[(t, p)] = low
         c.assign(partitions)
         log.info("trainer: assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
 
-    def _reset_past_end(self, c: Consumer, partitions: list[TopicPartition]) -> None:
-        """Policy for a start offset past the partition's end: reset to its beginning, loudly.
-
-        The checkpoint (or the group's commit) says "next is offset 500" but the partition ends at 206:
-        the topic was deleted and recreated, or the broker lost its data (the embedded broker in memory
-        mode, restarted). Kafka would wait at 500 forever and the trainer would silently train none of
-        the new batches. Reading the partition from its beginning instead trains them; anything that
-        was already trained is dropped by the seen-set (sample ids are deterministic). Logged as an
-        ERROR and counted in ``gpl_offset_resets_total{stage,topic}`` (and :attr:`offset_resets`).
-        """
-        implicit = [TopicPartition(tp.topic, tp.partition) for tp in partitions if tp.offset < 0]
-        committed = {}
-        if implicit:
-            committed = {(tp.topic, tp.partition): tp.offset for tp in c.committed(implicit, timeout=10)}
-        for tp in partitions:
-            start = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
-            if start < 0:
-                continue  # nothing committed: auto.offset.reset decides
-            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-            if start <= high:
-                continue
-            log.error("%s: %s[%d] starts at offset %d but the partition ends at %d (topic recreated or broker "
-                      "data lost): resetting to its beginning (%d); already-trained samples are deduplicated",
-                      self.name, tp.topic, tp.partition, start, high, low)
-            OFFSET_RESETS.labels(stage=self.name, topic=tp.topic).inc()
-            self.offset_resets.append((tp.topic, tp.partition, start, low))
-            tp.offset = low
-            self.durable_offsets[(tp.topic, tp.partition)] = low
-            self.offsets[(tp.topic, tp.partition)] = low
-
-    def _on_revoke(self, c: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, c: Any, partitions: list[TopicPartition]) -> None:
         """Make everything read so far durable before another member may read those partitions."""
         if self._dirty and not self._closing:
             self.checkpoint()
 
-    def _history(self, b: SampleBatch) -> tuple[list[int], np.ndarray | None]:
-        """(history items, profile) of the batch's request: the user's clicks before its ``ts``."""
-        if self.memory is None:
-            return [], None
-        items = self.memory.before(b.user_id, b.ts)
-        return items, self._profile(items)
-
     def _profile(self, items: list[int]) -> np.ndarray | None:
         """The history profile of ``items`` (None while neither a model nor a vector tells its size)."""
-        if any(i not in self._vectors for i in items):
-            self._fetch_vectors(set(items))
-        known = [i for i in items if i in self._vectors]
-        dim = self.model.cfg.content_dim if self.model is not None else (len(self._vectors[known[0]]) if known else 0)
-        if not dim:  # no model and no vector yet: the profile's size is not known, and it would be zeros
-            return None
-        return profile_of(items, self._vectors, dim)
+        return self.vectors.profile(items, self.model.cfg.content_dim if self.model is not None else None)
 
     def _admit(self, b: SampleBatch, origin: tuple[str, int, int] = (SAMPLES.name, -1, -1)) -> int:
         """Dedup, attach vectors and buffer the samples of one batch; returns how many were handled.
@@ -303,7 +243,9 @@ class Trainer:
         A sample whose item has no vector yet waits (:meth:`_wait`); ``origin`` (topic, partition, offset)
         is its message's, for the dead letter should the wait end in vain.
         """
-        hist_items, hist = self._history(b)
+        # the request's history: the user's clicks strictly before the batch's ts, and their profile
+        hist_items = self.memory.before(b.user_id, b.ts) if self.memory is not None else []
+        hist = self._profile(hist_items) if self.memory is not None else None
         self.accounting.add("samples", len(b.samples))
         for s in b.samples:
             # one key per (request, item), whatever anchor set labeled it: a request relabeled after a restart
@@ -318,7 +260,7 @@ class Trainer:
                 self.accounting.add("pseudo_skipped")
                 continue
             self.seen.add(key)  # also while it waits: a re-sent copy is a duplicate, not a second wait
-            vec = self._vectors.get(s.item_id)
+            vec = self.vectors.get(s.item_id)
             if vec is None:
                 self._wait(b, s, key, hist_items, origin)
                 continue
@@ -347,21 +289,16 @@ class Trainer:
 
     def _wait(self, b: SampleBatch, s: Sample, key: int, hist_items: list[int], origin: tuple[str, int, int]) -> None:
         """Hold a sample until its item's vector is in the index (bounded: workers/vector_wait.py)."""
-        one = encode(b.model_copy(update={"samples": [s]}))
         self.counts["vector_waits"] += 1  # a passage, not an outcome: it ends trained, held out or dead-lettered
-        for w in self.waiting.add(Waiting(s.item_id, key, self.waiting.clock(), *origin, one, tuple(hist_items))):
+        for w in self.waiting.add(waiting_sample(b, s, key, self.waiting.clock(), origin, hist_items)):
             self._no_vector(w, f"{self.waiting.max_samples} samples were already waiting for vectors")
 
     def _release(self) -> None:
         """Take the waiting samples whose vectors arrived; dead-letter the ones that waited too long."""
-        groups: dict[str, int] = {}  # one rank-term group per request among the released samples
-        for w in self.waiting.release(lambda i: i in self._vectors):
-            b = decode(w.value, SampleBatch)
-            if b.request_id not in groups:
-                groups[b.request_id], self._batches = self._batches, self._batches + 1
+        released, self._batches = by_request(self.waiting.release(lambda i: i in self.vectors), self._batches)
+        for w, b, group in released:
             hist = self._profile(list(w.history)) if self.memory is not None else None
-            self._take(b.user_id, b.samples[0], w.key, self._vectors[w.item_id], list(w.history), hist,
-                       groups[b.request_id])
+            self._take(b.user_id, b.samples[0], w.key, self.vectors[w.item_id], list(w.history), hist, group)
             self._dirty = True
         for w in self.waiting.expired():
             self._no_vector(w, f"not in the index after waiting {self.waiting.max_age_s:.0f}s")
@@ -386,16 +323,8 @@ class Trainer:
         return a.get("samples", 0) + a.get("resumed_waiting", 0) - sum(a.get(k, 0) for k in out) - len(self.waiting)
 
     def _fetch_vectors(self, item_ids: set[int]) -> None:
-        """Fill the cache with the vectors of ``item_ids`` (never recomputed under one encoder)."""
-        missing = [i for i in item_ids if i not in self._vectors]
-        if not missing:
-            return
-        if len(self._vectors) + len(missing) > VECTOR_CACHE_MAX:  # start over, keeping this poll's items
-            self._vectors.clear()
-            missing = list(item_ids)
-        pts = self.index.retrieve(self.collection, np.asarray(missing, np.int64))
-        for i, v in zip(pts.ids.tolist(), pts.vectors, strict=True):
-            self._vectors[int(i)] = np.asarray(v, np.float32)
+        """Fill the vector cache with the vectors of ``item_ids`` (never recomputed under one encoder)."""
+        self.vectors.fetch(item_ids)
 
     def _train(self, n: int) -> None:
         """One optimizer step on the first ``n`` buffered samples."""
@@ -406,11 +335,7 @@ class Trainer:
         if self.model is None:
             self._build(ModelConfig.from_settings(self.cfg, int(vectors.shape[1])))
         assert self.model is not None and self.opt is not None
-        if vectors.shape[1] != self.model.cfg.content_dim:
-            raise ValueError(f"content vectors have dim {vectors.shape[1]}, the model expects "
-                             f"{self.model.cfg.content_dim}: the collection changed under the model")
-        batch = make_batch(rows, vectors, self.model.cfg)
-        parts = train_step(self.model, self.opt, batch, self.cfg.pseudo_lambda, self.rank)
+        parts = step(self.model, self.opt, rows, vectors, self.cfg.pseudo_lambda, self.rank)
         self.counts["steps"] += 1
         for k, v in parts.items():
             if v == v:  # NaN: that part was absent from the batch
@@ -432,7 +357,9 @@ class Trainer:
         while self._pending:
             self._train(self.cfg.batch_size)
         self.version += 1
-        payload = self._payload()
+        payload = checkpoint_payload(self.settings, version=self.version, model=self.model, opt=self.opt,
+                                     offsets=self.offsets, counts=self.counts, seen=self.seen, holdout=self.holdout,
+                                     memory=self.memory, waiting=self.waiting)  # what it holds: trainer_state.py
         path = save_checkpoint(self.directory, payload, self.cfg.keep_checkpoints)
         self.durable_offsets = dict(self.offsets)
         self._ckpt_at = time.monotonic()
@@ -442,59 +369,10 @@ class Trainer:
         CHECKPOINT_TIME.set(time.time())
         self.accounting.add("checkpoints")
         log.info("trainer: checkpoint %s (%d samples)", path.name, self.counts["samples"])
-        self._commit()
-        if self.cfg.publish and self.model is not None:
-            self._gate(payload)
+        # the checkpoint, not the commit, decides where a restart resumes: a lost commit costs nothing
+        commit_durable(self.io.consumer if self.io is not None else None, self.durable_offsets, self.version)
+        if self.cfg.publish and self.model is not None:  # for serving if it passes (workers/publish.py)
+            self._fetch_vectors(self.holdout.item_ids())
+            self.publisher.gate_holdout(payload, self.model, self.holdout, self.vectors.vectors)
         self.checkpointed.set()
         return path
-
-    def _gate(self, payload: dict[str, Any]) -> None:
-        """Publish the checkpoint for serving if it passes the gate (workers/publish.py).
-
-        After the commit: the checkpoint is durable whatever the gate says, and a failing gate (a
-        corrupt published file, a full disk) is logged and retried at the next checkpoint, never fatal.
-        """
-        assert self.model is not None
-        self._fetch_vectors(self.holdout.item_ids())
-        rows = self.holdout.with_vectors(self._vectors, self.model.cfg.content_dim,
-                                         history=bool(self.model.cfg.history_items))
-        try:
-            self.publisher.gate(payload, self.model, rows)
-        except (OSError, ValueError, RuntimeError):
-            log.exception("trainer: publishing gate failed for checkpoint %d; it stays unpublished", self.version)
-
-    def _payload(self) -> dict[str, Any]:
-        m = self.model
-        return {
-            "format": FORMAT,
-            "version": self.version,
-            "wall_time": int(time.time() * 1000),  # epoch ms like every time here (read_checkpoint: older in s)
-            "model_config": m.cfg.to_dict() if m is not None else None,
-            "model_state": m.state_dict() if m is not None else {},
-            "optimizer_state": self.opt.state_dict() if self.opt is not None else {},
-            "trainer_settings": self.cfg.model_dump(mode="json"),
-            "encoder": self.settings.encoder.model,
-            "collection": self.collection,
-            "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
-            "counts": dict(self.counts),
-            "seen": torch.tensor(sorted(self.seen), dtype=torch.int64),
-            "holdout": self.holdout.state(),
-            "click_memory": self.memory.state() if self.memory is not None else None,
-            "vector_wait": self.waiting.state(),
-        }
-
-    def _commit(self) -> None:
-        """Commit the durable offsets of the partitions we hold; a failure is only logged.
-
-        The checkpoint, not the commit, decides where a restart resumes, so a lost commit costs nothing.
-        """
-        c = self.io.consumer if self.io is not None else None
-        if c is None or not self.durable_offsets:
-            return
-        try:
-            held = {(tp.topic, tp.partition) for tp in c.assignment()}
-            tps = [TopicPartition(t, p, o) for (t, p), o in self.durable_offsets.items() if (t, p) in held]
-            if tps:
-                c.commit(offsets=tps, asynchronous=False)
-        except KafkaException as e:
-            log.warning("trainer: offset commit failed (checkpoint %d is durable): %s", self.version, e)

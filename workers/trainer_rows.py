@@ -1,17 +1,18 @@
-"""The trainer's buffered rows and the mini-batch they become (workers/trainer.py's step input), and the
-anchor cross feature of each row (:class:`AnchorInput`)."""
+"""The trainer's buffered rows, the mini-batch they become and the optimizer step on it (workers/trainer.py
+calls :func:`step`), and the anchor cross feature of each row (:class:`AnchorInput`)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.events import Sample
 from workers.anchor_cross import ANCHOR_CROSS_DIM, AnchorLookup
-from workers.model import Batch, ModelConfig, whole_logit
+from workers.model import Batch, ModelConfig, PreRanker, RankTerm, train_step, whole_logit
 
 
 class Pending(NamedTuple):
@@ -61,6 +62,18 @@ def make_batch(rows: list[Pending], vectors: np.ndarray, cfg: ModelConfig) -> Ba
         if cfg.anchor_cross else None,
     )
 
+
+
+def step(model: PreRanker, opt: torch.optim.Optimizer, rows: list[Pending], vectors: np.ndarray,
+         pseudo_lambda: float, rank: RankTerm) -> dict[str, float]:
+    """One optimizer step on ``rows`` (``vectors`` stacked already); returns the loss parts (NaN: absent).
+
+    Refuses vectors of another size than the model's: the collection changed under the model.
+    """
+    if vectors.shape[1] != model.cfg.content_dim:
+        raise ValueError(f"content vectors have dim {vectors.shape[1]}, the model expects "
+                         f"{model.cfg.content_dim}: the collection changed under the model")
+    return train_step(model, opt, make_batch(rows, vectors, model.cfg), pseudo_lambda, rank)
 
 class AnchorInput:
     """Each buffered row's anchor cross feature, for a model that reads it (``trainer.anchor_cross``).

@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass
 from typing import Any
 
+from schemas.codec import decode, encode
+from schemas.events import Sample, SampleBatch
+
 VECTOR_WAIT_MAX = 20_000  # samples held at most (~0.5 kB each, in memory and in every checkpoint)
 VECTOR_WAIT_S = 600.0  # the longest a sample waits for its item's vector (a replay's indexer catch-up)
 
@@ -123,3 +126,24 @@ class VectorWait:
             self._by_item.setdefault(w.item_id, []).append(self._seq)
             self._seq += 1
         return len(self._entries)
+
+
+def waiting_sample(b: SampleBatch, s: Sample, key: int, since: float, origin: tuple[str, int, int],
+                   history: list[int]) -> Waiting:
+    """The entry of one sample of ``b`` that waits: its own one-sample batch (replayable as a dead letter),
+    its message's ``origin`` (topic, partition, offset) and its request's history items."""
+    one = encode(b.model_copy(update={"samples": [s]}))
+    return Waiting(s.item_id, key, since, *origin, one, tuple(history))
+
+
+def by_request(released: Iterable[Waiting], next_group: int) -> tuple[list[tuple[Waiting, SampleBatch, int]], int]:
+    """Released entries with their one-sample batch and a rank-term group per request (numbered from
+    ``next_group``, so released rows of one request are compared with each other); and the next free group."""
+    groups: dict[str, int] = {}
+    out: list[tuple[Waiting, SampleBatch, int]] = []
+    for w in released:
+        b = decode(w.value, SampleBatch)
+        if b.request_id not in groups:
+            groups[b.request_id], next_group = next_group, next_group + 1
+        out.append((w, b, groups[b.request_id]))
+    return out, next_group
