@@ -22,6 +22,7 @@ from schemas.events import (
     SampleBatch,
     UnexposedBatch,
 )
+from schemas.serde import JSON, Serde
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def configure(naming: Naming) -> Naming:
     """Use ``naming`` from now on in this process; returns the previous one (to restore it)."""
     global _naming
     before, _naming = _naming, naming.check()
+    _resolved.clear()
     return before
 
 
@@ -69,6 +71,12 @@ class TopicSpec:
     key: str  # the field whose value is the message key
     compacted: bool = False
     dlq: bool = True  # whether a <name>.dlq topic exists for its bad input
+    declared_serde: Serde = JSON  # the format of its values, unless this process binds another
+
+    @property
+    def serde(self) -> Serde:
+        """The format its values are written and read in: the binding of this process, else the declared one."""
+        return _bound.get(self.logical, self.declared_serde)
 
     @property
     def name(self) -> str:
@@ -141,6 +149,35 @@ def spec(name: str) -> TopicSpec:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(TOPICS)}") from None
 
 
-__all__ = ["Naming", "configure", "naming", "app_id", "by_name",
+# Formats bound in this process over the declared ones (by logical name), and the format of each topic name a
+# reader or writer asked for (a cache: a Wire asks per record; cleared whenever a binding or the naming changes)
+_bound: dict[str, Serde] = {}
+_resolved: dict[str, Serde] = {}
+
+
+def bind_serde(logical: str, serde: Serde | None) -> Serde | None:
+    """Write and read topic ``logical`` in ``serde`` from now on in this process (None: its declared format
+    again); returns the previous binding. Like :func:`configure`, set at the edge before the stages start:
+    every writer and reader of the topic must agree, so bind it in every process that touches it."""
+    spec(logical)  # refuse an unknown topic
+    before = _bound.pop(logical, None)
+    if serde is not None:
+        _bound[logical] = serde
+    _resolved.clear()
+    return before
+
+
+def serde_of(name: str) -> Serde:
+    """The format of a topic by its name on the broker (or its logical name). Dead-letter topics hold
+    :class:`DeadLetter` records in JSON whatever their source's format (the original bytes are inside, in
+    base64), and a name the table does not declare is JSON, as every topic was before formats were bound."""
+    got = _resolved.get(name)
+    if got is None:
+        base = None if name.endswith(".dlq") else by_name(name)
+        got = _resolved[name] = base.serde if base is not None else JSON
+    return got
+
+
+__all__ = ["bind_serde", "serde_of", "Naming", "configure", "naming", "app_id", "by_name",
            "TopicSpec", "TOPICS", "EVENT_TOPICS", "PSEUDO_HEADER", "STREAMS_APP_ID", "spec", "dlq_topics",
            "expiry_topic", "internal_topics", "all_topic_names", "DeadLetter"]

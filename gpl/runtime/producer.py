@@ -25,7 +25,6 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from gpl.runtime.kafka import producer
 from gpl.runtime.settings import KafkaSettings
-from schemas.codec import encode
 from schemas.events import Contract, ExposureEvent, ItemEvent, RecallEvent
 from schemas.topics import EXPOSURE, ITEMS, RECALL, TopicSpec
 
@@ -83,7 +82,7 @@ class GplProducer:
             kwargs["timestamp"] = ts
         while True:
             try:
-                self._producer.produce(spec.name, encode(event), **kwargs)
+                self._producer.produce(spec.name, spec.serde.serialize(event), **kwargs)  # the topic's format
                 break
             except BufferError:  # the local queue is full: serve delivery reports until there is room
                 self._producer.poll(0.1)

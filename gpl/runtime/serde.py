@@ -1,4 +1,10 @@
-"""Both wire formats on every topic: plain JSON and the Confluent Schema Registry format.
+"""A stage's reader and writer of values: each topic's bound format, and for JSON the Confluent one too.
+
+The format of a topic is the :class:`~schemas.serde.Serde` the topic registry binds to it
+(``schemas/topics.py``: JSON for every topic unless a process binds another); :class:`Wire` asks the
+registry per topic and never assumes JSON. What follows is about JSON topics, where both wire formats
+are read: plain JSON and the Confluent Schema Registry format. A topic bound to another format is read
+and written by that format alone (Confluent framing and the registry are JSON's here).
 
 Reading: plain JSON passes through; a framed message (magic byte 0 + schema id, ``schemas/wire.py``)
 is checked against the registry when one is configured — the id must be a version of the topic's
@@ -30,8 +36,10 @@ from confluent_kafka.serialization import MessageField, SerializationContext, Se
 from pydantic import BaseModel
 
 from gpl.runtime.settings import SchemaRegistrySettings
-from schemas.codec import DecodeError, decode, encode
+from schemas.codec import DecodeError, decode
 from schemas.export import schema_text
+from schemas.serde import JSON
+from schemas.topics import serde_of
 from schemas.wire import FrameError, is_framed, subject, unframe
 
 M = TypeVar("M", bound=BaseModel)
@@ -87,10 +95,15 @@ class Wire:
     # ------------------------------------------------------------------------------------ reading
 
     def payload(self, topic: str, raw: bytes | None) -> bytes | None:
-        """The JSON of a value in either format; a framed one is checked by the registry, if any.
+        """The value as contract JSON, for the fast decoders: a JSON topic's value in either format (a framed
+        one checked by the registry, if any), another format's converted by it.
 
-        Raises :class:`DecodeError` (``bad_frame``, ``schema_registry``) for what must be dead-lettered.
+        Raises :class:`DecodeError` (``bad_frame``, ``schema_registry``, the format's) for what must be
+        dead-lettered.
         """
+        serde = serde_of(topic)
+        if serde is not JSON:
+            return serde.to_json(raw)
         if raw is None or not is_framed(raw):
             return raw
         try:
@@ -109,7 +122,11 @@ class Wire:
         return body
 
     def decode(self, topic: str, raw: bytes | None, model: type[M]) -> M:
-        """:meth:`payload`, then the pydantic contract (:func:`schemas.codec.decode`)."""
+        """The topic's format reads the value; for JSON :meth:`payload`, then the pydantic contract
+        (:func:`schemas.codec.decode`)."""
+        serde = serde_of(topic)
+        if serde is not JSON:
+            return serde.deserialize(raw, model)
         return decode(self.payload(topic, raw), model)
 
     def _check_subject(self, topic: str, schema_id: int) -> None:
@@ -129,12 +146,18 @@ class Wire:
     # ------------------------------------------------------------------------------------ writing
 
     def encode(self, topic: str, msg: BaseModel) -> bytes:
-        """A contract as the configured output format."""
-        return self._serialize(topic, msg) if self.framed_output else encode(msg)
+        """A contract in the topic's format (JSON: plain, or Confluent-framed as configured)."""
+        serde = serde_of(topic)
+        if serde is not JSON or not self.framed_output:
+            return serde.serialize(msg)
+        return self._serialize(topic, msg)
 
     def encode_json(self, topic: str, body: bytes) -> bytes:
-        """Already-encoded JSON (a fast path's output) as the configured output format."""
-        return self._serialize(topic, body) if self.framed_output else body
+        """Already-encoded contract JSON (a fast path's output) in the topic's format."""
+        serde = serde_of(topic)
+        if serde is not JSON or not self.framed_output:
+            return serde.from_json(body)
+        return self._serialize(topic, body)
 
     def _serialize(self, topic: str, obj: object) -> bytes:
         ser = self._serializers.get(topic)
