@@ -52,6 +52,7 @@ from gpl.runtime.metrics import (
 )
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
+from gpl.runtime.stage_port import StagePort
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
 
@@ -279,8 +280,10 @@ class CalibrationMonitor:
     def snapshot(self) -> dict[str, Any]:
         return {**self.book.snapshot(), "accounting": self.accounting.snapshot()}
 
-    def run(self, stop: threading.Event, *, poll: int = 256) -> None:
-        io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
+    def run(self, stop: threading.Event, *, poll: int = 256, io: StagePort | None = None) -> None:
+        """Join and count until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
+        if io is None:
+            io = StageIO(self.settings.kafka, STAGE, self.accounting, registry=self.settings.schema_registry)
         io.subscribe([SAMPLES.name])
         last_export = 0.0
         with io:

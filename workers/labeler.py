@@ -7,7 +7,7 @@ the vector index once at start. Then, per polled batch of messages:
 * an ``anchors`` message updates the user's anchor set in the cache (bad → ``anchors.dlq``; a set
   from another encoder → ``anchors.dlq`` with reason ``encoder_mismatch``, counted
   ``anchors_refused``) and releases that user's deferred batches, which are labeled at once;
-* an ``unexposed`` message is decoded (bad → ``unexposed.dlq``) and labeled (workers/labeling.py:
+* an ``unexposed`` message is decoded (bad → ``unexposed.dlq``) and labeled (workers/labeling/assemble.py:
   score, pseudo-label, weigh, sample, one SampleBatch to ``samples`` keyed by user) when its user has
   anchors; otherwise it is *deferred*: it waits at most ``labeler.wait_for_anchors_s`` for them and is
   then dropped and counted ``timed_out``;
@@ -56,6 +56,7 @@ from gpl.runtime.kafka import Accounting, DeadLetters
 from gpl.runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, DEFERRED, LATENCY
 from gpl.runtime.settings import Settings
 from gpl.runtime.stage_io import StageIO
+from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.events import AnchorSet
@@ -119,17 +120,20 @@ class Labeler:
         self._deferred = 0
         self._deferred_candidates = 0
         self._stopping = False
-        self.io: StageIO | None = None  # the Kafka side, while run() runs
+        self.io: StagePort | None = None  # the Kafka side (or its in-memory twin), while run() runs
         # consecutive unexposed batches whose users have anchors, labeled together (label_many) before any
         # other message is handled, at MICRO_BATCH of them, and at the end of every polled batch
         self._pending: list[tuple[Message, Unexposed]] = []
 
     # ------------------------------------------------------------------------------------ the loop
 
-    def run(self, stop: threading.Event, *, batch: int = 256) -> None:
-        io = self.io = StageIO(self.settings.kafka, STAGE, self.accounting,
-                               consumer_config={"partition.assignment.strategy": "range"},
-                               registry=self.settings.schema_registry)
+    def run(self, stop: threading.Event, *, batch: int = 256, io: StagePort | None = None) -> None:
+        """Label until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
+        if io is None:
+            io = StageIO(self.settings.kafka, STAGE, self.accounting,
+                         consumer_config={"partition.assignment.strategy": "range"},
+                         registry=self.settings.schema_registry)
+        self.io = io
         anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting, io.wire)
         loaded = self.items.load()
         log.info("labeler: %d item vectors loaded from %s", loaded, self.items.collection)

@@ -185,9 +185,10 @@ def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, time
             if "TOPIC_ALREADY_EXISTS" not in str(e):
                 raise
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # wait until metadata shows them, so consumers see partitions
-        md = admin.list_topics(timeout=timeout).topics
-        if all(n in md and md[n].partitions for n in created):
+    while time.monotonic() < deadline:  # wait until metadata shows them with a leader for every partition,
+        md = admin.list_topics(timeout=timeout).topics  # so consumers see partitions and offsets answer
+        if all(n in md and md[n].partitions and all(q.leader >= 0 and q.error is None
+                                                    for q in md[n].partitions.values()) for n in created):
             break
         time.sleep(0.1)
     return created

@@ -246,8 +246,10 @@ class MemoryStageIO(StageRules):
 
     def restarted(self) -> MemoryStageIO:
         """A fresh twin of the same stage and group over the same topics: the process after a restart
-        (new counters, nothing open, every partition starting at the group's committed offset)."""
-        return MemoryStageIO(self.topics, self.stage, group=self.consumer.group, wire=self.wire, stop=self.stop,
+        (new counters, nothing open, every partition starting at the group's committed offset, and a new
+        ``stop`` event where this one had one: the old one is set once its loop ended)."""
+        stop = threading.Event() if self.stop is not None else None
+        return MemoryStageIO(self.topics, self.stage, group=self.consumer.group, wire=self.wire, stop=stop,
                              idle_polls=self.idle_polls, max_bytes=self.dlq.max_bytes)
 
     # ------------------------------------------------------------------------------ client calls
