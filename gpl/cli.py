@@ -152,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=cmd_demo, serves_metrics=True)
 
     u = sub.add_parser("up", help="start the embedded stack (broker, topics, Qdrant engine) and keep it up",
-                       description="Start the embedded stack; with --stages also run pipeline stages. Ctrl-C stops.")
+                       description="Start the stack: a local broker (none when --bootstrap or kafka.bootstrap_servers "
+                                   "names a cluster), the topics, the vector engine; with --stages also run "
+                                   "pipeline stages. Ctrl-C stops.")
     stage_options(u, f"stages to run too: {', '.join(STAGES)} or all (default: none)")
     u.add_argument("--port", type=int, default=None,
                    help="pin the embedded broker to this loopback port (default: a free one); clients then "
                         "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
     u.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
+    u.add_argument("--bootstrap", metavar="HOST:PORT",
+                   help="use this Kafka cluster instead of starting a local broker: its topics are created there "
+                        "(overrides kafka.bootstrap_servers, like --set kafka.bootstrap_servers=HOST:PORT)")
     u.set_defaults(run=cmd_up, serves_metrics=True)
 
     r = sub.add_parser("run", help="run one or more pipeline stages until interrupted",
@@ -167,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage_options(r, f"stages to run: {', '.join(STAGES)} or all")
     r.add_argument("--embedded", action="store_true",
                    help="without kafka.bootstrap_servers, start the local broker (broker.kind; else: refused)")
+    r.add_argument("--bootstrap", metavar="HOST:PORT",
+                   help="the Kafka cluster to run against (overrides kafka.bootstrap_servers, like --set "
+                        "kafka.bootstrap_servers=HOST:PORT)")
     r.set_defaults(run=cmd_run, serves_metrics=True)
 
     rp = sub.add_parser("replay", help="replay a JSONL event file, or a time range of a topic",

@@ -56,10 +56,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print("gpl up: --port pins the embedded broker, but kafka.bootstrap_servers is set (no embedded broker)",
               file=sys.stderr)
         return 2
+    if args.broker is not None and settings.kafka.bootstrap_servers:
+        print(f"gpl up: --broker {args.broker} starts a local broker, but kafka.bootstrap_servers is set (--bootstrap "
+              "or the settings): drop one of them", file=sys.stderr)
+        return 2
     if args.port is not None and not _port_free(args.port):
         print(f"gpl up: port {args.port} on 127.0.0.1 is in use (another broker?); pick another --port",
               file=sys.stderr)
         return 2
+    _require_given_broker(settings)
     with Stack(settings, broker_port=args.port) as stack:
         bootstrap = stack.settings.kafka.bootstrap_servers
         metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
@@ -105,11 +110,25 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         print("gpl run: no kafka.bootstrap_servers (GPL_KAFKA__BOOTSTRAP_SERVERS); pass --embedded to start the "
               "embedded broker", file=sys.stderr)
         return 2
+    if settings.kafka.bootstrap_servers and args.embedded:
+        print("gpl run: --embedded starts a local broker, but kafka.bootstrap_servers is set (--bootstrap or the "
+              "settings): drop one of them", file=sys.stderr)
+        return 2
     if not args.stages:
         print("gpl run: name the stages to run: --stages STAGE [STAGE ...] (or all)", file=sys.stderr)
         return 2
+    _require_given_broker(settings)
     with Stack(settings) as stack:
         return _run_stages(stack, _stage_names(args.stages))
+
+
+def _require_given_broker(settings: Settings) -> None:
+    """A cluster given (--bootstrap or kafka.bootstrap_servers) that does not answer: one line in seconds, not
+    the topic creation's 30 s and a traceback. Without one the stack starts its own broker: nothing to check."""
+    if settings.kafka.bootstrap_servers:
+        from gpl.oneline import require_broker
+
+        require_broker(settings)
 
 
 def _stage_names(given: list[str]) -> list[str]:

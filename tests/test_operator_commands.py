@@ -48,7 +48,8 @@ def one_line(out: subprocess.CompletedProcess[str], *words: str) -> str:
 
 
 @pytest.mark.parametrize("argv", [("topics", "list"), ("topics", "create"), ("dlq", "show", "recall"),
-                                  ("dlq", "redrive", "recall"), ("replay", str(ROOT / "README.md"))])
+                                  ("dlq", "redrive", "recall"), ("replay", str(ROOT / "README.md")), ("up",),
+                                  ("run", "--stages", "labeler")])
 def test_unreachable_broker_is_one_line(argv: tuple[str, ...]) -> None:
     one_line(gpl(*argv, "--bootstrap", DEAD), f"cannot reach the Kafka broker at {DEAD}", "--bootstrap")
 
@@ -93,11 +94,23 @@ def test_every_broker_command_takes_bootstrap() -> None:
         return action.choices[name]
 
     root = build_parser()
-    for path in (("topics", "list"), ("topics", "create"), ("dlq", "show"), ("dlq", "redrive"), ("replay",)):
+    for path in (("topics", "list"), ("topics", "create"), ("dlq", "show"), ("dlq", "redrive"), ("replay",),
+                 ("up",), ("run",), ("groups", "lag"), ("groups", "reset")):
         p = root
         for name in path:
             p = sub(p, name)
         assert any("--bootstrap" in a.option_strings for a in p._actions), path
+
+
+def test_bootstrap_on_up_and_run_is_the_setting() -> None:
+    """``--bootstrap`` is ``--set kafka.bootstrap_servers=…``: it replaces the local broker, so the flags that
+    configure one are refused beside it in one line, as they are beside the setting."""
+    for argv in (("up", "--broker", "kafka"), ("run", "--embedded", "--stages", "labeler")):
+        for given in (("--bootstrap", DEAD), ("--set", f"kafka.bootstrap_servers={DEAD}")):
+            out = gpl(*argv, *given)
+            assert out.returncode == 2 and "kafka.bootstrap_servers is set" in out.stderr, (argv, given, out.stderr)
+    one_line(gpl("--set", f"kafka.bootstrap_servers={DEAD}", "run", "--stages", "labeler"),
+             f"cannot reach the Kafka broker at {DEAD}")
 
 
 def test_every_dead_letter_reason_is_declared() -> None:
