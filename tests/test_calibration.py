@@ -152,3 +152,24 @@ def test_monitor_on_the_real_broker(settings: Settings) -> None:
     assert REGISTRY.get_sample_value("gpl_pseudo_label_reliability_pairs", bin9) == 10
     dead = drain(settings, "samples.dlq", expect=1)
     assert len(dead) == 1 and dead[0]["reason"] == "malformed_json"
+
+
+def test_one_outcome_memory_serves_the_monitor_and_the_labelers_recalibration() -> None:
+    """Both joins of claims with outcomes keep their claims in workers/labeling/outcome_memory.py: the
+    bound, the replacement and one outcome per claim behave the same in each."""
+    from workers.labeling.outcome_memory import OutcomeMemory
+    from workers.labeling.recalibration import Recalibrator
+
+    memory: OutcomeMemory[float] = OutcomeMemory(2)
+    memory.remember("u", 1, 0.1)
+    memory.remember("u", 2, 0.2)
+    memory.remember("u", 1, 0.3)  # replaces, and (u, 1) is now the newest
+    memory.remember("u", 3, 0.4)  # full: (u, 2) is the oldest and goes
+    assert (len(memory), memory.replaced, memory.evicted) == (2, 1, 1)
+    assert memory.take("u", 2) is None and memory.take("u", 1) == 0.3 and memory.take("u", 1) is None
+
+    recal = Recalibrator(every=10, alert=0.1, capacity=2)
+    recal.remember("u", [1, 2, 3], np.array([0.5, 0.5, 0.5]))
+    assert isinstance(recal._made, OutcomeMemory) and len(recal._made) == 2 and recal._made.evicted == 1
+    assert recal.observe("u", [1, 2, 3], [1.0, 0.0, 1.0]) == 2  # (u, 1) was forgotten: two joins
+    assert recal.observe("u", [2, 3], [1.0, 1.0]) == 0  # one outcome per claim

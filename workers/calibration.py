@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +54,7 @@ from gpl.runtime.stage_io import StageIO
 from gpl.runtime.stage_port import StagePort
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
+from workers.labeling.outcome_memory import OutcomeMemory
 
 log = logging.getLogger(__name__)
 STAGE = "calibration"
@@ -144,12 +144,11 @@ class CalibrationBook:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self.bins = bins
-        self._lru: OrderedDict[tuple[str, int], tuple[float, float, GroupKey, int]] = OrderedDict()
+        # (user, item) → (p, w, group, anchor version): the memory the labeler's recalibration uses too
+        self._lru: OutcomeMemory[tuple[float, float, GroupKey, int]] = OutcomeMemory(capacity)
         self.curves: dict[GroupKey, Curve] = {}
-        self.counts: dict[str, int] = {
+        self._counts: dict[str, int] = {
             "remembered": 0,
-            "replaced": 0,
-            "evicted": 0,
             "joined": 0,
             "unmatched": 0,
         }
@@ -157,6 +156,11 @@ class CalibrationBook:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """remembered / replaced / evicted claims and joined / unmatched real labels, so far."""
+        return {**self._counts, "replaced": self._lru.replaced, "evicted": self._lru.evicted}
 
     def remember(
         self,
@@ -169,26 +173,18 @@ class CalibrationBook:
     ) -> None:
         """Remember pseudo-labels; a pair already remembered takes the newer claim and moves to the end."""
         with self._lock:
-            lru = self._lru
             for u, i, pp, ww, v in zip(users, items, p, w, versions, strict=True):
-                key = (u, int(i))
-                if key in lru:
-                    self.counts["replaced"] += 1
-                    lru.move_to_end(key)
-                lru[key] = (float(pp), float(ww), group, int(v))
-                self.counts["remembered"] += 1
-            while len(lru) > self.capacity:
-                lru.popitem(last=False)
-                self.counts["evicted"] += 1
+                self._lru.remember(u, i, (float(pp), float(ww), group, int(v)))
+                self._counts["remembered"] += 1
 
     def join(self, users: Iterable[str], items: Iterable[int], labels: Iterable[float]) -> int:
         """Join real labels with remembered pseudo-labels; returns how many joined."""
         by_group: dict[GroupKey, tuple[list[float], list[float], list[float], list[int]]] = {}
         with self._lock:
             for u, i, y in zip(users, items, labels, strict=True):
-                hit = self._lru.pop((u, int(i)), None)
+                hit = self._lru.take(u, i)
                 if hit is None:
-                    self.counts["unmatched"] += 1
+                    self._counts["unmatched"] += 1
                     continue
                 p, w, g, v = hit
                 acc = by_group.setdefault(g, ([], [], [], []))
@@ -203,7 +199,7 @@ class CalibrationBook:
                     curve = self.curves[g] = Curve(self.bins)
                 curve.add(np.asarray(ps), np.asarray(ws), np.asarray(ys), np.asarray(vs, np.int64))
                 joined += len(ps)
-            self.counts["joined"] += joined
+            self._counts["joined"] += joined
         return joined
 
     def observe(self, batch: SampleBatch) -> tuple[int, int, int]:
@@ -236,7 +232,7 @@ class CalibrationBook:
                 "pending": len(self._lru),
                 "capacity": self.capacity,
                 "bins": self.bins,
-                "counts": dict(self.counts),
+                "counts": self.counts,
                 "groups": groups,
             }
 

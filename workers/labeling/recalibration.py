@@ -22,11 +22,11 @@ import dataclasses
 import logging
 import math
 import time
-from collections import OrderedDict
 
 import numpy as np
 
 from workers.labeling.calibrator import Calibrator, calibration_error, sigmoid
+from workers.labeling.outcome_memory import OutcomeMemory
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Recalibrator:
         self.every = every
         self.alert = alert
         self.capacity = capacity
-        self._made: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._made: OutcomeMemory[float] = OutcomeMemory(capacity)  # (user, item) → the pseudo-label's logit
         self._z: list[float] = []
         self._y: list[float] = []
         self.joined = 0
@@ -80,17 +80,13 @@ class Recalibrator:
         """Pseudo-labels just emitted (their logits are what the refit works on)."""
         q = np.clip(np.asarray(labels, np.float64), 1e-6, 1 - 1e-6)
         for item, z in zip(item_ids, np.log(q / (1 - q)).tolist(), strict=True):
-            key = (user_id, int(item))
-            self._made[key] = z
-            self._made.move_to_end(key)
-        while len(self._made) > self.capacity:
-            self._made.popitem(last=False)
+            self._made.remember(user_id, item, z)
 
     def observe(self, user_id: str, item_ids: list[int], labels: list[float]) -> int:
         """Real labels of one request; returns how many met an earlier pseudo-label."""
         n = 0
         for item, y in zip(item_ids, labels, strict=True):
-            z = self._made.pop((user_id, int(item)), None)
+            z = self._made.take(user_id, item)
             if z is not None:
                 self._z.append(z)
                 self._y.append(float(y))
