@@ -29,7 +29,7 @@ def evaluate(settings: Settings, stack: Stack, test: list[tuple[str, Any]], trut
              train: list[tuple[str, Any]], *, directory: Path | None = None) -> dict[str, Any]:
     """Entire-space AUC of the last checkpoint (in ``directory``) on held-out requests, with a popularity
     baseline; GAUC over users as well, because a pre-ranker ranks within a request's recall set."""
-    from workers.trainer import latest_checkpoint, load_checkpoint
+    from workers.trainer.checkpoints import latest_checkpoint, load_checkpoint
 
     ckpt = latest_checkpoint(directory if directory is not None else settings.checkpoints_dir)
     if ckpt is None:

@@ -22,9 +22,9 @@ from tests.preranker_world import DIM, item_vectors, put_anchors, requests, worl
 from workers.anchor_cross import AnchorLookup, anchor_cross, cross_of
 from workers.anchor_policy import anchor_point_id
 from workers.model import ModelConfig, PreRanker, feature_spec, model_inputs
-from workers.publish import Holdout
 from workers.trainer import Trainer
-from workers.trainer_rows import make_batch
+from workers.trainer.publish import Holdout
+from workers.trainer.rows import make_batch
 
 
 def test_best_and_top_two_mean_of_the_anchor_cosines() -> None:

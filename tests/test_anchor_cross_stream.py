@@ -23,7 +23,8 @@ from workers.anchor_policy import anchor_point_id
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import label_batch
 from workers.labeling.item_matrix import ItemMatrix
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ import numpy as np
 from tests.preranker_world import DIM, feed, requests, world_index, world_settings
 from workers.click_memory import ClickMemory
 from workers.history import history_profile
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
 
 
 def test_history_is_the_clicks_strictly_before_the_request() -> None:

@@ -19,7 +19,7 @@ from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
 from gpl.runtime.settings import load
 from workers.labeling.calibrator import Calibrator
 from workers.labeling.recalibration import Recalibrator
-from workers.publish import Decision, PublishedArea, Scores
+from workers.trainer.publish import Decision, PublishedArea, Scores
 
 
 def test_closed_loop_line_agrees_with_the_labelers_drift_warning(caplog: pytest.LogCaptureFixture) -> None:

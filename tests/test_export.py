@@ -16,7 +16,8 @@ import torch
 from gpl.cli import main
 from gpl.commands.export import load_safetensors
 from tests.preranker_world import DIM, feed, put_anchors, requests, world_index, world_settings
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
 
 ROWS = 1000
 
@@ -172,7 +173,7 @@ def test_exported_files_are_readable_alike_and_times_in_ms(trained: tuple[Path, 
     """model.safetensors was written 0600 beside a 0644 spec; lineage.wall_time was in seconds."""
     import time
 
-    from workers.checkpoints import read_checkpoint
+    from workers.trainer.checkpoints import read_checkpoint
 
     data_dir, ckpt = trained
     export(data_dir, ckpt, "safetensors", tmp_path / "st")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.gate_noise import paired_bootstrap, weighted_aucs
 from workers.labeling.calibrator import binary_auc
-from workers.publish import Scores, decide, gauc
+from workers.trainer.gate_noise import paired_bootstrap, weighted_aucs
+from workers.trainer.publish import Scores, decide, gauc
 
 MARGIN, NEED = 0.005, 200
 

@@ -23,7 +23,7 @@ from workers.model import (
     user_buckets,
     weighted_bce,
 )
-from workers.trainer import (
+from workers.trainer.checkpoints import (
     FORMAT,
     LATEST,
     list_checkpoints,
@@ -246,3 +246,33 @@ def test_rejects_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "empty-dir-that-does-not-exist")
+
+
+def test_a_trainer_checkpoint_pickles_no_project_class(tmp_path: Path) -> None:
+    """A checkpoint names no class of this project, so moving a module (workers/trainer/ became a package)
+    never makes an old checkpoint unreadable: its pickle refers to torch's rebuild functions and storages
+    and to collections.OrderedDict only, every part of the trainer's state included."""
+    import pickletools
+    import zipfile
+
+    from gpl.runtime.settings import Settings
+    from workers.click_memory import ClickMemory
+    from workers.trainer.publish import Holdout
+    from workers.trainer.state import payload
+    from workers.trainer.vector_wait import VectorWait, Waiting
+
+    model = PreRanker(small_config())
+    holdout, memory, waiting = Holdout(4), ClickMemory(3), VectorWait(4, 60)
+    holdout.add("u1", 3, 1.0, [1, 2], [0.5, 0.25])
+    memory.add("u1", 100, [1, 2])
+    waiting.add(Waiting(7, 99, 1.0, "samples", 0, 5, b"{}", (1, 2)))
+    path = save_checkpoint(tmp_path, payload(
+        Settings(), version=1, model=model, opt=torch.optim.Adam(model.parameters()), offsets={("samples", 0): 6},
+        counts={"real": 1}, seen={5}, holdout=holdout, memory=memory, waiting=waiting), keep=1)
+    with zipfile.ZipFile(path) as z:
+        pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = list(pickletools.genops(pickled))
+    names = {str(arg) for op, arg, _ in ops if op.name == "GLOBAL"}  # torch writes protocol 2: GLOBAL ops
+    assert names and {n.split(" ")[0] for n in names} <= {"torch", "torch._utils", "collections"}
+    assert not any(op.name == "STACK_GLOBAL" for op, _, _ in ops)
+    assert read_checkpoint(path)["vector_wait"] == waiting.state()

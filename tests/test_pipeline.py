@@ -36,7 +36,7 @@ def fixed_calibrator(encoder: str) -> Calibrator:
 @pytest.mark.parametrize("label_source", ["map", "calibrator"])
 def test_event_file_through_all_stages(tmp_path: Path, any_broker: Broker, label_source: str) -> None:
     from gpl.replay import replay_jsonl
-    from workers.trainer import latest_checkpoint
+    from workers.trainer.checkpoints import latest_checkpoint
 
     sim = simulate(load_movielens(DATA), SimConfig(seed=3, users=6, candidates=40, max_requests_per_user=6,
                                                    exposure_first_fraction=0.3))

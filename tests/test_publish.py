@@ -17,8 +17,9 @@ from schemas.ids import sample_id
 from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings
 from workers.labeling.calibrator import binary_auc
 from workers.model import sample_key
-from workers.publish import Scores, decide, gauc, is_holdout
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
+from workers.trainer.publish import Scores, decide, gauc, is_holdout
 
 
 def scores(auc: float, g: float, rows: int = 500) -> Scores:
@@ -134,7 +135,7 @@ def test_worse_is_refused_better_published_and_rollback_restores(
     # 2: a worse checkpoint is refused; the pointer stays, the decision and its figures are recorded
     sabotage(t)
     t._dirty = True
-    with caplog.at_level(logging.INFO, logger="workers.publish"):
+    with caplog.at_level(logging.INFO, logger="workers.trainer.publish"):
         assert t.checkpoint() is not None
     worse = area.decisions()[-1]
     assert worse["candidate"] == 2 and worse["outcome"] == "refused" and worse["published"] == 1

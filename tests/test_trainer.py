@@ -20,10 +20,11 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import DeadLetter, Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
-from workers import trainer as trainer_module
 from workers.model import sample_key
-from workers.publish import PublishedArea, is_holdout
-from workers.trainer import LATEST, Trainer, list_checkpoints, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer import loop as trainer_loop
+from workers.trainer.checkpoints import LATEST, list_checkpoints, load_checkpoint
+from workers.trainer.publish import PublishedArea, is_holdout
 
 
 @pytest.fixture
@@ -232,7 +233,7 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", crash)
+    monkeypatch.setattr(trainer_loop, "save_checkpoint", crash)
     produce(s, [request(11), request(12)])
     doomed = Trainer(s, index, progress=False)
     with pytest.raises(OSError, match="power cut"), running(doomed):

@@ -21,7 +21,8 @@ from schemas.codec import encode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
 from tests.test_trainer import item_index, request, tuned
-from workers.trainer import Trainer, list_checkpoints, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import list_checkpoints, load_checkpoint
 
 TP0 = (SAMPLES.name, 0)
 

@@ -18,7 +18,8 @@ from gpl.runtime.broker import EmbeddedBroker
 from gpl.runtime.kafka import create_topics
 from tests.conftest import make_settings
 from tests.test_trainer import item_index, produce, reached, request, running, tuned, wait_for
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.ids import sample_id
 from tests.test_trainer import DIM, MISSING_ITEM, item_index, produce, reached, request, running, tuned, wait_for
 from workers.model import sample_key
-from workers.trainer import Trainer, load_checkpoint
+from workers.trainer import Trainer
+from workers.trainer.checkpoints import load_checkpoint
 
 
 @pytest.fixture

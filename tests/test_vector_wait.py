@@ -1,4 +1,4 @@
-"""The trainer's wait for item vectors (workers/vector_wait.py), pure logic: bounds, order, checkpoint state."""
+"""The trainer's wait for item vectors (workers/trainer/vector_wait.py), pure logic: bounds, order, checkpoint state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from workers.vector_wait import VectorWait, Waiting
+from workers.trainer.vector_wait import VectorWait, Waiting
 
 
 def waiting(item: int, since: float, n: int = 0) -> Waiting:

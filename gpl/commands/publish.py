@@ -1,6 +1,6 @@
 """``gpl publish --list | --rollback``: the models published for serving, and going back one.
 
-The trainer publishes a checkpoint only when it passes the quality gate (``workers/publish.py``); this
+The trainer publishes a checkpoint only when it passes the quality gate (``workers/trainer/publish.py``); this
 command is the operator's side: ``--list`` prints the published stack (newest last, ``*`` marks the
 pointer) and the last gate decisions; ``--rollback`` points serving back at the previously published
 model. A running trainer sees the rollback at its next checkpoint and gates against the restored model.
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from gpl.runtime.settings import Settings
-from workers.publish import PublishedArea
+from workers.trainer.publish import PublishedArea
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -131,7 +131,7 @@ PSEUDO_RELIABILITY_PAIRS = Gauge("gpl_pseudo_label_reliability_pairs", "Joined p
 PSEUDO_PENDING = Gauge("gpl_calibration_pending_pairs",
                        "Pseudo-labeled (user, item) pairs awaiting a real label")
 
-# Publishing gate of the trainer (workers/publish.py): every checkpoint scored against the published one
+# Publishing gate of the trainer (workers/trainer/publish.py): every checkpoint scored against the published one
 PUBLISH_DECISIONS = Counter("gpl_trainer_publish_decisions_total",
                             "Gate decisions on checkpoints (published, refused, insufficient)", ["outcome"])
 PUBLISHED_VERSION = Gauge("gpl_trainer_published_version", "Checkpoint version currently published for serving")
@@ -140,7 +140,7 @@ PUBLISH_TIME = Gauge("gpl_trainer_last_publish_timestamp_seconds",
 GATE_SCORE = Gauge("gpl_trainer_gate_score", "Held-out AUC/GAUC of the last gated candidate and the published model",
                    ["model", "metric"])
 
-# ---- offsets past a topic's end (workers/trainer.py): the topic was recreated or the broker lost data
+# ---- offsets past a topic's end (workers/trainer/offsets.py): the topic was recreated or the broker lost data
 OFFSET_RESETS = Counter("gpl_offset_resets_total",
                         "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
                         "beginning", ["stage", "topic"])

@@ -206,7 +206,7 @@ class TrainerSettings(Section):
                                 "baseline (pseudo samples are skipped and counted pseudo_skipped)")
     keep_checkpoints: int = Field(default=5, ge=1)
     seed: int = 0
-    # serving: a checkpoint is published (checkpoints/published/) only past a quality gate (workers/publish.py)
+    # serving: a checkpoint is published (checkpoints/published/) only past a quality gate (workers/trainer/publish.py)
     publish: bool = Field(default=True, description="gate every checkpoint and publish the ones that pass")
     publish_margin: float = Field(default=0.005, ge=0, description="a candidate may be this much below the "
                                   "published model's held-out AUC and GAUC and still publish")

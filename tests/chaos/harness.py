@@ -216,7 +216,7 @@ class Ledger:
 
     @classmethod
     def read(cls, settings: Settings, expected: Expected) -> Ledger:
-        from workers.checkpoints import latest_checkpoint, load_checkpoint
+        from workers.trainer.checkpoints import latest_checkpoint, load_checkpoint
 
         unexposed: dict[str, set[int]] = {}
         for u in drain(settings, "unexposed", expect=len(expected.unexposed()), timeout=60):

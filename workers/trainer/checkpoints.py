@@ -1,7 +1,8 @@
 """Checkpoint files of the trainer: numbered, atomic, with a ``latest`` pointer.
 
-Split out of ``workers/trainer.py`` so the publishing gate (``workers/publish.py``) can read and write
-checkpoints without importing the worker that calls it (no import cycles).
+Split out of the trainer's loop (``workers/trainer/loop.py``) so the publishing gate
+(``workers/trainer/publish.py``) can read and write checkpoints without importing the worker that calls
+it (no import cycles).
 """
 
 from __future__ import annotations

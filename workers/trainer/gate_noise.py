@@ -1,6 +1,6 @@
 """How much of a difference between two models a held-out slice can see: a paired bootstrap.
 
-Why: the publication gate (workers/publish.py) compares a checkpoint with the published model on a slice
+Why: the publication gate (workers/trainer/publish.py) compares a checkpoint with the published model on a slice
 of 1,000–2,000 held-out rows. Each model's GAUC on such a slice is uncertain by about ±0.02, far more than
 the gate's margin (0.005), so a fixed margin refused checkpoints for differences that were sampling noise
 (9 of 14 in one demo run). Both models are scored on the *same* rows, so the difference is much less

@@ -1,6 +1,6 @@
 """Where the trainer starts each partition and what it commits: its checkpoint decides, not the group.
 
-Split out of ``workers/trainer.py`` (the loop) because these are the rules a restart depends on, read
+Split out of ``workers/trainer/loop.py`` (the loop) because these are the rules a restart depends on, read
 in one place: a partition the checkpoint knows starts at the checkpoint's offset; a start past the
 partition's end (topic recreated, broker data lost) is reset to its beginning, loudly; and the commit
 after a checkpoint covers only the checkpoint's offsets of the partitions still held. The group

@@ -1,9 +1,9 @@
 """The trainer's cache of frozen item vectors, and the history profile it builds from them.
 
-Split out of ``workers/trainer.py``: a content vector is never recomputed under one encoder, so the
+Split out of ``workers/trainer/loop.py``: a content vector is never recomputed under one encoder, so the
 trainer asks the vector index once per item and keeps the answer (bounded: cleared when full, keeping
 the items asked for). Items missing from the index are simply absent here; the trainer's vector wait
-(workers/vector_wait.py) decides what happens to their samples.
+(workers/trainer/vector_wait.py) decides what happens to their samples.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reads top to bottom: poll SampleBatches, dead-letter the bad ones, drop samples already seen (a set of
 64-bit hashes of sample ids), look up each item's frozen content vector (cached; a sample whose item is not in the
 index yet waits for it, bounded, and is dead-lettered as ``no_vector`` past the bound:
-workers/vector_wait.py), and train in mini-batches on the GPL objective. Every ``checkpoint_every``
+workers/trainer/vector_wait.py), and train in mini-batches on the GPL objective. Every ``checkpoint_every``
 samples, every ``checkpoint_every_s`` seconds (when anything changed), on a partition revoke and on a
 clean stop: train what is buffered, write a numbered checkpoint atomically, and only then commit the
 Kafka offsets.
@@ -21,11 +21,11 @@ History (``trainer.history_items`` > 0, or a checkpoint of such a model): the pr
 user's recent clicks. The trainer keeps them (:class:`~workers.click_memory.ClickMemory`, saved in every
 checkpoint) from the real labels it reads, and gives each batch the history its request had: the clicks
 strictly before the batch's ``ts``. The anchor cross feature (``trainer.anchor_cross``): as a pseudo sample
-carries it, else from the user's set in the anchors collection (workers/trainer_rows.py AnchorInput).
+carries it, else from the user's set in the anchors collection (workers/trainer/rows.py AnchorInput).
 
 Serving: a deterministic share of real-label samples is held out, never trained, and after every
 checkpoint a quality gate scores the checkpoint and the published model on it; only a checkpoint that
-passes is published for serving (``workers/publish.py``).
+passes is published for serving (``workers/trainer/publish.py``).
 
 One trainer per consumer group: it trains one model, so it must see every partition.
 """
@@ -53,29 +53,18 @@ from schemas.codec import DecodeError, decode
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from schemas.topics import SAMPLES
-from workers.checkpoints import (
-    FORMAT,
-    LATEST,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
 from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, RankTerm, sample_key
-from workers.publish import Holdout, Publisher, is_holdout
-from workers.trainer_offsets import commit_durable, reset_past_end, start_at_checkpoint
-from workers.trainer_rows import AnchorInput, Pending, pending, step
-from workers.trainer_state import build, restore_memory, restore_model
-from workers.trainer_state import payload as checkpoint_payload
-from workers.trainer_vectors import VECTOR_CACHE_MAX, VectorCache
-from workers.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting, by_request, waiting_sample
+from workers.trainer.checkpoints import latest_checkpoint, read_checkpoint, save_checkpoint
+from workers.trainer.offsets import commit_durable, reset_past_end, start_at_checkpoint
+from workers.trainer.publish import Holdout, Publisher, is_holdout
+from workers.trainer.rows import AnchorInput, Pending, pending, step
+from workers.trainer.state import build, restore_memory, restore_model
+from workers.trainer.state import payload as checkpoint_payload
+from workers.trainer.vector_wait import VECTOR_WAIT_MAX, VECTOR_WAIT_S, VectorWait, Waiting, by_request, waiting_sample
+from workers.trainer.vectors import VectorCache
 
-# the checkpoint files moved to workers/checkpoints.py; callers still import them from here
-__all__ = ["FORMAT", "LATEST", "VECTOR_CACHE_MAX", "Trainer", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "read_checkpoint", "save_checkpoint"]
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.trainer")  # the stage's logger: the package's name, as before it was one
 STAGE = "trainer"
 VECTOR_RETRY_S = 1.0  # how often the index is asked again for the items samples wait for
 # no_vector: samples dead-lettered after waiting for a vector in vain; vector_waits: samples that had to wait
@@ -90,7 +79,7 @@ class Trainer:
     ``accounting`` counts what this process saw (Prometheus ``gpl_messages_total``): per message ``in``,
     per sample ``samples = trained + holdout + duplicate + pseudo_skipped + dlq:no_vector + waiting``
     (plus ``resumed_waiting``, the waiting samples a checkpoint handed over, on the left): :meth:`balance`.
-    ``vector_wait_max``/``vector_wait_s`` bound the wait for an item's vector (workers/vector_wait.py).
+    ``vector_wait_max``/``vector_wait_s`` bound the wait for an item's vector (workers/trainer/vector_wait.py).
     ``dim`` is the content-vector size; without it (and without a checkpoint) it is read from the
     first vectors fetched.
     """
@@ -147,7 +136,7 @@ class Trainer:
         self.model, self.opt = build(mc, self.cfg.lr)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        """Take the checkpoint's model, offsets, seen-set, counts and held state (workers/trainer_state.py)."""
+        """Take the checkpoint's model, offsets, seen-set, counts and held state (workers/trainer/state.py)."""
         restored = restore_model(ckpt, self.collection, self.cfg.lr)
         if restored is not None:
             self.model, self.opt = restored
@@ -220,7 +209,7 @@ class Trainer:
 
     def _on_assign(self, c: Any, partitions: list[TopicPartition]) -> None:
         """Start every partition the checkpoint knows at the checkpoint's offset, not the committed one;
-        one past its end at its beginning (workers/trainer_offsets.py)."""
+        one past its end at its beginning (workers/trainer/offsets.py)."""
         start_at_checkpoint(partitions, self.durable_offsets)
         for t, p, start, low in reset_past_end(c, partitions, self.name):
             self.offset_resets.append((t, p, start, low))
@@ -288,7 +277,7 @@ class Trainer:
         self.accounting.add("trained")  # buffered: trained by the next step, at the latest before the checkpoint
 
     def _wait(self, b: SampleBatch, s: Sample, key: int, hist_items: list[int], origin: tuple[str, int, int]) -> None:
-        """Hold a sample until its item's vector is in the index (bounded: workers/vector_wait.py)."""
+        """Hold a sample until its item's vector is in the index (bounded: workers/trainer/vector_wait.py)."""
         self.counts["vector_waits"] += 1  # a passage, not an outcome: it ends trained, held out or dead-lettered
         for w in self.waiting.add(waiting_sample(b, s, key, self.waiting.clock(), origin, hist_items)):
             self._no_vector(w, f"{self.waiting.max_samples} samples were already waiting for vectors")
@@ -359,7 +348,7 @@ class Trainer:
         self.version += 1
         payload = checkpoint_payload(self.settings, version=self.version, model=self.model, opt=self.opt,
                                      offsets=self.offsets, counts=self.counts, seen=self.seen, holdout=self.holdout,
-                                     memory=self.memory, waiting=self.waiting)  # what it holds: trainer_state.py
+                                     memory=self.memory, waiting=self.waiting)  # what it holds: state.py
         path = save_checkpoint(self.directory, payload, self.cfg.keep_checkpoints)
         self.durable_offsets = dict(self.offsets)
         self._ckpt_at = time.monotonic()
@@ -371,7 +360,7 @@ class Trainer:
         log.info("trainer: checkpoint %s (%d samples)", path.name, self.counts["samples"])
         # the checkpoint, not the commit, decides where a restart resumes: a lost commit costs nothing
         commit_durable(self.io.consumer if self.io is not None else None, self.durable_offsets, self.version)
-        if self.cfg.publish and self.model is not None:  # for serving if it passes (workers/publish.py)
+        if self.cfg.publish and self.model is not None:  # for serving if it passes (workers/trainer/publish.py)
             self._fetch_vectors(self.holdout.item_ids())
             self.publisher.gate_holdout(payload, self.model, self.holdout, self.vectors.vectors)
         self.checkpointed.set()

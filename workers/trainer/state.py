@@ -1,6 +1,6 @@
 """What a trainer checkpoint holds, in one place: the payload written and the model read back.
 
-Split out of ``workers/trainer.py`` so the checkpoint's contents (format ``workers/checkpoints.py``
+Split out of ``workers/trainer/loop.py`` so the checkpoint's contents (format ``workers/trainer/checkpoints.py``
 ``FORMAT``) are read top to bottom beside each other: the model and its optimizer, the trainer settings
 and encoder it was trained under, the next offset of every partition, the cumulative counts, the
 seen-set of sample keys, the held-out rows of the publishing gate, the users' recent clicks and the
@@ -16,11 +16,11 @@ import torch
 
 from gpl.runtime.offsets import TP
 from gpl.runtime.settings import Settings
-from workers.checkpoints import FORMAT
 from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, make_optimizer
-from workers.publish import Holdout
-from workers.vector_wait import VectorWait
+from workers.trainer.checkpoints import FORMAT
+from workers.trainer.publish import Holdout
+from workers.trainer.vector_wait import VectorWait
 
 
 def payload(settings: Settings, *, version: int, model: PreRanker | None, opt: torch.optim.Optimizer | None,

@@ -10,7 +10,7 @@ published model's minus ``trainer.publish_margin`` *beyond the slice's own sampl
   0.005 refused checkpoints for differences the slice cannot see. The gate therefore scores both models on
   the same rows and takes a paired bootstrap of the difference (candidate − published; rows resampled
   for AUC, users for GAUC, the same draw for both models, seeded by the candidate's version):
-  ``workers/gate_noise.py``. A checkpoint is refused only when even the upper end of the difference's
+  ``workers/trainer/gate_noise.py``. A checkpoint is refused only when even the upper end of the difference's
   90 % interval lies below ``-publish_margin``: worse with 95 % confidence, by more than the margin.
   The interval goes to ``gate.jsonl`` with the decision.
 
@@ -53,11 +53,11 @@ import torch
 
 from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
-from workers.checkpoints import atomic_write, load_checkpoint, serving_copy
-from workers.gate_noise import Paired, paired_bootstrap, per_user_auc
 from workers.history import profile_of
 from workers.labeling.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
+from workers.trainer.checkpoints import atomic_write, load_checkpoint, serving_copy
+from workers.trainer.gate_noise import Paired, paired_bootstrap, per_user_auc
 
 log = logging.getLogger(__name__)
 HOLDOUT_SLOTS = 10_000  # holdout_fraction resolution: 0.01 %

@@ -1,0 +1,32 @@
+"""The trainer stage: ``samples`` → incremental pre-ranker → numbered checkpoints → a published model.
+
+One package, one stage (``from workers.trainer import Trainer``):
+
+* ``loop``         the Kafka loop (:class:`Trainer`): poll, dedupe, wait for vectors, train, checkpoint, commit;
+* ``offsets``      where a (re)started trainer reads from, past-end resets, the durable commit;
+* ``rows``         the buffered rows, the mini-batch they become, the optimizer step;
+* ``vectors``      the content-vector cache; ``vector_wait`` the bounded wait for an item's vector;
+* ``state``        what a checkpoint holds; ``checkpoints`` the files (numbered, atomic, ``latest``);
+* ``publish``      the quality gate and the published area; ``gate_noise`` its paired bootstrap.
+
+``Trainer`` is loaded on first use, not with the package: the export and publish commands read
+checkpoints and the published area without the Kafka loop's imports.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.trainer.loop import Trainer
+
+__all__ = ["Trainer"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Trainer`` from :mod:`workers.trainer.loop` on first access (PEP 562)."""
+    if name == "Trainer":
+        from workers.trainer.loop import Trainer
+
+        return Trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
