@@ -113,10 +113,16 @@ EVENT_TOPICS = ("items", "recall", "exposure")
 STREAMS_APP_ID = "gpl-streams"
 
 
+def under_prefix(name: str) -> str:
+    """A name the product puts on the broker outside this table (the streams app id, the benchmark's own
+    topics): under the prefix too, so a shared cluster sees no name of ours outside it."""
+    return f"{_naming.prefix}{name}"
+
+
 def app_id(configured: str = STREAMS_APP_ID) -> str:
     """The streams app id on the broker (faust's group id and the stem of its internal topics: changelogs,
     the assignor's, the expiry topic): under the prefix, so a shared cluster sees no name outside it."""
-    return f"{_naming.prefix}{configured}"
+    return under_prefix(configured)
 
 
 def expiry_topic(configured_app_id: str = STREAMS_APP_ID) -> str:

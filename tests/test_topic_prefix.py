@@ -3,6 +3,8 @@
 The unit tests check the one registry (schemas/topics.py); the integration test runs the pipeline on the
 session's Apache Kafka broker with a prefix and a rename, stages in child processes included, and then
 lists the broker's topics: none may sit outside the prefix (faust's changelogs and assignor topic included).
+Another runs the stack on the embedded broker it starts itself (the `gpl up` path), then the benchmark's bare
+loop, under a prefix, and checks that the prefixed topics carry the traffic.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from gpl.runtime.kafka import use_topic_names
-from gpl.runtime.settings import KafkaSettings
+from gpl.runtime.settings import KafkaSettings, load
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from schemas.events import RecallEvent
-from schemas.topics import SAMPLES, TOPICS, Naming, all_topic_names, app_id, by_name, configure, spec
+from schemas.topics import EXPOSURE, RECALL, SAMPLES, TOPICS, Naming, all_topic_names, app_id, by_name, configure, spec
 from tests.conftest import KafkaSlot, make_settings
 from tests.helpers import drain, wait_for
 
@@ -42,6 +45,9 @@ def test_prefix_and_rename_reach_every_registry_name(prefixed: None) -> None:
     assert SAMPLES.name == "team-a.labels" and spec("samples") is SAMPLES  # files and commands: logical names
     assert by_name("team-a.labels.dlq") is SAMPLES and by_name("recall") is TOPICS["recall"]
     assert by_name("recall.v0") is None
+    from gpl.bench.bare_loop import bare_topics
+
+    assert bare_topics() == ("team-a.bench-bare.recall", "team-a.bench-bare.exposure", "team-a.bench-bare.samples")
 
 
 def test_unknown_rename_is_refused_and_the_naming_restored() -> None:
@@ -127,3 +133,53 @@ def test_topics_create_and_list_under_a_prefix(kafka: KafkaSlot, capsys: pytest.
     assert sorted(on_broker) == sorted(["team-b.b-streams-expiry", *(f"team-b.{t}" for t in TOPICS),
                                         *(f"team-b.{t}.dlq" for t in TOPICS)])
     assert "team-b.recall.dlq" in listed and "missing" not in listed
+
+
+def _records_by_topic(kafka: KafkaSettings) -> dict[str, int]:
+    """Every topic on the broker with the records it holds (sum of its partitions' high watermarks)."""
+    from confluent_kafka import TopicPartition
+
+    from gpl.runtime.kafka import consumer
+
+    c = consumer(kafka, "prefix-count")
+    try:
+        listed = c.list_topics(timeout=10).topics
+        return {t: sum(c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1] for p in meta.partitions)
+                for t, meta in listed.items()}
+    finally:
+        c.close()
+
+
+@pytest.mark.integration
+def test_prefixed_embedded_stack_carries_the_traffic_under_the_prefix(tmp_path: Path) -> None:
+    """The `gpl up` path on the embedded Tansu broker (the stack starts it and applies its profile) under
+    kafka.topic_prefix: streams and labeler, each in a child process, join and label through the prefixed
+    topics, and the broker holds no topic of ours outside the prefix (faust's changelogs included). Then the
+    benchmark's bare loop (`gpl bench e2e --baseline`), another child process, on its own topics: prefixed too,
+    and it reads the prefixed anchors (a child that kept the logical names would label nothing)."""
+    from gpl.bench.e2e import World, _bare, _run, _stack
+
+    base = load(env={}, data_dir=str(tmp_path / "data"), broker={"kind": "embedded"},
+                kafka={"topic_prefix": "team-e.", "partitions": 2})
+    users, n = 6, 12
+    world = World.make(np.random.default_rng(3), n, 400, users, 3, 32, 40)
+    jars = tmp_path / "no-kafka-jars"  # the embedded broker needs none
+    with _stack(base, world, ["streams", "labeler"], jars) as (s, stages, _):
+        assert SAMPLES.name == "team-e.samples"
+        run = _run(s, SAMPLES.name, RECALL.name, EXPOSURE.name, world.requests, 0.0, "p", False, lambda: {})
+        held = _records_by_topic(s.kafka)
+    assert not stages.errors, stages.errors
+    assert run["labeled_requests"] == n, run
+    ours = [t for t in held if not t.startswith("__")]
+    assert [t for t in ours if not t.startswith("team-e.")] == [], ours
+    assert all(held[f"team-e.{t}"] >= n for t in ("recall", "exposure", "unexposed", "samples")), held
+    assert held["team-e.anchors"] == users, held
+    assert any(t.endswith("-changelog") for t in ours), ours  # faust's join state: under the prefix too
+    assert TOPICS["samples"].name == "samples"  # the stack restored this process's naming
+
+    with _stack(base, world, [], jars) as (s, _, pids):
+        bare = _bare(s, world.requests, 0.0, users, False, pids)
+        held = _records_by_topic(s.kafka)
+    assert bare["labeled_requests"] == n, bare
+    assert [t for t in held if not t.startswith(("__", "team-e."))] == [], held
+    assert all(held[f"team-e.bench-bare.{t}"] >= n for t in ("recall", "exposure", "samples")), held

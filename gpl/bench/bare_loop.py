@@ -22,15 +22,19 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpl.runtime.kafka import consumer, producer, take
+from gpl.runtime.kafka import consumer, producer, take, use_topic_names
 from gpl.runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
-from schemas.topics import ANCHORS
+from schemas.topics import ANCHORS, under_prefix
 from streams.join import decode_recall, unexposed
 from workers.labeling.item_matrix import ItemMatrix
 
-RECALL, EXPOSURE, OUT = "bench-bare.recall", "bench-bare.exposure", "bench-bare.samples"
+
+def bare_topics() -> tuple[str, str, str]:
+    """The bare loop's recall, exposure and output topics: its own (the pipeline's stages must not read its
+    traffic), under ``kafka.topic_prefix`` like every topic the product creates."""
+    return under_prefix("bench-bare.recall"), under_prefix("bench-bare.exposure"), under_prefix("bench-bare.samples")
 
 
 def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: MpEvent) -> None:
@@ -38,6 +42,8 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
     from gpl.stage_process import open_reader_index
 
     s = Settings.model_validate_json(settings_json)
+    use_topic_names(s.kafka)  # a spawned process starts with the logical names: the anchors and ours, prefixed
+    recall_topic, exposure_topic, out_topic = bare_topics()
     with open_reader_index(s) as index:
         items = ItemMatrix(index, s.encoder.collection, s.encoder.model)
         items.load()
@@ -45,7 +51,7 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
         c = consumer(s.kafka, f"bench-bare-{time.monotonic_ns()}")
         p = producer(s.kafka)
         assigned = threading.Event()
-        c.subscribe([RECALL, EXPOSURE], on_assign=lambda _c, _parts: assigned.set())
+        c.subscribe([recall_topic, exposure_topic], on_assign=lambda _c, _parts: assigned.set())
         recalls: dict[str, Any] = {}
         exposures: dict[str, ExposureEvent] = {}
         center, temp = s.labeler.label_center, s.labeler.label_temperature
@@ -59,7 +65,7 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
                     if m.error() is not None or raw is None:
                         continue
                     try:
-                        if m.topic() == RECALL:
+                        if m.topic() == recall_topic:
                             r = decode_recall(raw, s.streams.max_candidates)
                             rid = r.request_id
                             recalls[rid] = r
@@ -73,7 +79,7 @@ def bare_loop(settings_json: str, users: int, cap: int, ready: MpEvent, stop: Mp
                         rec = recalls.pop(rid)
                         out = _label(rec, exposures.pop(rid), items, anchors, cap, center, temp)
                         if out is not None:
-                            p.produce(OUT, out, key=rec.user_id.encode())
+                            p.produce(out_topic, out, key=rec.user_id.encode())
                 p.poll(0)
         finally:
             p.flush(30)

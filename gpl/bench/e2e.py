@@ -48,10 +48,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from gpl.bench.bare_loop import EXPOSURE as BARE_EXPOSURE
-from gpl.bench.bare_loop import OUT as BARE_OUT
-from gpl.bench.bare_loop import RECALL as BARE_RECALL
-from gpl.bench.bare_loop import bare_loop
+from gpl.bench.bare_loop import bare_loop, bare_topics
 from gpl.bench.cpu import CpuMeter
 from gpl.runtime.kafka import GapGuard, consumer, create_topics, producer, take
 from gpl.runtime.settings import Settings
@@ -333,7 +330,8 @@ def _scan(s: Settings, topic: str, wanted: set[str], quiet_s: float = 5.0) -> se
 def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: bool,
           pids: Mapping[str, int | None]) -> dict[str, Any]:
     """The same requests through the bare loop, in its own process, on the same broker."""
-    create_topics(s.kafka, [BARE_RECALL, BARE_EXPOSURE, BARE_OUT])
+    recall, exposure, out = bare_topics()  # under kafka.topic_prefix (the stack set this process's naming)
+    create_topics(s.kafka, [recall, exposure, out])
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=bare_loop, args=(s.model_dump_json(), users, s.labeler.cap, ready, stop), daemon=True)
@@ -341,7 +339,7 @@ def _bare(s: Settings, reqs: list[Request], rate: float, users: int, progress: b
     try:
         if not ready.wait(180):
             raise TimeoutError("the bare loop did not start")
-        return _run(s, BARE_OUT, BARE_RECALL, BARE_EXPOSURE, reqs, rate, "b", progress,
+        return _run(s, out, recall, exposure, reqs, rate, "b", progress,
                     lambda: {**pids, "bare_loop": proc.pid})
     finally:
         stop.set()
