@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "indexer to index them before sending the events; 0: no wait")
     rp.add_argument("--bootstrap", help="Kafka bootstrap servers to replay into (overrides kafka.bootstrap_servers)")
     rp.add_argument("--topics", nargs="*", help="only these topics of the file (default: all of them)")
-    rp.add_argument("--topic", help="replay this existing topic instead of a file ...")
-    rp.add_argument("--to", help="... into this topic (created with the source's partition count if missing)")
+    rp.add_argument("--topic", help="replay this existing topic instead of a file (a registry name such as recall: "
+                                    "the one under kafka.topic_prefix; any other name as typed) ...")
+    rp.add_argument("--to", help="... into this topic, named the same way (created with the source's partition "
+                                 "count if missing)")
     rp.add_argument("--start-ms", type=int, help="topic replay: first event time, epoch ms (default: the beginning)")
     rp.add_argument("--end-ms", type=int, help="topic replay: end of the range, exclusive (default: the end)")
     rp.set_defaults(run=cmd_replay)
@@ -323,8 +325,11 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         if not args.to:
             print("--topic needs --to TARGET", file=sys.stderr)
             return 2
-        counts = replay_topic(settings, args.topic, args.to, start_ms=args.start_ms, end_ms=args.end_ms,
-                              speed=args.speed, max_wait_s=max_wait, progress=progress(), create_target=True)
+        from schemas.topics import broker_name
+
+        counts = replay_topic(settings, broker_name(args.topic), broker_name(args.to), start_ms=args.start_ms,
+                              end_ms=args.end_ms, speed=args.speed, max_wait_s=max_wait, progress=progress(),
+                              create_target=True)
     elif args.file:
         counts = replay_jsonl(settings, args.file, speed=args.speed, topics=set(args.topics) if args.topics else None,
                               max_wait_s=max_wait, progress=progress(), index_wait_s=args.index_wait)

@@ -147,6 +147,16 @@ def by_name(name: str) -> TopicSpec | None:
     return next((t for t in TOPICS.values() if t.name == base), None) or TOPICS.get(base)
 
 
+def broker_name(typed: str) -> str:
+    """The topic on the broker for a name an operator typed (``gpl topics create``, ``replay --topic/--to``,
+    ``groups reset --topic``): a registry topic's logical name, or its ``.dlq``, under this process's naming
+    (``recall`` → ``team-a.recall``); a name already on the broker, or any other, as typed."""
+    base = by_name(typed.removesuffix(".dlq"))
+    if base is None:
+        return typed
+    return base.dlq_name if typed.endswith(".dlq") else base.name
+
+
 def spec(name: str) -> TopicSpec:
     """The spec of a logical topic name (event files and commands name topics this way)."""
     try:

@@ -22,7 +22,19 @@ from gpl.runtime.settings import KafkaSettings, load
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from schemas.events import RecallEvent
-from schemas.topics import EXPOSURE, RECALL, SAMPLES, TOPICS, Naming, all_topic_names, app_id, by_name, configure, spec
+from schemas.topics import (
+    EXPOSURE,
+    RECALL,
+    SAMPLES,
+    TOPICS,
+    Naming,
+    all_topic_names,
+    app_id,
+    broker_name,
+    by_name,
+    configure,
+    spec,
+)
 from tests.conftest import KafkaSlot, make_settings
 from tests.helpers import drain, wait_for
 
@@ -48,6 +60,15 @@ def test_prefix_and_rename_reach_every_registry_name(prefixed: None) -> None:
     from gpl.bench.bare_loop import bare_topics
 
     assert bare_topics() == ("team-a.bench-bare.recall", "team-a.bench-bare.exposure", "team-a.bench-bare.samples")
+
+
+def test_names_an_operator_types_resolve_under_the_prefix(prefixed: None) -> None:
+    """`gpl topics create recall`, `replay --topic recall --to …`, `groups reset --topic recall.dlq`: a registry
+    name means the topic on the broker (a literal `recall` would be created outside the prefix)."""
+    assert broker_name("recall") == "team-a.recall" and broker_name("recall.dlq") == "team-a.recall.dlq"
+    assert broker_name("samples") == "team-a.labels" and broker_name("samples.dlq") == "team-a.labels.dlq"
+    assert broker_name("team-a.recall") == "team-a.recall"  # already the broker's name
+    assert broker_name("team-a.recall-copy") == "team-a.recall-copy" and broker_name("other") == "other"
 
 
 def test_unknown_rename_is_refused_and_the_naming_restored() -> None:
@@ -123,14 +144,18 @@ def test_topics_create_and_list_under_a_prefix(kafka: KafkaSlot, capsys: pytest.
 
     given = ["--set", "kafka.topic_prefix=team-b.", "--set", "streams.app_id=b-streams", "--set", "kafka.partitions=1"]
     try:
+        assert main([*given, "topics", "create", "recall.dlq", "--bootstrap", kafka.bootstrap]) == 0
+        assert capsys.readouterr().out.split() == ["created", "team-b.recall.dlq", "(1", "partitions)"]
         assert main([*given, "topics", "create", "--bootstrap", kafka.bootstrap]) == 0
         assert main([*given, "--set", f"kafka.bootstrap_servers={kafka.bootstrap}", "topics", "list"]) == 0
+        listed = capsys.readouterr().out
+        # a topic replay names the registry's topics the same way: `recall` is team-b.recall
+        assert main([*given, "replay", "--topic", "recall", "--to", "team-b.copy", "--bootstrap", kafka.bootstrap]) == 0
     finally:
         configure(Naming())  # main set this process's naming, as it does for every command
-    listed = capsys.readouterr().out
     on_broker = [t for t in AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics
                  if not t.startswith("__")]
-    assert sorted(on_broker) == sorted(["team-b.b-streams-expiry", *(f"team-b.{t}" for t in TOPICS),
+    assert sorted(on_broker) == sorted(["team-b.b-streams-expiry", "team-b.copy", *(f"team-b.{t}" for t in TOPICS),
                                         *(f"team-b.{t}.dlq" for t in TOPICS)])
     assert "team-b.recall.dlq" in listed and "missing" not in listed
 

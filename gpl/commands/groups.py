@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 
 from gpl.runtime.kafka import reader_config
 from gpl.runtime.settings import KafkaSettings, Settings, StreamsSettings
-from schemas.topics import app_id, by_name
+from schemas.topics import app_id, broker_name
 
 TIMEOUT = 10.0
 
@@ -85,7 +85,7 @@ def active_members(kafka: KafkaSettings, group: str) -> list[str]:
 def plan_reset(kafka: KafkaSettings, group: str, to: str, ts_ms: int | None, topics: list[str]) -> list[Row]:
     """Where ``group`` would go on every partition of ``topics`` (default: the topics it committed on)."""
     current = committed(kafka, group)
-    names = sorted({t for t, _ in current}) if not topics else [_topic_name(t) for t in topics]
+    names = sorted({t for t, _ in current}) if not topics else [broker_name(t) for t in topics]
     if not names:
         raise ValueError(f"group {group!r} has no committed offsets; name the topics with --topic")
     reader = Consumer(reader_config(kafka, group))
@@ -113,12 +113,6 @@ def apply_reset(kafka: KafkaSettings, group: str, rows: list[Row]) -> None:
     tps = [TopicPartition(r.topic, r.partition, r.target) for r in rows]
     admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
                                        request_timeout=TIMEOUT)[group].result()
-
-
-def _topic_name(topic: str) -> str:
-    """A logical name (``recall``) means the stack's topic (under kafka.topic_prefix); others are taken as is."""
-    spec = by_name(topic)
-    return spec.name if spec is not None and not topic.endswith(".dlq") else topic
 
 
 def _table(rows: list[Row], reset: bool) -> str:

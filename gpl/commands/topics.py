@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from gpl.runtime.settings import Settings
-from schemas.topics import TOPICS, all_topic_names
+from schemas.topics import TOPICS, all_topic_names, broker_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Create the named topics (default: every registry topic and its DLQ) with "
                                    "kafka.partitions partitions and kafka.replication_factor replicas; registry "
                                    "topics get their cleanup policy. Existing topics are left alone.")
-    cr.add_argument("names", nargs="*", metavar="NAME", help="topics to create (default: all of the registry)")
+    cr.add_argument("names", nargs="*", metavar="NAME",
+                    help="topics to create: a registry topic by its logical name (recall, recall.dlq: under "
+                         "kafka.topic_prefix) or any name as typed (default: all of the registry)")
     cr.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     cr.set_defaults(run=cmd_create)
 
@@ -76,7 +78,8 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.oneline import require_broker
 
     require_broker(settings)
-    names = args.names or all_topic_names(settings.streams.app_id)  # its expiry topic, under the prefix
+    # registry names (recall, recall.dlq) under the prefix; no names: all of them, this app id's expiry topic too
+    names = [broker_name(n) for n in args.names] or all_topic_names(settings.streams.app_id)
     created = create_topics(settings.kafka, names)
     for name in names:
         state = "created" if name in created else "exists"
