@@ -89,8 +89,8 @@ def calibrator_inputs(names: tuple[str, ...], sims: np.ndarray, centroid_cos: np
         s1[...] = s[:, 0]
         if j2 is not None:
             x[:, j2] = s1
-    else:
-        _top_two(s, s1, x[:, j2] if j2 is not None else np.empty(m))
+    else:  # on the cosines as given (float32 from the matrix): a max or min is exact, half the bytes
+        _top_two(sims, s1, x[:, j2] if j2 is not None else np.empty(m))
     if "s_mean" in col:
         x[:, col["s_mean"]] = s @ np.asarray(weights, np.float64)
     if "s_cent" in col:
