@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.gpl-setup
 
-.PHONY: setup demo test test-all soak bench lint clean
+.PHONY: setup demo test test-all soak bench lint prometheus-rules clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check gpl schemas streams workers tests
 	$(BIN)/mypy
+
+prometheus-rules: setup  # the one-host Prometheus's rule file from deploy/base/alerts.yaml (tests/test_deploy.py checks it)
+	$(BIN)/python deploy/prometheus_rules.py
 
 clean:
 	rm -rf .gpl

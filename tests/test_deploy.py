@@ -361,6 +361,42 @@ def test_prometheus_scrapes_every_stage(compose) -> None:
         assert host in svcs or host == "localhost", f"prometheus target {t} is no compose service"
 
 
+def _render_prometheus_rules(source: str) -> str:
+    """deploy/prometheus_rules.py's render (run from its path: deploy/ is no package; no bytecode left there)."""
+    import runpy
+
+    return str(runpy.run_path(str(DEPLOY / "prometheus_rules.py"), run_name="prometheus_rules")["render"](source))
+
+
+def test_one_host_prometheus_loads_the_alert_rules(compose, rendered) -> None:
+    """The one-host Prometheus evaluates the cluster's alerts: prometheus.yml loads a rule file, compose mounts
+    deploy/prometheus-rules.yml exactly there, and that file is the PrometheusRule's spec as generated now
+    (`make prometheus-rules`), in the shape a plain Prometheus accepts."""
+    from fnmatch import fnmatch
+
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    loaded = prom.get("rule_files") or []
+    assert loaded, "deploy/prometheus.yml loads no alert rules"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["prometheus"].get("volumes", [])}
+    mounted = [(ROOT / mounts[dst]).resolve() for pattern in loaded for dst in mounts if fnmatch(dst, pattern)]
+    assert mounted == [DEPLOY / "prometheus-rules.yml"], (loaded, mounts)
+    text = (DEPLOY / "prometheus-rules.yml").read_text()
+    generated = _render_prometheus_rules((DEPLOY / "base" / "alerts.yaml").read_text())
+    assert text == generated, "deploy/prometheus-rules.yml differs from deploy/base/alerts.yaml: make prometheus-rules"
+    groups = yaml.safe_load(text)["groups"]
+    assert set(yaml.safe_load(text)) == {"groups"}
+    for g in groups:  # Prometheus refuses a rule file with unknown keys
+        assert set(g) <= {"name", "interval", "limit", "query_offset", "labels", "rules"} and g["rules"], g.get("name")
+        for r in g["rules"]:
+            assert set(r) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}, r
+    assert [r["alert"] for g in groups for r in g["rules"]] == [r["alert"] for r in alert_rules(rendered)]
+    # the target-down alert selects the job that scrapes the stages here too
+    stage_job = next(j["job_name"] for j in prom["scrape_configs"]
+                     if any("labeler:9100" in sc["targets"] for sc in j.get("static_configs", [])))
+    selectors = [m for g in groups for r in g["rules"] for m in re.findall(r'job=~"([^"]+)"', r["expr"])]
+    assert selectors and all(re.fullmatch(s, stage_job) for s in selectors), (selectors, stage_job)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dockerfile and .dockerignore
 
@@ -1067,7 +1103,8 @@ def test_prod_kafka_security(rendered) -> None:
 
 
 def iter_k8s_files() -> Iterator[Path]:
-    yield from (p for p in deploy_files() if p.suffix in (".yaml", ".yml") and p.name != "prometheus.yml")
+    one_host = ("prometheus.yml", "prometheus-rules.yml")  # compose.yaml's, not Kubernetes manifests
+    yield from (p for p in deploy_files() if p.suffix in (".yaml", ".yml") and p.name not in one_host)
 
 
 def test_every_manifest_file_is_rendered(rendered) -> None:
