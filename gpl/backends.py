@@ -10,8 +10,8 @@ from pathlib import Path
 
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import VectorIndex
-from workers.generators.base import AnchorGenerator
-from workers.vector_anchors import VectorAnchorSource
+from workers.anchors.generators.base import AnchorGenerator
+from workers.anchors.vector_anchors import VectorAnchorSource
 
 
 def open_index(settings: Settings) -> VectorIndex:
@@ -33,33 +33,33 @@ def make_generator(settings: Settings, *, threads: int | None = None, index: Vec
     ``anchors.model_dir`` names the model (a directory or a hub id the GPU host can read); ``openai``
     needs ``anchors.base_url``. ``threads`` (else ``anchors.threads``; 0 = torch's default) applies to
     the transformers and sid backends. ``sid`` loads the trained artifacts and refuses, with
-    :class:`~workers.sid.source.SIDArtifactError`, missing or corrupt ones, another encoder's
+    :class:`~workers.anchors.sid.source.SIDArtifactError`, missing or corrupt ones, another encoder's
     (``encoder_dim`` checks the vector size too) and, given the ``index``, another catalogue's.
     """
     cfg = settings.anchors
     backend = cfg.backend
     if backend == "content":
-        from workers.vector_anchors import ContentAnchorSource
+        from workers.anchors.vector_anchors import ContentAnchorSource
 
         return ContentAnchorSource()
     if backend == "sid":
         return make_sid_source(settings, threads=threads, index=index, encoder_dim=encoder_dim)
     if backend == "memory":
-        from workers.generators.memory import MemoryGenerator
+        from workers.anchors.generators.memory import MemoryGenerator
 
         return MemoryGenerator(cfg)
     if backend == "transformers":
         from gpl.runtime.model_assets import ensure_llm
-        from workers.generators.transformers_backend import TransformersGenerator
+        from workers.anchors.generators.transformers_backend import TransformersGenerator
 
         n = threads if threads is not None else (cfg.threads or None)
         return TransformersGenerator(ensure_llm(settings.llm_dir), cfg, threads=n)
     if backend == "openai":
-        from workers.generators.openai_backend import OpenAIGenerator
+        from workers.anchors.generators.openai_backend import OpenAIGenerator
 
         return OpenAIGenerator(cfg)
     if backend == "vllm":
-        from workers.generators.vllm_backend import VLLMGenerator, import_vllm
+        from workers.anchors.generators.vllm_backend import VLLMGenerator, import_vllm
 
         import_vllm()  # fail with the install hint before fetching a model the engine cannot run
         if cfg.model_dir:
@@ -85,7 +85,7 @@ def sid_artifacts(settings: Settings) -> Path:
 def make_sid_source(settings: Settings, *, threads: int | None = None, index: VectorIndex | None = None,
                     encoder_dim: int | None = None) -> VectorAnchorSource:
     """The ``sid`` backend: checked artifacts (see :func:`make_generator`), beam search on ``threads``."""
-    from workers.sid.source import SIDAnchorSource, check_catalogue, load_sid_generator
+    from workers.anchors.sid.source import SIDAnchorSource, check_catalogue, load_sid_generator
 
     n = threads if threads is not None else (settings.anchors.threads or None)
     if n:

@@ -17,7 +17,7 @@ from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.events import Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
-from workers.anchor_policy import anchor_point_id
+from workers.anchors.policy import anchor_point_id
 from workers.trainer import Trainer
 
 DIM = 16

@@ -20,7 +20,7 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.events import SampleBatch
 from tests.preranker_world import DIM, item_vectors, put_anchors, requests, world_index, world_settings
 from workers.anchor_cross import AnchorLookup, anchor_cross, cross_of
-from workers.anchor_policy import anchor_point_id
+from workers.anchors.policy import anchor_point_id
 from workers.model import ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.trainer import Trainer
 from workers.trainer.publish import Holdout

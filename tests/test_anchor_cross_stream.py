@@ -19,7 +19,7 @@ from schemas.events import Anchor, AnchorSet, Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.test_trainer import produce, reached, running, wait_for
 from workers.anchor_cross import anchor_cross
-from workers.anchor_policy import anchor_point_id
+from workers.anchors.policy import anchor_point_id
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import label_batch
 from workers.labeling.item_matrix import ItemMatrix

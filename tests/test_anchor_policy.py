@@ -24,11 +24,11 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorReason, AnchorRequest, AnchorSet, ItemEvent
 from streams.interest import PRIORITY
-from workers.anchor_policy import CapacityMeter, Debouncer, RequestQueue, TokenBucket, rate_limit
 from workers.anchors import AnchorWorker
-from workers.generation_cache import GenerationCache, cache_key
-from workers.generators.base import AnchorPrompt, Generation, GeneratorUnavailable
-from workers.generators.memory import MemoryGenerator
+from workers.anchors.generation_cache import GenerationCache, cache_key
+from workers.anchors.generators.base import AnchorPrompt, Generation, GeneratorUnavailable
+from workers.anchors.generators.memory import MemoryGenerator
+from workers.anchors.policy import CapacityMeter, Debouncer, RequestQueue, TokenBucket, rate_limit
 from workers.indexer import Indexer
 
 

@@ -24,9 +24,10 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
 from tests.helpers import drain_raw
-from workers.anchor_policy import anchor_point_id, newest_per_user
-from workers.anchors import MAX_SLOTS, AnchorWorker
-from workers.generators.memory import MemoryGenerator
+from workers.anchors import AnchorWorker
+from workers.anchors.generators.memory import MemoryGenerator
+from workers.anchors.policy import anchor_point_id, newest_per_user
+from workers.anchors.sets import MAX_SLOTS
 from workers.indexer import Indexer
 from workers.labeling.anchor_book import AnchorBook
 from workers.labeling.assemble import label_batch

@@ -172,8 +172,8 @@ def test_every_anchor_route_labels_a_one_request_per_user_dataset(single: EvalDa
     and so does fair KD (its teacher is cross-fitted on the same exposure folds)."""
     from gpl.commands.sid import sid_dir
     from gpl.eval.run import EvalConfig, run_eval
-    from workers.sid.rqvae import RQVAEConfig, train_rqvae
-    from workers.sid.tokenizer import build_tokenizer
+    from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
+    from workers.anchors.sid.tokenizer import build_tokenizer
 
     settings = load(env={}, data_dir=str(tmp_path / "data"), encoder={"model": "hash-bow-64"},
                     trainer={"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64},

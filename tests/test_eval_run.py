@@ -215,8 +215,8 @@ def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Pat
     """With a SID tokenizer, gpl-sid runs; its generator is retrained on training clicks and cached."""
     from gpl.commands.sid import sid_dir
     from gpl.runtime.encoder import HashEncoder
-    from workers.sid.rqvae import RQVAEConfig, train_rqvae
-    from workers.sid.tokenizer import build_tokenizer
+    from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
+    from workers.anchors.sid.tokenizer import build_tokenizer
 
     settings = tiny_settings(tmp_path)
     ds = load_dataset(tiny_dataset)

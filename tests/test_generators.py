@@ -18,11 +18,11 @@ from prometheus_client import REGISTRY
 
 from gpl.backends import make_generator
 from gpl.runtime.settings import AnchorSettings, load
-from workers.generators.base import AnchorPrompt
-from workers.generators.logprobs import locate, span_logprobs
-from workers.generators.memory import MemoryGenerator
-from workers.generators.parsing import clean_anchors, fallback_anchors, parse_anchors
-from workers.generators.prompt import (
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.logprobs import locate, span_logprobs
+from workers.anchors.generators.memory import MemoryGenerator
+from workers.anchors.generators.parsing import clean_anchors, fallback_anchors, parse_anchors
+from workers.anchors.generators.prompt import (
     EXAMPLE_ANCHORS,
     FALLBACK_LOGPROB,
     PREFILL,
@@ -161,7 +161,8 @@ def test_prompt_hash_is_stable_and_sensitive() -> None:
     assert h == prompt_hash(AnchorSettings(), "transformers")
     assert len(h) == 16
     # not the process's string-hash seed: the same in another interpreter
-    code = ("from gpl.runtime.settings import AnchorSettings; from workers.generators.prompt import prompt_hash; "
+    code = ("from gpl.runtime.settings import AnchorSettings; "
+            "from workers.anchors.generators.prompt import prompt_hash; "
             "print(prompt_hash(AnchorSettings(), 'transformers'))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -248,7 +249,7 @@ def test_make_generator_backends(tmp_path: Path) -> None:
     assert isinstance(make_generator(s), MemoryGenerator)
     with pytest.raises(ValueError, match="needs anchors.base_url"):
         make_generator(load(env={}, data_dir=str(tmp_path), anchors={"backend": "openai"}))
-    from workers.generators.openai_backend import OpenAIGenerator
+    from workers.anchors.generators.openai_backend import OpenAIGenerator
 
     g = make_generator(load(env={}, data_dir=str(tmp_path),
                             anchors={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}))
@@ -262,7 +263,7 @@ def test_make_generator_backends(tmp_path: Path) -> None:
 
 def test_word_repetition_penalty_spares_prompt_and_punctuation() -> None:
     torch = pytest.importorskip("torch")
-    from workers.generators.transformers_backend import WordRepetitionPenalty
+    from workers.anchors.generators.transformers_backend import WordRepetitionPenalty
 
     word_mask = torch.tensor([True, True, False, True])  # token 2 is punctuation
     proc = WordRepetitionPenalty(word_mask, start=2, penalty=2.0)

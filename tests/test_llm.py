@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 
 from gpl.runtime.model_assets import MARKER, ensure_llm, is_converted
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.transformers_backend import TransformersGenerator
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.transformers_backend import TransformersGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ from prometheus_client import REGISTRY
 
 from gpl.bench.anchor_backends import TransformersServe, transformers_serve_cmd
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt, GeneratorUnavailable
-from workers.generators.openai_backend import OpenAIGenerator, backoff_delay
-from workers.generators.prompt import NO_LOGPROB, anchor_schema, prompt_hash
+from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
+from workers.anchors.generators.openai_backend import OpenAIGenerator, backoff_delay
+from workers.anchors.generators.prompt import NO_LOGPROB, anchor_schema, prompt_hash
 
 REPO = Path(__file__).resolve().parents[1]
 Reply = tuple[int, dict[str, Any] | str, dict[str, str]]  # status, JSON body (or text), headers

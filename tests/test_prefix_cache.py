@@ -9,8 +9,8 @@ import pytest
 
 from gpl.runtime.model_assets import ensure_llm
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.transformers_backend import TransformersGenerator
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.transformers_backend import TransformersGenerator
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [

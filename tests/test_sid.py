@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.sid.beam import SIDTrie, beam_search
-from workers.sid.evaluate import evaluate_sid
-from workers.sid.generator import BOS, SIDAnchorGenerator
-from workers.sid.rqvae import RQVAEConfig, train_rqvae
-from workers.sid.sequence_model import (
+from workers.anchors.sid.beam import SIDTrie, beam_search
+from workers.anchors.sid.evaluate import evaluate_sid
+from workers.anchors.sid.generator import BOS, SIDAnchorGenerator
+from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
+from workers.anchors.sid.sequence_model import (
     GeneratorConfig,
     SIDTransformer,
     keep_probability,
@@ -26,8 +26,8 @@ from workers.sid.sequence_model import (
     save_generator,
     train_generator,
 )
-from workers.sid.split import leave_last_out
-from workers.sid.tokenizer import SIDTokenizer, build_tokenizer, code_usage, collision_stats, disambiguate
+from workers.anchors.sid.split import leave_last_out
+from workers.anchors.sid.tokenizer import SIDTokenizer, build_tokenizer, code_usage, collision_stats, disambiguate
 
 DIM = 32
 N_ITEMS = 384

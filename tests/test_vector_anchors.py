@@ -18,16 +18,16 @@ from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.events import AnchorRequest, ItemEvent
 from tests.helpers import item_index
-from workers.anchor_policy import anchor_point_id
 from workers.anchors import AnchorWorker
-from workers.sid.beam import SIDTrie, beam_search, beam_search_many
-from workers.sid.decode import extend, prefill, reorder
-from workers.sid.generator import SIDAnchorGenerator
-from workers.sid.rqvae import RQVAE, RQVAEConfig
-from workers.sid.sequence_model import BOS, GeneratorConfig, SIDTransformer, save_generator
-from workers.sid.source import SIDAnchorSource, SIDArtifactError, load_sid_generator
-from workers.sid.tokenizer import SIDTokenizer, build_tokenizer
-from workers.vector_anchors import ContentAnchorSource, VectorAnchorSource, cluster_count, spherical_kmeans
+from workers.anchors.policy import anchor_point_id
+from workers.anchors.sid.beam import SIDTrie, beam_search, beam_search_many
+from workers.anchors.sid.decode import extend, prefill, reorder
+from workers.anchors.sid.generator import SIDAnchorGenerator
+from workers.anchors.sid.rqvae import RQVAE, RQVAEConfig
+from workers.anchors.sid.sequence_model import BOS, GeneratorConfig, SIDTransformer, save_generator
+from workers.anchors.sid.source import SIDAnchorSource, SIDArtifactError, load_sid_generator
+from workers.anchors.sid.tokenizer import SIDTokenizer, build_tokenizer
+from workers.anchors.vector_anchors import ContentAnchorSource, VectorAnchorSource, cluster_count, spherical_kmeans
 
 TOPICS = ["running shoes trail", "fantasy dragons novel", "cast iron cooking", "jazz vinyl records"]
 ITEMS = [ItemEvent(item_id=100 + i, text=f"{TOPICS[i % 4]} item {i}") for i in range(40)]

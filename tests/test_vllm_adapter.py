@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.prompt import PREFILL, anchor_schema, prompt_hash
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.prompt import PREFILL, anchor_schema, prompt_hash
 
 EOS = 0
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
-    from workers.generators.vllm_backend import VLLMGenerator, VLLMUnavailable
+    from workers.anchors.generators.vllm_backend import VLLMGenerator, VLLMUnavailable
 
     with pytest.raises(VLLMUnavailable, match=r"pip install '\.\[vllm\]'.*backend 'openai'"):
         VLLMGenerator("/nonexistent", AnchorSettings(backend="vllm"))
@@ -31,7 +31,7 @@ def test_missing_vllm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_importing_the_module_does_not_import_vllm() -> None:
-    import workers.generators.vllm_backend  # noqa: F401
+    import workers.anchors.generators.vllm_backend  # noqa: F401
 
     if importlib.util.find_spec("vllm") is None:
         assert "vllm" not in sys.modules
@@ -133,7 +133,7 @@ PROMPTS = [AnchorPrompt(f"u{i}", [f"item {i} alpha", "beta gear"], 2) for i in r
 def test_structured_output_either_api_one_generate_call(monkeypatch: pytest.MonkeyPatch, api: str,
                                                         attr: str) -> None:
     engines = fake_vllm(monkeypatch, api)
-    from workers.generators.vllm_backend import VLLMGenerator
+    from workers.anchors.generators.vllm_backend import VLLMGenerator
 
     s = AnchorSettings(backend="vllm", batch_size=2, retries=1)
     gen = VLLMGenerator("/models/x", s, gpu_memory_utilization=0.5)
@@ -156,7 +156,7 @@ def test_structured_output_either_api_one_generate_call(monkeypatch: pytest.Monk
 
 def test_without_structured_output_the_prefill_keeps_json(monkeypatch: pytest.MonkeyPatch) -> None:
     engines = fake_vllm(monkeypatch, None)
-    from workers.generators.vllm_backend import VLLMGenerator
+    from workers.anchors.generators.vllm_backend import VLLMGenerator
 
     s = AnchorSettings(backend="vllm")
     gen = VLLMGenerator("/models/x", s)

@@ -21,7 +21,7 @@ from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.events import AnchorRequest, AnchorSet, ItemEvent
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS, ITEMS
 from workers.anchors import AnchorWorker
-from workers.generators.memory import MemoryGenerator
+from workers.anchors.generators.memory import MemoryGenerator
 from workers.indexer import Indexer
 
 TEXTS = {1: "trail running shoes", 2: "gps running watch", 3: "energy gels", 4: "fantasy novel dragons",

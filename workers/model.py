@@ -105,7 +105,7 @@ def feature_spec(cfg: ModelConfig) -> dict[str, Any]:
         inputs[ANCHOR_CROSS_INPUT] = {
             "dtype": "float32", "shape": ["n", ANCHOR_CROSS_DIM], "columns": ["best", "top2_mean"],
             "source": "the user's current anchor set: the points of the anchors collection (settings "
-                      "qdrant.anchors_collection) with ids anchor_point_id(user_id, slot) (workers/anchor_policy.py), "
+                      "qdrant.anchors_collection) with ids anchor_point_id(user_id, slot) (workers/anchors/policy.py), "
                       "the newest generated_at among them; per candidate the cosines of its item vector (the content "
                       "input) with those anchor vectors: column 0 their max, column 1 the mean of the two largest "
                       "(the max again for a set of one anchor); all zeros for a user without anchors "

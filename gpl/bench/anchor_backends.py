@@ -12,10 +12,11 @@ or, without one, the embedded MovieLens catalogue (``gpl.commands.sid.item_vecto
 
 The rest of this module is the older LLM measurement:
 
-A measurement, not a test. ``bench_anchors`` runs :class:`~workers.generators.TransformersGenerator`
-(CPU) over the *same* prompts at several batch sizes and reports users/s, generated tokens/s and the
-share of answers that parsed on the first try (the rest were retried or fell back); optionally the
-same for :class:`~workers.generators.openai_backend.OpenAIGenerator` against a local ``transformers serve``
+A measurement, not a test. ``bench_anchors`` runs
+:class:`~workers.anchors.generators.transformers_backend.TransformersGenerator` (CPU) over the *same* prompts
+at several batch sizes and reports users/s, generated tokens/s and the share of answers that parsed on the
+first try (the rest were retried or fell back); optionally the same for
+:class:`~workers.anchors.generators.openai_backend.OpenAIGenerator` against a local ``transformers serve``
 (the OpenAI-compatible path of compose/deploy, with the CPU server standing in for ``vllm serve``).
 
 Prompts are real: the last ``history_items`` positively rated movies (rating >= 4) of the first
@@ -43,9 +44,9 @@ from typing import Any
 from tqdm import tqdm
 
 from gpl.runtime.settings import AnchorSettings, Settings
-from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
-from workers.generators.retrying import RetryingGenerator
-from workers.vector_anchors import VectorAnchorSource
+from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.anchors.generators.retrying import RetryingGenerator
+from workers.anchors.vector_anchors import VectorAnchorSource
 
 DEFAULT_MODEL_DIR = Path(".gpl") / "models" / "smollm2-135m-instruct"
 
@@ -100,7 +101,7 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl.runtime.model_assets import ensure_llm
-    from workers.generators.transformers_backend import TransformersGenerator
+    from workers.anchors.generators.transformers_backend import TransformersGenerator
 
     mdir = ensure_llm(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR)
     prompts = movielens_prompts(max(users, openai_users), k)
@@ -122,7 +123,7 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
 def bench_openai(model_dir: Path, prompts: Sequence[AnchorPrompt], k: int,
                  threads: int | None) -> dict[str, Any]:
     """The OpenAI-compatible path against a local ``transformers serve`` (started and stopped here)."""
-    from workers.generators.openai_backend import OpenAIGenerator
+    from workers.anchors.generators.openai_backend import OpenAIGenerator
 
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpl-bench-serve-{os.getpid()}.log"
     server = TransformersServe(model_dir, log_path, threads=threads)

@@ -113,8 +113,8 @@ def train_tokenizer(settings: Settings, out_dir: Path | None = None, epochs: int
                     batch_size: int = 1024, lr: float = 3e-3, latent_dim: int = 64, seed: int = 0,
                     threads: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the RQ-VAE on the catalogue's frozen vectors, assign SIDs, save; returns the metrics."""
-    from workers.sid.rqvae import RQVAEConfig, train_rqvae
-    from workers.sid.tokenizer import build_tokenizer
+    from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
+    from workers.anchors.sid.tokenizer import build_tokenizer
 
     _threads(threads)
     out = out_dir or sid_artifacts(settings)
@@ -144,10 +144,10 @@ def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int
     """
     from gpl.simulate import load_movielens
     from gpl.simulate.movielens import positive_sequences
-    from workers.sid.sequence_model import GeneratorConfig, save_generator
-    from workers.sid.sequence_model import train_generator as fit
-    from workers.sid.split import leave_last_out
-    from workers.sid.tokenizer import SIDTokenizer
+    from workers.anchors.sid.sequence_model import GeneratorConfig, save_generator
+    from workers.anchors.sid.sequence_model import train_generator as fit
+    from workers.anchors.sid.split import leave_last_out
+    from workers.anchors.sid.tokenizer import SIDTokenizer
 
     _threads(threads)
     out = out_dir or sid_artifacts(settings)
@@ -173,12 +173,12 @@ def train_generator(settings: Settings, out_dir: Path | None = None, epochs: int
 def evaluate_dir(settings: Settings, out_dir: Path | None = None, *, ks: tuple[int, ...] = (4, 8),
                  topn: int = 10, users: int | None = None, beam_width: int = 16, progress: bool = True
                  ) -> dict[str, Any]:
-    """Load the artifacts of ``out_dir``, run :func:`workers.sid.evaluate.evaluate_sid`, write eval.json."""
+    """Load the artifacts of ``out_dir``, run :func:`workers.anchors.sid.evaluate.evaluate_sid`, write eval.json."""
     from gpl.simulate import load_movielens
     from gpl.simulate.movielens import positive_sequences
-    from workers.sid.evaluate import evaluate_sid
-    from workers.sid.generator import SIDAnchorGenerator
-    from workers.sid.split import leave_last_out
+    from workers.anchors.sid.evaluate import evaluate_sid
+    from workers.anchors.sid.generator import SIDAnchorGenerator
+    from workers.anchors.sid.split import leave_last_out
 
     out = out_dir or sid_artifacts(settings)
     gen = SIDAnchorGenerator.load(out, settings.encoder.model, beam_width=max(beam_width, *ks))

@@ -17,7 +17,7 @@ slope that fresh candidates do not have. So:
    would abstain for want of rows;
 2. for fold f, the user's anchors are built from the clicks of the OTHER folds only (the anchor
    source's own rule: for content anchors the stream's k-means over the last ``anchors.history_items``
-   distinct clicks, :class:`~workers.vector_anchors.ContentAnchorSource`), and the history centroid
+   distinct clicks, :class:`~workers.anchors.vector_anchors.ContentAnchorSource`), and the history centroid
    from the same clicks — for a user folded by exposure, the clicks of the other exposures of the same
    requests (:func:`~gpl.eval.anchor_sources.training_histories` with a row mask);
 3. the calibration rows are fold f's exposures, with their similarity features against those anchors

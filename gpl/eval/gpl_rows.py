@@ -13,7 +13,7 @@ decided it — there is no fallback map.
 ``gpl-noconf``     ablation: ``gpl-anchors`` with w = 1 (every ``labeler.use_<term>`` off)
 ``gpl-map``        ablation: the fixed map ``sigmoid((s1 - label_center) / label_temperature)`` of the
                    settings instead of a calibrator (the old labeler, kept to show what calibration buys)
-``gpl-sid``        semantic-ID anchors (workers/sid), calibrator cross-fitted with SID anchors
+``gpl-sid``        semantic-ID anchors (workers/anchors/sid), calibrator cross-fitted with SID anchors
 ``gpl-text``       LLM text anchors (opt-in, slow: 3 extra generations per user for the cross-fit folds)
 """
 

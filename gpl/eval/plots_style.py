@@ -40,7 +40,7 @@ def method_labels(results: dict[str, Any]) -> dict[str, str]:
     """Method -> label naming what actually ran.
 
     ``gpl eval --anchors memory`` replaces the LLM by the deterministic keyword generator
-    (workers/generators/memory.py); the method list still calls that row "LLM text anchors".
+    (workers/anchors/generators/memory.py); the method list still calls that row "LLM text anchors".
     """
     labels = dict(results["methods"])
     if results.get("anchors", {}).get("mode") == "memory":

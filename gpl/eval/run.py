@@ -53,10 +53,10 @@ from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
 from gpl.runtime.encoder import Encoder, open_encoder
 from gpl.runtime.redact import public_settings
 from gpl.runtime.settings import Settings
+from workers.anchors.generation_cache import GenerationCache
+from workers.anchors.generators.base import AnchorGenerator
+from workers.anchors.generators.memory import MemoryGenerator
 from workers.calibration import CalibrationBook
-from workers.generation_cache import GenerationCache
-from workers.generators.base import AnchorGenerator
-from workers.generators.memory import MemoryGenerator
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class EvalConfig:
     llm_threads: int | None = 1
     torch_threads: int | None = 1  # training threads: 1 is fastest for these small steps on 2 shared cores
     plots: bool = True
-    sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/sid default)
+    sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/anchors/sid default)
     validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
     space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (gpl/runtime/collab_space.py)
 
@@ -173,7 +173,7 @@ def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
     if cfg.anchors == "memory":
         return MemoryGenerator(settings.anchors)
     from gpl.runtime.model_assets import ensure_llm
-    from workers.generators.transformers_backend import TransformersGenerator
+    from workers.anchors.generators.transformers_backend import TransformersGenerator
 
     return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=cfg.llm_threads)
 

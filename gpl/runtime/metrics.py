@@ -93,7 +93,7 @@ def _start(port: int, host: str) -> ThreadingHTTPServer:
     return server
 
 
-# ---- anchor generation policy (workers/anchors.py, workers/generation_cache.py, workers/generators/)
+# ---- anchor generation policy (workers/anchors/: loop.py, generation_cache.py, generators/)
 ANCHOR_PARSE_FAILURES = Counter("gpl_anchor_parse_failures_total",
                                 "LLM answers with no usable anchor (per attempt; retried or fallback)",
                                 ["model"])

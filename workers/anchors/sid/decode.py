@@ -1,4 +1,5 @@
-"""Incremental decoding of :class:`~workers.sid.sequence_model.SIDTransformer`: read a context once, extend beams.
+"""Incremental decoding of :class:`~workers.anchors.sid.sequence_model.SIDTransformer`: read a context once,
+extend beams.
 
 Why: a beam search step over W beams of a user would otherwise run the whole context (up to
 ``max_len`` tokens) through the model W times per step, although every beam of a user shares it. Here
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.sid.sequence_model import PAD, SIDTransformer
+from workers.anchors.sid.sequence_model import PAD, SIDTransformer
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]  # per layer keys, values (U, W, heads, d, head_dim) of beam codes
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from gpl.runtime.vectors.index import VectorIndex
-from workers.sid.generator import SIDAnchorGenerator
-from workers.sid.sequence_model import GENERATOR_FILE, load_generator
-from workers.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer
-from workers.vector_anchors import VectorAnchors
+from workers.anchors.sid.generator import SIDAnchorGenerator
+from workers.anchors.sid.sequence_model import GENERATOR_FILE, load_generator
+from workers.anchors.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer
+from workers.anchors.vector_anchors import VectorAnchors
 
 HINT = "train it with `gpl anchors train-tokenizer` then `gpl anchors train-generator`"
 MIN_CATALOGUE_COVERAGE = 0.5
@@ -83,9 +83,9 @@ def check_catalogue(tokenizer: SIDTokenizer, index: VectorIndex, collection: str
 
 
 class SIDAnchorSource:
-    """:class:`~workers.vector_anchors.VectorAnchorSource` over a loaded :class:`SIDAnchorGenerator`.
+    """:class:`~workers.anchors.vector_anchors.VectorAnchorSource` over a loaded :class:`SIDAnchorGenerator`.
 
-    One beam search (:func:`~workers.sid.beam.beam_search_many`) serves the whole micro-batch. The
+    One beam search (:func:`~workers.anchors.sid.beam.beam_search_many`) serves the whole micro-batch. The
     item vectors the worker passes are not needed: the history enters as SIDs, the anchors leave as
     the centroids of their semantic codes. Labels are the SID strings (``sid:12-200-7``).
     """

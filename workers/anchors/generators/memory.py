@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.logprobs import Completion
-from workers.generators.prompt import PREFILL
-from workers.generators.retrying import RetryingGenerator
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.logprobs import Completion
+from workers.anchors.generators.prompt import PREFILL
+from workers.anchors.generators.retrying import RetryingGenerator
 
 if TYPE_CHECKING:
     pass

@@ -1,4 +1,4 @@
-"""The SID tokenizer: a trained RQ-VAE (:mod:`workers.sid.rqvae`) plus the catalogue's SID table.
+"""The SID tokenizer: a trained RQ-VAE (:mod:`workers.anchors.sid.rqvae`) plus the catalogue's SID table.
 
 Why apart from the model: training is one concern (losses, codebook collapse); what the rest of the
 project uses is the artifact — each item's SID, the per-prefix centroids, the quality metrics —
@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from gpl.runtime.vectors.normalize import normalize
-from workers.sid.rqvae import RQVAE, RQVAEConfig
+from workers.anchors.sid.rqvae import RQVAE, RQVAEConfig
 
 FORMAT = "gpl-sid-tokenizer/1"
 TOKENIZER_FILE = "tokenizer.pt"
@@ -116,7 +116,7 @@ class SIDTokenizer:
 
     ``sids[r]`` is the SID of ``item_ids[r]``: ``levels`` semantic codes then the collision suffix.
     ``centroids`` are the unit mean item vectors of every distinct ``levels``-prefix (``prefixes``),
-    one of the two ways an anchor SID becomes a vector (see workers/sid/generator.py).
+    one of the two ways an anchor SID becomes a vector (see workers/anchors/sid/generator.py).
     """
 
     model: RQVAE

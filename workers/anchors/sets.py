@@ -1,17 +1,17 @@
 """Anchor sets from requests: history lookup, generation, embedding, storage in the vector index.
 
-Why a module of its own: the anchors stage's loop (workers/anchors.py) decides *when* a user's anchors are
+Why a module of its own: the anchors stage's loop (workers/anchors/loop.py) decides *when* a user's anchors are
 made (queue, priorities, debounce, rate, backpressure, retries); this decides *what* they are, with no
 broker involved, so evaluation and tests call it directly (:meth:`AnchorMaker.generate_for`).
 
-Two kinds of backend, one output. A text backend (:class:`~workers.generators.base.AnchorGenerator`:
+Two kinds of backend, one output. A text backend (:class:`~workers.anchors.generators.base.AnchorGenerator`:
 LLMs, memory) writes phrases from the history *texts*; they are embedded here. A vector backend
-(:class:`~workers.vector_anchors.VectorAnchorSource`: ``sid``, ``content``) turns the history item
+(:class:`~workers.anchors.vector_anchors.VectorAnchorSource`: ``sid``, ``content``) turns the history item
 ids and their frozen vectors (read from the item collection with the texts, in the same call) into
 anchor vectors itself, labelled with a short text for lineage. Both end in the same ``AnchorSet``
 records and the same Qdrant points; vector backends are deterministic and skip the replay cache.
 
-Replay cache (:mod:`workers.generation_cache`): a generation is stored under a key of the exact prompt
+Replay cache (:mod:`workers.anchors.generation_cache`): a generation is stored under a key of the exact prompt
 (history texts, k, model, prompt hash); a request whose key is stored is answered without the LLM, so
 replaying a topic reproduces the same anchors.
 
@@ -33,11 +33,11 @@ from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.index import Points, VectorIndex
 from gpl.runtime.vectors.normalize import normalize
 from schemas.events import Anchor, AnchorRequest, AnchorSet
-from workers.anchor_policy import anchor_point_id
-from workers.generation_cache import GenerationCache, anchor_version, cache_key
-from workers.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.anchors.generation_cache import GenerationCache, anchor_version, cache_key
+from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.anchors.policy import anchor_point_id
+from workers.anchors.vector_anchors import VectorAnchorSource
 from workers.history import recent_distinct
-from workers.vector_anchors import VectorAnchorSource
 
 MAX_SLOTS = 32  # AnchorSettings.k is at most 32: slots >= the new size up to this are deleted
 

@@ -2,7 +2,7 @@
 
 The question GPL asks of anchors is "does some anchor land near what the user will like?", so the
 metric is HR@K-anchors×N: for each test user (history -> held-out next positive, temporal split,
-workers/sid/split.py) the K anchors are computed from the history alone, each anchor's N nearest items
+workers/anchors/sid/split.py) the K anchors are computed from the history alone, each anchor's N nearest items
 by cosine over *all* item vectors are taken, and the case is a hit when the held-out item is among the
 union. Rank is computed as "items scoring strictly higher than the target" (< N means inside the top N;
 exact ties are counted in the target's favour, they do not occur with float vectors in practice).
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.sid.generator import SIDAnchorGenerator
+from workers.anchors.sid.generator import SIDAnchorGenerator
 
 
 def _hits(anchors: np.ndarray, target: np.ndarray, vectors: np.ndarray, topn: int) -> bool:

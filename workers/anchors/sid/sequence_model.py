@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.sid.rqvae import warmup_cosine
-from workers.sid.tokenizer import SIDTokenizer
+from workers.anchors.sid.rqvae import warmup_cosine
+from workers.anchors.sid.tokenizer import SIDTokenizer
 
 FORMAT = "gpl-sid-generator/1"
 GENERATOR_FILE = "generator.pt"

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from workers.generators.prompt import EXAMPLE_ANCHORS, MAX_ANCHOR_CHARS, MAX_ANCHOR_WORDS
+from workers.anchors.generators.prompt import EXAMPLE_ANCHORS, MAX_ANCHOR_CHARS, MAX_ANCHOR_WORDS
 
 if TYPE_CHECKING:
     pass

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from workers.generators.prompt import FALLBACK_LOGPROB, NO_LOGPROB
+from workers.anchors.generators.prompt import FALLBACK_LOGPROB, NO_LOGPROB
 
 if TYPE_CHECKING:
     pass

@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.logprobs import Completion, completion_from_tokens
-from workers.generators.prompt import PREFILL, WORD_REPETITION_PENALTY, attempt_sampling, generation_budget, render_chat
-from workers.generators.retrying import RetryingGenerator
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.logprobs import Completion, completion_from_tokens
+from workers.anchors.generators.prompt import (
+    PREFILL,
+    WORD_REPETITION_PENALTY,
+    attempt_sampling,
+    generation_budget,
+    render_chat,
+)
+from workers.anchors.generators.retrying import RetryingGenerator
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ A trie of the catalogue's SIDs masks the logits at each level, so every beam dec
 anchors worker's ``sid`` backend; ``gpl bench anchors`` measures it):
 
 * each context goes through the model once, and a step runs only each beam's newest code against the
-  cached context and the beam's cached earlier codes (:mod:`workers.sid.decode`), for all beams of
+  cached context and the beam's cached earlier codes (:mod:`workers.anchors.sid.decode`), for all beams of
   all users of a chunk together;
 * the trie is a table per level (node × code → child node, -1 where no item continues), so masking,
   renormalising and choosing the next beams are array operations over (users, beams, codes), not
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from workers.sid.decode import Past, extend, prefill, reorder
-from workers.sid.sequence_model import SIDTransformer
+from workers.anchors.sid.decode import Past, extend, prefill, reorder
+from workers.anchors.sid.sequence_model import SIDTransformer
 
 NEG = float("-inf")
 

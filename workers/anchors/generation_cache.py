@@ -9,7 +9,7 @@ everything that shapes it, and a request whose key is stored is answered from th
 The key (:func:`cache_key`) is a digest of: the history texts exactly as the LLM sees them (texts, not
 item ids: an item whose text changed makes a new prompt), k, the model name, and the generator's
 ``prompt_hash`` (template + decoding parameters + backend path, see
-:func:`workers.generators.prompt_hash`). Two users with identical histories share an entry, as they
+:func:`workers.anchors.generators.prompt.prompt_hash`). Two users with identical histories share an entry, as they
 would share the prompt. The first stored generation of a key wins (``INSERT OR IGNORE``): replays read
 what was produced first.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import orjson
 
 from gpl.runtime.metrics import ANCHOR_CACHE
-from workers.generators.base import Generation
+from workers.anchors.generators.base import Generation
 
 SCHEMA_VERSION = 1  # of the stored value; part of the key, so a format change never misreads old rows
 PRUNE_SLACK = 0.05  # prune when 5% over the bound: one DELETE per many inserts, not one per insert

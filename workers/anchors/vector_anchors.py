@@ -1,9 +1,9 @@
 """Anchor sources that produce vectors, not texts: the seam, and the content (k-means) source.
 
-The text backends (``workers/generators/``) write anchor *phrases* that the anchors worker embeds with
+The text backends (``workers/anchors/generators/``) write anchor *phrases* that the anchors worker embeds with
 the frozen encoder. Some routes produce the anchor *vectors* directly, already in the frozen space:
 
-* semantic IDs (``workers/sid/``, the paper's own route): a decoded code's centroid;
+* semantic IDs (``workers/anchors/sid/``, the paper's own route): a decoded code's centroid;
 * content (:class:`ContentAnchorSource`, no model at all): clusters of the user's own positives.
 
 They share :class:`VectorAnchorSource`: per user the recent history item ids and their frozen vectors

@@ -57,15 +57,15 @@ from typing import Any
 
 import numpy as np
 
-from workers.sid.beam import SIDTrie, beam_search_many, sid_string
-from workers.sid.sequence_model import BOS, SIDTransformer, _state_hash, item_tokens, load_generator
-from workers.sid.tokenizer import SIDTokenizer
+from workers.anchors.sid.beam import SIDTrie, beam_search_many, sid_string
+from workers.anchors.sid.sequence_model import BOS, SIDTransformer, _state_hash, item_tokens, load_generator
+from workers.anchors.sid.tokenizer import SIDTokenizer
 
 
 class SIDAnchorGenerator:
     """History of item ids -> K anchors (vector, sequence log-prob, SID string) from the trained models.
 
-    Unlike the text backends in workers/generators/, anchors come out as vectors already in the
+    Unlike the text backends in workers/anchors/generators/, anchors come out as vectors already in the
     frozen space: the anchors worker must not embed ``sid_string`` (it is a label for lineage and
     debugging, not text). ``model`` and ``prompt_hash`` fill the same lineage fields as a text backend.
     """

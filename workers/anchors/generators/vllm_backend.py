@@ -1,7 +1,7 @@
 """Anchors from the in-process vLLM engine (GPU batch workers): a thin adapter over the shared driver.
 
 Everything backend-independent (prompt, parser, retries, fallback, log-prob mapping, prompt hash) is
-:mod:`workers.generators`; this module only builds vLLM's inputs and reads its outputs.
+:mod:`workers.anchors.generators`; this module only builds vLLM's inputs and reads its outputs.
 
 * ``vllm`` is imported when the adapter is constructed, never at module import: the package is the
   optional extra ``pip install .[vllm]`` and exists only on GPU hosts. Without it the constructor
@@ -11,7 +11,7 @@ Everything backend-independent (prompt, parser, retries, fallback, log-prob mapp
 * One ``generate`` call per attempt with every pending prompt (vLLM schedules its own batches; cutting
   them to ``batch_size`` would only idle the GPU between calls), one ``SamplingParams`` per prompt
   (each prompt's k sets its schema and token budget).
-* Structured output: the JSON schema of :func:`~workers.generators.anchor_schema`, through
+* Structured output: the JSON schema of :func:`~workers.anchors.generators.prompt.anchor_schema`, through
   ``StructuredOutputsParams`` (``SamplingParams.structured_outputs``, vLLM >= 0.10.2; the only API
   from 0.12) or ``GuidedDecodingParams`` (``SamplingParams.guided_decoding``, older releases),
   whichever the installed version has. With neither, the pre-fill of the transformers backend keeps
@@ -19,7 +19,7 @@ Everything backend-independent (prompt, parser, retries, fallback, log-prob mapp
   pre-fill and the schema are never combined. The path taken is part of ``prompt_hash``.
 * ``logprobs=1`` returns the sampled token's log-prob at every step (vLLM reports the model's raw
   log-probs by default, before temperature, as the transformers backend does); token ids and
-  log-probs go through :func:`~workers.generators.completion_from_tokens`, the helper the
+  log-probs go through :func:`~workers.anchors.generators.logprobs.completion_from_tokens`, the helper the
   transformers backend uses, so per-anchor log-probs mean the same thing on both.
 """
 
@@ -32,9 +32,9 @@ from types import ModuleType
 from typing import Any
 
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
-from workers.generators.logprobs import Completion, completion_from_tokens
-from workers.generators.prompt import (
+from workers.anchors.generators.base import AnchorPrompt
+from workers.anchors.generators.logprobs import Completion, completion_from_tokens
+from workers.anchors.generators.prompt import (
     PREFILL,
     PRESENCE_PENALTY,
     anchor_schema,
@@ -42,7 +42,7 @@ from workers.generators.prompt import (
     generation_budget,
     render_chat,
 )
-from workers.generators.retrying import RetryingGenerator
+from workers.anchors.generators.retrying import RetryingGenerator
 
 log = logging.getLogger(__name__)
 

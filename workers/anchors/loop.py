@@ -7,7 +7,7 @@ into Qdrant, publish one ``AnchorSet`` per user, flush, and only then commit the
 work covers.
 
 Making the sets — history lookup, generation (replay cache first), embedding, vector-index slots and
-versions — is :class:`~workers.anchor_sets.AnchorMaker`'s (workers/anchor_sets.py); this module is the
+versions — is :class:`~workers.anchors.sets.AnchorMaker`'s (workers/anchors/sets.py); this module is the
 stage's loop and its regeneration policy.
 
 Regeneration policy (why each rule):
@@ -71,7 +71,9 @@ from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.events import AnchorRequest, AnchorSet
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
-from workers.anchor_policy import (
+from workers.anchors.generation_cache import GenerationCache
+from workers.anchors.generators.base import AnchorGenerator
+from workers.anchors.policy import (
     BACKOFF_MAX_S,
     BACKOFF_START_S,
     CapacityMeter,
@@ -82,14 +84,12 @@ from workers.anchor_policy import (
     is_cold,
     rate_limit,
 )
-from workers.anchor_sets import MAX_SLOTS, AnchorMaker
-from workers.generation_cache import GenerationCache
-from workers.generators.base import AnchorGenerator
-from workers.vector_anchors import VectorAnchorSource
+from workers.anchors.sets import AnchorMaker
+from workers.anchors.vector_anchors import VectorAnchorSource
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.anchors")  # the stage's logger: the package's name, as before it was one
 STAGE = "anchors"
-__all__ = ["MAX_SLOTS", "STAGE", "AnchorWorker", "Origin"]
+__all__ = ["STAGE", "AnchorWorker", "Origin"]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt
+from workers.anchors.generators.base import AnchorPrompt
 
 if TYPE_CHECKING:
     pass

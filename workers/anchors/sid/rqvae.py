@@ -24,8 +24,8 @@ every item, the rest never win an argmin and never get a gradient):
 * **dead-code re-seeding**: every ``dead_check_every`` steps, a code that won no argmin since the last
   check is moved onto a random residual of the current batch at its level (plus a little noise).
 
-The catalogue's SID table, its metrics and the saved artifact are :mod:`workers.sid.tokenizer`'s
-(:class:`~workers.sid.tokenizer.SIDTokenizer`, :func:`~workers.sid.tokenizer.build_tokenizer`).
+The catalogue's SID table, its metrics and the saved artifact are :mod:`workers.anchors.sid.tokenizer`'s
+(:class:`~workers.anchors.sid.tokenizer.SIDTokenizer`, :func:`~workers.anchors.sid.tokenizer.build_tokenizer`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Anchors from any OpenAI-compatible chat server: ``vllm serve`` (compose/deploy), ``transformers serve``.
 
-Only the transport lives here; prompt, parser, retry-on-parse-failure, fallback, log-prob mapping and
-prompt hash are the shared ones of :mod:`workers.generators` (this class is a
-:class:`~workers.generators.RetryingGenerator` whose :meth:`complete` is one HTTP request per prompt).
+Only the transport lives here; prompt, parser, retry-on-parse-failure, fallback, log-prob mapping and prompt
+hash are the shared ones of :mod:`workers.anchors.generators` (this class is a
+:class:`~workers.anchors.generators.retrying.RetryingGenerator` whose :meth:`complete` is one HTTP request per
+prompt).
 
 Why each piece:
 
@@ -11,7 +12,7 @@ Why each piece:
   client's job is to keep ``concurrency`` requests in flight, bounded by a semaphore so one large
   micro-batch cannot flood the server.
 * **Structured output.** ``response_format = json_schema`` of ``{"interests": [k strings]}`` (see
-  :func:`~workers.generators.anchor_schema`): a grammar-constrained decoder cannot write prose or a
+  :func:`~workers.anchors.generators.prompt.anchor_schema`): a grammar-constrained decoder cannot write prose or a
   broken array, which is what a small model does most. There is no pre-fill on this path (the chat
   API has no portable way to continue an assistant turn, and a schema-constrained answer must start
   at ``{``). A server that *refuses* the field (HTTP 400/422) is asked again without it, and the
@@ -20,14 +21,14 @@ Why each piece:
   (``transformers serve`` 5.x does) is indistinguishable from one that honours it; the tolerant
   parser covers both.
 * **Log-probs.** ``logprobs: true`` asks for each generated token's log-prob; they map to anchors with
-  the same span rule as the in-process backends (:func:`~workers.generators.anchor_logprobs`). A
+  the same span rule as the in-process backends (:func:`~workers.anchors.generators.logprobs.anchor_logprobs`). A
   server that returns none (``transformers serve`` ignores the field) gives every anchor
-  :data:`~workers.generators.NO_LOGPROB` (0.0, which the labeler reads as "unknown": its generation
+  :data:`~workers.anchors.generators.prompt.NO_LOGPROB` (0.0, which the labeler reads as "unknown": its generation
   confidence term becomes 1, i.e. neutral) and the token count comes from ``usage``.
 * **Transport failures are not model failures.** 429, 5xx, 408/409/425, timeouts and connection errors
   are re-sent up to ``http_retries`` times with exponential backoff and jitter (``Retry-After`` is
   honoured when larger); when they are exhausted, or the server refuses our credentials or URL
-  (401/403/404), :class:`~workers.generators.GeneratorUnavailable` is raised so the worker keeps the
+  (401/403/404), :class:`~workers.anchors.generators.base.GeneratorUnavailable` is raised so the worker keeps the
   requests for later instead of writing fallback anchors for everyone during an outage. A 400/413/422
   that survives the feature fallbacks is about this one prompt: it counts as an unparseable attempt
   (retried with sampling, then the documented fallback).
@@ -48,9 +49,9 @@ import httpx
 
 from gpl.runtime.redact import mask_url
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt, GeneratorUnavailable
-from workers.generators.logprobs import Completion, finite_logprob, token_ends
-from workers.generators.prompt import (
+from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
+from workers.anchors.generators.logprobs import Completion, finite_logprob, token_ends
+from workers.anchors.generators.prompt import (
     PRESENCE_PENALTY,
     anchor_schema,
     attempt_sampling,
@@ -58,7 +59,7 @@ from workers.generators.prompt import (
     generation_budget,
     prompt_hash,
 )
-from workers.generators.retrying import RetryingGenerator
+from workers.anchors.generators.retrying import RetryingGenerator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

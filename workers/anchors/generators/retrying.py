@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from gpl.runtime.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
 from gpl.runtime.settings import AnchorSettings
-from workers.generators.base import AnchorPrompt, Generation
-from workers.generators.logprobs import Completion, anchor_logprobs
-from workers.generators.parsing import fallback_anchors, parse_anchors
-from workers.generators.prompt import FALLBACK_LOGPROB, prompt_hash
+from workers.anchors.generators.base import AnchorPrompt, Generation
+from workers.anchors.generators.logprobs import Completion, anchor_logprobs
+from workers.anchors.generators.parsing import fallback_anchors, parse_anchors
+from workers.anchors.generators.prompt import FALLBACK_LOGPROB, prompt_hash
 
 if TYPE_CHECKING:
     pass
