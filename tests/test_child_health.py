@@ -1,9 +1,10 @@
 """A stage in a child process (gpl/stage_process.py) is seen by its parent: health, metrics, its death.
 
 The default embedded layout (``stack.processes``) runs the reader stages in children; the parent serves
-``/healthz``, ``/readyz`` and ``/metrics``. Checked with the real endpoints of a real ``gpl up``, the
-real broker and a real child: ready while the child works, live while it idles past ``health.stall_s``,
-stalled (503) within ``health.stall_s`` when the child stops answering, crashed when it dies. And an item
+``/healthz``, ``/readyz`` and ``/metrics``. Checked with the real endpoints of a real ``gpl up`` (in both
+layouts: the stage in a child, and in ``gpl up`` itself), the real broker and a real child: ready while the
+child works, live while it idles past ``health.stall_s``, stalled (503) within ``health.stall_s`` when the
+child stops answering, crashed when it dies. And an item
 catalogue that does not exist yet (no snapshot, no Qdrant collection) is the unknown-items case.
 """
 
@@ -70,14 +71,16 @@ def _labeler(body: Any) -> dict[str, Any]:
     return dict(body["stages"]["labeler"])
 
 
-def test_gpl_up_answers_for_a_stage_in_its_child_process(tmp_path: Path) -> None:
-    """Fails without the relay: /readyz stays "starting" with 0 beats, the metrics never appear, and the
-    stall time is the 600 s constant (a stopped child would look live for 10 minutes)."""
+@pytest.mark.parametrize("processes", [True, False], ids=["child-process", "in-process"])
+def test_gpl_up_answers_for_its_stage_in_either_layout(tmp_path: Path, processes: bool) -> None:
+    """Both layouts (stack.processes): the same endpoints, the same answers. In the child layout it fails
+    without the relay: /readyz stays "starting" with 0 beats, the metrics never appear, and the stall time is
+    the 600 s constant (a stopped child would look live for 10 minutes)."""
     metrics_port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")} | {
         "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(tmp_path / "data"), "GPL_METRICS_PORT": str(metrics_port),
         "GPL_METRICS_HOST": "127.0.0.1", "GPL_HEALTH__STALL_S": str(STALL_S), "GPL_KAFKA__LAG_INTERVAL_S": "0.5",
-        "GPL_LABELER__LABEL_SOURCE": "map"}
+        "GPL_LABELER__LABEL_SOURCE": "map", "GPL_STACK__PROCESSES": str(processes).lower()}
     proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--stages", "labeler"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{metrics_port}"
@@ -115,17 +118,18 @@ def test_gpl_up_answers_for_a_stage_in_its_child_process(tmp_path: Path) -> None
         code, body = _get(base + "/healthz")
         assert code == 200 and _labeler(body)["state"] == "running", body
 
-        # a child that stops answering is stalled after health.stall_s (not after 600 s) ...
         children = _spawned_children(proc.pid)
-        assert len(children) == 1, children
-        os.kill(children[0], signal.SIGSTOP)
-        stopped.append(children[0])
-        wait_for(lambda: _get(base + "/healthz")[0] == 503, STALL_S + 10, "/healthz 503 for a stopped child")
-        assert _labeler(_get(base + "/healthz")[1])["state"] == "stalled"
-        # ... and live again once it does
-        os.kill(children[0], signal.SIGCONT)
-        stopped.clear()
-        wait_for(lambda: _get(base + "/healthz")[0] == 200, 30, "/healthz 200 again")
+        assert len(children) == (1 if processes else 0), children  # in-process: the labeler runs in gpl up
+        if processes:
+            # a child that stops answering is stalled after health.stall_s (not after 600 s) ...
+            os.kill(children[0], signal.SIGSTOP)
+            stopped.append(children[0])
+            wait_for(lambda: _get(base + "/healthz")[0] == 503, STALL_S + 10, "/healthz 503 for a stopped child")
+            assert _labeler(_get(base + "/healthz")[1])["state"] == "stalled"
+            # ... and live again once it does
+            os.kill(children[0], signal.SIGCONT)
+            stopped.clear()
+            wait_for(lambda: _get(base + "/healthz")[0] == 200, 30, "/healthz 200 again")
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
