@@ -834,7 +834,9 @@ def test_topics_match_the_contracts(rendered, overlay: str) -> None:
     resources = rendered[overlay]
     topics = {t["spec"]["topicName"]: t for t in _find(resources, "KafkaTopic")}
     settings = _settings_map(resources)
-    before = configure(Naming(settings.get("GPL_KAFKA__TOPIC_PREFIX", "")))  # the names the stages will use
+    # the names the stages will use: the prefix and any per-topic rename (GPL_KAFKA__TOPIC_NAMES, JSON)
+    renames = json.loads(settings.get("GPL_KAFKA__TOPIC_NAMES", "{}"))
+    before = configure(Naming(settings.get("GPL_KAFKA__TOPIC_PREFIX", ""), renames))
     try:
         assert sorted(topics) == sorted(all_topic_names()), "KafkaTopics must be exactly schemas/topics.py + DLQs"
         specs = {name: by_name(name) for name in topics}
