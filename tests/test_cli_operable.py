@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -174,3 +175,31 @@ def test_a_stop_while_the_stages_join_is_clean(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err[-2000:])
+
+
+@pytest.mark.integration
+def test_up_with_bootstrap_uses_that_cluster(tmp_path: Path, broker: Any) -> None:
+    """`gpl up --bootstrap HOST:PORT` is `--set kafka.bootstrap_servers=…`: no local broker starts, the stack's
+    topics are created on the given cluster and the ready line names it."""
+    from confluent_kafka.admin import AdminClient
+
+    from schemas.topics import all_topic_names
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPL_")} | {
+        "PYTHONPATH": str(ROOT), "GPL_DATA_DIR": str(tmp_path / "data"), "GPL_KAFKA__PARTITIONS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gpl.cli", "up", "--bootstrap", broker.bootstrap], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.strip() for ln in proc.stdout or ()), daemon=True).start()
+    try:
+        wait_for(lambda: any(ln.startswith("ready") for ln in lines) or proc.poll() is not None, 120, "ready")
+        assert f"bootstrap={broker.bootstrap}" in next(ln for ln in lines if ln.startswith("ready")), lines
+        broker_line = next(ln for ln in lines if ln.startswith("broker"))
+        assert broker_line.split() == ["broker", broker.bootstrap], broker_line  # no local broker named
+        on_broker = AdminClient({"bootstrap.servers": broker.bootstrap}).list_topics(timeout=10).topics
+        assert set(all_topic_names()) <= set(on_broker)
+        assert not (tmp_path / "data" / "tansu.log").exists() and not (tmp_path / "data" / "kafka-broker").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
