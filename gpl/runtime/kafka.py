@@ -42,11 +42,18 @@ class Produces(Protocol):
 
 def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
     """A producer: the project's defaults, then ``kafka.extra`` and ``kafka.producer_extra`` (the
-    deployment's choices), then ``extra`` (what the call site needs to be correct)."""
+    deployment's choices), then ``extra`` (what the call site needs to be correct).
+
+    Idempotent, so a retry keeps a partition's order: without it librdkafka keeps many requests in flight,
+    and a batch retried after a broker error (a leader gone for a moment, a paused broker) lands behind
+    newer batches that got through. The join reads each partition's records in event time
+    (streams/clock.py): recalls that landed behind later requests' records expired unjoined when the
+    broker came back (the chaos suite's broker stop, issue 21). Idempotence also writes a retried batch
+    once, not twice."""
     conf = kafka.client_config() | {
         "batch.num.messages": kafka.producer_batch_messages,
         "linger.ms": kafka.linger_ms,
-        "enable.idempotence": False,
+        "enable.idempotence": True,
         "acks": "all",
         "message.max.bytes": kafka.max_message_bytes,
         "partitioner": "murmur2_random",  # the Java client's partitioner, so faust/aiokafka agree on keys
