@@ -11,10 +11,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpl.runtime.metrics import MESSAGES
@@ -24,6 +24,14 @@ from schemas.codec import DecodeError, dead_letter, encode, redrive_count
 from schemas.topics import Naming, by_name, configure
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# broker answers that only mean "not now": a partition without a leader for a moment (a paused, restarting or
+# fenced broker), a coordinator moving, a request that timed out or a connection that dropped
+TRANSIENT = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+})
 # a record's headers as confluent-kafka takes them: [(name, value)] or {name: value}
 Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
 
@@ -59,6 +67,24 @@ def producer(kafka: KafkaSettings, **extra: Any) -> Producer:
         "partitioner": "murmur2_random",  # the Java client's partitioner, so faust/aiokafka agree on keys
     }
     return Producer(conf | kafka.extra | kafka.producer_extra | extra)
+
+
+def ask_broker(query: Callable[[], T], what: str, *, for_s: float = 60.0, every_s: float = 0.5) -> T:
+    """``query()`` (a broker query: committed offsets, watermarks), asked again while the broker answers
+    only "not now" (:data:`TRANSIENT`), for up to ``for_s``; any other error, or a transient one after
+    ``for_s``, is raised. For what rebalance callbacks ask: an exception there leaves librdkafka's poll and
+    ends the stage (the trainer died so when the chaos suite's broker stop left the partitions without a
+    leader for a moment while its group rebalanced, issue 21)."""
+    deadline = time.monotonic() + for_s
+    while True:
+        try:
+            return query()
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            if not isinstance(err, KafkaError) or err.code() not in TRANSIENT or time.monotonic() >= deadline:
+                raise
+            log.warning("%s: %s; asking again", what, err.str())
+            time.sleep(every_s)
 
 
 def take(c: Consumer, n: int, timeout: float) -> list[Message]:

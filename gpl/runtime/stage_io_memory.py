@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from pydantic import BaseModel
 
 from gpl.runtime.kafka import Accounting, Headers
@@ -178,6 +178,12 @@ class MemoryConsumer:
         self.group = group
         self.owned: list[TP] = []
         self.starts: dict[TP, int] = {}  # offsets an on_assign callback chose (assign() with an offset)
+        self.leaderless = 0  # the next queries answer NOT_LEADER_FOR_PARTITION, as a paused broker's partitions
+
+    def _answer(self) -> None:
+        if self.leaderless > 0:
+            self.leaderless -= 1
+            raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
 
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t, p in self.owned]
@@ -188,12 +194,14 @@ class MemoryConsumer:
                 self.starts[(tp.topic, tp.partition)] = tp.offset
 
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        self._answer()
         done = self.topics.committed.get(self.group, {})
         return [TopicPartition(tp.topic, tp.partition, done.get((tp.topic, tp.partition), OFFSET_INVALID))
                 for tp in partitions]
 
     def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
                               cached: bool = False) -> tuple[int, int]:
+        self._answer()
         return 0, self.topics.end((partition.topic, partition.partition))
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool = False) -> list[TopicPartition]:

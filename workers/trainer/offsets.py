@@ -15,6 +15,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from gpl.runtime.kafka import ask_broker
 from gpl.runtime.metrics import OFFSET_RESETS
 from gpl.runtime.offsets import TP
 from gpl.runtime.stage_port import GroupClient
@@ -41,17 +42,23 @@ def reset_past_end(c: Any, partitions: list[TopicPartition], stage: str) -> list
     was already trained is dropped by the seen-set (sample ids are deterministic). Logged as an
     ERROR and counted in ``gpl_offset_resets_total{stage,topic}``; the resets are returned (the
     caller moves its own offsets to them).
+
+    Called in the rebalance callback, where a broker error would end the stage: a partition without a
+    leader for a moment (a paused or restarting broker) is asked again (:func:`ask_broker`).
     """
     implicit = [TopicPartition(tp.topic, tp.partition) for tp in partitions if tp.offset < 0]
     committed = {}
     if implicit:
-        committed = {(tp.topic, tp.partition): tp.offset for tp in c.committed(implicit, timeout=10)}
+        answer = ask_broker(lambda: c.committed(implicit, timeout=10), f"{stage}: committed offsets")
+        committed = {(tp.topic, tp.partition): tp.offset for tp in answer}
     resets: list[Reset] = []
     for tp in partitions:
         start = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
         if start < 0:
             continue  # nothing committed: auto.offset.reset decides
-        low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+        where = TopicPartition(tp.topic, tp.partition)
+        low, high = ask_broker(lambda: c.get_watermark_offsets(where, timeout=10),  # noqa: B023 - called at once
+                               f"{stage}: end of {tp.topic}[{tp.partition}]")
         if start <= high:
             continue
         log.error("%s: %s[%d] starts at offset %d but the partition ends at %d (topic recreated or broker "
