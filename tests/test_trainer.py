@@ -22,7 +22,7 @@ from schemas.events import DeadLetter, Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
 from workers.model import sample_key
 from workers.trainer import Trainer
-from workers.trainer import loop as trainer_loop
+from workers.trainer import stage as trainer_stage
 from workers.trainer.checkpoints import LATEST, list_checkpoints, load_checkpoint
 from workers.trainer.publish import PublishedArea, is_holdout
 
@@ -233,7 +233,7 @@ def test_trains_checkpoints_commits_and_resumes_exactly(
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr(trainer_loop, "save_checkpoint", crash)
+    monkeypatch.setattr(trainer_stage, "save_checkpoint", crash)
     produce(s, [request(11), request(12)])
     doomed = Trainer(s, index, progress=False)
     with pytest.raises(OSError, match="power cut"), running(doomed):

@@ -2,7 +2,9 @@
 
 One package, one stage (``from workers.trainer import Trainer``):
 
-* ``loop``         the Kafka loop (:class:`Trainer`): poll, dedupe, wait for vectors, train, checkpoint, commit;
+* ``loop``         the Kafka loop (:class:`Trainer`): poll, hand each batch on, dead-letter, commit, rebalance;
+* ``engine``       the pure rules: dedup, the vector wait, holdout or train, when to step, checkpoint, commit;
+* ``stage``        the engine's decisions performed on the model, the index and the checkpoint files;
 * ``offsets``      where a (re)started trainer reads from, past-end resets, the durable commit;
 * ``rows``         the buffered rows, the mini-batch they become, the optimizer step;
 * ``vectors``      the content-vector cache; ``vector_wait`` the bounded wait for an item's vector;

@@ -1,4 +1,4 @@
-"""The trainer's buffered rows, the mini-batch they become and the optimizer step on it (workers/trainer/loop.py
+"""The trainer's buffered rows, the mini-batch they become and the optimizer step on it (workers/trainer/stage.py
 calls :func:`step`), and the anchor cross feature of each row (:class:`AnchorInput`)."""
 
 from __future__ import annotations
