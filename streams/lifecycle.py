@@ -2,7 +2,11 @@
 
 Before faust starts: refuse input topics that are not co-partitioned, create the internal expiry topic with
 the app's partition count (faust declares only topics it subscribes to alone; an auto-created one would
-mismatch the changelogs), and make faust's data directory. While it runs: a liveness beat, the assignment
+mismatch the changelogs) and the tables' changelogs, and make faust's data directory. faust creates a
+missing changelog itself, but subscribes a few ms later: on Apache Kafka the group's metadata could miss
+the new topic, and faust then refused every write of that table as a partition-count mismatch until its
+metadata was refreshed, minutes later (a chaos run dead-lettered 169 valid inputs so, issue 21). Created
+here, a topic is waited for until every partition has a leader. While it runs: a liveness beat, the assignment
 and the consumer lag (read by a plain client that never joins the group). A crashed agent ends the stage
 with its error. On stop: the coalesced table writes (streams/changelog.py) and the producer are flushed
 before faust leaves the group, or a restart would recover tables missing their last records.
@@ -40,12 +44,20 @@ class Served(Protocol):
     def flush_changelogs(self, partitions: set[int] | None = None) -> None: ...
 
 
+def prepare(proc: Served) -> None:
+    """What must hold before faust starts (the module docstring): co-partitioned inputs, the internal
+    topics (expiry, changelogs), faust's data directory."""
+    settings = proc.settings
+    verify_copartitioned(settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
+    changelogs = [table.changelog_topic_name for table in proc.app.tables.values()]
+    create_topics(settings.kafka, [proc.expiry_topic_name, *changelogs], compacted=changelogs)
+    (settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)  # faust: mkdir(exist_ok=True) only
+
+
 def serve(proc: Served, stop: threading.Event) -> None:
     """Run ``proc``'s faust app on a new event loop of this thread until ``stop`` is set or faust stops."""
     settings = proc.settings
-    verify_copartitioned(settings.kafka, [RECALL.name, EXPOSURE.name])  # refuse to start otherwise
-    create_topics(settings.kafka, [proc.expiry_topic_name])
-    (settings.data_dir / "streams").mkdir(parents=True, exist_ok=True)  # faust: mkdir(exist_ok=True) only
+    prepare(proc)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     lag_reader = Consumer(reader_config(settings.kafka, app_id(settings.streams.app_id)))  # faust's group

@@ -7,10 +7,13 @@ import asyncio
 import time
 from pathlib import Path
 
+from confluent_kafka.admin import AdminClient, ConfigResource
+
 from gpl.runtime.broker import Broker
 from gpl.runtime.kafka import consumer, create_topics
 from streams.app import StreamsProcessor
 from streams.join import DONE, RECALL, Pending
+from streams.lifecycle import prepare
 from streams.transport import QueueingAccumulator, QueueingProducer
 from tests.conftest import make_settings
 from tests.helpers import item_index, produce, running, wait_for
@@ -84,3 +87,20 @@ def test_full_batches_queue_and_keep_partition_order(broker: Broker, tmp_path: P
     finally:
         c.close()
     assert got[0] == list(range(0, n, 2)) and got[1] == list(range(1, n, 2))
+
+
+def test_the_tables_changelogs_exist_before_faust_starts(tmp_path: Path, broker: Broker) -> None:
+    """faust creates a missing changelog and subscribes a few ms later; on Apache Kafka its group could miss
+    the new topic and refuse every write of that table until a metadata refresh (a chaos run dead-lettered
+    169 valid inputs so, issue 21). The stage creates them first, compacted, a leader on every partition."""
+    s = make_settings(tmp_path, broker, partitions=3)
+    create_topics(s.kafka)
+    proc = StreamsProcessor(s, item_index(ITEMS, s.encoder.collection))
+    names = [t.changelog_topic_name for t in proc.app.tables.values()]
+    assert len(names) == 2
+    prepare(proc)  # no faust yet
+    admin = AdminClient(s.kafka.client_config())
+    md = admin.list_topics(timeout=10).topics
+    assert all(len(md[n].partitions) == 3 and all(p.leader >= 0 for p in md[n].partitions.values()) for n in names)
+    configs = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in names])
+    assert {r.name: f.result()["cleanup.policy"].value for r, f in configs.items()} == dict.fromkeys(names, "compact")

@@ -190,12 +190,15 @@ def use_topic_names(kafka: KafkaSettings) -> Naming:
     return configure(Naming(kafka.topic_prefix, dict(kafka.topic_names)))
 
 
-def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, timeout: float = 30.0) -> list[str]:
+def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, timeout: float = 30.0, *,
+                  compacted: Iterable[str] = ()) -> list[str]:
     """Create the project's topics with their partition counts; existing ones are left alone.
 
     Explicit creation matters: auto-created topics get the broker's default count, and Faust refuses a
-    changelog whose count differs from its source.
+    changelog whose count differs from its source. ``compacted``: names outside the registry to create
+    compacted (the streams tables' changelogs).
     """
+    compacted = set(compacted)
     admin = AdminClient(kafka.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted: list[NewTopic] = []
@@ -204,7 +207,8 @@ def create_topics(kafka: KafkaSettings, names: Iterable[str] | None = None, time
             continue
         base = by_name(name)
         parts = kafka.partitions  # one count for all: co-partitioned by user, no repartition hop
-        config = {"cleanup.policy": "compact"} if base and base.compacted and not name.endswith(".dlq") else {}
+        compact = name in compacted or bool(base and base.compacted and not name.endswith(".dlq"))
+        config = {"cleanup.policy": "compact"} if compact else {}
         wanted.append(NewTopic(name, num_partitions=parts, replication_factor=kafka.replication_factor, config=config))
     if not wanted:
         return []
