@@ -80,7 +80,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"stages    {', '.join(names) or 'none'}  (Ctrl-C to stop)")
         calibrated = settings.labeler.label_source == "calibrator"
         if "labeler" in names and calibrated and not settings.calibrator_file.is_file():
-            from workers.labeling.abstention import missing_calibrator_hint
+            from workers.labeler.abstention import missing_calibrator_hint
 
             print(f"hint      {missing_calibrator_hint(settings)}")  # the first run on a user's own events
         # one parseable line once everything is up: scripts wait for it

@@ -15,7 +15,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from gpl.bench.labeler import fast, naive, same_samples, single_thread, synthetic
 from schemas.events import SampleBatch
-from workers.labeling.assemble import Labeling
+from workers.labeler.assemble import Labeling
 
 CANDIDATES = 1000
 

@@ -20,9 +20,9 @@ from schemas.ids import sample_id
 from tests.test_trainer import produce, reached, running, wait_for
 from workers.anchor_cross import anchor_cross
 from workers.anchors.policy import anchor_point_id
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import label_batch
-from workers.labeling.item_matrix import ItemMatrix
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import label_batch
+from workers.labeler.item_matrix import ItemMatrix
 from workers.trainer import Trainer
 from workers.trainer.checkpoints import load_checkpoint
 

@@ -29,9 +29,9 @@ from workers.anchors.generators.memory import MemoryGenerator
 from workers.anchors.policy import anchor_point_id, newest_per_user
 from workers.anchors.sets import MAX_SLOTS
 from workers.indexer import Indexer
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import label_batch
-from workers.labeling.item_matrix import ItemMatrix
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import label_batch
+from workers.labeler.item_matrix import ItemMatrix
 
 
 @pytest.fixture

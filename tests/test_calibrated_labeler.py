@@ -21,7 +21,7 @@ from schemas.events import DeadLetter, Sample, SampleBatch
 from tests.helpers import produce, running, wait_for
 from tests.test_labeler import ALL_IDS, _anchors, _batch, _committed_everything, _index, _produce_where, _read
 from workers.labeler import Labeler
-from workers.labeling.calibrator import Calibrator
+from workers.labeler.calibrator import Calibrator
 
 pytestmark = pytest.mark.integration
 FEATURES = ("s1", "s_mean", "log_recall", "user_ctr")

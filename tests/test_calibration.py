@@ -155,10 +155,10 @@ def test_monitor_on_the_real_broker(settings: Settings) -> None:
 
 
 def test_one_outcome_memory_serves_the_monitor_and_the_labelers_recalibration() -> None:
-    """Both joins of claims with outcomes keep their claims in workers/labeling/outcome_memory.py: the
+    """Both joins of claims with outcomes keep their claims in workers/labeler/outcome_memory.py: the
     bound, the replacement and one outcome per claim behave the same in each."""
-    from workers.labeling.outcome_memory import OutcomeMemory
-    from workers.labeling.recalibration import Recalibrator
+    from workers.labeler.outcome_memory import OutcomeMemory
+    from workers.labeler.recalibration import Recalibrator
 
     memory: OutcomeMemory[float] = OutcomeMemory(2)
     memory.remember("u", 1, 0.1)

@@ -13,9 +13,9 @@ import pytest
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import Anchor, AnchorSet, SampleBatch
 from schemas.fast_codec import decode_unexposed
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import Abstained, Labeling, label_decoded
-from workers.labeling.calibrator import (
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import Abstained, Labeling, label_decoded
+from workers.labeler.calibrator import (
     Calibrator,
     CalibratorError,
     binary_auc,
@@ -24,9 +24,9 @@ from workers.labeling.calibrator import (
     load_calibrator,
     sigmoid,
 )
-from workers.labeling.features import FEATURES, anchor_weights, prior_features, similarity_features
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.recalibration import Recalibrator, intercept_offset
+from workers.labeler.features import FEATURES, anchor_weights, prior_features, similarity_features
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.recalibration import Recalibrator, intercept_offset
 
 ENC = "enc-test"
 
@@ -182,8 +182,8 @@ def test_drawing_before_scoring_gives_the_labels_of_scoring_everything(source: s
     """With no top part the labeler matches only the drawn candidates; their labels must equal those of
     scoring every candidate and then drawing (every feature is per candidate)."""
     from gpl.bench.labeler import synthetic
-    from workers.labeling.features import feature_matrix
-    from workers.labeling.sampling import sample
+    from workers.labeler.features import feature_matrix
+    from workers.labeler.sampling import sample
 
     ctx, raws = synthetic(candidates=300, batches=6, items=3000, users=3, label_source=source)
     assert ctx.cfg.top_n == 0

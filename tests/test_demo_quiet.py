@@ -17,8 +17,8 @@ from gpl.runtime.faust_config import FAUST_PRODUCER_LOGGER, count_backpressure
 from gpl.runtime.kafka import Accounting
 from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
 from gpl.runtime.settings import load
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.recalibration import Recalibrator
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.recalibration import Recalibrator
 from workers.trainer.publish import Decision, PublishedArea, Scores
 
 

@@ -27,10 +27,10 @@ from gpl.runtime.settings import Settings, load
 from gpl.simulate import SimConfig, load_movielens, simulate
 from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from schemas.events import ExposureEvent
-from workers.labeling import assemble
-from workers.labeling.calibrator import CalibrationFit, Calibrator
-from workers.labeling.features import FEATURES
-from workers.labeling.sampling import RequestRng
+from workers.labeler import assemble
+from workers.labeler.calibrator import CalibrationFit, Calibrator
+from workers.labeler.features import FEATURES
+from workers.labeler.sampling import RequestRng
 
 TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
 
@@ -123,7 +123,7 @@ def test_eval_gpl_rows_go_through_label_candidates(tiny: Path, tmp_path: Path, m
     rows = rows[~ds.exposed[rows]]
     items = ds.item[rows]
     a = book.users[u]
-    from workers.labeling.confidence import consistency_of
+    from workers.labeler.confidence import consistency_of
 
     direct = real(items, vecs[items], a, consistency=consistency_of(a.vectors, vecs[a.history]), label=cal,
                   cfg=settings.labeler, rng=RequestRng(settings.labeler.seed)(ds.request_ids[r]),
@@ -167,7 +167,7 @@ def test_calibrate_command_writes_what_the_labeler_loads(tiny: Path, tmp_path: P
     import shutil
 
     from gpl.commands import calibrate
-    from workers.labeling.calibrator import load_calibrator
+    from workers.labeler.calibrator import load_calibrator
 
     events = tmp_path / "events-only"
     events.mkdir()

@@ -17,7 +17,7 @@ from gpl.eval.pseudo import gpl_labels
 from gpl.runtime.encoder import HashEncoder
 from gpl.runtime.settings import Settings, load
 from gpl.simulate.semisynth import OracleConfig, build_semisynth
-from workers.labeling.calibrator import Calibrator
+from workers.labeler.calibrator import Calibrator
 
 TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
 

@@ -12,7 +12,6 @@ import hashlib
 import numpy as np
 
 import streams.join
-import workers.labeling.unexposed_codec
 from schemas.codec import encode
 from schemas.events import ExposureEvent
 from schemas.fast_codec import decode_recall, decode_unexposed, encode_real_samples, encode_unexposed
@@ -41,7 +40,6 @@ def test_wire_output_is_byte_identical_to_the_old_encoders() -> None:
 def test_one_codec_whatever_the_import() -> None:
     """The stage modules' names are the codec in schemas, not copies that could drift apart."""
     assert streams.join.decode_recall is decode_recall and streams.join.encode_unexposed is encode_unexposed
-    assert workers.labeling.unexposed_codec.decode_unexposed is decode_unexposed
     ids = np.array([5, 2**33], np.int64)
     assert decode_recall(b'{"request_id":"r","user_id":"u","ts":1,"item_ids":[5,8589934592]}', 10).item_ids.tolist() \
         == ids.tolist()

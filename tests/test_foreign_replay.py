@@ -149,7 +149,7 @@ def test_a_user_ordered_foreign_file_accounts_for_every_candidate(tmp_path: Path
     held_out = {decode_unexposed(base64.b64decode(d.value)).request_id for d in dead}
     assert relabelled | held_out == set(recalls) and not relabelled & held_out
     assert lab["relabelled"] == KEEP and not {k for k in lab if k.endswith(("timed_out", "_at_stop", "released"))}
-    # the labeler's identities (workers/labeler.py), from the counts its process reported: nothing left over
+    # the labeler's identities (workers/labeler/loop.py), from the counts its process reported: nothing left over
     assert lab["in"] == lab["labeled"] + sum(v for k, v in lab.items() if k.startswith("dlq:")) == batches
 
     # trainer: every sample (real and pseudo) trained or held out, once; no vector was missing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.labeling.calibrator import binary_auc
+from workers.labeler.calibrator import binary_auc
 from workers.trainer.gate_noise import paired_bootstrap, weighted_aucs
 from workers.trainer.publish import Scores, decide, gauc
 

@@ -16,9 +16,9 @@ import pytest
 
 from gpl.bench.labeler import synthetic
 from schemas.fast_codec import decode_unexposed, encode_unexposed
-from workers.labeling.assemble import Abstained, Labeling, NoAnchors, label_decoded, label_many
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.sampling import RequestRng
+from workers.labeler.assemble import Abstained, Labeling, NoAnchors, label_decoded, label_many
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.sampling import RequestRng
 
 
 def _requests(ctx: Labeling, n: int, seed: int) -> list[bytes]:

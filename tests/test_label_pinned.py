@@ -20,7 +20,7 @@ import pytest
 
 from gpl.bench.labeler import synthetic
 from schemas.fast_codec import decode_unexposed, encode_unexposed
-from workers.labeling.assemble import label_many
+from workers.labeler.assemble import label_many
 
 # (dtype, label source, top_n, send_anchor_cross) -> sha256 of the outputs, recorded before the change
 PINNED = {

@@ -23,7 +23,7 @@ from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
 from tests.helpers import item_index, produce, running, wait_for
-from workers.labeler import STAGE, Labeler
+from workers.labeler.loop import STAGE, Labeler
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@
 the loop's own bookkeeping: deferral of a batch whose user has no anchors yet (labeled when they come,
 dropped as ``timed_out`` past the wait, left uncommitted and re-read after a restart), backpressure when
 the deferred queue is full (pause, rewind, resume), and abstention without a calibrator
-(workers/labeling/abstention.py: batches held uncommitted, the oldest past ``keep_abstained``
+(workers/labeler/abstention.py: batches held uncommitted, the oldest past ``keep_abstained``
 dead-lettered, the rest relabelled as soon as a calibrator is written, or re-read after a restart).
 The broker tests stay (tests/test_labeler.py, tests/test_calibrated_labeler.py).
 """
@@ -25,7 +25,7 @@ from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
 from tests.helpers import item_index
 from tests.test_calibrated_labeler import _calibrator
 from tests.test_labeler import ALL_IDS, ENC, ITEMS, _anchors, _batch
-from workers.labeler import STAGE, Labeler
+from workers.labeler.loop import STAGE, Labeler
 
 U0 = (UNEXPOSED.name, 0)
 BALANCED = {"batches": 0, "candidates": 0, "anchors": 0}

@@ -1,4 +1,4 @@
-"""Pure labeler logic (workers/labeling/): no broker, numpy twins of the stores.
+"""Pure labeler logic (workers/labeler/): no broker, numpy twins of the stores.
 
 What is pinned here: scores equal a brute-force double loop, the label map is monotone and can be
 calibrated, every confidence term can be switched off, sampling is exact and reproducible, and the
@@ -8,6 +8,8 @@ fast encoder writes SampleBatches that the pydantic contract accepts, with their
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import orjson
@@ -21,13 +23,13 @@ from schemas.codec import DecodeError
 from schemas.events import Anchor, AnchorSet, Sample, SampleBatch, UnexposedBatch
 from schemas.fast_codec import decode_unexposed
 from schemas.ids import sample_id
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import NoAnchors, label_batch
-from workers.labeling.confidence import TERMS, coherence_of, confidence, consistency_of
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.label_map import LabelMap, fit_label_map, label_map, score_exposed
-from workers.labeling.matching import score
-from workers.labeling.sampling import RequestRng, sample
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import NoAnchors, label_batch
+from workers.labeler.confidence import TERMS, coherence_of, confidence, consistency_of
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.label_map import LabelMap, fit_label_map, label_map, score_exposed
+from workers.labeler.matching import score
+from workers.labeler.sampling import RequestRng, sample
 
 # the fixed map with every confidence term on: what these tests pin down (the shipped defaults differ)
 MAP: dict[str, object] = {"label_source": "map", "use_coherence": True, "use_consistency": True,
@@ -389,3 +391,13 @@ def test_sample_id_affixes_format_the_same_ids() -> None:
     for rid, item, ver in (("r", 0, 0), ("req:ü", 2**63 - 1, 12345678901), ("x", 42, 7)):
         head, tail = sample_id_affixes(rid, ver)
         assert f"{head}{item}{tail}" == sample_id(rid, item, ver)
+
+
+def test_eval_and_the_bench_import_the_domain_without_the_kafka_loop() -> None:
+    """``workers/labeler/__init__.py`` exports ``Labeler`` lazily: eval and the bench read the labeling
+    modules without loading the loop (and confluent_kafka with it)."""
+    code = ("import sys, gpl.eval.pseudo, gpl.bench.labeler, workers.labeler; "
+            "print('workers.labeler.loop' in sys.modules, 'confluent_kafka' in sys.modules); "
+            "workers.labeler.Labeler; print('workers.labeler.loop' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]

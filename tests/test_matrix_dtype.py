@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from gpl.bench.labeler import fast, max_label_difference, synthetic
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.matching import choose_dtype, from_bf16, time_dtypes, to_bf16
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.matching import choose_dtype, from_bf16, time_dtypes, to_bf16
 
 COS_TOL = 4e-3
 LABEL_TOL = 1.25e-2

@@ -19,8 +19,8 @@ from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent
 from tests.conftest import make_settings
 from tests.helpers import drain, wait_for
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.features import FEATURES
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.features import FEATURES
 
 pytestmark = pytest.mark.integration
 DATA = Path(__file__).resolve().parent.parent / "data" / "movielens-small"

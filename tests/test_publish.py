@@ -15,7 +15,7 @@ from gpl.runtime.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings
-from workers.labeling.calibrator import binary_auc
+from workers.labeler.calibrator import binary_auc
 from workers.model import sample_key
 from workers.trainer import Trainer
 from workers.trainer.checkpoints import load_checkpoint

@@ -16,7 +16,7 @@ from gpl.runtime.vectors.edge import EdgeIndex
 from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.normalize import normalize
 from gpl.runtime.vectors.snapshot import SnapshotIndex, SnapshottingIndex, SnapshotWriter, segments
-from workers.labeling.item_matrix import ItemMatrix
+from workers.labeler.item_matrix import ItemMatrix
 
 COL = "items__test"
 DIM = 8

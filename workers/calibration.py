@@ -54,7 +54,7 @@ from gpl.runtime.stage_io import StageIO
 from gpl.runtime.stage_port import StagePort
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
-from workers.labeling.outcome_memory import OutcomeMemory
+from workers.labeler.outcome_memory import OutcomeMemory
 
 log = logging.getLogger(__name__)
 STAGE = "calibration"

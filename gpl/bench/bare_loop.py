@@ -3,7 +3,7 @@
 One process, one confluent-kafka consumer on two input topics, no framework: decode each recall with
 the streams stage's own decoder (so it follows whatever contract the recall producer emits), decode the
 exposure with the contract, join them per request in a dict, take recall − exposure, gather the
-candidates' vectors from an :class:`~workers.labeling.item_matrix.ItemMatrix` (loaded from the same
+candidates' vectors from an :class:`~workers.labeler.item_matrix.ItemMatrix` (loaded from the same
 item snapshot as the labeler), score them against the user's anchors (max cosine), sample ``cap`` of
 them with a per-request seed, and produce one orjson ``SampleBatch`` per request. What it skips is
 what the pipeline adds on purpose: the ``unexposed`` hop between two stages, changelogged join state,
@@ -28,7 +28,7 @@ from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
 from schemas.topics import ANCHORS, under_prefix
 from streams.join import decode_recall, unexposed
-from workers.labeling.item_matrix import ItemMatrix
+from workers.labeler.item_matrix import ItemMatrix
 
 
 def bare_topics() -> tuple[str, str, str]:

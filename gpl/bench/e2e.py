@@ -181,8 +181,8 @@ def _publish_anchors(s: Settings, anchors: np.ndarray) -> None:
 def _save_calibrator(s: Settings) -> None:
     """A calibrator over every feature the labeler computes, with fixed coefficients: the labeler's
     default path (calibrated, all features) at full cost, without fitting one on synthetic data."""
-    from workers.labeling.calibrator import Calibrator
-    from workers.labeling.features import FEATURES
+    from workers.labeler.calibrator import Calibrator
+    from workers.labeler.features import FEATURES
 
     n = len(FEATURES)
     Calibrator(features=FEATURES, mean=(0.3,) * n, scale=(0.2,) * n, coef=(0.8,) + (0.1,) * (n - 1),

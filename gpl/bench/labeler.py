@@ -1,8 +1,8 @@
 """Benchmarks that are measurements, not tests: ``python -m gpl.bench.labeler [--batches N ...]``.
 
 ``bench_labeler`` times the labeler's fast path as the worker runs it (consecutive requests decoded by
-:func:`workers.labeling.decode_unexposed`, then labeled ``MICRO_BATCH`` at a time by
-:func:`workers.labeling.assemble.label_many`, stage by stage: orjson → arrays → hash lookup → one
+:func:`schemas.fast_codec.decode_unexposed`, then labeled ``MICRO_BATCH`` at a time by
+:func:`workers.labeler.assemble.label_many`, stage by stage: orjson → arrays → hash lookup → one
 gather → one (N, K) matmul → features → sampling → orjson) on synthetic data, and, side by side in
 the same run and interleaved repeat by repeat so both see the same machine state, the naive way of
 writing the same stage: the contract decoded with pydantic, a per-candidate Python loop mapping item
@@ -37,18 +37,18 @@ import orjson  # noqa: E402
 from gpl.runtime.settings import LabelerSettings  # noqa: E402
 from schemas.codec import encode  # noqa: E402
 from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, UnexposedBatch  # noqa: E402
+from schemas.fast_codec import decode_unexposed
 from schemas.ids import sample_id  # noqa: E402
 from streams.join import encode_unexposed  # noqa: E402
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import MICRO_BATCH, Labeling, label_decoded, label_many
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.confidence import TERMS, confidence
-from workers.labeling.features import FEATURES
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.label_map import LabelMap
-from workers.labeling.matching import MatrixDtype, choose_dtype, time_dtypes
-from workers.labeling.sampling import reads_scores, sample
-from workers.labeling.unexposed_codec import decode_unexposed
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import MICRO_BATCH, Labeling, label_decoded, label_many
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.confidence import TERMS, confidence
+from workers.labeler.features import FEATURES
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.label_map import LabelMap
+from workers.labeler.matching import MatrixDtype, choose_dtype, time_dtypes
+from workers.labeler.sampling import reads_scores, sample
 
 ENCODER = "bench-encoder"
 
@@ -206,7 +206,7 @@ def _by_index(fn: Callable[[int], object]) -> Chunk:
 
 def by_micro_batch(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -> Chunk:
     """The labeler's path as the worker runs it: consecutive requests decoded, then labeled ``micro``
-    at a time by :func:`~workers.labeling.assemble.label_many` (stage by stage)."""
+    at a time by :func:`~workers.labeler.assemble.label_many` (stage by stage)."""
     def run(chunk: range) -> None:
         for s in range(chunk.start, chunk.stop, micro):
             label_many([decode_unexposed(raws[i]) for i in range(s, min(s + micro, chunk.stop))], ctx)
@@ -214,7 +214,7 @@ def by_micro_batch(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -
 
 
 def one_by_one(ctx: Labeling, raws: list[bytes]) -> Chunk:
-    """The same path one request at a time (:func:`~workers.labeling.assemble.label_decoded`)."""
+    """The same path one request at a time (:func:`~workers.labeler.assemble.label_decoded`)."""
     f = fast(ctx)
     return _by_index(lambda i: f(raws[i]))
 
@@ -267,7 +267,7 @@ def stage_breakdown(ctx: Labeling, raws: list[bytes]) -> dict[str, float]:
 
 
 def stage_breakdown_many(ctx: Labeling, raws: list[bytes], micro: int = MICRO_BATCH) -> dict[str, float]:
-    """Mean CPU µs per request of each stage of :func:`~workers.labeling.assemble.label_many`, run as
+    """Mean CPU µs per request of each stage of :func:`~workers.labeler.assemble.label_many`, run as
     the worker runs it: ``decode``, ``arrive`` (lookup, counts, the draw of a policy without a top
     part), ``score`` (gather + product), ``label`` (features, calibrator), ``choose`` (sampling,
     labels of the chosen, weights), ``encode`` (orjson)."""
@@ -291,7 +291,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
     labels: a calibrator over features and priors, chosen dtype). These use the shipped draw (40 of the
     candidates, uniformly), which reads no score: the path draws first and matches only the drawn ones
-    (:func:`~workers.labeling.assemble.label_candidates`), so it can pass the limit proxy, which scores
+    (:func:`~workers.labeler.assemble.label_candidates`), so it can pass the limit proxy, which scores
     all. ``path_calibrated_top10`` takes the 10 most probable and draws 30: every candidate is matched
     and gets features, the path to set against the limit (``ratio_top10_limit``; the same path one request
     at a time, :func:`one_by_one`: ``path_calibrated_top10_one_by_one``). ``path`` and ``limit`` repeat the

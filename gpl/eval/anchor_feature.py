@@ -31,7 +31,7 @@ from gpl.eval.dataset import EvalDataset
 from gpl.eval.methods import Context
 from gpl.runtime.settings import Settings
 from workers.anchor_cross import ANCHOR_CROSS_DIM
-from workers.labeling.anchor_book import UserAnchors
+from workers.labeler.anchor_book import UserAnchors
 
 CHUNK = 16_384
 

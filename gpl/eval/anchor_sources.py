@@ -1,7 +1,7 @@
 """Interest anchors for the offline comparison, built from TRAINING-period history only.
 
 Four sources, one shape (:class:`SourceAnchors`: per user the stream's own
-:class:`~workers.labeling.anchor_book.UserAnchors`), so the labeling code cannot tell them apart:
+:class:`~workers.labeler.anchor_book.UserAnchors`), so the labeling code cannot tell them apart:
 
 * ``text``: an :class:`~workers.anchors.generators.base.AnchorGenerator` (SmolLM2 through transformers, or the
   deterministic MemoryGenerator) writes K interest phrases from the user's last
@@ -45,7 +45,7 @@ from workers.anchors.sid.sequence_model import GENERATOR_FILE, load_generator, s
 from workers.anchors.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer, build_tokenizer
 from workers.anchors.vector_anchors import ContentAnchorSource
 from workers.history import recent_distinct
-from workers.labeling.anchor_book import UserAnchors
+from workers.labeler.anchor_book import UserAnchors
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Fitting the pseudo-label calibrator on a training period, without leakage (cross-fitting).
 
-The calibrator (:mod:`workers.labeling.calibrator`) maps the features of a (user, candidate) pair
-(:mod:`workers.labeling.features`) to a click probability. It can only be fitted on rows with a real
+The calibrator (:mod:`workers.labeler.calibrator`) maps the features of a (user, candidate) pair
+(:mod:`workers.labeler.features`) to a click probability. It can only be fitted on rows with a real
 label, i.e. exposures, and those rows must be scored against anchors that did *not* see them: anchors
 built from a user's clicks sit on those very clicks (s1 = 1), and a calibrator fitted on them learns a
 slope that fresh candidates do not have. So:
@@ -23,13 +23,13 @@ slope that fresh candidates do not have. So:
 3. the calibration rows are fold f's exposures, with their similarity features against those anchors
    and their prior features computed leave-one-out (the row's own exposure and click are taken out
    of the item and user counts);
-4. :func:`workers.labeling.calibrator.fit_calibrator` fits on all rows; its 5-fold CV over *users*
+4. :func:`workers.labeler.calibrator.fit_calibrator` fits on all rows; its 5-fold CV over *users*
    decides abstention. When it abstains for too few rows, the reason says why in the data's numbers
    (users, exposures, clicks, users with clicks in two folds) and what would give rows
    (:func:`too_little_data`).
 
 Prior features come from :class:`TrainingPriors`: the same counts the streaming labeler keeps
-(:class:`~workers.labeling.interaction_stats.InteractionStats`: recalls and exposures per item, over
+(:class:`~workers.labeler.interaction_stats.InteractionStats`: recalls and exposures per item, over
 the requests counted; exposures and clicks per user), here over the training period.
 
 Used by ``gpl eval`` (the GPL rows), ``gpl calibrate`` (writes the artifact the labeler loads) and
@@ -48,9 +48,9 @@ from gpl.eval.anchor_sources import content_anchors, training_histories
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import Settings
 from gpl.runtime.vectors.normalize import normalize
-from workers.labeling.anchor_book import UserAnchors
-from workers.labeling.calibrator import CalibrationFit, fit_calibrator
-from workers.labeling.features import (
+from workers.labeler.anchor_book import UserAnchors
+from workers.labeler.calibrator import CalibrationFit, fit_calibrator
+from workers.labeler.features import (
     FEATURES,
     PRIOR_FEATURES,
     anchor_weights,
@@ -279,7 +279,7 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
 
     ``anchor_fn`` defaults to the content anchors (``anchors.k`` clusters). The artifact is made for
     ``encoder.model`` and ``labeler.catalogue``, so the streaming labeler accepts it. Returns the
-    :class:`~workers.labeling.calibrator.CalibrationFit` (``abstain`` with the reason when it does not
+    :class:`~workers.labeler.calibrator.CalibrationFit` (``abstain`` with the reason when it does not
     beat the base rate on held-out users: the caller then makes no pseudo-labels).
     """
     if anchor_fn is None and SIMILARITY & set(features):

@@ -1,6 +1,6 @@
 """The GPL rows of the comparison: which anchors, which calibrator features, which confidence terms.
 
-Every GPL method labels through the streaming labeler's :func:`~workers.labeling.assemble.label_candidates`
+Every GPL method labels through the streaming labeler's :func:`~workers.labeler.assemble.label_candidates`
 (:func:`gpl.eval.pseudo.gpl_labels`) with a calibrator cross-fitted on the training period
 (:mod:`gpl.eval.calibration`) for that anchor source and feature set. A calibrator that abstains gives
 the method no pseudo-labels: the row says so (``unavailable``) and results.json keeps the figures that
@@ -30,8 +30,8 @@ from gpl.eval.calibration import FEATURE_SETS, TrainingPriors, fit_dataset_calib
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.pseudo import PseudoLabels, gpl_labels
 from gpl.runtime.settings import LabelerSettings, Settings
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.label_map import LabelMap
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.label_map import LabelMap
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ labels: measured mean soft label 0.17 against a truth rate of 0.042) and would l
     The teacher (:class:`~gpl.eval.methods.Teacher`: a bigger ranker that also sees the user's click
     history) is cross-fitted like GPL's anchors: for each fold of the training exposures
     (:func:`~gpl.eval.calibration.row_folds`, the same folds as GPL's calibrator), a teacher trained on the
-    OTHER folds scores the fold's exposures; the calibrator of GPL (:func:`~workers.labeling.calibrator.fit_calibrator`)
+    OTHER folds scores the fold's exposures; the calibrator of GPL (:func:`~workers.labeler.calibrator.fit_calibrator`)
     is fitted on (teacher logit, the same leave-one-out prior features) with the teacher logit monotone.
     Per seed, a teacher trained on all training exposures scores the unexposed candidates drawn by the
-    labeler's own sampling (:func:`~workers.labeling.sampling.sample`, same ``top_n``/``random_n``/``cap``
+    labeler's own sampling (:func:`~workers.labeler.sampling.sample`, same ``top_n``/``random_n``/``cap``
     and request seed), the calibrator maps them to p, and the weight is the labeler's margin term.
 ``ukd`` (UKD, Xu et al. 2022, adapted)
     A click-adaptive teacher (:class:`AdaptiveTeacher`): the teacher's representation is trained with a
@@ -42,9 +42,9 @@ from tqdm import tqdm
 from gpl.eval.calibration import FOLDS, L2, TrainingPriors, row_folds
 from gpl.eval.methods import MC_PASSES, Context, Rows, Teacher, TeacherNet, fit, kd_rows, predict, ukd_rows
 from gpl.runtime.settings import Settings
-from workers.labeling.calibrator import CalibrationFit, Calibrator, fit_calibrator
-from workers.labeling.features import PRIOR_FEATURES, feature_matrix
-from workers.labeling.sampling import RequestRng, reads_scores, sample
+from workers.labeler.calibrator import CalibrationFit, Calibrator, fit_calibrator
+from workers.labeler.features import PRIOR_FEATURES, feature_matrix
+from workers.labeler.sampling import RequestRng, reads_scores, sample
 from workers.model import ModelConfig, make_optimizer
 
 TEACHER_FEATURE = "teacher_logit"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpl.runtime.vectors.normalize import normalize
-from workers.labeling.calibrator import binary_auc, calibration_error
+from workers.labeler.calibrator import binary_auc, calibration_error
 
 
 def segment_ids(ptr: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def group_auc_values(
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC (ties count 1/2); NaN when only one class is present. The calibrator's own implementation
-    (:func:`workers.labeling.calibrator.binary_auc`), so eval and the stream measure alike."""
+    (:func:`workers.labeler.calibrator.binary_auc`), so eval and the stream measure alike."""
     return binary_auc(scores, labels)
 
 
@@ -156,7 +156,7 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> tuple[np.ndarra
 
 def ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error: Σ_b n_b/N · |mean p_b − mean y_b| over equal-width bins (the calibrator's
-    :func:`workers.labeling.calibrator.calibration_error`)."""
+    :func:`workers.labeler.calibrator.calibration_error`)."""
     return calibration_error(p, y, bins)
 
 

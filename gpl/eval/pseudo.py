@@ -1,15 +1,15 @@
-"""GPL pseudo-labels for the offline comparison, made by the labeler's own code (workers/labeling/).
+"""GPL pseudo-labels for the offline comparison, made by the labeler's own code (workers/labeler/).
 
 Nothing of the method is re-implemented here: every request's unexposed training candidates go
-through :func:`workers.labeling.assemble.label_candidates` — the streaming labeler's match → features
+through :func:`workers.labeler.assemble.label_candidates` — the streaming labeler's match → features
 → calibrated label → sample → confidence weight step — with the labeler's per-request draw
-(:class:`~workers.labeling.sampling.RequestRng`). This module only feeds it arrays: the user's anchors,
+(:class:`~workers.labeler.sampling.RequestRng`). This module only feeds it arrays: the user's anchors,
 the unit history centroid, and the candidates' prior features from the training period
 (:class:`gpl.eval.calibration.TrainingPriors`, the counts the labeler keeps online).
 
-The label is a :class:`~workers.labeling.calibrator.Calibrator` cross-fitted on the training period
+The label is a :class:`~workers.labeler.calibrator.Calibrator` cross-fitted on the training period
 (:mod:`gpl.eval.calibration`), or — for the ``gpl-map`` ablation only — the configured fixed
-:class:`~workers.labeling.label_map.LabelMap`. A calibrator that abstains means no pseudo-labels.
+:class:`~workers.labeler.label_map.LabelMap`. A calibrator that abstains means no pseudo-labels.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.calibration import TrainingPriors, unit_centroid
 from gpl.eval.dataset import EvalDataset
 from gpl.runtime.settings import LabelerSettings
-from workers.labeling.assemble import label_candidates, no_anchors
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.confidence import TERMS, consistency_of
-from workers.labeling.features import needs_anchors
-from workers.labeling.label_map import LabelMap
-from workers.labeling.sampling import RequestRng
+from workers.labeler.assemble import label_candidates, no_anchors
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.confidence import TERMS, consistency_of
+from workers.labeler.features import needs_anchors
+from workers.labeler.label_map import LabelMap
+from workers.labeler.sampling import RequestRng
 from workers.model import whole_logit
 
 
@@ -61,8 +61,8 @@ def gpl_labels(
     """Pseudo-label the unexposed training candidates of every anchored user (of every user, for a calibrator
     that reads no similarity — as the labeler does), request by request.
 
-    Each request goes through :func:`workers.labeling.assemble.label_candidates` with the request's
-    draw from the labeler's :class:`~workers.labeling.sampling.RequestRng` (seeded by ``labeler.seed`` +
+    Each request goes through :func:`workers.labeler.assemble.label_candidates` with the request's
+    draw from the labeler's :class:`~workers.labeler.sampling.RequestRng` (seeded by ``labeler.seed`` +
     the eval seed). ``requests`` (bool per request) defaults to the training requests.
     """
     train = ~ds.is_test if requests is None else np.asarray(requests, bool)

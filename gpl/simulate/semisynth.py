@@ -124,7 +124,7 @@ def fit_lmf(y: np.ndarray, mask: np.ndarray | None, cfg: OracleConfig) -> np.nda
 def select_oracle(ml: MovieLens, cfg: OracleConfig = OracleConfig(), grid: tuple[tuple[int, float], ...] = GRID
                   ) -> list[dict[str, float]]:
     """Held-out log-loss and AUC of each (rank, l2) on a 10% random cell hold-out (how RANK/L2 were chosen)."""
-    from workers.labeling.calibrator import binary_auc, logloss
+    from workers.labeler.calibrator import binary_auc, logloss
 
     y = _targets(ml, cfg.threshold)
     held = np.random.default_rng(cfg.seed).random(y.shape) < 0.1

@@ -7,13 +7,13 @@ the vector index once at start. Then, per polled batch of messages:
 * an ``anchors`` message updates the user's anchor set in the cache (bad → ``anchors.dlq``; a set
   from another encoder → ``anchors.dlq`` with reason ``encoder_mismatch``, counted
   ``anchors_refused``) and releases that user's deferred batches, which are labeled at once;
-* an ``unexposed`` message is decoded (bad → ``unexposed.dlq``) and labeled (workers/labeling/assemble.py:
+* an ``unexposed`` message is decoded (bad → ``unexposed.dlq``) and labeled (workers/labeler/assemble.py:
   score, pseudo-label, weigh, sample, one SampleBatch to ``samples`` keyed by user) when its user has
   anchors; otherwise it is *deferred*: it waits at most ``labeler.wait_for_anchors_s`` for them and is
   then dropped and counted ``timed_out``;
 * without a usable calibrator the labeler abstains: a batch is *held*, uncommitted, and relabelled when
   one loads (at most ``labeler.keep_abstained``; the oldest past it goes to ``unexposed.dlq``, reason
-  ``abstained``): workers/labeling/abstention.py. The gauge ``gpl_labeler_abstaining`` is 1 meanwhile;
+  ``abstained``): workers/labeler/abstention.py. The gauge ``gpl_labeler_abstaining`` is 1 meanwhile;
 * expired deferrals are dropped, paused partitions resumed once the deferred queue has room, the
   producer flushed, and only then offsets committed.
 
@@ -60,17 +60,17 @@ from gpl.runtime.stage_port import StagePort
 from gpl.runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.events import AnchorSet
+from schemas.fast_codec import Unexposed, decode_unexposed
 from schemas.topics import ANCHORS, PSEUDO_HEADER, SAMPLES, UNEXPOSED
-from workers.labeling.abstention import AbstainedHold, Held, file_signature, missing_calibrator_hint
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.assemble import MICRO_BATCH, Abstained, Labeling, LabelStats, NoAnchors, label_many
-from workers.labeling.calibrator import CalibratorError, load_calibrator
-from workers.labeling.features import FEATURES
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.recalibration import Recalibrator
-from workers.labeling.unexposed_codec import Unexposed, decode_unexposed
+from workers.labeler.abstention import AbstainedHold, Held, file_signature, missing_calibrator_hint
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.assemble import MICRO_BATCH, Abstained, Labeling, LabelStats, NoAnchors, label_many
+from workers.labeler.calibrator import CalibratorError, load_calibrator
+from workers.labeler.features import FEATURES
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.recalibration import Recalibrator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workers.labeler")  # the stage's name, as before the package (log filters, tests)
 STAGE = "labeler"
 _DROPPED = Unexposed("", "", 0, np.zeros(0, np.int64))  # the payload of a batch that stopped waiting
 
@@ -110,7 +110,7 @@ class Labeler:
         self.ctx = Labeling(self.cache, self.items, self.cfg, settings.encoder.collection)
         self.recalibrator = Recalibrator(self.cfg.recalibrate_every, self.cfg.ece_alert)
         self._cal_seen: tuple[int, int] | None = None  # the calibrator file as last loaded (stat)
-        self.held = AbstainedHold(self.cfg.keep_abstained)  # batches abstained on (workers/labeling/abstention.py)
+        self.held = AbstainedHold(self.cfg.keep_abstained)  # batches abstained on (workers/labeler/abstention.py)
         self.accounting = Accounting(STAGE)
         self.anchor_accounting = Accounting(f"{STAGE}-anchors")
         self.progress = progress

@@ -6,7 +6,7 @@ was fitted on exposures the anchors had been built from (the clicked items sit o
 map learned a slope that fresh candidates do not have — or failed, and the configured map was used
 without a word. Here:
 
-* the inputs are the features of :mod:`workers.labeling.features` (anchor similarities, similarity to
+* the inputs are the features of :mod:`workers.labeler.features` (anchor similarities, similarity to
   the history centroid, item popularity, the user's click rate);
 * the model is a ridge logistic regression on standardised features, **monotone in the best anchor
   similarity** ``s1`` (its coefficient is constrained ≥ 0: if the free fit makes it negative it is
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.labeling.features import PRIOR_FEATURES
+from workers.labeler.features import PRIOR_FEATURES
 
 FORMAT = "gpl-calibrator/1"
 

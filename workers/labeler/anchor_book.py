@@ -13,9 +13,9 @@ import numpy as np
 
 from gpl.runtime.vectors.normalize import normalize
 from schemas.events import AnchorSet
-from workers.labeling.confidence import coherence_of, consistency_of
-from workers.labeling.features import anchor_weights
-from workers.labeling.item_matrix import ItemMatrix
+from workers.labeler.confidence import coherence_of, consistency_of
+from workers.labeler.features import anchor_weights
+from workers.labeler.item_matrix import ItemMatrix
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class UserAnchors:
     weights: np.ndarray | None = None  # the anchors' mixture weights (computed on first use)
 
     def anchor_weights(self) -> np.ndarray:
-        """:func:`~workers.labeling.features.anchor_weights` of the log-probs, once per set (not per request)."""
+        """:func:`~workers.labeler.features.anchor_weights` of the log-probs, once per set (not per request)."""
         if self.weights is None:
             self.weights = anchor_weights(self.logprobs)
         return self.weights

@@ -15,7 +15,7 @@ import numpy as np
 from gpl.runtime.vectors.id_index import IdIndex
 from gpl.runtime.vectors.index import VectorIndex
 from gpl.runtime.vectors.normalize import normalize
-from workers.labeling.matching import (
+from workers.labeler.matching import (
     MatrixDtype,
     StorageDtype,
     _row_max,
@@ -56,7 +56,7 @@ class ItemMatrix:
     Storage dtype (``dtype``; ``labeler.matrix_dtype``): ``float32``, or ``bfloat16`` (the bits in a
     uint16 array that torch reads in place): half the bytes per row, so the gather, which is
     memory-bound, moves half as much, and the product runs on the CPU's bfloat16 units with float32
-    accumulation. ``auto`` lets :func:`~workers.labeling.matching.choose_dtype` time both on a small
+    accumulation. ``auto`` lets :func:`~workers.labeler.matching.choose_dtype` time both on a small
     batch when the first vectors arrive (their dimension is known then). :meth:`gather` and
     :attr:`matrix` always return float32; :meth:`similarities` is the hot path in either dtype.
     """
@@ -189,10 +189,10 @@ class ItemMatrix:
         """(m, K) float32 cosines of the rows with unit ``anchors`` (K, dim), and with ``centroid``.
 
         The (m, dim) x (dim, K) shape keeps each gathered row contiguous and is the one BLAS runs
-        fastest (see :func:`~workers.labeling.matching._row_max`). float32: exactly the arithmetic of
+        fastest (see :func:`~workers.labeler.matching._row_max`). float32: exactly the arithmetic of
         ``v = gather(rows); v @ anchors.T, v @ centroid`` (bit-identical labels); bfloat16: the
         centroid is one more column of the same GEMM
-        (:func:`~workers.labeling.matching.bf16_similarities`), its anchors converted once per set;
+        (:func:`~workers.labeler.matching.bf16_similarities`), its anchors converted once per set;
         up to ``SMALL_GATHER`` rows (the drawn candidates of the shipped policy) are widened to float32
         and multiplied by BLAS instead: a oneDNN bfloat16 GEMM costs ~50 µs to set up whatever its size,
         the widening ~1 µs per 100 rows.

@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 
-from workers.labeling.calibrator import Calibrator, calibration_error, sigmoid
-from workers.labeling.outcome_memory import OutcomeMemory
+from workers.labeler.calibrator import Calibrator, calibration_error, sigmoid
+from workers.labeler.outcome_memory import OutcomeMemory
 
 log = logging.getLogger(__name__)
 

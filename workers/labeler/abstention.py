@@ -5,7 +5,7 @@ out of the box there is none. A labeler that merely counted its abstentions comm
 read before the calibrator came: a first replay into a fresh stack gave no pseudo-labels, ever, even after
 ``gpl calibrate`` had written one.
 
-What happens instead (workers/labeler.py drives it):
+What happens instead (workers/labeler/loop.py drives it):
 
 * an abstained batch is *held*, raw bytes and all, and its offset is not marked done, so the labeler's
   commits stop at it and a restart re-reads it (like a batch waiting for anchors);

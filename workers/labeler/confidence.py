@@ -1,7 +1,7 @@
 """The confidence weight of a pseudo-label: ``w = coherence · consistency · generation · margin``.
 
 Every term lies in [0, 1] and each is switched off (replaced by 1) by its ``labeler.use_<term>`` flag,
-for ablations. The definitions are in the package docstring (``workers/labeling/__init__.py``).
+for ablations. The definitions are in the package docstring (``workers/labeler/__init__.py``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A pseudo-label is a claim about a (user, item) pair that was recalled but not shown. The stream
 checks some claims later: the same item shown to the same user gets a real label. Two consumers
-join claims with outcomes — the labeler's online recalibration (workers/labeling/recalibration.py,
+join claims with outcomes — the labeler's online recalibration (workers/labeler/recalibration.py,
 which keeps each claim's logit) and the calibration monitor (workers/calibration.py, which keeps
 p, weight, anchor group and version) — so the bookkeeping lives here once: a bounded LRU keyed by
 (user, item), a newer claim replacing an older one, one outcome per claim (a join takes the claim

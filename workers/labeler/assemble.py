@@ -18,15 +18,15 @@ from schemas.events import SCHEMA_VERSION
 from schemas.fast_codec import Unexposed, decode_unexposed
 from schemas.ids import sample_id_affixes
 from workers.anchor_cross import anchor_cross
-from workers.labeling.anchor_book import AnchorBook, UserAnchors
-from workers.labeling.calibrator import Calibrator
-from workers.labeling.confidence import TERMS, confidence, describe_weight
-from workers.labeling.features import calibrator_inputs, needs_anchors, prior_features
-from workers.labeling.interaction_stats import InteractionStats
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.label_map import LabelMap
-from workers.labeling.matching import _row_max
-from workers.labeling.sampling import RequestRng, reads_scores, sample
+from workers.labeler.anchor_book import AnchorBook, UserAnchors
+from workers.labeler.calibrator import Calibrator
+from workers.labeler.confidence import TERMS, confidence, describe_weight
+from workers.labeler.features import calibrator_inputs, needs_anchors, prior_features
+from workers.labeler.interaction_stats import InteractionStats
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.label_map import LabelMap
+from workers.labeler.matching import _row_max
+from workers.labeler.sampling import RequestRng, reads_scores, sample
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def label_candidates(item_ids: np.ndarray, vectors: np.ndarray | None, anchors: 
     anchor set's consistency term (computed by the caller, who knows where history vectors live).
 
     With a :class:`Calibrator` the label is the calibrated click probability of the candidate's
-    features (:mod:`workers.labeling.features`; ``centroid`` is the unit history centroid, ``priors``
+    features (:mod:`workers.labeler.features`; ``centroid`` is the unit history centroid, ``priors``
     the candidates' prior features), and the ``top_n`` part of the sample takes the most *probable*
     candidates; with a :class:`LabelMap` it is the map of the best similarity, and ``top_n`` the most
     similar.

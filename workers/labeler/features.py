@@ -9,7 +9,7 @@ Similarity features (from the user's anchors and history, all in the frozen spac
   user's taste as a whole, or to one corner of it;
 * ``s_cent`` — cosine to the normalised centroid of the history the anchors came from.
 
-Prior features (counts of what has been seen so far; :class:`~workers.labeling.interaction_stats.InteractionStats`
+Prior features (counts of what has been seen so far; :class:`~workers.labeler.interaction_stats.InteractionStats`
 in the stream, the training period in eval):
 
 * ``log_recall`` — log((1 + times the item was recalled) / (1 + requests counted)): defined for every

@@ -1,7 +1,18 @@
-"""Pure logic of the labeler: match unexposed candidates to a user's anchors, pseudo-label, weight, sample.
+"""The labeler stage: ``unexposed`` + ``anchors`` → match in the frozen space → ``samples`` (pseudo-labels).
 
-No Kafka here (``workers/labeler.py`` owns the loop); everything is arrays, so the hot path is a handful
-of vectorised numpy calls per request instead of per-candidate Python.
+One package, one stage (``from workers.labeler import Labeler``):
+
+* ``loop``               the Kafka loop (:class:`Labeler`): poll, defer, hold, label, emit, commit, rebalance;
+* ``assemble``           one request's or a micro-batch's candidates → labeled samples (``label_many``);
+* ``matching``, ``item_matrix``, ``anchor_book``   the frozen space: items, users' anchor sets, max-cosine;
+* ``features``, ``interaction_stats``, ``calibrator``, ``label_map``   the pseudo-label;
+* ``confidence``, ``sampling``   its weight and which candidates get one;
+* ``abstention``         batches held while no calibrator is usable; ``recalibration`` and
+                         ``outcome_memory`` the closed loop (pseudo-labels met by real labels).
+
+``Labeler`` is loaded on first use, not with the package: eval, the bench and the calibration monitor
+import the domain modules without the Kafka loop's imports. Everything but the loop is arrays, so the
+hot path is a handful of vectorised numpy calls per request instead of per-candidate Python.
 
 Frozen space
     Item vectors ``v_i`` come from the item collection ``items__<encoder>`` (kept in a dense in-process
@@ -57,3 +68,21 @@ Counting
     request (``duplicate`` in the stats); ``no_vector`` the candidates whose item has no vector yet.
 """
 
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.labeler.loop import Labeler
+
+__all__ = ["Labeler"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Labeler`` from :mod:`workers.labeler.loop` on first access (PEP 562)."""
+    if name == "Labeler":
+        from workers.labeler.loop import Labeler
+
+        return Labeler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ import numpy as np
 
 from gpl.runtime.settings import LabelerSettings
 from schemas.events import SampleBatch
-from workers.labeling.anchor_book import AnchorBook
-from workers.labeling.item_matrix import ItemMatrix
-from workers.labeling.matching import score
+from workers.labeler.anchor_book import AnchorBook
+from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.matching import score
 
 log = logging.getLogger(__name__)
 
