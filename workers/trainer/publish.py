@@ -54,7 +54,7 @@ import torch
 from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
 from gpl.runtime.settings import TrainerSettings
 from workers.history import profile_of
-from workers.labeling.calibrator import binary_auc
+from workers.labeler.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
 from workers.trainer.checkpoints import atomic_write, load_checkpoint, serving_copy
 from workers.trainer.gate_noise import Paired, paired_bootstrap, per_user_auc
