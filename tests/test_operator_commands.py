@@ -122,7 +122,7 @@ def test_every_dead_letter_reason_is_declared() -> None:
         for f in (ROOT / d).rglob("*.py"):
             for m in pattern.finditer(f.read_text()):
                 found.update(g for g in m.groups() if g)
-    found |= {"no_vector"}  # the trainer passes it positionally (workers/trainer/loop.py, _no_vector)
+    found |= {"no_vector"}  # the trainer passes it positionally (workers/trainer/loop.py, _dead_letter)
     assert len(found) >= 10 and found <= set(DLQ_REASONS), found - set(DLQ_REASONS)
 
 

@@ -2,8 +2,10 @@
 
 One package, one stage (``from workers.anchors import AnchorWorker``):
 
-* ``loop``              the Kafka loop (:class:`AnchorWorker`) and its regeneration policy, written down;
-* ``policy``            the policy's pure pieces: request queue, debounce, token bucket, capacity, backoff,
+* ``loop``              the Kafka loop (:class:`AnchorWorker`): poll, then perform what the engine decided;
+* ``engine``            the regeneration policy as a pure engine (which request is served when), written down;
+* ``stage``             what a worker holds: the set maker and the engine (sets made without a broker);
+* ``policy``            the engine's pure pieces: request queue, debounce, token bucket, capacity, backoff,
                         and the anchors collection's point ids (``anchor_point_id``);
 * ``sets``              what a set is: history lookup, generation, embedding, index slots and versions;
 * ``generation_cache``  the replay cache of generations, shared with ``gpl eval``;

@@ -1,7 +1,7 @@
 """The anchors worker's regeneration policy as small, pure pieces: queue, debounce, rate limit, capacity.
 
-Each rule and why it exists is written in workers/anchors/loop.py's docstring; here are the mechanisms,
-Kafka-free, so they are tested on their own.
+Each rule and why it exists is written in workers/anchors/engine.py's docstring (the engine composes them);
+here are the mechanisms, Kafka-free, so they are tested on their own.
 """
 from __future__ import annotations
 

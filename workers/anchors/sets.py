@@ -1,6 +1,6 @@
 """Anchor sets from requests: history lookup, generation, embedding, storage in the vector index.
 
-Why a module of its own: the anchors stage's loop (workers/anchors/loop.py) decides *when* a user's anchors are
+Why a module of its own: the anchors stage's engine (workers/anchors/engine.py) decides *when* a user's anchors are
 made (queue, priorities, debounce, rate, backpressure, retries); this decides *what* they are, with no
 broker involved, so evaluation and tests call it directly (:meth:`AnchorMaker.generate_for`).
 
