@@ -74,6 +74,14 @@ class KafkaSettings(Section):
         default=False, description="check the broker's offsets_for_times answer before a time-range replay "
         "starts there, else scan the partition (the embedded Tansu broker answers 0 whatever the time; its "
         "profile turns this on)")
+    transactional: bool = Field(
+        default=False, description="exactly-once for the labeler and the trainer: each commit point writes the "
+        "stage's outputs, dead letters and consumer offsets in one Kafka transaction (gpl/runtime/transactions.py). "
+        "Costs a transaction commit (~3 broker round trips) per commit point, and outputs become visible only "
+        "when it commits; every consumer of their topics must read with isolation.level=read_committed (the "
+        "librdkafka default our stages keep). The transactional.id is <group_prefix>-<stage>-<instance>: set "
+        "consumer_extra group.instance.id per replica where several run on one host (default: the host name). "
+        "Apache Kafka only: the embedded broker (refetch_gaps) refuses it")
     lag_interval_s: float = Field(
         default=10.0, ge=0, description="how often each stage measures its consumer lag (gauge "
         "gpl_consumer_lag_messages; a broker round trip per owned partition); 0: never")
@@ -99,6 +107,13 @@ class KafkaSettings(Section):
             if part is not None and part not in _MURMUR2:
                 raise ValueError(f"kafka.{name}: partitioner {part!r} would place a user's events on other "
                                  f"partitions than faust and Java clients do; use one of {_MURMUR2}")
+        if self.transactional and self.refetch_gaps:
+            raise ValueError("kafka.transactional needs Apache Kafka: the embedded broker's profile (refetch_gaps) "
+                             "would re-read every transaction marker; start the stack with --broker kafka")
+        isolation = str((self.extra | self.consumer_extra).get("isolation.level", "read_committed"))
+        if self.transactional and isolation != "read_committed":
+            raise ValueError("kafka.transactional: consumers must read committed records; remove isolation.level "
+                             f"{isolation!r} from kafka.extra / kafka.consumer_extra")
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_mechanism")
         if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):

@@ -17,7 +17,11 @@ itself:
   never in process memory;
 * a rebalance forgets the partitions handed away (their open work is the next owner's);
 * the consumer lag of the tracked topics is exported every ``kafka.lag_interval_s``
-  (``gpl_consumer_lag_messages``, :mod:`gpl.runtime.lag`).
+  (``gpl_consumer_lag_messages``, :mod:`gpl.runtime.lag`);
+* ``transactional=True`` (the labeler and the trainer, when ``kafka.transactional`` is on): the outputs and
+  the offsets of each commit point go in one Kafka transaction (:mod:`gpl.runtime.transactions`); an aborted
+  one rewinds the owned partitions to their committed offsets, as a rebalance would, and a revoke or close
+  aborts what no commit covered (the next reader does that work again).
 
 The stage keeps its loop — each reads top to bottom in its own file — and uses this object as a
 context manager so both clients are closed however the loop ends.
@@ -34,7 +38,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, Message, Producer, TopicPartition
 
 from gpl.runtime.health import HEALTH
 from gpl.runtime.kafka import (
@@ -50,6 +54,7 @@ from gpl.runtime.offsets import TP
 from gpl.runtime.serde import Wire
 from gpl.runtime.settings import KafkaSettings, SchemaRegistrySettings
 from gpl.runtime.stage_port import Rebalance, StageRules, tp_of
+from gpl.runtime.transactions import StageTransactions, transactional_id
 
 if TYPE_CHECKING:
     from gpl.runtime.stage_port import StagePort
@@ -62,10 +67,20 @@ class StageIO(StageRules):
     """A stage's Kafka consumer, producer, dead letters and offset ledger, with the commit rules above."""
 
     def __init__(self, kafka: KafkaSettings, stage: str, accounting: Accounting, *,
-                 consumer_config: dict[str, Any] | None = None,
-                 registry: SchemaRegistrySettings | None = None) -> None:
+                 consumer_config: dict[str, Any] | None = None, producer_config: dict[str, Any] | None = None,
+                 registry: SchemaRegistrySettings | None = None, transactional: bool = False,
+                 instance: str | None = None) -> None:
         self.consumer = consumer(kafka, stage, **(consumer_config or {}))
-        self.kafka_producer: Producer = producer(kafka)
+        extra = dict(producer_config or {})
+        if transactional:
+            extra["transactional.id"] = transactional_id(kafka, stage, instance)
+        self.kafka_producer: Producer = producer(kafka, **extra)
+        self.tx: StageTransactions | None = None
+        if transactional:
+            self.tx = StageTransactions(self.kafka_producer, self.consumer, stage)
+            self.tx.start()
+        self._on_revoke: Rebalance | None = None
+        self._rewinding = False
         # both wire formats in; plain JSON out unless the registry settings say so
         super().__init__(stage, accounting, Wire(registry), self.kafka_producer, max_bytes=kafka.max_message_bytes)
         self.lag = LagGauge(stage, kafka.lag_interval_s)
@@ -80,6 +95,7 @@ class StageIO(StageRules):
     # ------------------------------------------------------------------------------ client calls
 
     def _join(self, topics: list[str], on_assign: Rebalance, on_revoke: Rebalance) -> None:
+        self._on_revoke = on_revoke
         self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke)
 
     def _assigned(self, tps: list[TP]) -> None:
@@ -90,6 +106,11 @@ class StageIO(StageRules):
         super()._revoked(lost)
         self.gaps.forget(lost)
         HEALTH.assigned(self.stage, 0)
+        if self.tx is not None and not self._rewinding:
+            # what the stage's on_revoke did not commit belongs to work the next owner does again
+            self.tx.abort()
+            if not self._closed and not self.tx.fatal and not self.tx.open:
+                self.tx.begin()
 
     def _fetch(self, n: int, timeout: float) -> list[Message]:
         """:func:`~gpl.runtime.kafka.take` through the gap guard; consume errors are logged and skipped."""
@@ -129,10 +150,39 @@ class StageIO(StageRules):
         self.gaps.rewound(tp, offset)
 
     def _commit_offsets(self, offsets: dict[TP, int]) -> None:
+        if self.tx is not None:
+            if not self.tx.commit(offsets) and not self.tx.fatal and not self._rewinding:
+                self._rewind_to_committed()
+            return
         try:
             commit_offsets(self.consumer, offsets)
         except KafkaException as e:
             log.warning("%s: offset commit failed, the work will be re-read: %s", self.stage, e)
+
+    def _rewind_to_committed(self) -> None:
+        """After an aborted transaction: the owned partitions start again at their committed offsets, the
+        stage's revoke hook dropping what it kept of them (its deferred batches), as after a rebalance."""
+        owned = [tp for tp in self._owned() if tp[0] in self.tracked]
+        if not owned:
+            return
+        parts = [TopicPartition(t, p) for t, p in owned]
+        self._rewinding = True
+        try:
+            self.ledger.forget(owned)  # so the hook's commit covers none of the aborted work
+            if self._on_revoke is not None:
+                self._on_revoke(self.consumer, parts)
+            committed = self.consumer.committed(parts, timeout=10)
+            for tp in committed:
+                where = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, where))
+                self.gaps.forget([(tp.topic, tp.partition)])
+            self.consumer.resume(parts)
+        except KafkaException as e:  # the next rebalance or restart starts them at the committed offsets
+            log.warning("%s: rewind after the aborted transaction failed: %s", self.stage, e)
+        finally:
+            self._rewinding = False
+        self.accounting.add("transactions_aborted")
+        HEALTH.assigned(self.stage, len(self._owned()))
 
     # -------------------------------------------------------------------------------------- close
 
@@ -143,6 +193,8 @@ class StageIO(StageRules):
         self._closed = True
         self.kafka_producer.flush(10)
         self.consumer.close()  # its revoke callback may still commit, and flush the producer first
+        if self.tx is not None:
+            self.tx.abort()  # what no commit covered: never visible (its input is read again)
         self.kafka_producer.flush(10)
         # Producer.close is recent (2.16 here; >=2.6 allowed)
         close: Callable[[], Any] | None = getattr(self.kafka_producer, "close", None)

@@ -132,7 +132,7 @@ class Labeler:
         if io is None:
             io = StageIO(self.settings.kafka, STAGE, self.accounting,
                          consumer_config={"partition.assignment.strategy": "range"},
-                         registry=self.settings.schema_registry)
+                         registry=self.settings.schema_registry, transactional=self.settings.kafka.transactional)
         self.io = io
         anchor_dlq = DeadLetters(io.producer, STAGE, self.anchor_accounting, io.wire)
         loaded = self.items.load()

@@ -49,7 +49,11 @@ class Trainer(TrainerStage):
     def run(self, stop: threading.Event, *, poll: int = 256, io: StagePort | None = None) -> None:
         """Train until ``stop``; ``io`` replaces the Kafka I/O (the in-memory twin of the unit tests)."""
         if io is None:
-            io = StageIO(self.settings.kafka, self.name, self.accounting, registry=self.settings.schema_registry)
+            # a transaction stays open from one checkpoint to the next (its dead letters): give it their interval
+            tx_timeout = {"transaction.timeout.ms": min(900_000, max(60_000, int(3_000 * self.cfg.checkpoint_every_s)))}
+            io = StageIO(self.settings.kafka, self.name, self.accounting, registry=self.settings.schema_registry,
+                         transactional=self.settings.kafka.transactional,
+                         producer_config=tx_timeout if self.settings.kafka.transactional else None)
         self.io = io
         self._closing = False
         io.subscribe([SAMPLES.name], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -120,5 +124,10 @@ class Trainer(TrainerStage):
             self.io.producer.flush(30)
 
     def _commit(self, durable: dict[TP, int]) -> None:
-        """Commit the checkpoint's offsets of the partitions held; a lost commit costs nothing."""
+        """Commit the checkpoint's offsets of the partitions held; a lost commit costs nothing. Transactional
+        (``kafka.transactional``): with the dead letters sent since the last one, in one transaction."""
+        if self.io is not None and self.settings.kafka.transactional:
+            held = {(tp.topic, tp.partition) for tp in self.io.consumer.assignment()}
+            self.io.commit(offsets={tp: o for tp, o in durable.items() if tp in held})
+            return
         commit_durable(self.io.consumer if self.io is not None else None, durable, self.version)
