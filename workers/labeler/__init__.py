@@ -2,12 +2,16 @@
 
 One package, one stage (``from workers.labeler import Labeler``):
 
-* ``loop``               the Kafka loop (:class:`Labeler`): poll, defer, hold, label, emit, commit, rebalance;
+* ``loop``               the Kafka loop (:class:`Labeler`): poll → engine → stage, flush, commit, rebalance;
+* ``engine``             the pure rules: the deferred queue (wait bound, size bound), the abstention hold,
+                         the micro-batch, what a commit may pass;
+* ``stage``              the engine's decisions performed: anchors cached, batches labeled and produced or
+                         dead-lettered, the calibrator loaded, real labels joined; the accounting identities;
 * ``assemble``           one request's or a micro-batch's candidates → labeled samples (``label_many``);
 * ``matching``, ``item_matrix``, ``anchor_book``   the frozen space: items, users' anchor sets, max-cosine;
 * ``features``, ``interaction_stats``, ``calibrator``, ``label_map``   the pseudo-label;
 * ``confidence``, ``sampling``   its weight and which candidates get one;
-* ``abstention``         batches held while no calibrator is usable; ``recalibration`` and
+* ``abstention``         why batches are held without a calibrator; ``recalibration`` and
                          ``outcome_memory`` the closed loop (pseudo-labels met by real labels).
 
 ``Labeler`` is loaded on first use, not with the package: eval, the bench and the calibration monitor

@@ -5,7 +5,7 @@ out of the box there is none. A labeler that merely counted its abstentions comm
 read before the calibrator came: a first replay into a fresh stack gave no pseudo-labels, ever, even after
 ``gpl calibrate`` had written one.
 
-What happens instead (workers/labeler/loop.py drives it):
+What happens instead (the hold is :class:`~workers.labeler.engine.AbstainedHold`, the loop drives it):
 
 * an abstained batch is *held*, raw bytes and all, and its offset is not marked done, so the labeler's
   commits stop at it and a restart re-reads it (like a batch waiting for anchors);
@@ -22,67 +22,9 @@ What happens instead (workers/labeler/loop.py drives it):
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from gpl.runtime.settings import Settings
-from schemas.fast_codec import Unexposed
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """One abstained batch, kept to be relabelled (or dead-lettered with its original bytes)."""
-
-    batch: Unexposed
-    key: bytes | None
-    raw: bytes
-    partition: int
-    offset: int
-
-    @property
-    def candidates(self) -> int:
-        return int(self.batch.item_ids.shape[0])
-
-
-class AbstainedHold:
-    """The held batches, oldest first, at most ``bound`` of them."""
-
-    def __init__(self, bound: int) -> None:
-        self.bound = bound
-        self._q: deque[Held] = deque()
-        self.candidates = 0  # candidates of the held batches (the accounting's "waiting" part)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def hold(self, h: Held) -> list[Held]:
-        """Keep ``h``; returns the oldest batches pushed past the bound (the caller dead-letters them)."""
-        self._q.append(h)
-        self.candidates += h.candidates
-        over: list[Held] = []
-        while len(self._q) > self.bound:
-            over.append(self._pop())
-        return over
-
-    def take(self, partitions: Iterable[int] | None = None) -> list[Held]:
-        """Remove and return the held batches (all, or those of ``partitions``), oldest first."""
-        if partitions is None:
-            out = list(self._q)
-            self._q.clear()
-            self.candidates = 0
-            return out
-        parts = set(partitions)
-        out = [h for h in self._q if h.partition in parts]
-        self._q = deque(h for h in self._q if h.partition not in parts)
-        self.candidates -= sum(h.candidates for h in out)
-        return out
-
-    def _pop(self) -> Held:
-        h = self._q.popleft()
-        self.candidates -= h.candidates
-        return h
 
 
 def file_signature(path: Path) -> tuple[int, int] | None:
