@@ -157,3 +157,87 @@ def test_the_setting_is_refused_where_it_cannot_hold() -> None:
     with pytest.raises(ValueError, match="read committed"):
         make_settings(Path("/tmp"), "localhost:1", kafka={"transactional": True,
                                                           "consumer_extra": {"isolation.level": "read_uncommitted"}})
+
+
+def _read_all(io: StageIO, n: int) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(got) < n and time.monotonic() < deadline:
+        got += io.poll(10, 0.5)
+    return got
+
+
+def test_an_aborted_transaction_rewinds_to_the_committed_offsets(tmp_path: Path, broker: Any) -> None:
+    """A record the broker refuses makes the transaction abortable: StageIO aborts it, hands the partitions
+    to the stage's revoke hook (its kept work is dropped, as on a rebalance), rewinds them to the committed
+    offsets, and the work done again is committed once: a read_committed reader sees every output once."""
+    if getattr(broker, "name", "") != "kafka":
+        pytest.skip("transactions need Apache Kafka")
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from gpl.runtime.kafka import Accounting, create_topics
+
+    s = make_settings(tmp_path, broker, partitions=1, kafka={"transactional": True})
+    create_topics(s.kafka, ["unexposed", "samples"])
+    admin = AdminClient({"bootstrap.servers": s.kafka.bootstrap_servers})  # kept: its futures need it alive
+    admin.create_topics([NewTopic("tiny", 1, 1, config={"max.message.bytes": "1000"})])["tiny"].result(30)
+    wait_for(lambda: "tiny" in admin.list_topics(timeout=5).topics, 10, "the tiny topic")
+    produce(s, "unexposed", [f"in{i}".encode() for i in range(5)], keys=["k"] * 5)
+    revoked: list[list[int]] = []
+    with StageIO(s.kafka, STAGE, Accounting(STAGE), transactional=True, instance="abort") as io:
+        io.subscribe(["unexposed"], on_revoke=lambda c, parts: revoked.append([tp.partition for tp in parts]))
+        first = _read_all(io, 5)
+        assert [m.offset() for m in first] == [0, 1, 2, 3, 4]
+        for m in first[:3]:
+            io.producer.produce("samples", b"out%d" % m.offset(), key=b"k")
+            io.done(m)
+        assert io.commit()
+        for m in first[3:]:
+            io.producer.produce("samples", b"out%d" % m.offset(), key=b"k")
+            io.done(m)
+        io.producer.produce("tiny", b"z" * 5000, key=b"k")  # refused by the broker: abort required
+        io.commit()
+        assert io.accounting["transactions_aborted"] == 1 and revoked == [[0]]
+        again = _read_all(io, 2)
+        assert [m.offset() for m in again] == [3, 4]  # from the committed offset, not from where it was
+        for m in again:
+            io.producer.produce("samples", b"out%d" % m.offset(), key=b"k")
+            io.done(m)
+        assert io.commit()
+        assert io.tx is not None and io.tx.committed == 2 and io.tx.aborted == 1
+    c = consumer(s.kafka, f"r-{time.monotonic_ns()}")
+    c.assign([TopicPartition("samples", 0, OFFSET_BEGINNING)])
+    values: list[bytes | None] = []
+    deadline = time.monotonic() + 5
+    while len(values) < 6 and time.monotonic() < deadline:
+        values += [m.value() for m in c.consume(100, 0.5) if m.error() is None]
+    c.close()
+    assert values == [b"out0", b"out1", b"out2", b"out3", b"out4"]
+
+
+def test_a_transaction_open_past_its_timeout_stops_the_stage(tmp_path: Path, broker: Any) -> None:
+    """The broker aborts a transaction open longer than transaction.timeout.ms and bumps the producer's epoch;
+    librdkafka then reports the producer fenced (fatal): the commit raises, nothing of it is visible, and
+    close() returns (a restart resumes from the committed offsets)."""
+    if getattr(broker, "name", "") != "kafka":
+        pytest.skip("transactions need Apache Kafka")
+    from confluent_kafka import KafkaException
+
+    from gpl.runtime.kafka import Accounting, create_topics
+
+    s = make_settings(tmp_path, broker, partitions=1, kafka={"transactional": True})
+    create_topics(s.kafka, ["unexposed", "samples"])
+    produce(s, "unexposed", [b"in0"], keys=["k"])
+    io = StageIO(s.kafka, STAGE, Accounting(STAGE), transactional=True, instance="slow",
+                 producer_config={"transaction.timeout.ms": 2000})
+    with io:
+        io.subscribe(["unexposed"])
+        (m,) = _read_all(io, 1)
+        io.producer.produce("samples", b"late", key=b"k")
+        io.done(m)
+        time.sleep(6)  # past the transaction's timeout: the broker aborts it
+        with pytest.raises(KafkaException):
+            io.commit()
+        assert io.tx is not None and io.tx.fatal
+        assert not io.commit()  # and stays refused (the loop's finally commits once more)
+    assert _samples(s, "read_committed") == Counter()

@@ -35,6 +35,7 @@ consumer needs).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +150,14 @@ class StageIO(StageRules):
         self.consumer.seek(part)
         self.gaps.rewound(tp, offset)
 
+    def commit(self, stop: threading.Event | None = None, *, what: str = "outputs",
+               offsets: dict[TP, int] | None = None) -> bool:
+        """:meth:`StageRules.commit`; refused (False) once the transactional producer failed fatally: the
+        error was raised to the loop once, and its ``finally`` must not raise it again from a flush."""
+        if self.tx is not None and self.tx.fatal:
+            return False
+        return super().commit(stop, what=what, offsets=offsets)
+
     def _commit_offsets(self, offsets: dict[TP, int]) -> None:
         if self.tx is not None:
             if not self.tx.commit(offsets) and not self.tx.fatal and not self._rewinding:
@@ -191,15 +200,20 @@ class StageIO(StageRules):
         if self._closed:
             return
         self._closed = True
-        self.kafka_producer.flush(10)
+        if self.tx is None or not self.tx.fatal:  # a fenced producer raises on flush
+            self.kafka_producer.flush(10)
         self.consumer.close()  # its revoke callback may still commit, and flush the producer first
         if self.tx is not None:
             self.tx.abort()  # what no commit covered: never visible (its input is read again)
-        self.kafka_producer.flush(10)
+        if self.tx is None or not self.tx.fatal:
+            self.kafka_producer.flush(10)
         # Producer.close is recent (2.16 here; >=2.6 allowed)
         close: Callable[[], Any] | None = getattr(self.kafka_producer, "close", None)
         if callable(close):
-            close()
+            try:
+                close()
+            except KafkaException as e:  # a fenced producer's close raises what fenced it: already logged
+                log.info("%s: producer closed after a fatal error: %s", self.stage, e)
 
 
 if TYPE_CHECKING:
