@@ -241,3 +241,40 @@ def test_a_transaction_open_past_its_timeout_stops_the_stage(tmp_path: Path, bro
         assert io.tx is not None and io.tx.fatal
         assert not io.commit()  # and stays refused (the loop's finally commits once more)
     assert _samples(s, "read_committed") == Counter()
+
+
+def test_a_transactional_trainer_commits_its_dead_letters_with_its_offsets(tmp_path: Path, broker: Any) -> None:
+    """The trainer's commit point is its checkpoint: the dead letters sent since the last one and the
+    checkpoint's offsets go in one transaction, readable by read_committed consumers once it commits."""
+    if getattr(broker, "name", "") != "kafka":
+        pytest.skip("transactions need Apache Kafka")
+    from gpl.runtime.kafka import create_topics
+    from tests import test_trainer as tt
+    from workers.trainer import Trainer
+
+    s = tt.tuned(make_settings(tmp_path, broker, kafka={"transactional": True}))
+    create_topics(s.kafka)
+    tt.produce(s, [tt.request(n) for n in range(4)] + [b"{not a batch"])
+    trainer = Trainer(s, tt.item_index(s), progress=False)
+    with tt.running(trainer):
+        counts = trainer.accounting.snapshot
+        wait_for(lambda: trainer.counts["samples"] == 28 and any(k.startswith("dlq:") for k in counts()), 30,
+                 lambda: str(counts()))
+    assert trainer.version >= 1
+    c = consumer(s.kafka, f"dlq-{time.monotonic_ns()}")
+    c.assign([TopicPartition("samples.dlq", q, OFFSET_BEGINNING) for q in range(s.kafka.partitions)])
+    letters: list[Any] = []
+    deadline = time.monotonic() + 10
+    while not letters and time.monotonic() < deadline:
+        letters = [m for m in c.consume(10, timeout=0.5) if m.error() is None]
+    c.close()
+    assert len(letters) == 1
+    group = consumer(s.kafka, trainer.name)
+    try:
+        ends = {q: group.get_watermark_offsets(TopicPartition("samples", q), timeout=10)[1]
+                for q in range(s.kafka.partitions)}
+        done = group.committed([TopicPartition("samples", q) for q in range(s.kafka.partitions)], timeout=10)
+    finally:
+        group.close()
+    # the checkpoint's offsets, committed in the transaction: the end of every partition that had records
+    assert {tp.partition: tp.offset for tp in done if ends[tp.partition]} == {q: e for q, e in ends.items() if e}
