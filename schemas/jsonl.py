@@ -1,6 +1,6 @@
 """The JSONL event file: one event per line, with its topic, so any dataset can be replayed.
 
-Format (documented in the README)::
+Format (documented in docs/operations.md, "The event file format")::
 
     {"topic": "items",    "value": {"item_id": 1, "text": "Toy Story (1995) ...", "category": "Animation"}}
     {"topic": "recall",   "value": {"request_id": "r1", "user_id": "u1", "ts": 1700000000000, "item_ids": [...]}}
