@@ -43,7 +43,7 @@ lint: setup
 	$(BIN)/ruff check gpl schemas streams workers tests
 	$(BIN)/mypy
 
-prometheus-rules: setup  # the one-host Prometheus's rule file from deploy/base/alerts.yaml (tests/test_deploy.py checks it)
+prometheus-rules: setup  # the one-host Prometheus's rule file from deploy/base/alerts.yaml (tests/unit/app/test_deploy.py checks it)
 	$(BIN)/python deploy/prometheus_rules.py
 
 clean:

@@ -2,7 +2,7 @@
 
 Why a generated copy: the alerts are written once, as the Prometheus operator's ``PrometheusRule``
 (Kubernetes); a plain Prometheus (compose.yaml) reads only a rule file (``groups:`` at the top), which is
-that resource's ``spec``. ``make prometheus-rules`` regenerates it; tests/test_deploy.py fails when the two
+that resource's ``spec``. ``make prometheus-rules`` regenerates it; tests/unit/app/test_deploy.py fails when the two
 differ, so the one-host stack cannot silently lose an alert.
 """
 

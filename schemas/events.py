@@ -397,7 +397,7 @@ class SampleBatch(Contract):
 
 
 # Every dead-letter reason a stage writes, with what it means: ``gpl dlq --reason`` accepts these and no
-# other (a typo would match nothing, silently), and tests/test_operator_commands.py checks that each reason
+# other (a typo would match nothing, silently), and tests/integration/test_operator_commands.py checks that each reason
 # written anywhere in the code is declared here.
 DLQ_REASONS: dict[str, str] = {
     "empty": "no value (a tombstone or null)",

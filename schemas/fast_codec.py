@@ -6,7 +6,7 @@ contract's rules (id lengths, the epoch-milliseconds bound, the seconds guard, t
 written once for every stage that reads or writes these messages: the streams stage imports the recall
 decoder and both encoders, the labeler the unexposed decoder. Any doubt falls back to the pydantic
 contract (:func:`schemas.codec.decode`), so an error message and its DLQ reason are always the
-contract's own; tests/test_recall_decode.py checks, property by property, that both agree.
+contract's own; tests/unit/schemas/test_recall_decode.py checks, property by property, that both agree.
 """
 
 from __future__ import annotations

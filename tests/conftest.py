@@ -198,7 +198,7 @@ def make_settings(tmp_path: Path, broker: Any, partitions: int = 2, **overrides:
     base: dict[str, Any] = {
         **{k: dict(v) for k, v in profile.items()},
         "data_dir": str(tmp_path / "data"),
-        # the fixed map unless a test asks for the calibrator (tests/test_calibrated_labeler.py does)
+        # the fixed map unless a test asks for the calibrator (tests/integration/test_calibrated_labeler.py does)
         "labeler": {"label_source": "map"},
     }
     base["kafka"] = {**base.get("kafka", {}), "bootstrap_servers": bootstrap, "partitions": partitions}

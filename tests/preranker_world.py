@@ -2,7 +2,7 @@
 
 Items have unit content vectors; a user clicks an exposed item when its vector leans towards a hidden
 direction (plus a per-user offset), so a trained pre-ranker ranks clearly better than chance and a
-sabotaged one clearly worse. The trainer's Kafka loop is covered by tests/test_trainer.py; these tests
+sabotaged one clearly worse. The trainer's Kafka loop is covered by tests/integration/test_trainer.py; these tests
 exercise what happens at a checkpoint (holdout, gate, publication, export) with the real model and files.
 """
 

@@ -68,7 +68,7 @@ class Broker(Protocol):
 
 
 # The embedded profile: every remedy for Tansu 0.6's quirks (docs/design.md §5), in one place. The product's
-# defaults are Apache Kafka's; tests/test_broker_profiles.py fails if one of these leaks into them.
+# defaults are Apache Kafka's; tests/integration/test_broker_profiles.py fails if one of these leaks into them.
 EMBEDDED_PROFILE: dict[str, dict[str, Any]] = {"kafka": {
     # its high watermark is the last batch's base offset + 1: one record per batch keeps watermark readers
     # (faust table recovery, lag, replay's end of topic) exact; faust follows (streams/app.py: 1-byte batches)

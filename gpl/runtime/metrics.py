@@ -7,7 +7,7 @@ them in :data:`ROUTES`); any other path is 404.
 Names follow the Prometheus guidelines: one quantity per name, the unit as a suffix in base units
 (``_seconds``), ``_total`` on counters, and labels only for dimensions that may be summed or averaged
 (stage, topic, outcome, model), never for different quantities. ``deploy/grafana/`` and
-``deploy/base/alerts.yaml`` query these names; ``tests/test_deploy.py`` checks every name they use is
+``deploy/base/alerts.yaml`` query these names; ``tests/unit/app/test_deploy.py`` checks every name they use is
 defined here.
 """
 

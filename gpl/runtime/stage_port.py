@@ -54,7 +54,7 @@ class GroupClient(Protocol):
 
 @runtime_checkable
 class StagePort(Protocol):
-    """The I/O surface a stage's loop uses; both adapters satisfy it (tests/test_stage_port.py, mypy)."""
+    """The I/O surface a stage's loop uses; both adapters satisfy it (tests/unit/runtime/test_stage_port.py, mypy)."""
 
     stage: str
     accounting: Accounting

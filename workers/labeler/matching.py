@@ -78,7 +78,7 @@ def bf16_similarities(matrix: Any, rows: np.ndarray, columns: Any) -> np.ndarray
 
     One ``index_select`` of contiguous 2-byte rows (half the bytes of float32: the gather is
     memory-bound) and one (m, dim) x (dim, K) bfloat16 GEMM; oneDNN accumulates in float32 and rounds
-    the (m, K) result to bfloat16 (|error| <= ~2^-9 of a cosine near 1, see tests/test_matrix_dtype.py).
+    the (m, K) result to bfloat16 (|error| <= ~2^-9 of a cosine near 1, see tests/unit/workers/test_matrix_dtype.py).
     """
     import torch
 

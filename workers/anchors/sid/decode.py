@@ -8,7 +8,7 @@ step then runs only each beam's newest code, which attends to the user's cached 
 copied per beam) and to the keys of the beam's earlier codes, kept per beam and reordered when the
 beams are chosen (:func:`extend`, :func:`reorder`). Same weights, same arithmetic as ``SIDTransformer.forward``
 (pre-norm layers, eval mode, no dropout): the logits agree with ``last_logits`` to float rounding
-(tests/test_vector_anchors.py checks it).
+(tests/unit/workers/test_vector_anchors.py checks it).
 """
 from __future__ import annotations
 
