@@ -33,6 +33,7 @@ from gpl.runtime.vectors.index import Points
 from gpl.runtime.vectors.memory import MemoryIndex
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, UnexposedBatch
+from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
 
 USERS = [f"u{i}" for i in range(8)]
 
@@ -68,7 +69,7 @@ def run(bootstrap: str, data_dir: Path, *, transactional: bool, requests: int, c
         vec = enc.encode([f"topic{USERS.index(u)} shade3"])[0].tolist()
         aset = AnchorSet(user_id=u, version=1, model="bench", prompt_hash="h", encoder=s.encoder.model,
                          generated_at=1, anchors=[Anchor(text="a", vector=vec)])
-        p.produce("anchors", encode(aset), key=u.encode())
+        p.produce(ANCHORS.name, encode(aset), key=u.encode())
     p.flush(30)
     labeler = Labeler(s, _index(s, max(candidates * 2, 2000)))
     stop = threading.Event()
@@ -76,7 +77,7 @@ def run(bootstrap: str, data_dir: Path, *, transactional: bool, requests: int, c
     worker.start()
     seen: dict[str, float] = {}
     reader = consumer(s.kafka, f"bench-reader-{tag}")  # read_committed: librdkafka's default
-    reader.assign([TopicPartition("samples", q, OFFSET_BEGINNING) for q in range(s.kafka.partitions)])
+    reader.assign([TopicPartition(SAMPLES.name, q, OFFSET_BEGINNING) for q in range(s.kafka.partitions)])
 
     done = threading.Event()
 
@@ -96,7 +97,7 @@ def run(bootstrap: str, data_dir: Path, *, transactional: bool, requests: int, c
     rng = np.random.default_rng(0)
     ids = rng.integers(0, max(candidates * 2, 2000), size=(requests, candidates))
     rid = f"warm-{tag}"  # the labeler has joined once this comes back
-    p.produce("unexposed", encode(UnexposedBatch(request_id=rid, user_id=USERS[0], ts=int(time.time() * 1000),
+    p.produce(UNEXPOSED.name, encode(UnexposedBatch(request_id=rid, user_id=USERS[0], ts=int(time.time() * 1000),
                                                  item_ids=ids[0].tolist(), recall_scores=[0.5] * candidates)),
               key=USERS[0].encode())
     p.flush(30)
@@ -110,7 +111,7 @@ def run(bootstrap: str, data_dir: Path, *, transactional: bool, requests: int, c
         sent[r] = time.time()
         b = UnexposedBatch(request_id=r, user_id=USERS[j % len(USERS)], ts=int(sent[r] * 1000),
                            item_ids=ids[j].tolist(), recall_scores=[0.5] * candidates)
-        p.produce("unexposed", encode(b), key=b.user_id.encode())
+        p.produce(UNEXPOSED.name, encode(b), key=b.user_id.encode())
         p.poll(0)
     p.flush(30)
     wait(requests + 1, 300)
