@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
     # 3.-5. stack, index, stream ----------------------------------------------------------------
     phases.set_postfix_str("stream")
+    fresh_trainer_state(settings)
     with Stack(settings, encoder=_cached_encoder(settings)) as stack:
         s = stack.settings
         from gpl.replay import replay_jsonl
@@ -145,6 +147,24 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
 
 
 BASELINE = "trainer-exposed-only"
+
+
+def fresh_trainer_state(settings: Settings) -> Path | None:
+    """Move an earlier run's checkpoints aside (to ``checkpoints.previous``, replacing an older copy).
+
+    Why: the demo streams the same world every run, and sample ids are deterministic (request, item,
+    anchor version), so trainers resumed from the last run's checkpoints found every sample in their
+    seen-set, trained nothing and the summary reported the previous run's model (its gate decisions
+    too). Moved, not deleted: the directory may hold a model someone wants back."""
+    current = settings.checkpoints_dir
+    if not current.exists():
+        return None
+    previous = current.with_name(current.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    current.rename(previous)
+    log.info("demo: the last run's checkpoints moved to %s; this run trains from scratch", previous)
+    return previous
 
 
 def closed_loop_counts(acc: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -228,7 +248,6 @@ def semisynth_world(settings: Settings, cfg: DemoConfig, out_dir: Path
 
 def calibrate(settings: Settings, events_file: Path, features: str) -> dict[str, Any]:
     """Fit the calibrator on the training events (the streamed period, no held-out request) and save it."""
-    import shutil
 
     from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
     from gpl.eval.dataset import load_dataset

@@ -67,3 +67,19 @@ def test_faust_backpressure_is_counted_not_warned(caplog: pytest.LogCaptureFixtu
         logging.getLogger("mode.timers").warning("Timer %s is overlapping (interval=%r runtime=%r)", "commit", 2.8, 3.2)
     assert PRODUCER_BACKPRESSURE._value.get() == before + 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == ["something else"]
+
+
+def test_a_second_demo_trains_from_scratch_and_keeps_the_last_runs_checkpoints(tmp_path: Path) -> None:
+    """The demo streams the same world each run with deterministic sample ids: trainers resumed from the last
+    run's checkpoints skipped every sample as seen and the summary showed the old model."""
+    from gpl.demo import fresh_trainer_state
+    from gpl.runtime.settings import load
+
+    s = load(env={}, data_dir=str(tmp_path))
+    assert fresh_trainer_state(s) is None  # nothing to move on a first run
+    for run in ("first", "second"):
+        s.checkpoints_dir.mkdir()
+        (s.checkpoints_dir / "ckpt-000001.pt").write_text(run)
+        moved = fresh_trainer_state(s)
+        assert moved == tmp_path / "checkpoints.previous" and not s.checkpoints_dir.exists()
+        assert (moved / "ckpt-000001.pt").read_text() == run  # the latest earlier run is kept, once
