@@ -249,7 +249,7 @@ def test_a_transactional_trainer_commits_its_dead_letters_with_its_offsets(tmp_p
     if getattr(broker, "name", "") != "kafka":
         pytest.skip("transactions need Apache Kafka")
     from gpl.runtime.kafka import create_topics
-    from tests import test_trainer as tt
+    from tests.integration import test_trainer as tt
     from workers.trainer import Trainer
 
     s = tt.tuned(make_settings(tmp_path, broker, kafka={"transactional": True}))
