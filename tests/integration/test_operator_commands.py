@@ -47,9 +47,14 @@ def one_line(out: subprocess.CompletedProcess[str], *words: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv", [("topics", "list"), ("topics", "create"), ("dlq", "show", "recall"),
-                                  ("dlq", "redrive", "recall"), ("replay", str(ROOT / "README.md")), ("up",),
-                                  ("run", "--stages", "labeler")])
+SAME_CHECK = pytest.mark.slow  # the same require_broker as the commands kept in the default run: `make test-all`
+
+
+@pytest.mark.parametrize("argv", [("topics", "list"), pytest.param(("topics", "create"), marks=SAME_CHECK),
+                                  pytest.param(("dlq", "show", "recall"), marks=SAME_CHECK),
+                                  ("dlq", "redrive", "recall"),
+                                  pytest.param(("replay", str(ROOT / "README.md")), marks=SAME_CHECK), ("up",),
+                                  pytest.param(("run", "--stages", "labeler"), marks=SAME_CHECK)])
 def test_unreachable_broker_is_one_line(argv: tuple[str, ...]) -> None:
     one_line(gpl(*argv, "--bootstrap", DEAD), f"cannot reach the Kafka broker at {DEAD}", "--bootstrap")
 

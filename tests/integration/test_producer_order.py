@@ -45,6 +45,7 @@ class _TimedOut(logging.Handler):
         self.timed_out += "Timed out ProduceRequest" in record.getMessage()
 
 
+@pytest.mark.slow  # a broker of its own, paused past the socket timeout: chaos-like, `make test-all`
 def test_a_paused_broker_gets_each_record_once_and_in_order(tmp_path: Path, kafka_dist: Path) -> None:
     # its controller fences it after 3 s without a heartbeat (Kafka's default: 9 s): a pause may also take
     # the partitions' leader away on resume, as the chaos test's 30 s stop did

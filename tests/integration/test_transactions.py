@@ -115,6 +115,7 @@ def test_transactional_labeler_killed_mid_traffic_writes_each_request_once(tmp_p
           f"{sum(uncommitted.values()) - sum(committed.values())} more in aborted transactions")
 
 
+@pytest.mark.slow  # the comparison run without transactions (the kill -9 suite covers at-least-once): `make test-all`
 def test_at_least_once_labeler_killed_mid_traffic_loses_nothing(tmp_path: Path, broker: Any) -> None:
     """The same scenario without transactions: nothing lost; the duplicates, if any, are reported only
     (whether the kill lands between a flush and its commit is a matter of timing)."""
