@@ -32,6 +32,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_CPU_INDEX}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gpl ./gpl
+COPY runtime ./runtime
 COPY schemas ./schemas
 COPY streams ./streams
 COPY workers ./workers
@@ -54,6 +55,7 @@ ARG VLLM_SPEC="vllm"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gpl ./gpl
+COPY runtime ./runtime
 COPY schemas ./schemas
 COPY streams ./streams
 COPY workers ./workers

@@ -40,7 +40,7 @@ bench: setup
 	$(BIN)/gpl bench e2e
 
 lint: setup
-	$(BIN)/ruff check gpl schemas streams workers tests
+	$(BIN)/ruff check gpl runtime schemas streams workers tests
 	$(BIN)/mypy
 
 prometheus-rules: setup  # the one-host Prometheus's rule file from deploy/base/alerts.yaml (tests/unit/app/test_deploy.py checks it)

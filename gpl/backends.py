@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from workers.anchors.generators.base import AnchorGenerator
 from workers.anchors.vector_anchors import VectorAnchorSource
 
@@ -17,10 +17,10 @@ from workers.anchors.vector_anchors import VectorAnchorSource
 def open_index(settings: Settings) -> VectorIndex:
     """The index the settings ask for: a Qdrant server when ``qdrant.url`` is set, else the embedded engine."""
     if settings.qdrant.url:
-        from gpl.runtime.vectors.server import ServerIndex
+        from runtime.vectors.server import ServerIndex
 
         return ServerIndex(settings.qdrant.url, api_key=settings.qdrant.api_key.get_secret_value() or None)
-    from gpl.runtime.vectors.edge import EdgeIndex
+    from runtime.vectors.edge import EdgeIndex
 
     return EdgeIndex(settings.data_dir / "qdrant", hnsw=settings.qdrant.hnsw)
 
@@ -49,7 +49,7 @@ def make_generator(settings: Settings, *, threads: int | None = None, index: Vec
 
         return MemoryGenerator(cfg)
     if backend == "transformers":
-        from gpl.runtime.model_assets import ensure_llm
+        from runtime.model_assets import ensure_llm
         from workers.anchors.generators.transformers_backend import TransformersGenerator
 
         n = threads if threads is not None else (cfg.threads or None)
@@ -64,7 +64,7 @@ def make_generator(settings: Settings, *, threads: int | None = None, index: Vec
         import_vllm()  # fail with the install hint before fetching a model the engine cannot run
         if cfg.model_dir:
             return VLLMGenerator(cfg.model_dir, cfg)
-        from gpl.runtime.model_assets import ensure_llm
+        from runtime.model_assets import ensure_llm
 
         return VLLMGenerator(ensure_llm(settings.llm_dir), cfg)
     raise ValueError(f"unknown anchors backend {backend!r}")

@@ -27,7 +27,7 @@ from gpl.up import cmd_run, cmd_up, progress, stage_options
 
 # `gpl --version` answers without them (pydantic, the clients, the stages: seconds of imports)
 if TYPE_CHECKING:
-    from gpl.runtime.settings import Settings
+    from runtime.settings import Settings
 
 EPILOG = """\
 settings: every field of `gpl config show` can be set in a TOML file (--config), in the environment
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpl {version()}")
         raise SystemExit(0)  # as argparse's --version action does
     from gpl.parser import explain
-    from gpl.runtime.kafka import use_topic_names
-    from gpl.runtime.settings import load
+    from runtime.kafka import use_topic_names
+    from runtime.settings import load
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in explain(e):
             print(f"gpl: {line}", file=sys.stderr)
         return 2
-    from gpl.runtime.logs import configure_logging
+    from runtime.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)  # text, or one JSON object a line
     for noisy in ("aiokafka", "faust", "mode", "httpx", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-    from gpl.runtime.health import serve_http
-    from gpl.runtime.redact import install
+    from runtime.health import serve_http
+    from runtime.redact import install
 
     install(settings)  # URL credentials and configured secrets never reach a log line
     # only the commands that run stages serve /metrics and the probes: a one-shot command (replay, topics, dlq)
@@ -344,8 +344,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.encoder import open_encoder
-    from gpl.runtime.model_assets import ensure_llm
+    from runtime.encoder import open_encoder
+    from runtime.model_assets import ensure_llm
 
     if args.llm:
         settings = settings.with_overrides(anchors={"llm": args.llm})
@@ -356,8 +356,8 @@ def cmd_models_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the effective settings; secrets and URL credentials are masked (gpl/runtime/redact.py)."""
-    from gpl.runtime.redact import public_settings
+    """Print the effective settings; secrets and URL credentials are masked (runtime/redact.py)."""
+    from runtime.redact import public_settings
 
     print(orjson.dumps(public_settings(settings), option=orjson.OPT_INDENT_2).decode())
     return 0

@@ -32,7 +32,7 @@ import orjson
 from tqdm import tqdm
 
 from gpl.demo_report import evaluate, print_summary, sample_stats
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from gpl.stack import Stack, Stages
 from schemas.events import RecallEvent
 from schemas.jsonl import write_events
@@ -80,7 +80,7 @@ def run_demo(settings: Settings, cfg: DemoConfig = DemoConfig(), *, progress: bo
     # 1. models -----------------------------------------------------------------------------------
     phases.set_postfix_str("models")
     if settings.anchors.backend == "transformers":
-        from gpl.runtime.model_assets import ensure_llm
+        from runtime.model_assets import ensure_llm
 
         ensure_llm(settings.llm_dir)
     phases.update()
@@ -195,7 +195,7 @@ def _cached_encoder(settings: Settings) -> Any:
     looks the catalogue's vectors up instead of embedding it a second time (a vector is never
     recomputed under one encoder; docs/design.md §2). Cut ~90 s of the demo on a 2-core machine."""
     from gpl.eval.embed import CachedEncoder
-    from gpl.runtime.encoder import open_encoder
+    from runtime.encoder import open_encoder
 
     return CachedEncoder(open_encoder(settings.encoder), settings.data_dir / "eval" / "cache", progress=False)
 
@@ -252,7 +252,7 @@ def calibrate(settings: Settings, events_file: Path, features: str) -> dict[str,
     from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
     from gpl.eval.dataset import load_dataset
     from gpl.eval.embed import CachedEncoder
-    from gpl.runtime.encoder import open_encoder
+    from runtime.encoder import open_encoder
 
     ds_dir = events_file.parent / "calibration-dataset"
     ds_dir.mkdir(exist_ok=True)
@@ -299,7 +299,7 @@ def _wait_quiescent(settings: Settings, stages: Stages, produced: dict[str, int]
     """Wait until every input is accounted for by every stage, with a live progress bar."""
     from confluent_kafka import TopicPartition
 
-    from gpl.runtime.kafka import consumer
+    from runtime.kafka import consumer
 
     st = stages.stages
     probe = consumer(settings.kafka, "demo-probe")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.vectors.index import VectorIndex
 from workers.history import profile_of, recent_distinct
 from workers.model import ModelConfig
 

@@ -18,7 +18,7 @@ import orjson
 
 from gpl.demo_history import held_out_histories
 from gpl.eval.metrics import auc, gauc
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from gpl.stack import Stack
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.topics import SAMPLES
@@ -86,7 +86,7 @@ def sample_stats(settings: Settings, timeout: float = 60.0) -> dict[str, Any]:
     """Read ``samples`` to its end once: counts per source and the mean pseudo-label and weight."""
     from confluent_kafka import TopicPartition
 
-    from gpl.runtime.kafka import consumer
+    from runtime.kafka import consumer
 
     c = consumer(settings.kafka, f"demo-stats-{time.monotonic_ns()}")
     parts = [TopicPartition(SAMPLES.name, p, 0) for p in range(settings.kafka.partitions)]

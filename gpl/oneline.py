@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 BROKER_HINT = "start it (gpl up prints its address) or point kafka.bootstrap_servers / --bootstrap at a live one"
 
@@ -53,7 +53,7 @@ def explain(e: BaseException, settings: Settings) -> str | None:
     """The one line for a failure an operator can fix, None for anything else (a bug: keep the traceback)."""
     from confluent_kafka import KafkaException
 
-    from gpl.runtime.kafka_dist import KafkaUnavailable
+    from runtime.kafka_dist import KafkaUnavailable
 
     if isinstance(e, OperatorError | KafkaUnavailable):  # KafkaUnavailable: no Java or Maven, what to install
         return str(e)

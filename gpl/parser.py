@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from gpl.runtime.settings import Settings, SettingsError
+from runtime.settings import Settings, SettingsError
 from schemas.plain import plain
 
 

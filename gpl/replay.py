@@ -43,8 +43,8 @@ from confluent_kafka import Consumer as KafkaConsumer
 from tqdm import tqdm
 
 from gpl.replay_order import MAX_SORT_BYTES, ordered_events, scan, wait_for_indexer
-from gpl.runtime.kafka import consumer, create_topics, producer
-from gpl.runtime.settings import KafkaSettings, Settings
+from runtime.kafka import consumer, create_topics, producer
+from runtime.settings import KafkaSettings, Settings
 from schemas.events import recall_as_v2
 from schemas.jsonl import JsonlEvent
 from schemas.topics import spec
@@ -285,7 +285,7 @@ def replay_topic(
     (an exposure before its recall) can sit anywhere, so a partition is always read to its high
     watermark as it was when the replay began (records appended later are not part of the range).
     (A broker whose high watermark is inexact is the embedded profile's business: see
-    ``EMBEDDED_PROFILE`` in gpl/runtime/broker.py.)
+    ``EMBEDDED_PROFILE`` in runtime/broker.py.)
 
     Order: a k-way merge that always sends the earliest-timestamped head among the partitions, each
     partition's own order kept (so a user's events keep theirs); ties go to the lower partition. Every

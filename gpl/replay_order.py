@@ -30,8 +30,8 @@ from pathlib import Path
 
 from confluent_kafka import TopicPartition
 
-from gpl.runtime.kafka import consumer
-from gpl.runtime.settings import KafkaSettings
+from runtime.kafka import consumer
+from runtime.settings import KafkaSettings
 from schemas.jsonl import JsonlEvent, read_events
 from schemas.topics import ITEMS
 

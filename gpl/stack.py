@@ -2,7 +2,7 @@
 
 * :class:`Stack` — a context manager: starts a local broker when no bootstrap servers are set
   (``broker.kind``: the embedded Tansu one, or Apache Kafka) and applies that broker's settings profile
-  (the embedded one carries every Tansu remedy: :data:`gpl.runtime.broker.EMBEDDED_PROFILE`), creates
+  (the embedded one carries every Tansu remedy: :data:`runtime.broker.EMBEDDED_PROFILE`), creates
   every topic with the project's partition counts, and opens the vector index (embedded qdrant-edge in
   ``data_dir`` or a Qdrant server). It always shuts them down.
 * :class:`Stages` — runs chosen stages as threads over one stack. The embedded vector engine lives in
@@ -24,14 +24,14 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from gpl.backends import open_index
-from gpl.runtime.broker import Broker, EmbeddedBroker
-from gpl.runtime.encoder import Encoder, open_encoder
-from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import create_topics, use_topic_names
-from gpl.runtime.metrics import STAGE_UP
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
-from gpl.runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
+from runtime.broker import Broker, EmbeddedBroker
+from runtime.encoder import Encoder, open_encoder
+from runtime.health import HEALTH
+from runtime.kafka import create_topics, use_topic_names
+from runtime.metrics import STAGE_UP
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
+from runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
 from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
 from gpl.stage_build import build_stage
 from gpl.stage_process import READERS, ProcessStage
@@ -59,7 +59,7 @@ def local_broker(s: Settings, port: int | None = None) -> Broker:
     """The broker ``broker.kind`` names, not started: Tansu (embedded) or Apache Kafka, in ``data_dir``."""
     port = port or s.broker.port or None
     if s.broker.kind == "kafka":
-        from gpl.runtime.kafka_broker import KafkaBroker
+        from runtime.kafka_broker import KafkaBroker
 
         return KafkaBroker(s.data_dir, port)
     return EmbeddedBroker(port, s.data_dir / "tansu.log", storage=s.broker.storage, data_dir=s.data_dir)

@@ -2,7 +2,7 @@
 own process (gpl/stage_process.py), so both run exactly the same construction.
 
 The stages that only look item vectors up (streams, labeler, trainer) see the index through
-:class:`~gpl.runtime.vectors.index.MissingAsEmpty`: before the indexer's first item snapshot, or before it
+:class:`~runtime.vectors.index.MissingAsEmpty`: before the indexer's first item snapshot, or before it
 created its collection on a Qdrant server, no item is known yet — the ``streams.unknown_items`` policy's
 case (the labeler waits for unknown items, the trainer skips them), never a dead-lettered message."""
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from gpl.runtime.encoder import Encoder
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import MissingAsEmpty, VectorIndex
+from runtime.encoder import Encoder
+from runtime.settings import Settings
+from runtime.vectors.index import MissingAsEmpty, VectorIndex
 
 STAGES = ("streams", "indexer", "anchors", "labeler", "trainer", "calibration")
 ITEM_READERS = ("streams", "labeler", "trainer")  # look item vectors up, never write them

@@ -3,7 +3,7 @@
 Why: Python runs one bytecode stream per process (the GIL), so stages sharing a process share one
 core. The embedded vector engine admits one process (a lock on its directory), but the stages that
 only *read* item vectors — streams, labeler, trainer, calibration — can open the item snapshot
-(gpl/runtime/vectors/snapshot.py) instead, and so run on their own cores.
+(runtime/vectors/snapshot.py) instead, and so run on their own cores.
 
 :class:`ProcessStage` has the :class:`gpl.stack.Stage` shape: ``run(stop)`` starts the child (spawn: a
 clean interpreter, no inherited threads or Kafka handles), relays ``stop`` to it and returns when it
@@ -13,8 +13,8 @@ them as they would read a thread's. A child that fails raises in ``run`` with th
 :class:`gpl.stack.Stages` records it like a crashed thread.
 
 Each report also carries the child's health (beats, idle time, partitions of each stage loop, relayed
-into the parent's :data:`~gpl.runtime.health.HEALTH` under the names a thread would report) and its
-``gpl_*`` metrics (relayed into the parent's ``/metrics``, gpl/runtime/metrics_relay.py): the parent's
+into the parent's :data:`~runtime.health.HEALTH` under the names a thread would report) and its
+``gpl_*`` metrics (relayed into the parent's ``/metrics``, runtime/metrics_relay.py): the parent's
 ``/healthz``, ``/readyz`` and ``/metrics`` answer for the stage as for a thread, on the parent's
 ``metrics_port`` (children serve no port of their own). A child that dies ends its stage in the parent
 (``crashed``) and drops its metrics.
@@ -31,9 +31,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from gpl.runtime.health import HEALTH
-from gpl.runtime.metrics_relay import RELAYED, export_families
-from gpl.runtime.settings import Settings
+from runtime.health import HEALTH
+from runtime.metrics_relay import RELAYED, export_families
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 READERS = ("streams", "labeler", "trainer", "calibration")  # stages that never write vectors
@@ -42,7 +42,7 @@ METRICS_S = 1.0  # the child's metrics ride on a report at most this often (a sc
 
 
 class MirroredAccounting:
-    """The parent's view of a child's :class:`~gpl.runtime.kafka.Accounting` (last snapshot received)."""
+    """The parent's view of a child's :class:`~runtime.kafka.Accounting` (last snapshot received)."""
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
@@ -151,7 +151,7 @@ def open_reader_index(settings: Settings) -> Any:
         from gpl.backends import open_index
 
         return open_index(settings)
-    from gpl.runtime.vectors.snapshot import SnapshotIndex, snapshot_dir
+    from runtime.vectors.snapshot import SnapshotIndex, snapshot_dir
 
     return SnapshotIndex(snapshot_dir(settings.data_dir, settings.encoder.collection).parent)
 
@@ -167,16 +167,16 @@ def _stop_child(conn: Connection) -> None:
 def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: Connection, conn: Connection,
                report_s: float) -> None:
     """The child: build the stage over a reader index, run it in a thread, report until it ends."""
-    from gpl.runtime.encoder import open_encoder
-    from gpl.runtime.kafka import use_topic_names
-    from gpl.runtime.logs import configure_logging
-    from gpl.runtime.redact import install
+    from runtime.encoder import open_encoder
+    from runtime.kafka import use_topic_names
+    from runtime.logs import configure_logging
+    from runtime.redact import install
     from gpl.stage_build import build_stage
 
     settings = Settings.model_validate_json(settings_json)
     use_topic_names(settings.kafka)  # a spawned process starts with the logical names: take the stack's
     configure_logging(settings.log_level, settings.log_format, stage=name)
-    install(settings)  # the child's log lines are masked like the parent's (gpl/runtime/redact.py)
+    install(settings)  # the child's log lines are masked like the parent's (runtime/redact.py)
     error: list[str] = []
     with open_reader_index(settings) as index:
         try:
@@ -216,7 +216,7 @@ def _send(conn: Connection, msg: dict[str, Any]) -> None:
 
 
 def _report(stage: Any, error: str | None, *, metrics: bool = True) -> dict[str, Any]:
-    from gpl.runtime.kafka import Accounting
+    from runtime.kafka import Accounting
 
     accountings = {k: v.snapshot() for k, v in vars(stage).items() if isinstance(v, Accounting)}
     attrs: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gpl.runtime.settings import Settings
+    from runtime.settings import Settings
 
 def progress() -> bool:
     """Progress bars only when a person watches: stderr is a terminal (not a pipe or a service log)."""
@@ -48,7 +48,7 @@ def _until_interrupted(stop: threading.Event, first: Callable[[], None] = lambda
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.redact import mask_url
+    from runtime.redact import mask_url
     from gpl.stack import Stack
 
     names = _stage_names(args.stages)
@@ -140,7 +140,7 @@ def _stage_names(given: list[str]) -> list[str]:
 def _run_stages(stack: Any, names: list[str], ready: str = "") -> int:
     """Run the stages until interrupted or until one crashes; a crash exits non-zero.
 
-    Honest liveness (gpl/runtime/health.py): a stage that died takes the process down so the
+    Honest liveness (runtime/health.py): a stage that died takes the process down so the
     orchestrator restarts it. The other stages get ``health.exit_grace_s`` to stop cleanly; a stage
     that hangs in its shutdown cannot keep a broken process alive past it.
     """

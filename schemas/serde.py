@@ -3,7 +3,7 @@
 A topic's format is an object that is both a :class:`Serializer` and a :class:`Deserializer` (a
 :class:`Serde`); ``schemas/topics.py`` declares one per topic (JSON for all of ours) and lets a process
 bind another (:func:`schemas.topics.bind_serde`). Every reader and writer goes through the binding:
-``gpl/runtime/serde.py``'s ``Wire`` in the stages, the event producer of ``gpl replay``. So Avro or
+``runtime/serde.py``'s ``Wire`` in the stages, the event producer of ``gpl replay``. So Avro or
 Protobuf would be one module implementing these four methods, bound to its topics.
 
 Why the two JSON methods: the two largest messages are read and written by fast codecs that go
@@ -61,7 +61,7 @@ class Serde(Serializer, Deserializer, Protocol):
 class JsonSerde:
     """Our JSON (orjson, ``exclude_none``), the format of every topic as declared. Reading also accepts
     the Confluent wire format (:mod:`schemas.wire`), whose framing :func:`schemas.codec.decode` strips;
-    the registry's checks of a framed record are the runtime's (``gpl/runtime/serde.py``)."""
+    the registry's checks of a framed record are the runtime's (``runtime/serde.py``)."""
 
     name = "json"
 

@@ -47,7 +47,7 @@ class Naming:
 
 
 # Process-wide, like the logging configuration: set once at the edge from the settings (kafka.topic_prefix,
-# kafka.topic_names; gpl/runtime/settings.py KafkaSettings.apply_topic_names) by the CLI, the stack and a
+# kafka.topic_names; runtime/settings.py KafkaSettings.apply_topic_names) by the CLI, the stack and a
 # stage's child process, and read by every TopicSpec.name below: one registry, no name built elsewhere.
 _naming = Naming()
 

@@ -3,7 +3,7 @@
 Producers that use Confluent's serializers frame every message this way. Our own JSON always starts
 with ``{``, so one byte tells the two formats apart and every decode site can accept both. This module
 only frames and unframes; looking the schema id up in a registry is the runtime's job
-(``gpl/runtime/serde.py``), because the contracts layer holds no clients.
+(``runtime/serde.py``), because the contracts layer holds no clients.
 """
 
 from __future__ import annotations

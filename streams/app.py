@@ -51,13 +51,13 @@ from typing import Any
 import faust
 import numpy as np
 
-from gpl.runtime.faust_config import faust_settings
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.lag import LagGauge
-from gpl.runtime.metrics import JOIN_PENDING
-from gpl.runtime.serde import Wire
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.faust_config import faust_settings
+from runtime.kafka import Accounting
+from runtime.lag import LagGauge
+from runtime.metrics import JOIN_PENDING
+from runtime.serde import Wire
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, redrive_count
 from schemas.events import ExposureEvent
 from schemas.fast_codec import decode_recall, encode_real_samples, encode_unexposed
@@ -111,7 +111,7 @@ class StreamsProcessor:
     # ------------------------------------------------------------------ the app, top to bottom
     def _build(self) -> faust.App:
         s, cfg = self.settings, self.settings.streams
-        # the stage's own settings, then the deployment's: security, client properties (gpl/runtime/faust_config.py)
+        # the stage's own settings, then the deployment's: security, client properties (runtime/faust_config.py)
         app = faust.App(app_id(cfg.app_id), **faust_settings(s.kafka, dict(
             broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
             store="memory://",

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import StreamsSettings
-from gpl.runtime.vectors.id_index import IdIndex
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.kafka import Accounting
+from runtime.settings import StreamsSettings
+from runtime.vectors.id_index import IdIndex
+from runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.fast_codec import Recall
 
@@ -27,7 +27,7 @@ from schemas.fast_codec import Recall
 class Catalog:
     """Known item ids, refreshed from the vector index only for ids not seen yet.
 
-    A hash set (:class:`~gpl.runtime.vectors.id_index.IdIndex`): every recall's candidates are checked,
+    A hash set (:class:`~runtime.vectors.id_index.IdIndex`): every recall's candidates are checked,
     and a binary search over sorted ids cost ~4x as much per recall (unpredictable branches).
     """
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 from confluent_kafka.admin import AdminClient
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import SPLIT_REQUESTS
-from gpl.runtime.settings import KafkaSettings
+from runtime.kafka import Accounting
+from runtime.metrics import SPLIT_REQUESTS
+from runtime.settings import KafkaSettings
 from streams.join import Pending
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gpl.runtime.settings import StreamsSettings
-from gpl.runtime.vectors.normalize import normalize
+from runtime.settings import StreamsSettings
+from runtime.vectors.normalize import normalize
 from schemas.events import AnchorReason, AnchorRequest
 
 _HEAD = struct.Struct("<qiiHH?")  # last_request_ms, positives_since, requests, n_recent, dim, has_gen

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import StreamsSettings
+from runtime.kafka import Accounting
+from runtime.settings import StreamsSettings
 from schemas.codec import DecodeError, decode
 from schemas.events import ExposureEvent
 from schemas.fast_codec import Recall

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer
 
-from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import create_topics, reader_config
-from gpl.runtime.lag import LagGauge
-from gpl.runtime.settings import Settings
+from runtime.health import HEALTH
+from runtime.kafka import create_topics, reader_config
+from runtime.lag import LagGauge
+from runtime.settings import Settings
 from schemas.topics import EXPOSURE, RECALL, app_id
 from streams.copartition import verify_copartitioned
 
@@ -67,7 +67,7 @@ def serve(proc: Served, stop: threading.Event) -> None:
         await app.start()
         try:
             while not stop.is_set() and not app.should_stop:
-                if proc.agent_error is not None:  # honest liveness (gpl/runtime/health.py)
+                if proc.agent_error is not None:  # honest liveness (runtime/health.py)
                     raise RuntimeError(f"streams agent crashed: {proc.agent_error!r}") from proc.agent_error
                 HEALTH.beat(STAGE)
                 consumer = app._consumer  # noqa: SLF001 - None until faust has started it

@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gpl.runtime.broker import EmbeddedBroker  # noqa: E402
-from gpl.runtime.kafka import create_topics  # noqa: E402
-from gpl.runtime.kafka_broker import KafkaBroker  # noqa: E402
-from gpl.runtime.kafka_dist import KafkaUnavailable, ensure  # noqa: E402
-from gpl.runtime.settings import Settings, load  # noqa: E402
+from runtime.broker import EmbeddedBroker  # noqa: E402
+from runtime.kafka import create_topics  # noqa: E402
+from runtime.kafka_broker import KafkaBroker  # noqa: E402
+from runtime.kafka_dist import KafkaUnavailable, ensure  # noqa: E402
+from runtime.settings import Settings, load  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_DIST = REPO / ".gpl"  # where `make setup` (gpl kafka fetch) put the jars

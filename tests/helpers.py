@@ -12,11 +12,11 @@ import numpy as np
 import orjson
 from pydantic import BaseModel
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points, VectorIndex
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, producer
+from runtime.settings import Settings
+from runtime.vectors.index import Points, VectorIndex
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import encode
 from schemas.events import ItemEvent
 from schemas.topics import spec

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.settings import Settings
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
 from workers.anchors.policy import anchor_point_id

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.vectors.index import VectorIndex
 from workers.anchors.policy import anchor_point_id
 
 log = logging.getLogger(__name__)

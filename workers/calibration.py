@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import (
+from runtime.kafka import Accounting
+from runtime.metrics import (
     PSEUDO_ECE,
     PSEUDO_JOINED,
     PSEUDO_PENDING,
@@ -49,9 +49,9 @@ from gpl.runtime.metrics import (
     PSEUDO_RELIABILITY_PREDICTED,
     PSEUDO_WEIGHT_ECE,
 )
-from gpl.runtime.settings import Settings
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.stage_port import StagePort
+from runtime.settings import Settings
+from runtime.stage_io import StageIO
+from runtime.stage_port import StagePort
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
 from workers.labeler.outcome_memory import OutcomeMemory

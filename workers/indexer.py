@@ -17,12 +17,12 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
-from gpl.runtime.encoder import Encoder, encode_items
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import Settings
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.stage_port import StagePort
-from gpl.runtime.vectors.index import Points, VectorIndex
+from runtime.encoder import Encoder, encode_items
+from runtime.kafka import Accounting
+from runtime.settings import Settings
+from runtime.stage_io import StageIO
+from runtime.stage_port import StagePort
+from runtime.vectors.index import Points, VectorIndex
 from schemas.events import ItemEvent
 from schemas.topics import ITEMS
 

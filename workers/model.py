@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpl.runtime.settings import TrainerSettings
+from runtime.settings import TrainerSettings
 from workers.anchor_cross import ANCHOR_CROSS_DIM, ANCHOR_CROSS_INPUT
 
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gpl.runtime.settings import AnchorSettings, Settings
+from runtime.settings import AnchorSettings, Settings
 from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.anchors.generators.retrying import RetryingGenerator
 from workers.anchors.vector_anchors import VectorAnchorSource
@@ -100,7 +100,7 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
     ``transformers serve`` on the model directory and runs that many users through OpenAIGenerator.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpl.runtime.model_assets import ensure_llm
+    from runtime.model_assets import ensure_llm
     from workers.anchors.generators.transformers_backend import TransformersGenerator
 
     mdir = ensure_llm(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR)

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpl.runtime.kafka import consumer, producer, take, use_topic_names
-from gpl.runtime.settings import Settings
+from runtime.kafka import consumer, producer, take, use_topic_names
+from runtime.settings import Settings
 from schemas.codec import DecodeError, decode
 from schemas.events import AnchorSet, ExposureEvent
 from schemas.topics import ANCHORS, under_prefix

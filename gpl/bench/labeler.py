@@ -34,7 +34,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
-from gpl.runtime.settings import LabelerSettings  # noqa: E402
+from runtime.settings import LabelerSettings  # noqa: E402
 from schemas.codec import encode  # noqa: E402
 from schemas.events import Anchor, AnchorSet, Lineage, Sample, SampleBatch, UnexposedBatch  # noqa: E402
 from schemas.fast_codec import decode_unexposed

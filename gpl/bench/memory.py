@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.normalize import normalize
+from runtime.settings import Settings
+from runtime.vectors.index import Points
+from runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from gpl.stage_process import READERS, ProcessStage, peak_rss_bytes
 

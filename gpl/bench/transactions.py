@@ -25,12 +25,12 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, create_topics, producer
-from gpl.runtime.kafka_broker import KafkaBroker
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, create_topics, producer
+from runtime.kafka_broker import KafkaBroker
+from runtime.settings import Settings, load
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, UnexposedBatch
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED

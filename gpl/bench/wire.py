@@ -1,8 +1,8 @@
 """``gpl bench wire``: what each wire path costs per message (why ``validate_payloads`` is off by default).
 
 One RecallEvent of ``candidates`` candidates is read through the streams fast path
-(:func:`streams.join.decode_recall`) after :meth:`gpl.runtime.serde.Wire.payload`, and written by
-:meth:`~gpl.runtime.serde.Wire.encode`, as plain JSON, framed without a registry, framed with the
+(:func:`streams.join.decode_recall`) after :meth:`runtime.serde.Wire.payload`, and written by
+:meth:`~runtime.serde.Wire.encode`, as plain JSON, framed without a registry, framed with the
 registry's schema-id check, and framed with JSON Schema validation of the payload (confluent-kafka's
 ``JSONDeserializer``/``JSONSerializer`` with ``validate``). The registry is confluent-kafka's in-memory
 one, so the figures are the client-side cost only (ids are cached after the first lookup anyway).
@@ -16,8 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from gpl.runtime.serde import Wire, registry_client, registry_schema
-from gpl.runtime.settings import SchemaRegistrySettings
+from runtime.serde import Wire, registry_client, registry_schema
+from runtime.settings import SchemaRegistrySettings
 from schemas.codec import encode
 from schemas.events import RecallEvent
 from schemas.wire import frame, subject

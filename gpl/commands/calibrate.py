@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl.commands.eval import content_encoder, training_dataset
     from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
-    from gpl.runtime.encoder import encode_items, with_space
+    from runtime.encoder import encode_items, with_space
 
     try:
         ds = training_dataset(args.dataset, settings, args.sim_seed)

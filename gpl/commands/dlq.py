@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from gpl.runtime.kafka import commit_offsets, consumer, producer
-from gpl.runtime.serde import Wire
-from gpl.runtime.settings import Settings
+from runtime.kafka import commit_offsets, consumer, producer
+from runtime.serde import Wire
+from runtime.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DLQ_REASONS, REDRIVE_HEADER, DeadLetter
 from schemas.topics import TOPICS, by_name

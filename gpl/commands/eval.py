@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 if TYPE_CHECKING:
     from gpl.eval.dataset import EvalDataset
@@ -150,7 +150,7 @@ def dataset_path(dataset: str, settings: Settings, sim_seed: int = 0, split: str
         encoder = None
         if taste_share:
             from gpl.eval.embed import CachedEncoder
-            from gpl.runtime.encoder import open_encoder
+            from runtime.encoder import open_encoder
 
             encoder = CachedEncoder(open_encoder(settings.encoder), cache)
         return build_semisynth(ss_dir(settings.data_dir, sim_seed, draws, taste_share, explore_share), seed=sim_seed,
@@ -171,7 +171,7 @@ def training_dataset(dataset: str, settings: Settings, sim_seed: int = 0) -> Eva
 def content_encoder(settings: Settings) -> CachedEncoder:
     """The encoder's content vectors (never through ``encoder.space``), cached under the eval cache."""
     from gpl.eval.embed import CachedEncoder
-    from gpl.runtime.encoder import open_encoder
+    from runtime.encoder import open_encoder
 
     return CachedEncoder(open_encoder(settings.encoder.model_copy(update={"space": ""})),
                          settings.data_dir / "eval" / "cache", progress=False)

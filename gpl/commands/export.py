@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from workers.anchor_cross import ANCHOR_CROSS_INPUT
 from workers.model import HISTORY_INPUT, OUTPUTS, ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.trainer.checkpoints import load_checkpoint

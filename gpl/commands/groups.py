@@ -20,8 +20,8 @@ import orjson
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from gpl.runtime.kafka import reader_config
-from gpl.runtime.settings import KafkaSettings, Settings, StreamsSettings
+from runtime.kafka import reader_config
+from runtime.settings import KafkaSettings, Settings, StreamsSettings
 from schemas.topics import app_id, broker_name
 
 TIMEOUT = 10.0

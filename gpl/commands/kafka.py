@@ -1,4 +1,4 @@
-"""``gpl kafka fetch``: Apache Kafka's broker jars from Maven Central, once (gpl/runtime/kafka_dist.py).
+"""``gpl kafka fetch``: Apache Kafka's broker jars from Maven Central, once (runtime/kafka_dist.py).
 
 Why a command: ``make setup`` runs it where Java and Maven are installed, so ``gpl up --broker kafka`` and
 the test suite start the broker without a network; the embedded default never needs it.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.kafka_dist import KAFKA_VERSION, KafkaUnavailable, ensure, fetched
+    from runtime.kafka_dist import KAFKA_VERSION, KafkaUnavailable, ensure, fetched
 
     was = fetched(settings.data_dir)
     try:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from workers.trainer.publish import PublishedArea
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 COMPATIBILITY = ("BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE",
                  "NONE")
@@ -54,7 +54,7 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
 def run_register(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-    from gpl.runtime.serde import registry_client, registry_schema
+    from runtime.serde import registry_client, registry_schema
     from schemas.export import topic_schemas
 
     if not settings.schema_registry.url:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpl.backends import open_index, sid_artifacts, sid_dir
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 __all__ = ["sid_dir", "item_vectors", "train_tokenizer", "train_generator", "evaluate_dir", "register"]
@@ -54,7 +54,7 @@ def _from_index(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
 def movielens_item_vectors(settings: Settings, cache_dir: Path, *, progress: bool = True
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Embed the MovieLens catalogue with the frozen encoder, cached as .npy under ``cache_dir``."""
-    from gpl.runtime.encoder import open_encoder
+    from runtime.encoder import open_encoder
     from gpl.simulate import load_movielens
 
     ml = load_movielens()

@@ -1,6 +1,6 @@
 """``gpl space fit DATASET``: fit a collaborative frozen space on a dataset's training clicks.
 
-The space (gpl/runtime/collab_space.py: a normalised PureSVD of who clicked what, with a content adapter
+The space (runtime/collab_space.py: a normalised PureSVD of who clicked what, with a content adapter
 for items the clicks never reached) is written to ``<data_dir>/spaces/<name>.npz``, where the name is
 ``collab-svd<dim>-<version>`` and the version a digest of the clicks, the settings and the content vectors.
 Point ``encoder.space`` (GPL_ENCODER__SPACE) at that file and the indexer, the anchors, the labeler, the
@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl.commands.eval import content_encoder, training_dataset
     from gpl.eval.embed import training_collab_space
-    from gpl.runtime.collab_space import CollabConfig
+    from runtime.collab_space import CollabConfig
 
     try:
         ds = training_dataset(args.dataset, settings, args.sim_seed)

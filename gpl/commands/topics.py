@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from schemas.topics import TOPICS, all_topic_names, broker_name
 
 
@@ -67,7 +67,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    from gpl.runtime.kafka import create_topics
+    from runtime.kafka import create_topics
 
     if args.bootstrap:
         settings = settings.with_overrides(kafka={"bootstrap_servers": args.bootstrap})

@@ -29,7 +29,7 @@ from gpl.eval.anchor_sources import SourceAnchors, content_anchors, pick_users, 
 from gpl.eval.calibration import FOLDS, request_folds, row_folds
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.methods import Context
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from workers.anchor_cross import ANCHOR_CROSS_DIM
 from workers.labeler.anchor_book import UserAnchors
 

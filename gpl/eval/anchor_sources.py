@@ -36,7 +36,7 @@ from tqdm import tqdm
 from gpl.backends import sid_artifacts
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.embed import CachedEncoder
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from workers.anchors.generation_cache import GenerationCache, cache_key
 from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.anchors.sid.generator import SIDAnchorGenerator

@@ -46,8 +46,8 @@ import numpy as np
 
 from gpl.eval.anchor_sources import content_anchors, training_histories
 from gpl.eval.dataset import EvalDataset
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.normalize import normalize
+from runtime.settings import Settings
+from runtime.vectors.normalize import normalize
 from workers.labeler.anchor_book import UserAnchors
 from workers.labeler.calibrator import CalibrationFit, fit_calibrator
 from workers.labeler.features import (

@@ -16,13 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from gpl.eval.dataset import EvalDataset
-from gpl.runtime.collab_space import CollabConfig, CollabSpace, fit_collab_space
-from gpl.runtime.encoder import Encoder
-from gpl.runtime.vectors.normalize import normalize
+from runtime.collab_space import CollabConfig, CollabSpace, fit_collab_space
+from runtime.encoder import Encoder
+from runtime.vectors.normalize import normalize
 
 
 class CachedEncoder:
-    """Wraps an :class:`~gpl.runtime.encoder.Encoder`; remembers every vector in ``<dir>/<encoder>.npz``."""
+    """Wraps an :class:`~runtime.encoder.Encoder`; remembers every vector in ``<dir>/<encoder>.npz``."""
 
     def __init__(self, encoder: Encoder, directory: Path | None, *, progress: bool = True, chunk: int = 256) -> None:
         self.encoder = encoder

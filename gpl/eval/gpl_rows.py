@@ -29,7 +29,7 @@ from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.calibration import FEATURE_SETS, TrainingPriors, fit_dataset_calibrator
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.pseudo import PseudoLabels, gpl_labels
-from gpl.runtime.settings import LabelerSettings, Settings
+from runtime.settings import LabelerSettings, Settings
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.label_map import LabelMap
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from gpl.eval.calibration import FOLDS, L2, TrainingPriors, row_folds
 from gpl.eval.methods import MC_PASSES, Context, Rows, Teacher, TeacherNet, fit, kd_rows, predict, ukd_rows
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from workers.labeler.calibrator import CalibrationFit, Calibrator, fit_calibrator
 from workers.labeler.features import PRIOR_FEATURES, feature_matrix
 from workers.labeler.sampling import RequestRng, reads_scores, sample

@@ -45,8 +45,8 @@ from torch import nn
 from tqdm import tqdm
 
 from gpl.eval.dataset import EvalDataset
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.normalize import normalize
+from runtime.settings import Settings
+from runtime.vectors.normalize import normalize
 from workers.history import history_profile, recent_distinct
 from workers.model import (
     ModelConfig,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl.runtime.vectors.normalize import normalize
+from runtime.vectors.normalize import normalize
 from workers.labeler.calibrator import binary_auc, calibration_error
 
 

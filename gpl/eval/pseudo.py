@@ -22,7 +22,7 @@ import numpy as np
 from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.calibration import TrainingPriors, unit_centroid
 from gpl.eval.dataset import EvalDataset
-from gpl.runtime.settings import LabelerSettings
+from runtime.settings import LabelerSettings
 from workers.labeler.assemble import label_candidates, no_anchors
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.confidence import TERMS, consistency_of

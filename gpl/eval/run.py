@@ -5,7 +5,7 @@ Order of work: load the dataset; embed the catalogue (cached); build anchors fro
 (if KD/UKD run), and per method build its added rows, train the pre-ranker with the shared loop
 (gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py).
 Nothing is fitted or chosen on the test period: the calibrators are cross-fitted on training exposures, the
-head/tail split on training exposures, and all settings come from :class:`gpl.runtime.settings.Settings`.
+head/tail split on training exposures, and all settings come from :class:`runtime.settings.Settings`.
 
 Evaluation scopes
     ``all``: every test request. ``fresh``: the same requests with only the candidates whose (user, item)
@@ -50,9 +50,9 @@ from gpl.eval.methods import Context, Rows, StudentNet, fit, negatives_rows, pre
 from gpl.eval.metrics import label_fidelity
 from gpl.eval.pseudo import PseudoLabels
 from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
-from gpl.runtime.encoder import Encoder, open_encoder
-from gpl.runtime.redact import public_settings
-from gpl.runtime.settings import Settings
+from runtime.encoder import Encoder, open_encoder
+from runtime.redact import public_settings
+from runtime.settings import Settings
 from workers.anchors.generation_cache import GenerationCache
 from workers.anchors.generators.base import AnchorGenerator
 from workers.anchors.generators.memory import MemoryGenerator
@@ -89,7 +89,7 @@ class EvalConfig:
     plots: bool = True
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/anchors/sid default)
     validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
-    space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (gpl/runtime/collab_space.py)
+    space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (runtime/collab_space.py)
 
 
 def _nanstats(vals: list[float]) -> dict[str, float]:
@@ -172,7 +172,7 @@ def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors)
 def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
     if cfg.anchors == "memory":
         return MemoryGenerator(settings.anchors)
-    from gpl.runtime.model_assets import ensure_llm
+    from runtime.model_assets import ensure_llm
     from workers.anchors.generators.transformers_backend import TransformersGenerator
 
     return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=cfg.llm_threads)

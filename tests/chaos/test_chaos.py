@@ -27,10 +27,10 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Message
 
-from gpl.runtime.broker import Broker, EmbeddedBroker
-from gpl.runtime.kafka import create_topics, producer
-from gpl.runtime.kafka_broker import KafkaBroker
-from gpl.runtime.settings import Settings, load
+from runtime.broker import Broker, EmbeddedBroker
+from runtime.kafka import create_topics, producer
+from runtime.kafka_broker import KafkaBroker
+from runtime.settings import Settings, load
 from schemas.codec import encode
 from schemas.events import DeadLetter, ExposureEvent, RecallEvent
 from schemas.topics import TOPICS

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from gpl.cli import main
-from gpl.runtime.settings import LabelerSettings, Settings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.settings import LabelerSettings, Settings
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import Anchor, AnchorSet, Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.integration.test_trainer import produce, reached, running, wait_for

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.offsets import OffsetLedger
-from gpl.runtime.settings import AnchorSettings, Settings, load
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, producer
+from runtime.offsets import OffsetLedger
+from runtime.settings import AnchorSettings, Settings, load
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorReason, AnchorRequest, AnchorSet, ItemEvent
 from streams.interest import PRIORITY

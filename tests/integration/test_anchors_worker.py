@@ -15,12 +15,12 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import LabelerSettings, Settings, load
-from gpl.runtime.vectors.edge import EdgeIndex
-from gpl.runtime.vectors.index import VectorIndex
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, producer
+from runtime.settings import LabelerSettings, Settings, load
+from runtime.vectors.edge import EdgeIndex
+from runtime.vectors.index import VectorIndex
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import AnchorRequest, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
 from tests.helpers import drain_raw

@@ -20,7 +20,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gpl.runtime.broker import EmbeddedBroker
+from runtime.broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ PARENT = textwrap.dedent("""
     from pathlib import Path
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    from gpl.runtime.broker import EmbeddedBroker
+    from runtime.broker import EmbeddedBroker
 
     data_dir, storage, where = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     holder = {}

@@ -1,5 +1,5 @@
 """Broker profiles: the product's defaults are Apache Kafka's, and every remedy for the embedded Tansu
-broker's quirks lives in its profile alone (gpl/runtime/broker.py EMBEDDED_PROFILE), applied by the stack
+broker's quirks lives in its profile alone (runtime/broker.py EMBEDDED_PROFILE), applied by the stack
 that starts it. No broker is needed for most of this: settings are plain values."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.broker import EMBEDDED_PROFILE, EmbeddedBroker
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.kafka_broker import KafkaBroker
-from gpl.runtime.settings import Settings, load
+from runtime.broker import EMBEDDED_PROFILE, EmbeddedBroker
+from runtime.kafka import consumer, producer
+from runtime.kafka_broker import KafkaBroker
+from runtime.settings import Settings, load
 from gpl.stack import Stack, with_profile
 from streams.transport import FAUST_FETCH_WAIT_MS, fetch_wait_ms
 

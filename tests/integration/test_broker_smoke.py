@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from confluent_kafka import OFFSET_INVALID, TopicPartition
 
-from gpl.runtime.kafka import commit_offsets, consumer, producer
-from gpl.runtime.settings import Settings
+from runtime.kafka import commit_offsets, consumer, producer
+from runtime.settings import Settings
 
 
 def test_produce_consume_commit(settings: Settings) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from schemas.events import DeadLetter, Sample, SampleBatch
 from tests.helpers import produce, running, wait_for
 from tests.integration.test_labeler import (

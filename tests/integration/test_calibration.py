@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.eval import metrics as M
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 from schemas.events import Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.helpers import drain, produce, running, wait_for

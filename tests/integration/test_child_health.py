@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from qdrant_client import QdrantClient
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import create_topics
-from gpl.runtime.metrics_relay import RELAYED, metrics_route
-from gpl.runtime.vectors.server import ServerIndex
+from runtime.broker import Broker
+from runtime.health import HEALTH
+from runtime.kafka import create_topics
+from runtime.metrics_relay import RELAYED, metrics_route
+from runtime.vectors.server import ServerIndex
 from gpl.stack import Stack, Stages
 from gpl.stage_build import build_stage
 from gpl.stage_process import ProcessStage
@@ -209,7 +209,7 @@ def test_relayed_samples_are_summed_into_one_family() -> None:
     """Two children count the same series: one family, their sum (a counter's ``_created``: the earliest)."""
     from prometheus_client import generate_latest
 
-    from gpl.runtime.metrics_relay import Merged, Relayed
+    from runtime.metrics_relay import Merged, Relayed
 
     relayed = Relayed()
     for child, n, created in (("a[1]", 2.0, 20.0), ("b[2]", 3.0, 10.0)):

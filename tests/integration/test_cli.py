@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from gpl import cli
-from gpl.runtime.broker import EmbeddedBroker, free_port
-from gpl.runtime.settings import Settings
+from runtime.broker import EmbeddedBroker, free_port
+from runtime.settings import Settings
 from gpl.stack import STAGES
 from schemas.topics import TOPICS, all_topic_names
 from tests.conftest import make_settings
@@ -187,7 +187,7 @@ def test_demo_export_honours_requests_per_user(tmp_path: Path) -> None:
 
 
 def test_streams_state_lives_under_the_data_dir(tmp_path: Path) -> None:
-    from gpl.runtime.vectors.memory import MemoryIndex
+    from runtime.vectors.memory import MemoryIndex
     from streams.app import StreamsProcessor
 
     s: Settings = make_settings(tmp_path, "127.0.0.1:1")

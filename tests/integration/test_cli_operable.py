@@ -27,7 +27,7 @@ from tests.integration.test_health import _get
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "README.md"]
-HEAVY = ("pydantic", "confluent_kafka", "faust", "numpy", "torch", "gpl.stack", "gpl.runtime.settings")
+HEAVY = ("pydantic", "confluent_kafka", "faust", "numpy", "torch", "gpl.stack", "runtime.settings")
 
 
 def fenced_commands(text: str) -> list[str]:

@@ -8,10 +8,10 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import Accounting, create_topics, producer
-from gpl.runtime.producer import GplProducer
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.broker import Broker
+from runtime.kafka import Accounting, create_topics, producer
+from runtime.producer import GplProducer
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import encode
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor

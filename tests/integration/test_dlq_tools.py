@@ -1,6 +1,6 @@
 """``gpl dlq show`` and ``gpl dlq redrive`` on the suite's real broker (Apache Kafka; TEST_BROKER=embedded for Tansu).
 
-Dead letters are written by the stages' own :class:`~gpl.runtime.kafka.DeadLetters` (the same bytes a
+Dead letters are written by the stages' own :class:`~runtime.kafka.DeadLetters` (the same bytes a
 stage writes), then shown, filtered, redriven in a dry run (nothing sent, nothing committed), redriven
 for real (original bytes and key back on the origin topic) and redriven again (nothing twice).
 """
@@ -16,8 +16,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from gpl.cli import main
 from gpl.commands.dlq import preview, recent, redrive
-from gpl.runtime.kafka import Accounting, DeadLetters, consumer, producer
-from gpl.runtime.settings import Settings
+from runtime.kafka import Accounting, DeadLetters, consumer, producer
+from runtime.settings import Settings
 from schemas.codec import DecodeError
 from schemas.wire import frame
 

@@ -29,8 +29,8 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.runtime.broker import EmbeddedBroker
-from gpl.runtime.metrics_relay import MERGED
+from runtime.broker import EmbeddedBroker
+from runtime.metrics_relay import MERGED
 from gpl.stack import Stack, Stages
 from schemas.events import DeadLetter
 from schemas.fast_codec import decode_unexposed

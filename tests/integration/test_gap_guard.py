@@ -1,4 +1,4 @@
-"""GapGuard: a live consumer re-reads the records the embedded broker let it skip (gpl/runtime/kafka.py)."""
+"""GapGuard: a live consumer re-reads the records the embedded broker let it skip (runtime/kafka.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpl.runtime.broker import EmbeddedBroker
-from gpl.runtime.kafka import GapGuard, consumer, create_topics, producer, take
+from runtime.broker import EmbeddedBroker
+from runtime.kafka import GapGuard, consumer, create_topics, producer, take
 from tests.conftest import make_settings
 
 

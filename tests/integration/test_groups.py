@@ -12,8 +12,8 @@ from confluent_kafka import TopicPartition
 
 from gpl.cli import main
 from gpl.commands.groups import committed
-from gpl.runtime.kafka import consumer, create_topics, producer
-from gpl.runtime.settings import Settings
+from runtime.kafka import consumer, create_topics, producer
+from runtime.settings import Settings
 from tests.conftest import KafkaSlot, make_settings
 from tests.helpers import wait_for
 

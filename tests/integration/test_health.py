@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gpl.runtime.health import Health, serve_http
+from runtime.health import Health, serve_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_live_and_ready_follow_the_stage_state(monkeypatch: pytest.MonkeyPatch) 
 
     h.assigned("labeler", 1)
     now = time.monotonic()
-    monkeypatch.setattr("gpl.runtime.health.time.monotonic", lambda: now + 6.0)  # no beat for 6 s > stall_s
+    monkeypatch.setattr("runtime.health.time.monotonic", lambda: now + 6.0)  # no beat for 6 s > stall_s
     ok, body = h.live()
     assert not ok and body["stages"]["labeler"]["state"] == "stalled"
     assert not h.ready()[0]
@@ -68,7 +68,7 @@ def _get(url: str) -> tuple[int, dict[str, Any] | str]:
 
 def test_endpoints_answer_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     h = Health(stall_s=60.0)
-    monkeypatch.setattr("gpl.runtime.health.HEALTH", h)
+    monkeypatch.setattr("runtime.health.HEALTH", h)
     server = serve_http(0, host="127.0.0.1")
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
@@ -95,8 +95,8 @@ def test_endpoints_answer_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 RUNNER = textwrap.dedent("""
     import sys, threading, time
     from gpl.cli import _run_stages
-    from gpl.runtime.kafka import Accounting
-    from gpl.runtime.settings import load
+    from runtime.kafka import Accounting
+    from runtime.settings import load
 
     class Raises:
         accounting = Accounting("raises")
@@ -161,9 +161,9 @@ def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypat
 
     A message's own failure goes to its DLQ (``processing_error``); what escapes the agent is a failure
     of the dead-lettering itself, simulated here by a broken recall path *and* a broken DLQ."""
-    from gpl.runtime.broker import EmbeddedBroker
-    from gpl.runtime.health import HEALTH
-    from gpl.runtime.kafka import create_topics
+    from runtime.broker import EmbeddedBroker
+    from runtime.health import HEALTH
+    from runtime.kafka import create_topics
     from gpl.stack import Stages
     from schemas.events import Candidate, ItemEvent, RecallEvent
     from streams.app import StreamsProcessor

@@ -18,10 +18,10 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.edge import EdgeIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, producer
+from runtime.settings import Settings
+from runtime.vectors.edge import EdgeIndex
 from schemas.codec import decode, encode
 from schemas.events import DeadLetter, ItemEvent
 from workers.indexer import Indexer

@@ -1,4 +1,4 @@
-"""Apache Kafka's lifecycle on the real broker (gpl/runtime/kafka_broker.py): format, start, produce and
+"""Apache Kafka's lifecycle on the real broker (runtime/kafka_broker.py): format, start, produce and
 consume with the product's defaults (batched), stop, restart on the same data directory with everything kept,
 death with its parent on kill -9, and the one line a machine without Java or Maven gets."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaException, TopicPartition
 
-from gpl.runtime.kafka import consumer, create_topics, producer
-from gpl.runtime.kafka_broker import KafkaBroker
-from gpl.runtime.kafka_dist import KafkaUnavailable, ensure
-from gpl.runtime.settings import Settings
+from runtime.kafka import consumer, create_topics, producer
+from runtime.kafka_broker import KafkaBroker
+from runtime.kafka_dist import KafkaUnavailable, ensure
+from runtime.settings import Settings
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -90,7 +90,7 @@ def test_start_produce_consume_stop_restart_keeps_everything(tmp_path: Path, kaf
 PARENT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from gpl.runtime.kafka_broker import KafkaBroker
+    from runtime.kafka_broker import KafkaBroker
     b = KafkaBroker(Path(sys.argv[1]), dist_dir=Path(sys.argv[2])).start()
     print(json.dumps({"pids": b.pids}), flush=True)
     time.sleep(3600)

@@ -16,10 +16,10 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import consumer, producer
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, DeadLetter, ItemEvent, SampleBatch, UnexposedBatch
 from tests.helpers import item_index, produce, running, wait_for

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from gpl.runtime.kafka import producer
-from gpl.runtime.serde import Wire, registry_client, registry_schema
-from gpl.runtime.settings import Settings
+from runtime.kafka import producer
+from runtime.serde import Wire, registry_client, registry_schema
+from runtime.settings import Settings
 from schemas.codec import encode
 from schemas.events import DeadLetter, Sample, SampleBatch
 from schemas.export import topic_schemas

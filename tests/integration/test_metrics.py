@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.runtime import metrics
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import Accounting, create_topics
-from gpl.runtime.settings import Settings
-from gpl.runtime.stage_io import StageIO
+from runtime import metrics
+from runtime.broker import Broker
+from runtime.kafka import Accounting, create_topics
+from runtime.settings import Settings
+from runtime.stage_io import StageIO
 from gpl.stack import Stages
 from schemas.events import ItemEvent
 from tests.conftest import make_settings

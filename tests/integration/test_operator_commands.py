@@ -25,8 +25,8 @@ import pytest
 
 from gpl.cli import build_parser
 from gpl.commands.dlq import redrive
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import consumer, create_topics, producer
+from runtime.broker import Broker
+from runtime.kafka import consumer, create_topics, producer
 from schemas.codec import dead_letter, encode, redrive_count
 from schemas.events import DLQ_REASONS, REDRIVE_HEADER
 
@@ -123,7 +123,7 @@ def test_every_dead_letter_reason_is_declared() -> None:
     pattern = re.compile(r'DecodeError\("(\w+)"|reason="(\w+)"|dead_letter\(\w+, \w+, "(\w+)"\)'
                          r'|skipped\[[^]]+\] = \("(\w+)"|_no_vector\(|\bio\.dlq\.send_raw\([^)]*reason="(\w+)"')
     found: set[str] = set()
-    for d in ("schemas", "streams", "workers", "gpl"):
+    for d in ("schemas", "runtime", "streams", "workers", "gpl"):
         for f in (ROOT / d).rglob("*.py"):
             for m in pattern.finditer(f.read_text()):
                 found.update(g for g in m.groups() if g)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.broker import Broker
+from runtime.broker import Broker
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from schemas.events import ExposureEvent, RecallEvent

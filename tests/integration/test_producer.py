@@ -18,10 +18,10 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import Consumer, KafkaException, Message, Producer
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import consumer, create_topics, producer
-from gpl.runtime.producer import GplProducer, ProduceError
-from gpl.runtime.settings import Settings
+from runtime.broker import Broker
+from runtime.kafka import consumer, create_topics, producer
+from runtime.producer import GplProducer, ProduceError
+from runtime.settings import Settings
 from schemas.events import (
     RECALL_SCHEMA_VERSION,
     SCHEMA_VERSION,
@@ -140,7 +140,7 @@ def test_client_properties_reach_librdkafka_per_role(tmp_path: Path, broker: Bro
 
 
 def test_client_properties_from_toml(tmp_path: Path) -> None:
-    from gpl.runtime.settings import load
+    from runtime.settings import load
 
     toml = tmp_path / "gpl.toml"
     toml.write_text('[kafka.extra]\n"client.id" = "from-toml"\n[kafka.producer_extra]\n"compression.type" = "zstd"\n'

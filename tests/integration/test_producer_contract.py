@@ -23,8 +23,8 @@ import pytest
 from pydantic import BaseModel
 
 from gpl.cli import build_parser
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import create_topics
+from runtime.broker import Broker
+from runtime.kafka import create_topics
 from schemas.codec import DecodeError, decode
 from schemas.events import RECALL_SCHEMA_VERSION, ExposureEvent, ItemEvent, RecallEvent
 from schemas.export import json_schema, topic_schemas

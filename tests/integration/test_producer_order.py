@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from gpl.runtime.kafka import create_topics, producer
-from gpl.runtime.kafka_broker import KafkaBroker
-from gpl.runtime.settings import load
+from runtime.kafka import create_topics, producer
+from runtime.kafka_broker import KafkaBroker
+from runtime.settings import load
 from tests.helpers import records
 
 pytestmark = pytest.mark.integration

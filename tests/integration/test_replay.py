@@ -13,9 +13,9 @@ from confluent_kafka import Consumer, TopicPartition
 from conftest import make_settings
 
 from gpl.replay import replay_jsonl, replay_topic
-from gpl.runtime.broker import Broker, EmbeddedBroker
-from gpl.runtime.kafka import create_topics, producer
-from gpl.runtime.settings import Settings
+from runtime.broker import Broker, EmbeddedBroker
+from runtime.kafka import create_topics, producer
+from runtime.settings import Settings
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from schemas.jsonl import read_events
 

@@ -14,9 +14,9 @@ import pytest
 
 from gpl.replay import replay_jsonl
 from gpl.replay_order import INDEXER_GROUP, ordered_events, scan
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings
+from runtime.vectors.memory import MemoryIndex
 from tests.integration.test_replay import _read_all
 from workers import indexer as indexer_module
 from workers.indexer import Indexer

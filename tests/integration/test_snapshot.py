@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.runtime.vectors.edge import EdgeIndex
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.normalize import normalize
-from gpl.runtime.vectors.snapshot import SnapshotIndex, SnapshottingIndex, SnapshotWriter, segments
+from runtime.vectors.edge import EdgeIndex
+from runtime.vectors.index import Points
+from runtime.vectors.normalize import normalize
+from runtime.vectors.snapshot import SnapshotIndex, SnapshottingIndex, SnapshotWriter, segments
 from workers.labeler.item_matrix import ItemMatrix
 
 COL = "items__test"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.normalize import normalize
+from runtime.broker import Broker
+from runtime.vectors.index import Points
+from runtime.vectors.normalize import normalize
 from gpl.stack import Stack, Stages
 from gpl.stage_process import ProcessStage
 from schemas.events import Anchor, AnchorSet, UnexposedBatch

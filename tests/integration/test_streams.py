@@ -12,8 +12,8 @@ from typing import Any
 import faust.transport.consumer
 import pytest
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import create_topics
+from runtime.broker import Broker
+from runtime.kafka import create_topics
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor
 from tests.conftest import make_settings

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import consumer, create_topics
+from runtime.broker import Broker
+from runtime.kafka import consumer, create_topics
 from streams.app import StreamsProcessor
 from streams.join import DONE, RECALL, Pending
 from streams.lifecycle import prepare

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.kafka import create_topics, producer
-from gpl.runtime.serde import Wire, registry_client, registry_schema
+from runtime.broker import Broker
+from runtime.kafka import create_topics, producer
+from runtime.serde import Wire, registry_client, registry_schema
 from schemas.codec import encode
 from schemas.events import AnchorRequest, DeadLetter, SampleBatch, UnexposedBatch
 from schemas.export import topic_schemas

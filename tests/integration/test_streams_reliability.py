@@ -19,12 +19,12 @@ import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from gpl.runtime.broker import Broker
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import Accounting, create_topics
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.broker import Broker
+from runtime.encoder import HashEncoder
+from runtime.kafka import Accounting, create_topics
+from runtime.stage_io import StageIO
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import ItemEvent
 from schemas.topics import expiry_topic
 from streams.app import StreamsProcessor

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from gpl.runtime.kafka import use_topic_names
-from gpl.runtime.settings import KafkaSettings, load
+from runtime.kafka import use_topic_names
+from runtime.settings import KafkaSettings, load
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from schemas.events import RecallEvent
@@ -164,7 +164,7 @@ def _records_by_topic(kafka: KafkaSettings) -> dict[str, int]:
     """Every topic on the broker with the records it holds (sum of its partitions' high watermarks)."""
     from confluent_kafka import TopicPartition
 
-    from gpl.runtime.kafka import consumer
+    from runtime.kafka import consumer
 
     c = consumer(kafka, "prefix-count")
     try:

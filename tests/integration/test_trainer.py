@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
 
-from gpl.runtime.kafka import consumer, producer
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.kafka import consumer, producer
+from runtime.settings import Settings
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import decode, encode
 from schemas.events import DeadLetter, Lineage, Sample, SampleBatch
 from schemas.ids import sample_id
@@ -292,7 +292,7 @@ def test_a_batch_whose_step_fails_goes_to_the_dlq_and_training_goes_on(
 def test_the_rank_term_compares_the_pseudo_samples_of_one_request(tmp_path: Path) -> None:
     """trainer.rank_weight > 0: each SampleBatch's rows share a group, the step reports the listwise term
     (gpl_trainer_loss{part="rank"}) beside the pointwise parts."""
-    from gpl.runtime.metrics import TRAINER_LOSS
+    from runtime.metrics import TRAINER_LOSS
 
     s = tuned(Settings(data_dir=tmp_path)).with_overrides(trainer={"rank_weight": 1.0, "holdout_fraction": 0.0})
     t = Trainer(s, item_index(s), dim=DIM, progress=False, directory=tmp_path / "ckpt")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.runtime.broker import EmbeddedBroker
-from gpl.runtime.kafka import create_topics
+from runtime.broker import EmbeddedBroker
+from runtime.kafka import create_topics
 from tests.conftest import make_settings
 from tests.integration.test_trainer import item_index, produce, reached, request, running, tuned, wait_for
 from workers.trainer import Trainer

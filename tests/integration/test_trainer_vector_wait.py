@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.settings import Settings
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.ids import sample_id
 from tests.integration.test_trainer import (
     DIM,

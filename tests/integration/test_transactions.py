@@ -1,4 +1,4 @@
-"""Exactly-once for the labeler (``kafka.transactional``, gpl/runtime/transactions.py) on the real broker.
+"""Exactly-once for the labeler (``kafka.transactional``, runtime/transactions.py) on the real broker.
 
 The scenario: a labeler process labels a stream of requests, is killed with SIGKILL mid-traffic, and a new one
 takes over. At-least-once (the default) may write a request's SampleBatch twice: once before the kill, once
@@ -22,10 +22,10 @@ import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from gpl.runtime.kafka import consumer
-from gpl.runtime.settings import Settings
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.transactions import transactional_id
+from runtime.kafka import consumer
+from runtime.settings import Settings
+from runtime.stage_io import StageIO
+from runtime.transactions import transactional_id
 from schemas.events import UnexposedBatch
 from tests.conftest import make_settings
 from tests.helpers import item_index, produce, wait_for
@@ -97,7 +97,7 @@ def _kill_mid_traffic(s: Settings) -> dict[str, Any]:
 def _traffic_settings(tmp_path: Path, broker: Any, transactional: bool) -> Settings:
     s = make_settings(tmp_path, broker, kafka={"transactional": transactional},
                       labeler={"wait_for_anchors_s": 30.0, "top_n": 2, "random_n": 2, "cap": 3})
-    from gpl.runtime.kafka import create_topics
+    from runtime.kafka import create_topics
 
     create_topics(s.kafka)
     return s
@@ -149,7 +149,7 @@ def test_the_setting_reaches_the_producer(tmp_path: Path, broker: Any) -> None:
 def test_the_setting_is_refused_where_it_cannot_hold() -> None:
     """Off by default, on by its environment name; the embedded broker's profile (refetch_gaps) and a
     read_uncommitted consumer refuse it, in one line."""
-    from gpl.runtime.settings import load
+    from runtime.settings import load
 
     assert not load(env={}).kafka.transactional
     assert load(env={"GPL_KAFKA__TRANSACTIONAL": "true"}).kafka.transactional
@@ -176,7 +176,7 @@ def test_an_aborted_transaction_rewinds_to_the_committed_offsets(tmp_path: Path,
         pytest.skip("transactions need Apache Kafka")
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from gpl.runtime.kafka import Accounting, create_topics
+    from runtime.kafka import Accounting, create_topics
 
     s = make_settings(tmp_path, broker, partitions=1, kafka={"transactional": True})
     create_topics(s.kafka, ["unexposed", "samples"])
@@ -224,7 +224,7 @@ def test_a_transaction_open_past_its_timeout_stops_the_stage(tmp_path: Path, bro
         pytest.skip("transactions need Apache Kafka")
     from confluent_kafka import KafkaException
 
-    from gpl.runtime.kafka import Accounting, create_topics
+    from runtime.kafka import Accounting, create_topics
 
     s = make_settings(tmp_path, broker, partitions=1, kafka={"transactional": True})
     create_topics(s.kafka, ["unexposed", "samples"])
@@ -249,7 +249,7 @@ def test_a_transactional_trainer_commits_its_dead_letters_with_its_offsets(tmp_p
     checkpoint's offsets go in one transaction, readable by read_committed consumers once it commits."""
     if getattr(broker, "name", "") != "kafka":
         pytest.skip("transactions need Apache Kafka")
-    from gpl.runtime.kafka import create_topics
+    from runtime.kafka import create_topics
     from tests.integration import test_trainer as tt
     from workers.trainer import Trainer
 

@@ -1,6 +1,6 @@
 """One contract for every vector index: the in-memory twin, the embedded engine, the server client.
 
-The labeler and indexer are written against :class:`gpl.runtime.vectors.index.VectorIndex`; these tests pin the
+The labeler and indexer are written against :class:`runtime.vectors.index.VectorIndex`; these tests pin the
 semantics they rely on (order of ``retrieve``, missing ids skipped, cosine ranking, id restriction,
 scroll covering everything) on all three implementations, so a test passing on the twin means the
 same on the real engines. ``ServerIndex`` runs on qdrant-client's local mode, the stand-in for a server.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from gpl.runtime.vectors.edge import EdgeIndex
-from gpl.runtime.vectors.index import Points, VectorIndex
-from gpl.runtime.vectors.memory import MemoryIndex
-from gpl.runtime.vectors.server import ServerIndex
+from runtime.vectors.edge import EdgeIndex
+from runtime.vectors.index import Points, VectorIndex
+from runtime.vectors.memory import MemoryIndex
+from runtime.vectors.server import ServerIndex
 
 DIM = 16
 COL = "items__test"

@@ -17,11 +17,11 @@ import pytest
 
 from gpl.bench.wire import bench_wire
 from gpl.cli import main
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import producer
-from gpl.runtime.serde import Wire, registry_client, registry_schema
-from gpl.runtime.settings import SchemaRegistrySettings, Settings, load
-from gpl.runtime.vectors.edge import EdgeIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import producer
+from runtime.serde import Wire, registry_client, registry_schema
+from runtime.settings import SchemaRegistrySettings, Settings, load
+from runtime.vectors.edge import EdgeIndex
 from schemas.codec import DecodeError, decode, encode
 from schemas.events import ExposureEvent, ItemEvent, RecallEvent, UnexposedBatch
 from schemas.fast_codec import decode_recall, decode_unexposed

@@ -4,7 +4,7 @@ and the tests mirror the layers.
 Layers, bottom to top (docs/design.md §4):
 
 0. ``schemas``      contracts: the records on the wire, their codec, the topic registry;
-1. ``gpl.runtime``  the foundation: settings, Kafka clients and the consume loop, offsets, metrics,
+1. ``runtime``      the foundation: settings, Kafka clients and the consume loop, offsets, metrics,
                     encoder, broker, model assets, vector index adapters;
 2. ``streams``, ``workers``  the stages: Kafka loops and domain logic (neither imports the other);
 3. ``gpl``          the application: command line, stack wiring, backend factories, demo, replay,
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("schemas", "gpl", "streams", "workers")
+PACKAGES = ("schemas", "runtime", "gpl", "streams", "workers")
 MAX_LINES = 500
 
 
@@ -31,7 +31,7 @@ def layer(module: str) -> tuple[int, str]:
     top = module.split(".")[0]
     if top == "schemas":
         return 0, "schemas"
-    if module == "gpl.runtime" or module.startswith("gpl.runtime."):
+    if module == "runtime" or module.startswith("runtime."):
         return 1, "runtime"
     if top in ("streams", "workers"):
         return 2, top
@@ -148,11 +148,11 @@ def test_no_module_over_500_lines() -> None:
 def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     """The checks above are only worth something if they can fail."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert layer("workers.labeler") > layer("gpl.runtime.kafka") > layer("schemas.events")
+    assert layer("workers.labeler") > layer("runtime.kafka") > layer("schemas.events")
     assert layer("gpl.demo")[0] == 3 and layer("streams.app")[1] != layer("workers.labeler")[1]
 
 
-@pytest.mark.parametrize("name", ["gpl/runtime", "schemas", "streams", "workers"])
+@pytest.mark.parametrize("name", ["runtime", "schemas", "streams", "workers"])
 def test_no_grab_bag_modules(name: str) -> None:
     """Each file is named for the one thing it holds: no utils/helpers/misc/common modules."""
     bad = [p.name for p in (ROOT / name).rglob("*.py") if p.stem in {"utils", "helpers", "misc", "common", "util"}]

@@ -39,9 +39,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import ANCHOR_PAUSED, ANCHOR_QUEUED, ANCHOR_RATE, ANCHOR_REQUEST_DELAY
-from gpl.runtime.settings import AnchorSettings
+from runtime.kafka import Accounting
+from runtime.metrics import ANCHOR_PAUSED, ANCHOR_QUEUED, ANCHOR_RATE, ANCHOR_REQUEST_DELAY
+from runtime.settings import AnchorSettings
 from schemas.events import AnchorRequest, AnchorSet
 from workers.anchors.policy import (
     BACKOFF_MAX_S,

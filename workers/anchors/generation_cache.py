@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from gpl.runtime.metrics import ANCHOR_CACHE
+from runtime.metrics import ANCHOR_CACHE
 from workers.anchors.generators.base import Generation
 
 SCHEMA_VERSION = 1  # of the stored value; part of the key, so a format change never misreads old rows

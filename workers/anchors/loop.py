@@ -12,7 +12,7 @@ This module performs their decisions on the broker.
 
 Offsets: read-ahead and priorities finish requests out of order, so each partition commits up to (not
 including) its oldest request still pending or in flight (the ledger every stage's I/O shares,
-:class:`~gpl.runtime.stage_port.StageRules`).
+:class:`~runtime.stage_port.StageRules`).
 
 Counting (``Accounting("anchors")``): every request is ``in`` and ends as exactly one of ``emitted``,
 ``superseded``, ``debounced``, ``revoked`` (its partition went to another worker before it was served;
@@ -30,9 +30,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gpl.runtime.metrics import ANCHOR_BACKEND_ERRORS, ANCHOR_PAUSED, ANCHOR_QUEUED
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.stage_port import StagePort
+from runtime.metrics import ANCHOR_BACKEND_ERRORS, ANCHOR_PAUSED, ANCHOR_QUEUED
+from runtime.stage_io import StageIO
+from runtime.stage_port import StagePort
 from schemas.events import AnchorRequest
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
 from workers.anchors.policy import QueuedRequest

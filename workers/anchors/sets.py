@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.runtime.encoder import Encoder
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import ANCHOR_SET_AGE
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import Points, VectorIndex
-from gpl.runtime.vectors.normalize import normalize
+from runtime.encoder import Encoder
+from runtime.kafka import Accounting
+from runtime.metrics import ANCHOR_SET_AGE
+from runtime.settings import Settings
+from runtime.vectors.index import Points, VectorIndex
+from runtime.vectors.normalize import normalize
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from workers.anchors.generation_cache import GenerationCache, anchor_version, cache_key
 from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation

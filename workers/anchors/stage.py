@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.encoder import Encoder
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.offsets import TP
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.encoder import Encoder
+from runtime.kafka import Accounting
+from runtime.offsets import TP
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from schemas.events import AnchorRequest, AnchorSet
 from workers.anchors.engine import AnchorsEngine
 from workers.anchors.generation_cache import GenerationCache

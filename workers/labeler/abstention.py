@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpl.runtime.settings import Settings
+from runtime.settings import Settings
 
 
 def file_signature(path: Path) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.runtime.vectors.normalize import normalize
+from runtime.vectors.normalize import normalize
 from schemas.events import AnchorSet
 from workers.labeler.confidence import coherence_of, consistency_of
 from workers.labeler.features import anchor_weights

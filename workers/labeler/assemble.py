@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from gpl.runtime.settings import LabelerSettings
+from runtime.settings import LabelerSettings
 from schemas.events import SCHEMA_VERSION
 from schemas.fast_codec import Unexposed, decode_unexposed
 from schemas.ids import sample_id_affixes

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from gpl.runtime.settings import LabelerSettings
+from runtime.settings import LabelerSettings
 
 log = logging.getLogger(__name__)
 

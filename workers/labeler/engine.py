@@ -19,7 +19,7 @@ marking offsets done are the caller's (workers/labeler/stage.py, workers/labeler
   ``abstained``); :meth:`LabelerEngine.relabel` hands the held batches back, oldest first, once one loads.
 * Commit rule: a batch's offset is marked done only when the caller performed its end (samples produced,
   dead-lettered, timed out); a deferred or held batch never is, so the commit (the oldest open offset of
-  the partition, gpl/runtime/offsets.py) stops at it and a crash re-reads it. :meth:`LabelerEngine.let_go`
+  the partition, runtime/offsets.py) stops at it and a crash re-reads it. :meth:`LabelerEngine.let_go`
   forgets the waiting batches of revoked partitions (``released``: the next owner re-reads them) and
   :meth:`LabelerEngine.stop` all of them (``deferred_at_stop``, ``abstained_at_stop``).
 
@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import LabelerSettings
+from runtime.kafka import Accounting
+from runtime.settings import LabelerSettings
 from schemas.fast_codec import Unexposed
 from workers.labeler.assemble import MICRO_BATCH
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.id_index import IdIndex
-from gpl.runtime.vectors.index import VectorIndex
-from gpl.runtime.vectors.normalize import normalize
+from runtime.vectors.id_index import IdIndex
+from runtime.vectors.index import VectorIndex
+from runtime.vectors.normalize import normalize
 from workers.labeler.matching import (
     MatrixDtype,
     StorageDtype,
@@ -43,7 +43,7 @@ class ItemMatrix:
     (capacity doubling), so adding items never re-sorts or copies the matrix per call.
 
     The id → row index is a bucketed hash table probed for all candidates in one pass
-    (:class:`~gpl.runtime.vectors.id_index.IdIndex`). It replaced a ``searchsorted`` over the sorted ids:
+    (:class:`~runtime.vectors.id_index.IdIndex`). It replaced a ``searchsorted`` over the sorted ids:
     on a 20k-item catalogue and fresh random candidates, the binary search's unpredictable branches
     cost ~180 µs per 1,000 ids, the hash ~45 µs (with the same ids repeated the branch predictor hides
     this, so micro-benchmarks that reuse one query array mislead).

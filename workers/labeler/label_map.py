@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpl.runtime.settings import LabelerSettings
+from runtime.settings import LabelerSettings
 from schemas.events import SampleBatch
 from workers.labeler.anchor_book import AnchorBook
 from workers.labeler.item_matrix import ItemMatrix

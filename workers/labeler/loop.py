@@ -24,10 +24,10 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from tqdm import tqdm
 
-from gpl.runtime.kafka import DeadLetters
-from gpl.runtime.metrics import DEFERRED
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.stage_port import StagePort
+from runtime.kafka import DeadLetters
+from runtime.metrics import DEFERRED
+from runtime.stage_io import StageIO
+from runtime.stage_port import StagePort
 from schemas.codec import DecodeError
 from schemas.fast_codec import decode_unexposed
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED

@@ -31,11 +31,11 @@ import numpy as np
 import orjson
 from confluent_kafka import Message
 
-from gpl.runtime.kafka import Accounting, DeadLetters
-from gpl.runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, LATENCY
-from gpl.runtime.settings import Settings
-from gpl.runtime.stage_port import StagePort
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.kafka import Accounting, DeadLetters
+from runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, LATENCY
+from runtime.settings import Settings
+from runtime.stage_port import StagePort
+from runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError
 from schemas.events import AnchorSet
 from schemas.topics import ANCHORS, PSEUDO_HEADER, SAMPLES, UNEXPOSED

@@ -32,9 +32,9 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.offsets import TP
-from gpl.runtime.settings import TrainerSettings
+from runtime.kafka import Accounting
+from runtime.offsets import TP
+from runtime.settings import TrainerSettings
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from workers.click_memory import ClickMemory

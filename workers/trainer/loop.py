@@ -26,9 +26,9 @@ from typing import Any
 from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
-from gpl.runtime.offsets import TP
-from gpl.runtime.stage_io import StageIO, tp_of
-from gpl.runtime.stage_port import StagePort
+from runtime.offsets import TP
+from runtime.stage_io import StageIO, tp_of
+from runtime.stage_port import StagePort
 from schemas.codec import DecodeError, decode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES

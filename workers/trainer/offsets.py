@@ -5,7 +5,7 @@ in one place: a partition the checkpoint knows starts at the checkpoint's offset
 partition's end (topic recreated, broker data lost) is reset to its beginning, loudly; and the commit
 after a checkpoint covers only the checkpoint's offsets of the partitions still held. The group
 client is whatever the stage's I/O hands the rebalance callbacks (confluent-kafka's, or the in-memory
-twin's: gpl/runtime/stage_io_memory.py).
+twin's: runtime/stage_io_memory.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
 
-from gpl.runtime.kafka import ask_broker
-from gpl.runtime.metrics import OFFSET_RESETS
-from gpl.runtime.offsets import TP
-from gpl.runtime.stage_port import GroupClient
+from runtime.kafka import ask_broker
+from runtime.metrics import OFFSET_RESETS
+from runtime.offsets import TP
+from runtime.stage_port import GroupClient
 
 log = logging.getLogger("workers.trainer")  # the stage's own logger name, as before the split
 Reset = tuple[str, int, int, int]  # (topic, partition, from, to)

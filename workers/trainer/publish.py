@@ -51,8 +51,8 @@ import numpy as np
 import orjson
 import torch
 
-from gpl.runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
-from gpl.runtime.settings import TrainerSettings
+from runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
+from runtime.settings import TrainerSettings
 from workers.history import profile_of
 from workers.labeler.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets

@@ -8,8 +8,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from schemas.events import Sample
 from workers.anchor_cross import ANCHOR_CROSS_DIM, AnchorLookup
 from workers.model import Batch, ModelConfig, PreRanker, RankTerm, train_step, whole_logit

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
-from gpl.runtime.offsets import TP
-from gpl.runtime.settings import Settings
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.kafka import Accounting
+from runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
+from runtime.offsets import TP
+from runtime.settings import Settings
+from runtime.vectors.index import VectorIndex
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES
 from workers.click_memory import ClickMemory

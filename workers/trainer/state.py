@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from gpl.runtime.offsets import TP
-from gpl.runtime.settings import Settings
+from runtime.offsets import TP
+from runtime.settings import Settings
 from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, make_optimizer
 from workers.trainer.checkpoints import FORMAT

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.vectors.index import VectorIndex
 from workers.history import profile_of
 
 VECTOR_CACHE_MAX = 200_000  # item vectors kept in memory (~300 MB at 384 dims); cleared when full

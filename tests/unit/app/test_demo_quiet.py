@@ -13,10 +13,10 @@ import pytest
 
 from gpl.demo import closed_loop_counts, gate_summary
 from gpl.demo_report import _calibration_lines, _gate_line
-from gpl.runtime.faust_config import FAUST_PRODUCER_LOGGER, count_backpressure
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
-from gpl.runtime.settings import load
+from runtime.faust_config import FAUST_PRODUCER_LOGGER, count_backpressure
+from runtime.kafka import Accounting
+from runtime.metrics import PRODUCER_BACKPRESSURE
+from runtime.settings import load
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.recalibration import Recalibrator
 from workers.trainer.publish import Decision, PublishedArea, Scores
@@ -73,7 +73,7 @@ def test_a_second_demo_trains_from_scratch_and_keeps_the_last_runs_checkpoints(t
     """The demo streams the same world each run with deterministic sample ids: trainers resumed from the last
     run's checkpoints skipped every sample as seen and the summary showed the old model."""
     from gpl.demo import fresh_trainer_state
-    from gpl.runtime.settings import load
+    from runtime.settings import load
 
     s = load(env={}, data_dir=str(tmp_path))
     assert fresh_trainer_state(s) is None  # nothing to move on a first run

@@ -12,8 +12,8 @@ No docker, no kustomize binary, no cluster:
   fail); custom resources (Strimzi, KEDA, ServiceMonitor) with small hand-written schemas in
   tests/schemas/crds/.
 - every GPL_* variable in compose.yaml, the Dockerfile and deploy/ must name a field of
-  gpl.runtime.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>), and every container's full
-  environment must load through gpl.runtime.settings.load: a typo cannot be silently ignored.
+  runtime.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>), and every container's full
+  environment must load through runtime.settings.load: a typo cannot be silently ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gpl.runtime.settings import Settings, load
+from runtime.settings import Settings, load
 from schemas.topics import Naming, all_topic_names, app_id, by_name, configure
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -56,7 +56,7 @@ OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/prod-gpu-workers"
 # only while the field is missing; once it lands it is checked like every other name.
 PENDING_FIELDS: dict[tuple[str, str], str] = {}  # (section, field) used by the stacks, not in settings yet
 GPL_NAME = re.compile(r"\bGPL_[A-Z0-9_]+")
-# what every stage's probes ask (gpl/runtime/health.py): /metrics would answer for a dead stage
+# what every stage's probes ask (runtime/health.py): /metrics would answer for a dead stage
 PROBE_PATHS = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
 
 
@@ -149,7 +149,7 @@ def test_name_check_catches_typos() -> None:
 
 def test_pending_settings_fields_have_landed() -> None:
     missing = [f"{s}.{f}" for (s, f) in PENDING_FIELDS if _pending(s, f)]
-    assert not missing, f"not in gpl.runtime.settings yet: {missing}; drop them from PENDING_FIELDS once added"
+    assert not missing, f"not in runtime.settings yet: {missing}; drop them from PENDING_FIELDS once added"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_compose_dependencies_and_health(compose) -> None:
         deps = svcs[stage]["depends_on"]
         assert deps["topics"]["condition"] == "service_completed_successfully", stage
         assert "9100" in " ".join(svcs[stage]["healthcheck"]["test"]), f"{stage}: probe the metrics port"
-        # /metrics answers while a stage is dead; /healthz does not (gpl/runtime/health.py)
+        # /metrics answers while a stage is dead; /healthz does not (runtime/health.py)
         assert "/healthz" in " ".join(svcs[stage]["healthcheck"]["test"]), f"{stage}: probe /healthz"
     assert svcs["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
@@ -1129,7 +1129,7 @@ def test_probe_paths_are_served_by_the_stage_http_server() -> None:
     import urllib.error
     import urllib.request
 
-    from gpl.runtime.health import serve_http
+    from runtime.health import serve_http
 
     server = serve_http(0, host="127.0.0.1")
     port = server.server_address[1]
@@ -1158,7 +1158,7 @@ def defined_series() -> dict[str, str]:
     """Series name -> family name of every gpl_* metric the code defines (counters' _total, histograms' parts)."""
     from prometheus_client import REGISTRY
 
-    import gpl.runtime.metrics  # noqa: F401 - registers every metric
+    import runtime.metrics  # noqa: F401 - registers every metric
 
     out: dict[str, str] = {}
     for fam in REGISTRY.collect():
@@ -1246,7 +1246,7 @@ def test_dashboard_queries_only_defined_metrics_and_covers_them_all() -> None:
         except ValueError as e:
             raise AssertionError(f"{where}: not PromQL: {expr!r}: {e}") from None
         unknown = names - set(defined) - PROMETHEUS_BUILTINS
-        assert not unknown, f"{where}: {sorted(unknown)} are not defined in gpl/runtime/metrics.py"
+        assert not unknown, f"{where}: {sorted(unknown)} are not defined in runtime/metrics.py"
         used |= {defined[n] for n in names if n in defined}
     missing = set(defined.values()) - used
     assert not missing, f"metrics no dashboard panel shows: {sorted(missing)}"
@@ -1267,7 +1267,7 @@ def test_alert_rules_are_valid_and_query_defined_metrics(rendered) -> None:
         except ValueError as e:
             raise AssertionError(f"{r['alert']}: not PromQL: {e}") from None
         unknown = series - set(defined) - PROMETHEUS_BUILTINS
-        assert not unknown, f"{r['alert']}: {sorted(unknown)} are not defined in gpl/runtime/metrics.py"
+        assert not unknown, f"{r['alert']}: {sorted(unknown)} are not defined in runtime/metrics.py"
         used |= series
         for text in r["annotations"].values():  # Go templates: balanced braces, only $labels/$value
             assert text.count("{{") == text.count("}}"), f"{r['alert']}: unbalanced template"
@@ -1297,7 +1297,7 @@ def test_compose_scrape_keeps_the_series_own_stage_label() -> None:
     """A target label named like a label of our series would rename the series' own (exported_stage)."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from gpl.runtime import metrics
+    from runtime import metrics
 
     ours = {label for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)
             for label in obj._labelnames}

@@ -22,8 +22,8 @@ from gpl.eval.dataset import load_dataset, validation_view
 from gpl.eval.movielens import build_movielens
 from gpl.eval.pseudo import gpl_labels
 from gpl.eval.run import EvalConfig, run_eval
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
 from gpl.simulate import SimConfig, load_movielens, simulate
 from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from schemas.events import ExposureEvent

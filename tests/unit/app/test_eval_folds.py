@@ -23,8 +23,8 @@ from gpl.eval.calibration import (
 from gpl.eval.dataset import EvalDataset, load_dataset, subset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.pseudo import gpl_labels
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
 
 CONTENT = FEATURE_SETS["content"]
 

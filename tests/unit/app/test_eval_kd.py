@@ -14,8 +14,8 @@ from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.kd import KD_FEATURES, Baselines, ClickAdaptiveUKD, FairKD, _GradReverse
 from gpl.eval.methods import Context, uniform_unexposed
 from gpl.eval.pseudo import gpl_labels
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
 from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from workers.labeler.calibrator import Calibrator
 

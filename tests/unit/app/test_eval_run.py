@@ -17,7 +17,7 @@ from gpl.eval.dataset import UNKNOWN, fresh_pairs, load_dataset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.report import BAR_METRICS
 from gpl.eval.run import DEFAULT_METHODS, EvalConfig, run_eval
-from gpl.runtime.settings import Settings, load
+from runtime.settings import Settings, load
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from schemas.jsonl import write_events
 
@@ -187,7 +187,7 @@ def test_fresh_pairs_leave_out_pairs_exposed_in_training(tiny_dataset: Path) -> 
 
 def test_rerun_is_deterministic_and_uses_the_anchor_cache(tiny_dataset: Path, tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path)
-    from gpl.runtime.encoder import HashEncoder
+    from runtime.encoder import HashEncoder
 
     cfg = EvalConfig(
         methods=["exposed", "gpl-text"],
@@ -214,7 +214,7 @@ def test_unknown_method_is_refused(tiny_dataset: Path, tmp_path: Path) -> None:
 def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Path) -> None:
     """With a SID tokenizer, gpl-sid runs; its generator is retrained on training clicks and cached."""
     from gpl.commands.sid import sid_dir
-    from gpl.runtime.encoder import HashEncoder
+    from runtime.encoder import HashEncoder
     from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
     from workers.anchors.sid.tokenizer import build_tokenizer
 

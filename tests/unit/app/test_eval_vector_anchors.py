@@ -11,8 +11,8 @@ import torch
 from gpl.eval.anchor_sources import content_anchors, pick_users, sid_anchors, training_histories
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.movielens import build_movielens
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
 
 
 @pytest.fixture(scope="module")

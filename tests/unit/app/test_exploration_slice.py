@@ -10,8 +10,8 @@ import pytest
 
 from gpl.eval import calibration as C
 from gpl.eval.dataset import load_dataset
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import load
+from runtime.encoder import HashEncoder
+from runtime.settings import load
 from gpl.simulate.semisynth import OracleConfig, build_semisynth, world_name
 from schemas.events import ExposureEvent
 

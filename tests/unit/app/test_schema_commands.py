@@ -12,8 +12,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry._sync.mock_schema_registry_client import MockSchemaRegistryClient
 
 from gpl.cli import main
-from gpl.runtime.serde import registry_client, registry_schema
-from gpl.runtime.settings import SchemaRegistrySettings
+from runtime.serde import registry_client, registry_schema
+from runtime.settings import SchemaRegistrySettings
 from schemas.export import topic_schemas
 
 

@@ -15,10 +15,10 @@ from pydantic import SecretStr, ValidationError
 from gpl.cli import main
 from gpl.eval.movielens import build_movielens
 from gpl.eval.run import EvalConfig, run_eval
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.metrics import serve
-from gpl.runtime.redact import MASK, install, mask_text, mask_url, public_settings
-from gpl.runtime.settings import load
+from runtime.encoder import HashEncoder
+from runtime.metrics import serve
+from runtime.redact import MASK, install, mask_text, mask_url, public_settings
+from runtime.settings import load
 
 SASL = "sasl-Pa55-word"
 QDRANT_KEY = "qdrant-k3y-abcdef"

@@ -11,10 +11,10 @@ import pytest
 from gpl.cli import main
 from gpl.eval.dataset import load_dataset
 from gpl.eval.movielens import build_movielens
-from gpl.runtime.collab_space import CollabSpace
-from gpl.runtime.encoder import HashEncoder, SpaceEncoder, encode_items, open_encoder
-from gpl.runtime.settings import load
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.collab_space import CollabSpace
+from runtime.encoder import HashEncoder, SpaceEncoder, encode_items, open_encoder
+from runtime.settings import load
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import ItemEvent
 from workers.indexer import Indexer
 

@@ -3,7 +3,7 @@
 The chaos suite's broker stop on Apache Kafka: as the broker came back its partitions had no leader for a
 moment; the trainer's group rebalanced then, its ``on_assign`` asked for a partition's end, got
 NOT_LEADER_FOR_PARTITION, and the exception left librdkafka's poll and ended the stage. The fault is a race
-on a real broker, so here the group client is the in-memory twin's (gpl/runtime/stage_io_memory.py), told
+on a real broker, so here the group client is the in-memory twin's (runtime/stage_io_memory.py), told
 to answer "no leader" to its next queries.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from gpl.runtime.kafka import ask_broker
-from gpl.runtime.stage_io_memory import MemoryConsumer, MemoryTopics
+from runtime.kafka import ask_broker
+from runtime.stage_io_memory import MemoryConsumer, MemoryTopics
 from workers.trainer.offsets import reset_past_end
 
 

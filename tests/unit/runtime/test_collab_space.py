@@ -1,4 +1,4 @@
-"""The collaborative frozen space (gpl/runtime/collab_space.py): co-clicked items end up together, an item
+"""The collaborative frozen space (runtime/collab_space.py): co-clicked items end up together, an item
 without clicks is placed by its content, the fit is deterministic and versioned, too little data says so."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.runtime.collab_space import CollabConfig, CollabSpace, fit_collab_space
+from runtime.collab_space import CollabConfig, CollabSpace, fit_collab_space
 
 
 def _world(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

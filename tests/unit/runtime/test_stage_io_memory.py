@@ -1,6 +1,6 @@
-"""The rules of a stage's I/O, on the in-memory twin (gpl/runtime/stage_io_memory.py): no broker, milliseconds.
+"""The rules of a stage's I/O, on the in-memory twin (runtime/stage_io_memory.py): no broker, milliseconds.
 
-The rules are :class:`~gpl.runtime.stage_port.StageRules`, the same code the Kafka adapter runs; these
+The rules are :class:`~runtime.stage_port.StageRules`, the same code the Kafka adapter runs; these
 tests pin them: commit only after a flush and only up to the oldest open message, restart from the
 committed offset, dead letters with the original bytes, error and origin, backpressure by pause,
 rewind and resume, deferral (finishing out of order), and what a rebalance hands over.
@@ -14,7 +14,7 @@ import threading
 import pytest
 from confluent_kafka import Message, TopicPartition
 
-from gpl.runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
+from runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
 from schemas.events import ItemEvent
 
 T = "items"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import load
-from gpl.runtime.stage_io import StageIO
-from gpl.runtime.stage_io_memory import MemoryStageIO, MemoryTopics
-from gpl.runtime.stage_port import StagePort
+from runtime.kafka import Accounting
+from runtime.settings import load
+from runtime.stage_io import StageIO
+from runtime.stage_io_memory import MemoryStageIO, MemoryTopics
+from runtime.stage_port import StagePort
 
 METHODS = sorted(n for n, v in vars(StagePort).items()
                  if callable(v) and (not n.startswith("_") or n in ("__enter__", "__exit__")))

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from gpl.cli import build_parser, main
-from gpl.runtime.settings import load
+from runtime.settings import load
 from schemas import SCHEMA_VERSION, DecodeError, ExposureEvent, RecallEvent, decode, encode
 from schemas.events import RECALL_SCHEMA_VERSION, UNEXPOSED_SCHEMA_VERSION
 from schemas.export import export_json_schemas

@@ -23,10 +23,10 @@ from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from gpl.parser import explain
-from gpl.runtime.faust_config import credentials, faust_settings, mapped_properties, ssl_context
-from gpl.runtime.kafka import reader_config
-from gpl.runtime.settings import KafkaSettings, SettingsError, load
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.faust_config import credentials, faust_settings, mapped_properties, ssl_context
+from runtime.kafka import reader_config
+from runtime.settings import KafkaSettings, SettingsError, load
+from runtime.vectors.memory import MemoryIndex
 from streams.app import StreamsProcessor
 
 KEY_PASSWORD = "client-key-pass"

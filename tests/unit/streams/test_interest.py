@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpl.runtime.settings import StreamsSettings
+from runtime.settings import StreamsSettings
 from streams.interest import PRIORITY, Interest, add_positives, decide, request_anchors, trim
 
 DIM = 4

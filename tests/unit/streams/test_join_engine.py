@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.kafka import Accounting
+from runtime.settings import Settings, load
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import DecodeError
 from schemas.events import ExposedItem, ExposureEvent
 from schemas.topics import EXPOSURE, RECALL

@@ -15,8 +15,8 @@ from gpl.eval.anchor_sources import content_anchors, training_histories
 from gpl.eval.calibration import request_folds, row_folds
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.movielens import build_movielens
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import SampleBatch
 from tests.preranker_world import DIM, item_vectors, put_anchors, requests, world_index, world_settings
 from workers.anchor_cross import AnchorLookup, anchor_cross, cross_of
@@ -62,7 +62,7 @@ def test_the_lookup_reads_the_newest_set_and_nothing_without_a_collection(tmp_pa
     assert lookup.anchors("u") is None  # no anchors collection yet: nobody has anchors
     idx.ensure_collection(s.qdrant.anchors_collection, DIM)
     vec = item_vectors()
-    from gpl.runtime.vectors.index import Points
+    from runtime.vectors.index import Points
 
     # a reader can see a moment of old and new slots: slot 2 still holds the older set
     idx.upsert(s.qdrant.anchors_collection, Points(np.asarray([anchor_point_id("u", j) for j in range(3)]), vec[:3],
@@ -153,7 +153,7 @@ def test_every_method_of_the_eval_trains_the_student_with_the_feature(tmp_path: 
     """``trainer.anchor_cross`` in ``gpl eval``: one feature for every method (content anchors built even when no
     method asked for them), recorded in results.json, and the students differ from those without it."""
     from gpl.eval.run import EvalConfig, run_eval
-    from gpl.runtime.settings import load
+    from runtime.settings import load
 
     ds = build_movielens(tmp_path / "ml", users=15, max_requests_per_user=8, candidates=60)
     results = {}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import AnchorSettings
+from runtime.kafka import Accounting
+from runtime.settings import AnchorSettings
 from schemas.events import Anchor, AnchorReason, AnchorRequest, AnchorSet
 from workers.anchors.engine import AnchorsEngine
 from workers.anchors.policy import BACKOFF_START_S

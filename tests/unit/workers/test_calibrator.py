@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.runtime.settings import LabelerSettings
+from runtime.settings import LabelerSettings
 from schemas.events import Anchor, AnchorSet, SampleBatch
 from schemas.fast_codec import decode_unexposed
 from workers.labeler.anchor_book import AnchorBook

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.backends import make_generator
-from gpl.runtime.settings import AnchorSettings, load
+from runtime.settings import AnchorSettings, load
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import locate, span_logprobs
 from workers.anchors.generators.memory import MemoryGenerator
@@ -161,7 +161,7 @@ def test_prompt_hash_is_stable_and_sensitive() -> None:
     assert h == prompt_hash(AnchorSettings(), "transformers")
     assert len(h) == 16
     # not the process's string-hash seed: the same in another interpreter
-    code = ("from gpl.runtime.settings import AnchorSettings; "
+    code = ("from runtime.settings import AnchorSettings; "
             "from workers.anchors.generators.prompt import prompt_hash; "
             "print(prompt_hash(AnchorSettings(), 'transformers'))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.offsets import OffsetLedger
-from gpl.runtime.settings import LabelerSettings
+from runtime.kafka import Accounting
+from runtime.offsets import OffsetLedger
+from runtime.settings import LabelerSettings
 from schemas.fast_codec import Unexposed
 from workers.labeler.assemble import MICRO_BATCH
 from workers.labeler.engine import Batch, LabelerEngine

@@ -1,6 +1,6 @@
 """The labeler's loop rules through the in-memory StageIO: no broker, milliseconds.
 
-``Labeler.run`` takes the twin (gpl/runtime/stage_io_memory.py) in place of its Kafka I/O. What is checked is
+``Labeler.run`` takes the twin (runtime/stage_io_memory.py) in place of its Kafka I/O. What is checked is
 the loop's own bookkeeping: deferral of a batch whose user has no anchors yet (labeled when they come,
 dropped as ``timed_out`` past the wait, left uncommitted and re-read after a restart), backpressure when
 the deferred queue is full (pause, rewind, resume), and abstention without a calibrator
@@ -17,8 +17,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.stage_io_memory import MemoryStageIO, MemoryTopics
+from runtime.settings import Settings, load
+from runtime.stage_io_memory import MemoryStageIO, MemoryTopics
 from schemas.codec import encode
 from schemas.events import AnchorSet, SampleBatch, UnexposedBatch
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED

@@ -15,10 +15,10 @@ import numpy as np
 import orjson
 import pytest
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import LabelerSettings
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.settings import LabelerSettings
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.codec import DecodeError
 from schemas.events import Anchor, AnchorSet, Sample, SampleBatch, UnexposedBatch
 from schemas.fast_codec import decode_unexposed

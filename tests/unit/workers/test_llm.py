@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gpl.runtime.model_assets import MARKER, ensure_llm, is_converted
-from gpl.runtime.settings import AnchorSettings
+from runtime.model_assets import MARKER, ensure_llm, is_converted
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.transformers_backend import TransformersGenerator
 
@@ -39,7 +39,7 @@ def test_ensure_llm_is_a_no_op_when_converted(tmp_path: Path, monkeypatch: pytes
     def no_fetch(*a: object, **k: object) -> Path:
         raise AssertionError("must not fetch when the converted directory is there")
 
-    monkeypatch.setattr("gpl.runtime.model_assets.fetch_smollm2", no_fetch)
+    monkeypatch.setattr("runtime.model_assets.fetch_smollm2", no_fetch)
     assert ensure_llm(done) == done
     assert not is_converted(tmp_path / "missing")
 

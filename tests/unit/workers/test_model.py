@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpl.runtime.settings import TrainerSettings
+from runtime.settings import TrainerSettings
 from workers.model import (
     Batch,
     ModelConfig,
@@ -255,7 +255,7 @@ def test_a_trainer_checkpoint_pickles_no_project_class(tmp_path: Path) -> None:
     import pickletools
     import zipfile
 
-    from gpl.runtime.settings import Settings
+    from runtime.settings import Settings
     from workers.click_memory import ClickMemory
     from workers.trainer.publish import Holdout
     from workers.trainer.state import payload

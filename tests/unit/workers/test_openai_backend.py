@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.bench.anchor_backends import TransformersServe, transformers_serve_cmd
-from gpl.runtime.settings import AnchorSettings
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.anchors.generators.openai_backend import OpenAIGenerator, backoff_delay
 from workers.anchors.generators.prompt import NO_LOGPROB, anchor_schema, prompt_hash
@@ -285,7 +285,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Transform
         pytest.skip("transformers serve needs fastapi, uvicorn and openai "
                     "(pip install 'transformers[serving]')")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from gpl.runtime.model_assets import ensure_llm
+    from runtime.model_assets import ensure_llm
 
     model_dir = ensure_llm(Path(os.environ.get("GPL_TEST_MODEL_DIR",
                                                 REPO / ".gpl" / "models" / "smollm2-135m-instruct")))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.model_assets import ensure_llm
-from gpl.runtime.settings import AnchorSettings
+from runtime.model_assets import ensure_llm
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.transformers_backend import TransformersGenerator
 

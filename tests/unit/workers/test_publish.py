@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpl.cli import main
-from gpl.runtime.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
+from runtime.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings

@@ -251,7 +251,7 @@ def test_exclude_history_bans_fully_consumed_codes(generator: SIDAnchorGenerator
 def test_commands_end_to_end_on_movielens(tmp_path: Path) -> None:
     """The command path on the real MovieLens catalogue with the hashing encoder (fast, no model files)."""
     from gpl.commands.sid import evaluate_dir, sid_dir, train_generator, train_tokenizer
-    from gpl.runtime.settings import EncoderSettings, Settings
+    from runtime.settings import EncoderSettings, Settings
 
     settings = Settings(data_dir=tmp_path, encoder=EncoderSettings(model="hash-bow-64"))
     tok = train_tokenizer(settings, epochs=2, progress=False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpl.runtime.kafka import Accounting
-from gpl.runtime.settings import TrainerSettings
+from runtime.kafka import Accounting
+from runtime.settings import TrainerSettings
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from workers.trainer.engine import Take, TrainEngine

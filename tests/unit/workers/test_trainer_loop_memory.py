@@ -1,6 +1,6 @@
 """The trainer's loop rules through the in-memory StageIO: no broker, milliseconds.
 
-``Trainer.run`` takes the twin (gpl/runtime/stage_io_memory.py) in place of its Kafka I/O; what is checked is
+``Trainer.run`` takes the twin (runtime/stage_io_memory.py) in place of its Kafka I/O; what is checked is
 the loop's own rules: samples buffered and trained before every checkpoint, offsets committed only after
 the checkpoint that covers them (and exactly its offsets), a restart that resumes from the checkpoint's
 offsets (the source of truth, not the group's commit), the seen-set dropping re-sent and relabelled
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
+from runtime.settings import Settings, load
+from runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
 from schemas.codec import encode
 from schemas.events import SampleBatch
 from schemas.topics import SAMPLES

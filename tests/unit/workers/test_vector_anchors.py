@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from gpl.backends import make_generator
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.vectors.index import Points
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
+from runtime.vectors.index import Points
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import AnchorRequest, ItemEvent
 from tests.helpers import item_index
 from workers.anchors import AnchorWorker

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gpl.runtime.settings import AnchorSettings
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.prompt import PREFILL, anchor_schema, prompt_hash
 

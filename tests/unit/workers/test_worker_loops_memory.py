@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.runtime.encoder import HashEncoder
-from gpl.runtime.settings import Settings, load
-from gpl.runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
-from gpl.runtime.vectors.memory import MemoryIndex
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
+from runtime.stage_io_memory import ABORT, Aborted, MemoryStageIO, MemoryTopics
+from runtime.vectors.memory import MemoryIndex
 from schemas.events import AnchorRequest, AnchorSet, ItemEvent
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS, ITEMS
 from workers.anchors import AnchorWorker

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gpl.runtime.settings import AnchorSettings
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import Completion
 from workers.anchors.generators.prompt import PREFILL

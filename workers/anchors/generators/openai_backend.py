@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from gpl.runtime.redact import mask_url
-from gpl.runtime.settings import AnchorSettings
+from runtime.redact import mask_url
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.anchors.generators.logprobs import Completion, finite_logprob, token_ends
 from workers.anchors.generators.prompt import (

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from gpl.runtime.settings import AnchorSettings
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 
 if TYPE_CHECKING:

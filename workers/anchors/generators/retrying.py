@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from gpl.runtime.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
-from gpl.runtime.settings import AnchorSettings
+from runtime.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt, Generation
 from workers.anchors.generators.logprobs import Completion, anchor_logprobs
 from workers.anchors.generators.parsing import fallback_anchors, parse_anchors

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gpl.runtime.settings import AnchorSettings
+from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import Completion, completion_from_tokens
 from workers.anchors.generators.prompt import (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpl.runtime.vectors.index import VectorIndex
+from runtime.vectors.index import VectorIndex
 from workers.anchors.sid.generator import SIDAnchorGenerator
 from workers.anchors.sid.sequence_model import GENERATOR_FILE, load_generator
 from workers.anchors.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpl.runtime.vectors.normalize import normalize
+from runtime.vectors.normalize import normalize
 from workers.anchors.sid.rqvae import RQVAE, RQVAEConfig
 
 FORMAT = "gpl-sid-tokenizer/1"

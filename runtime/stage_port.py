@@ -3,11 +3,11 @@
 A stage (indexer, anchors, labeler, trainer, calibration monitor) needs a small surface of its I/O:
 join a group, take messages, decode or dead-letter them, say when one is done, pause, rewind and resume
 partitions, flush and commit. :class:`StagePort` names that surface, so a loop can run over Kafka
-(:class:`~gpl.runtime.stage_io.StageIO`) or over memory (:class:`~gpl.runtime.stage_io_memory.MemoryStageIO`,
+(:class:`~runtime.stage_io.StageIO`) or over memory (:class:`~runtime.stage_io_memory.MemoryStageIO`,
 where the rules are millisecond unit tests instead of broker tests).
 
 :class:`StageRules` holds the rules themselves, once, for both adapters: where a message's offset goes
-(the :class:`~gpl.runtime.offsets.OffsetLedger`), when it is done, what a decode or processing failure
+(the :class:`~runtime.offsets.OffsetLedger`), when it is done, what a decode or processing failure
 sends to the DLQ, that a commit follows a flush and covers only up to the oldest open message, what a
 rewind and a rebalance do to the ledger. An adapter supplies only the client calls (the abstract
 methods: ``_fetch``, ``_owned``, ``_pause``, ``_resume``, ``_seek``, ``_commit_offsets``, ``_join``,
@@ -28,9 +28,9 @@ from typing import Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 from confluent_kafka import Message, TopicPartition
 from pydantic import BaseModel
 
-from gpl.runtime.kafka import Accounting, DeadLetters, Produces, flush_until_empty
-from gpl.runtime.offsets import TP, OffsetLedger
-from gpl.runtime.serde import Wire
+from runtime.kafka import Accounting, DeadLetters, Produces, flush_until_empty
+from runtime.offsets import TP, OffsetLedger
+from runtime.serde import Wire
 from schemas.codec import DecodeError
 
 log = logging.getLogger(__name__)

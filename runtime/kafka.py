@@ -17,9 +17,9 @@ from typing import Any, Protocol, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from gpl.runtime.metrics import MESSAGES
-from gpl.runtime.serde import Wire
-from gpl.runtime.settings import KafkaSettings
+from runtime.metrics import MESSAGES
+from runtime.serde import Wire
+from runtime.settings import KafkaSettings
 from schemas.codec import DecodeError, dead_letter, encode, redrive_count
 from schemas.topics import Naming, by_name, configure
 
@@ -38,7 +38,7 @@ Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
 
 class Produces(Protocol):
     """What a stage and its dead letters ask of a producer: confluent's :class:`Producer`, or the
-    in-memory twin's (gpl/runtime/stage_io_memory.py)."""
+    in-memory twin's (runtime/stage_io_memory.py)."""
 
     def produce(self, topic: str, value: str | bytes | None = None, key: str | bytes | None = None,
                 partition: int = -1, *, headers: Headers | None = None) -> None: ...
@@ -101,7 +101,7 @@ class GapGuard:
     """Re-read records the embedded broker let a live consumer skip (``kafka.refetch_gaps``, set by the
     embedded profile alone: EmbeddedBroker.profile()).
 
-    Why the embedded broker needs it is written beside ``EMBEDDED_PROFILE`` (gpl/runtime/broker.py). With
+    Why the embedded broker needs it is written beside ``EMBEDDED_PROFILE`` (runtime/broker.py). With
     one record per batch (that profile) offsets are dense, so a consumer that receives
     an offset past the one it expects seeks back to the expected one and drops the rest of that partition's
     messages from the batch (they come again). A gap that persists ``max_tries`` reads is accepted and

@@ -1,7 +1,7 @@
 """Prometheus metrics of every stage, declared once so names and labels stay consistent.
 
 ``gpl run`` and ``gpl demo`` expose them on ``metrics_port`` (``GPL_METRICS_PORT``) at ``/metrics``,
-with the liveness and readiness probes ``/healthz`` and ``/readyz`` (gpl/runtime/health.py registers
+with the liveness and readiness probes ``/healthz`` and ``/readyz`` (runtime/health.py registers
 them in :data:`ROUTES`); any other path is 404.
 
 Names follow the Prometheus guidelines: one quantity per name, the unit as a suffix in base units
@@ -47,7 +47,7 @@ CONSUMER_LAG = Gauge("gpl_consumer_lag_messages",
                      "offset, summed over the partitions this process owns", ["stage", "topic"])
 
 # A route answers (status, content type, body). /metrics is the Prometheus exposition; more routes
-# (health, readiness: gpl/runtime/health.py) are added by registering here before serve() is called.
+# (health, readiness: runtime/health.py) are added by registering here before serve() is called.
 Route = Callable[[], tuple[int, str, bytes]]
 ROUTES: dict[str, Route] = {
     "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)),
@@ -74,7 +74,7 @@ def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:  # no
     """Serve :data:`ROUTES` on ``host:port`` from a daemon thread (port 0: not at all); returns the server.
 
     ``metrics_host``: 0.0.0.0 so a scraper in another container or pod reaches it, 127.0.0.1 keeps it on
-    the host. Stage processes start it through :func:`gpl.runtime.health.serve_http`, which adds the probes.
+    the host. Stage processes start it through :func:`runtime.health.serve_http`, which adds the probes.
     """
     if not port:
         return None
@@ -145,7 +145,7 @@ OFFSET_RESETS = Counter("gpl_offset_resets_total",
                         "Partitions whose committed/checkpointed offset was past the topic's end, reset to its "
                         "beginning", ["stage", "topic"])
 
-# ---- faust's producer back-pressure (gpl/runtime/faust_config.py): its "producer buffer full" warnings, counted
+# ---- faust's producer back-pressure (runtime/faust_config.py): its "producer buffer full" warnings, counted
 PRODUCER_BACKPRESSURE = Counter("gpl_streams_producer_backpressure_total",
                                 "Times the streams stage's faust producer buffer was full and processing waited "
                                 "for it to drain (flow control, logged at DEBUG)")

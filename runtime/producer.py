@@ -23,8 +23,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from gpl.runtime.kafka import producer
-from gpl.runtime.settings import KafkaSettings
+from runtime.kafka import producer
+from runtime.settings import KafkaSettings
 from schemas.events import Contract, ExposureEvent, ItemEvent, RecallEvent
 from schemas.topics import EXPOSURE, ITEMS, RECALL, TopicSpec
 

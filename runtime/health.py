@@ -14,7 +14,7 @@ that no longer works. Here every stage reports into one registry (:data:`HEALTH`
 
 ``/healthz`` answers 200 while every registered stage is running and not stalled, 503 otherwise;
 ``/readyz`` 200 when, besides, every stage holds at least one partition (it can serve), 503 otherwise.
-Both answer the per-stage state as JSON. ``health.stall_s`` (gpl/runtime/settings.py) is the stall
+Both answer the per-stage state as JSON. ``health.stall_s`` (runtime/settings.py) is the stall
 time; :func:`serve_http` applies it to the registry it serves. A crash also ends the process with a
 non-zero exit (the stage runner in ``gpl run``/``gpl up``): the probes are for what an exit cannot
 show, a hung loop.
@@ -31,9 +31,9 @@ from typing import Any
 
 import orjson
 
-from gpl.runtime.metrics import ROUTES, serve, serve_ephemeral
-from gpl.runtime.metrics_relay import metrics_route
-from gpl.runtime.settings import HealthSettings
+from runtime.metrics import ROUTES, serve, serve_ephemeral
+from runtime.metrics_relay import metrics_route
+from runtime.settings import HealthSettings
 
 STARTING, RUNNING, CRASHED, STOPPED = "starting", "running", "crashed", "stopped"
 

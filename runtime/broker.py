@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 class Broker(Protocol):
     """What the stack and the tests need of a broker they start: :class:`EmbeddedBroker` (Tansu) or
-    :class:`gpl.runtime.kafka_broker.KafkaBroker` (Apache Kafka)."""
+    :class:`runtime.kafka_broker.KafkaBroker` (Apache Kafka)."""
 
     name: str
     bootstrap: str
@@ -59,7 +59,7 @@ class Broker(Protocol):
 
     @staticmethod
     def profile() -> dict[str, Any]:
-        """Settings overrides (sections of :class:`gpl.runtime.settings.Settings`) this broker needs."""
+        """Settings overrides (sections of :class:`runtime.settings.Settings`) this broker needs."""
         ...
 
     def __enter__(self) -> Broker: ...

@@ -2,7 +2,7 @@
 
 Why: ``kafka.extra`` and its producer/consumer variants go to the librdkafka clients as they are, while
 the streams stage (faust over aiokafka) builds its TLS context and SASL credentials from the dedicated
-fields only (gpl/runtime/faust_config.py). A SASL password or a CA bundle given as an extra property
+fields only (runtime/faust_config.py). A SASL password or a CA bundle given as an extra property
 would secure the workers and leave the streams stage connecting without it; so it is refused, in one
 line that names the field to use. ``ssl.endpoint.identification.algorithm`` is the one TLS property
 faust reads from the extras (host name checking), so it stays allowed.

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from gpl.runtime.metrics import CONSUMER_LAG
+from runtime.metrics import CONSUMER_LAG
 
 log = logging.getLogger(__name__)
 

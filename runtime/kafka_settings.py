@@ -1,9 +1,9 @@
 """The Kafka section of the settings, and the base every section shares.
 
-Apart from gpl/runtime/settings.py by concern and size: the client properties, security, partitioning
+Apart from runtime/settings.py by concern and size: the client properties, security, partitioning
 and topic-naming rules of every Kafka client (the librdkafka workers and the faust streams stage) live
 here; settings.py imports and re-exports :class:`KafkaSettings` and :class:`Section`, so
-``from gpl.runtime.settings import KafkaSettings`` keeps working.
+``from runtime.settings import KafkaSettings`` keeps working.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from gpl.runtime.client_props import refuse_security_extras
+from runtime.client_props import refuse_security_extras
 
 
 class Section(BaseModel):
@@ -46,7 +46,7 @@ class KafkaSettings(Section):
         'e.g. {"client.id": "gpl", "socket.keepalive.enable": true}; env: a JSON object')
     producer_extra: KafkaProps = Field(
         default_factory=dict, description='librdkafka properties for producers only, e.g. {"compression.type": '
-        '"zstd"}; also mapped to faust where it has an equivalent (gpl/runtime/faust_config.py)')
+        '"zstd"}; also mapped to faust where it has an equivalent (runtime/faust_config.py)')
     consumer_extra: KafkaProps = Field(default_factory=dict, description="librdkafka properties for consumers only")
     faust_extra: dict[str, Any] = Field(
         default_factory=dict, description="faust App settings for the streams stage, applied last "
@@ -67,7 +67,7 @@ class KafkaSettings(Section):
         "ms, faust 1,500 ms: a Kafka broker answers as soon as data comes)")
     refetch_gaps: bool = Field(
         default=False, description="re-read an offset a consumer skipped (the embedded Tansu broker can hand a "
-        "live reader the record after one that another producer appends at the same time; gpl/runtime/kafka.py "
+        "live reader the record after one that another producer appends at the same time; runtime/kafka.py "
         "GapGuard). The embedded profile turns it on; a real Kafka leaves gaps only on purpose (compaction, "
         "transaction markers)")
     check_time_lookup: bool = Field(
@@ -76,7 +76,7 @@ class KafkaSettings(Section):
         "profile turns this on)")
     transactional: bool = Field(
         default=False, description="exactly-once for the labeler and the trainer: each commit point writes the "
-        "stage's outputs, dead letters and consumer offsets in one Kafka transaction (gpl/runtime/transactions.py). "
+        "stage's outputs, dead letters and consumer offsets in one Kafka transaction (runtime/transactions.py). "
         "Costs a transaction commit (~3 broker round trips) per commit point, and outputs become visible only "
         "when it commits; every consumer of their topics must read with isolation.level=read_committed (the "
         "librdkafka default our stages keep). The transactional.id is <group_prefix>-<stage>-<instance>: set "

@@ -1,7 +1,7 @@
-"""ServerIndex: the :class:`~gpl.runtime.vectors.index.VectorIndex` on a Qdrant server, through qdrant-client.
+"""ServerIndex: the :class:`~runtime.vectors.index.VectorIndex` on a Qdrant server, through qdrant-client.
 
 Production runs several worker processes against one Qdrant server; the embedded engine
-(:mod:`gpl.runtime.vectors.edge`) allows only one process per data directory. The semantics are the same
+(:mod:`runtime.vectors.edge`) allows only one process per data directory. The semantics are the same
 (cosine, int64 ids, payload dicts), which the shared contract tests check by running this class on
 qdrant-client's local mode (``QdrantClient(":memory:")``), the stand-in where no server runs.
 
@@ -23,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from gpl.runtime.vectors.index import MissingCollection, Points
+from runtime.vectors.index import MissingCollection, Points
 
 
 class ServerIndex:

@@ -3,7 +3,7 @@
 Opt-in (``kafka.transactional``). Without it a stage is at-least-once: it flushes its outputs, then commits
 its offsets, so a crash between the two re-reads work whose outputs are already on the broker (duplicates
 the trainer drops by sample id). With it, :class:`StageTransactions` keeps one Kafka transaction open on
-the stage's producer and, at each commit point of :class:`~gpl.runtime.stage_io.StageIO`, adds the
+the stage's producer and, at each commit point of :class:`~runtime.stage_io.StageIO`, adds the
 consumed offsets to it (``send_offsets_to_transaction`` with the consumer's group metadata) and commits:
 a ``read_committed`` reader sees a message's outputs exactly when its offset is committed, never twice.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from gpl.runtime.offsets import TP
-from gpl.runtime.settings import KafkaSettings
+from runtime.offsets import TP
+from runtime.settings import KafkaSettings
 
 __all__ = ["StageTransactions", "transactional_id"]
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """The vector index seam: one small interface, an embedded engine, a server client, an in-memory twin.
 
 * :class:`MemoryIndex` — numpy, for unit tests of pure logic.
-* ``EdgeIndex`` (gpl/runtime/vectors/edge.py) — qdrant-edge, Qdrant's embedded Rust engine, in a data dir:
+* ``EdgeIndex`` (runtime/vectors/edge.py) — qdrant-edge, Qdrant's embedded Rust engine, in a data dir:
   the embedded default (qdrant-client's pure-Python local mode is far too slow, docs/design.md §5).
-* ``ServerIndex`` (gpl/runtime/vectors/server.py) — qdrant-client against a Qdrant server (production).
+* ``ServerIndex`` (runtime/vectors/server.py) — qdrant-client against a Qdrant server (production).
 
 Point ids are the contracts' non-negative int64 item ids (or, for anchors, ids derived from user and
 slot). Vectors are float32 and L2-normalised by the caller; the distance is cosine (= dot product).

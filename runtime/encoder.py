@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
-from gpl.runtime.collab_space import CollabSpace
-from gpl.runtime.settings import EncoderSettings
-from gpl.runtime.vectors.normalize import normalize
+from runtime.collab_space import CollabSpace
+from runtime.settings import EncoderSettings
+from runtime.vectors.normalize import normalize
 
 
 class Encoder(Protocol):
@@ -82,7 +82,7 @@ class HashEncoder:
 
 
 class SpaceEncoder:
-    """The content encoder seen through a collaborative frozen space (:mod:`gpl.runtime.collab_space`).
+    """The content encoder seen through a collaborative frozen space (:mod:`runtime.collab_space`).
 
     ``encode`` (texts: anchors, new items) goes through the space's content adapter; ``encode_items`` gives a
     fitted item its own vector from the clicks and places the others by their content. The id names both,

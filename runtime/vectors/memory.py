@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import MissingCollection, Points, exact_top
+from runtime.vectors.index import MissingCollection, Points, exact_top
 
 
 class MemoryIndex:

@@ -4,7 +4,7 @@ Why: a shared cluster's log collector (Loki, Elasticsearch, Cloud Logging) index
 text; with ``GPL_LOG_FORMAT=json`` every line of every process — the stage children of ``gpl up``
 included — is a JSON object with the same keys: ``ts`` (epoch ms, like every time here), ``level``,
 ``logger``, ``msg``, ``pid``, ``stage`` where the process runs one, and ``exc`` with a traceback. The
-secrets filter (gpl/runtime/redact.py) runs before the formatter, so masked text is what gets encoded.
+secrets filter (runtime/redact.py) runs before the formatter, so masked text is what gets encoded.
 """
 
 from __future__ import annotations

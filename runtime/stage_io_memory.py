@@ -1,9 +1,9 @@
-"""A stage's I/O in memory: the twin of :class:`~gpl.runtime.stage_io.StageIO` for millisecond unit tests.
+"""A stage's I/O in memory: the twin of :class:`~runtime.stage_io.StageIO` for millisecond unit tests.
 
 Why: the rules of a worker loop — deferral, backpressure (pause, rewind, resume), committing only up
 to the oldest open message, restarting from the committed offset, dead letters with the original
 bytes — were testable only through a real broker, seconds per test and timing-dependent. The twin
-runs the same rules (:class:`~gpl.runtime.stage_port.StageRules`, shared with the Kafka adapter) over
+runs the same rules (:class:`~runtime.stage_port.StageRules`, shared with the Kafka adapter) over
 an in-memory log, deterministically:
 
 * :class:`MemoryTopics` is the broker: scripted input records per partition, every output and dead
@@ -33,15 +33,15 @@ from typing import TYPE_CHECKING, TypeVar
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from pydantic import BaseModel
 
-from gpl.runtime.kafka import Accounting, Headers
-from gpl.runtime.offsets import TP
-from gpl.runtime.serde import Wire
-from gpl.runtime.stage_port import Rebalance, StageRules
+from runtime.kafka import Accounting, Headers
+from runtime.offsets import TP
+from runtime.serde import Wire
+from runtime.stage_port import Rebalance, StageRules
 from schemas.codec import decode
 from schemas.events import DeadLetter
 
 if TYPE_CHECKING:
-    from gpl.runtime.stage_port import StagePort
+    from runtime.stage_port import StagePort
 
 M = TypeVar("M", bound=BaseModel)
 OFFSET_INVALID = -1001  # confluent-kafka's "no offset" (a TopicPartition made without one)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gpl.runtime.kafka_settings import KafkaSettings as KafkaSettings  # re-exported: one import for all sections
-from gpl.runtime.kafka_settings import Section
+from runtime.kafka_settings import KafkaSettings as KafkaSettings  # re-exported: one import for all sections
+from runtime.kafka_settings import Section
 
 
 class QdrantSettings(Section):
@@ -88,7 +88,7 @@ class AnchorSettings(Section):
     @classmethod
     def _model_name_follows_llm(cls, data: Any) -> Any:
         """``model_name`` unset, or naming another registry LLM (a copy that changed ``llm``): the llm's."""
-        from gpl.runtime.model_assets import LLM_ASSETS
+        from runtime.model_assets import LLM_ASSETS
 
         if isinstance(data, dict) and data.get("llm", "smollm2-135m") in LLM_ASSETS:
             names = {a.model for a in LLM_ASSETS.values()}
@@ -219,7 +219,7 @@ class TrainerSettings(Section):
 
 
 class HealthSettings(Section):
-    """/healthz and /readyz of the metrics server (gpl/runtime/health.py), and how a crash ends a process."""
+    """/healthz and /readyz of the metrics server (runtime/health.py), and how a crash ends a process."""
 
     stall_s: float = Field(default=600.0, gt=0, description="a stage loop that has not come round for this "
                            "long is reported not live (/healthz 503): longer than the slowest batch (an LLM "
@@ -317,7 +317,7 @@ class Settings(BaseSettings):
     def llm_dir(self) -> Path:
         if self.anchors.model_dir:
             return Path(self.anchors.model_dir)
-        from gpl.runtime.model_assets import LLM_ASSETS
+        from runtime.model_assets import LLM_ASSETS
 
         return self.data_dir / "models" / LLM_ASSETS[self.anchors.llm].dir_name
 

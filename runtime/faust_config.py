@@ -17,7 +17,7 @@ from typing import Any
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.types.auth import CredentialsT
 
-from gpl.runtime.settings import KafkaSettings
+from runtime.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _COMMON: dict[str, tuple[tuple[str, ...], Callable[[Any], Any]]] = {
     "partitioner": ((), str),
 }
 # handled through the credentials (ssl_context) or meaningless for faust: never reported as unmapped. The
-# other security properties never get here: the settings refuse them in the extras (gpl/runtime/client_props.py)
+# other security properties never get here: the settings refuse them in the extras (runtime/client_props.py)
 _HANDLED = {"bootstrap.servers", "ssl.endpoint.identification.algorithm", "log.connection.close"}
 
 
@@ -132,7 +132,7 @@ class BackpressureToMetric(logging.Filter):
             return True
         text = str(record.msg)
         if text.startswith("producer buffer full"):
-            from gpl.runtime.metrics import PRODUCER_BACKPRESSURE
+            from runtime.metrics import PRODUCER_BACKPRESSURE
 
             PRODUCER_BACKPRESSURE.inc()
         elif not (text.startswith("Timer ") and "is overlapping" in text):

@@ -35,7 +35,7 @@ from confluent_kafka.schema_registry.json_schema import JSONDeserializer, JSONSe
 from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
 from pydantic import BaseModel
 
-from gpl.runtime.settings import SchemaRegistrySettings
+from runtime.settings import SchemaRegistrySettings
 from schemas.codec import DecodeError, decode
 from schemas.export import schema_text
 from schemas.serde import JSON

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gpl.runtime.vectors.index import MissingCollection, Points, VectorIndex, exact_top
+from runtime.vectors.index import MissingCollection, Points, VectorIndex, exact_top
 
 log = logging.getLogger(__name__)
 _SEG = re.compile(r"^seg-(\d{8})\.ids\.npy$")
@@ -116,7 +116,7 @@ class SnapshotWriter:
 
 
 class SnapshotIndex:
-    """A read-only :class:`~gpl.runtime.vectors.index.VectorIndex` over the segments of collections.
+    """A read-only :class:`~runtime.vectors.index.VectorIndex` over the segments of collections.
 
     Each collection's segments are memory-mapped; the id index (ids sorted, with segment and row) costs
     16 bytes per item in this process. New segments are picked up when a lookup misses an id or the

@@ -1,6 +1,6 @@
 """Apache Kafka on this machine: a single-node KRaft broker+controller on loopback ports.
 
-The same contract as :class:`gpl.runtime.broker.EmbeddedBroker` (the :class:`gpl.runtime.broker.Broker`
+The same contract as :class:`runtime.broker.EmbeddedBroker` (the :class:`runtime.broker.Broker`
 protocol): ``bootstrap``, ``start()``, ``stop()``, a context manager, ``pids``, and ``profile()``, the
 settings it needs, which for Apache Kafka is nothing: the product's defaults are Kafka's.
 
@@ -10,10 +10,10 @@ back on the same bootstrap address with its data), ``data/`` (the log directory,
 and ``kafka.log`` (the broker's log, unless ``log_file`` says otherwise). The storage is formatted once
 (``kafka.tools.StorageTool format --standalone``); a formatted directory is started as it is.
 
-The JVM runs as a :class:`gpl.runtime.broker.BoundChild`: it dies with its parent however that dies.
+The JVM runs as a :class:`runtime.broker.BoundChild`: it dies with its parent however that dies.
 ``stop()`` sends SIGTERM (a controlled shutdown: the logs are flushed and closed) and kills after a deadline.
-The jars come from Maven Central once (gpl/runtime/kafka_dist.py); without Java or Maven the start fails
-with one line that says what to install (:class:`gpl.runtime.kafka_dist.KafkaUnavailable`).
+The jars come from Maven Central once (runtime/kafka_dist.py); without Java or Maven the start fails
+with one line that says what to install (:class:`runtime.kafka_dist.KafkaUnavailable`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from gpl.runtime.broker import BoundChild, free_port, port_is_free
-from gpl.runtime.kafka_dist import ensure
+from runtime.broker import BoundChild, free_port, port_is_free
+from runtime.kafka_dist import ensure
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""EdgeIndex: the :class:`~gpl.runtime.vectors.index.VectorIndex` on qdrant-edge, Qdrant's embedded Rust engine.
+"""EdgeIndex: the :class:`~runtime.vectors.index.VectorIndex` on qdrant-edge, Qdrant's embedded Rust engine.
 
 Why this engine: the embedded stack needs a real Qdrant engine in-process, and qdrant-client's local
 mode is pure Python (minutes to load 50k points, ~1 s per id-filtered query). qdrant-edge runs the
@@ -44,7 +44,7 @@ from typing import Any, cast
 import numpy as np
 import qdrant_edge as qe
 
-from gpl.runtime.vectors.index import MissingCollection, Points
+from runtime.vectors.index import MissingCollection, Points
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every worker stage (indexer, anchors, labeler, trainer, calibration monitor) run
 its own domain step, and the cycle's rules are where data gets lost when each stage writes them
 itself:
 
-* every consumed message is counted ``in`` and recorded in the :class:`~gpl.runtime.offsets.OffsetLedger`
+* every consumed message is counted ``in`` and recorded in the :class:`~runtime.offsets.OffsetLedger`
   as open until the stage says it is done with it (:meth:`StageIO.done`);
 * a message that does not decode goes to its topic's DLQ with the original bytes, the error and the
   origin offset, and is done (:meth:`StageIO.decode`); so does one whose processing raised
@@ -17,17 +17,17 @@ itself:
   never in process memory;
 * a rebalance forgets the partitions handed away (their open work is the next owner's);
 * the consumer lag of the tracked topics is exported every ``kafka.lag_interval_s``
-  (``gpl_consumer_lag_messages``, :mod:`gpl.runtime.lag`);
+  (``gpl_consumer_lag_messages``, :mod:`runtime.lag`);
 * ``transactional=True`` (the labeler and the trainer, when ``kafka.transactional`` is on): the outputs and
-  the offsets of each commit point go in one Kafka transaction (:mod:`gpl.runtime.transactions`); an aborted
+  the offsets of each commit point go in one Kafka transaction (:mod:`runtime.transactions`); an aborted
   one rewinds the owned partitions to their committed offsets, as a rebalance would, and a revoke or close
   aborts what no commit covered (the next reader does that work again).
 
 The stage keeps its loop — each reads top to bottom in its own file — and uses this object as a
 context manager so both clients are closed however the loop ends.
 
-The rules above live in :class:`~gpl.runtime.stage_port.StageRules`, shared with the in-memory twin
-(:mod:`gpl.runtime.stage_io_memory`) that unit tests drive; this module holds only the confluent-kafka
+The rules above live in :class:`~runtime.stage_port.StageRules`, shared with the in-memory twin
+(:mod:`runtime.stage_io_memory`) that unit tests drive; this module holds only the confluent-kafka
 calls (and the embedded broker's gap guard, the lag gauge and the health beat, which only a real
 consumer needs).
 """
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, Message, Producer, TopicPartition
 
-from gpl.runtime.health import HEALTH
-from gpl.runtime.kafka import (
+from runtime.health import HEALTH
+from runtime.kafka import (
     Accounting,
     GapGuard,
     commit_offsets,
@@ -50,15 +50,15 @@ from gpl.runtime.kafka import (
     producer,
     take,
 )
-from gpl.runtime.lag import LagGauge
-from gpl.runtime.offsets import TP
-from gpl.runtime.serde import Wire
-from gpl.runtime.settings import KafkaSettings, SchemaRegistrySettings
-from gpl.runtime.stage_port import Rebalance, StageRules, tp_of
-from gpl.runtime.transactions import StageTransactions, transactional_id
+from runtime.lag import LagGauge
+from runtime.offsets import TP
+from runtime.serde import Wire
+from runtime.settings import KafkaSettings, SchemaRegistrySettings
+from runtime.stage_port import Rebalance, StageRules, tp_of
+from runtime.transactions import StageTransactions, transactional_id
 
 if TYPE_CHECKING:
-    from gpl.runtime.stage_port import StagePort
+    from runtime.stage_port import StagePort
 
 __all__ = ["StageIO", "tp_of"]
 log = logging.getLogger(__name__)
@@ -114,9 +114,9 @@ class StageIO(StageRules):
                 self.tx.begin()
 
     def _fetch(self, n: int, timeout: float) -> list[Message]:
-        """:func:`~gpl.runtime.kafka.take` through the gap guard; consume errors are logged and skipped."""
+        """:func:`~runtime.kafka.take` through the gap guard; consume errors are logged and skipped."""
         out: list[Message] = []
-        HEALTH.beat(self.stage)  # the loop came round: /healthz (gpl/runtime/health.py)
+        HEALTH.beat(self.stage)  # the loop came round: /healthz (runtime/health.py)
         refetched = self.gaps.refetched
         for m in self.gaps.filter(take(self.consumer, n, timeout)):
             if m.error():
