@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 KAFKA_VERSION = "4.1.1"  # keep in step with kafka.version in deploy/kafka/pom.xml
-POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+POM = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "pom.xml"
 MARKER = ".gpl-kafka"
 MIN_JAVA = 17
 
