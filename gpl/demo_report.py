@@ -18,8 +18,8 @@ import orjson
 
 from gpl.demo_history import held_out_histories
 from gpl.eval.metrics import auc, gauc
-from runtime.settings import Settings
 from gpl.stack import Stack
+from runtime.settings import Settings
 from schemas.events import ExposureEvent, RecallEvent
 from schemas.topics import SAMPLES
 from schemas.wire import payload

@@ -24,6 +24,9 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from gpl.backends import open_index
+from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
+from gpl.stage_build import build_stage
+from gpl.stage_process import READERS, ProcessStage
 from runtime.broker import Broker, EmbeddedBroker
 from runtime.encoder import Encoder, open_encoder
 from runtime.health import HEALTH
@@ -32,9 +35,6 @@ from runtime.metrics import STAGE_UP
 from runtime.settings import Settings
 from runtime.vectors.index import VectorIndex
 from runtime.vectors.snapshot import SnapshottingIndex, snapshot_dir
-from gpl.stage_build import STAGES as STAGES  # re-exported: the CLI lists them
-from gpl.stage_build import build_stage
-from gpl.stage_process import READERS, ProcessStage
 from schemas.topics import all_topic_names, configure
 
 log = logging.getLogger(__name__)

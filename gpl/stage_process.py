@@ -167,11 +167,11 @@ def _stop_child(conn: Connection) -> None:
 def child_main(settings_json: str, name: str, kw: dict[str, Any], stop: Connection, conn: Connection,
                report_s: float) -> None:
     """The child: build the stage over a reader index, run it in a thread, report until it ends."""
+    from gpl.stage_build import build_stage
     from runtime.encoder import open_encoder
     from runtime.kafka import use_topic_names
     from runtime.logs import configure_logging
     from runtime.redact import install
-    from gpl.stage_build import build_stage
 
     settings = Settings.model_validate_json(settings_json)
     use_topic_names(settings.kafka)  # a spawned process starts with the logical names: take the stack's

@@ -50,11 +50,11 @@ from tqdm import tqdm
 
 from gpl.bench.bare_loop import bare_loop, bare_topics
 from gpl.bench.cpu import CpuMeter
+from gpl.stack import Stack, Stages
 from runtime.kafka import GapGuard, consumer, create_topics, producer, take
 from runtime.settings import Settings
 from runtime.vectors.index import Points
 from runtime.vectors.normalize import normalize
-from gpl.stack import Stack, Stages
 from schemas.codec import encode
 from schemas.events import Anchor, AnchorSet, RecallEvent
 from schemas.topics import ANCHORS, EXPOSURE, RECALL, SAMPLES

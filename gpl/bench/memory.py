@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from gpl.stack import Stack, Stages
+from gpl.stage_process import READERS, ProcessStage, peak_rss_bytes
 from runtime.settings import Settings
 from runtime.vectors.index import Points
 from runtime.vectors.normalize import normalize
-from gpl.stack import Stack, Stages
-from gpl.stage_process import READERS, ProcessStage, peak_rss_bytes
 
 
 def bench_memory(settings: Settings, *, sizes: tuple[int, ...] = (20_000, 1_000_000), dim: int = 384,

@@ -22,9 +22,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from gpl.simulate import SimConfig, Simulation, load_movielens, simulate
 from runtime.kafka import consumer
 from runtime.settings import Settings
-from gpl.simulate import SimConfig, Simulation, load_movielens, simulate
 from schemas.events import ExposureEvent, ItemEvent, RecallEvent
 from tests.helpers import drain
 

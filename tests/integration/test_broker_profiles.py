@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from gpl.stack import Stack, with_profile
 from runtime.broker import EMBEDDED_PROFILE, EmbeddedBroker
 from runtime.kafka import consumer, producer
 from runtime.kafka_broker import KafkaBroker
 from runtime.settings import Settings, load
-from gpl.stack import Stack, with_profile
 from streams.transport import FAUST_FETCH_WAIT_MS, fetch_wait_ms
 
 

@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 from qdrant_client import QdrantClient
 
+from gpl.stack import Stack, Stages
+from gpl.stage_build import build_stage
+from gpl.stage_process import ProcessStage
 from runtime.broker import Broker
 from runtime.health import HEALTH
 from runtime.kafka import create_topics
 from runtime.metrics_relay import RELAYED, metrics_route
 from runtime.vectors.server import ServerIndex
-from gpl.stack import Stack, Stages
-from gpl.stage_build import build_stage
-from gpl.stage_process import ProcessStage
 from schemas.events import Candidate, ExposedItem, ExposureEvent, RecallEvent
 from tests.conftest import make_settings
 from tests.helpers import produce, wait_for

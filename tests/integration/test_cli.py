@@ -16,9 +16,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from gpl import cli
+from gpl.stack import STAGES
 from runtime.broker import EmbeddedBroker, free_port
 from runtime.settings import Settings
-from gpl.stack import STAGES
 from schemas.topics import TOPICS, all_topic_names
 from tests.conftest import make_settings
 

@@ -29,9 +29,9 @@ import numpy as np
 import orjson
 import pytest
 
+from gpl.stack import Stack, Stages
 from runtime.broker import EmbeddedBroker
 from runtime.metrics_relay import MERGED
-from gpl.stack import Stack, Stages
 from schemas.events import DeadLetter
 from schemas.fast_codec import decode_unexposed
 from tests.conftest import make_settings

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from gpl.stack import Stages
 from runtime import metrics
 from runtime.broker import Broker
 from runtime.kafka import Accounting, create_topics
 from runtime.settings import Settings
 from runtime.stage_io import StageIO
-from gpl.stack import Stages
 from schemas.events import ItemEvent
 from tests.conftest import make_settings
 from tests.helpers import item_index, produce, running, wait_for

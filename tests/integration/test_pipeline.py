@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.broker import Broker
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
+from runtime.broker import Broker
 from schemas.events import ExposureEvent, RecallEvent
 from tests.conftest import make_settings
 from tests.helpers import drain, wait_for

@@ -13,10 +13,10 @@ from confluent_kafka import Consumer, TopicPartition
 from conftest import make_settings
 
 from gpl.replay import replay_jsonl, replay_topic
+from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from runtime.broker import Broker, EmbeddedBroker
 from runtime.kafka import create_topics, producer
 from runtime.settings import Settings
-from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from schemas.jsonl import read_events
 
 pytestmark = pytest.mark.integration

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpl.stack import Stack, Stages
+from gpl.stage_process import ProcessStage
 from runtime.broker import Broker
 from runtime.vectors.index import Points
 from runtime.vectors.normalize import normalize
-from gpl.stack import Stack, Stages
-from gpl.stage_process import ProcessStage
 from schemas.events import Anchor, AnchorSet, UnexposedBatch
 from tests.conftest import make_settings
 from tests.helpers import drain, produce, wait_for

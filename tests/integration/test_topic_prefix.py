@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from runtime.kafka import use_topic_names
-from runtime.settings import KafkaSettings, load
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
+from runtime.kafka import use_topic_names
+from runtime.settings import KafkaSettings, load
 from schemas.events import RecallEvent
 from schemas.topics import (
     EXPOSURE,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from gpl.eval.dataset import load_dataset
-from runtime.encoder import HashEncoder
 from gpl.simulate.semisynth import OracleConfig, build_semisynth, read_world, world_name
 from gpl.simulate.taste import explained_share, taste_weight, within_request_moments
+from runtime.encoder import HashEncoder
 
 FAST = OracleConfig(steps=2)
 
