@@ -32,8 +32,8 @@ import orjson
 from tqdm import tqdm
 
 from gpl.demo_report import evaluate, print_summary, sample_stats
-from runtime.settings import Settings
 from gpl.stack import Stack, Stages
+from runtime.settings import Settings
 from schemas.events import RecallEvent
 from schemas.jsonl import write_events
 from schemas.topics import EXPOSURE, RECALL, SAMPLES
@@ -48,7 +48,7 @@ class DemoConfig:
     users: int = 100
     candidates: int = 500
     max_requests_per_user: int = 20
-    features: str = "priors"  # the calibrator's feature set: gpl.eval.calibration.DEFAULT_FEATURE_SET (docs/eval.md)
+    features: str = "priors"  # calibrator features: workers.labeler.calibrator_fit.DEFAULT_FEATURE_SET (docs/eval.md)
     world: str = "semisynth"  # semisynth (unbiased held-out slice) or funnel (the biased MovieLens funnel)
     train_fraction: float = 0.8
     seed: int = 0
@@ -249,10 +249,10 @@ def semisynth_world(settings: Settings, cfg: DemoConfig, out_dir: Path
 def calibrate(settings: Settings, events_file: Path, features: str) -> dict[str, Any]:
     """Fit the calibrator on the training events (the streamed period, no held-out request) and save it."""
 
-    from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
     from gpl.eval.dataset import load_dataset
     from gpl.eval.embed import CachedEncoder
     from runtime.encoder import open_encoder
+    from workers.labeler.calibrator_fit import FEATURE_SETS, fit_dataset_calibrator
 
     ds_dir = events_file.parent / "calibration-dataset"
     ds_dir.mkdir(exist_ok=True)

@@ -1,7 +1,7 @@
 """``gpl calibrate DATASET``: fit the pseudo-label calibrator on a dataset's training period and write
 the artifact the streaming labeler loads (``labeler.calibrator_path``).
 
-The fit is :func:`gpl.eval.calibration.fit_dataset_calibrator`, the one ``gpl eval`` uses: content
+The fit is :func:`workers.labeler.calibrator_fit.fit_dataset_calibrator`, the one ``gpl eval`` uses: content
 anchors from each user's other folds of training requests (cross-fitting), leave-one-out priors, a
 monotone ridge-logistic calibrator whose user-fold CV decides abstention. The artifact records
 ``encoder.model`` and ``labeler.catalogue``; the labeler refuses it under any other. When the fit
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gpl.eval.calibration import DEFAULT_FEATURE_SET, FEATURE_SETS
+    from workers.labeler.calibrator_fit import DEFAULT_FEATURE_SET, FEATURE_SETS
 
     p = sub.add_parser("calibrate", help="fit the pseudo-label calibrator on a dataset and write its artifact",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,8 +45,8 @@ def default_path(settings: Settings) -> Path:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl.commands.eval import content_encoder, training_dataset
-    from gpl.eval.calibration import FEATURE_SETS, fit_dataset_calibrator
     from runtime.encoder import encode_items, with_space
+    from workers.labeler.calibrator_fit import FEATURE_SETS, fit_dataset_calibrator
 
     try:
         ds = training_dataset(args.dataset, settings, args.sim_seed)

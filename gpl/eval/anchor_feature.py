@@ -10,7 +10,7 @@ stream's are the set current before the request):
 
 * test rows: the anchors of every training click (what is known at the cut);
 * training rows: anchors built from the clicks of the OTHER cross-fitting folds only (the calibrator's
-  folds, :func:`gpl.eval.calibration.row_folds` for exposures, the request's fold for its unexposed
+  folds, :func:`workers.labeler.training_log.row_folds` for exposures, the request's fold for its unexposed
   candidates), so no training row is scored against anchors made from its own request's clicks. Without
   that, a clicked exposure would lie in the very cluster it helped form, the feature would separate the
   training clicks better than it can ever separate a new request's, and the student would learn to trust
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from gpl.eval.anchor_sources import SourceAnchors, content_anchors, pick_users, training_histories
-from gpl.eval.calibration import FOLDS, request_folds, row_folds
+from gpl.eval.context import Context
 from gpl.eval.dataset import EvalDataset
-from gpl.eval.methods import Context
 from runtime.settings import Settings
 from workers.anchor_cross import ANCHOR_CROSS_DIM
 from workers.labeler.anchor_book import UserAnchors
+from workers.labeler.training_log import FOLDS, request_folds, row_folds
 
 CHUNK = 16_384
 

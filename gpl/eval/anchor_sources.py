@@ -44,8 +44,9 @@ from workers.anchors.sid.rqvae import RQVAEConfig, train_rqvae
 from workers.anchors.sid.sequence_model import GENERATOR_FILE, load_generator, save_generator, train_generator
 from workers.anchors.sid.tokenizer import TOKENIZER_FILE, SIDTokenizer, build_tokenizer
 from workers.anchors.vector_anchors import ContentAnchorSource
-from workers.history import recent_distinct
 from workers.labeler.anchor_book import UserAnchors
+from workers.labeler.calibrator_fit import content_user_anchors
+from workers.labeler.training_log import training_histories
 
 log = logging.getLogger(__name__)
 
@@ -64,33 +65,6 @@ class SourceAnchors:
 
     def __len__(self) -> int:
         return len(self.users)
-
-
-def training_histories(ds: EvalDataset, n: int, requests: np.ndarray | None = None,
-                       rows: np.ndarray | None = None) -> dict[int, np.ndarray]:
-    """Per user: the last ``n`` distinct items clicked in training requests (dense ids, most recent last).
-
-    ``requests`` (bool per request) restricts the history to those requests instead (cross-fitting builds
-    anchors from some folds of the training period only). ``rows`` (bool per flat row) restricts it
-    further, ANDed with ``requests``: a user folded by exposure has all of their clicks in one request,
-    and the anchors of one fold must leave out that fold's exposures, not the whole request.
-    """
-    mask = ~ds.is_test if requests is None else np.asarray(requests, bool)
-    keep = ds.exposed & (ds.label == 1) & mask[ds.row_request]
-    if rows is not None:
-        keep &= np.asarray(rows, bool)
-    rows = np.flatnonzero(keep)
-    req = ds.row_request[rows]
-    order = np.lexsort((ds.position[rows], ds.req_ts[req], ds.req_user[req]))
-    rows, req = rows[order], req[order]
-    users = ds.req_user[req]
-    out: dict[int, np.ndarray] = {}
-    bounds = np.flatnonzero(np.diff(users)) + 1
-    for chunk, u_rows in zip(np.split(np.arange(len(rows)), bounds), np.split(users, bounds), strict=True):
-        if not len(chunk):
-            continue
-        out[int(u_rows[0])] = np.asarray(recent_distinct(ds.item[rows[chunk]].tolist(), n), np.int64)
-    return out
 
 
 def pick_users(ds: EvalDataset, histories: dict[int, np.ndarray], cap: int | None) -> list[int]:
@@ -340,17 +314,14 @@ def sid_anchors(
 
 def content_anchors(ds: EvalDataset, histories: dict[int, np.ndarray], users: list[int], item_vectors: np.ndarray,
                     *, k: int) -> SourceAnchors:
-    """The streaming ``content`` backend's anchors: k-means clusters of each user's history vectors."""
+    """The streaming ``content`` backend's anchors: k-means clusters of each user's history vectors
+    (:func:`~workers.labeler.calibrator_fit.content_user_anchors`, the calibrator fit's default source)."""
     src = ContentAnchorSource()
     book = SourceAnchors(kind="content", model=src.model, prompt_hash=src.prompt_hash)
-    for u in users:
-        a = src.one(item_vectors[histories[u]], k)
-        if len(a):
-            book.users[u] = UserAnchors.of(a.vectors, np.asarray(a.logprobs, np.float32), history=histories[u],
-                                           user_id=ds.users[u], model=src.model, prompt_hash=src.prompt_hash,
-                                           texts=tuple(a.labels))
+    book.users = content_user_anchors(ds.users, {u: histories[u] for u in users}, item_vectors, k=k)
+
     def make(hists: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
-        return content_anchors(ds, hists, list(hists), item_vectors, k=k).users
+        return content_user_anchors(ds.users, hists, item_vectors, k=k)
 
     book.make = make
     book.info = {"users": len(book.users),

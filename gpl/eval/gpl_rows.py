@@ -2,7 +2,7 @@
 
 Every GPL method labels through the streaming labeler's :func:`~workers.labeler.assemble.label_candidates`
 (:func:`gpl.eval.pseudo.gpl_labels`) with a calibrator cross-fitted on the training period
-(:mod:`gpl.eval.calibration`) for that anchor source and feature set. A calibrator that abstains gives
+(:mod:`workers.labeler.calibrator_fit`) for that anchor source and feature set. A calibrator that abstains gives
 the method no pseudo-labels: the row says so (``unavailable``) and results.json keeps the figures that
 decided it — there is no fallback map.
 
@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from gpl.eval.anchor_sources import SourceAnchors
-from gpl.eval.calibration import FEATURE_SETS, TrainingPriors, fit_dataset_calibrator
 from gpl.eval.dataset import EvalDataset
 from gpl.eval.pseudo import PseudoLabels, gpl_labels
 from runtime.settings import LabelerSettings, Settings
 from workers.labeler.calibrator import Calibrator
+from workers.labeler.calibrator_fit import FEATURE_SETS, fit_dataset_calibrator
 from workers.labeler.label_map import LabelMap
+from workers.labeler.training_log import TrainingPriors
 
 log = logging.getLogger(__name__)
 

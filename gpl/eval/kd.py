@@ -7,9 +7,9 @@ teacher learns from exposures, whose click rate is several times that of the une
 labels: measured mean soft label 0.17 against a truth rate of 0.042) and would lose for that reason alone.
 
 ``kd`` (fair KD)
-    The teacher (:class:`~gpl.eval.methods.Teacher`: a bigger ranker that also sees the user's click
+    The teacher (:class:`~gpl.eval.teacher.Teacher`: a bigger ranker that also sees the user's click
     history) is cross-fitted like GPL's anchors: for each fold of the training exposures
-    (:func:`~gpl.eval.calibration.row_folds`, the same folds as GPL's calibrator), a teacher trained on the
+    (:func:`~workers.labeler.training_log.row_folds`, the same folds as GPL's calibrator), a teacher trained on the
     OTHER folds scores the fold's exposures; the calibrator of GPL (:func:`~workers.labeler.calibrator.fit_calibrator`)
     is fitted on (teacher logit, the same leave-one-out prior features) with the teacher logit monotone.
     Per seed, a teacher trained on all training exposures scores the unexposed candidates drawn by the
@@ -39,12 +39,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpl.eval.calibration import FOLDS, L2, TrainingPriors, row_folds
-from gpl.eval.methods import MC_PASSES, Context, Rows, Teacher, TeacherNet, fit, kd_rows, predict, ukd_rows
+from gpl.eval.context import Context, Rows
+from gpl.eval.methods import fit, kd_rows, predict, ukd_rows
+from gpl.eval.teacher import MC_PASSES, Teacher, TeacherNet
 from runtime.settings import Settings
 from workers.labeler.calibrator import CalibrationFit, Calibrator, fit_calibrator
+from workers.labeler.calibrator_fit import L2
 from workers.labeler.features import PRIOR_FEATURES, feature_matrix
 from workers.labeler.sampling import RequestRng, reads_scores, sample
+from workers.labeler.training_log import FOLDS, TrainingPriors, row_folds
 from workers.model import ModelConfig, make_optimizer
 
 TEACHER_FEATURE = "teacher_logit"

@@ -5,10 +5,10 @@ through :func:`workers.labeler.assemble.label_candidates` — the streaming labe
 → calibrated label → sample → confidence weight step — with the labeler's per-request draw
 (:class:`~workers.labeler.sampling.RequestRng`). This module only feeds it arrays: the user's anchors,
 the unit history centroid, and the candidates' prior features from the training period
-(:class:`gpl.eval.calibration.TrainingPriors`, the counts the labeler keeps online).
+(:class:`workers.labeler.training_log.TrainingPriors`, the counts the labeler keeps online).
 
 The label is a :class:`~workers.labeler.calibrator.Calibrator` cross-fitted on the training period
-(:mod:`gpl.eval.calibration`), or — for the ``gpl-map`` ablation only — the configured fixed
+(:mod:`workers.labeler.calibrator_fit`), or — for the ``gpl-map`` ablation only — the configured fixed
 :class:`~workers.labeler.label_map.LabelMap`. A calibrator that abstains means no pseudo-labels.
 """
 
@@ -20,15 +20,16 @@ from typing import Any
 import numpy as np
 
 from gpl.eval.anchor_sources import SourceAnchors
-from gpl.eval.calibration import TrainingPriors, unit_centroid
 from gpl.eval.dataset import EvalDataset
 from runtime.settings import LabelerSettings
 from workers.labeler.assemble import label_candidates, no_anchors
 from workers.labeler.calibrator import Calibrator
+from workers.labeler.calibrator_fit import unit_centroid
 from workers.labeler.confidence import TERMS, consistency_of
 from workers.labeler.features import needs_anchors
 from workers.labeler.label_map import LabelMap
 from workers.labeler.sampling import RequestRng
+from workers.labeler.training_log import TrainingPriors
 from workers.model import whole_logit
 
 

@@ -12,7 +12,7 @@ without a word. Here:
   similarity** ``s1`` (its coefficient is constrained ≥ 0: if the free fit makes it negative it is
   pinned to 0 and the rest refitted), so "closer to an interest" never lowers a label;
 * it must be fitted on rows the anchors did not see: the caller cross-fits (anchors from some of a
-  user's requests, calibration rows from the others) — see ``gpl/eval/calibration.py``;
+  user's requests, calibration rows from the others) — see ``workers/labeler/calibrator_fit.py``;
 * :func:`fit_calibrator` **abstains** when, on held-out user folds, it does not beat the base rate
   (log-loss gain below ``min_gain`` or AUC below ``min_auc``): the caller then makes no pseudo-labels
   from that source and reports it, never a silent default map;

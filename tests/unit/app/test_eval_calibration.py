@@ -10,27 +10,21 @@ import numpy as np
 import pytest
 
 from gpl.eval.anchor_sources import content_anchors, training_histories
-from gpl.eval.calibration import (
-    FEATURE_SETS,
-    TrainingPriors,
-    cross_fit_rows,
-    fit_dataset_calibrator,
-    request_folds,
-    unit_centroid,
-)
 from gpl.eval.dataset import load_dataset, validation_view
 from gpl.eval.movielens import build_movielens
 from gpl.eval.pseudo import gpl_labels
 from gpl.eval.run import EvalConfig, run_eval
-from runtime.encoder import HashEncoder
-from runtime.settings import Settings, load
 from gpl.simulate import SimConfig, load_movielens, simulate
 from gpl.simulate.semisynth import OracleConfig, build_semisynth
+from runtime.encoder import HashEncoder
+from runtime.settings import Settings, load
 from schemas.events import ExposureEvent
 from workers.labeler import assemble
 from workers.labeler.calibrator import CalibrationFit, Calibrator
+from workers.labeler.calibrator_fit import FEATURE_SETS, cross_fit_rows, fit_dataset_calibrator, unit_centroid
 from workers.labeler.features import FEATURES
 from workers.labeler.sampling import RequestRng
+from workers.labeler.training_log import TrainingPriors, request_folds
 
 TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
 

@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 
 from gpl.eval.anchor_sources import content_anchors, training_histories
-from gpl.eval.calibration import (
-    FEATURE_SETS,
-    FOLDS,
-    AnchorFn,
-    cross_fit_rows,
-    fit_dataset_calibrator,
-    request_folds,
-    row_folds,
-)
 from gpl.eval.dataset import EvalDataset, load_dataset, subset
 from gpl.eval.movielens import build_movielens
 from gpl.eval.pseudo import gpl_labels
 from runtime.encoder import HashEncoder
 from runtime.settings import Settings, load
+from workers.labeler.calibrator_fit import FEATURE_SETS, AnchorFn, cross_fit_rows, fit_dataset_calibrator
+from workers.labeler.training_log import FOLDS, request_folds, row_folds
 
 CONTENT = FEATURE_SETS["content"]
 

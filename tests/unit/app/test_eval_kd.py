@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from gpl.eval.anchor_sources import SourceAnchors
-from gpl.eval.calibration import row_folds
+from gpl.eval.context import Context
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.kd import KD_FEATURES, Baselines, ClickAdaptiveUKD, FairKD, _GradReverse
-from gpl.eval.methods import Context, uniform_unexposed
+from gpl.eval.methods import uniform_unexposed
 from gpl.eval.pseudo import gpl_labels
+from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from runtime.encoder import HashEncoder
 from runtime.settings import Settings, load
-from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from workers.labeler.calibrator import Calibrator
+from workers.labeler.training_log import row_folds
 
 TINY_TRAINER = {"hash_buckets": 1024, "id_dim": 8, "hidden": 16, "batch_size": 64}
 

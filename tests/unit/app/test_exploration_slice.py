@@ -1,5 +1,5 @@
 """The exploration slice: requests the producer marks as randomly exposed (ExposureEvent.exploration) are
-what the calibrator learns from when there are enough of them (gpl/eval/calibration.py exploration_slice)."""
+what the calibrator learns from when there are enough of them (workers/labeler/calibrator_fit.py exploration_slice)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpl.eval import calibration as C
+from workers.labeler import calibrator_fit as C
 from gpl.eval.dataset import load_dataset
+from gpl.simulate.semisynth import OracleConfig, build_semisynth, world_name
 from runtime.encoder import HashEncoder
 from runtime.settings import load
-from gpl.simulate.semisynth import OracleConfig, build_semisynth, world_name
 from schemas.events import ExposureEvent
 
 

@@ -12,7 +12,6 @@ import torch
 
 from gpl.eval.anchor_feature import RowLookup, cross_rows, row_anchor_cross
 from gpl.eval.anchor_sources import content_anchors, training_histories
-from gpl.eval.calibration import request_folds, row_folds
 from gpl.eval.dataset import EvalDataset, load_dataset
 from gpl.eval.movielens import build_movielens
 from runtime.encoder import HashEncoder
@@ -21,6 +20,7 @@ from schemas.events import SampleBatch
 from tests.preranker_world import DIM, item_vectors, put_anchors, requests, world_index, world_settings
 from workers.anchor_cross import AnchorLookup, anchor_cross, cross_of
 from workers.anchors.policy import anchor_point_id
+from workers.labeler.training_log import request_folds, row_folds
 from workers.model import ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.trainer import Trainer
 from workers.trainer.publish import Holdout

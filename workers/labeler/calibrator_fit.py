@@ -19,7 +19,7 @@ slope that fresh candidates do not have. So:
    source's own rule: for content anchors the stream's k-means over the last ``anchors.history_items``
    distinct clicks, :class:`~workers.anchors.vector_anchors.ContentAnchorSource`), and the history centroid
    from the same clicks — for a user folded by exposure, the clicks of the other exposures of the same
-   requests (:func:`~gpl.eval.anchor_sources.training_histories` with a row mask);
+   requests (:func:`~workers.labeler.training_log.training_histories` with a row mask);
 3. the calibration rows are fold f's exposures, with their similarity features against those anchors
    and their prior features computed leave-one-out (the row's own exposure and click are taken out
    of the item and user counts);
@@ -28,13 +28,14 @@ slope that fresh candidates do not have. So:
    (users, exposures, clicks, users with clicks in two folds) and what would give rows
    (:func:`too_little_data`).
 
-Prior features come from :class:`TrainingPriors`: the same counts the streaming labeler keeps
-(:class:`~workers.labeler.interaction_stats.InteractionStats`: recalls and exposures per item, over
-the requests counted; exposures and clicks per user), here over the training period.
+Prior features come from :class:`~workers.labeler.training_log.TrainingPriors`: the same counts the
+streaming labeler keeps (:class:`~workers.labeler.interaction_stats.InteractionStats`: recalls and
+exposures per item, over the requests counted; exposures and clicks per user), here over the training
+period.
 
 Used by ``gpl eval`` (the GPL rows), ``gpl calibrate`` (writes the artifact the labeler loads) and
 ``gpl demo`` (:func:`fit_dataset_calibrator` on a training event set loaded with
-``load_dataset(dir, training_only=True)``).
+``load_dataset(dir, training_only=True)``): any :class:`~workers.labeler.training_log.TrainingLog`.
 """
 
 from __future__ import annotations
@@ -44,10 +45,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gpl.eval.anchor_sources import content_anchors, training_histories
-from gpl.eval.dataset import EvalDataset
 from runtime.settings import Settings
 from runtime.vectors.normalize import normalize
+from workers.anchors.vector_anchors import ContentAnchorSource
 from workers.labeler.anchor_book import UserAnchors
 from workers.labeler.calibrator import CalibrationFit, fit_calibrator
 from workers.labeler.features import (
@@ -55,14 +55,20 @@ from workers.labeler.features import (
     PRIOR_FEATURES,
     anchor_weights,
     feature_matrix,
-    prior_features,
     similarity_features,
+)
+from workers.labeler.training_log import (
+    FOLDS,
+    TrainingLog,
+    TrainingPriors,
+    few_requests,
+    row_folds,
+    training_histories,
 )
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {"content": FEATURES, "priors": PRIOR_FEATURES}
 DEFAULT_FEATURE_SET = "priors"  # the validation rule's winner (docs/eval.md, "How the defaults were chosen")
 SIMILARITY = frozenset({"s1", "s2", "s_mean", "s_cent"})
-FOLDS = 3
 L2 = 1e-4
 EXPLORATION_MIN_ROWS = 500  # exposures of exploration requests before the calibrator prefers them
 EXPLORATION_MIN_CLICKS = 50
@@ -79,84 +85,17 @@ def unit_centroid(anchors: UserAnchors, item_vectors: np.ndarray) -> np.ndarray:
     return normalize(item_vectors[h].mean(axis=0)).astype(np.float32)
 
 
-@dataclass
-class TrainingPriors:
-    """The labeler's interaction counts over the requests in ``requests`` (bool per request)."""
-
-    recalled: np.ndarray  # per item: candidate rows (exposed or not)
-    exposed: np.ndarray  # per item: exposures
-    requests: float
-    user_exposures: np.ndarray  # per user
-    user_clicks: np.ndarray
-    ctr: float
-
-    @classmethod
-    def of(cls, ds: EvalDataset, requests: np.ndarray) -> TrainingPriors:
-        rows = np.asarray(requests, bool)[ds.row_request]
-        ex = ds.exposed & rows
-        click = (ds.label == 1) & ex
-        users = ds.row_user
-        n_u = len(ds.users)
-        return cls(recalled=np.bincount(ds.item[rows], minlength=ds.n_items).astype(np.float64),
-                   exposed=np.bincount(ds.item[ex], minlength=ds.n_items).astype(np.float64),
-                   requests=float(np.asarray(requests, bool).sum()),
-                   user_exposures=np.bincount(users[ex], minlength=n_u).astype(np.float64),
-                   user_clicks=np.bincount(users[click], minlength=n_u).astype(np.float64),
-                   ctr=float(click.sum() / max(ex.sum(), 1)))
-
-    def features(self, items: np.ndarray, user: int | np.ndarray,
-                 own_click: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Prior features of ``items`` for ``user``; ``own_click`` given: the rows are counted exposures,
-        and each row's own exposure and click are left out (leave-one-out)."""
-        exp = self.exposed[items]
-        ue, uc = self.user_exposures[user], self.user_clicks[user]
-        if own_click is not None:
-            exp, ue, uc = exp - 1.0, ue - 1.0, uc - np.asarray(own_click, np.float64)
-        return prior_features(self.recalled[items], exp, self.requests, np.maximum(ue, 0.0), np.maximum(uc, 0.0),
-                              self.ctr)
-
-
-def request_folds(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
-    """Fold of each request in ``requests`` (-1 elsewhere): its rank in time among the user's, mod ``folds``."""
-    req = np.flatnonzero(requests)
-    req = req[np.lexsort((req, ds.req_ts[req], ds.req_user[req]))]
-    u = ds.req_user[req]
-    start = np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)
-    first = np.maximum.accumulate(np.where(start, np.arange(len(req)), 0)) if len(req) else req
-    fold = np.full(ds.n_requests, -1, np.int64)
-    fold[req] = (np.arange(len(req)) - first) % folds
-    return fold
-
-
-def few_requests(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
-    """Per user: True when they have training exposures in fewer than ``folds`` of ``requests``
-    (such a user is folded by exposure, :func:`row_folds`)."""
-    req = np.asarray(requests, bool)
-    shown = np.bincount(ds.row_request[ds.exposed], minlength=ds.n_requests) > 0
-    n_req = np.bincount(ds.req_user[req & shown], minlength=len(ds.users))
-    return (n_req > 0) & (n_req < folds)
-
-
-def row_folds(ds: EvalDataset, requests: np.ndarray, folds: int = FOLDS) -> np.ndarray:
-    """Fold of each exposed row of ``requests`` (-1 for other rows: unexposed, or outside ``requests``).
-
-    A user with exposures in at least ``folds`` requests: the fold of the row's request
-    (:func:`request_folds`). A user with fewer: their exposures in the order shown (request time,
-    request, position) dealt one by one, exposure j → fold j mod ``folds`` (module docstring, why).
-    """
-    req = np.asarray(requests, bool)
-    out = np.full(len(ds.item), -1, np.int64)
-    ex = np.flatnonzero(ds.exposed & req[ds.row_request])
-    few = few_requests(ds, req, folds)
-    by_request = ex[~few[ds.row_user[ex]]]
-    out[by_request] = request_folds(ds, req & ~few[ds.req_user], folds)[ds.row_request[by_request]]
-    rows = ex[few[ds.row_user[ex]]]
-    r = ds.row_request[rows]
-    rows = rows[np.lexsort((rows, ds.position[rows], r, ds.req_ts[r], ds.req_user[r]))]
-    u = ds.row_user[rows]
-    start = np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)
-    first = np.maximum.accumulate(np.where(start, np.arange(len(rows)), 0)) if len(rows) else rows
-    out[rows] = (np.arange(len(rows)) - first) % folds
+def content_user_anchors(users: list[str], histories: dict[int, np.ndarray], item_vectors: np.ndarray, *,
+                         k: int) -> dict[int, UserAnchors]:
+    """The streaming ``content`` backend's anchors (k-means clusters of each user's history vectors) for
+    every user in ``histories``; ``users`` maps a dense user to the id the anchors carry."""
+    src = ContentAnchorSource()
+    out: dict[int, UserAnchors] = {}
+    for u, hist in histories.items():
+        a = src.one(item_vectors[hist], k)
+        if len(a):
+            out[u] = UserAnchors.of(a.vectors, np.asarray(a.logprobs, np.float32), history=hist, user_id=users[u],
+                                    model=src.model, prompt_hash=src.prompt_hash, texts=tuple(a.labels))
     return out
 
 
@@ -178,7 +117,7 @@ class CrossFitRows:
     exposure_folded_users: int = 0  # users shown exposures in fewer training requests than folds (row_folds)
 
 
-def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *, features: tuple[str, ...],
+def cross_fit_rows(ds: TrainingLog, item_vectors: np.ndarray, settings: Settings, *, features: tuple[str, ...],
                    anchor_fn: AnchorFn | None, requests: np.ndarray | None = None, folds: int = FOLDS,
                    targets: np.ndarray | None = None) -> CrossFitRows:
     """Calibration rows: each fold's exposures against anchors built from the other folds (module docstring).
@@ -225,7 +164,7 @@ def cross_fit_rows(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings
                         exposure_folded_users=int(few_requests(ds, train, folds).sum()))
 
 
-def too_little_data(ds: EvalDataset, cf: CrossFitRows, requests: np.ndarray, features: tuple[str, ...],
+def too_little_data(ds: TrainingLog, cf: CrossFitRows, requests: np.ndarray, features: tuple[str, ...],
                     folds: int = FOLDS) -> str:
     """Why cross-fitting gave too few rows to fit on, in the data's numbers, and what would give more.
 
@@ -255,7 +194,7 @@ def too_little_data(ds: EvalDataset, cf: CrossFitRows, requests: np.ndarray, fea
             f"({counts}) — fit_calibrator needs at least 50 rows, clicked and not: needs {more}")
 
 
-def exploration_slice(ds: EvalDataset, requests: np.ndarray) -> tuple[np.ndarray | None, dict[str, float]]:
+def exploration_slice(ds: TrainingLog, requests: np.ndarray) -> tuple[np.ndarray | None, dict[str, float]]:
     """(rows to calibrate on, what was found): the exposures of exploration requests when there are enough of
     them, else None (every exposure).
 
@@ -272,7 +211,7 @@ def exploration_slice(ds: EvalDataset, requests: np.ndarray) -> tuple[np.ndarray
                                      "exploration_used": float(use)}
 
 
-def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: Settings, *,
+def fit_dataset_calibrator(ds: TrainingLog, item_vectors: np.ndarray, settings: Settings, *,
                            features: tuple[str, ...] = FEATURES, anchor_fn: AnchorFn | None = None,
                            requests: np.ndarray | None = None, folds: int = FOLDS, l2: float = L2) -> CalibrationFit:
     """Cross-fit and fit the calibrator on the training period of ``ds`` (or the ``requests`` given).
@@ -283,7 +222,10 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
     beat the base rate on held-out users: the caller then makes no pseudo-labels).
     """
     if anchor_fn is None and SIMILARITY & set(features):
-        anchor_fn = content_anchors(ds, {}, [], item_vectors, k=settings.anchors.k).make
+        users, k = ds.users, settings.anchors.k
+
+        def anchor_fn(hists: dict[int, np.ndarray]) -> dict[int, UserAnchors]:
+            return content_user_anchors(users, hists, item_vectors, k=k)
     train = ~ds.is_test if requests is None else np.asarray(requests, bool)
     slice_rows, slice_info = exploration_slice(ds, train)
     if not settings.labeler.prefer_exploration:
@@ -297,8 +239,3 @@ def fit_dataset_calibrator(ds: EvalDataset, item_vectors: np.ndarray, settings: 
     if fit.abstain and fit.reason.startswith("too little data"):  # fit_calibrator's floor, explained here
         fit = replace(fit, reason=f"{fit.reason}: {too_little_data(ds, cf, train, features, folds)}")
     return fit
-
-
-__all__ = ["AnchorFn", "CrossFitRows", "exploration_slice", "FEATURE_SETS", "PRIOR_FEATURES", "TrainingPriors",
-           "cross_fit_rows", "few_requests", "fit_dataset_calibrator", "request_folds", "row_folds",
-           "similarity_parts", "too_little_data", "unit_centroid"]
