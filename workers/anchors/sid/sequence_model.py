@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from workers.anchors.sid.artifact import read_artifact, write_artifact
 from workers.anchors.sid.rqvae import warmup_cosine
 from workers.anchors.sid.tokenizer import SIDTokenizer
 
@@ -249,30 +250,18 @@ def _state_hash(model: nn.Module) -> str:
 def save_generator(model: SIDTransformer, tokenizer: SIDTokenizer, out_dir: Path | str,
                    metrics: dict[str, Any] | None = None) -> Path:
     """``generator.pt`` (weights, config, the tokenizer fingerprint it was trained on), ``generator.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
     blob = {"format": FORMAT, "config": cfg, "state_dict": model.state_dict(),
             "tokenizer": tokenizer.fingerprint, "encoder_id": tokenizer.encoder_id,
             "metrics_json": json.dumps(metrics or {})}
-    path = out / GENERATOR_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    (out / "generator.json").write_text(json.dumps(
-        {"format": FORMAT, "config": cfg, "tokenizer": tokenizer.fingerprint,
-         "encoder_id": tokenizer.encoder_id, "metrics": metrics or {}}, indent=2))
-    return path
+    summary = {"format": FORMAT, "config": cfg, "tokenizer": tokenizer.fingerprint,
+               "encoder_id": tokenizer.encoder_id, "metrics": metrics or {}}
+    return write_artifact(out_dir, GENERATOR_FILE, blob, summary)
 
 
 def load_generator(path: Path | str, tokenizer: SIDTokenizer) -> tuple[SIDTransformer, dict[str, Any]]:
     """Load ``generator.pt``; refuses one trained on another tokenizer's SIDs (they would mean nothing)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / GENERATOR_FILE
-    blob = torch.load(p, weights_only=True)
-    if blob.get("format") != FORMAT:
-        raise ValueError(f"{p}: not a {FORMAT} artifact")
+    p, blob = read_artifact(path, GENERATOR_FILE, FORMAT)
     if blob["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{p} was trained on tokenizer {blob['tokenizer']}, not {tokenizer.fingerprint}: "
                          "retrain the generator after retraining the tokenizer")

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from runtime.vectors.normalize import normalize
+from workers.anchors.sid.artifact import read_artifact, write_artifact
 from workers.anchors.sid.rqvae import RQVAE, RQVAEConfig
 
 FORMAT = "gpl-sid-tokenizer/1"
@@ -178,8 +179,6 @@ class SIDTokenizer:
     # --------------------------------------------------------------------------------- artifacts
 
     def save(self, out_dir: Path | str) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         blob = {
             "format": FORMAT,
             "config": asdict(self.model.config),
@@ -192,25 +191,15 @@ class SIDTokenizer:
             "centroids": torch.from_numpy(np.ascontiguousarray(self.centroids, np.float32)),
             "metrics_json": json.dumps(self.metrics),
         }
-        path = out / TOKENIZER_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)  # a reader never sees half a file
         summary = {"format": FORMAT, "encoder_id": self.encoder_id, "fingerprint": self.fingerprint,
                    "items": len(self.item_ids), "config": asdict(self.model.config),
                    "suffix_size": self.suffix_size, "metrics": self.metrics}
-        (out / "tokenizer.json").write_text(json.dumps(summary, indent=2))
-        return path
+        return write_artifact(out_dir, TOKENIZER_FILE, blob, summary)
 
     @classmethod
     def load(cls, path: Path | str, encoder_id: str | None = None) -> SIDTokenizer:
         """Load ``tokenizer.pt`` (or a directory holding it); ``encoder_id`` must match when given."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / TOKENIZER_FILE
-        blob = torch.load(p, weights_only=True)
-        if blob.get("format") != FORMAT:
-            raise ValueError(f"{p}: not a {FORMAT} artifact (format {blob.get('format')!r})")
+        p, blob = read_artifact(path, TOKENIZER_FILE, FORMAT)
         if encoder_id is not None and blob["encoder_id"] != encoder_id:
             raise ValueError(f"{p} was trained on encoder {blob['encoder_id']!r}, not {encoder_id!r}: "
                              "SIDs from another frozen space mean nothing here")
