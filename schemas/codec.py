@@ -14,7 +14,7 @@ from typing import TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import REDRIVE_HEADER, DeadLetter
+from schemas.dlq import REDRIVE_HEADER, DeadLetter
 from schemas.wire import FrameError, is_framed, unframe
 
 M = TypeVar("M", bound=BaseModel)

@@ -5,68 +5,73 @@ Every contract carries ``schema_version`` so a consumer can refuse what it does 
 event time is epoch milliseconds. Ids at the edge: ``user_id`` is a string (it is the partition key of
 every topic), ``item_id`` a non-negative 64-bit integer (it is also the Qdrant point id); producers
 with string item ids map them with :func:`schemas.ids.item_id_from_str`.
+
+The stream's events and the records between our stages are declared here. The base and the field types
+(``schemas/contract.py``), the two contracts with more than one wire form (``schemas/recall.py``,
+``schemas/unexposed.py``) and the dead letters (``schemas/dlq.py``) have modules of their own, and are
+re-exported: ``from schemas.events import X`` names every contract, wherever it is declared.
 """
 
 from __future__ import annotations
 
-import binascii
-import struct
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ModelWrapValidatorHandler,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.contract import (
+    MAX_EPOCH_MS,
+    MAX_ID_CHARS,
+    MAX_INT64,
+    SCHEMA_VERSION,
+    SECONDS_HIGH,
+    SECONDS_LOW,
+    Contract,
+    EpochMs,
+    ItemId,
+    RequestId,
+    UserId,
+    looks_like_seconds,
 )
+from schemas.dlq import DLQ_REASONS, REDRIVE_HEADER, DeadLetter
+from schemas.recall import RECALL_SCHEMA_VERSION, Candidate, RecallEvent, recall_as_v2
+from schemas.unexposed import PACKED_IDS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch, unpack_ids
 
-SCHEMA_VERSION = 1
-MAX_INT64 = 2**63 - 1
-# year 3000 in epoch ms: a bound that no real clock reaches, and that keeps event times (and the sums the
-# join makes of them, ts + wait) far inside int64, where a 2**63 would overflow the state records
-MAX_EPOCH_MS = 32_503_680_000_000
-
-ItemId = Annotated[int, Field(ge=0, le=MAX_INT64)]
-MAX_ID_CHARS = 256
-UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-# The plausibility bound on event times: epoch *seconds* of any date from 2001-09-09 to year 5138 lie in
-# [1e9, 1e11), where milliseconds would mean January 1970 to March 1973, when no event of ours happened.
-# So a value there is refused as a producer sending seconds (the first mistake docs/producers.md warns
-# about); small values (synthetic clocks and tests count from 0) and real milliseconds pass.
-SECONDS_LOW, SECONDS_HIGH = 10**9, 10**11
-
-
-def looks_like_seconds(ts: int) -> bool:
-    """True for an event time that is implausible as milliseconds and plausible as seconds."""
-    return SECONDS_LOW <= ts < SECONDS_HIGH
-
-
-def _not_seconds(ts: int) -> int:
-    if looks_like_seconds(ts):
-        raise ValueError(f"{ts} is epoch seconds? event times are epoch milliseconds (send {ts * 1000})")
-    return ts
-
-
-EpochMs = Annotated[int, Field(ge=0, le=MAX_EPOCH_MS), AfterValidator(_not_seconds)]
-
-
-class Contract(BaseModel):
-    """Base of every message: frozen, strict about unknown versions, tolerant of extra fields."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    schema_version: int = SCHEMA_VERSION
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v > SCHEMA_VERSION or v < 1:
-            raise ValueError(f"unsupported schema_version {v} (this build reads 1..{SCHEMA_VERSION})")
-        return v
+__all__ = [
+    "DLQ_REASONS",
+    "MAX_EPOCH_MS",
+    "MAX_ID_CHARS",
+    "MAX_INT64",
+    "PACKED_IDS",
+    "RECALL_SCHEMA_VERSION",
+    "REDRIVE_HEADER",
+    "SCHEMA_VERSION",
+    "SECONDS_HIGH",
+    "SECONDS_LOW",
+    "UNEXPOSED_SCHEMA_VERSION",
+    "Anchor",
+    "AnchorReason",
+    "AnchorRequest",
+    "AnchorSet",
+    "Candidate",
+    "Contract",
+    "DeadLetter",
+    "EpochMs",
+    "ExposedItem",
+    "ExposureEvent",
+    "ItemEvent",
+    "ItemId",
+    "Lineage",
+    "RecallEvent",
+    "RequestId",
+    "Sample",
+    "SampleBatch",
+    "SampleSource",
+    "UnexposedBatch",
+    "UserId",
+    "looks_like_seconds",
+    "recall_as_v2",
+    "unpack_ids",
+]
 
 
 class ItemEvent(Contract):
@@ -76,129 +81,6 @@ class ItemEvent(Contract):
     text: str = Field(min_length=1, max_length=8192)
     category: str = ""
     ts: EpochMs = 0
-
-
-class Candidate(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    item_id: ItemId
-    score: float = 0.0
-    source: str = ""
-
-
-RECALL_SCHEMA_VERSION = 2  # the columnar recall; version 1 (a list of candidate objects) is still read
-
-
-class RecallEvent(Contract):
-    """All candidates the recall stage returned for one request (thousands), as parallel arrays.
-
-    Version 2 (what producers should send): ``item_ids``, ``scores`` and optional ``sources`` are
-    parallel arrays of equal length and the item ids are unique. Why columns: a recall is the largest
-    message of the system, and a list of ``{"item_id", "score", "source"}`` objects costs the reader one
-    dict per candidate; arrays go from orjson straight into numpy (``schemas.fast_codec.decode_recall``).
-    Version 1 (``candidates``: a list of Candidate objects) is still accepted and converted to columns
-    on validation, so the model is columnar whatever was sent; its repeats of an item are kept, as
-    version 1 never forbade them.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=lambda s: _document_v1(s))
-
-    schema_version: int = RECALL_SCHEMA_VERSION
-    request_id: RequestId
-    user_id: UserId
-    ts: EpochMs
-    item_ids: list[ItemId] = Field(description="recalled items, unique (schema_version 2)",
-                                   json_schema_extra={"uniqueItems": True})
-    scores: list[float] | None = Field(default=None, description="recall score of each item (absent: all 0)")
-    sources: list[str] | None = Field(default=None, description="recall source of each item (optional)")
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v > RECALL_SCHEMA_VERSION or v < 1:
-            raise ValueError(f"unsupported schema_version {v} (this build reads recall 1..{RECALL_SCHEMA_VERSION})")
-        return v
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _columns(cls, data: object, handler: ModelWrapValidatorHandler[RecallEvent]) -> RecallEvent:
-        """Version 1 input (``candidates``) becomes the version 2 columns (a version omitted next to
-        ``candidates`` means 1, the default of version-1 producers); version 2 must list an item once."""
-        v1 = isinstance(data, dict) and (
-            "candidates" in data or data.get("schema_version", RECALL_SCHEMA_VERSION) == 1)
-        ev = handler(_v1_to_columns(data) if v1 else data)  # type: ignore[arg-type]
-        n = len(ev.item_ids)
-        for name, col in (("scores", ev.scores), ("sources", ev.sources)):
-            if col is not None and len(col) != n:
-                raise ValueError(f"{name} has {len(col)} entries but item_ids has {n} (parallel arrays)")
-        if not v1 and len(set(ev.item_ids)) != n:
-            raise ValueError("item_ids lists an item more than once")
-        return ev
-
-    @property
-    def candidates(self) -> list[Candidate]:
-        """The version 1 view, built on demand for tools and tests (never on the decoding path)."""
-        scores = self.scores if self.scores is not None else [0.0] * len(self.item_ids)
-        sources = self.sources if self.sources is not None else [""] * len(self.item_ids)
-        return [Candidate(item_id=i, score=s, source=o)
-                for i, s, o in zip(self.item_ids, scores, sources, strict=True)]
-
-
-def _document_v1(schema: dict[str, object]) -> None:
-    """The exported JSON Schema describes version 2; the version 1 form it still accepts rides along."""
-    schema["x-schema-version-1"] = {
-        "description": "still accepted: schema_version 1 (or absent) with 'candidates' instead of the arrays",
-        "candidates": {"type": "array", "items": Candidate.model_json_schema()},
-    }
-
-
-def recall_as_v2(value: dict[str, object]) -> dict[str, object] | None:
-    """A version 1 recall value (``candidates``) rewritten as version 2 columns, for tools that emit
-    version 2 (``gpl replay``); None when the rewrite would not be exact: not version 1, a candidate
-    that is not an object with an ``item_id``, or an item listed twice (version 1 allows it, version 2
-    does not). Such values are left to the contract to judge, as a producer's would be."""
-    cands = value.get("candidates")
-    if value.get("schema_version", 1) != 1 or "item_ids" in value or type(cands) is not list:
-        return None
-    if not all(type(c) is dict and "item_id" in c for c in cands):
-        return None
-    ids = [c["item_id"] for c in cands]
-    try:
-        if len(set(ids)) != len(ids):
-            return None
-    except TypeError:  # an unhashable id: malformed, the contract says so
-        return None
-    out = {k: v for k, v in value.items() if k != "candidates"}
-    out.update(schema_version=RECALL_SCHEMA_VERSION, item_ids=ids, scores=[c.get("score", 0.0) for c in cands])
-    if any("source" in c for c in cands):
-        out["sources"] = [c.get("source", "") for c in cands]
-    return out
-
-
-def _v1_to_columns(data: dict[str, object]) -> dict[str, object]:
-    """A version 1 recall (``candidates`` objects) as version 2 columns; the contract validates the rest."""
-    if data.get("schema_version", 1) != 1:
-        raise ValueError("'candidates' is the schema_version 1 form; version 2 carries item_ids/scores")
-    if "candidates" not in data:
-        raise ValueError("schema_version 1 carries 'candidates'; send item_ids/scores as schema_version 2")
-    if "item_ids" in data:
-        raise ValueError("both 'candidates' (version 1) and 'item_ids' (version 2)")
-    cands = data["candidates"]
-    if not isinstance(cands, list):
-        raise ValueError("'candidates' must be a list")
-    parsed = []
-    for j, c in enumerate(cands):
-        try:
-            parsed.append(Candidate.model_validate(c))
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in ("candidates", j, *first.get("loc", ())))
-            raise ValueError(f"{loc}: {first.get('msg')}") from None
-    out = {k: v for k, v in data.items() if k != "candidates"}
-    out.update(schema_version=RECALL_SCHEMA_VERSION, item_ids=[c.item_id for c in parsed],
-               scores=[c.score for c in parsed])
-    if any(c.source for c in parsed):
-        out["sources"] = [c.source for c in parsed]
-    return out
 
 
 class ExposedItem(BaseModel):
@@ -227,87 +109,6 @@ class ExposureEvent(Contract):
         if len(ids) != len(set(ids)):
             raise ValueError("exposure lists an item more than once")
         return self
-
-
-UNEXPOSED_SCHEMA_VERSION = 2  # adds the packed id forms; version 1 (a JSON list only) is still read
-# field → (struct code, numpy dtype) of the packed forms: little-endian uint32 / int64, read the same way by the
-# contract (struct) and by the fast paths that write and read them (numpy: streams/join.py, the labeler's decoder)
-PACKED_IDS = {"item_ids_le32": ("I", "<u4"), "item_ids_le64": ("q", "<i8")}
-
-
-class UnexposedBatch(Contract):
-    """recall − exposure of one request: the candidates GPL must label.
-
-    The ids come in exactly one of three forms. ``item_ids``: a JSON list (every version). From
-    schema_version 2 (what the streams stage writes), packed: base64 (RFC 4648, padded) of the ids as
-    little-endian unsigned 32-bit integers (``item_ids_le32``, when every id is below 2**32) or signed
-    64-bit ones (``item_ids_le64``). Why: this is the largest message between our own stages; 1,000
-    hashed 63-bit ids are ~20 kB of decimal text and 10.7 kB packed (5.3 kB for 32-bit ids), and the
-    labeler reads them with one base64 decode and no per-id parsing. Whatever the form, the model holds
-    the list ``item_ids``, so a consumer sees one shape.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=lambda s: _one_id_form(s))
-
-    schema_version: int = UNEXPOSED_SCHEMA_VERSION
-    request_id: RequestId
-    user_id: UserId
-    ts: EpochMs
-    item_ids: list[ItemId] = Field(default_factory=list, description="the candidates (or one packed form)")
-    item_ids_le32: str | None = Field(default=None, exclude=True, description="schema_version 2: the candidates "
-                                      "as little-endian uint32, base64 (read into item_ids)")
-    item_ids_le64: str | None = Field(default=None, exclude=True, description="schema_version 2: the candidates "
-                                      "as little-endian int64, base64 (read into item_ids)")
-    recall_scores: list[float] = Field(default_factory=list, description="each candidate's recall score, in "
-                                       "item_ids order; empty unless streams.unexposed_scores is on")
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v > UNEXPOSED_SCHEMA_VERSION or v < 1:
-            raise ValueError(f"unsupported schema_version {v} (this build reads unexposed "
-                             f"1..{UNEXPOSED_SCHEMA_VERSION})")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unpack(cls, data: object) -> object:
-        """A packed form becomes ``item_ids``; exactly one of the three forms must be there."""
-        if not isinstance(data, dict):
-            return data
-        forms = [k for k in ("item_ids", *PACKED_IDS) if k in data]
-        if len(forms) != 1:
-            raise ValueError(f"send the ids in one form, not {len(forms)}: item_ids, or from schema_version 2 "
-                             "item_ids_le32 or item_ids_le64")
-        form = forms[0]
-        if form == "item_ids":
-            return data
-        if data.get("schema_version", 1) < 2:
-            raise ValueError(f"{form} needs schema_version 2")
-        return {**data, "item_ids": unpack_ids(data[form], form), form: None}
-
-
-def unpack_ids(packed: object, form: str = "item_ids_le64") -> list[int]:
-    """The ids of a packed ``form`` value; ValueError names what is wrong with it."""
-    code, _ = PACKED_IDS[form]
-    width = struct.calcsize(code)
-    if not isinstance(packed, str):
-        raise ValueError(f"{form} must be a base64 string")
-    try:
-        raw = binascii.a2b_base64(packed, strict_mode=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"{form} is not base64: {e}") from None
-    if len(raw) % width:
-        raise ValueError(f"{form} holds {len(raw)} bytes, not a whole number of {8 * width}-bit ids")
-    ids = list(struct.unpack(f"<{len(raw) // width}{code}", raw))
-    if any(i < 0 for i in ids):
-        raise ValueError(f"{form} holds a negative id")
-    return ids
-
-
-def _one_id_form(schema: dict[str, object]) -> None:
-    """The exported JSON Schema requires exactly one of the id forms."""
-    schema["oneOf"] = [{"required": [k]} for k in ("item_ids", *PACKED_IDS)]
 
 
 AnchorReason = Literal["cold_start", "drift", "new_positives", "expiry", "manual"]
@@ -395,48 +196,3 @@ class SampleBatch(Contract):
     candidates_total: int = 0
     sampled_out: int = 0
 
-
-# Every dead-letter reason a stage writes, with what it means: ``gpl dlq --reason`` accepts these and no
-# other (a typo would match nothing, silently), and tests/integration/test_operator_commands.py checks that each reason
-# written anywhere in the code is declared here.
-DLQ_REASONS: dict[str, str] = {
-    "empty": "no value (a tombstone or null)",
-    "malformed_json": "not JSON",
-    "bad_frame": "a Confluent frame that does not parse",
-    "schema": "JSON that breaks the contract (a field missing, of the wrong type, out of range)",
-    "schema_registry": "a framed record whose schema id or payload the registry refuses",
-    "empty_candidates": "a recall without candidates",
-    "oversized": "a recall over streams.max_candidates",
-    "unknown_items": "item ids the catalogue does not know (streams.unknown_items=dlq)",
-    "duplicate": "a request_id seen before",
-    "processing_error": "the stage failed on a valid record (a bug or an outage: redrive once fixed)",
-    "no_vector": "a sample whose item got no vector within the trainer's wait",
-    "abstained": "every candidate of a batch abstained",
-    "no_anchors": "no anchor set arrived within labeler.wait_for_anchors_s",
-    "label_error": "the labeler failed on the batch",
-    "redrive_exhausted": "a redriven record (gpl dlq redrive) that failed again: not redriven automatically",
-}
-# A header on every record ``gpl dlq redrive`` sends: how many times the original has been redriven. A stage
-# that fails on such a record dead-letters it as ``redrive_exhausted`` with that count (DeadLetter.redrives),
-# so a still-broken message does not go round DLQ → topic → DLQ for ever.
-REDRIVE_HEADER = "gpl-redrive-count"
-
-
-class DeadLetter(Contract):
-    """An input that could not be processed: the original bytes, why, and where it came from."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: str | None = None  # a message without a key (encode() leaves None out)
-    value: str = Field(description="original bytes, base64")
-    error: str
-    reason: str = Field(description="short machine-readable class: malformed_json, schema, unknown_items, ...")
-    stage: str
-    ts: EpochMs
-    # set only when the original was too large to fit a DLQ record under the producer's message limit:
-    # ``value`` then holds its first bytes, and these identify the whole original
-    original_size: int | None = Field(default=None, ge=0, description="bytes of the original, when truncated")
-    sha256: str | None = Field(default=None, description="hex sha256 of the whole original, when truncated")
-    redrives: int | None = Field(default=None, ge=1, description="times the original had been redriven when it "
-                                 "failed again (reason redrive_exhausted); absent: never redriven")

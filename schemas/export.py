@@ -16,7 +16,8 @@ from typing import Any, get_args
 import orjson
 from pydantic import BaseModel
 
-from schemas.events import SCHEMA_VERSION, SECONDS_HIGH, SECONDS_LOW, DeadLetter, EpochMs
+from schemas.contract import SCHEMA_VERSION, SECONDS_HIGH, SECONDS_LOW, EpochMs
+from schemas.dlq import DeadLetter
 from schemas.plain import plain
 from schemas.topics import TOPICS, by_name
 from schemas.wire import subject
@@ -24,7 +25,7 @@ from schemas.wire import subject
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "urn:gpl-stream:schema:"
 EPOCH_MS = "epoch milliseconds (UTC)"
-# what the contract's plausibility bound refuses (schemas.events.looks_like_seconds), said in JSON Schema
+# what the contract's plausibility bound refuses (schemas.contract.looks_like_seconds), said in JSON Schema
 NOT_SECONDS = {"not": {"minimum": SECONDS_LOW, "exclusiveMaximum": SECONDS_HIGH},
                "x-refused-as-seconds": f"{SECONDS_LOW} <= ts < {SECONDS_HIGH}: epoch seconds, not milliseconds"}
 
@@ -91,7 +92,7 @@ def export_json_schemas(out_dir: Path) -> list[Path]:
 
 
 def _is_epoch_ms(metadata: list[Any]) -> bool:
-    """A field declared as :data:`schemas.events.EpochMs` carries EpochMs's own constraint objects
+    """A field declared as :data:`schemas.contract.EpochMs` carries EpochMs's own constraint objects
     (pydantic reuses them; an equal bound written elsewhere, like ``position >= 0``, is another object)."""
     constraints = [m for info in get_args(EpochMs)[1:] for m in getattr(info, "metadata", [info])]
     return bool(constraints) and all(any(m is c for m in metadata) for c in constraints)

@@ -1,10 +1,11 @@
 """The fast codecs of the two largest messages, beside the contract they must agree with.
 
 A recall (thousands of candidates) and an unexposed batch are read and written straight between JSON
-and numpy arrays, never as per-candidate objects. They live here, next to ``schemas/events.py``, so the
-contract's rules (id lengths, the epoch-milliseconds bound, the seconds guard, the known versions) are
-written once for every stage that reads or writes these messages: the streams stage imports the recall
-decoder and both encoders, the labeler the unexposed decoder. Any doubt falls back to the pydantic
+and numpy arrays, never as per-candidate objects. They live here, next to their contracts
+(``schemas/recall.py``, ``schemas/unexposed.py``), so the contract's rules (id lengths, the
+epoch-milliseconds bound, the seconds guard, the known versions) are written once for every stage that
+reads or writes these messages: the streams stage imports the recall decoder and both encoders, the
+labeler the unexposed decoder. Any doubt falls back to the pydantic
 contract (:func:`schemas.codec.decode`), so an error message and its DLQ reason are always the
 contract's own; tests/unit/schemas/test_recall_decode.py checks, property by property, that both agree.
 """
@@ -18,19 +19,11 @@ import orjson
 import pybase64
 
 from schemas.codec import DecodeError, decode
-from schemas.events import (
-    MAX_EPOCH_MS,
-    MAX_ID_CHARS,
-    PACKED_IDS,
-    RECALL_SCHEMA_VERSION,
-    SCHEMA_VERSION,
-    UNEXPOSED_SCHEMA_VERSION,
-    ExposureEvent,
-    RecallEvent,
-    UnexposedBatch,
-    looks_like_seconds,
-)
+from schemas.contract import MAX_EPOCH_MS, MAX_ID_CHARS, SCHEMA_VERSION, looks_like_seconds
+from schemas.events import ExposureEvent
 from schemas.ids import sample_id
+from schemas.recall import RECALL_SCHEMA_VERSION, RecallEvent
+from schemas.unexposed import PACKED_IDS, UNEXPOSED_SCHEMA_VERSION, UnexposedBatch
 
 # UnexposedBatch's packed id forms (PACKED_IDS): little-endian whatever this machine's byte order
 _PACKED: dict[str, np.dtype[np.integer]] = {form: np.dtype(dt) for form, (_, dt) in PACKED_IDS.items()}
