@@ -133,7 +133,7 @@ def _settings(args: argparse.Namespace, settings: Settings) -> KafkaSettings | N
     return settings.kafka
 
 
-def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
+def run_lag(args: argparse.Namespace, settings: Settings) -> int:
     kafka = _settings(args, settings)
     if kafka is None:
         return 2
@@ -151,7 +151,7 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_reset(args: argparse.Namespace, settings: Settings) -> int:
+def run_reset(args: argparse.Namespace, settings: Settings) -> int:
     kafka = _settings(args, settings)
     if kafka is None:
         return 2
@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lag.add_argument("groups", nargs="*", metavar="GROUP", help="group ids (default: the stack's groups)")
     lag.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     lag.add_argument("--json", action="store_true", help="one JSON list instead of the table")
-    lag.set_defaults(run=cmd_lag, action="lag")
+    lag.set_defaults(run=run_lag, action="lag")
     rs = gp.add_parser("reset", help="move a group's committed offsets (a dry run unless --yes)",
                        description="Plan, and with --yes apply, new committed offsets for GROUP: the earliest or "
                                    "latest offset, or the first record at or after --ts. Refused while the group "
@@ -198,4 +198,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="only this topic (logical or broker name; repeat; default: the topics it committed on)")
     rs.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     rs.add_argument("--yes", action="store_true", help="apply the plan (default: print it only)")
-    rs.set_defaults(run=cmd_reset, action="reset")
+    rs.set_defaults(run=run_reset, action="reset")

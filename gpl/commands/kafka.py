@@ -20,10 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "into <data_dir>/kafka/<version>/lib; a finished copy is not fetched again.")
     f.add_argument("--if-available", action="store_true",
                    help="do nothing (exit 0) when Java or Maven is missing: the embedded default needs neither")
-    f.set_defaults(run=cmd_fetch)
+    f.set_defaults(run=run_fetch)
 
 
-def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
+def run_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from runtime.kafka_dist import KAFKA_VERSION, KafkaUnavailable, ensure, fetched
 
     was = fetched(settings.data_dir)

@@ -54,8 +54,8 @@ def _from_index(settings: Settings) -> tuple[np.ndarray, np.ndarray] | None:
 def movielens_item_vectors(settings: Settings, cache_dir: Path, *, progress: bool = True
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Embed the MovieLens catalogue with the frozen encoder, cached as .npy under ``cache_dir``."""
-    from runtime.encoder import open_encoder
     from gpl.simulate import load_movielens
+    from runtime.encoder import open_encoder
 
     ml = load_movielens()
     texts = [ml.item_text(i, 5) for i in range(ml.n_items)]
@@ -196,14 +196,14 @@ def evaluate_dir(settings: Settings, out_dir: Path | None = None, *, ks: tuple[i
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _run_tokenizer(args: argparse.Namespace, settings: Settings) -> int:
+def run_train_tokenizer(args: argparse.Namespace, settings: Settings) -> int:
     res = train_tokenizer(settings, args.out, args.epochs, batch_size=args.batch_size, lr=args.lr,
                           latent_dim=args.latent_dim, seed=args.seed, threads=args.threads)
     print(json.dumps(res, indent=2))
     return 0
 
 
-def _run_generator(args: argparse.Namespace, settings: Settings) -> int:
+def run_train_generator(args: argparse.Namespace, settings: Settings) -> int:
     res = train_generator(settings, args.out, args.epochs, batch_size=args.batch_size, lr=args.lr,
                           subsample_t=args.subsample_t, users=args.users, evaluate=not args.no_eval,
                           ks=tuple(args.k or (4, 8)), topn=args.topn, seed=args.seed, threads=args.threads)
@@ -211,7 +211,7 @@ def _run_generator(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+def run_evaluate_sid(args: argparse.Namespace, settings: Settings) -> int:
     _threads(args.threads)
     res = evaluate_dir(settings, args.out, ks=tuple(args.k or (4, 8)), topn=args.topn, users=args.users)
     print(json.dumps(res, indent=2))
@@ -235,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tok.add_argument("--latent-dim", type=int, default=64,
                      help="width of the RQ-VAE latent that the codebooks quantise")
     tok.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the shuffling")
-    tok.set_defaults(run=_run_tokenizer)
+    tok.set_defaults(run=run_train_tokenizer)
 
     gen = leaves.add_parser("train-generator", help="transformer over users' positive SID sequences")
     common(gen)
@@ -248,11 +248,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--k", type=int, action="append", help="anchors per user to evaluate (repeatable)")
     gen.add_argument("--topn", type=int, default=10, help="hit rate counted in the top N items per anchor")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the shuffling")
-    gen.set_defaults(run=_run_generator)
+    gen.set_defaults(run=run_train_generator)
 
     ev = leaves.add_parser("evaluate-sid", help="held-out HR@K x topn of SID anchors vs baselines")
     common(ev)
     ev.add_argument("--k", type=int, action="append", help="anchors per user to evaluate (repeatable)")
     ev.add_argument("--topn", type=int, default=10, help="hit rate counted in the top N items per anchor")
     ev.add_argument("--users", type=int, default=None, help="first N users only (smoke runs)")
-    ev.set_defaults(run=_run_evaluate)
+    ev.set_defaults(run=run_evaluate_sid)

@@ -36,10 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "%(default)s)")
     f.add_argument("--out", type=Path, default=None, help="directory (default <data_dir>/spaces)")
     f.add_argument("--sim-seed", type=int, default=0, help="simulator seed for 'movielens'/'semisynth'")
-    f.set_defaults(run=run)
+    f.set_defaults(run=run_fit)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def run_fit(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpl.commands.eval import content_encoder, training_dataset
     from gpl.eval.embed import training_collab_space

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and DLQ; with kafka.bootstrap_servers set also its partition count on the "
                                    "broker (or 'missing').")
     ls.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
-    ls.set_defaults(run=cmd_list)
+    ls.set_defaults(run=run_list)
     cr = tp.add_parser("create", help="create topics with the project's partition count",
                        description="Create the named topics (default: every registry topic and its DLQ) with "
                                    "kafka.partitions partitions and kafka.replication_factor replicas; registry "
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="topics to create: a registry topic by its logical name (recall, recall.dlq: under "
                          "kafka.topic_prefix) or any name as typed (default: all of the registry)")
     cr.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
-    cr.set_defaults(run=cmd_create)
+    cr.set_defaults(run=run_create)
 
 
 def registry_rows() -> list[tuple[str, str, str, str, str]]:
@@ -46,7 +46,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+def run_list(args: argparse.Namespace, settings: Settings) -> int:
     header: tuple[str, ...] = ("TOPIC", "RECORD", "KEY", "CLEANUP", "DLQ")
     rows: list[tuple[str, ...]] = list(registry_rows())
     if settings.kafka.bootstrap_servers:
@@ -66,7 +66,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+def run_create(args: argparse.Namespace, settings: Settings) -> int:
     from runtime.kafka import create_topics
 
     if args.bootstrap:

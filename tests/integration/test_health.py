@@ -1,7 +1,7 @@
 """Honest liveness: /healthz and /readyz answer the stages' real state, and a dead stage ends its process.
 
 The registry is pure logic (tested directly); the HTTP server is the real one on a free port; the
-crash is checked in a subprocess running the real stage runner of ``gpl run`` (gpl/cli.py), with
+crash is checked in a subprocess running the real stage runner of ``gpl run`` (gpl/commands/up.py), with
 stages whose loop raises or hangs: what is tested is the runner's reaction, not a stage.
 """
 
@@ -94,7 +94,7 @@ def test_endpoints_answer_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 RUNNER = textwrap.dedent("""
     import sys, threading, time
-    from gpl.cli import _run_stages
+    from gpl.commands.up import _run_stages
     from runtime.kafka import Accounting
     from runtime.settings import load
 
@@ -161,10 +161,10 @@ def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypat
 
     A message's own failure goes to its DLQ (``processing_error``); what escapes the agent is a failure
     of the dead-lettering itself, simulated here by a broken recall path *and* a broken DLQ."""
+    from gpl.stack import Stages
     from runtime.broker import EmbeddedBroker
     from runtime.health import HEALTH
     from runtime.kafka import create_topics
-    from gpl.stack import Stages
     from schemas.events import Candidate, ItemEvent, RecallEvent
     from streams.app import StreamsProcessor
     from tests.conftest import make_settings

@@ -1,7 +1,8 @@
 """``gpl up`` and ``gpl run``: start the stack, run stages until interrupted, and exit honestly.
 
-Apart from gpl/cli.py so the command line's module stays light (``gpl --version`` imports none of this
-module's dependencies: they are imported when a command runs) and within its size.
+One module for both: they share the stage-list syntax and the stage runner (:func:`_run_stages`, which
+the health tests run as ``gpl up`` does). Their dependencies are imported when a command runs, so
+``gpl --version`` imports none of them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,43 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gpl.commands import BROKER_HELP, progress
+
 if TYPE_CHECKING:
     from runtime.settings import Settings
 
-def progress() -> bool:
-    """Progress bars only when a person watches: stderr is a terminal (not a pipe or a service log)."""
-    return sys.stderr.isatty()
-
-
 # stages that draw tqdm bars: bars only on a terminal, never in a service's log
 PROGRESS_STAGES = ("indexer", "anchors", "labeler", "trainer")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from gpl.stage_build import STAGES
+
+    u = sub.add_parser("up", help="start the embedded stack (broker, topics, Qdrant engine) and keep it up",
+                       description="Start the stack: a local broker (none when --bootstrap or kafka.bootstrap_servers "
+                                   "names a cluster), the topics, the vector engine; with --stages also run "
+                                   "pipeline stages. Ctrl-C stops.")
+    stage_options(u, f"stages to run too: {', '.join(STAGES)} or all (default: none)")
+    u.add_argument("--port", type=int, default=None,
+                   help="pin the embedded broker to this loopback port (default: a free one); clients then "
+                        "use GPL_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT")
+    u.add_argument("--broker", choices=("embedded", "kafka"), default=None, help=BROKER_HELP)
+    u.add_argument("--bootstrap", metavar="HOST:PORT",
+                   help="use this Kafka cluster instead of starting a local broker: its topics are created there "
+                        "(overrides kafka.bootstrap_servers, like --set kafka.bootstrap_servers=HOST:PORT)")
+    u.set_defaults(run=run_up, serves_metrics=True)
+
+    r = sub.add_parser("run", help="run one or more pipeline stages until interrupted",
+                       description="Run stages (streams, indexer, anchors, labeler, trainer, calibration) against "
+                                   "the configured broker and vector index. With the embedded Qdrant engine, "
+                                   "stages that share it must run in one process.")
+    stage_options(r, f"stages to run: {', '.join(STAGES)} or all")
+    r.add_argument("--embedded", action="store_true",
+                   help="without kafka.bootstrap_servers, start the local broker (broker.kind; else: refused)")
+    r.add_argument("--bootstrap", metavar="HOST:PORT",
+                   help="the Kafka cluster to run against (overrides kafka.bootstrap_servers, like --set "
+                        "kafka.bootstrap_servers=HOST:PORT)")
+    r.set_defaults(run=run_run, serves_metrics=True)
 
 
 def stage_options(p: argparse.ArgumentParser, help: str) -> None:
@@ -47,9 +75,9 @@ def _until_interrupted(stop: threading.Event, first: Callable[[], None] = lambda
         stop.set()
 
 
-def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.redact import mask_url
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.stack import Stack
+    from runtime.redact import mask_url
 
     names = _stage_names(args.stages)
     if args.port is not None and settings.kafka.bootstrap_servers:
@@ -103,7 +131,7 @@ def _stage_kw(name: str) -> dict[str, Any]:
     return {"progress": False} if name in PROGRESS_STAGES and not progress() else {}
 
 
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+def run_run(args: argparse.Namespace, settings: Settings) -> int:
     from gpl.stack import Stack
 
     if not settings.kafka.bootstrap_servers and not args.embedded:
