@@ -291,7 +291,7 @@ def bench_labeler(candidates: int = 1000, k: int = 8, dim: int = 384, batches: i
     ``naive`` (pydantic in and out, a per-candidate id→row loop); ``path_calibrated`` (the production
     labels: a calibrator over features and priors, chosen dtype). These use the shipped draw (40 of the
     candidates, uniformly), which reads no score: the path draws first and matches only the drawn ones
-    (:func:`~workers.labeler.assemble.label_candidates`), so it can pass the limit proxy, which scores
+    (:func:`~workers.labeler.pseudo_labels.label_candidates`), so it can pass the limit proxy, which scores
     all. ``path_calibrated_top10`` takes the 10 most probable and draws 30: every candidate is matched
     and gets features, the path to set against the limit (``ratio_top10_limit``; the same path one request
     at a time, :func:`one_by_one`: ``path_calibrated_top10_one_by_one``). ``path`` and ``limit`` repeat the

@@ -1,6 +1,6 @@
 """The GPL rows of the comparison: which anchors, which calibrator features, which confidence terms.
 
-Every GPL method labels through the streaming labeler's :func:`~workers.labeler.assemble.label_candidates`
+Every GPL method labels through the streaming labeler's :func:`~workers.labeler.pseudo_labels.label_candidates`
 (:func:`gpl.eval.pseudo.gpl_labels`) with a calibrator cross-fitted on the training period
 (:mod:`workers.labeler.calibrator_fit`) for that anchor source and feature set. A calibrator that abstains gives
 the method no pseudo-labels: the row says so (``unavailable``) and results.json keeps the figures that

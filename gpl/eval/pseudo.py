@@ -1,7 +1,7 @@
 """GPL pseudo-labels for the offline comparison, made by the labeler's own code (workers/labeler/).
 
 Nothing of the method is re-implemented here: every request's unexposed training candidates go
-through :func:`workers.labeler.assemble.label_candidates` — the streaming labeler's match → features
+through :func:`workers.labeler.pseudo_labels.label_candidates` — the streaming labeler's match → features
 → calibrated label → sample → confidence weight step — with the labeler's per-request draw
 (:class:`~workers.labeler.sampling.RequestRng`). This module only feeds it arrays: the user's anchors,
 the unit history centroid, and the candidates' prior features from the training period
@@ -22,12 +22,13 @@ import numpy as np
 from gpl.eval.anchor_sources import SourceAnchors
 from gpl.eval.dataset import EvalDataset
 from runtime.settings import LabelerSettings
-from workers.labeler.assemble import label_candidates, no_anchors
+from workers.labeler.anchor_book import no_anchors
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.calibrator_fit import unit_centroid
 from workers.labeler.confidence import TERMS, consistency_of
 from workers.labeler.features import needs_anchors
 from workers.labeler.label_map import LabelMap
+from workers.labeler.pseudo_labels import label_candidates
 from workers.labeler.sampling import RequestRng
 from workers.labeler.training_log import TrainingPriors
 from workers.model import whole_logit
@@ -62,7 +63,7 @@ def gpl_labels(
     """Pseudo-label the unexposed training candidates of every anchored user (of every user, for a calibrator
     that reads no similarity — as the labeler does), request by request.
 
-    Each request goes through :func:`workers.labeler.assemble.label_candidates` with the request's
+    Each request goes through :func:`workers.labeler.pseudo_labels.label_candidates` with the request's
     draw from the labeler's :class:`~workers.labeler.sampling.RequestRng` (seeded by ``labeler.seed`` +
     the eval seed). ``requests`` (bool per request) defaults to the training requests.
     """

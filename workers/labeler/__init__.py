@@ -7,7 +7,9 @@ One package, one stage (``from workers.labeler import Labeler``):
                          the micro-batch, what a commit may pass;
 * ``stage``              the engine's decisions performed: anchors cached, batches labeled and produced or
                          dead-lettered, the calibrator loaded, real labels joined; the accounting identities;
-* ``assemble``           one request's or a micro-batch's candidates → labeled samples (``label_many``);
+* ``pseudo_labels``      one request's candidates → pseudo-labels as arrays (``label_candidates``: the
+                         steps ``gpl eval`` shares);
+* ``assemble``           a micro-batch of decoded batches → SampleBatch bytes, stage by stage (``label_many``);
 * ``matching``, ``item_matrix``, ``anchor_book``   the frozen space: items, users' anchor sets, max-cosine;
 * ``features``, ``interaction_stats``, ``calibrator``, ``label_map``   the pseudo-label;
 * ``confidence``, ``sampling``   its weight and which candidates get one;

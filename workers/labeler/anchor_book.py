@@ -60,6 +60,13 @@ class UserAnchors:
                    texts=tuple(texts))
 
 
+def no_anchors(user_id: str, dim: int, encoder: str) -> UserAnchors:
+    """The stand-in anchor set of a user without anchors, for calibrators that read no similarity: one zero
+    vector (version 0, model ``none``), so lineage and sample ids stay well defined."""
+    return UserAnchors.of(np.zeros((1, dim), np.float32), np.zeros(1, np.float32), history=np.zeros(0, np.int64),
+                          user_id=user_id, model="none", prompt_hash="-", encoder=encoder)
+
+
 class AnchorBook:
     """Per user the newest AnchorSet, refusing sets from another space.
 

@@ -19,7 +19,7 @@ from gpl.simulate.semisynth import OracleConfig, build_semisynth
 from runtime.encoder import HashEncoder
 from runtime.settings import Settings, load
 from schemas.events import ExposureEvent
-from workers.labeler import assemble
+from workers.labeler import pseudo_labels
 from workers.labeler.calibrator import CalibrationFit, Calibrator
 from workers.labeler.calibrator_fit import FEATURE_SETS, cross_fit_rows, fit_dataset_calibrator, unit_centroid
 from workers.labeler.features import FEATURES
@@ -101,9 +101,9 @@ def test_eval_gpl_rows_go_through_label_candidates(tiny: Path, tmp_path: Path, m
                                        catalogue="")
     book = content_anchors(ds, training_histories(ds, 20), list(range(len(ds.users))), vecs, k=3)
     calls: list[int] = []
-    real = assemble.label_candidates
+    real = pseudo_labels.label_candidates
 
-    def spy(*a: object, **k: object) -> assemble.Labeled:
+    def spy(*a: object, **k: object) -> pseudo_labels.Labeled:
         calls.append(1)
         return real(*a, **k)  # type: ignore[arg-type]
 
