@@ -40,7 +40,7 @@ from schemas.topics import EXPOSURE, RECALL, SAMPLES
 from streams.join import OUTCOMES
 
 log = logging.getLogger(__name__)
-__all__ = ["DemoConfig", "demo_settings", "print_summary", "run_demo"]  # gpl/cli.py's; the report: demo_report.py
+__all__ = ["DemoConfig", "demo_settings", "print_summary", "run_demo"]  # gpl demo's; the report: demo_report.py
 
 
 @dataclass(frozen=True)
