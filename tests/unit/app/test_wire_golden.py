@@ -4,7 +4,8 @@ The stages were split into loops over engines and the packages moved; users see 
 bytes on the wire, the sample ids, the dead-letter records, the anchors and the metric catalogue stay what
 they were. :func:`snapshot` computes each of them from fixed inputs through the code the stages run
 (the join engine and the fast encoders of the streams stage, the labeler's ``label_batch``, the content
-anchor source, ``dead_letter``, ``sample_id``, every Prometheus family the stages declare);
+anchor source, ``dead_letter``, ``sample_id``, the trainer's checkpoint payload, every Prometheus family
+the stages declare);
 ``tests/golden/wire.json`` holds their sha256 digests and the catalogue as computed on commit 5dc3e30, before
 this issue's last moves (the stored file says which commit made it). A difference is a change users see:
 if it is meant, regenerate with ``python tests/unit/app/test_wire_golden.py > tests/golden/wire.json`` and
@@ -139,6 +140,40 @@ def _anchors_and_records() -> dict[str, str]:
             "sample_ids": _sha("\n".join(ids).encode())}
 
 
+def _checkpoint(tmp: Path) -> dict[str, str]:
+    """A trainer checkpoint's layout (format, keys, model tensor names and shapes, holdout and settings), from
+    the payload the trainer writes, without the wall-clock time and the weights' values."""
+    import torch
+
+    from runtime.settings import load
+    from workers.model import ModelConfig
+    from workers.trainer.state import build, payload
+    from workers.trainer.vector_wait import VectorWait
+
+    holdout_mod = importlib.import_module(payload.__module__)
+    settings = load(env={}, data_dir=str(tmp))
+    torch.manual_seed(0)
+    model, opt = build(ModelConfig.from_settings(settings.trainer, DIM), 0.01)
+    holdout = holdout_mod.Holdout(4)
+    holdout.add("u1", 7, 1.0, [1, 2])
+    ckpt = payload(settings, version=3, model=model, opt=opt, offsets={("samples", 1): 42}, counts={"trained": 5},
+                   seen={9, 3}, holdout=holdout, memory=None, waiting=VectorWait())
+
+    def shape(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return [str(v.dtype), list(v.shape)]
+        if isinstance(v, dict):
+            return {str(k): shape(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [shape(x) for x in v]
+        return v
+
+    ckpt.pop("wall_time")
+    layout = shape({k: v for k, v in ckpt.items() if k not in ("optimizer_state",)})
+    layout["optimizer_state"] = sorted(ckpt["optimizer_state"])
+    return {"trainer.checkpoint": _sha(orjson.dumps(layout, option=orjson.OPT_SORT_KEYS))}
+
+
 def _metrics() -> list[str]:
     """Every family the stages declare: name, type, help and label names (what dashboards and alerts read)."""
     from prometheus_client import REGISTRY
@@ -159,7 +194,7 @@ def _metrics() -> list[str]:
 
 def snapshot() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        digests = {**_streams(Path(tmp)), **_labeler(), **_anchors_and_records()}
+        digests = {**_streams(Path(tmp)), **_labeler(), **_anchors_and_records(), **_checkpoint(Path(tmp))}
     return {"digests": dict(sorted(digests.items())), "metrics": _metrics()}
 
 
