@@ -40,13 +40,14 @@ from tqdm import tqdm
 from gpl.eval import metrics as M
 from gpl.eval.anchor_feature import attach as attach_anchor_cross
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
+from gpl.eval.context import Context, Rows
 from gpl.eval.dataset import EvalDataset, load_dataset, validation_view
 from gpl.eval.embed import CachedEncoder, training_collab_space
 from gpl.eval.gpl_rows import LABELS as GPL_LABELS
 from gpl.eval.gpl_rows import SPECS, GPLRows
 from gpl.eval.kd import KD_METHODS, Baselines
 from gpl.eval.kd import LABELS as KD_LABELS
-from gpl.eval.methods import Context, Rows, StudentNet, fit, negatives_rows, predict, uniform_unexposed
+from gpl.eval.methods import StudentNet, fit, negatives_rows, predict, uniform_unexposed
 from gpl.eval.metrics import label_fidelity
 from gpl.eval.pseudo import PseudoLabels
 from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator

@@ -14,8 +14,8 @@ import math
 import numpy as np
 
 from gpl.eval import metrics as M
+from gpl.eval.context import Context
 from gpl.eval.dataset import EvalDataset, fresh_pairs
-from gpl.eval.methods import Context
 
 HR_KS = (3, 5, 10)
 CURVE_KS = tuple(range(1, 21))

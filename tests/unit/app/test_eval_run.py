@@ -250,7 +250,7 @@ def test_sid_anchors_row_with_a_tiny_tokenizer(tiny_dataset: Path, tmp_path: Pat
 
 def test_teacher_history_profile_is_causal(tiny_dataset: Path) -> None:
     """The teacher's history feature of a request uses only the user's clicks in earlier training requests."""
-    from gpl.eval.methods import history_profiles
+    from gpl.eval.context import history_profiles
 
     ds = load_dataset(tiny_dataset)
     vecs = np.random.default_rng(0).normal(size=(ds.n_items, 8)).astype(np.float32)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpl.eval.methods import Rows, _chunks
+from gpl.eval.context import Rows
+from gpl.eval.methods import _chunks
 from workers.model import Batch, ModelConfig, PreRanker, RankTerm, listwise_kl, make_optimizer, train_step
 
 
