@@ -8,7 +8,8 @@ Both inputs are keyed by ``user_id`` with the same partition count, so one agent
 and a user's requests, interest state and anchors live in one partition: no repartition hop.
 The join's rules below are :class:`~streams.join_engine.JoinEngine`'s, a pure state machine over the
 ``pending`` table (unit-tested without a broker); this module binds it to faust: decode, feed the
-engine, send what it yields, and the timer, changelogs and interest around it.
+engine, send what it yields, and the timer, changelogs and interest around it (the faust app, its topics
+and tables are wired in streams/topology.py).
 Either side of a request may come first; the first one waits in the ``pending`` table (changelogged)
 until its partner arrives or its partition's *event time* passes it (streams/clock.py): the watermark is
 the newest event time seen on the partition − ``allowed_lateness_s``, and a request expires when the
@@ -48,32 +49,28 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import faust
 import numpy as np
 
-from runtime.faust_config import faust_settings
 from runtime.kafka import Accounting
 from runtime.lag import LagGauge
-from runtime.metrics import JOIN_PENDING
 from runtime.serde import Wire
 from runtime.settings import Settings
 from runtime.vectors.index import VectorIndex
 from schemas.codec import DecodeError, dead_letter, decode, redrive_count
 from schemas.events import ExposureEvent
 from schemas.fast_codec import decode_recall, encode_real_samples, encode_unexposed
-from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED, app_id, expiry_topic
+from schemas.topics import ANCHOR_REQUESTS, EXPOSURE, RECALL, SAMPLES, UNEXPOSED
 from streams.catalog import Catalog
-from streams.changelog import CoalescingTable
 from streams.clock import EventClock
 from streams.interest import Interest, add_positives, decide, request_anchors, trim
 from streams.join_engine import RESEND_MS, JoinEngine, Output, RealLabels, Unexposed, now_ms
 from streams.lifecycle import serve
-from streams.transport import SCHEME, fetch_answers, fetch_wait_ms
+from streams.metrics import JOIN_PENDING
+from streams.topology import build_topology
+from streams.transport import fetch_answers, fetch_wait_ms
 
 log = logging.getLogger(__name__)
 STAGE = "streams"
-RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-RAW_TABLE: dict[str, Any] = {"key_type": bytes, "value_type": bytes}  # faust picks "raw" for bytes
 _DEADLINE = struct.Struct("<q")  # value of an expiry message: the wall-clock deadline it was sent for
 _ADVANCE = b"advance"  # value of a message that wakes the agent of an idle partition (streams/clock.py)
 
@@ -93,7 +90,11 @@ class StreamsProcessor:
         self.clock = EventClock(int(cfg.allowed_lateness_s * 1000), int(cfg.idle_advance_s * 1000),
                                 (RECALL.name, EXPOSURE.name), stall_ms=3 * fetch_wait_ms(settings.kafka) + 2_000)
         self._woken: dict[int, int] = {}  # idle partition -> when the timer last woke its agent (ms)
-        self.app = self._build()
+        t = build_topology(settings, self)  # the faust app, its topics and tables (streams/topology.py)
+        self.app, self.expiry_topic_name, self.expiry_topic = t.app, t.expiry_topic_name, t.expiry_topic
+        self.out_samples, self.out_unexposed = t.out_samples, t.out_unexposed
+        self.out_anchor_requests, self.dlq, self.dlq_max_bytes = t.out_anchor_requests, t.dlq, t.dlq_max_bytes
+        self.pending, self.interest = t.pending, t.interest
         # the join's state machine over the changelogged table (streams/join_engine.py)
         self.engine = JoinEngine(self.pending, cfg, self.accounting, self.catalog, self.clock)
         self.splits = self.engine.splits  # requests whose halves came on different partitions
@@ -107,71 +108,6 @@ class StreamsProcessor:
     def held(self) -> dict[bytes, int]:
         """Recalls held for unknown items: request id -> when the index was last asked (ms)."""
         return self.engine.held
-
-    # ------------------------------------------------------------------ the app, top to bottom
-    def _build(self) -> faust.App:
-        s, cfg = self.settings, self.settings.streams
-        # the stage's own settings, then the deployment's: security, client properties (runtime/faust_config.py)
-        app = faust.App(app_id(cfg.app_id), **faust_settings(s.kafka, dict(
-            broker=[f"{SCHEME}://{b}" for b in s.kafka.bootstrap_servers.split(",")],
-            store="memory://",
-            datadir=str(s.data_dir / "streams"),  # faust's own state files, not in the working directory
-            topic_partitions=s.kafka.partitions,
-            # faust counts bytes: 1 byte means one record per batch (the embedded profile's remedy), else 1 MiB
-            producer_max_batch_size=1 if s.kafka.producer_batch_messages == 1 else 1 << 20,
-            # faust joins its group in ~3 s with these, ~30 s with its defaults (any broker)
-            broker_rebalance_timeout=5,
-            broker_session_timeout=6,
-            broker_heartbeat_interval=1,
-            web_enabled=False,
-            autodiscover=False,
-            topic_allow_declare=True,
-            stream_wait_empty=False,
-        )))
-        # the embedded profile's fetch wait (None: faust's own), read by streams/transport.py
-        setattr(app, "gpl_fetch_wait_max_ms", s.kafka.fetch_wait_max_ms)  # noqa: B010
-        # topics: declared in schemas/topics.py, bound here as raw bytes (we decode, so bad input
-        # reaches its DLQ with the original bytes instead of crashing the agent)
-        # the expiry topic is internal and read by the same agent as the inputs: co-partitioned with them,
-        # so an expiry runs where its request lives
-        self.expiry_topic_name = expiry_topic(cfg.app_id)
-        events = app.topic(RECALL.name, EXPOSURE.name, self.expiry_topic_name, **RAW)
-        self.expiry_topic = app.topic(self.expiry_topic_name, partitions=s.kafka.partitions, internal=True, **RAW)
-        self.out_samples = app.topic(SAMPLES.name, **RAW)
-        self.out_unexposed = app.topic(UNEXPOSED.name, **RAW)
-        self.out_anchor_requests = app.topic(ANCHOR_REQUESTS.name, **RAW)
-        self.dlq = {t: app.topic(f"{t}.dlq", **RAW) for t in (RECALL.name, EXPOSURE.name)}
-        # a dead letter larger than the producer accepts would fail the agent on every restart
-        self.dlq_max_bytes = min(int(app.conf.producer_max_request_size), s.kafka.max_message_bytes)
-        # state: join records (waiting requests and markers) by request id; interest by user id (changelogged)
-        # both coalesce their changelog writes per key (streams/changelog.py); flushed before every commit
-        coalesce = dict(coalesce_ms=cfg.changelog_coalesce_ms, max_dirty=cfg.changelog_max_dirty,
-                        partitions=s.kafka.partitions, beacon=app.tables.beacon, **RAW_TABLE)
-        self.pending = CoalescingTable(app, name="pending", on_recover=self._on_recover, **coalesce)
-        self.interest = CoalescingTable(app, name="interest", **coalesce)
-        app.tables.add(self.pending)
-        app.tables.add(self.interest)
-        setattr(app, "gpl_before_commit", self.flush_changelogs)  # noqa: B010 - called by streams/transport.py
-        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]  # mode types it narrowly
-
-        @app.agent(events)
-        async def recall_exposure(stream: faust.StreamT) -> None:
-            async for event in stream.events():
-                try:
-                    await self.process(event.message)  # every message's own failure ends in its DLQ
-                except Exception as e:  # what is left (the DLQ itself failing): end the stage, never limp on
-                    self.agent_error = e
-                    raise
-
-        @app.timer(interval=0.5)
-        async def expire() -> None:
-            await self.expire_due()
-
-        @app.task
-        async def started() -> None:
-            self.ready.set()
-
-        return app
 
     async def process(self, m: Any) -> None:
         """One message, whatever happens: an exception ends in the DLQ, never in a dead agent."""
@@ -288,7 +224,7 @@ class StreamsProcessor:
         (deadline,) = _DEADLINE.unpack(value)
         await self.perform(self.engine.on_deadline(key, deadline))
 
-    async def _on_recover(self) -> None:
+    async def on_recover(self) -> None:
         """After a restart the table comes back from its changelog: the engine rebuilds its schedules and the
         watermarks from it (nothing expires for the downtime)."""
         log.info("streams: recovered %d join records", self.engine.recover())
@@ -315,7 +251,7 @@ class StreamsProcessor:
         for table in (self.pending, self.interest):
             table.flush_changelog(partitions)
 
-    async def _on_revoked(self, sender: Any, *args: Any, signal: Any = None, **_: Any) -> None:
+    async def on_revoked(self, sender: Any, *args: Any, signal: Any = None, **_: Any) -> None:
         """The next owner recovers what this worker wrote: send it and wait, before the partitions go
         (faust's signal: ``receiver(app, revoked, signal=...)``)."""
         revoked: set[Any] = args[0] if args else set()
