@@ -1,6 +1,6 @@
 """How ``gpl`` talks back: help that shows choices and defaults, and settings errors in one line.
 
-Why a module of its own: every subcommand — including those the plugins in ``gpl/commands/`` register —
+Why a module of its own: every subcommand — each built by its own module in ``gpl/commands/`` —
 must format its help the same way, which argparse only does when each sub-parser is built with the
 same class; and a mistyped setting should read like a compiler error ("did you mean"), not like the
 17-line pydantic traceback the settings model raises.
@@ -36,7 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose sub-parsers (plugins' too) inherit :class:`HelpFormatter`.
+    """An ArgumentParser whose sub-parsers (every command module's) inherit :class:`HelpFormatter`.
 
     ``add_subparsers`` builds sub-parsers with ``type(self)``, so the formatter reaches every level.
     """

@@ -236,7 +236,7 @@ def test_up_pins_the_port_and_prints_a_ready_line(tmp_path: Path, broker: str, r
 
 
 def test_no_progress_is_implied_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`gpl eval` (a plugin) draws bars unless --no-progress; in a service log (no TTY) it is implied."""
+    """`gpl eval` (gpl/commands/eval.py) draws bars unless --no-progress; in a service log (no TTY) it is implied."""
     seen: dict[str, bool] = {}
 
     def fake_run(args: argparse.Namespace, settings: Settings) -> int:
