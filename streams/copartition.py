@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from confluent_kafka.admin import AdminClient
 
 from runtime.kafka import Accounting
-from runtime.metrics import SPLIT_REQUESTS
 from runtime.settings import KafkaSettings
 from streams.join import Pending
+from streams.metrics import SPLIT_REQUESTS
 
 log = logging.getLogger(__name__)
 

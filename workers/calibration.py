@@ -40,7 +40,12 @@ from typing import Any
 import numpy as np
 
 from runtime.kafka import Accounting
-from runtime.metrics import (
+from runtime.settings import Settings
+from runtime.stage_io import StageIO
+from runtime.stage_port import StagePort
+from schemas.events import SampleBatch
+from schemas.topics import SAMPLES
+from workers.calibration_metrics import (
     PSEUDO_ECE,
     PSEUDO_JOINED,
     PSEUDO_PENDING,
@@ -49,11 +54,6 @@ from runtime.metrics import (
     PSEUDO_RELIABILITY_PREDICTED,
     PSEUDO_WEIGHT_ECE,
 )
-from runtime.settings import Settings
-from runtime.stage_io import StageIO
-from runtime.stage_port import StagePort
-from schemas.events import SampleBatch
-from schemas.topics import SAMPLES
 from workers.labeler.outcome_memory import OutcomeMemory
 
 log = logging.getLogger(__name__)

@@ -72,6 +72,8 @@ def test_serve_zero_port_serves_nothing() -> None:
 
 
 def test_reliability_curve_is_three_names_not_a_stat_label() -> None:
+    import workers.calibration_metrics  # noqa: F401 - registers the calibration monitor's families
+
     names = {m.name for m in REGISTRY.collect()}
     assert {"gpl_pseudo_label_reliability_predicted_ratio", "gpl_pseudo_label_reliability_observed_ratio",
             "gpl_pseudo_label_reliability_pairs"} <= names

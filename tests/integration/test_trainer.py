@@ -292,7 +292,7 @@ def test_a_batch_whose_step_fails_goes_to_the_dlq_and_training_goes_on(
 def test_the_rank_term_compares_the_pseudo_samples_of_one_request(tmp_path: Path) -> None:
     """trainer.rank_weight > 0: each SampleBatch's rows share a group, the step reports the listwise term
     (gpl_trainer_loss{part="rank"}) beside the pointwise parts."""
-    from runtime.metrics import TRAINER_LOSS
+    from workers.trainer.metrics import TRAINER_LOSS
 
     s = tuned(Settings(data_dir=tmp_path)).with_overrides(trainer={"rank_weight": 1.0, "holdout_fraction": 0.0})
     t = Trainer(s, item_index(s), dim=DIM, progress=False, directory=tmp_path / "ckpt")

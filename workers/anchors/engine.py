@@ -40,9 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 from runtime.kafka import Accounting
-from runtime.metrics import ANCHOR_PAUSED, ANCHOR_QUEUED, ANCHOR_RATE, ANCHOR_REQUEST_DELAY
 from runtime.settings import AnchorSettings
 from schemas.events import AnchorRequest, AnchorSet
+from workers.anchors.metrics import ANCHOR_PAUSED, ANCHOR_QUEUED, ANCHOR_RATE, ANCHOR_REQUEST_DELAY
 from workers.anchors.policy import (
     BACKOFF_MAX_S,
     BACKOFF_START_S,

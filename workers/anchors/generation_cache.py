@@ -30,8 +30,8 @@ from pathlib import Path
 
 import orjson
 
-from runtime.metrics import ANCHOR_CACHE
 from workers.anchors.generators.base import Generation
+from workers.anchors.metrics import ANCHOR_CACHE
 
 SCHEMA_VERSION = 1  # of the stored value; part of the key, so a format change never misreads old rows
 PRUNE_SLACK = 0.05  # prune when 5% over the bound: one DELETE per many inserts, not one per insert

@@ -30,11 +30,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from runtime.metrics import ANCHOR_BACKEND_ERRORS, ANCHOR_PAUSED, ANCHOR_QUEUED
 from runtime.stage_io import StageIO
 from runtime.stage_port import StagePort
 from schemas.events import AnchorRequest
 from schemas.topics import ANCHOR_REQUESTS, ANCHORS
+from workers.anchors.metrics import ANCHOR_BACKEND_ERRORS, ANCHOR_PAUSED, ANCHOR_QUEUED
 from workers.anchors.policy import QueuedRequest
 from workers.anchors.stage import STAGE, AnchorStage, Origin
 

@@ -28,13 +28,13 @@ import numpy as np
 
 from runtime.encoder import Encoder
 from runtime.kafka import Accounting
-from runtime.metrics import ANCHOR_SET_AGE
 from runtime.settings import Settings
 from runtime.vectors.index import Points, VectorIndex
 from runtime.vectors.normalize import normalize
 from schemas.events import Anchor, AnchorRequest, AnchorSet
 from workers.anchors.generation_cache import GenerationCache, anchor_version, cache_key
 from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
+from workers.anchors.metrics import ANCHOR_SET_AGE
 from workers.anchors.policy import anchor_point_id
 from workers.anchors.vector_anchors import VectorAnchorSource
 from workers.history import recent_distinct

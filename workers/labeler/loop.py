@@ -25,13 +25,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from tqdm import tqdm
 
 from runtime.kafka import DeadLetters
-from runtime.metrics import DEFERRED
 from runtime.stage_io import StageIO
 from runtime.stage_port import StagePort
 from schemas.codec import DecodeError
 from schemas.fast_codec import decode_unexposed
 from schemas.topics import ANCHORS, SAMPLES, UNEXPOSED
 from workers.labeler.engine import Batch
+from workers.labeler.metrics import DEFERRED
 from workers.labeler.stage import STAGE, LabelerStage, log
 
 __all__ = ["STAGE", "Labeler"]

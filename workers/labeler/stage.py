@@ -32,7 +32,6 @@ import orjson
 from confluent_kafka import Message
 
 from runtime.kafka import Accounting, DeadLetters
-from runtime.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, LATENCY
 from runtime.settings import Settings
 from runtime.stage_port import StagePort
 from runtime.vectors.index import VectorIndex
@@ -46,6 +45,7 @@ from workers.labeler.calibrator import CalibratorError, load_calibrator
 from workers.labeler.engine import Batch, LabelerEngine
 from workers.labeler.features import FEATURES
 from workers.labeler.item_matrix import ItemMatrix
+from workers.labeler.metrics import ABSTAINING, ANCHOR_AGE, CALIBRATION_DRIFT, LATENCY
 from workers.labeler.recalibration import Recalibrator
 
 log = logging.getLogger("workers.labeler")  # the stage's name, as before the package (log filters, tests)

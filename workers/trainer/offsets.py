@@ -16,9 +16,9 @@ from typing import Any
 from confluent_kafka import KafkaException, TopicPartition
 
 from runtime.kafka import ask_broker
-from runtime.metrics import OFFSET_RESETS
 from runtime.offsets import TP
 from runtime.stage_port import GroupClient
+from workers.trainer.metrics import OFFSET_RESETS
 
 log = logging.getLogger("workers.trainer")  # the stage's own logger name, as before the split
 Reset = tuple[str, int, int, int]  # (topic, partition, from, to)

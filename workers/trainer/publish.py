@@ -23,7 +23,7 @@ published model's minus ``trainer.publish_margin`` *beyond the slice's own sampl
   is published.
 * Every decision (published, refused, insufficient) goes to ``gate.jsonl`` with its figures and interval,
   to the ``gpl_trainer_publish_decisions_total`` metric and to the log at INFO: a refusal is the gate
-  working, not an incident (alert on the metric: deploy/prometheus/alerts.yml); ``gpl demo`` sums them up.
+  working, not an incident (alert on the metric: deploy/base/alerts.yaml); ``gpl demo`` sums them up.
 
 The published area (``<checkpoints dir>/published/``):
 
@@ -51,13 +51,13 @@ import numpy as np
 import orjson
 import torch
 
-from runtime.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
 from runtime.settings import TrainerSettings
 from workers.history import profile_of
 from workers.labeler.calibrator import binary_auc
 from workers.model import PreRanker, item_buckets, user_buckets
 from workers.trainer.checkpoints import atomic_write, load_checkpoint, serving_copy
 from workers.trainer.gate_noise import Paired, paired_bootstrap, per_user_auc
+from workers.trainer.metrics import GATE_SCORE, PUBLISH_DECISIONS, PUBLISH_TIME, PUBLISHED_VERSION
 
 log = logging.getLogger(__name__)
 HOLDOUT_SLOTS = 10_000  # holdout_fraction resolution: 0.01 %

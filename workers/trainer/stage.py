@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from runtime.kafka import Accounting
-from runtime.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
 from runtime.offsets import TP
 from runtime.settings import Settings
 from runtime.vectors.index import VectorIndex
@@ -35,6 +34,7 @@ from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, RankTerm
 from workers.trainer.checkpoints import latest_checkpoint, read_checkpoint, save_checkpoint
 from workers.trainer.engine import NoVector, Take, TrainEngine
+from workers.trainer.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
 from workers.trainer.publish import Holdout, Publisher
 from workers.trainer.rows import AnchorInput, Pending, pending, step
 from workers.trainer.state import build, restore_memory, restore_model

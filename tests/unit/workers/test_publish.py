@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from gpl.cli import main
-from runtime.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
 from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from tests.preranker_world import DIM, LINEAGE, feed, requests, world_index, world_settings
@@ -19,6 +18,7 @@ from workers.labeler.calibrator import binary_auc
 from workers.model import sample_key
 from workers.trainer import Trainer
 from workers.trainer.checkpoints import load_checkpoint
+from workers.trainer.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
 from workers.trainer.publish import Scores, decide, gauc, is_holdout
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from runtime.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
 from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt, Generation
 from workers.anchors.generators.logprobs import Completion, anchor_logprobs
 from workers.anchors.generators.parsing import fallback_anchors, parse_anchors
 from workers.anchors.generators.prompt import FALLBACK_LOGPROB, prompt_hash
+from workers.anchors.metrics import ANCHOR_GENERATIONS, ANCHOR_PARSE_FAILURES, ANCHOR_TOKENS
 
 if TYPE_CHECKING:
     pass
