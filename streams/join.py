@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.codec import DecodeError
 from schemas.events import ExposureEvent
 
 # the wire codecs live beside the contract (schemas/fast_codec.py); re-exported for gpl/bench and older imports
@@ -136,3 +137,30 @@ def unexposed(recall_ids: np.ndarray, recall_scores: np.ndarray, exposure: Expos
         return None
     return recall_ids[keep], recall_scores[keep]
 
+
+def unique_candidates(recall: Recall) -> tuple[Recall, int]:
+    """The recall with each candidate once (the first occurrence kept, order unchanged), and how many
+    repeats were dropped: a candidate listed twice would be labeled twice."""
+    if recall.unique:
+        return recall, 0
+    _, first = np.unique(recall.item_ids, return_index=True)
+    if len(first) == len(recall.item_ids):
+        return recall, 0
+    keep = np.sort(first)
+    dropped = len(recall.item_ids) - len(first)
+    kept = Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep], True)
+    return kept, dropped
+
+
+def is_reread(prev: Pending | None, side: str, request_id: str, partition: int, offset: int) -> bool:
+    """Whether this ``side`` ("recall" or "exposure") of a request was read before: True for the same record
+    read again after a restart (same partition and offset: its work is in the table already); a second
+    record of that side (another offset) is refused as a ``duplicate``."""
+    if prev is None:
+        return False
+    seen = prev.recall_offset if side == "recall" else prev.exposure_offset
+    if seen == NO_OFFSET:
+        return False
+    if (prev.partition, seen) == (partition, offset):
+        return True
+    raise DecodeError("duplicate", f"{side} {request_id} seen before (offset {seen})")

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from runtime.kafka import Accounting
 from runtime.settings import StreamsSettings
-from schemas.codec import DecodeError, decode
+from schemas.codec import decode
 from schemas.events import ExposureEvent
 from schemas.fast_codec import Recall
 from schemas.topics import EXPOSURE, RECALL
@@ -40,10 +40,12 @@ from streams.join import (
     PENDING_RECALL,
     Pending,
     event_due,
+    is_reread,
     marker,
     pending_exposure,
     pending_recall,
     unexposed,
+    unique_candidates,
 )
 
 RESEND_MS = 2_000  # the timer hands the agent the same held recall or idle partition again after this
@@ -101,16 +103,16 @@ class JoinEngine:
         self.clock.observe(RECALL.name, partition, recall.ts)
         key = recall.request_id.encode()
         prev = self.get(key)
-        if prev is not None and (prev.partition, prev.recall_offset) == (partition, offset):
+        if is_reread(prev, "recall", recall.request_id, partition, offset):
             self.accounting.add("reread")  # read again after a restart: its work is in the table already
             return
-        if prev is not None and prev.recall_offset != NO_OFFSET:
-            raise DecodeError("duplicate", f"recall {recall.request_id} seen before (offset {prev.recall_offset})")
         if prev is not None and prev.kind == EXPIRED:
             self.accounting.add("late_recall")
             self.put(key, marker(EXPIRED, prev, prev.ts, prev.deadline_ms, recall_offset=offset))
             return
-        recall = self._dedup_candidates(recall)
+        recall, dropped = unique_candidates(recall)
+        if dropped:
+            self.accounting.add("duplicate_candidates", dropped)  # the first of each is kept
         recall, unknown = self.unknown_items.screen(recall, len(self.held))
         if len(unknown):  # hold: wait in the table (with the exposure if it came) until the indexer has them
             deadline = self.now() + int(self.cfg.unknown_hold_s * 1000)
@@ -127,16 +129,6 @@ class JoinEngine:
             yield from self.join(key, recall.item_ids, recall.scores, decode(prev.exposure, ExposureEvent), prev,
                                  offset, prev.exposure_offset)
 
-    def _dedup_candidates(self, recall: Recall) -> Recall:
-        if recall.unique:
-            return recall
-        _, first = np.unique(recall.item_ids, return_index=True)
-        if len(first) == len(recall.item_ids):
-            return recall
-        self.accounting.add("duplicate_candidates", len(recall.item_ids) - len(first))  # keep the first
-        keep = np.sort(first)
-        return Recall(recall.request_id, recall.user_id, recall.ts, recall.item_ids[keep], recall.scores[keep], True)
-
     # ------------------------------------------------------------------ exposure
     def on_exposure(self, exposure: ExposureEvent, value: bytes, partition: int, offset: int) -> Iterator[Output]:
         """``value``: the exposure as it came (kept in the table until its recall arrives)."""
@@ -144,12 +136,9 @@ class JoinEngine:
         self.clock.observe(EXPOSURE.name, partition, exposure.ts)
         key = exposure.request_id.encode()
         prev = self.get(key)
-        if prev is not None and (prev.partition, prev.exposure_offset) == (partition, offset):
+        if is_reread(prev, "exposure", exposure.request_id, partition, offset):
             self.accounting.add("reread")
             return
-        if prev is not None and prev.exposure_offset != NO_OFFSET:
-            raise DecodeError("duplicate", f"exposure {exposure.request_id} seen before "
-                                           f"(offset {prev.exposure_offset})")
         if prev is None:
             self.put(key, pending_exposure(exposure, value, self.now() + self.guard_ms, partition, offset))
             self.waiting += 1
@@ -213,17 +202,7 @@ class JoinEngine:
             if raw is None or Pending.unpack(raw).deadline_ms != deadline:
                 continue
             yield key, deadline, partition
-        for key, checked in list(self.held.items()):
-            if now - checked < RESEND_MS:  # each held recall asks the index at most once per RESEND_MS
-                continue
-            raw = self.table.get(key)
-            rec = Pending.unpack(raw) if raw else None
-            if rec is None or rec.kind != HELD:
-                self.held.pop(key, None)
-                continue
-            self.held[key] = now
-            if rec.item_ids is not None and not len(self.catalog.unknown(rec.item_ids)):
-                yield key, rec.deadline_ms, rec.partition
+        yield from held_ready(self.held, self.table, self.catalog, now)
 
     def on_deadline(self, key: bytes, deadline: int) -> Iterator[Output]:
         """Act on what :meth:`due` found; a record joined, released or rewritten since changes nothing."""
@@ -291,3 +270,21 @@ class JoinEngine:
         due = event_due(rec, self.wait_ms, self.dedup_ms)
         if due is not None:
             self.clock.schedule(rec.partition, due, key)
+
+
+def held_ready(held: dict[bytes, int], table: Mapping[bytes, bytes], catalog: Catalog,
+               now: int) -> Iterator[tuple[bytes, int, int]]:
+    """(request id, deadline, partition) of the held recalls whose items the index has now. Each held recall
+    asks the index at most once per ``RESEND_MS`` (``held`` keeps when it last asked); one that is no longer
+    held in the table is forgotten."""
+    for key, checked in list(held.items()):
+        if now - checked < RESEND_MS:
+            continue
+        raw = table.get(key)
+        rec = Pending.unpack(raw) if raw else None
+        if rec is None or rec.kind != HELD:
+            held.pop(key, None)
+            continue
+        held[key] = now
+        if rec.item_ids is not None and not len(catalog.unknown(rec.item_ids)):
+            yield key, rec.deadline_ms, rec.partition

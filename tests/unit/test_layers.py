@@ -145,6 +145,37 @@ def test_no_module_over_500_lines() -> None:
     assert long == {}
 
 
+STAGE_CLASS_MAX = 200
+LOOP_MAX = 150
+STAGE_SUFFIXES = ("Stage", "Engine", "Processor", "Loop", "Monitor", "Worker")
+
+
+def stage_classes(root: Path = ROOT) -> dict[str, int]:
+    """Lines of every stage class: a class of streams/ or workers/ with a ``run`` method (a stage's loop) or
+    named for a stage's part (…Stage, …Engine, …Processor, …Loop, …Monitor, …Worker)."""
+    out: dict[str, int] = {}
+    for pkg in ("streams", "workers"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, ast.ClassDef) or node.end_lineno is None:
+                    continue
+                methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)}
+                if "run" in methods or node.name.endswith(STAGE_SUFFIXES):
+                    out[f"{path.relative_to(root)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return out
+
+
+def test_stage_classes_stay_small_and_worker_loops_thin() -> None:
+    """A stage is a thin loop over a pure engine (docs/design.md §4): no stage class over 200 lines, and
+    the Kafka loop of each worker package (``workers/<stage>/loop.py``) at most 150."""
+    classes = stage_classes()
+    assert len(classes) >= 10, classes  # the walk finds the stages (a rename would empty it silently)
+    assert {k: n for k, n in classes.items() if n > STAGE_CLASS_MAX} == {}
+    loops = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines())
+             for p in (ROOT / "workers").glob("*/loop.py")}
+    assert len(loops) >= 3 and {k: n for k, n in loops.items() if n > LOOP_MAX} == {}
+
+
 def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     """The checks above are only worth something if they can fail."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
