@@ -34,7 +34,7 @@ from workers.indexer import Indexer
 
 @pytest.fixture
 def settings(broker_settings: Settings) -> Settings:
-    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    """This file's integration tests on the suite's broker (tests/fixtures/brokers.py: Apache Kafka by default)."""
     return broker_settings
 
 

@@ -32,7 +32,7 @@ from runtime.kafka import create_topics
 from runtime.metrics_relay import RELAYED, metrics_route
 from runtime.vectors.server import ServerIndex
 from schemas.events import Candidate, ExposedItem, ExposureEvent, RecallEvent
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import produce, wait_for
 from tests.integration.test_health import _get
 

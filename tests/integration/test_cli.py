@@ -20,7 +20,7 @@ from gpl.stack import STAGES
 from runtime.broker import EmbeddedBroker, free_port
 from runtime.settings import Settings
 from schemas.topics import TOPICS, all_topic_names
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

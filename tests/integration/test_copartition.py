@@ -17,7 +17,7 @@ from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, Rec
 from streams.app import StreamsProcessor
 from streams.copartition import SPLIT_REQUESTS, CopartitionError, SplitWatch, check_counts, verify_copartitioned
 from streams.join import pending_exposure
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import item_index, running, wait_for
 
 ITEMS = [ItemEvent(item_id=i, text=f"movie {i}") for i in range(1, 11)]

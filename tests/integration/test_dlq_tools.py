@@ -24,7 +24,7 @@ from schemas.wire import frame
 
 @pytest.fixture
 def settings(broker_settings: Settings) -> Settings:
-    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    """This file's integration tests on the suite's broker (tests/fixtures/brokers.py: Apache Kafka by default)."""
     return broker_settings
 
 
@@ -81,7 +81,7 @@ def end_offsets(settings: Settings, topic: str) -> int:
 
 def cli(settings: Settings, *args: str) -> int:
     """``gpl dlq ARGS`` on the test's broker, its consumer groups under the test's prefix (the session's
-    Kafka broker is shared: tests/conftest.py)."""
+    Kafka broker is shared: tests/fixtures/brokers.py)."""
     return main(["--set", f"kafka.bootstrap_servers={settings.kafka.bootstrap_servers}",
                  "--set", f"kafka.partitions={settings.kafka.partitions}",
                  "--set", f"kafka.group_prefix={settings.kafka.group_prefix}", "dlq", *args])

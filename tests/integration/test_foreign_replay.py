@@ -34,7 +34,7 @@ from runtime.broker import EmbeddedBroker
 from runtime.metrics_relay import MERGED
 from schemas.events import DeadLetter
 from schemas.fast_codec import decode_unexposed
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, wait_for
 from tests.integration.test_pipeline import fixed_calibrator
 

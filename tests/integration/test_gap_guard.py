@@ -10,7 +10,7 @@ from typing import Any
 
 from runtime.broker import EmbeddedBroker
 from runtime.kafka import GapGuard, consumer, create_topics, producer, take
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 
 
 @dataclass

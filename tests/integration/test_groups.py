@@ -14,7 +14,8 @@ from gpl.cli import main
 from gpl.commands.groups import committed
 from runtime.kafka import consumer, create_topics, producer
 from runtime.settings import Settings
-from tests.conftest import KafkaSlot, make_settings
+from tests.fixtures.brokers import KafkaSlot
+from tests.fixtures.settings import make_settings
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

@@ -167,7 +167,7 @@ def test_a_crashing_faust_agent_ends_the_streams_stage(tmp_path: Path, monkeypat
     from runtime.kafka import create_topics
     from schemas.events import Candidate, ItemEvent, RecallEvent
     from streams.app import StreamsProcessor
-    from tests.conftest import make_settings
+    from tests.fixtures.settings import make_settings
     from tests.helpers import item_index, produce, wait_for
 
     with EmbeddedBroker(log_file=tmp_path / "tansu.log") as broker:

@@ -20,7 +20,7 @@ from runtime.kafka import consumer, create_topics, producer
 from runtime.kafka_broker import KafkaBroker
 from runtime.kafka_dist import KafkaUnavailable, ensure
 from runtime.settings import Settings
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

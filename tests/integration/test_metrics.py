@@ -19,13 +19,13 @@ from runtime.kafka import Accounting, create_topics
 from runtime.settings import Settings
 from runtime.stage_io import StageIO
 from schemas.events import ItemEvent
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import item_index, produce, running, wait_for
 
 
 @pytest.fixture
 def settings(broker_settings: Settings) -> Settings:
-    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    """This file's integration tests on the suite's broker (tests/fixtures/brokers.py: Apache Kafka by default)."""
     return broker_settings
 
 

@@ -164,7 +164,7 @@ def _headers(settings: object, topic: str, expect: int) -> list[int]:
 
 @pytest.mark.integration
 def test_dlq_show_whole_error_and_redrive_once(tmp_path: Path, broker: Broker) -> None:
-    from tests.conftest import make_settings
+    from tests.fixtures.settings import make_settings
 
     s = make_settings(tmp_path, broker, partitions=1)
     create_topics(s.kafka)
@@ -191,7 +191,7 @@ def test_dlq_show_whole_error_and_redrive_once(tmp_path: Path, broker: Broker) -
 @pytest.mark.integration
 def test_the_stream_dead_letters_a_redriven_failure_as_exhausted(tmp_path: Path, broker: Broker) -> None:
     from streams.app import StreamsProcessor
-    from tests.conftest import make_settings
+    from tests.fixtures.settings import make_settings
     from tests.helpers import drain, item_index, running, wait_for
     from tests.integration.test_streams import ITEMS
 

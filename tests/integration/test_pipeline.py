@@ -17,7 +17,7 @@ from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
 from gpl.stack import Stack, Stages
 from runtime.broker import Broker
 from schemas.events import ExposureEvent, RecallEvent
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, wait_for
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.features import FEATURES

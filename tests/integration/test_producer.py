@@ -1,4 +1,4 @@
-"""GplProducer and the client settings on the suite's real broker (docs/producers.md; tests/conftest.py).
+"""GplProducer and the client settings on the suite's real broker (docs/producers.md; tests/fixtures/brokers.py).
 
 The contract is checked on what the broker holds: key, partition (the one faust/aiokafka's murmur2
 picks for the same key), timestamp, value; the client settings by what librdkafka reports about itself.
@@ -31,7 +31,7 @@ from schemas.events import (
     ItemEvent,
     RecallEvent,
 )
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 
 pytestmark = pytest.mark.integration
 

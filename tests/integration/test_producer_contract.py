@@ -138,7 +138,7 @@ def test_the_stream_dead_letters_seconds(tmp_path: Path, broker: Broker) -> None
     """On the real broker: a recall in seconds goes to recall.dlq as ``schema`` with "seconds?"; the same
     recall in milliseconds joins."""
     from streams.app import StreamsProcessor
-    from tests.conftest import make_settings
+    from tests.fixtures.settings import make_settings
     from tests.helpers import drain, item_index, produce, running, wait_for
     from tests.integration.test_streams import ITEMS, exposure
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from conftest import make_settings
 
 from gpl.replay import replay_jsonl, replay_topic
 from gpl.simulate import SimConfig, load_movielens, simulate, write_jsonl
@@ -18,6 +17,7 @@ from runtime.broker import Broker, EmbeddedBroker
 from runtime.kafka import create_topics, producer
 from runtime.settings import Settings
 from schemas.jsonl import read_events
+from tests.fixtures.settings import make_settings
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from runtime.broker import Broker
 from runtime.vectors.index import Points
 from runtime.vectors.normalize import normalize
 from schemas.events import Anchor, AnchorSet, UnexposedBatch
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, produce, wait_for
 
 DIM = 64

@@ -16,7 +16,7 @@ from runtime.broker import Broker
 from runtime.kafka import create_topics
 from schemas.events import Candidate, ExposedItem, ExposureEvent, ItemEvent, RecallEvent
 from streams.app import StreamsProcessor
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, drain_raw, item_index, produce, running, wait_for
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from streams.app import StreamsProcessor
 from streams.join import DONE, RECALL, Pending
 from streams.lifecycle import prepare
 from streams.transport import QueueingAccumulator, QueueingProducer
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import item_index, produce, running, wait_for
 from tests.helpers import records as read_records
 from tests.integration.test_streams import ITEMS, exposure, recall

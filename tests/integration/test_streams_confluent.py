@@ -21,7 +21,7 @@ from schemas.events import AnchorRequest, DeadLetter, SampleBatch, UnexposedBatc
 from schemas.export import topic_schemas
 from schemas.wire import frame, unframe
 from streams.app import StreamsProcessor
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain_raw, item_index, running, wait_for
 from tests.integration.test_streams import ITEMS, exposure, recall
 

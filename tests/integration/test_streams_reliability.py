@@ -1,6 +1,6 @@
 """Reliability of the streams stage on the real broker: event-time expiry, restarts, bad input, unknown items.
 
-Each test runs on the suite's real broker (Apache Kafka, topics per test; tests/conftest.py) and starts
+Each test runs on the suite's real broker (Apache Kafka, topics per test; tests/fixtures/brokers.py) and starts
 the faust app; events carry explicit event times.
 """
 
@@ -28,7 +28,7 @@ from runtime.vectors.memory import MemoryIndex
 from schemas.events import ItemEvent
 from schemas.topics import expiry_topic
 from streams.app import StreamsProcessor
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, item_index, produce, running, wait_for
 from tests.integration.test_streams import ITEMS, exposure, recall
 

@@ -35,7 +35,8 @@ from schemas.topics import (
     configure,
     spec,
 )
-from tests.conftest import KafkaSlot, make_settings
+from tests.fixtures.brokers import KafkaSlot
+from tests.fixtures.settings import make_settings
 from tests.helpers import drain, wait_for
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "movielens-small"

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from runtime.broker import EmbeddedBroker
 from runtime.kafka import create_topics
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.integration.test_trainer import item_index, produce, reached, request, running, tuned, wait_for
 from workers.trainer import Trainer
 from workers.trainer.checkpoints import load_checkpoint

@@ -27,7 +27,7 @@ from runtime.settings import Settings
 from runtime.stage_io import StageIO
 from runtime.transactions import transactional_id
 from schemas.events import UnexposedBatch
-from tests.conftest import make_settings
+from tests.fixtures.settings import make_settings
 from tests.helpers import item_index, produce, wait_for
 from tests.integration.test_labeler import ALL_IDS, ENC, ITEMS, _anchors, _committed_everything
 from workers.labeler.loop import STAGE, Labeler

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.labeler import calibrator_fit as C
 from gpl.eval.dataset import load_dataset
 from gpl.simulate.semisynth import OracleConfig, build_semisynth, world_name
 from runtime.encoder import HashEncoder
 from runtime.settings import load
 from schemas.events import ExposureEvent
+from workers.labeler import calibrator_fit as C
 
 
 def test_the_contract_field_defaults_off_and_old_producers_still_validate() -> None:
