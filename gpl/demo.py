@@ -180,7 +180,7 @@ def closed_loop_counts(acc: dict[str, dict[str, int]]) -> dict[str, int]:
 def gate_summary(s: Settings) -> dict[str, Any]:
     """The publication gate's decisions of this run (gate.jsonl), counted by outcome: one summary line
     instead of a log line per refusal."""
-    from workers.trainer.publish import PublishedArea
+    from workers.trainer.published_area import PublishedArea
 
     decisions = PublishedArea(s.checkpoints_dir / "published").decisions()
     by: dict[str, int] = {}

@@ -32,7 +32,7 @@ from runtime.settings import Settings
 from workers.anchor_cross import ANCHOR_CROSS_INPUT
 from workers.model import HISTORY_INPUT, OUTPUTS, ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.trainer.checkpoints import load_checkpoint
-from workers.trainer.publish import POINTER, PublishedArea
+from workers.trainer.published_area import POINTER, PublishedArea
 
 EXPORT_FORMAT = "gpl-preranker-export/1"
 SPEC = "feature_spec.json"

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from runtime.settings import Settings
-from workers.trainer.publish import PublishedArea
+from workers.trainer.published_area import PublishedArea
 
 
 def register(sub: argparse._SubParsersAction) -> None:

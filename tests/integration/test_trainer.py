@@ -24,7 +24,8 @@ from workers.model import sample_key
 from workers.trainer import Trainer
 from workers.trainer import stage as trainer_stage
 from workers.trainer.checkpoints import LATEST, list_checkpoints, load_checkpoint
-from workers.trainer.publish import PublishedArea, is_holdout
+from workers.trainer.holdout import is_holdout
+from workers.trainer.published_area import PublishedArea
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ One package, one stage (``from workers.trainer import Trainer``):
 * ``rows``         the buffered rows, the mini-batch they become, the optimizer step;
 * ``vectors``      the content-vector cache; ``vector_wait`` the bounded wait for an item's vector;
 * ``state``        what a checkpoint holds; ``checkpoints`` the files (numbered, atomic, ``latest``);
-* ``publish``      the quality gate and the published area; ``gate_noise`` its paired bootstrap.
+* ``publish``      the quality gate run at every checkpoint, over ``holdout`` (the held-out slice),
+                   ``gate`` (the figures and the rule; ``gate_noise`` its paired bootstrap) and
+                   ``published_area`` (the model copies, the ``current`` pointer, the history).
 
 ``Trainer`` is loaded on first use, not with the package: the export and publish commands read
 checkpoints and the published area without the Kafka loop's imports.

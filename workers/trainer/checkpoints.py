@@ -1,8 +1,8 @@
 """Checkpoint files of the trainer: numbered, atomic, with a ``latest`` pointer.
 
-Split out of the trainer's loop (``workers/trainer/loop.py``) so the publishing gate
-(``workers/trainer/publish.py``) can read and write checkpoints without importing the worker that calls
-it (no import cycles).
+Split out of the trainer's loop (``workers/trainer/loop.py``) so the publishing gate and the published
+area (``workers/trainer/publish.py``, ``published_area.py``) can read and write checkpoints without
+importing the worker that calls them (no import cycles).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from schemas.events import Sample, SampleBatch
 from schemas.ids import sample_id
 from workers.click_memory import ClickMemory
 from workers.model import sample_key
-from workers.trainer.publish import is_holdout
+from workers.trainer.holdout import is_holdout
 from workers.trainer.vector_wait import VectorWait, Waiting, by_request, waiting_sample
 
 VECTOR_RETRY_S = 1.0  # how often the index is asked again for the items samples wait for

@@ -1,6 +1,6 @@
 """Prometheus metrics of the trainer stage: loss, checkpoints, the publishing gate, offset resets.
 
-Set by stage.py, publish.py and offsets.py; the shared ones (messages, lag, stage up) are the
+Set by stage.py, publish.py, published_area.py and offsets.py; the shared ones (messages, lag, stage up) are the
 foundation's (runtime/metrics.py, which also serves ``/metrics``). Importing this module registers the
 families.
 """

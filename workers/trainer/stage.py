@@ -34,8 +34,9 @@ from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, RankTerm
 from workers.trainer.checkpoints import latest_checkpoint, read_checkpoint, save_checkpoint
 from workers.trainer.engine import NoVector, Take, TrainEngine
+from workers.trainer.holdout import Holdout
 from workers.trainer.metrics import CHECKPOINT_TIME, CHECKPOINT_VERSION, TRAINER_LOSS
-from workers.trainer.publish import Holdout, Publisher
+from workers.trainer.publish import Publisher
 from workers.trainer.rows import AnchorInput, Pending, pending, step
 from workers.trainer.state import build, restore_memory, restore_model
 from workers.trainer.state import payload as checkpoint_payload

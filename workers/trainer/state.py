@@ -19,7 +19,7 @@ from runtime.settings import Settings
 from workers.click_memory import ClickMemory
 from workers.model import ModelConfig, PreRanker, make_optimizer
 from workers.trainer.checkpoints import FORMAT
-from workers.trainer.publish import Holdout
+from workers.trainer.holdout import Holdout
 from workers.trainer.vector_wait import VectorWait
 
 

@@ -19,7 +19,8 @@ from runtime.metrics import PRODUCER_BACKPRESSURE
 from runtime.settings import load
 from workers.labeler.calibrator import Calibrator
 from workers.labeler.recalibration import Recalibrator
-from workers.trainer.publish import Decision, PublishedArea, Scores
+from workers.trainer.gate import Decision, Scores
+from workers.trainer.published_area import PublishedArea
 
 
 def test_closed_loop_line_agrees_with_the_labelers_drift_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -23,7 +23,7 @@ from workers.anchors.policy import anchor_point_id
 from workers.labeler.training_log import request_folds, row_folds
 from workers.model import ModelConfig, PreRanker, feature_spec, model_inputs
 from workers.trainer import Trainer
-from workers.trainer.publish import Holdout
+from workers.trainer.holdout import Holdout
 from workers.trainer.rows import make_batch
 
 

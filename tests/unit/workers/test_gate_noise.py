@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from workers.labeler.calibrator import binary_auc
+from workers.trainer.gate import Scores, decide, gauc
 from workers.trainer.gate_noise import paired_bootstrap, weighted_aucs
-from workers.trainer.publish import Scores, decide, gauc
 
 MARGIN, NEED = 0.005, 200
 

@@ -257,7 +257,7 @@ def test_a_trainer_checkpoint_pickles_no_project_class(tmp_path: Path) -> None:
 
     from runtime.settings import Settings
     from workers.click_memory import ClickMemory
-    from workers.trainer.publish import Holdout
+    from workers.trainer.holdout import Holdout
     from workers.trainer.state import payload
     from workers.trainer.vector_wait import VectorWait, Waiting
 

@@ -18,8 +18,9 @@ from workers.labeler.calibrator import binary_auc
 from workers.model import sample_key
 from workers.trainer import Trainer
 from workers.trainer.checkpoints import load_checkpoint
+from workers.trainer.gate import Scores, decide, gauc
+from workers.trainer.holdout import is_holdout
 from workers.trainer.metrics import CHECKPOINT_TIME, PUBLISH_DECISIONS, PUBLISH_TIME
-from workers.trainer.publish import Scores, decide, gauc, is_holdout
 
 
 def scores(auc: float, g: float, rows: int = 500) -> Scores:
