@@ -2,12 +2,29 @@
 
 Stages never pick their own backends; the application does it here, once, so that ``workers/`` and
 ``streams/`` receive ready objects (an index, a generator) and stay free of optional dependencies.
+
+Anchor backends are a registry: ``anchors.backend`` names a settings model
+(:data:`runtime.anchor_settings.ANCHOR_BACKENDS`) and a factory (:data:`FACTORIES`) that receives the
+settings as that model. A new backend is its settings model, one entry in each registry and its module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from runtime.anchor_settings import (
+    ANCHOR_BACKENDS,
+    ContentAnchors,
+    MemoryAnchors,
+    OpenAIAnchors,
+    SIDAnchors,
+    TransformersAnchors,
+    VLLMAnchors,
+    as_backend,
+)
 from runtime.settings import Settings
 from runtime.vectors.index import VectorIndex
 from workers.anchors.generators.base import AnchorGenerator
@@ -25,8 +42,74 @@ def open_index(settings: Settings) -> VectorIndex:
     return EdgeIndex(settings.data_dir / "qdrant", hnsw=settings.qdrant.hnsw)
 
 
+AnchorBackend = AnchorGenerator | VectorAnchorSource
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """What the caller adds to the settings: ``threads`` (else the backend's own ``threads``; 0 = torch's
+    default), the ``index`` and ``encoder_dim`` a vector backend checks its artifacts against."""
+
+    threads: int | None = None
+    index: VectorIndex | None = None
+    encoder_dim: int | None = None
+
+
+def _content(settings: Settings, cfg: ContentAnchors, args: BuildArgs) -> AnchorBackend:
+    from workers.anchors.vector_anchors import ContentAnchorSource
+
+    return ContentAnchorSource()
+
+
+def _sid(settings: Settings, cfg: SIDAnchors, args: BuildArgs) -> AnchorBackend:
+    return make_sid_source(settings, threads=args.threads, index=args.index, encoder_dim=args.encoder_dim)
+
+
+def _memory(settings: Settings, cfg: MemoryAnchors, args: BuildArgs) -> AnchorBackend:
+    from workers.anchors.generators.memory import MemoryGenerator
+
+    return MemoryGenerator(cfg)
+
+
+def _transformers(settings: Settings, cfg: TransformersAnchors, args: BuildArgs) -> AnchorBackend:
+    from runtime.model_assets import ensure_llm
+    from workers.anchors.generators.transformers_backend import TransformersGenerator
+
+    n = args.threads if args.threads is not None else (cfg.threads or None)
+    return TransformersGenerator(ensure_llm(settings.llm_dir), cfg, threads=n)
+
+
+def _openai(settings: Settings, cfg: OpenAIAnchors, args: BuildArgs) -> AnchorBackend:
+    from workers.anchors.generators.openai_backend import OpenAIGenerator
+
+    return OpenAIGenerator(cfg)
+
+
+def _vllm(settings: Settings, cfg: VLLMAnchors, args: BuildArgs) -> AnchorBackend:
+    from workers.anchors.generators.vllm_backend import VLLMGenerator, import_vllm
+
+    import_vllm()  # fail with the install hint before fetching a model the engine cannot run
+    if cfg.model_dir:
+        return VLLMGenerator(cfg.model_dir, cfg)
+    from runtime.model_assets import ensure_llm
+
+    return VLLMGenerator(ensure_llm(settings.llm_dir), cfg)
+
+
+# anchors.backend -> its factory; the settings model of each name is runtime.anchor_settings.ANCHOR_BACKENDS's
+# (a factory receives settings.anchors as that model: the discriminated union has already picked it)
+FACTORIES: dict[str, Callable[[Settings, Any, BuildArgs], AnchorBackend]] = {
+    "transformers": _transformers,
+    "memory": _memory,
+    "openai": _openai,
+    "vllm": _vllm,
+    "sid": _sid,
+    "content": _content,
+}
+
+
 def make_generator(settings: Settings, *, threads: int | None = None, index: VectorIndex | None = None,
-                   encoder_dim: int | None = None) -> AnchorGenerator | VectorAnchorSource:
+                   encoder_dim: int | None = None) -> AnchorBackend:
     """The anchor backend ``settings.anchors.backend`` names: a text generator or a vector source.
 
     ``transformers`` fetches/converts the local model first; ``vllm`` does too unless
@@ -37,37 +120,10 @@ def make_generator(settings: Settings, *, threads: int | None = None, index: Vec
     (``encoder_dim`` checks the vector size too) and, given the ``index``, another catalogue's.
     """
     cfg = settings.anchors
-    backend = cfg.backend
-    if backend == "content":
-        from workers.anchors.vector_anchors import ContentAnchorSource
-
-        return ContentAnchorSource()
-    if backend == "sid":
-        return make_sid_source(settings, threads=threads, index=index, encoder_dim=encoder_dim)
-    if backend == "memory":
-        from workers.anchors.generators.memory import MemoryGenerator
-
-        return MemoryGenerator(cfg)
-    if backend == "transformers":
-        from runtime.model_assets import ensure_llm
-        from workers.anchors.generators.transformers_backend import TransformersGenerator
-
-        n = threads if threads is not None else (cfg.threads or None)
-        return TransformersGenerator(ensure_llm(settings.llm_dir), cfg, threads=n)
-    if backend == "openai":
-        from workers.anchors.generators.openai_backend import OpenAIGenerator
-
-        return OpenAIGenerator(cfg)
-    if backend == "vllm":
-        from workers.anchors.generators.vllm_backend import VLLMGenerator, import_vllm
-
-        import_vllm()  # fail with the install hint before fetching a model the engine cannot run
-        if cfg.model_dir:
-            return VLLMGenerator(cfg.model_dir, cfg)
-        from runtime.model_assets import ensure_llm
-
-        return VLLMGenerator(ensure_llm(settings.llm_dir), cfg)
-    raise ValueError(f"unknown anchors backend {backend!r}")
+    model, factory = ANCHOR_BACKENDS.get(cfg.backend), FACTORIES.get(cfg.backend)
+    if model is None or factory is None or not isinstance(cfg, model):
+        raise ValueError(f"unknown anchors backend {cfg.backend!r}")
+    return factory(settings, cfg, BuildArgs(threads, index, encoder_dim))
 
 
 def sid_dir(settings: Settings) -> Path:
@@ -78,8 +134,9 @@ def sid_dir(settings: Settings) -> Path:
 
 
 def sid_artifacts(settings: Settings) -> Path:
-    """Where the sid backend reads its artifacts: ``anchors.sid_dir`` or :func:`sid_dir`."""
-    return Path(settings.anchors.sid_dir) if settings.anchors.sid_dir else sid_dir(settings)
+    """Where the sid backend reads its artifacts: ``anchors.sid_dir`` (backend sid) or :func:`sid_dir`."""
+    cfg = settings.anchors
+    return Path(cfg.sid_dir) if isinstance(cfg, SIDAnchors) and cfg.sid_dir else sid_dir(settings)
 
 
 def make_sid_source(settings: Settings, *, threads: int | None = None, index: VectorIndex | None = None,
@@ -87,13 +144,14 @@ def make_sid_source(settings: Settings, *, threads: int | None = None, index: Ve
     """The ``sid`` backend: checked artifacts (see :func:`make_generator`), beam search on ``threads``."""
     from workers.anchors.sid.source import SIDAnchorSource, check_catalogue, load_sid_generator
 
-    n = threads if threads is not None else (settings.anchors.threads or None)
+    cfg = as_backend(settings.anchors, SIDAnchors)  # the backend's options; defaults under another backend
+    n = threads if threads is not None else (cfg.threads or None)
     if n:
         import torch
 
         torch.set_num_threads(n)
     where = sid_artifacts(settings)
-    gen = load_sid_generator(where, settings.encoder.model, encoder_dim, beam_width=settings.anchors.beam_width)
+    gen = load_sid_generator(where, settings.encoder.model, encoder_dim, beam_width=cfg.beam_width)
     if index is not None:
         check_catalogue(gen.tokenizer, index, settings.encoder.collection, str(where))
     return SIDAnchorSource(gen)

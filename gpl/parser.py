@@ -13,9 +13,10 @@ import difflib
 import tomllib
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from runtime.settings import Settings, SettingsError
+from runtime.anchor_settings import FOREIGN_OPTION
+from runtime.settings import Settings, SettingsError, section_fields
 from schemas.plain import plain
 
 
@@ -53,28 +54,22 @@ class Parser(argparse.ArgumentParser):
         return plain(super().format_usage())
 
 
-def _fields(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+def _names_at(path: tuple[str, ...]) -> frozenset[str] | None:
+    """The names a settings field at ``path`` may have (None when its parent is not a section).
 
-
-def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
-    """The settings (sub)model that holds the field at ``path`` (None when a step is not a model)."""
-    model: type[BaseModel] = Settings
-    for step in path[:-1]:
-        field = model.model_fields.get(step)
-        ann = field.annotation if field is not None else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
+    Through :func:`~runtime.settings.section_fields`, so ``anchors`` offers every backend's fields.
+    """
+    if len(path) == 1:
+        return frozenset(Settings.model_fields)
+    return section_fields(path[0]) if len(path) == 2 else None
 
 
 def did_you_mean(path: tuple[str, ...]) -> str:
     """`` (did you mean kafka.partitions?)`` for a mistyped dotted name, else an empty string."""
-    model = _model_at(path)
-    if model is None or not path:
+    names = _names_at(path)
+    if names is None or not path:
         return ""
-    close = difflib.get_close_matches(path[-1], _fields(model), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(path[-1], sorted(names), n=1, cutoff=0.6)
     return f"; did you mean {'.'.join((*path[:-1], close[0]))}?" if close else ""
 
 
@@ -86,10 +81,14 @@ def explain(err: BaseException) -> list[str]:
     """One line per problem of a settings error (a pydantic ValidationError, a bad TOML file, ...)."""
     if isinstance(err, ValidationError | SettingsError):
         lines = []
-        for e in err.errors(include_input=False) if isinstance(err, ValidationError) else err.errors:
+        errors = SettingsError(err.errors(include_input=False)).errors if isinstance(err, ValidationError) \
+            else err.errors  # SettingsError names settings as they are set (anchors.k, not anchors.content.k)
+        for e in errors:
             path = tuple(str(p) for p in e["loc"])
             name = ".".join(path)
-            if e["type"] == "extra_forbidden":
+            if e["type"] == FOREIGN_OPTION:  # its message names the key and the backend that owns it
+                lines.append(e["msg"])
+            elif e["type"] == "extra_forbidden":
                 lines.append(f"unknown setting {name} (--set {name}=… or {_env_name(path)}){did_you_mean(path)}")
             else:  # never the value: it may be a secret in the wrong place
                 lines.append(f"bad setting {name}: {e['msg']}")

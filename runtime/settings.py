@@ -17,6 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runtime.anchor_settings import AnchorSettings as AnchorSettings  # re-exported, as KafkaSettings
+from runtime.anchor_settings import ContentAnchors, anchor_fields, merge_anchors, untag
 from runtime.kafka_settings import KafkaSettings as KafkaSettings  # re-exported: one import for all sections
 from runtime.kafka_settings import Section
 
@@ -42,59 +44,6 @@ class EncoderSettings(Section):
         its version): a new encoder or a new space is a new collection."""
         safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.model)
         return f"items__{safe}" + (f"__{Path(self.space).stem}" if self.space else "")
-
-
-class AnchorSettings(Section):
-    backend: Literal["transformers", "memory", "openai", "vllm", "sid", "content"] = Field(
-        default="content",
-        description="text: transformers, openai, vllm, memory; vectors: sid (trained SID artifacts), "
-                    "content (k-means of the user's positives, no model)")
-    sid_dir: str = Field(default="", description="backend sid: artifacts; empty: <data_dir>/sid/<encoder>")
-    beam_width: int = Field(default=16, ge=1, description="backend sid: beams per user (>= k is used)")
-    model_dir: str = Field(default="", description="HF model dir; empty: <data_dir>/models/<the llm's dir>")
-    llm: Literal["smollm2-135m", "qwen2.5-coder-1.5b"] = Field(
-        default="smollm2-135m", description="local LLM asset (gpl models fetch) used when model_dir is empty; "
-                                            "qwen2.5-coder-1.5b: stronger, ~4x slower, 3.4 GB")
-    model_name: str = Field(default="SmolLM2-135M-Instruct",
-                            description="label and cache key; unset (or a registry model's): the llm's")
-    k: int = Field(default=4, ge=1, le=32, description="anchors per user")
-    max_new_tokens: int = Field(default=96, ge=8)
-    temperature: float = Field(default=0.0, ge=0.0)
-    batch_size: int = Field(default=8, ge=1)
-    batch_wait_ms: int = Field(default=200, ge=0)
-    history_items: int = Field(default=8, ge=1, description="recent positives shown to the LLM")
-    retries: int = Field(default=1, ge=0, description="re-asks on unparseable output before the fallback")
-    seed: int = 0
-    threads: int = Field(default=0, ge=0, description="torch intra-op threads (transformers); 0: default")
-    prefix_cache: bool = Field(default=True, description="transformers: compute the shared chat template and "
-                               "system prompt's KV cache once and reuse it for every batch")
-    # backend "openai": any OpenAI-compatible server (vllm serve, transformers serve)
-    base_url: str = Field(default="", description="OpenAI-compatible API root, e.g. http://vllm:8000/v1")
-    api_key: SecretStr = SecretStr("")
-    served_model: str = Field(default="", description="model id sent to the server; empty: ask /models")
-    concurrency: int = Field(default=8, ge=1, description="requests in flight to the server")
-    timeout_s: float = Field(default=60.0, gt=0, description="per HTTP request")
-    http_retries: int = Field(default=3, ge=0, description="re-sends on 429/5xx/timeouts, with backoff")
-    # regeneration policy of the anchors worker
-    debounce_s: float = Field(default=30.0, ge=0,
-                              description="event-time gap below which a user's new request is dropped "
-                                          "(cold start excepted)")
-    max_pending: int = Field(default=1024, ge=1, description="requests read ahead; full: partitions paused")
-    rate_limit: float = Field(default=0.0, ge=0, description="max generations/s; 0: follow measured capacity")
-    cache: bool = Field(default=True, description="replay cache of generated anchors in data_dir")
-    cache_max_entries: int = Field(default=1_000_000, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _model_name_follows_llm(cls, data: Any) -> Any:
-        """``model_name`` unset, or naming another registry LLM (a copy that changed ``llm``): the llm's."""
-        from runtime.model_assets import LLM_ASSETS
-
-        if isinstance(data, dict) and data.get("llm", "smollm2-135m") in LLM_ASSETS:
-            names = {a.model for a in LLM_ASSETS.values()}
-            if data.get("model_name") in names | {None}:
-                data = {**data, "model_name": LLM_ASSETS[data.get("llm", "smollm2-135m")].model}
-        return data
 
 
 class StreamsSettings(Section):
@@ -290,7 +239,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
     encoder: EncoderSettings = EncoderSettings()
-    anchors: AnchorSettings = AnchorSettings()
+    anchors: AnchorSettings = ContentAnchors()  # one model per backend (runtime/anchor_settings.py)
     streams: StreamsSettings = StreamsSettings()
     labeler: LabelerSettings = LabelerSettings()
     trainer: TrainerSettings = TrainerSettings()
@@ -325,7 +274,9 @@ class Settings(BaseSettings):
         """A copy with some fields replaced, validated again (settings stay frozen)."""
         data = self.model_dump()
         for k, v in sections.items():
-            if isinstance(v, Mapping) and isinstance(data.get(k), dict):
+            if k == "anchors" and isinstance(v, Mapping):  # another backend: its own fields only
+                data[k] = merge_anchors(data[k], v)
+            elif isinstance(v, Mapping) and isinstance(data.get(k), dict):
                 data[k] = {**data[k], **v}
             else:
                 data[k] = v
@@ -355,12 +306,22 @@ def load(config_file: Path | str | None = None, env: Mapping[str, str] | None = 
 
 class SettingsError(ValueError):
     """Invalid settings, one problem per entry of ``errors`` (pydantic's, without the input values: a
-    password put in the wrong variable must not reach a terminal or a log)."""
+    password put in the wrong variable must not reach a terminal or a log). Locations name settings:
+    the anchors union's backend tag is left out (``anchors.k``, not ``anchors.content.k``)."""
 
     def __init__(self, errors: list[Any]) -> None:
-        self.errors = errors
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors]
+        self.errors = [{**err, "loc": untag(tuple(err["loc"]), err["type"])} for err in errors]
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in self.errors]
         super().__init__("invalid settings:\n" + "\n".join(lines))
+
+
+def section_fields(name: str) -> frozenset[str] | None:
+    """The field names of the section ``name`` (None: not a section). ``anchors``: every backend's."""
+    if name == "anchors":
+        return anchor_fields()
+    field = Settings.model_fields.get(name)
+    model = field.annotation if field is not None else None
+    return frozenset(model.model_fields) if isinstance(model, type) and issubclass(model, Section) else None
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:

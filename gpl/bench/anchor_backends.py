@@ -43,7 +43,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from runtime.settings import AnchorSettings, Settings
+from runtime.anchor_settings import OpenAIAnchors, TransformersAnchors
+from runtime.settings import Settings
 from workers.anchors.generators.base import AnchorGenerator, AnchorPrompt, Generation
 from workers.anchors.generators.retrying import RetryingGenerator
 from workers.anchors.vector_anchors import VectorAnchorSource
@@ -109,7 +110,7 @@ def bench_anchors(batch_sizes: Sequence[int] = (1, 16, 64), users: int = 64, k: 
                            "transformers": {}}
     for b in batch_sizes:
         n = min(users, (users_by_batch or {}).get(b, users))
-        settings = AnchorSettings(k=k, batch_size=b)
+        settings = TransformersAnchors(k=k, batch_size=b)
         gen = TransformersGenerator(mdir, settings, threads=threads)
         gen.generate(prompts[:1])  # warm-up: first-call allocations are not throughput
         out["transformers"][str(b)] = run_generator(gen, prompts[:n], b, f"transformers b={b}")
@@ -128,8 +129,7 @@ def bench_openai(model_dir: Path, prompts: Sequence[AnchorPrompt], k: int,
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpl-bench-serve-{os.getpid()}.log"
     server = TransformersServe(model_dir, log_path, threads=threads)
     try:
-        cfg = AnchorSettings(backend="openai", base_url=server.url, served_model=str(model_dir), k=k,
-                             timeout_s=600)
+        cfg = OpenAIAnchors(base_url=server.url, served_model=str(model_dir), k=k, timeout_s=600)
         with OpenAIGenerator(cfg) as gen:
             gen.generate(list(prompts[:1]))  # warm-up
             res = run_generator(gen, prompts, len(prompts), "openai (transformers serve)")

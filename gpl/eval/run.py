@@ -51,6 +51,7 @@ from gpl.eval.methods import StudentNet, fit, negatives_rows, predict, uniform_u
 from gpl.eval.metrics import label_fidelity
 from gpl.eval.pseudo import PseudoLabels
 from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
+from runtime.anchor_settings import MemoryAnchors, TransformersAnchors, as_backend
 from runtime.encoder import Encoder, open_encoder
 from runtime.redact import public_settings
 from runtime.settings import Settings
@@ -172,11 +173,13 @@ def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors)
 
 def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
     if cfg.anchors == "memory":
-        return MemoryGenerator(settings.anchors)
+        return MemoryGenerator(as_backend(settings.anchors, MemoryAnchors))
     from runtime.model_assets import ensure_llm
     from workers.anchors.generators.transformers_backend import TransformersGenerator
 
-    return TransformersGenerator(ensure_llm(settings.llm_dir), settings.anchors, threads=cfg.llm_threads)
+    # the LLM route whatever backend the stream serves: the anchors options it shares, defaults for the rest
+    llm = as_backend(settings.anchors, TransformersAnchors)
+    return TransformersGenerator(ensure_llm(settings.llm_dir), llm, threads=cfg.llm_threads)
 
 
 def run_eval(

@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
+from runtime.anchor_settings import AnchorsBase
 from runtime.kafka import Accounting
-from runtime.settings import AnchorSettings
 from schemas.events import AnchorRequest, AnchorSet
 from workers.anchors.metrics import ANCHOR_PAUSED, ANCHOR_QUEUED, ANCHOR_RATE, ANCHOR_REQUEST_DELAY
 from workers.anchors.policy import (
@@ -66,7 +66,7 @@ class AnchorsEngine(Generic[T]):
     ``clock`` is monotonic (the backoff and the token bucket); event times come with the requests.
     """
 
-    def __init__(self, cfg: AnchorSettings, accounting: Accounting,
+    def __init__(self, cfg: AnchorsBase, accounting: Accounting,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.accounting = accounting

@@ -12,8 +12,9 @@ No docker, no kustomize binary, no cluster:
   fail); custom resources (Strimzi, KEDA, ServiceMonitor) with small hand-written schemas in
   tests/schemas/crds/.
 - every GPL_* variable in compose.yaml, the Dockerfile and deploy/ must name a field of
-  runtime.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>), and every container's full
-  environment must load through runtime.settings.load: a typo cannot be silently ignored.
+  runtime.settings.Settings (a section's field for GPL_<SECTION>__<FIELD>; for anchors, a field of any
+  backend's model), and every container's full environment — the image's ENV included — must load
+  through runtime.settings.load: a typo, or an option of another anchors backend, cannot be silently ignored.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
 
-from runtime.settings import Settings, load
+from runtime.settings import Settings, load, section_fields
 from schemas.topics import Naming, all_topic_names, app_id, by_name, configure
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -64,15 +64,9 @@ PROBE_PATHS = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readine
 # settings names and values
 
 
-def _section_model(name: str) -> type[BaseModel] | None:
-    field = Settings.model_fields.get(name)
-    ann = field.annotation if field is not None else None
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
 def _pending(section: str, field: str) -> bool:
-    model = _section_model(section)
-    return (section, field) in PENDING_FIELDS and model is not None and field not in model.model_fields
+    fields = section_fields(section)  # anchors: every backend's fields (one model per backend)
+    return (section, field) in PENDING_FIELDS and fields is not None and field not in fields
 
 
 def settings_name_problem(name: str) -> str | None:
@@ -83,15 +77,15 @@ def settings_name_problem(name: str) -> str | None:
     top = parts[0]
     if top not in Settings.model_fields:
         return f"{name}: Settings has no field {top!r}"
-    section = _section_model(top)
+    section = section_fields(top)
     if len(parts) == 1:
         return f"{name}: {top!r} is a section; use GPL_{top.upper()}__<FIELD>" if section else None
     if section is None:
         return f"{name}: {top!r} is not a section"
     if len(parts) > 2:
         return f"{name}: nested too deep"
-    if parts[1] not in section.model_fields and not _pending(top, parts[1]):
-        return f"{name}: section {top!r} ({section.__name__}) has no field {parts[1]!r}"
+    if parts[1] not in section and not _pending(top, parts[1]):
+        return f"{name}: section {top!r} has no field {parts[1]!r}"
     return None
 
 
@@ -331,7 +325,7 @@ def test_compose_stage_environments_load(compose) -> None:
         env = _service_env(svc)
         if not any(k.startswith("GPL_") for k in env):
             continue
-        s = load_env(env, f"compose service {name}")
+        s = load_env(_image_env(svc["image"]) | env, f"compose service {name}")
         partitions.add(s.kafka.partitions)
         assert s.kafka.bootstrap_servers == "kafka:9092", name
         assert s.qdrant.url == "http://qdrant:6333", name
@@ -449,6 +443,16 @@ def _stage_env(stages: dict[str, list[tuple[str, str]]], name: str) -> dict[str,
         if ins == "ENV":
             env.update(_docker_env(args))
     return env
+
+
+def _image_env(image: str) -> dict[str, str]:
+    """The ENV our image ``image`` starts a container with (by repository name; {} for others' images).
+
+    A container sees it under the stack's variables: GPL_ANCHORS__MODEL_DIR of every image meets the
+    openai backend of the gpu profile and the prod ConfigMap, so both must load together."""
+    repo = _split_image(image)[0].rsplit("/", 1)[-1]
+    target = {"gpl-stream": "cpu", "gpl-stream-cuda": "cuda"}.get(repo)
+    return _stage_env(dockerfile_stages(), target) if target else {}
 
 
 def _stage_runs(stages: dict[str, list[tuple[str, str]]], name: str) -> str:
@@ -971,7 +975,7 @@ def test_stage_deployments(rendered, overlay: str) -> None:
         assert any(p["spec"]["selector"]["matchLabels"].items() <= labels.items() for p in pdbs), (
             f"{stage}: no PDB"
         )
-        s = load_env(_pod_env(resources, c), f"{overlay} gpl-{stage}")
+        s = load_env(_image_env(c["image"]) | _pod_env(resources, c), f"{overlay} gpl-{stage}")
         assert s.kafka.partitions == settings.kafka.partitions
         if stage == "trainer":
             vols = {v["name"]: v for v in pod["spec"]["volumes"]}

@@ -37,6 +37,7 @@ def secret_env() -> dict[str, str]:
         "GPL_KAFKA__SSL_KEY_PASSWORD": KEY_PW,
         "GPL_QDRANT__URL": f"https://admin:{URL_PW}@qdrant.example:6333",
         "GPL_QDRANT__API_KEY": QDRANT_KEY,
+        "GPL_ANCHORS__BACKEND": "openai",  # the backend whose options these are
         "GPL_ANCHORS__API_KEY": LLM_KEY,
         "GPL_ANCHORS__BASE_URL": f"http://vllm:8000/v1?api_key={URL_PW}",
     }
@@ -134,7 +135,7 @@ def test_log_lines_are_masked() -> None:
 def test_eval_results_file_has_no_secret(tmp_path: Path) -> None:
     ds = build_movielens(tmp_path / "ml", users=8, max_requests_per_user=4, candidates=30)
     settings = load(env=secret_env(), data_dir=str(tmp_path / "data"), encoder={"model": "hash-bow-64"},
-                    trainer={"hash_buckets": 256, "id_dim": 4, "hidden": 8}, anchors={"backend": "memory"})
+                    trainer={"hash_buckets": 256, "id_dim": 4, "hidden": 8})
     cfg = EvalConfig(methods=["exposed"], seeds=1, epochs=1, anchors="memory", out=tmp_path / "out",
                      progress=False, plots=False)
     run_eval(ds, settings, cfg, encoder=HashEncoder())

@@ -10,6 +10,7 @@ from typing import get_args
 
 import pytest
 
+from runtime.anchor_settings import AnchorsBase
 from runtime.model_assets import (
     LLM_ASSETS,
     QWEN_CODER_1_5B,
@@ -21,7 +22,7 @@ from runtime.model_assets import (
     ensure_llm,
     join_parts,
 )
-from runtime.settings import AnchorSettings, Settings
+from runtime.settings import Settings
 
 
 def _wheel(wheel_dir: Path, package: str, version: str, member: str, data: bytes) -> None:
@@ -86,8 +87,8 @@ def test_qwen_pins_add_up() -> None:
 
 
 def test_settings_name_the_registry(tmp_path: Path) -> None:
-    assert set(get_args(AnchorSettings.model_fields["llm"].annotation)) == set(LLM_ASSETS)
-    s = Settings(data_dir=tmp_path)
+    assert set(get_args(AnchorsBase.model_fields["llm"].annotation)) == set(LLM_ASSETS)
+    s = Settings(data_dir=tmp_path, anchors={"backend": "transformers"})  # model_name: the LLM backends'
     assert s.anchors.llm == SMOLLM2.name and s.anchors.model_name == SMOLLM2.model
     assert s.llm_dir == tmp_path / "models" / SMOLLM2.dir_name
     q = s.with_overrides(anchors={"llm": QWEN_CODER_1_5B.name})

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.anchor_settings import MemoryAnchors
 from runtime.kafka import Accounting
-from runtime.settings import AnchorSettings
 from schemas.events import Anchor, AnchorReason, AnchorRequest, AnchorSet
 from workers.anchors.engine import AnchorsEngine
 from workers.anchors.policy import BACKOFF_START_S
@@ -30,7 +30,7 @@ class Clock:
 
 
 def engine(clock: Clock | None = None, **cfg: object) -> AnchorsEngine[Origin]:
-    settings = AnchorSettings(**{"backend": "memory", "batch_size": 2, "max_pending": 4, "debounce_s": 30.0,
+    settings = MemoryAnchors(**{"backend": "memory", "batch_size": 2, "max_pending": 4, "debounce_s": 30.0,
                                  "batch_wait_ms": 50, **cfg})
     return AnchorsEngine(settings, Accounting("anchors-engine-test"), clock=clock or Clock())
 

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.backends import make_generator
-from runtime.settings import AnchorSettings, load
+from runtime.anchor_settings import MemoryAnchors, TransformersAnchors
+from runtime.settings import load
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import locate, span_logprobs
 from workers.anchors.generators.memory import MemoryGenerator
@@ -156,22 +157,22 @@ def test_messages_show_history_in_order_and_ask_for_k() -> None:
 
 
 def test_prompt_hash_is_stable_and_sensitive() -> None:
-    s = AnchorSettings()
+    s = TransformersAnchors()
     h = prompt_hash(s, "transformers")
-    assert h == prompt_hash(AnchorSettings(), "transformers")
+    assert h == prompt_hash(TransformersAnchors(), "transformers")
     assert len(h) == 16
     # not the process's string-hash seed: the same in another interpreter
-    code = ("from runtime.settings import AnchorSettings; "
+    code = ("from runtime.anchor_settings import TransformersAnchors; "
             "from workers.anchors.generators.prompt import prompt_hash; "
-            "print(prompt_hash(AnchorSettings(), 'transformers'))")
+            "print(prompt_hash(TransformersAnchors(), 'transformers'))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert other.stdout.strip() == h
-    assert prompt_hash(AnchorSettings(temperature=0.5), "transformers") != h
-    assert prompt_hash(AnchorSettings(max_new_tokens=50), "transformers") != h
+    assert prompt_hash(TransformersAnchors(temperature=0.5), "transformers") != h
+    assert prompt_hash(TransformersAnchors(max_new_tokens=50), "transformers") != h
     assert prompt_hash(s, "memory") != h
     # batch size and k do not change what one user's prompt or decoding is
-    assert prompt_hash(AnchorSettings(batch_size=1), "transformers") == h
+    assert prompt_hash(TransformersAnchors(batch_size=1), "transformers") == h
 
 
 def test_generation_budget() -> None:
@@ -188,7 +189,7 @@ def _metric(outcome: str, model: str) -> float:
 
 
 def test_memory_generator_is_deterministic_and_well_formed() -> None:
-    g = MemoryGenerator(AnchorSettings(backend="memory"), model="mem-det")
+    g = MemoryGenerator(MemoryAnchors(), model="mem-det")
     hist = ["Trail running shoes", "Running watch GPS", "Trail mix"]
     p = AnchorPrompt("u1", hist, 3)
     a, b = g.generate([p])[0], g.generate([p])[0]
@@ -196,12 +197,12 @@ def test_memory_generator_is_deterministic_and_well_formed() -> None:
     assert a.anchors == ["trail", "running", "mix"]  # frequency first, then recency
     assert len(a.logprobs) == 3 and all(math.isfinite(x) and x < 0 for x in a.logprobs)
     assert a.parsed_first_try and a.attempts == 1 and not a.fallback and a.tokens > 0
-    assert g.prompt_hash == prompt_hash(AnchorSettings(backend="memory"), "memory")
+    assert g.prompt_hash == prompt_hash(MemoryAnchors(), "memory")
 
 
 def test_retry_then_success_is_counted() -> None:
     answers = {0: "I am not sure.", 1: '{"interests": ["jazz", "vinyl"]}'}
-    g = MemoryGenerator(AnchorSettings(backend="memory", retries=2), model="mem-retry",
+    g = MemoryGenerator(MemoryAnchors(retries=2), model="mem-retry",
                         script=lambda p, attempt: answers[attempt])
     before = _metric("retried", "mem-retry")
     gen = g.generate([AnchorPrompt("u", ["Blue Note jazz LP"], 4)])[0]
@@ -212,7 +213,7 @@ def test_retry_then_success_is_counted() -> None:
 
 
 def test_unparseable_output_falls_back_and_is_counted() -> None:
-    g = MemoryGenerator(AnchorSettings(backend="memory", retries=1), model="mem-fallback",
+    g = MemoryGenerator(MemoryAnchors(retries=1), model="mem-fallback",
                         script=lambda p, attempt: "```\nlorem ipsum dolor sit amet consectetur\n```")
     before = _metric("fallback", "mem-fallback")
     ok, bad = AnchorPrompt("ok", ["Cast iron skillet", "Chef knife"], 2), AnchorPrompt("bad", ["x"], 2)
@@ -232,14 +233,14 @@ def test_only_failing_prompts_are_retried() -> None:
         seen.append((p.user_id, attempt))
         return '["fine"]' if p.user_id == "good" or attempt > 0 else "no"
 
-    g = MemoryGenerator(AnchorSettings(backend="memory", retries=3), script=script)
+    g = MemoryGenerator(MemoryAnchors(retries=3), script=script)
     gens = g.generate([AnchorPrompt("good", ["a"], 2), AnchorPrompt("late", ["b"], 2)])
     assert [x.attempts for x in gens] == [1, 2]
     assert seen == [("good", 0), ("late", 0), ("late", 1)]
 
 
 def test_batches_respect_batch_size() -> None:
-    g = MemoryGenerator(AnchorSettings(backend="memory", batch_size=2))
+    g = MemoryGenerator(MemoryAnchors(batch_size=2))
     gens = g.generate([AnchorPrompt(f"u{i}", [f"widget{i} words"], 1) for i in range(5)])
     assert len(gens) == 5 and g.calls == 3
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from runtime.anchor_settings import TransformersAnchors
 from runtime.model_assets import MARKER, ensure_llm, is_converted
-from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.transformers_backend import TransformersGenerator
 
@@ -57,7 +57,7 @@ def test_converted_directory_is_plain_hf(model_dir: Path) -> None:
 @pytest.mark.llm
 def test_transformers_generator_writes_anchors(model_dir: Path) -> None:
     k = 3
-    settings = AnchorSettings(k=k, max_new_tokens=40, batch_size=2, retries=1)
+    settings = TransformersAnchors(k=k, max_new_tokens=40, batch_size=2, retries=1)
     gen = TransformersGenerator(model_dir, settings, threads=1)
     prompts = [
         AnchorPrompt("runner", ["Nike running shoes men lightweight", "Garmin GPS running watch",

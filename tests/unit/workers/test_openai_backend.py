@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gpl.bench.anchor_backends import TransformersServe, transformers_serve_cmd
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import OpenAIAnchors
 from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.anchors.generators.openai_backend import OpenAIGenerator, backoff_delay
 from workers.anchors.generators.prompt import NO_LOGPROB, anchor_schema, prompt_hash
@@ -115,7 +115,7 @@ def stubs() -> Iterator[list[Stub]]:
 
 
 def make(stubs: list[Stub], script: Callable[[dict[str, Any], int], Reply], *,
-         settings: AnchorSettings | None = None, delay: Callable[[int], float] | None = None,
+         settings: OpenAIAnchors | None = None, delay: Callable[[int], float] | None = None,
          models: list[str] | None = None) -> tuple[Stub, OpenAIGenerator, list[float]]:
     """A stub and a generator wired to it; the generator's backoff sleeps are recorded, not slept."""
     stub = Stub(script, delay, models)
@@ -125,7 +125,7 @@ def make(stubs: list[Stub], script: Callable[[dict[str, Any], int], Reply], *,
     async def fake_sleep(s: float) -> None:
         slept.append(s)
 
-    cfg = settings or AnchorSettings(backend="openai", retries=0, http_retries=3, served_model="m")
+    cfg = settings or OpenAIAnchors(retries=0, http_retries=3, served_model="m")
     gen = OpenAIGenerator(cfg, base_url=stub.url, sleep=fake_sleep, rng=random.Random(0))
     return stub, gen, slept
 
@@ -150,7 +150,7 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
 
 
 def test_request_body_has_schema_logprobs_and_budget() -> None:
-    gen = OpenAIGenerator(AnchorSettings(backend="openai", served_model="srv"), base_url="http://127.0.0.1:9/v1")
+    gen = OpenAIGenerator(OpenAIAnchors(served_model="srv"), base_url="http://127.0.0.1:9/v1")
     body = gen.body(AnchorPrompt("u", ["a"], 3), 0, structured=True, logprobs=True)
     assert body["model"] == "srv" and body["logprobs"] is True and body["temperature"] == 0.0
     assert body["response_format"]["json_schema"]["schema"] == anchor_schema(3)
@@ -164,7 +164,7 @@ def test_request_body_has_schema_logprobs_and_budget() -> None:
 
 def test_missing_base_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="base_url"):
-        OpenAIGenerator(AnchorSettings(backend="openai"))
+        OpenAIGenerator(OpenAIAnchors())
 
 
 # --------------------------------------------------------------------------- against a local stub
@@ -208,7 +208,7 @@ def test_auth_failure_is_unavailable_at_once(stubs: list[Stub]) -> None:
 
 
 def test_timeout_is_retried(stubs: list[Stub]) -> None:
-    cfg = AnchorSettings(backend="openai", retries=0, http_retries=2, timeout_s=0.3, served_model="m")
+    cfg = OpenAIAnchors(retries=0, http_retries=2, timeout_s=0.3, served_model="m")
     stub, gen, slept = make(stubs, lambda body, n: (200, chat_reply(GOOD), {}), settings=cfg,
                             delay=lambda n: 1.0 if n == 0 else 0.0)
     (g,) = gen.generate([PROMPT])
@@ -238,7 +238,7 @@ def test_server_refusing_response_format_falls_back_to_plain_prompting(stubs: li
 
 
 def test_bad_request_for_one_prompt_is_an_unusable_answer(stubs: list[Stub]) -> None:
-    cfg = AnchorSettings(backend="openai", retries=1, served_model="m")
+    cfg = OpenAIAnchors(retries=1, served_model="m")
 
     def script(body: dict[str, Any], n: int) -> Reply:
         if "Huge" in body["messages"][-1]["content"]:
@@ -255,7 +255,7 @@ def test_bad_request_for_one_prompt_is_an_unusable_answer(stubs: list[Stub]) -> 
 
 
 def test_concurrency_is_bounded(stubs: list[Stub]) -> None:
-    cfg = AnchorSettings(backend="openai", retries=0, concurrency=2, served_model="m")
+    cfg = OpenAIAnchors(retries=0, concurrency=2, served_model="m")
     stub, gen, _ = make(stubs, lambda body, n: (200, chat_reply(GOOD), {}), settings=cfg, delay=lambda n: 0.1)
     t0 = time.monotonic()
     gens = gen.generate([AnchorPrompt(f"u{i}", ["Trail running shoes"], 2) for i in range(6)])
@@ -265,7 +265,7 @@ def test_concurrency_is_bounded(stubs: list[Stub]) -> None:
 
 
 def test_model_is_discovered_when_not_configured(stubs: list[Stub]) -> None:
-    cfg = AnchorSettings(backend="openai", retries=0)
+    cfg = OpenAIAnchors(retries=0)
     stub, gen, _ = make(stubs, lambda body, n: (200, chat_reply(GOOD), {}), settings=cfg,
                         models=["/models/smollm2"])
     gen.generate([PROMPT])
@@ -301,7 +301,7 @@ def test_openai_generator_against_transformers_serve(served: tuple[TransformersS
     server, model_dir = served
     k = 3
     # transformers serve is pinned to the directory it loaded: the request's model must name it
-    cfg = AnchorSettings(backend="openai", base_url=server.url, served_model=str(model_dir), k=k,
+    cfg = OpenAIAnchors(base_url=server.url, served_model=str(model_dir), k=k,
                          max_new_tokens=40, retries=1, concurrency=2, timeout_s=120)
     prompts = [
         AnchorPrompt("runner", ["Nike running shoes men lightweight", "Garmin GPS running watch",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.anchor_settings import TransformersAnchors
 from runtime.model_assets import ensure_llm
-from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.transformers_backend import TransformersGenerator
 
@@ -26,7 +26,7 @@ def generator() -> TransformersGenerator:
     os.environ["HF_HUB_OFFLINE"] = "1"
     default = REPO / ".gpl" / "models" / "smollm2-135m-instruct"
     model_dir = ensure_llm(Path(os.environ.get("GPL_TEST_MODEL_DIR", default)))
-    return TransformersGenerator(model_dir, AnchorSettings(k=3, max_new_tokens=48), threads=1)
+    return TransformersGenerator(model_dir, TransformersAnchors(k=3, max_new_tokens=48), threads=1)
 
 
 @pytest.mark.llm

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import VLLMAnchors
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.prompt import PREFILL, anchor_schema, prompt_hash
 
@@ -26,7 +26,7 @@ def test_missing_vllm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from workers.anchors.generators.vllm_backend import VLLMGenerator, VLLMUnavailable
 
     with pytest.raises(VLLMUnavailable, match=r"pip install '\.\[vllm\]'.*backend 'openai'"):
-        VLLMGenerator("/nonexistent", AnchorSettings(backend="vllm"))
+        VLLMGenerator("/nonexistent", VLLMAnchors())
     assert issubclass(VLLMUnavailable, ImportError)
 
 
@@ -135,7 +135,7 @@ def test_structured_output_either_api_one_generate_call(monkeypatch: pytest.Monk
     engines = fake_vllm(monkeypatch, api)
     from workers.anchors.generators.vllm_backend import VLLMGenerator
 
-    s = AnchorSettings(backend="vllm", batch_size=2, retries=1)
+    s = VLLMAnchors(batch_size=2, retries=1)
     gen = VLLMGenerator("/models/x", s, gpu_memory_utilization=0.5)
     (engine,) = engines
     assert engine.kwargs == {"model": "/models/x", "enable_prefix_caching": True, "seed": 0,
@@ -158,7 +158,7 @@ def test_without_structured_output_the_prefill_keeps_json(monkeypatch: pytest.Mo
     engines = fake_vllm(monkeypatch, None)
     from workers.anchors.generators.vllm_backend import VLLMGenerator
 
-    s = AnchorSettings(backend="vllm")
+    s = VLLMAnchors()
     gen = VLLMGenerator("/models/x", s)
     out = gen.generate(PROMPTS[:2])
     texts, params = engines[0].calls[0]

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import MemoryAnchors, TextAnchors
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import Completion
 from workers.anchors.generators.prompt import PREFILL
@@ -37,9 +37,9 @@ class MemoryGenerator(RetryingGenerator):
     to drive the malformed-output paths in tests.
     """
 
-    def __init__(self, settings: AnchorSettings | None = None, *,
+    def __init__(self, settings: TextAnchors | None = None, *,
                  script: Callable[[AnchorPrompt, int], str] | None = None, model: str = "memory") -> None:
-        super().__init__(settings or AnchorSettings(backend="memory"), "memory")
+        super().__init__(settings or MemoryAnchors(), "memory")
         self.model = model
         self.script = script
         self.calls = 0

@@ -47,8 +47,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from runtime.anchor_settings import OpenAIAnchors
 from runtime.redact import mask_url
-from runtime.settings import AnchorSettings
 from workers.anchors.generators.base import AnchorPrompt, GeneratorUnavailable
 from workers.anchors.generators.logprobs import Completion, finite_logprob, token_ends
 from workers.anchors.generators.prompt import (
@@ -104,7 +104,9 @@ class OpenAIGenerator(RetryingGenerator):
     request shape since construction.
     """
 
-    def __init__(self, settings: AnchorSettings, *, base_url: str | None = None, api_key: str | None = None,
+    settings: OpenAIAnchors  # the server's options (concurrency, timeouts, re-sends) besides the shared ones
+
+    def __init__(self, settings: OpenAIAnchors, *, base_url: str | None = None, api_key: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None, rng: random.Random | None = None,
                  backoff_base_s: float = BACKOFF_BASE_S, backoff_cap_s: float = BACKOFF_CAP_S) -> None:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import TextAnchors
 from workers.anchors.generators.base import AnchorPrompt
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def anchor_schema(k: int) -> dict[str, Any]:
     }
 
 
-def attempt_sampling(settings: AnchorSettings, attempt: int) -> tuple[float, int]:
+def attempt_sampling(settings: TextAnchors, attempt: int) -> tuple[float, int]:
     """(temperature, seed) of an attempt: as configured first, then warmer with another seed.
 
     Every backend uses this, so a retry means the same thing whichever model answers.
@@ -125,7 +125,7 @@ def attempt_sampling(settings: AnchorSettings, attempt: int) -> tuple[float, int
     return max(settings.temperature, RETRY_TEMPERATURE), settings.seed + attempt
 
 
-def prompt_hash(settings: AnchorSettings, backend: str) -> str:
+def prompt_hash(settings: TextAnchors, backend: str) -> str:
     """Stable id of everything that shapes an anchor besides the history: template and generation params.
 
     Two anchor sets with the same hash were produced by the same instructions and decoding policy, so

@@ -1,7 +1,7 @@
 """The shared generation driver every backend derives from: ask, parse, re-ask, fall back, count.
 
 A backend only implements :meth:`RetryingGenerator.complete`; an unparseable answer is asked again with
-sampling (another seed, a warmer temperature) up to ``AnchorSettings.retries`` times, then replaced by
+sampling (another seed, a warmer temperature) up to ``TextAnchors.retries`` times, then replaced by
 the counted fallback (``fallback=True``, log-prob :data:`FALLBACK_LOGPROB`).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import TextAnchors
 from workers.anchors.generators.base import AnchorPrompt, Generation
 from workers.anchors.generators.logprobs import Completion, anchor_logprobs
 from workers.anchors.generators.parsing import fallback_anchors, parse_anchors
@@ -34,7 +34,7 @@ class RetryingGenerator:
     model: str
     prompt_hash: str
 
-    def __init__(self, settings: AnchorSettings, backend: str) -> None:
+    def __init__(self, settings: TextAnchors, backend: str) -> None:
         self.settings = settings
         self.prompt_hash = prompt_hash(settings, backend)
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import TransformersAnchors
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import Completion, completion_from_tokens
 from workers.anchors.generators.prompt import (
@@ -72,7 +72,7 @@ class TransformersGenerator(RetryingGenerator):
     row sees the positions and tokens it sees without the cache (greedy outputs are the same).
     """
 
-    def __init__(self, model_dir: Path | str, settings: AnchorSettings, *, device: str = "cpu",
+    def __init__(self, model_dir: Path | str, settings: TransformersAnchors, *, device: str = "cpu",
                  threads: int | None = None, prefix_cache: bool | None = None) -> None:
         super().__init__(settings, "transformers")
         import os

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from runtime.settings import AnchorSettings
+from runtime.anchor_settings import VLLMAnchors
 from workers.anchors.generators.base import AnchorPrompt
 from workers.anchors.generators.logprobs import Completion, completion_from_tokens
 from workers.anchors.generators.prompt import (
@@ -83,7 +83,7 @@ class VLLMGenerator(RetryingGenerator):
     """The in-process vLLM engine as an AnchorGenerator. ``engine_kwargs`` go to ``vllm.LLM`` as given
     (e.g. ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``)."""
 
-    def __init__(self, model_dir: Path | str, settings: AnchorSettings, **engine_kwargs: Any) -> None:
+    def __init__(self, model_dir: Path | str, settings: VLLMAnchors, **engine_kwargs: Any) -> None:
         vllm = import_vllm()
         self._structured = structured_api(vllm)
         super().__init__(settings, "vllm+json_schema" if self._structured else "vllm+prefill")
