@@ -52,3 +52,11 @@ def test_config_show_prints_the_selected_backends_section(capsys: pytest.Capture
     anchors = json.loads(out)["anchors"]
     assert anchors["base_url"] == "http://vllm:8000/v1" and anchors["model_name"] == "SmolLM2-135M-Instruct"
     assert "sk-secret" not in out
+
+
+def test_every_backend_has_its_settings_model_and_a_factory() -> None:
+    """The two registries name the same backends: a settings model (runtime) and a factory (gpl/backends.py)."""
+    from gpl.backends import FACTORIES
+    from runtime.anchor_settings import ANCHOR_BACKENDS
+
+    assert list(FACTORIES) == list(ANCHOR_BACKENDS)
