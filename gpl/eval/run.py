@@ -3,7 +3,9 @@
 Order of work: load the dataset; embed the catalogue (cached); build anchors from TRAINING history
 (LLM answers cached); then per seed: draw the shared uniform unexposed sample, train the teacher
 (if KD/UKD run), and per method build its added rows, train the pre-ranker with the shared loop
-(gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py).
+(gpl/eval/methods.py), score every test candidate and compute the metrics (gpl/eval/metrics.py), and
+judge the labels it added (gpl/eval/label_quality.py); at the end, summarise over seeds and describe
+the inputs (gpl/eval/results.py), and write the report (gpl/eval/report.py).
 Nothing is fitted or chosen on the test period: the calibrators are cross-fitted on training exposures, the
 head/tail split on training exposures, and all settings come from :class:`runtime.settings.Settings`.
 
@@ -37,7 +39,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpl.eval import metrics as M
 from gpl.eval.anchor_feature import attach as attach_anchor_cross
 from gpl.eval.anchor_sources import SourceAnchors, pick_users, text_anchors, training_histories, vector_books
 from gpl.eval.context import Context, Rows
@@ -47,9 +48,9 @@ from gpl.eval.gpl_rows import LABELS as GPL_LABELS
 from gpl.eval.gpl_rows import SPECS, GPLRows
 from gpl.eval.kd import KD_METHODS, Baselines
 from gpl.eval.kd import LABELS as KD_LABELS
+from gpl.eval.label_quality import PL_KEYS, closed_loop, pseudo_quality, student_fidelity
 from gpl.eval.methods import StudentNet, fit, negatives_rows, predict, uniform_unexposed
-from gpl.eval.metrics import label_fidelity
-from gpl.eval.pseudo import PseudoLabels
+from gpl.eval.results import anchors_report, dataset_report, summarise
 from gpl.eval.scopes import CURVE_KS, HR_KS, Evaluator
 from runtime.anchor_settings import MemoryAnchors, TransformersAnchors, as_backend
 from runtime.encoder import Encoder, open_encoder
@@ -58,7 +59,6 @@ from runtime.settings import Settings
 from workers.anchors.generation_cache import GenerationCache
 from workers.anchors.generators.base import AnchorGenerator
 from workers.anchors.generators.memory import MemoryGenerator
-from workers.calibration import CalibrationBook
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ LABELS = {
     **GPL_LABELS,
     TEACHER: "(ref) KD teacher: ranker + history",
 }
-PL_KEYS = ("pl_mean", "pl_truth_rate", "pl_auc", "pl_auc_all", "pl_ece", "pl_w_auc", "pl_w_ece")
 
 
 @dataclass
@@ -92,83 +91,6 @@ class EvalConfig:
     sid_epochs: int = 8  # epochs of the SID generator retrained on training clicks (workers/anchors/sid default)
     validation: bool = False  # the training-period-only view (gpl.eval.dataset.validation_view)
     space: str = "content"  # the frozen space: "content" (the encoder) or "collab" (runtime/collab_space.py)
-
-
-def _nanstats(vals: list[float]) -> dict[str, float]:
-    a = np.asarray([v for v in vals if v == v], np.float64)
-    if not len(a):
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
-
-
-def pseudo_quality(ds: EvalDataset, rows: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, Any]:
-    """Soft labels against the truth where it is known: AUC, ECE, truth rate, reliability curve; and the
-    weights: AUC of w against correctness (|p - y| < 0.5) and ECE of w against agreement 1 - |y - p|."""
-    lab = ds.label[rows]
-    known = lab >= 0
-    y, q = lab[known].astype(np.float64), np.asarray(p, np.float64)[known]
-    wk = np.ones(len(q)) if w is None else np.asarray(w, np.float64)[known]
-    mp, my, cnt = M.reliability(q, y, 10)
-    return {
-        "pl_truth_rate": float(y.mean()) if len(y) else float("nan"),
-        "pl_w_auc": M.auc(wk, (np.abs(q - y) < 0.5).astype(np.int64)),
-        "pl_w_ece": M.ece(np.clip(wk, 0.0, 1.0), 1.0 - np.abs(y - q), 10),
-        "pl_auc": M.auc(q, y),
-        "pl_auc_all": M.auc(np.asarray(p, np.float64), (lab == 1).astype(np.int64)),
-        "pl_mean": float(np.mean(p)) if len(p) else float("nan"),
-        "pl_ece": M.ece(q, y, 10),
-        "pl_known": int(known.sum()),
-        "pl_rows": int(len(rows)),
-        "reliability": {
-            "predicted": [None if not np.isfinite(v) else float(v) for v in mp],
-            "observed": [None if not np.isfinite(v) else float(v) for v in my],
-            "count": cnt.tolist(),
-        },
-    }
-
-
-def student_fidelity(student: StudentNet, ctx: Context, rows: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """The trained student's agreement with the order of its own added labels, per training request
-    (``fid_spearman``, ``fid_overlap@10``; :func:`gpl.eval.metrics.label_fidelity`)."""
-    if not len(rows):
-        return {}
-    scores, _ = predict(student, ctx, ctx.row_user[rows], ctx.ds.item[rows], ctx.row_request[rows])
-    fid = label_fidelity(scores, p, ctx.row_request[rows])
-    return {f"fid_{k}": v for k, v in fid.items()}
-
-
-def closed_loop(ds: EvalDataset, labels: PseudoLabels, book_meta: SourceAnchors) -> dict[str, Any]:
-    """Replay the dataset through :class:`CalibrationBook`: GPL's training pseudo-labels, joined with
-    the real labels the same (user, item) got in any later request (training or test)."""
-    cal = CalibrationBook(capacity=10_000_000)
-    req_of_pl = ds.row_request[labels.rows]
-    order = np.argsort(req_of_pl, kind="stable")
-    pl_rows, pl_req = labels.rows[order], req_of_pl[order]
-    pl_bounds = np.searchsorted(pl_req, np.arange(ds.n_requests + 1))
-    ex_rows = np.flatnonzero(ds.exposed)
-    ex_req = ds.row_request[ex_rows]
-    ex_bounds = np.searchsorted(ex_req, np.arange(ds.n_requests + 1))
-    p_sorted, w_sorted = labels.p[order], labels.w[order]
-    for r in range(ds.n_requests):  # requests are in time order
-        user = ds.users[int(ds.req_user[r])]
-        ea, eb = ex_bounds[r], ex_bounds[r + 1]
-        if eb > ea:
-            er = ex_rows[ea:eb]
-            cal.join([user] * len(er), ds.item_ids[ds.item[er]].tolist(), ds.label[er].tolist())
-        pa, pb = pl_bounds[r], pl_bounds[r + 1]
-        if pb > pa:
-            pr = pl_rows[pa:pb]
-            anchors = book_meta.users.get(int(ds.req_user[r]))  # None: a prior-only label without anchors
-            fb = bool(anchors.fallback) if anchors is not None else False
-            cal.remember(
-                [user] * len(pr),
-                ds.item_ids[ds.item[pr]].tolist(),
-                p_sorted[pa:pb].tolist(),
-                w_sorted[pa:pb].tolist(),
-                (book_meta.model, book_meta.prompt_hash, fb),
-                [1] * len(pr),
-            )
-    return cal.snapshot()
 
 
 def _generator(settings: Settings, cfg: EvalConfig) -> AnchorGenerator:
@@ -342,48 +264,13 @@ def _run(
             outer.update(1)
     outer.close()
 
-    summary: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for method, per_seed in runs.items():
-        for scope in ev.scopes:
-            keys = sorted({k for r in per_seed.values() for k in r.get(scope, {})})
-            summary.setdefault(method, {})[scope] = {
-                k: _nanstats([r[scope].get(k, float("nan")) for r in per_seed.values() if scope in r]) for k in keys
-            }
-
-    n_hist = len(histories)
-    anchors_report: dict[str, Any] = {
-        "mode": cfg.anchors,
-        "max_llm_users": cfg.max_llm_users if cfg.anchors == "llm" else None,
-        "users_total": len(ds.users),
-        "users_with_training_clicks": n_hist,
-        "users_with_text_anchors": len(anchored),
-        "share_of_users_with_text_anchors": len(anchored) / max(len(ds.users), 1),
-        "share_of_test_requests_anchored": (
-            float(np.isin(ds.req_user[ds.is_test], list(anchored)).mean()) if anchored else 0.0
-        ),
-        "rest": (
-            "users without anchors get no pseudo-labels in the GPL rows (exposed rows only), as in the "
-            "stream before a user's first anchor set; with capped LLM text anchors (gpl-text) the "
-            "'anchored' scope isolates the users that route could act on"
-        ),
-        "books": {
-            k: {"kind": b.kind, "model": b.model, "prompt_hash": b.prompt_hash, **b.info} for k, b in books.items()
-        },
-        "examples": {ds.users[u]: books["text"].users[u].texts for u in list(books["text"].users)[:5]}
-        if "text" in books
-        else {},
-    }
+    summary = summarise(runs, ev.scopes)
+    anchors = anchors_report(ds, books, anchored, len(histories), mode=cfg.anchors,
+                             max_llm_users=cfg.max_llm_users)
     timing["train_eval"] = sum(train_time.values())
     timing["total"] = time.perf_counter() - t_start
     results: dict[str, Any] = {
-        "dataset": {
-            "name": ds.name,
-            "digest": ds.digest,
-            "split": {k: v for k, v in ds.split.items() if k != "user_test_start_ms"},
-            "per_user_split": bool(ds.split.get("user_test_start_ms")),
-            "stats": ds.stats(),
-            "simulated": ds.meta.get("simulated", ""),
-        },
+        "dataset": dataset_report(ds),
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
             # public_settings: anchors.api_key and credentials in anchors.base_url never reach results.json
@@ -395,7 +282,7 @@ def _run(
         "methods": {m: LABELS[m] for m in [*cfg.methods, *([TEACHER] if need_teacher else [])]},
         "unavailable": unavailable,
         "scopes": {k: int(len(v)) for k, v in ev.scopes.items()},
-        "anchors": anchors_report,
+        "anchors": anchors,
         "space": space_info,
         "anchor_cross": anchor_cross_info,
         "calibration": {**gpl.info, **kd.info},
