@@ -30,7 +30,7 @@ from workers.trainer.published_area import PublishedArea
 
 @pytest.fixture
 def settings(broker_settings: Settings) -> Settings:
-    """This file's integration tests on the suite's broker (tests/conftest.py: Apache Kafka by default)."""
+    """This file's integration tests on the suite's broker (tests/fixtures/brokers.py: Apache Kafka by default)."""
     return broker_settings
 
 pytestmark = pytest.mark.integration
