@@ -209,11 +209,20 @@ class ClickAdaptiveUKD:
         n, bs = len(ex), ctx.batch_size
         steps = max(1, math.ceil(n / bs))
         rng = np.random.default_rng(seed + 31)
-        opt = make_optimizer(self.model.parameters(), ctx.lr)
-        bce = nn.functional.binary_cross_entropy_with_logits
         total = steps * ctx.epochs
         bar = tqdm(total=total, desc=f"ukd teacher s{seed}", unit="step", disable=not progress, leave=False)
         self.model.train()
+        with torch.random.fork_rng(devices=[]):  # dropout's masks: seeded, so a rerun gives the same teacher
+            torch.manual_seed(seed + 7_003)
+            self._epochs(rng, unexposed, steps, bar)
+        bar.close()
+        self.model.eval()
+
+    def _epochs(self, rng: np.random.Generator, unexposed: np.ndarray, steps: int, bar: tqdm) -> None:
+        ctx, ex, bs = self.ctx, self.ctx.train_exposed, self.ctx.batch_size
+        n, total = len(ex), steps * ctx.epochs
+        bce = nn.functional.binary_cross_entropy_with_logits
+        opt = make_optimizer(self.model.parameters(), ctx.lr)
         for e in range(ctx.epochs):
             perm = rng.permutation(n)
             for s in range(steps):
@@ -232,8 +241,6 @@ class ClickAdaptiveUKD:
                 loss.backward()
                 opt.step()
                 bar.update(1)
-        bar.close()
-        self.model.eval()
 
     def _features(self, user: np.ndarray, item: np.ndarray, req: np.ndarray) -> torch.Tensor:
         c, it = self.ctx, torch.from_numpy(item)

@@ -95,9 +95,23 @@ def fit(
     steps = max(1, math.ceil(n / bs))
     rng = np.random.default_rng(seed)
     model = net.module
-    opt = make_optimizer(model.parameters(), ctx.lr)
     model.train()
     bar = tqdm(total=steps * ctx.epochs, desc=desc, unit="step", disable=not progress, leave=False)
+    last: dict[str, float] = {}
+    # dropout (the teachers') draws from torch's global generator: seeded here, a rerun gives the same numbers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7_001)
+        last = _epochs(net, ctx, ex, extra, rng, steps, bar)
+    bar.close()
+    model.eval()
+    return last
+
+
+def _epochs(net: StudentNet | TeacherNet, ctx: Context, ex: Rows, extra: Rows, rng: np.random.Generator, steps: int,
+            bar: tqdm) -> dict[str, float]:
+    """The epochs of :func:`fit`; returns the last one's mean loss."""
+    n, bs = len(ex), ctx.batch_size
+    opt = make_optimizer(net.module.parameters(), ctx.lr)
     last: dict[str, float] = {}
     for _ in range(ctx.epochs):
         perm = rng.permutation(n)
@@ -124,8 +138,6 @@ def fit(
             tot += parts["total"]
             bar.update(1)
         last = {"loss": tot / steps}
-    bar.close()
-    model.eval()
     return last
 
 

@@ -77,3 +77,22 @@ def test_ukd_teacher_gives_soft_labels_and_uncertainty_weights(world: EvalDatase
     assert np.array_equal(soft.rows, drawn)
     assert ((soft.p > 0) & (soft.p < 1)).all() and ((soft.w > 0) & (soft.w <= 1)).all()
     assert soft.w.std() > 0 and soft.info["mean_head_gap"] > 0  # the two heads disagree, unevenly
+
+
+def test_the_teachers_are_reproducible_whatever_the_global_generators_did(world: EvalDataset, tmp_path: Path) -> None:
+    """Dropout draws from torch's global generator: training seeds it (forked), so a rerun — or a run after
+    other code moved the global generator — gives the same teacher and the same labels."""
+    settings = _settings(tmp_path)
+    ctx = Context(world, HashEncoder().encode(world.item_text), settings, epochs=1)
+    drawn = uniform_unexposed(ctx, 10, 0)
+
+    def labels_after(noise: int) -> tuple[np.ndarray, np.ndarray]:
+        torch.manual_seed(noise)  # whatever ran before in this process
+        torch.rand(noise + 1)
+        kd = Baselines(ctx, settings, ["kd-raw"], progress=False)
+        kd.train_teacher(0)
+        ukd = ClickAdaptiveUKD(ctx, 0, ctx.train_unexposed, progress=False).labels(drawn)
+        return kd.rows("kd-raw", 0, drawn)[1].p, ukd.p
+
+    (kd1, ukd1), (kd2, ukd2) = labels_after(1), labels_after(99)
+    assert np.array_equal(kd1, kd2) and np.array_equal(ukd1, ukd2)
