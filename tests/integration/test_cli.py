@@ -24,14 +24,9 @@ from tests.fixtures.settings import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.usefixtures("clean_gpl_env")
 
-@pytest.fixture(autouse=True)
-def _no_gpl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """main() reads the environment: start every test from a clean one, data in tmp."""
-    for key in list(os.environ):
-        if key.startswith("GPL_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("GPL_DATA_DIR", str(tmp_path / "data"))
+
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("gpl",)):

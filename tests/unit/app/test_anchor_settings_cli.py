@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from gpl import cli
 
+pytestmark = pytest.mark.usefixtures("clean_gpl_env")
 
-@pytest.fixture(autouse=True)
-def _no_gpl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in list(os.environ):
-        if key.startswith("GPL_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("GPL_DATA_DIR", str(tmp_path / "data"))
+
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
