@@ -13,7 +13,8 @@ from collections.abc import Callable
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from gpl.bench.labeler import fast, naive, same_samples, single_thread, synthetic
+from gpl.bench.labeler import fast, single_thread, synthetic
+from gpl.bench.labeler_reference import naive, same_samples
 from schemas.events import SampleBatch
 from workers.labeler.assemble import Labeling
 
